@@ -1,0 +1,79 @@
+"""Calibration statistics of linear inputs, and hooks to record them that are always removed.
+
+`LinearStats` is what every data-aware method sees: the input Gram ``G = XᵀX`` (summed in float64),
+the token count, and the squared column norms (``diag G``, what Wanda needs).
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import torch
+
+from .errors import InputError
+
+
+@dataclass
+class LinearStats:
+    """Running statistics of one linear layer's inputs X ``(tokens, in)``.
+
+    Buffers: ``gram`` ``(in, in)`` float64 = Σ xᵀx; ``count`` = number of tokens seen.
+    """
+    gram: torch.Tensor
+    count: int = 0
+
+    @classmethod
+    def empty(cls, in_features: int, device: torch.device | str = "cpu") -> "LinearStats":
+        return cls(torch.zeros(in_features, in_features, dtype=torch.float64, device=device))
+
+    @classmethod
+    def from_inputs(cls, x: torch.Tensor) -> "LinearStats":
+        stats = cls.empty(x.shape[-1], x.device)
+        stats.add_batch(x)
+        return stats
+
+    def add_batch(self, x: torch.Tensor, name: str = "") -> None:
+        x = x.reshape(-1, x.shape[-1]).to(torch.float64)  # (tokens, in)
+        if not torch.isfinite(x).all():
+            raise InputError(f"non-finite activations at the input of layer {name or '?'}",
+                             "check the model's weights and dtype (try float32) and the calibration text")
+        self.gram.addmm_(x.T, x)
+        self.count += x.shape[0]
+
+    @property
+    def sq_norms(self) -> torch.Tensor:
+        """Squared L2 norm of each input feature over all tokens, ``(in,)`` float64."""
+        return self.gram.diagonal()
+
+    @property
+    def in_features(self) -> int:
+        return self.gram.shape[0]
+
+    @staticmethod
+    def average(stats: list["LinearStats"]) -> "LinearStats":
+        """Shared metric of a group of layers (CoSpaDi §3.3): Ḡ = (1/|g|) Σ G_ℓ."""
+        return LinearStats(sum(s.gram for s in stats) / len(stats), stats[0].count)
+
+
+@contextlib.contextmanager
+def record(modules: dict[str, torch.nn.Module], stats: dict[str, LinearStats],
+           input_of: Callable[[torch.nn.Module, tuple], torch.Tensor] | None = None) -> Iterator[None]:
+    """Accumulate each module's input into ``stats[name]`` while inside the block; hooks always removed."""
+    handles = []
+
+    def hook_for(name: str):
+        def hook(module, args, kwargs=None):
+            x = input_of(module, args) if input_of else args[0]
+            if name not in stats:
+                stats[name] = LinearStats.empty(x.shape[-1], x.device)
+            stats[name].add_batch(x.detach(), name)
+        return hook
+
+    try:
+        for name, module in modules.items():
+            handles.append(module.register_forward_pre_hook(hook_for(name)))
+        yield
+    finally:
+        for h in handles:
+            h.remove()

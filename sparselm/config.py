@@ -1,0 +1,294 @@
+"""Frozen, typed specs: one per method, the budget (target) types, and the YAML recipe round-trip.
+
+A spec says *what* to do to one linear layer; the pipeline decides *which* layers (`Recipe`).
+Unknown keys in a recipe are errors. Every spec validates itself in ``__post_init__``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import enum
+from dataclasses import dataclass, fields
+from typing import Any, ClassVar, Union
+
+from .errors import InputError
+
+
+# --- targets: how much to remove -------------------------------------------------------------------
+@dataclass(frozen=True)
+class Ratio:
+    """Fraction of the layer's stored bytes removed (the `--ratio` knob, same meaning for every method)."""
+    value: float
+
+    def __post_init__(self):
+        if not 0.0 < self.value < 1.0:
+            raise InputError(f"ratio {self.value} is outside (0, 1)", "pass --ratio between 0 and 1, e.g. 0.3")
+
+
+@dataclass(frozen=True)
+class Sparsity:
+    """Fraction of weights set to zero (pruning only)."""
+    value: float
+
+    def __post_init__(self):
+        if not 0.0 < self.value < 1.0:
+            raise InputError(f"sparsity {self.value} is outside (0, 1)", "pass --sparsity between 0 and 1, e.g. 0.5")
+
+
+@dataclass(frozen=True)
+class Pattern:
+    """N:M semi-structured sparsity: at most ``n`` nonzeros in every ``m`` consecutive inputs."""
+    n: int
+    m: int
+
+    def __post_init__(self):
+        if not (0 < self.n < self.m <= 16):
+            raise InputError(f"pattern {self.n}:{self.m} is invalid", "use N:M with 0 < N < M <= 16, e.g. 2:4")
+
+    @classmethod
+    def parse(cls, text: str) -> "Pattern":
+        try:
+            n, m = (int(v) for v in text.split(":"))
+        except ValueError:
+            raise InputError(f"pattern {text!r} is not of the form N:M", "write e.g. --pattern 2:4") from None
+        return cls(n, m)
+
+    def __str__(self) -> str:
+        return f"{self.n}:{self.m}"
+
+
+Target = Union[Ratio, Sparsity, Pattern]
+
+
+class CoefStorage(enum.Enum):
+    """How sparse-dictionary coefficient values are stored (CoSpaDi §2.5)."""
+    DTYPE = "dtype"        # the model's dtype
+    BF16 = "bf16"
+    FP16 = "fp16"
+    BF16_14BIT = "bf16-14bit"  # bf16 with the last 2 mantissa bits dropped (the paper's Eq. 11)
+    INT8 = "int8"          # per-row (per atom) absmax int8
+
+
+class Init(enum.Enum):
+    RANDOM_COLUMNS = "random-columns"
+    SVD = "svd"
+
+
+# --- method specs -------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class MethodSpec:
+    """Base: every method has a target. Subclasses set ``name`` and which targets they accept."""
+    name: ClassVar[str] = ""
+    accepts: ClassVar[tuple[type, ...]] = (Ratio,)
+    target: Target = Ratio(0.3)
+
+    def __post_init__(self):
+        if not isinstance(self.target, self.accepts):
+            allowed = ", ".join("--" + t.__name__.lower() for t in self.accepts)
+            raise InputError(f"method {self.name!r} does not take a {type(self.target).__name__.lower()} target",
+                             f"use {allowed}")
+
+    def with_target(self, target: Target) -> "MethodSpec":
+        return dataclasses.replace(self, target=target)
+
+
+@dataclass(frozen=True)
+class PruneSpec(MethodSpec):
+    accepts: ClassVar[tuple[type, ...]] = (Ratio, Sparsity, Pattern)
+    target: Target = Sparsity(0.5)
+
+
+@dataclass(frozen=True)
+class MagnitudeSpec(PruneSpec):
+    name: ClassVar[str] = "magnitude"
+
+
+@dataclass(frozen=True)
+class WandaSpec(PruneSpec):
+    name: ClassVar[str] = "wanda"
+
+
+@dataclass(frozen=True)
+class SparseGPTSpec(PruneSpec):
+    name: ClassVar[str] = "sparsegpt"
+    blocksize: int = 128
+    percdamp: float = 0.01  # dampening: fraction of the mean Hessian diagonal added to it
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.blocksize < 1 or not 0.0 <= self.percdamp < 1.0:
+            raise InputError(f"sparsegpt blocksize={self.blocksize} percdamp={self.percdamp}",
+                             "use blocksize >= 1 and 0 <= percdamp < 1")
+
+
+@dataclass(frozen=True)
+class SVDSpec(MethodSpec):
+    name: ClassVar[str] = "svd"
+
+
+@dataclass(frozen=True)
+class ASVDSpec(MethodSpec):
+    name: ClassVar[str] = "asvd"
+    alpha: float = 0.5  # scaling exponent on the mean absolute activation per input channel
+
+
+@dataclass(frozen=True)
+class SVDLLMSpec(MethodSpec):
+    name: ClassVar[str] = "svd-llm"
+
+
+@dataclass(frozen=True)
+class CoSpaDiSpec(MethodSpec):
+    """CoSpaDi: K-SVD + OMP dictionary learning on whitened weights (methods.md §2)."""
+    name: ClassVar[str] = "cospadi"
+    rho: float = 2.0            # k / s
+    iters: int = 60             # outer K-SVD iterations
+    power_iters: int = 8        # power iterations per rank-1 atom update
+    init: Init = Init.RANDOM_COLUMNS
+    tol: float = 1e-4           # stop when the relative objective improvement falls below this
+    coef_storage: CoefStorage = CoefStorage.BF16_14BIT
+    group_size: int = 1         # >1: share one dictionary across this many consecutive blocks
+    shared: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")
+    seed: int = 42
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.rho < 1.0 or self.iters < 0 or self.power_iters < 1 or self.group_size < 1 or self.tol < 0:
+            raise InputError(f"cospadi rho={self.rho} iters={self.iters} power_iters={self.power_iters} "
+                             f"group_size={self.group_size} tol={self.tol}",
+                             "use rho >= 1, iters >= 0, power_iters >= 1, group_size >= 1, tol >= 0")
+
+
+@dataclass(frozen=True)
+class RocketSpec(MethodSpec):
+    """ROCKET: single-step sparse factorization (methods.md §4.3)."""
+    name: ClassVar[str] = "rocket"
+    ks: float = 2.0             # k / s
+    lam: float = 0.5            # importance exponent on the de-whitened atom norm
+    beta: float = 0.005         # over-sparsify by this fraction of k per column ...
+    refill: float = 0.005       # ... then re-activate this fraction of all k*out entries
+    coef_storage: CoefStorage = CoefStorage.DTYPE
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.ks < 1.0 or self.lam < 0 or not 0 <= self.beta < 1 or not 0 <= self.refill < 1:
+            raise InputError(f"rocket ks={self.ks} lam={self.lam} beta={self.beta} refill={self.refill}",
+                             "use ks >= 1, lam >= 0, 0 <= beta, refill < 1")
+
+
+SPECS: dict[str, type[MethodSpec]] = {c.name: c for c in (MagnitudeSpec, WandaSpec, SparseGPTSpec, SVDSpec,
+                                                          ASVDSpec, SVDLLMSpec, CoSpaDiSpec, RocketSpec)}
+DEFAULT_METHOD = "cospadi"
+DEFAULT_RATIO = 0.2
+
+
+class Allocate(enum.Enum):
+    UNIFORM = "uniform"
+    KNAPSACK = "knapsack"
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """Which layers get which method, and how the budget is spread.
+
+    ``methods`` has one spec for a single-method run; several specs make a *mixed* allocation (each layer
+    gets the option, from any of them, that serves the total budget best; needs ``allocate=KNAPSACK``).
+    """
+    methods: tuple[MethodSpec, ...]
+    allocate: Allocate = Allocate.UNIFORM
+    targets: tuple[str, ...] = ("*",)              # fnmatch patterns on linear names inside blocks
+    ignore: tuple[str, ...] = ("*lm_head*", "*embed*")
+
+    def __post_init__(self):
+        if not self.methods:
+            raise InputError("recipe has no method", "name at least one method")
+        if len(self.methods) > 1 and self.allocate is not Allocate.KNAPSACK:
+            raise InputError("several methods need knapsack allocation to choose between them",
+                             "set allocate: knapsack")
+
+
+# --- dict / YAML round-trip -------------------------------------------------------------------------
+def _encode(value: Any) -> Any:
+    if isinstance(value, enum.Enum):
+        return value.value
+    if isinstance(value, (Ratio, Sparsity)):
+        return {type(value).__name__.lower(): value.value}
+    if isinstance(value, Pattern):
+        return {"pattern": str(value)}
+    if isinstance(value, tuple):
+        return [_encode(v) for v in value]
+    return value
+
+
+def spec_to_dict(spec: MethodSpec) -> dict:
+    return {"method": spec.name, **{f.name: _encode(getattr(spec, f.name)) for f in fields(spec)}}
+
+
+def target_from_dict(d: dict) -> Target:
+    if not isinstance(d, dict) or len(d) != 1:
+        raise InputError(f"target {d!r} must have exactly one of ratio, sparsity, pattern", "e.g. {ratio: 0.3}")
+    (key, value), = d.items()
+    makers = {"ratio": lambda v: Ratio(float(v)), "sparsity": lambda v: Sparsity(float(v)), "pattern": Pattern.parse}
+    if key not in makers:
+        raise InputError(f"unknown target key {key!r}", "use ratio, sparsity or pattern")
+    return makers[key](value)
+
+
+def spec_from_dict(d: dict) -> MethodSpec:
+    d = dict(d)
+    name = d.pop("method", None)
+    if name not in SPECS:
+        raise InputError(f"unknown method {name!r}", f"choose one of {', '.join(SPECS)}")
+    cls = SPECS[name]
+    known = {f.name: f for f in fields(cls)}
+    unknown = set(d) - set(known)
+    if unknown:
+        raise InputError(f"unknown key(s) {sorted(unknown)} for method {name!r}", f"known keys: {sorted(known)}")
+    kwargs = {}
+    for key, value in d.items():
+        default = getattr(cls, key, None) if key != "target" else None
+        if key == "target":
+            kwargs[key] = target_from_dict(value)
+        elif isinstance(default, enum.Enum):
+            try:
+                kwargs[key] = type(default)(value)
+            except ValueError:
+                choices = [e.value for e in type(default)]
+                raise InputError(f"{name}.{key}={value!r} is not valid", f"choose one of {choices}") from None
+        elif isinstance(default, tuple):
+            kwargs[key] = tuple(value)
+        else:
+            kwargs[key] = value
+    return cls(**kwargs)
+
+
+def recipe_to_dict(recipe: Recipe) -> dict:
+    return {"methods": [spec_to_dict(s) for s in recipe.methods], "allocate": recipe.allocate.value,
+            "targets": list(recipe.targets), "ignore": list(recipe.ignore)}
+
+
+def recipe_from_dict(d: dict) -> Recipe:
+    if not isinstance(d, dict):
+        raise InputError("recipe must be a mapping", "see docs/recipes.md for the format")
+    unknown = set(d) - {"methods", "allocate", "targets", "ignore"}
+    if unknown:
+        raise InputError(f"unknown recipe key(s) {sorted(unknown)}", "known keys: methods, allocate, targets, ignore")
+    try:
+        allocate = Allocate(d.get("allocate", "uniform"))
+    except ValueError:
+        raise InputError(f"allocate={d.get('allocate')!r} is not valid", "use uniform or knapsack") from None
+    kw = {k: tuple(d[k]) for k in ("targets", "ignore") if k in d}
+    return Recipe(methods=tuple(spec_from_dict(m) for m in d.get("methods", [])), allocate=allocate, **kw)
+
+
+def load_recipe(path) -> Recipe:
+    import yaml
+    from pathlib import Path
+    p = Path(path)
+    if not p.is_file():
+        raise InputError(f"recipe file {str(p)!r} not found", "give the path of a YAML recipe")
+    try:
+        data = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as e:
+        raise InputError(f"recipe {str(p)!r} is not valid YAML ({e})", "fix the YAML syntax") from None
+    return recipe_from_dict(data)
+

@@ -1,0 +1,153 @@
+"""Calibration and evaluation token windows.
+
+Sources (`SRC` on the command line):
+  * ``stdlib``   the bundled default: CPython standard-library sources of the running interpreter,
+                 split by file (a stable hash of the relative path) into train / validation.
+  * ``*.txt``    plain text.
+  * ``*.jsonl``  one JSON object per line with a ``text`` field.
+  * ``wikitext2`` / ``c4``  Hugging Face datasets (need network), following the SparseGPT protocol.
+
+Calibration windows are drawn from the train side, evaluation windows from the held-out side; both are
+deterministic given the seed. Evaluation windows are non-overlapping and taken in order (DESIGN.md).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import random
+import sysconfig
+from pathlib import Path
+
+import torch
+
+from .errors import InputError
+
+log = logging.getLogger(__name__)
+
+HF_SOURCES = ("wikitext2", "c4")
+_SKIP_DIRS = {"site-packages", "__pycache__", "test", "tests", "idle_test"}
+VALIDATION_BUCKETS = 10  # one file in ten (by path hash) is held out
+
+
+def stdlib_files(split: str) -> list[Path]:
+    """Standard-library ``.py`` files of this interpreter for ``split`` ("train" or "validation"), sorted."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    files = []
+    for path in sorted(root.rglob("*.py")):
+        rel = path.relative_to(root)
+        if _SKIP_DIRS.intersection(rel.parts):
+            continue
+        held_out = hashlib.sha1(rel.as_posix().encode()).digest()[0] % VALIDATION_BUCKETS == 0
+        if held_out == (split == "validation"):
+            files.append(path)
+    return files
+
+
+def _read_local(src: str, source_path: Path) -> list[str]:
+    if not source_path.is_file():
+        raise InputError(f"data source {src!r}: no such file", "give 'stdlib', a .txt/.jsonl file, or 'wikitext2'/'c4'")
+    if source_path.suffix == ".jsonl":
+        docs = []
+        for i, line in enumerate(source_path.read_text(encoding="utf-8").splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise InputError(f"{src}:{i}: not valid JSON ({e.msg})", "write one JSON object per line") from None
+            if not isinstance(row, dict) or not isinstance(row.get("text"), str):
+                raise InputError(f"{src}:{i}: expected an object with a string 'text' field",
+                                 'write lines like {"text": "..."}')
+            docs.append(row["text"])
+        return docs
+    if source_path.suffix in (".txt", ".text", ".md", ".py"):
+        return [source_path.read_text(encoding="utf-8", errors="replace")]
+    raise InputError(f"data source {src!r}: unsupported file type {source_path.suffix!r}",
+                     "use a .txt (plain text) or .jsonl (a 'text' field per line) file")
+
+
+def _load_hf(name: str, split: str) -> list[str]:
+    try:
+        import datasets
+    except ImportError:  # pragma: no cover - datasets is a core dependency
+        raise InputError(f"data source {name!r} needs the 'datasets' package", "pip install datasets") from None
+    try:
+        if name == "wikitext2":
+            ds = datasets.load_dataset("wikitext", "wikitext-2-raw-v1", split="train" if split == "train" else "test")
+            return ["\n\n".join(ds["text"])]
+        shard = "en/c4-train.00000-of-01024.json.gz" if split == "train" else "en/c4-validation.00000-of-00008.json.gz"
+        ds = datasets.load_dataset("allenai/c4", data_files={"data": shard}, split="data")
+        return list(ds["text"]) if split == "train" else [" ".join(ds["text"][:1100])]
+    except Exception as e:  # network, hub or cache errors all mean the same thing to the user
+        raise InputError(f"data source {name!r} could not be loaded ({type(e).__name__}: {str(e)[:200]})",
+                         "it needs network access to the Hugging Face Hub (or a local cache); offline, use "
+                         "'stdlib' or a local .txt/.jsonl file") from None
+
+
+def documents(src: str, split: str) -> list[str]:
+    """Raw text documents of a source; ``split`` is "train" (calibration) or "validation" (evaluation).
+
+    Local files have no split: the same file serves both (give a held-out file to ``eval``).
+    """
+    if src == "stdlib":
+        return [p.read_text(encoding="utf-8", errors="replace") for p in stdlib_files(split)]
+    if src in HF_SOURCES:
+        return _load_hf(src, split)
+    return _read_local(src, Path(src))
+
+
+def _encode(tokenizer, docs: list[str], need: int | None) -> list[int]:
+    """Tokenize ``docs`` joined by blank lines, stopping once ``need`` tokens are there (None: all)."""
+    ids: list[int] = []
+    for doc in docs:
+        if not doc.strip():
+            continue
+        ids.extend(tokenizer(doc + "\n\n", add_special_tokens=False)["input_ids"])
+        if need is not None and len(ids) >= need:
+            break
+    return ids
+
+
+def calibration_data(tokenizer, src: str = "stdlib", nsamples: int = 128, seqlen: int = 2048,
+                     seed: int = 0) -> torch.Tensor:
+    """``(nsamples, seqlen)`` token ids for calibration, deterministic given ``seed``.
+
+    Documents are shuffled with ``seed``, joined and cut into consecutive windows; a single long text
+    (a .txt file) is cut into windows of which ``nsamples`` are drawn at random.
+    """
+    if nsamples < 1 or seqlen < 2:
+        raise InputError(f"calibration needs nsamples >= 1 and seqlen >= 2 (got {nsamples}, {seqlen})",
+                         "pass --nsamples and --seqlen with positive values")
+    docs = documents(src, "train")
+    rng = random.Random(seed)
+    if len(docs) > 1:
+        rng.shuffle(docs)
+        ids = _encode(tokenizer, docs, nsamples * seqlen)
+    else:
+        ids = _encode(tokenizer, docs, None)
+    n_windows = len(ids) // seqlen
+    if n_windows == 0:
+        raise InputError(f"calibration text {src!r} has {len(ids)} tokens, fewer than one window of {seqlen}",
+                         "give more text or a smaller --seqlen")
+    starts = [i * seqlen for i in range(n_windows)]
+    if n_windows > nsamples:
+        starts = sorted(rng.sample(starts, nsamples))
+    elif n_windows < nsamples:
+        log.warning("calibration text %r gives only %d windows of %d tokens (asked for %d); using all",
+                    src, n_windows, seqlen, nsamples)
+    return torch.tensor([ids[s:s + seqlen] for s in starts], dtype=torch.long)  # (n, seqlen)
+
+
+def evaluation_windows(tokenizer, src: str = "stdlib", seqlen: int = 512,
+                       max_windows: int | None = 64) -> torch.Tensor:
+    """``(n, seqlen)`` non-overlapping windows of held-out text, in order, first ``max_windows``."""
+    if seqlen < 2:
+        raise InputError(f"evaluation seqlen must be >= 2 (got {seqlen})", "pass a larger --seqlen")
+    need = None if max_windows is None else max_windows * seqlen
+    ids = _encode(tokenizer, documents(src, "validation"), need)
+    n = len(ids) // seqlen if max_windows is None else min(len(ids) // seqlen, max_windows)
+    if n == 0:
+        raise InputError(f"evaluation text {src!r} has {len(ids)} tokens, fewer than one window of {seqlen}",
+                         "give more text or a smaller --seqlen")
+    return torch.tensor(ids[: n * seqlen], dtype=torch.long).view(n, seqlen)  # (n, seqlen)

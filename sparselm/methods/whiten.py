@@ -1,0 +1,54 @@
+"""Cholesky whitening shared by every data-aware factorization (SVD-LLM, CoSpaDi, ROCKET).
+
+With ``G = XᵀX = LᵀL`` (``L`` upper-triangular), ``‖X(W − Ŵ)ᵀ‖_F = ‖L(W − Ŵ)ᵀ‖_F``: a functional
+reconstruction problem becomes a plain Frobenius problem on ``L Wᵀ``, mapped back with a triangular
+solve (never an explicit inverse). If Cholesky fails (rank-deficient or zero activations) the diagonal is
+shifted by the smallest tried amount that makes it succeed, and the shift is returned to be recorded.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from ..capture import LinearStats
+
+log = logging.getLogger(__name__)
+REL_EPS = 1e-6   # first shift tried, relative to the mean diagonal of G
+ABS_EPS = 1e-8   # floor for an all-zero G
+
+
+@dataclass
+class Whitening:
+    """``L`` ``(in, in)`` float64 upper-triangular with ``LᵀL = G + shift·I``."""
+    L: torch.Tensor
+    shift: float
+
+    def apply(self, Wt: torch.Tensor) -> torch.Tensor:
+        """``L @ Wt`` for ``Wt`` ``(in, cols)``, in float64."""
+        return self.L @ Wt.to(torch.float64)  # (in, cols)
+
+    def unapply(self, A: torch.Tensor) -> torch.Tensor:
+        """``L⁻¹ A`` by a triangular solve, ``A`` ``(in, cols)``, in float64."""
+        return torch.linalg.solve_triangular(self.L, A.to(torch.float64), upper=True)  # (in, cols)
+
+
+def whiten(stats: LinearStats) -> Whitening:
+    """Cholesky factor of the input Gram, with the recorded diagonal shift (0.0 when none was needed)."""
+    G = stats.gram.to(torch.float64)
+    G = (G + G.T) / 2
+    chol, info = torch.linalg.cholesky_ex(G, upper=True)
+    if int(info) == 0:
+        return Whitening(chol, 0.0)
+    scale = float(G.diagonal().mean().clamp_min(0))
+    lam_min = float(torch.linalg.eigvalsh(G)[0])
+    shift = max(0.0, -lam_min) + max(REL_EPS * scale, ABS_EPS)
+    eye = torch.eye(G.shape[0], dtype=G.dtype, device=G.device)
+    for _ in range(30):
+        chol, info = torch.linalg.cholesky_ex(G + shift * eye, upper=True)
+        if int(info) == 0:
+            log.info("whitening: Gram not positive definite; diagonal shifted by %.3g", shift)
+            return Whitening(chol, shift)
+        shift *= 10
+    raise ValueError("whitening failed: the input Gram has non-finite entries")

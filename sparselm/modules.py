@@ -1,0 +1,221 @@
+"""Compressed linear layers. Each stores only what it needs, in documented buffers, and has a plain
+reference ``forward`` that is exact (it rebuilds the weight it represents and calls ``F.linear``).
+
+All three compute ``Y = X Wᵀ + b`` for a weight ``W`` ``(out, in)`` they represent:
+  * `SparseLinear`      W with zeros: nonzero values + a packed bitmask, or N:M values + packed indices.
+  * `LowRankLinear`     Wᵀ = U V, U ``(in, r)``, V ``(r, out)``: two dense products.
+  * `SparseDictLinear`  Wᵀ = D S, D ``(in, k)`` dense, S ``(k, out)`` column-sparse: values + bitmask.
+
+Buffers are kept in their storage dtype; ``forward`` computes in the input's dtype. ``stored_bytes``
+is the sum of the buffers' bytes: what `io.save` writes for the layer.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import CoefStorage, Pattern
+from .packing import decode_values, encode_values, index_bits, pack_bits, unpack_bits
+
+MODULE_CLASSES: dict[str, type["CompressedLinear"]] = {}
+
+
+class CompressedLinear(nn.Module):
+    """Base: shape bookkeeping, bias, byte accounting and the dense reconstruction used by forward."""
+
+    def __init_subclass__(cls, **kw):
+        super().__init_subclass__(**kw)
+        MODULE_CLASSES[cls.__name__] = cls
+
+    def __init__(self, in_features: int, out_features: int):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.register_buffer("bias", None)
+
+    def _set(self, **buffers: torch.Tensor | None) -> None:
+        for name, t in buffers.items():
+            if t is not None:
+                self.register_buffer(name, t.contiguous())
+
+    def dense_weight(self) -> torch.Tensor:  # (out, in)
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b = None if self.bias is None else self.bias.to(x.dtype)
+        return F.linear(x, self.dense_weight().to(x.dtype), b)
+
+    def stored_bytes(self) -> int:
+        return sum(b.numel() * b.element_size() for b in self.buffers())
+
+    def meta(self) -> dict:
+        """Constructor arguments that, with the buffers' shapes, rebuild an empty module (see `empty`)."""
+        return {"in_features": self.in_features, "out_features": self.out_features}
+
+    @classmethod
+    def empty(cls, meta: dict, shapes: dict[str, tuple[list[int], str]]) -> "CompressedLinear":
+        """A module with zero buffers of the saved shapes and dtypes, ready for ``load_state_dict``."""
+        module = cls.__new__(cls)
+        CompressedLinear.__init__(module, meta["in_features"], meta["out_features"])
+        for key, value in meta.items():
+            setattr(module, key, _meta_value(key, value))
+        for name, (shape, dtype) in shapes.items():
+            module.register_buffer(name, torch.zeros(shape, dtype=getattr(torch, dtype)))
+        return module
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, bytes={self.stored_bytes()}"
+
+
+def _meta_value(key: str, value):
+    if key == "pattern" and value is not None:
+        return Pattern.parse(value)
+    if key == "coef_storage":
+        return CoefStorage(value)
+    return value
+
+
+# --- values + bitmask for a (rows, cols) matrix -------------------------------------------------------
+def encode_masked(matrix: torch.Tensor, mask: torch.Tensor, storage: CoefStorage, dtype: torch.dtype) -> dict:
+    """Nonzero values (row-major order of ``mask``) + a packed 1-bit mask of ``matrix`` ``(rows, cols)``."""
+    rows = mask.nonzero()[:, 0]
+    enc = encode_values(matrix[mask], storage, dtype, rows)
+    return {"mask": pack_bits(mask, 1), **enc}
+
+
+def decode_masked(buffers: dict, rows: int, cols: int, storage: CoefStorage) -> torch.Tensor:
+    mask = unpack_bits(buffers["mask"], 1, rows * cols).view(rows, cols).bool()  # (rows, cols)
+    enc = {k: v for k, v in buffers.items() if k != "mask"}
+    nnz = int(mask.sum())
+    values = decode_values(enc, storage, nnz, mask.nonzero()[:, 0] if "scale" in enc else None)
+    out = torch.zeros(rows, cols, dtype=values.dtype if values.is_floating_point() else torch.float32)
+    out[mask] = values.to(out.dtype)
+    return out
+
+
+_VALUE_KEYS = ("mask", "values", "values14", "values_int8", "scale")
+
+
+class SparseLinear(CompressedLinear):
+    """A pruned linear layer.
+
+    Buffers (unstructured): ``mask`` uint8 ``(ceil(out·in/8),)`` packed bitmask of nonzeros (row-major);
+    ``values`` ``(nnz,)`` the kept weights in row-major order.
+    Buffers (N:M, ``pattern`` set): ``values`` ``(out, in·n/m)`` the kept weights of each group in order;
+    ``indices`` uint8 packed positions inside each group, ``ceil(log2 m)`` bits each.
+    ``bias`` ``(out,)`` when the original layer had one.
+    """
+
+    def __init__(self, weight: torch.Tensor, mask: torch.Tensor, bias: torch.Tensor | None = None,
+                 pattern: Pattern | None = None, dtype: torch.dtype | None = None):
+        out_f, in_f = weight.shape
+        super().__init__(in_f, out_f)
+        dtype = dtype or weight.dtype
+        self.pattern = pattern
+        if pattern is None:
+            self._set(**encode_masked(weight, mask.bool(), CoefStorage.DTYPE, dtype))
+        else:
+            n, m = pattern.n, pattern.m
+            groups = mask.view(out_f, in_f // m, m)
+            if not (groups.sum(-1) == n).all():
+                raise ValueError(f"mask is not exactly {pattern} (every group of {m} must keep {n})")
+            pos = groups.nonzero()[:, 2].view(out_f, in_f // m, n)  # (out, groups, n) sorted positions
+            values = weight.view(out_f, in_f // m, m).gather(2, pos).reshape(out_f, -1)  # (out, in*n/m)
+            self._set(values=values.to(dtype), indices=pack_bits(pos, index_bits(m)))
+        self._set(bias=None if bias is None else bias.detach().to(dtype))
+
+    def meta(self) -> dict:
+        return {**super().meta(), "pattern": None if self.pattern is None else str(self.pattern)}
+
+    def dense_weight(self) -> torch.Tensor:
+        out_f, in_f = self.out_features, self.in_features
+        if self.pattern is None:
+            buffers = {k: getattr(self, k) for k in _VALUE_KEYS if hasattr(self, k)}
+            return decode_masked(buffers, out_f, in_f, CoefStorage.DTYPE)
+        n, m = self.pattern.n, self.pattern.m
+        pos = unpack_bits(self.indices, index_bits(m), out_f * in_f * n // m).view(out_f, in_f // m, n)
+        w = torch.zeros(out_f, in_f // m, m, dtype=self.values.dtype, device=self.values.device)
+        w.scatter_(2, pos.to(w.device), self.values.view(out_f, in_f // m, n))
+        return w.view(out_f, in_f)
+
+    @staticmethod
+    def stored_fraction(density: float, in_features: int, dtype: torch.dtype, pattern: Pattern | None = None) -> float:
+        """Stored bytes ÷ dense bytes (bias excluded) at ``density`` kept weights."""
+        bits = torch.finfo(dtype).bits
+        if pattern is not None:
+            return pattern.n / pattern.m * (1 + index_bits(pattern.m) / bits)
+        return density + 1 / bits
+
+    @staticmethod
+    def density_for_ratio(ratio: float, dtype: torch.dtype) -> float:
+        """Fraction of weights kept so that the stored bytes are ``1 - ratio`` of dense (mask counted)."""
+        density = (1 - ratio) - 1 / torch.finfo(dtype).bits
+        if density <= 0:
+            raise ValueError(f"ratio {ratio} leaves no room for values beside the bitmask")
+        return density
+
+
+class LowRankLinear(CompressedLinear):
+    """Wᵀ ≈ U V. Buffers: ``U`` ``(in, r)``, ``V`` ``(r, out)``, optional ``bias`` ``(out,)``.
+    Forward: ``(X U) V + b``, two dense products."""
+
+    def __init__(self, U: torch.Tensor, V: torch.Tensor, bias: torch.Tensor | None = None,
+                 dtype: torch.dtype | None = None):
+        super().__init__(U.shape[0], V.shape[1])
+        dtype = dtype or U.dtype
+        self._set(U=U.to(dtype), V=V.to(dtype), bias=None if bias is None else bias.detach().to(dtype))
+
+    def dense_weight(self) -> torch.Tensor:
+        return (self.U.float() @ self.V.float()).T  # (out, in)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = (x @ self.U.to(x.dtype)) @ self.V.to(x.dtype)  # (..., in) -> (..., r) -> (..., out)
+        return y if self.bias is None else y + self.bias.to(x.dtype)
+
+    @staticmethod
+    def rank_for_ratio(ratio: float, in_features: int, out_features: int) -> int:
+        return max(1, int((1 - ratio) * in_features * out_features / (in_features + out_features)))
+
+
+class SparseDictLinear(CompressedLinear):
+    """Wᵀ ≈ D S with S column-sparse (each output channel uses a few atoms).
+
+    Buffers: ``D`` ``(in, k)`` dense dictionary; ``mask`` packed bitmask of Sᵀ ``(out, k)``; the nonzero
+    coefficients of Sᵀ in row-major order as ``values`` (bf16/fp16/model dtype), ``values14`` (14-bit
+    packed bf16) or ``values_int8`` + ``scale`` ``(out,)`` (per output channel); optional ``bias``.
+    Forward: ``(X D) S + b``.
+    """
+
+    def __init__(self, D: torch.Tensor, S: torch.Tensor, mask: torch.Tensor, bias: torch.Tensor | None = None,
+                 coef_storage: CoefStorage = CoefStorage.DTYPE, dtype: torch.dtype | None = None):
+        super().__init__(D.shape[0], S.shape[1])
+        dtype = dtype or D.dtype
+        self.k, self.coef_storage = D.shape[1], coef_storage
+        self._set(D=D.to(dtype), **encode_masked(S.T, mask.T.bool(), coef_storage, dtype),
+                  bias=None if bias is None else bias.detach().to(dtype))
+
+    def meta(self) -> dict:
+        return {**super().meta(), "k": self.k, "coef_storage": self.coef_storage.value}
+
+    def coefficients(self) -> torch.Tensor:  # (k, out)
+        buffers = {k: getattr(self, k) for k in _VALUE_KEYS if hasattr(self, k)}
+        return decode_masked(buffers, self.out_features, self.k, self.coef_storage).T
+
+    def dense_weight(self) -> torch.Tensor:
+        return (self.D.float() @ self.coefficients().float()).T  # (out, in)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = (x @ self.D.to(x.dtype)) @ self.coefficients().to(x.dtype)  # (..., in) -> (..., k) -> (..., out)
+        return y if self.bias is None else y + self.bias.to(x.dtype)
+
+
+def from_result(result, bias: torch.Tensor | None, dtype: torch.dtype) -> CompressedLinear:
+    """The compressed module for a method's result (`methods.Pruned`, `Factored` or `SparseDict`)."""
+    from .methods import Factored, Pruned, SparseDict
+    if isinstance(result, Pruned):
+        return SparseLinear(result.weight, result.mask, bias, result.pattern, dtype)
+    if isinstance(result, Factored):
+        return LowRankLinear(result.U, result.V, bias, dtype)
+    if isinstance(result, SparseDict):
+        return SparseDictLinear(result.D, result.S, result.mask, bias, result.coef_storage, dtype)
+    raise TypeError(f"unknown method result {type(result).__name__}")
