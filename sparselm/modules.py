@@ -31,6 +31,7 @@ class CompressedLinear(nn.Module):
     def __init__(self, in_features: int, out_features: int):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
+        self.original = "Linear"  # class of the layer it replaced ("Conv1D" for GPT-2): what export rebuilds
         self.register_buffer("bias", None)
 
     def _set(self, **buffers: torch.Tensor | None) -> None:
@@ -50,7 +51,7 @@ class CompressedLinear(nn.Module):
 
     def meta(self) -> dict:
         """Constructor arguments that, with the buffers' shapes, rebuild an empty module (see `empty`)."""
-        return {"in_features": self.in_features, "out_features": self.out_features}
+        return {"in_features": self.in_features, "out_features": self.out_features, "original": self.original}
 
     @classmethod
     def empty(cls, meta: dict, shapes: dict[str, tuple[list[int], str]]) -> "CompressedLinear":

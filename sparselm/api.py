@@ -1,0 +1,170 @@
+"""The user-level flows behind the CLI: compress a model into a directory, evaluate, inspect, export.
+
+Each returns a plain dict (what ``--json`` prints); nothing here prints.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import torch
+
+from . import data, device as devices, evaluate, io, pipeline
+from . import model as adapter
+from .config import (DEFAULT_METHOD, DEFAULT_RATIO, SPECS, Allocate, Pattern, Ratio, Recipe, Sparsity,
+                     load_recipe, recipe_to_dict)
+from .errors import InputError
+
+log = logging.getLogger(__name__)
+BUNDLED_CALIB = {"nsamples": 64, "seqlen": 256}
+LARGE_CALIB = {"nsamples": 128, "seqlen": 2048}
+
+
+def build_recipe(method: str | None, ratio: float | None, sparsity: float | None, pattern: str | None,
+                 allocate: str = "uniform", recipe_file: str | None = None) -> Recipe:
+    """A recipe from command-line knobs (exactly one of ratio / sparsity / pattern, or the defaults)."""
+    if recipe_file:
+        if any(v is not None for v in (method, ratio, sparsity, pattern)):
+            raise InputError("--recipe was given together with --method/--ratio/--sparsity/--pattern",
+                             "put everything in the recipe file, or drop --recipe")
+        return load_recipe(recipe_file)
+    given = [v for v in (ratio, sparsity, pattern) if v is not None]
+    if len(given) > 1:
+        raise InputError("more than one of --ratio, --sparsity, --pattern given", "pass only one budget knob")
+    name = method or DEFAULT_METHOD
+    if name not in SPECS:
+        raise InputError(f"unknown method {name!r}", f"choose one of {', '.join(SPECS)}")
+    target = (Ratio(ratio) if ratio is not None else Sparsity(sparsity) if sparsity is not None
+              else Pattern.parse(pattern) if pattern is not None else None)
+    if target is None:
+        target = SPECS[name].target if method else Ratio(DEFAULT_RATIO)
+    try:
+        alloc = Allocate(allocate)
+    except ValueError:
+        raise InputError(f"--allocate {allocate!r} is not valid", "use uniform or knapsack") from None
+    return Recipe(methods=(SPECS[name](target=target),), allocate=alloc)
+
+
+def _check_out(out: Path, source: str, overwrite: bool) -> None:
+    if out.exists() and not overwrite:
+        raise InputError(f"output directory {str(out)!r} already exists", "choose another --out or pass --overwrite")
+    if Path(source).exists() and out.resolve() == Path(source).resolve():
+        raise InputError(f"--out {str(out)!r} is the input model directory", "write the result somewhere else")
+
+
+def _default_out(model: str | None, recipe: Recipe) -> Path:
+    name = Path(model).name if model else "tiny-llama"
+    spec = recipe.methods[0]
+    t = spec.target
+    knob = f"r{t.value:g}" if isinstance(t, Ratio) else f"s{t.value:g}" if isinstance(t, Sparsity) else f"{t.n}of{t.m}"
+    return Path("compressed") / f"{name}-{'mixed' if len(recipe.methods) > 1 else spec.name}-{knob}"
+
+
+def compress_model(model: str | None = None, recipe: Recipe | None = None, calib: str = "stdlib",
+                   nsamples: int | None = None, seqlen: int | None = None, out: str | None = None,
+                   overwrite: bool = False, device: str | None = None, evaluate_ppl: bool | None = None,
+                   eval_dataset: str = "stdlib", eval_seqlen: int | None = None, max_windows: int = 64,
+                   batch_size: int = 8, seed: int = 0, trust_remote_code: bool = False, progress=None) -> dict:
+    """Load, (evaluate), compress layer by layer, (evaluate), save. Returns the summary."""
+    t0 = time.perf_counter()
+    recipe = recipe or build_recipe(None, None, None, None)
+    out_dir = Path(out) if out else _default_out(model, recipe)
+    _check_out(out_dir, model or "", overwrite)
+    dev = devices.pick(device)
+    loaded = adapter.load_hf(model, trust_remote_code=trust_remote_code)
+    net, tok = loaded.model, loaded.tokenizer
+    causal = adapter._is_causal(net.config)
+    defaults = BUNDLED_CALIB if model is None else LARGE_CALIB
+    max_pos = getattr(net.config, "max_position_embeddings", None) or 2048
+    seqlen = min(seqlen or defaults["seqlen"], max_pos)
+    windows = data.calibration_data(tok, calib, nsamples or defaults["nsamples"], seqlen, seed)
+    evaluate_ppl = (model is None) if evaluate_ppl is None else evaluate_ppl
+    if evaluate_ppl and not causal:
+        raise InputError("perplexity evaluation needs a causal LM; this model is an encoder", "pass --no-eval")
+    summary: dict = {"out": str(out_dir), "model": loaded.source, "device": str(dev)}
+    if evaluate_ppl:
+        eval_windows = data.evaluation_windows(tok, eval_dataset, min(eval_seqlen or seqlen, max_pos), max_windows)
+        before = evaluate.perplexity(net.to(dev), eval_windows, batch_size)
+        summary["perplexity_before"] = before["perplexity"]
+    report = pipeline.compress(net, windows, recipe, dev, loaded.storage_dtype, batch_size, progress)
+    net.to("cpu")
+    manifest, totals = _manifest(loaded, report, recipe, calib, windows, seed)
+    summary.update(method="mixed" if len(recipe.methods) > 1 else recipe.methods[0].name,
+                   allocate=recipe.allocate.value, **{k: totals[k] for k in ("ratio_stored", "ratio_params",
+                                                                           "ratio_paper")},
+                   compress_seconds=round(report.seconds, 2))
+    if evaluate_ppl:
+        after = evaluate.perplexity(net.to(dev), eval_windows, batch_size)
+        net.to("cpu")
+        summary["perplexity_after"] = after["perplexity"]
+        manifest["evaluation"] = {"dataset": eval_dataset, "split": "validation", **{k: before[k] for k in (
+            "tokens", "windows", "seqlen", "metric")}, "perplexity_before": before["perplexity"],
+            "perplexity_after": after["perplexity"]}
+    io.save(net, tok, out_dir, manifest, loaded.storage_dtype, overwrite)
+    summary["seconds"] = round(time.perf_counter() - t0, 2)
+    return summary
+
+
+def _manifest(loaded, report: pipeline.CompressReport, recipe: Recipe, calib: str, windows, seed: int):
+    shared: dict[int, list[str]] = {}
+    for layer in report.layers:
+        d = getattr(layer.module, "D", None)
+        if d is not None:
+            shared.setdefault(d.data_ptr(), []).append(layer.name)
+    layers, rows = {}, []
+    for layer in report.layers:
+        users = shared.get(getattr(getattr(layer.module, "D", None), "data_ptr", lambda: None)(), [layer.name])
+        d_bytes = layer.module.D.numel() * layer.module.D.element_size() if len(users) > 1 else 0
+        row = evaluate.layer_accounting(layer.module, loaded.storage_dtype, d_bytes * (len(users) - 1) // len(users))
+        rows.append(row)
+        layers[layer.name] = {"spec": _spec_dict(layer.spec), "accounting": row, "rel_error": layer.rel_error,
+                              "predicted_error": layer.predicted_error, "info": layer.info}
+    totals = evaluate.totals(rows)
+    regular = {n: v["info"]["whitening_shift"] for n, v in layers.items() if v["info"].get("whitening_shift")}
+    manifest = {"base_model": loaded.source, "recipe": recipe_to_dict(recipe), "layers": layers, "totals": totals,
+                "calibration": {"source": calib, "nsamples": int(windows.shape[0]), "seqlen": int(windows.shape[1]),
+                                "seed": seed},
+                "regularization": regular, "allocation": report.allocation,
+                "compress_seconds": report.seconds, "torch_version": torch.__version__}
+    return manifest, totals
+
+
+def _spec_dict(spec) -> dict:
+    from .config import spec_to_dict
+    return spec_to_dict(spec)
+
+
+def evaluate_model(path: str | None, dataset: str = "stdlib", seqlen: int = 512, max_windows: int | None = 64,
+                   device: str | None = None, batch_size: int = 8) -> dict:
+    """Perplexity of a dense model (dir or hub id) or of a sparselm output directory."""
+    dev = devices.pick(device)
+    if path is not None and (Path(path) / io.MANIFEST).is_file():
+        net = io.load(path)
+        from transformers import AutoTokenizer
+        tok = AutoTokenizer.from_pretrained(path)
+    else:
+        loaded = adapter.load_hf(path)
+        net, tok = loaded.model, loaded.tokenizer
+    if not adapter._is_causal(net.config):
+        raise InputError(f"{path!r} is an encoder: perplexity needs a causal LM", "evaluate a causal LM")
+    seqlen = min(seqlen, getattr(net.config, "max_position_embeddings", None) or seqlen)
+    windows = data.evaluation_windows(tok, dataset, seqlen, max_windows)
+    result = evaluate.perplexity(net.to(dev), windows, batch_size)
+    return {"model": path or "bundled", "dataset": dataset, **result}
+
+
+def inspect_dir(path: str) -> dict:
+    manifest = io.read_manifest(path)
+    rows = [{"layer": name, "class": entry.get("class"), "method": entry["spec"]["method"],
+             "target": entry["spec"].get("target"), **entry["accounting"], "rel_error": entry.get("rel_error"),
+             "predicted_error": entry.get("predicted_error")} for name, entry in manifest["layers"].items()]
+    return {"dir": str(path), "base_model": manifest.get("base_model"), "sparselm_version": manifest.get(
+        "sparselm_version"), "storage_dtype": manifest.get("storage_dtype"), "layers": rows,
+            **{k: manifest["totals"][k] for k in ("ratio_stored", "ratio_params", "ratio_paper")},
+            "evaluation": manifest.get("evaluation"), "regularization": manifest.get("regularization")}
+
+
+def export_dense(path: str, out: str, overwrite: bool = False) -> dict:
+    return io.export(path, out, overwrite)
+

@@ -1,0 +1,181 @@
+"""`sparselm` command line: thin wrappers over `sparselm.api`. The only module that prints.
+
+Exit codes: 0 success; 2 bad input (the message names what, where, what was expected, how to fix);
+1 unexpected failure. With ``--json`` the last stdout line is one JSON object.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from .errors import InputError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Compress pretrained transformers without retraining: pruning, low rank, sparse dictionaries.")
+err = Console(stderr=True)
+out = Console(highlight=False)
+
+
+def _run(fn, as_json: bool, show) -> None:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        result = fn()
+    except InputError as e:
+        err.print(f"[bold red]error:[/] {e.what}")
+        if e.fix:
+            err.print(f"[bold]fix:[/] {e.fix}")
+        raise typer.Exit(2)
+    except KeyboardInterrupt:
+        err.print("interrupted; nothing was written")
+        raise typer.Exit(130)
+    if as_json:
+        print(json.dumps(result, default=str))
+    else:
+        show(result)
+
+
+def _progress_bar():
+    bar = Progress(TextColumn("[bold]compressing[/] block {task.completed}/{task.total}"), BarColumn(),
+                   TimeElapsedColumn(), console=err, transient=False)
+    task = {}
+
+    def update(done: int, total: int):
+        if not task:
+            bar.start()
+            task["id"] = bar.add_task("blocks", total=total)
+        bar.update(task["id"], completed=done)
+        if done == total:
+            bar.stop()
+    return update
+
+
+@app.command()
+def compress(
+    model: Optional[str] = typer.Argument(None, help="hub id or local HF directory; omitted: the bundled tiny model"),
+    method: Optional[str] = typer.Option(None, help="magnitude|wanda|sparsegpt|svd|asvd|svd-llm|cospadi|rocket "
+                                                   "(default: cospadi at --ratio 0.2)"),
+    ratio: Optional[float] = typer.Option(None, help="fraction of the targeted layers' stored bytes removed"),
+    sparsity: Optional[float] = typer.Option(None, help="pruning: fraction of weights set to zero"),
+    pattern: Optional[str] = typer.Option(None, help="pruning: N:M semi-structured pattern, e.g. 2:4"),
+    calib: str = typer.Option("stdlib", help="stdlib | FILE.txt | FILE.jsonl | wikitext2 | c4"),
+    nsamples: Optional[int] = typer.Option(None, help="calibration windows (default 64 bundled, 128 otherwise)"),
+    seqlen: Optional[int] = typer.Option(None, help="calibration window length (default 256 bundled, 2048 otherwise)"),
+    allocate: str = typer.Option("uniform", help="uniform | knapsack"),
+    out: Optional[str] = typer.Option(None, help="output directory (default compressed/<model>-<method>-<knob>)"),
+    overwrite: bool = typer.Option(False, help="replace an existing output directory written by sparselm"),
+    device: Optional[str] = typer.Option(None, help="auto | cpu | cuda | cuda:N"),
+    recipe: Optional[str] = typer.Option(None, help="YAML recipe (methods, allocate, targets, ignore)"),
+    resume: bool = typer.Option(False, help="not supported yet: rerun instead"),
+    eval: Optional[bool] = typer.Option(None, "--eval/--no-eval", help="perplexity before/after (default: on "
+                                                                        "for the bundled model)"),
+    eval_dataset: str = typer.Option("stdlib", help="held-out text for --eval"),
+    batch_size: int = typer.Option(8, help="calibration / evaluation batch size"),
+    seed: int = typer.Option(0, help="calibration sampling seed"),
+    trust_remote_code: bool = typer.Option(False, help="allow the model's own code (off by default)"),
+    as_json: bool = typer.Option(False, "--json", help="print one JSON object as the last line"),
+):
+    """Compress a model layer by layer and save it.
+
+    Examples:
+        sparselm compress
+        sparselm compress ./my-llama --method sparsegpt --sparsity 0.5 --calib notes.txt --out pruned/
+    """
+    from . import api
+
+    def work():
+        if resume:
+            raise InputError("--resume is not supported yet", "rerun the command without --resume")
+        r = api.build_recipe(method, ratio, sparsity, pattern, allocate, recipe)
+        return api.compress_model(model, r, calib, nsamples, seqlen, out, overwrite, device, eval, eval_dataset,
+                                  batch_size=batch_size, seed=seed, trust_remote_code=trust_remote_code,
+                                  progress=None if as_json else _progress_bar())
+
+    def show(s):
+        out.print(f"compressed {s['model']} with {s['method']} ({s['allocate']}) in {s['compress_seconds']:.1f}s "
+                  f"-> {s['out']}")
+        out.print(f"ratio removed: stored {s['ratio_stored']:.3f}  params {s['ratio_params']:.3f}  "
+                  f"paper {s['ratio_paper']:.3f}")
+        if "perplexity_after" in s:
+            out.print(f"perplexity: before {s['perplexity_before']:.3f}  after {s['perplexity_after']:.3f}")
+    _run(work, as_json, show)
+
+
+@app.command("eval")
+def eval_(
+    model: Optional[str] = typer.Argument(None, help="sparselm output dir, HF dir or hub id; omitted: bundled"),
+    dataset: str = typer.Option("stdlib", help="stdlib | FILE.txt | FILE.jsonl | wikitext2 | c4"),
+    seqlen: int = typer.Option(512, help="window length"),
+    max_windows: int = typer.Option(64, help="first N non-overlapping windows (0: all)"),
+    device: Optional[str] = typer.Option(None, help="auto | cpu | cuda"),
+    batch_size: int = typer.Option(8),
+    as_json: bool = typer.Option(False, "--json"),
+):
+    """Token-level perplexity with the pinned protocol (non-overlapping windows, none skipped).
+
+    Examples:
+        sparselm eval pruned/ --dataset held_out.txt --seqlen 512 --json
+    """
+    from . import api
+    _run(lambda: api.evaluate_model(model, dataset, seqlen, max_windows or None, device, batch_size), as_json,
+         lambda r: out.print(f"perplexity {r['perplexity']:.4f} on {r['dataset']} ({r['windows']} windows x "
+                             f"{r['seqlen']} tokens, {r['tokens']} predicted tokens)"))
+
+
+@app.command()
+def inspect(directory: str = typer.Argument(..., help="a sparselm output directory"),
+            as_json: bool = typer.Option(False, "--json")):
+    """Per-layer table (class, method, bytes, ratios, error) and the three overall ratios."""
+    from . import api
+
+    def show(r):
+        t = Table(title=f"{r['dir']} (from {r['base_model']}, {r['storage_dtype']})")
+        for col in ("layer", "class", "method", "shape", "stored", "dense", "r_stored", "r_params", "rel_err"):
+            t.add_column(col, justify="left" if col in ("layer", "class", "method") else "right")
+        for row in r["layers"]:
+            t.add_row(row["layer"], row["class"], row["method"], "x".join(map(str, row["shape"])),
+                      str(row["stored_bytes"]), str(row["dense_bytes"]), f"{row['ratio_stored']:.3f}",
+                      f"{row['ratio_params']:.3f}", f"{row['rel_error']:.4f}" if row["rel_error"] is not None else "")
+        out.print(t)
+        out.print(f"ratio removed: stored {r['ratio_stored']:.4f}  params {r['ratio_params']:.4f}  "
+                  f"paper {r['ratio_paper']:.4f}")
+        if r.get("evaluation"):
+            ev = r["evaluation"]
+            out.print(f"perplexity ({ev['dataset']}, {ev['windows']}x{ev['seqlen']}): before "
+                      f"{ev['perplexity_before']:.3f} after {ev['perplexity_after']:.3f}")
+    _run(lambda: api.inspect_dir(directory), as_json, show)
+
+
+@app.command()
+def export(directory: str = typer.Argument(..., help="a sparselm output directory"),
+           out_dir: str = typer.Option(..., "--out", help="where to write the dense HF directory"),
+           overwrite: bool = typer.Option(False), as_json: bool = typer.Option(False, "--json")):
+    """Write a plain dense HF directory (loads with from_pretrained in any tool)."""
+    from . import api
+    _run(lambda: api.export_dense(directory, out_dir, overwrite), as_json,
+         lambda r: out.print(f"exported {r['layers']} layers densely ({r['dtype']}) -> {r['out']}"))
+
+
+@app.command()
+def bench(model: Optional[str] = typer.Argument(None, help="sparselm output dir, HF dir or hub id"),
+          seqlen: int = typer.Option(128), batch_size: int = typer.Option(1), device: Optional[str] = None,
+          as_json: bool = typer.Option(False, "--json")):
+    """Latency, throughput and weight bytes of a forward pass (apart from quality evaluation)."""
+    from . import bench as benchmod
+    _run(lambda: benchmod.run(model, seqlen, batch_size, device), as_json,
+         lambda r: out.print(" ".join(f"{k}={v}" for k, v in r.items())))
+
+
+def main() -> None:  # pragma: no cover
+    try:
+        app()
+    except SystemExit:
+        raise
+    except Exception:
+        sys.exit(1)

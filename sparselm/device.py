@@ -1,0 +1,51 @@
+"""The only place that names an accelerator: picks the device and says why."""
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from .errors import InputError
+
+log = logging.getLogger(__name__)
+
+
+def pick(requested: str | None = None) -> torch.device:
+    """``None``/"auto": the first CUDA device if there is one, else the CPU (logged with the reason)."""
+    if requested in (None, "auto"):
+        if torch.cuda.is_available():
+            log.info("device: cuda (a CUDA device is available)")
+            return torch.device("cuda")
+        log.info("device: cpu (no CUDA device found)")
+        return torch.device("cpu")
+    try:
+        device = torch.device(requested)
+    except RuntimeError:
+        raise InputError(f"--device {requested!r} is not a device name", "use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise InputError(f"--device {requested} asked for, but no CUDA device is available", "use --device cpu")
+    return device
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def empty_cache(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def peak_memory(device: torch.device) -> int | None:
+    """Peak allocated bytes on an accelerator since the last reset (None on CPU)."""
+    return torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def has_gpu() -> bool:
+    return torch.cuda.is_available()

@@ -1,0 +1,217 @@
+"""Save / load / export compressed models. The only module that writes model files.
+
+A saved directory is ``config.json`` + tokenizer files (as ``save_pretrained`` writes them),
+``model.safetensors`` (compressed buffers + the untouched dense tensors, in the checkpoint's dtype; never
+pickle) and ``sparselm.json`` (the manifest: format version, base model, per replaced layer its class,
+spec, buffer shapes and accounting, calibration protocol, regularization applied, evaluation results).
+Loading builds the base architecture on the meta device, replays the swaps from the manifest (classes
+from an allowlist only), then loads the tensors. Writes go to a hidden temporary directory that is
+renamed into place only when complete, so a failed run never leaves a directory that looks finished.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from . import __version__
+from . import model as adapter
+from .errors import InputError
+from .modules import MODULE_CLASSES, CompressedLinear
+
+MANIFEST = "sparselm.json"
+WEIGHTS = "model.safetensors"
+FORMAT_VERSION = 1
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def compressed_modules(model: nn.Module) -> dict[str, CompressedLinear]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, CompressedLinear)}
+
+
+def cast_dense(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """Cast every floating parameter/buffer outside compressed modules (their storage stays as it is)."""
+    for module in model.modules():
+        if isinstance(module, CompressedLinear):
+            continue
+        for name, p in list(module.named_parameters(recurse=False)):
+            if p.is_floating_point():
+                p.data = p.data.to(dtype)
+        for name, b in list(module.named_buffers(recurse=False)):
+            if b is not None and b.is_floating_point() and not isinstance(module, CompressedLinear):
+                module._buffers[name] = b.to(dtype)
+    return model
+
+
+def _state_for_save(model: nn.Module, dtype: torch.dtype) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """State dict with dense tensors in ``dtype`` and tied tensors stored once (aliases returned)."""
+    inside = {f"{n}.{b}" for n, m in compressed_modules(model).items() for b, _ in m.named_buffers()}
+    state, aliases, seen = {}, {}, {}
+    for name, t in model.state_dict().items():
+        key = (t.data_ptr(), t.dtype, tuple(t.shape), t.stride()) if t.numel() else None
+        if key is not None and key in seen:
+            aliases[name] = seen[key]
+            continue
+        if key is not None:
+            seen[key] = name
+        if name not in inside and t.is_floating_point():
+            t = t.to(dtype)
+        state[name] = t.detach().contiguous().cpu()
+    return state, aliases
+
+
+def save(model: nn.Module, tokenizer, out_dir: str | Path, manifest: dict, dtype: torch.dtype,
+         overwrite: bool = False) -> Path:
+    """Write a compressed model directory atomically; ``dtype`` is the checkpoint's dense dtype."""
+    out = Path(out_dir)
+    if out.exists() and not overwrite:
+        raise InputError(f"output directory {str(out)!r} already exists", "choose another --out or pass --overwrite")
+    if out.exists() and not (out / MANIFEST).is_file() and any(out.iterdir()):
+        raise InputError(f"output directory {str(out)!r} exists and is not a sparselm output",
+                         "refusing to replace it even with --overwrite; choose another --out")
+    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        tmp.mkdir(parents=True)
+        state, aliases = _state_for_save(model, dtype)
+        config = model.config
+        config.dtype = dtype
+        config.architectures = [type(model).__name__]
+        config.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        save_file(state, str(tmp / WEIGHTS), metadata={"format": "pt", "producer": f"sparselm {__version__}"})
+        layers = manifest.setdefault("layers", {})
+        for name, module in compressed_modules(model).items():
+            entry = layers.setdefault(name, {})
+            entry.update({"class": type(module).__name__, "meta": module.meta(),
+                          "buffers": {b: [list(t.shape), _dtype_name(t.dtype)] for b, t in module.named_buffers()}})
+        full = {"format": "sparselm", "format_version": FORMAT_VERSION, "sparselm_version": __version__,
+                "storage_dtype": _dtype_name(dtype), "tied": aliases, **manifest}
+        (tmp / MANIFEST).write_text(json.dumps(full, indent=1, default=str))
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def read_manifest(path: str | Path) -> dict:
+    p = Path(path) / MANIFEST
+    if not p.is_file():
+        raise InputError(f"{str(path)!r} is not a sparselm output (no {MANIFEST})",
+                         "give a directory written by `sparselm compress`")
+    try:
+        manifest = json.loads(p.read_text())
+    except json.JSONDecodeError as e:
+        raise InputError(f"{str(p)!r} is not valid JSON ({e.msg})", "the directory is corrupt; compress again") from None
+    if manifest.get("format") != "sparselm" or manifest.get("format_version", 0) > FORMAT_VERSION:
+        raise InputError(f"{str(p)!r} has format version {manifest.get('format_version')!r}",
+                         f"this sparselm reads format version <= {FORMAT_VERSION}; upgrade sparselm")
+    return manifest
+
+
+def _build_empty(path: Path, manifest: dict) -> nn.Module:
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+    config = AutoConfig.from_pretrained(path)
+    cls = AutoModelForCausalLM if adapter._is_causal(config) else AutoModel
+    dtype = getattr(torch, manifest["storage_dtype"])
+    with torch.device("meta"):
+        model = cls.from_config(config, dtype=dtype)
+    for name, entry in manifest["layers"].items():
+        if entry["class"] not in MODULE_CLASSES:
+            raise InputError(f"{MANIFEST}: layer {name} has unknown class {entry['class']!r}",
+                             f"known classes: {sorted(MODULE_CLASSES)}; upgrade sparselm")
+        adapter.swap(model, name, MODULE_CLASSES[entry["class"]].empty(entry["meta"], entry["buffers"]))
+    return model.to_empty(device="cpu")
+
+
+def load(path: str | Path, dtype: torch.dtype | None = torch.float32) -> nn.Module:
+    """Rebuild a compressed model from its directory. ``dtype`` casts the dense (untouched) tensors for
+    computation (None keeps the stored dtype); compressed buffers keep their storage format."""
+    path = Path(path)
+    manifest = read_manifest(path)
+    if not (path / WEIGHTS).is_file():
+        raise InputError(f"{str(path)!r} has no {WEIGHTS}", "the directory is incomplete; compress again")
+    model = _build_empty(path, manifest)
+    params = dict(model.named_parameters(remove_duplicate=False))
+    buffers = dict(model.named_buffers(remove_duplicate=False))
+    persistent = set(model.state_dict())
+    try:
+        with safe_open(str(path / WEIGHTS), framework="pt") as f:
+            names = set(f.keys())
+            want = persistent - set(manifest.get("tied", {}))
+            if names != want:
+                raise InputError(f"{WEIGHTS} does not match the manifest (missing {sorted(want - names)[:3]}, "
+                                 f"unexpected {sorted(names - want)[:3]})", "the directory is corrupt; compress again")
+            for name in names:
+                target = params.get(name, buffers.get(name))
+                target.data.copy_(f.get_tensor(name))
+    except (OSError, RuntimeError) as e:
+        if isinstance(e, InputError):
+            raise
+        raise InputError(f"could not read {str(path / WEIGHTS)!r} ({e})", "the file is corrupt; compress again") from None
+    for alias, kept in manifest.get("tied", {}).items():
+        src = params.get(kept, buffers.get(kept))
+        target = params.get(alias, buffers.get(alias))
+        target.data.copy_(src.data)
+    _reinit_nonpersistent(model, persistent)
+    if hasattr(model, "tie_weights"):
+        model.tie_weights()
+    if dtype is not None:
+        cast_dense(model, dtype)
+    return model.eval()
+
+
+def _reinit_nonpersistent(model: nn.Module, persistent: set[str]) -> None:
+    """Recompute non-persistent buffers (e.g. rotary inverse frequencies) that ``to_empty`` left unset."""
+    for mname, module in model.named_modules():
+        own = [b for b, t in module.named_buffers(recurse=False) if t is not None]
+        if any(f"{mname}.{b}".lstrip(".") not in persistent for b in own) and hasattr(model, "_init_weights"):
+            model._init_weights(module)
+
+
+def export(path: str | Path, out: str | Path, overwrite: bool = False) -> dict:
+    """Multiply the factors back into plain layers and write a dense HF directory any tool can load."""
+    from transformers.pytorch_utils import Conv1D
+    manifest = read_manifest(path)
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise InputError(f"output directory {str(out)!r} already exists", "choose another --out or pass --overwrite")
+    model = load(path, dtype=None)
+    for name, module in compressed_modules(model).items():
+        W = module.dense_weight().to(getattr(torch, manifest["storage_dtype"]))  # (out, in)
+        if module.original == "Conv1D":
+            dense = Conv1D(module.out_features, module.in_features)
+            dense.weight.data = W.T.contiguous()
+        else:
+            dense = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None)
+            dense.weight.data = W.contiguous()
+        if module.bias is not None:
+            dense.bias.data = module.bias.clone()
+        adapter.swap(model, name, dense.to(W.dtype))
+    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        for f in Path(path).iterdir():  # tokenizer and generation files, as they were
+            if f.is_file() and f.name not in (WEIGHTS, MANIFEST, "config.json") and not (tmp / f.name).exists():
+                shutil.copy2(f, tmp / f.name)
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return {"out": str(out), "layers": len(manifest["layers"]), "dtype": manifest["storage_dtype"]}

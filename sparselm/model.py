@@ -1,0 +1,133 @@
+"""Model adapter: the only module that knows Hugging Face attribute paths.
+
+Loads any HF causal LM or encoder (local directory or hub id, safetensors only, no remote code unless
+asked), finds the repeated blocks without model-name tests (via ``_no_split_modules``), lists the linear
+layers of a block (``nn.Linear`` and GPT-2's transposed ``Conv1D``) and swaps modules by name.
+"""
+from __future__ import annotations
+
+import fnmatch
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .errors import InputError
+
+log = logging.getLogger(__name__)
+BUNDLED = Path(__file__).parent / "bundled" / "tiny-llama"
+
+
+def _is_causal(config) -> bool:
+    archs = getattr(config, "architectures", None) or []
+    return any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs) or bool(getattr(config, "is_decoder", False))
+
+
+def _check_dir(path: Path) -> None:
+    if not (path / "config.json").is_file():
+        raise InputError(f"model directory {str(path)!r} has no config.json",
+                         "point to a Hugging Face model directory (save_pretrained output) or a hub id")
+    if any(path.glob("*.bin")) and not any(path.glob("*.safetensors")):
+        raise InputError(f"model directory {str(path)!r} has only pickled .bin weights",
+                         "sparselm reads safetensors only; convert with save_pretrained(safe_serialization=True)")
+
+
+@dataclass
+class Loaded:
+    model: nn.Module
+    tokenizer: object
+    source: str
+    storage_dtype: torch.dtype  # the dtype the checkpoint was saved in: byte budgets are measured in it
+
+
+def load_hf(name: str | Path | None = None, dtype: torch.dtype = torch.float32,
+            trust_remote_code: bool = False) -> Loaded:
+    """Load a local directory or hub id (``None``: the bundled tiny model) to compute in ``dtype``."""
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
+
+    src = BUNDLED if name is None else name
+    if Path(src).exists():
+        _check_dir(Path(src))
+    elif Path(str(src)).is_absolute() or str(src).startswith((".", "~")):
+        raise InputError(f"model directory {str(src)!r} does not exist", "check the path")
+    try:
+        config = AutoConfig.from_pretrained(src, trust_remote_code=trust_remote_code)
+        saved = _dtype_of(config) or dtype
+        cls = AutoModelForCausalLM if _is_causal(config) else AutoModel
+        model = cls.from_pretrained(src, dtype=dtype, use_safetensors=True,
+                                    trust_remote_code=trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(src, trust_remote_code=trust_remote_code)
+    except InputError:
+        raise
+    except (OSError, ValueError, KeyError, RuntimeError) as e:
+        raise InputError(f"could not load model {str(src)!r} ({type(e).__name__}: {str(e).splitlines()[0][:300]})",
+                         "give a local HF directory with config.json + *.safetensors, or a reachable hub id") from None
+    model.eval()
+    return Loaded(model, tokenizer, str(src), saved)
+
+
+def _dtype_of(config) -> torch.dtype | None:
+    d = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    if isinstance(d, str):
+        d = getattr(torch, d, None)
+    return d if isinstance(d, torch.dtype) else None
+
+
+def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """The ``ModuleList`` of repeated transformer blocks and its qualified name."""
+    block_classes = set(getattr(model, "_no_split_modules", None) or [])
+    best: tuple[str, nn.ModuleList] | None = None
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.ModuleList) or len(module) == 0:
+            continue
+        classes = {type(m).__name__ for m in module}
+        if len(classes) != 1:
+            continue
+        hit = classes <= block_classes or not block_classes
+        if hit and (best is None or len(module) > len(best[1])):
+            best = (name, module)
+    if best is None:
+        raise InputError(f"no repeated transformer blocks found in {type(model).__name__}",
+                         "sparselm supports HF models whose blocks are listed in _no_split_modules")
+    return best
+
+
+def is_linear(module: nn.Module) -> bool:
+    return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
+
+
+def linear_weight(module: nn.Module) -> torch.Tensor:
+    """The layer's weight as ``(out, in)`` (GPT-2 ``Conv1D`` stores it transposed)."""
+    return module.weight.T if type(module).__name__ == "Conv1D" else module.weight
+
+
+def linears(block: nn.Module, prefix: str = "") -> dict[str, nn.Module]:
+    """Linear layers of a block by qualified name (prefixed), in definition order."""
+    return {f"{prefix}{n}": m for n, m in block.named_modules() if n and is_linear(m)}
+
+
+def select(names: list[str], targets: tuple[str, ...], ignore: tuple[str, ...]) -> list[str]:
+    """Names matching any ``targets`` pattern and no ``ignore`` pattern (fnmatch on qualified names)."""
+    return [n for n in names if any(fnmatch.fnmatch(n, t) for t in targets)
+            and not any(fnmatch.fnmatch(n, i) for i in ignore)]
+
+
+def get_module(model: nn.Module, name: str) -> nn.Module:
+    return model.get_submodule(name)
+
+
+def swap(model: nn.Module, name: str, new: nn.Module) -> None:
+    """Replace the submodule at qualified ``name``."""
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def check_finite(model: nn.Module, names: list[str]) -> None:
+    for name in names:
+        w = linear_weight(get_module(model, name))
+        if not torch.isfinite(w).all():
+            raise InputError(f"layer {name} has non-finite weights", "the checkpoint is corrupt or overflowed; "
+                             "reload it in float32 or exclude the layer with an ignore pattern")

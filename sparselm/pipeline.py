@@ -1,0 +1,206 @@
+"""compress(): capture -> (profile -> allocate) -> per group of blocks: record, compress, swap, propagate.
+
+The only module that knows blocks, methods and swaps together. Memory beyond the model: the cached
+inputs of the current block (one tensor per calibration batch) plus the statistics of its linears.
+A *group* is a run of consecutive blocks compressed together (1 block unless a method shares factors
+across blocks): its statistics are recorded block by block, then all of its linears are compressed,
+then the compressed group is run again to pass the *compressed* outputs on.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from . import model as adapter
+from .capture import LinearStats, record
+from .config import Allocate, CoSpaDiSpec, MethodSpec, Recipe
+from .errors import InputError
+from .methods import compress_group
+from .modules import CompressedLinear, from_result
+
+log = logging.getLogger(__name__)
+
+
+class _Stop(Exception):
+    pass
+
+
+@dataclass
+class BlockInputs:
+    """Inputs of the current block: hidden states per batch, and the keyword arguments blocks receive."""
+    hidden: list[torch.Tensor]
+    kwargs: list[dict[str, Any]]
+
+
+@dataclass
+class LayerResult:
+    name: str
+    spec: MethodSpec
+    module: CompressedLinear
+    dense_shape: tuple[int, int]
+    rel_error: float            # ‖X(W−Ŵ)ᵀ‖² / ‖XWᵀ‖² on this layer's calibration inputs
+    predicted_error: float | None = None
+    info: dict = field(default_factory=dict)
+
+
+def _to(obj, device):
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(_to(o, device) for o in obj)
+    if isinstance(obj, dict):
+        return {k: _to(v, device) for k, v in obj.items()}
+    return obj
+
+
+@torch.no_grad()
+def capture_inputs(model: nn.Module, blocks: nn.ModuleList, calib: torch.Tensor, batch_size: int,
+                   device: torch.device) -> BlockInputs:
+    """Run the model up to block 0 on every calibration batch and keep block 0's inputs."""
+    inputs = BlockInputs([], [])
+
+    def grab(module, args, kwargs):
+        hidden = args[0] if args else kwargs.pop("hidden_states")
+        kwargs = {k: v for k, v in kwargs.items() if k not in ("past_key_value", "past_key_values")}
+        inputs.hidden.append(hidden.to(device))
+        inputs.kwargs.append(_to({**kwargs, "use_cache": False} if "use_cache" in kwargs else kwargs, device))
+        raise _Stop
+
+    handle = blocks[0].register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        for i in range(0, len(calib), batch_size):
+            ids = calib[i:i + batch_size].to(_device_of(model))
+            try:
+                model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False)
+            except _Stop:
+                pass
+    finally:
+        handle.remove()
+    return inputs
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+@torch.no_grad()
+def run_block(block: nn.Module, inputs: BlockInputs) -> BlockInputs:
+    outs = []
+    for h, kw in zip(inputs.hidden, inputs.kwargs):
+        out = block(h, **kw)
+        outs.append(out[0] if isinstance(out, (tuple, list)) else out)
+    return BlockInputs(outs, inputs.kwargs)
+
+
+def _functional_error(W: torch.Tensor, W_hat: torch.Tensor, stats: LinearStats) -> float:
+    """‖X(W−Ŵ)ᵀ‖² / ‖XWᵀ‖² from the Gram: tr(ΔGΔᵀ) / tr(WGWᵀ)."""
+    G = stats.gram.to(torch.float32)
+    delta = (W - W_hat).float()
+    num = ((delta @ G) * delta).sum()
+    den = ((W.float() @ G) * W.float()).sum()
+    return float(num / den.clamp_min(1e-30))
+
+
+def share_sets(spec: MethodSpec, names_per_block: list[list[str]], prefixes: list[str]) -> list[list[str]]:
+    """Qualified names compressed jointly: a shared projection across the group's blocks, else one by one."""
+    shared = spec.shared if isinstance(spec, CoSpaDiSpec) and len(names_per_block) > 1 else ()
+    sets: dict[str, list[str]] = {}
+    singles = []
+    for prefix, names in zip(prefixes, names_per_block):
+        for rel in names:
+            if rel.rsplit(".", 1)[-1] in shared:
+                sets.setdefault(rel, []).append(prefix + rel)
+            else:
+                singles.append([prefix + rel])
+    return list(sets.values()) + singles
+
+
+@dataclass
+class CompressReport:
+    layers: list[LayerResult]
+    seconds: float
+    allocation: list[dict] | None = None
+
+
+Progress = Callable[[int, int], None]
+
+
+def _targets(blocks: nn.ModuleList, prefix: str, recipe: Recipe) -> list[list[str]]:
+    """Relative names of the targeted linears of each block."""
+    out = []
+    for i, block in enumerate(blocks):
+        full = list(adapter.linears(block, f"{prefix}.{i}."))
+        out.append([n[len(f"{prefix}.{i}."):] for n in adapter.select(full, recipe.targets, recipe.ignore)])
+    if not any(out):
+        raise InputError(f"no linear layer matches targets={list(recipe.targets)} ignore={list(recipe.ignore)}",
+                         "check the recipe's targets/ignore patterns against `sparselm inspect`-style layer names")
+    return out
+
+
+def _group_size(plan: dict[str, MethodSpec]) -> int:
+    sizes = {s.group_size for s in plan.values() if isinstance(s, CoSpaDiSpec)}
+    return max(sizes) if sizes else 1
+
+
+@torch.no_grad()
+def _compress_set(model, names: list[str], plan, stats, device, dtype) -> list[LayerResult]:
+    spec = plan[names[0]]
+    layers = [adapter.get_module(model, n) for n in names]
+    weights = [adapter.linear_weight(m).detach().to(device, torch.float32) for m in layers]
+    results = compress_group(spec, weights, [stats[n] for n in names], dtype)
+    out, first = [], None
+    for name, layer, W, res in zip(names, layers, weights, results):
+        module = from_result(res, layer.bias, dtype).to(device)
+        module.original = type(layer).__name__
+        if first is not None and getattr(res, "D", None) is getattr(results[0], "D", 0):
+            module.D = first.D  # one shared dictionary: stored once (io dedups tied buffers)
+        first = first or module
+        err = _functional_error(W, module.dense_weight(), stats[name])
+        adapter.swap(model, name, module)
+        out.append(LayerResult(name, spec, module, tuple(W.shape), err, info=dict(res.info)))
+    return out
+
+
+def compress(model: nn.Module, calib: torch.Tensor, recipe: Recipe, device: torch.device, dtype: torch.dtype,
+             batch_size: int = 8, progress: Progress | None = None) -> CompressReport:
+    """Compress ``model`` in place, block by block; ``dtype`` is the dense storage dtype budgets refer to."""
+    t0 = time.perf_counter()
+    prefix, blocks = adapter.find_blocks(model)
+    targets = _targets(blocks, prefix, recipe)
+    adapter.check_finite(model, [f"{prefix}.{i}.{n}" for i, names in enumerate(targets) for n in names])
+    allocation = None
+    if recipe.allocate is Allocate.KNAPSACK:
+        from .allocate import plan_knapsack
+        plan, allocation = plan_knapsack(model, blocks, prefix, targets, calib, recipe, device, dtype, batch_size)
+    else:
+        plan = {f"{prefix}.{i}.{n}": recipe.methods[0] for i, names in enumerate(targets) for n in names}
+    gs = _group_size(plan)
+    inputs = capture_inputs(model, blocks, calib, batch_size, device)
+    layers: list[LayerResult] = []
+    for g0 in range(0, len(blocks), gs):
+        idx = list(range(g0, min(g0 + gs, len(blocks))))
+        home = _device_of(blocks[g0])
+        for i in idx:
+            blocks[i].to(device)
+        stats: dict[str, LinearStats] = {}
+        x = inputs
+        for i in idx:
+            mods = {f"{prefix}.{i}.{n}": adapter.get_module(model, f"{prefix}.{i}.{n}") for n in targets[i]}
+            with record(mods, stats):
+                x = run_block(blocks[i], x)
+        sets = share_sets(plan[next(iter(stats))] if stats else recipe.methods[0],
+                          [targets[i] for i in idx], [f"{prefix}.{i}." for i in idx])
+        for names in sets:
+            layers.extend(_compress_set(model, names, plan, stats, device, dtype))
+        del stats
+        for i in idx:
+            inputs = run_block(blocks[i], inputs)
+            blocks[i].to(home)
+        if progress:
+            progress(idx[-1] + 1, len(blocks))
+    return CompressReport(layers, time.perf_counter() - t0, allocation)

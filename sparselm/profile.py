@@ -1,0 +1,198 @@
+"""Per-layer option tables for the knapsack: ROCKET's profiling step (arXiv 2602.11008 §3; methods.md §4.4).
+
+Objective: for one layer ``W`` ``(out, in)`` and each method spec × ratio on a grid, an `Option` with the
+REAL stored bytes of the module the option would produce (bias excluded: it is the same for every option)
+and its error, for `sparselm.budget.allocate`. A "no compression" option (dense bytes, error 0,
+``payload=None``: keep the layer dense) is included unless ``dense=False``.
+
+Error and normalization. The knapsack adds errors over layers, so they must share a unit:
+
+    error_ℓ = w_ℓ · ‖X(W − Ŵ)ᵀ‖²_F / ‖XWᵀ‖²_F          (= w_ℓ · tr(ΔW G ΔWᵀ) / tr(W G Wᵀ))
+
+The relative functional error is scale-free, so layers whose activations differ by orders of magnitude
+(q_proj vs down_proj, early vs late blocks) are comparable — raw ``‖XΔWᵀ‖²`` is not. ``w_ℓ`` (``importance``)
+says how much the layer's output matters; ``w = 1`` (the default) is ROCKET's choice (unweighted relative
+error, though ROCKET measures it in weight space). `output_importance` gives ``w_ℓ = ‖X_ℓW_ℓᵀ‖² / R_ℓ``, which
+turns the error into the *absolute* functional error in units of a reference energy ``R_ℓ`` (default: the
+mean output energy over the layers profiled together; better: the energy of the residual stream the layer
+writes into). Then a layer that contributes little output gets a small weight and is compressed more
+(tests/test_profile.py checks both behaviours).
+
+Fast paths (each with a twin test against `compress_weight`): SVD-LLM and ROCKET reuse ONE whitened SVD
+per layer — SVD-LLM's error at rank r is the tail sum of σ², ROCKET runs `rocket.factorize` for every
+ratio × ks and keeps the best ks per ratio (skipping ks whose k would exceed min(in, out), as the ROCKET
+profiler does, unless none is left); magnitude and Wanda rank the scores once and cut the ranking per ratio.
+Every other method goes through `compress_weight` + `from_result(...).stored_bytes()`. Whitened-path
+errors are in the metric ``G + shift·I`` of `whiten` (shift 0 unless the Gram was singular; then tiny).
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+from typing import Mapping, Sequence
+
+import torch
+
+from .budget import Option
+from .capture import LinearStats
+from .config import MagnitudeSpec, MethodSpec, Ratio, RocketSpec, SVDLLMSpec, WandaSpec
+from .errors import InputError
+from .modules import LowRankLinear
+
+log = logging.getLogger(__name__)
+DEFAULT_RATIOS = tuple(round(0.05 * i, 2) for i in range(1, 15))  # 0.05 .. 0.70
+DEFAULT_KS = (1.0, 1.5, 2.0, 2.5, 3.0)
+
+
+def functional_error(dW: torch.Tensor, gram: torch.Tensor) -> float:
+    """``tr(ΔW G ΔWᵀ) = ‖XΔWᵀ‖²_F`` for ``ΔW`` ``(out, in)`` and ``G`` ``(in, in)``, in float64."""
+    d = dW.to(device=gram.device, dtype=torch.float64)
+    return float(((d @ gram) * d).sum())
+
+
+def output_energy(W: torch.Tensor, stats: LinearStats) -> float:
+    """``‖XWᵀ‖²_F = tr(W G Wᵀ)``: how much the layer writes on its calibration inputs."""
+    return functional_error(W, stats.gram)
+
+
+def output_importance(energy: Mapping[str, float],
+                      reference: Mapping[str, float] | float | None = None) -> dict[str, float]:
+    """Per-layer weights ``w_ℓ = E_ℓ / R_ℓ`` for `profile_layer` (``E`` from `output_energy`).
+
+    ``reference`` ``R``: per layer, one number, or None for the mean of ``energy`` over all layers given.
+    """
+    if reference is None:
+        reference = sum(energy.values()) / max(len(energy), 1)
+    ref = reference if isinstance(reference, Mapping) else {n: reference for n in energy}
+    return {n: e / ref[n] if ref[n] > 0 else 0.0 for n, e in energy.items()}
+
+
+def profile_layer(W: torch.Tensor, stats: LinearStats | None, specs: Sequence[MethodSpec],
+                  ratios: Sequence[float] = DEFAULT_RATIOS, dtype: torch.dtype = torch.float16, *,
+                  importance: float = 1.0, ks_grid: Sequence[float] = DEFAULT_KS,
+                  dense: bool = True) -> list[Option]:
+    """Options for one layer ``W`` ``(out, in)``: every spec at every ratio, plus the dense option."""
+    W = W.float()
+    out_f, in_f = W.shape
+    db = torch.finfo(dtype).bits // 8
+    opts = [Option(float(out_f * in_f * db), 0.0, None)] if dense else []
+    table = _Table(W, stats, dtype, importance)
+    for spec in specs:
+        if isinstance(spec, SVDLLMSpec):
+            opts += table.svdllm(spec, ratios)
+        elif isinstance(spec, RocketSpec):
+            opts += table.rocket(spec, ratios, ks_grid)
+        elif isinstance(spec, (MagnitudeSpec, WandaSpec)):
+            opts += table.pruning(spec, ratios)
+        else:
+            opts += table.generic(spec, ratios)
+    return opts
+
+
+class _Table:
+    """One layer's shared work (energy, the whitened SVD) and the per-method option builders."""
+
+    def __init__(self, W: torch.Tensor, stats: LinearStats | None, dtype: torch.dtype, importance: float):
+        self.W, self.raw_stats, self.dtype, self.importance = W, stats, dtype, importance
+        # data-free (stats None): the error is measured in weight space (G = I)
+        eye = torch.eye(W.shape[1], dtype=torch.float64, device=W.device)
+        self.stats = stats if stats is not None else LinearStats(eye, 1)
+        self.energy = output_energy(W, self.stats)
+        self._svd = None
+
+    def _error(self, err: float, energy: float | None = None) -> float:
+        energy = self.energy if energy is None else energy
+        return self.importance * err / energy if energy > 0 else 0.0
+
+    def svd(self):
+        from .methods.rocket import whitened_svd
+        if self.raw_stats is None:
+            raise InputError("svd-llm and rocket got no calibration statistics for this layer",
+                             "profile them with calibration data (--calib)")
+        if self._svd is None:
+            self._svd = whitened_svd(self.W, self.stats)
+        return self._svd
+
+    def svdllm(self, spec: SVDLLMSpec, ratios: Sequence[float]) -> list[Option]:
+        """Rank ``LowRankLinear.rank_for_ratio(r)``; error = Σ_{i≥rank} σ_i² of the whitened weight."""
+        svd = self.svd()
+        out_f, in_f = self.W.shape
+        sq = svd.sigma ** 2  # (m,)
+        tail = sq.flip(0).cumsum(0).flip(0)  # (m,) tail[i] = Σ_{j≥i} σ_j²
+        energy, db = float(sq.sum()), torch.finfo(self.dtype).bits // 8
+        opts = []
+        for r in ratios:
+            rank = min(LowRankLinear.rank_for_ratio(r, in_f, out_f), sq.numel())
+            err = float(tail[rank]) if rank < sq.numel() else 0.0
+            opts.append(Option(float((in_f + out_f) * rank * db), self._error(err, energy),
+                               spec.with_target(Ratio(r))))
+        return opts
+
+    def rocket(self, spec: RocketSpec, ratios: Sequence[float], ks_grid: Sequence[float]) -> list[Option]:
+        """Best ks per ratio (lowest error) among ``ks_grid``, from `rocket.factorize` on the shared SVD."""
+        from .methods.rocket import dict_bytes, factorize, keep_counts, rocket_size
+        svd = self.svd()
+        out_f, in_f = self.W.shape
+        energy = float((svd.sigma ** 2).sum())
+        opts = []
+        for r in ratios:
+            found = []  # (clipped, error, size, spec)
+            for ks in ks_grid:
+                sp = dataclasses.replace(spec, target=Ratio(r), ks=ks)
+                try:
+                    size = rocket_size(r, ks, in_f, out_f, sp.coef_storage, self.dtype)
+                except InputError:
+                    continue
+                keep, refill = keep_counts(size, out_f, sp)
+                fac = factorize(svd, size.k, keep, refill, sp.lam)
+                nbytes = dict_bytes(in_f, out_f, size.k, keep * out_f + refill, sp.coef_storage, self.dtype)
+                found.append((size.clipped, fac.error, nbytes, sp))
+            if found:
+                _, err, nbytes, sp = min(found, key=lambda f: (f[0], f[1]))
+                opts.append(Option(float(nbytes), self._error(err, energy), sp))
+        return opts
+
+    def pruning(self, spec: MethodSpec, ratios: Sequence[float]) -> list[Option]:
+        """Magnitude (layer-wide) / Wanda (per row): one ranking of the scores, cut at each ratio's count."""
+        from .methods.masks import kept_count
+        from .methods.wanda import wanda_score
+        W, (out_f, in_f) = self.W, self.W.shape
+        per_row = isinstance(spec, WandaSpec)
+        if per_row and self.raw_stats is None:
+            raise InputError("method 'wanda' got no calibration statistics for this layer",
+                             "profile it with calibration data, or use magnitude")
+        score = wanda_score(W, self.stats.sq_norms) if per_row else W.abs()  # (out, in)
+        flat = score if per_row else score.reshape(1, -1)  # (groups, size)
+        order = flat.argsort(dim=-1, descending=True, stable=True)
+        rank = torch.empty_like(order).scatter_(-1, order, torch.arange(flat.shape[1], device=order.device).expand_as(order))
+        rank = rank.view(out_f, in_f)  # (out, in) position of each weight in its group's ranking
+        db = torch.finfo(self.dtype).bits // 8
+        opts = []
+        for r in ratios:
+            try:
+                kept = kept_count(Ratio(r), flat.shape[1], self.dtype)
+            except InputError:
+                continue
+            dW = W * (rank >= kept)  # (out, in) the pruned part
+            nbytes = math.ceil(out_f * in_f / 8) + kept * flat.shape[0] * db
+            opts.append(Option(float(nbytes), self._error(functional_error(dW, self.stats.gram)),
+                               spec.with_target(Ratio(r))))
+        return opts
+
+    def generic(self, spec: MethodSpec, ratios: Sequence[float]) -> list[Option]:
+        """Any registered method: compress at each ratio, measure the module's bytes and the error."""
+        from .methods import compress_weight
+        from .modules import from_result
+        opts = []
+        for r in ratios:
+            sp = spec.with_target(Ratio(r))
+            try:
+                res = compress_weight(sp, self.W, self.raw_stats, self.dtype)
+            except InputError as e:
+                log.debug("profile: %s at ratio %s skipped (%s)", spec.name, r, e)
+                continue
+            nbytes = from_result(res, None, self.dtype).stored_bytes()
+            err = functional_error(self.W - res.reconstruct().float(), self.stats.gram)
+            opts.append(Option(float(nbytes), self._error(err), sp))
+        return opts
