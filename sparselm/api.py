@@ -10,7 +10,8 @@ from pathlib import Path
 
 import torch
 
-from . import data, device as devices, evaluate, io, pipeline
+from . import data, device as devices, io, pipeline
+from .evaluate import layer_accounting, perplexity, totals as ratio_totals
 from . import model as adapter
 from .config import (DEFAULT_METHOD, DEFAULT_RATIO, SPECS, Allocate, Pattern, Ratio, Recipe, Sparsity,
                      load_recipe, recipe_to_dict)
@@ -85,7 +86,7 @@ def compress_model(model: str | None = None, recipe: Recipe | None = None, calib
     summary: dict = {"out": str(out_dir), "model": loaded.source, "device": str(dev)}
     if evaluate_ppl:
         eval_windows = data.evaluation_windows(tok, eval_dataset, min(eval_seqlen or seqlen, max_pos), max_windows)
-        before = evaluate.perplexity(net.to(dev), eval_windows, batch_size)
+        before = perplexity(net.to(dev), eval_windows, batch_size)
         summary["perplexity_before"] = before["perplexity"]
     report = pipeline.compress(net, windows, recipe, dev, loaded.storage_dtype, batch_size, progress)
     net.to("cpu")
@@ -95,7 +96,7 @@ def compress_model(model: str | None = None, recipe: Recipe | None = None, calib
                                                                            "ratio_paper")},
                    compress_seconds=round(report.seconds, 2))
     if evaluate_ppl:
-        after = evaluate.perplexity(net.to(dev), eval_windows, batch_size)
+        after = perplexity(net.to(dev), eval_windows, batch_size)
         net.to("cpu")
         summary["perplexity_after"] = after["perplexity"]
         manifest["evaluation"] = {"dataset": eval_dataset, "split": "validation", **{k: before[k] for k in (
@@ -116,11 +117,11 @@ def _manifest(loaded, report: pipeline.CompressReport, recipe: Recipe, calib: st
     for layer in report.layers:
         users = shared.get(getattr(getattr(layer.module, "D", None), "data_ptr", lambda: None)(), [layer.name])
         d_bytes = layer.module.D.numel() * layer.module.D.element_size() if len(users) > 1 else 0
-        row = evaluate.layer_accounting(layer.module, loaded.storage_dtype, d_bytes * (len(users) - 1) // len(users))
+        row = layer_accounting(layer.module, loaded.storage_dtype, d_bytes * (len(users) - 1) // len(users))
         rows.append(row)
         layers[layer.name] = {"spec": _spec_dict(layer.spec), "accounting": row, "rel_error": layer.rel_error,
                               "predicted_error": layer.predicted_error, "info": layer.info}
-    totals = evaluate.totals(rows)
+    totals = ratio_totals(rows)
     regular = {n: v["info"]["whitening_shift"] for n, v in layers.items() if v["info"].get("whitening_shift")}
     manifest = {"base_model": loaded.source, "recipe": recipe_to_dict(recipe), "layers": layers, "totals": totals,
                 "calibration": {"source": calib, "nsamples": int(windows.shape[0]), "seqlen": int(windows.shape[1]),
@@ -150,7 +151,7 @@ def evaluate_model(path: str | None, dataset: str = "stdlib", seqlen: int = 512,
         raise InputError(f"{path!r} is an encoder: perplexity needs a causal LM", "evaluate a causal LM")
     seqlen = min(seqlen, getattr(net.config, "max_position_embeddings", None) or seqlen)
     windows = data.evaluation_windows(tok, dataset, seqlen, max_windows)
-    result = evaluate.perplexity(net.to(dev), windows, batch_size)
+    result = perplexity(net.to(dev), windows, batch_size)
     return {"model": path or "bundled", "dataset": dataset, **result}
 
 

@@ -13,7 +13,8 @@ numbers only (`sparselm.profile` builds the tables). Two solvers:
   is found by bisection over the hull breakpoints (the slopes: exactly where some layer changes its
   choice), then the leftover budget is filled greedily along hull segments. Never over budget; its
   error exceeds the optimum by at most the error drop of one hull segment (the one it could not take).
-* ``"auto"`` — ``dp`` when (options × resolution) is small enough, else ``lagrangian``.
+* ``"auto"`` — both, keeping the lower total error (the DP's rounding can waste up to one unit per
+  layer; the hull solver's gap is one segment); the Lagrangian alone when options × resolution is large.
 
 Per-layer error cap (ROCKET's ``e ≤ α·ē_ref``): options above the cap are dropped; `search_alpha`
 does the code's search α = 1.0, 1.1, …, 2.0 for the smallest feasible α.
@@ -54,8 +55,11 @@ def allocate(options: Mapping[str, Sequence[Option]], budget_bytes: float,
     allowed = _allowed(options, error_cap)
     _check_feasible(options, allowed, budget_bytes)
     if solver == "auto":
-        work = sum(len(a) for a in allowed.values()) * resolution
-        solver = "dp" if work <= DP_MAX_WORK else "lagrangian"
+        hull = solve_lagrangian(options, allowed, budget_bytes)
+        if sum(len(a) for a in allowed.values()) * resolution > DP_MAX_WORK:
+            return hull
+        dp = solve_dp(options, allowed, budget_bytes, resolution)
+        return dp if total(options, dp)[1] <= total(options, hull)[1] else hull
     if solver == "dp":
         return solve_dp(options, allowed, budget_bytes, resolution)
     if solver == "lagrangian":
@@ -169,9 +173,7 @@ def lower_hull(points: Sequence[tuple[float, float]]) -> list[int]:
     order = sorted(range(len(points)), key=lambda i: (points[i][0], points[i][1]))
     front: list[int] = []
     for i in order:  # Pareto front: strictly decreasing error
-        if not front or points[i][1] < points[front[-1]][1]:
-            if front and points[i][0] == points[front[-1]][0]:
-                front.pop()
+        if not front or points[i][1] < points[front[-1]][1]:  # same size: the lower error came first
             front.append(i)
     hull: list[int] = []
     for i in front:
@@ -191,11 +193,8 @@ def solve_lagrangian(options, allowed: Mapping[str, list[int]], budget_bytes: fl
     for n, idx in allowed.items():
         pts = [(options[n][i].size, options[n][i].error) for i in idx]
         hulls[n] = [idx[h] for h in lower_hull(pts)]
-    # segments (layer, step): moving from hull point step-1 to step costs Δs and gains -Δe; slope = Δe/Δs < 0
-    segs = [(options[n][h[j]].error - options[n][h[j - 1]].error) / (options[n][h[j]].size - options[n][h[j - 1]].size)
-            for n, h in hulls.items() for j in range(1, len(h))]
-    slopes = sorted(set(segs))  # steepest (most negative) first: the candidate values of -λ
-    pos = {n: 0 for n in hulls}
+    # each hull step (layer n, point j-1 -> j) has slope Δerror/Δsize < 0; λ* is minus one of these slopes
+    slopes = sorted({_slope(options[n], h, j) for n, h in hulls.items() for j in range(1, len(h))})
 
     def at(lam_pos: int) -> tuple[dict[str, int], float]:
         """Hull positions when every segment with slope ≤ slopes[lam_pos-1] is taken (λ just above)."""

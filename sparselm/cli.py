@@ -19,8 +19,8 @@ from .errors import InputError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Compress pretrained transformers without retraining: pruning, low rank, sparse dictionaries.")
-err = Console(stderr=True)
-out = Console(highlight=False)
+err = Console(stderr=True, soft_wrap=True)
+console = Console(highlight=False, soft_wrap=True)
 
 
 def _run(fn, as_json: bool, show) -> None:
@@ -98,12 +98,12 @@ def compress(
                                   progress=None if as_json else _progress_bar())
 
     def show(s):
-        out.print(f"compressed {s['model']} with {s['method']} ({s['allocate']}) in {s['compress_seconds']:.1f}s "
+        console.print(f"compressed {s['model']} with {s['method']} ({s['allocate']}) in {s['compress_seconds']:.1f}s "
                   f"-> {s['out']}")
-        out.print(f"ratio removed: stored {s['ratio_stored']:.3f}  params {s['ratio_params']:.3f}  "
+        console.print(f"ratio removed: stored {s['ratio_stored']:.3f}  params {s['ratio_params']:.3f}  "
                   f"paper {s['ratio_paper']:.3f}")
         if "perplexity_after" in s:
-            out.print(f"perplexity: before {s['perplexity_before']:.3f}  after {s['perplexity_after']:.3f}")
+            console.print(f"perplexity: before {s['perplexity_before']:.3f}  after {s['perplexity_after']:.3f}")
     _run(work, as_json, show)
 
 
@@ -124,7 +124,7 @@ def eval_(
     """
     from . import api
     _run(lambda: api.evaluate_model(model, dataset, seqlen, max_windows or None, device, batch_size), as_json,
-         lambda r: out.print(f"perplexity {r['perplexity']:.4f} on {r['dataset']} ({r['windows']} windows x "
+         lambda r: console.print(f"perplexity {r['perplexity']:.4f} on {r['dataset']} ({r['windows']} windows x "
                              f"{r['seqlen']} tokens, {r['tokens']} predicted tokens)"))
 
 
@@ -142,12 +142,12 @@ def inspect(directory: str = typer.Argument(..., help="a sparselm output directo
             t.add_row(row["layer"], row["class"], row["method"], "x".join(map(str, row["shape"])),
                       str(row["stored_bytes"]), str(row["dense_bytes"]), f"{row['ratio_stored']:.3f}",
                       f"{row['ratio_params']:.3f}", f"{row['rel_error']:.4f}" if row["rel_error"] is not None else "")
-        out.print(t)
-        out.print(f"ratio removed: stored {r['ratio_stored']:.4f}  params {r['ratio_params']:.4f}  "
+        console.print(t)
+        console.print(f"ratio removed: stored {r['ratio_stored']:.4f}  params {r['ratio_params']:.4f}  "
                   f"paper {r['ratio_paper']:.4f}")
         if r.get("evaluation"):
             ev = r["evaluation"]
-            out.print(f"perplexity ({ev['dataset']}, {ev['windows']}x{ev['seqlen']}): before "
+            console.print(f"perplexity ({ev['dataset']}, {ev['windows']}x{ev['seqlen']}): before "
                       f"{ev['perplexity_before']:.3f} after {ev['perplexity_after']:.3f}")
     _run(lambda: api.inspect_dir(directory), as_json, show)
 
@@ -159,7 +159,7 @@ def export(directory: str = typer.Argument(..., help="a sparselm output director
     """Write a plain dense HF directory (loads with from_pretrained in any tool)."""
     from . import api
     _run(lambda: api.export_dense(directory, out_dir, overwrite), as_json,
-         lambda r: out.print(f"exported {r['layers']} layers densely ({r['dtype']}) -> {r['out']}"))
+         lambda r: console.print(f"exported {r['layers']} layers densely ({r['dtype']}) -> {r['out']}"))
 
 
 @app.command()
@@ -169,7 +169,7 @@ def bench(model: Optional[str] = typer.Argument(None, help="sparselm output dir,
     """Latency, throughput and weight bytes of a forward pass (apart from quality evaluation)."""
     from . import bench as benchmod
     _run(lambda: benchmod.run(model, seqlen, batch_size, device), as_json,
-         lambda r: out.print(" ".join(f"{k}={v}" for k, v in r.items())))
+         lambda r: console.print(" ".join(f"{k}={v}" for k, v in r.items())))
 
 
 def main() -> None:  # pragma: no cover

@@ -164,9 +164,9 @@ class _Table:
                              "profile it with calibration data, or use magnitude")
         score = wanda_score(W, self.stats.sq_norms) if per_row else W.abs()  # (out, in)
         flat = score if per_row else score.reshape(1, -1)  # (groups, size)
-        order = flat.argsort(dim=-1, descending=True, stable=True)
-        rank = torch.empty_like(order).scatter_(-1, order, torch.arange(flat.shape[1], device=order.device).expand_as(order))
-        rank = rank.view(out_f, in_f)  # (out, in) position of each weight in its group's ranking
+        order = flat.argsort(dim=-1, descending=True, stable=True)  # (groups, size); exact ties may differ from topk
+        positions = torch.arange(flat.shape[1], device=order.device).expand_as(order)
+        rank = torch.empty_like(order).scatter_(-1, order, positions).view(out_f, in_f)  # (out, in) rank in group
         db = torch.finfo(self.dtype).bits // 8
         opts = []
         for r in ratios:

@@ -92,12 +92,15 @@ def test_lower_hull_hand_example():
     assert lower_hull(pts) == [0, 1, 4]
 
 
-def test_auto_matches_dp_and_returns_original_indices():
-    table = random_table(3)
-    budget = budgets(table)[2]
-    assert total(table, allocate(table, budget))[1] == pytest.approx(
-        total(table, allocate(table, budget, solver="dp"))[1])
-    assert all(0 <= i < len(table[n]) for n, i in allocate(table, budget).items())
+def test_auto_is_the_better_of_both_solvers():
+    for seed in range(4):
+        table = random_table(seed, integer=False)
+        budget = budgets(table)[2]
+        auto = allocate(table, budget, resolution=20)
+        assert all(0 <= i < len(table[n]) for n, i in auto.items())
+        best = min(total(table, allocate(table, budget, solver=s, resolution=20))[1] for s in ("dp", "lagrangian"))
+        assert total(table, auto)[1] == pytest.approx(best)
+        assert total(table, auto)[0] <= budget
 
 
 def test_infeasible_budget_names_smallest_size():

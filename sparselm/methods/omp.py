@@ -5,12 +5,15 @@ Problem, for every column ``y`` of ``Y`` ``(n, cols)``: min ``‖y − D γ‖�
 nonzeros, greedily: pick the atom most correlated with the residual, refit all coefficients on the support by
 least squares, repeat ``s`` times.
 
-Batch-OMP never forms residuals: with ``G = DᵀD`` and ``α⁰ = DᵀY`` precomputed, the correlations are
-``α = α⁰ − G γ``. The least-squares refit uses an incrementally grown inverse Cholesky factor
-``M = L⁻¹`` of ``G[I, I] = L Lᵀ`` (lower): for a new atom ``a``, ``w = M g`` with ``g = G[I, a]``,
-``δ = √(G_aa − ‖w‖²)``, new row ``[−wᵀM/δ, 1/δ]``; the new orthogonalized coefficient is ``c = α_a/δ`` and
-``γ += c · (new row of M)``. Every column of a chunk runs these steps together as tensor ops (batched
-matrix-vector products and one GEMM ``Γ G`` per step); there is a Python loop over the ``s`` steps only.
+Batch-OMP never forms residuals: with ``G = DᵀD`` and ``α⁰ = DᵀY`` precomputed, it works on the
+correlations ``α = Dᵀr`` only. The least-squares refit is an incrementally grown Cholesky factorization
+``G[I, I] = L Lᵀ``. We keep it in the equivalent "progressive" form: ``z_j = Dᵀu_j`` ``(k,)`` for the
+orthonormalized support directions ``u_j``, so that for a new atom ``a`` the new row of ``L`` is read off as
+``w = (z_j[a])_j`` (no triangular solve), ``δ = √(G_aa − ‖w‖²)``, ``z_t = (G[a] − Σ_j w_j z_j)/δ``, the new
+coefficient along ``u_t`` is ``c_t = α_a/δ`` and ``α −= c_t z_t``. One batched triangular solve ``Lᵀγ = c``
+at the end gives the coefficients. Per column and step this costs ``k·t`` (one batched matrix-vector
+product), the same order as Batch-OMP's ``β = G[:, I] γ_I``; every column of a chunk runs together as tensor
+ops, with a Python loop over the ``s`` steps only.
 
 Exactly ``s`` atoms per column: if the residual vanishes early (or a chosen atom lies numerically in the span
 of the support, ``δ² ≤ tol·G_aa``), OMP keeps picking atoms; such an atom is *frozen*: coefficient 0 and it
@@ -62,7 +65,7 @@ def omp_gram(G: torch.Tensor, DtY: torch.Tensor, s: int, dtype: torch.dtype = to
     if not 1 <= s <= k:
         raise ValueError(f"omp: sparsity s={s} must be between 1 and the number of atoms k={k}")
     G, DtY = G.to(dtype), DtY.to(dtype)
-    per_col = (s * s + 6 * k + 2 * s) * torch.finfo(dtype).bits // 8
+    per_col = (s * k + s * s + 6 * k + 2 * s) * torch.finfo(dtype).bits // 8
     chunk = max(1, min(cols, max_bytes // per_col))
     idx = torch.empty(cols, s, dtype=torch.long, device=G.device)
     val = torch.empty(cols, s, dtype=dtype, device=G.device)
@@ -83,27 +86,27 @@ def _omp_chunk(G: torch.Tensor, A0: torch.Tensor, s: int) -> tuple[torch.Tensor,
     alpha = A0.clone()  # (c, k) correlations of the residual with every atom
     chosen = torch.zeros(c, k, dtype=torch.bool, device=dev)
     idx = torch.zeros(c, s, dtype=torch.long, device=dev)
-    active = torch.zeros(c, s, dtype=dt, device=dev)  # 1 for live atoms, 0 for frozen ones
-    M = torch.zeros(c, s, s, dtype=dt, device=dev)  # inverse Cholesky factor of G[I, I], lower
-    gam = torch.zeros(c, s, dtype=dt, device=dev)  # least-squares coefficients on the support
+    Z = torch.zeros(c, s, k, dtype=dt, device=dev)  # z_t = Dᵀu_t: columns of the Cholesky factor of G[:, I]
+    L = torch.zeros(c, s, s, dtype=dt, device=dev)  # Cholesky factor of G[I, I], lower
+    coef = torch.zeros(c, s, dtype=dt, device=dev)  # coefficients on the orthonormalized support u_t
     for t in range(s):
         score = (alpha.abs() * inv_norm).masked_fill_(chosen, -1.0)  # (c, k)
         new = score.argmax(1)  # (c,)
         chosen[rows, new] = True
         idx[:, t] = new
-        g = G[new].gather(1, idx[:, :t]) * active[:, :t]  # (c, t) = G[I, a], frozen atoms as orthogonal
-        Mt = M[:, :t, :t]  # (c, t, t)
-        w = torch.bmm(Mt, g.unsqueeze(2)).squeeze(2)  # (c, t)
+        w = Z[:, :t].gather(2, new.view(c, 1, 1).expand(c, t, 1)).squeeze(2)  # (c, t) = L⁻¹ G[I, a]
         gaa = diag_G[new]  # (c,)
         d2 = gaa.double() - w.double().square().sum(1)  # (c,) float64: the one cancellation-prone step
         live = (d2 > tol * gaa.double()) & (gaa > 0)
         delta = torch.where(live, d2.clamp_min(1e-300).sqrt(), torch.ones_like(d2)).to(dt)  # (c,)
-        w = w * live.unsqueeze(1)
-        M[:, t, :t] = -torch.bmm(w.unsqueeze(1), Mt).squeeze(1) / delta.unsqueeze(1)  # (c, t)
-        M[:, t, t] = 1.0 / delta
-        active[:, t] = live.to(dt)
-        coef = alpha[rows, new] / delta * live  # (c,) orthogonalized coefficient of the new direction
-        gam[:, : t + 1] += coef.unsqueeze(1) * M[:, t, : t + 1]
-        Gam = torch.zeros(c, k, dtype=dt, device=dev).scatter_(1, idx[:, : t + 1], gam[:, : t + 1])  # (c, k)
-        alpha = A0 - Gam @ G  # (c, k); G symmetric
-    return idx, gam
+        keep = live.to(dt)
+        w = w * keep.unsqueeze(1)  # a frozen atom is treated as orthogonal to the support
+        z = G[new] - torch.bmm(w.unsqueeze(1), Z[:, :t]).squeeze(1)  # (c, k)
+        z *= (keep / delta).unsqueeze(1)
+        Z[:, t] = z
+        L[:, t, :t] = w
+        L[:, t, t] = delta
+        coef[:, t] = alpha[rows, new] * keep / delta
+        alpha -= coef[:, t].unsqueeze(1) * z  # α = Dᵀ(residual) after projecting out u_t
+    gam = torch.linalg.solve_triangular(L.transpose(1, 2), coef.unsqueeze(2), upper=True)  # (c, s, 1): Lᵀγ = coef
+    return idx, gam.squeeze(2)

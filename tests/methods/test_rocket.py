@@ -1,0 +1,129 @@
+"""ROCKET: byte budgets, sizing, the two-stage mask, the refit, and the gain over plain truncation."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sparselm.capture import LinearStats
+from sparselm.config import CoefStorage, Ratio, RocketSpec
+from sparselm.errors import InputError
+from sparselm.methods import SparseDict, compress_weight
+from sparselm.methods.rocket import (dict_bytes, factorize, keep_counts, rocket_size, sparse_mask,
+                                     whitened_svd)
+from sparselm.modules import from_result
+
+
+def correlated(seed: int = 0, tokens: int = 192, in_f: int = 32, out_f: int = 24):
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn(tokens, in_f, generator=g) @ torch.randn(in_f, in_f, generator=g)  # (tokens, in)
+    W = torch.randn(out_f, in_f, generator=g)  # (out, in)
+    return X, W, LinearStats.from_inputs(X)
+
+
+def functional_sq(X: torch.Tensor, W: torch.Tensor, W_hat: torch.Tensor) -> float:
+    return float((X.double() @ (W - W_hat).double().T).pow(2).sum())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("storage", list(CoefStorage))
+def test_stored_bytes_within_target(dtype, storage):
+    X, W, stats = correlated()
+    dense = W.numel() * (torch.finfo(dtype).bits // 8)
+    for ratio, ks in ((0.1, 3.0), (0.4, 1.0), (0.4, 2.5), (0.7, 1.5)):
+        res = compress_weight(RocketSpec(Ratio(ratio), ks=ks, coef_storage=storage), W, stats, dtype)
+        module = from_result(res, None, dtype)
+        assert module.stored_bytes() <= (1 - ratio) * dense
+        assert module.stored_bytes() == dict_bytes(32, 24, res.info["k"], res.info["nnz"], storage, dtype)
+        assert torch.allclose(module.dense_weight(), res.reconstruct(), rtol=0.05, atol=0.05)
+
+
+def test_sizing_hand_example():
+    # 24x32 float32, ratio 0.5, ks 2: per atom 32*4 + 24/8 + 24*4/2 = 179 bytes; target 1536 -> k = 8, nnz 96
+    size = rocket_size(0.5, 2.0, 32, 24, CoefStorage.DTYPE, torch.float32)
+    assert (size.k, size.nnz, size.clipped) == (8, 96, False)
+    assert dict_bytes(32, 24, 8, 96, CoefStorage.DTYPE, torch.float32) == 32 * 8 * 4 + 24 + 96 * 4
+    # beta = refill = 0.005: keep floor(8 * 0.495) = 3 per column, refill round(0.005 * 192) = 1
+    assert keep_counts(size, 24, RocketSpec(Ratio(0.5), ks=2.0)) == (3, 1)
+    # refill larger than beta's slack is capped by the nnz budget
+    keep, refill = keep_counts(size, 24, RocketSpec(Ratio(0.5), ks=2.0, beta=0.0, refill=0.5))
+    assert keep * 24 + refill <= size.nnz
+    # a very wide layer at a low ratio: k is clipped to min(in, out) and the layer lands below target
+    assert rocket_size(0.05, 3.0, 8, 512, CoefStorage.DTYPE, torch.float32).clipped
+    with pytest.raises(InputError, match="no room"):
+        rocket_size(0.999, 1.0, 32, 24, CoefStorage.DTYPE, torch.float32)
+
+
+def test_two_stage_mask_hand_example():
+    C = torch.tensor([[4.0, 1.0], [3.0, 2.0], [0.5, 0.1]], dtype=torch.float64)  # (k=3, out=2)
+    norms = torch.tensor([1.0, 1.0, 100.0], dtype=torch.float64)
+    # keep 1 per column by |c|·n^0.5: column 0 -> 4 vs 3 vs 5 -> atom 2; column 1 -> 1, 2, 1 -> atom 1
+    # refill 1 by |c|·n: the masked entries score 4, 3 | 1, 10 -> atom 2 of column 1
+    mask = sparse_mask(C, norms, keep=1, refill=1, lam=0.5)
+    assert mask.tolist() == [[False, False], [False, True], [True, True]]
+
+
+def test_result_shapes_and_info():
+    X, W, stats = correlated()
+    res = compress_weight(RocketSpec(Ratio(0.4), ks=2.0), W, stats, torch.float32)
+    assert isinstance(res, SparseDict)
+    k = res.info["k"]
+    assert res.D.shape == (32, k) and res.S.shape == (k, 24) and res.mask.shape == (k, 24)
+    assert res.info["whitening_shift"] == 0.0 and int(res.mask.sum()) == res.info["nnz"]
+    assert not (res.S * ~res.mask).any()
+    # the whitened error reported equals the functional error on the calibration inputs
+    rel = functional_sq(X, W, res.reconstruct()) / functional_sq(X, W, torch.zeros_like(W))
+    assert rel == pytest.approx(res.info["whitened_rel_error"], rel=1e-4)
+    with pytest.raises(InputError, match="calibration"):
+        compress_weight(RocketSpec(Ratio(0.4)), W, None, torch.float32)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_beats_magnitude_truncation_of_whitened_svd(seed):
+    X, W, stats = correlated(seed)
+    svd = whitened_svd(W, stats)
+    for ratio in (0.3, 0.5):
+        res = compress_weight(RocketSpec(Ratio(ratio), ks=2.0), W, stats, torch.float32)
+        k, nnz = res.info["k"], res.info["nnz"]
+        # baseline at the same k and nnz (same bytes): the nnz largest |c| of Bᵀ W_L, no refit
+        C = svd.sigma[:k, None] * svd.Vh[:k]  # (k, out)
+        keep = torch.zeros(C.numel(), dtype=torch.bool)
+        keep[C.abs().reshape(-1).topk(nnz).indices] = True
+        W_base = (svd.wh.unapply(svd.U[:, :k]) @ (C * keep.view_as(C))).T.float()  # (out, in)
+        assert functional_sq(X, W, res.reconstruct()) < functional_sq(X, W, W_base)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_refit_never_worse_than_basis(seed):
+    _, W, stats = correlated(seed)
+    svd = whitened_svd(W, stats)
+    for ratio, ks in ((0.2, 1.0), (0.4, 2.0), (0.6, 3.0)):
+        spec = RocketSpec(Ratio(ratio), ks=ks)
+        size = rocket_size(ratio, ks, 32, 24, spec.coef_storage, torch.float32)
+        keep, refill = keep_counts(size, 24, spec)
+        with_refit = factorize(svd, size.k, keep, refill, spec.lam)
+        without = factorize(svd, size.k, keep, refill, spec.lam, refit=False)
+        assert torch.equal(with_refit.mask, without.mask)
+        assert with_refit.error <= without.error
+        # closed form of the no-refit error = direct evaluation
+        direct = float((svd.WL - without.D @ without.C).pow(2).sum())
+        assert without.error == pytest.approx(direct, rel=1e-9)
+        if ks > 1:
+            assert with_refit.refit and with_refit.error < 0.99 * without.error
+
+
+def test_refill_beyond_beta_stays_within_bytes():
+    _, W, stats = correlated()
+    dense = W.numel() * 2
+    for beta, refill in ((0.0, 0.3), (0.2, 0.0), (0.0, 0.0)):
+        spec = RocketSpec(Ratio(0.4), ks=2.0, beta=beta, refill=refill)
+        res = compress_weight(spec, W, stats, torch.float16)
+        size = rocket_size(0.4, 2.0, 32, 24, spec.coef_storage, torch.float16)
+        assert res.info["nnz"] <= size.nnz
+        assert from_result(res, None, torch.float16).stored_bytes() <= 0.6 * dense
+
+
+def test_singular_gram_records_shift():
+    X, W, _ = correlated(tokens=8)  # 8 tokens, 32 inputs: rank-deficient Gram
+    res = compress_weight(RocketSpec(Ratio(0.5)), W, LinearStats.from_inputs(X), torch.float32)
+    assert res.info["whitening_shift"] > 0
+    assert torch.isfinite(res.D).all() and torch.isfinite(res.S).all()

@@ -1,0 +1,80 @@
+"""The command-line contract: commands, --json last line, exit codes, errors, no partial output."""
+from __future__ import annotations
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from sparselm.cli import app
+
+runner = CliRunner()
+
+
+def run(*args):
+    result = runner.invoke(app, [str(a) for a in args])
+    return result
+
+
+def last_json(result) -> dict:
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def test_compress_eval_inspect_export_round(tiny_llama_dir, tmp_path):
+    out = tmp_path / "pruned"
+    r = run("compress", tiny_llama_dir, "--method", "sparsegpt", "--sparsity", "0.5", "--nsamples", "8",
+            "--seqlen", "64", "--out", out, "--eval", "--json")
+    assert r.exit_code == 0, r.output
+    s = last_json(r)
+    for key in ("out", "method", "ratio_stored", "ratio_params", "seconds", "perplexity_before", "perplexity_after"):
+        assert key in s
+    assert s["method"] == "sparsegpt" and s["ratio_params"] == pytest.approx(0.5, abs=0.01)
+    e = last_json(run("eval", out, "--seqlen", "64", "--max-windows", "4", "--json"))
+    assert {"perplexity", "tokens", "dataset", "seqlen"} <= set(e) and e["seqlen"] == 64
+    i = last_json(run("inspect", out, "--json"))
+    assert len(i["layers"]) == 14 and i["ratio_params"] == pytest.approx(0.5, abs=0.01)
+    r = run("export", out, "--out", tmp_path / "dense", "--json")
+    assert r.exit_code == 0, r.output
+    d = last_json(run("eval", tmp_path / "dense", "--seqlen", "64", "--max-windows", "4", "--json"))
+    assert d["perplexity"] == pytest.approx(e["perplexity"], rel=1e-4)
+
+
+def test_existing_output_is_refused_without_overwrite(tiny_llama_dir, tmp_path):
+    out = tmp_path / "o"
+    args = ["compress", tiny_llama_dir, "--method", "magnitude", "--nsamples", "2", "--seqlen", "32", "--out", out]
+    assert run(*args).exit_code == 0
+    r = run(*args)
+    assert r.exit_code == 2 and "already exists" in r.output and "--overwrite" in r.output
+    assert run(*args, "--overwrite").exit_code == 0
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--method", "nope"], "unknown method"),
+    (["--method", "wanda", "--ratio", "1.5"], "outside (0, 1)"),
+    (["--method", "wanda", "--pattern", "3:7"], "divisible"),
+    (["--method", "svd-llm", "--sparsity", "0.5"], "does not take a sparsity"),
+    (["--method", "wanda", "--ratio", "0.3", "--sparsity", "0.5"], "more than one"),
+    (["--calib", "missing.txt"], "no such file"),
+    (["--calib", "EMPTY"], "fewer than one window"),
+])
+def test_bad_input_exits_2_without_output(tiny_llama_dir, tmp_path, args, message):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    args = [str(empty) if a == "EMPTY" else a for a in args]
+    out = tmp_path / "never"
+    r = run("compress", tiny_llama_dir, *args, "--nsamples", "2", "--seqlen", "32", "--out", out)
+    assert r.exit_code == 2, r.output
+    assert message in r.output
+    assert not out.exists()
+    assert not list(tmp_path.glob(".never*"))
+
+
+def test_missing_or_corrupt_model_dir(tmp_path):
+    r = run("compress", tmp_path / "nowhere", "--out", tmp_path / "o")
+    assert r.exit_code == 2 and "does not exist" in r.output
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "config.json").write_text("{not json")
+    r = run("compress", tmp_path / "bad", "--out", tmp_path / "o")
+    assert r.exit_code == 2 and "could not load model" in r.output
+    r = run("inspect", tmp_path / "bad")
+    assert r.exit_code == 2 and "not a sparselm output" in r.output

@@ -1,0 +1,75 @@
+"""Packed storage formats: exact round trips, real byte savings, reference forwards."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sparselm.config import CoefStorage, Pattern
+from sparselm.modules import LowRankLinear, SparseDictLinear, SparseLinear
+from sparselm.packing import pack_bits, round_values, unpack_bits
+
+
+@pytest.mark.parametrize("nbits", [1, 2, 3, 4, 14])
+def test_bit_packing_round_trip(nbits):
+    v = torch.randint(0, 2 ** nbits, (101,))
+    packed = pack_bits(v, nbits)
+    assert packed.numel() == -(-101 * nbits // 8)
+    assert torch.equal(unpack_bits(packed, nbits, 101), v)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_sparse_linear_unstructured_exact_and_small(dtype):
+    W = torch.randn(64, 128)
+    mask = torch.rand(64, 128) < 0.5
+    m = SparseLinear(W, mask, torch.randn(64), None, dtype)
+    assert torch.equal(m.dense_weight(), (W * mask).to(dtype))
+    x = torch.randn(5, 128)
+    ref = torch.nn.functional.linear(x, (W * mask).to(dtype).float(), m.bias.float())
+    torch.testing.assert_close(m(x), ref)
+    weight_bytes = m.stored_bytes() - m.bias.numel() * m.bias.element_size()
+    assert weight_bytes / (W.numel() * torch.finfo(dtype).bits / 8) <= 0.6
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("n, m", [(2, 4), (4, 8)])
+def test_sparse_linear_nm_exact_and_small(dtype, n, m):
+    W = torch.randn(32, 64)
+    idx = torch.rand(32, 64 // m, m).argsort(-1)[..., :n]
+    mask = torch.zeros(32, 64 // m, m, dtype=torch.bool).scatter_(2, idx, True).view(32, 64)
+    mod = SparseLinear(W, mask, None, Pattern(n, m), dtype)
+    assert torch.equal(mod.dense_weight(), (W * mask).to(dtype))
+    assert mod.stored_bytes() / (W.numel() * torch.finfo(dtype).bits / 8) <= 0.65
+
+
+def test_sparse_linear_rejects_a_mask_that_breaks_the_pattern():
+    with pytest.raises(ValueError, match="exactly 2:4"):
+        SparseLinear(torch.randn(4, 8), torch.ones(4, 8, dtype=torch.bool), None, Pattern(2, 4))
+
+
+def test_low_rank_forward_is_two_products():
+    U, V, b = torch.randn(16, 4), torch.randn(4, 8), torch.randn(8)
+    m = LowRankLinear(U, V, b)
+    x = torch.randn(3, 16)
+    torch.testing.assert_close(m(x), x @ U @ V + b)
+    torch.testing.assert_close(m.dense_weight(), (U @ V).T)
+    assert LowRankLinear.rank_for_ratio(0.5, 16, 8) == int(0.5 * 128 / 24)
+
+
+@pytest.mark.parametrize("storage", list(CoefStorage))
+def test_sparse_dict_forward_matches_rounded_coefficients(storage):
+    D, S = torch.randn(16, 6), torch.randn(6, 8)
+    mask = torch.rand(6, 8) < 0.5
+    m = SparseDictLinear(D, S * mask, mask, None, storage)
+    rows = mask.T.nonzero()[:, 0]
+    values = round_values(S.T[mask.T], storage, torch.float32, rows)
+    St = torch.zeros(8, 6)
+    St[mask.T] = values
+    torch.testing.assert_close(m.coefficients().float(), St.T)
+    x = torch.randn(3, 16)
+    torch.testing.assert_close(m(x), x @ D @ St.T, rtol=1e-5, atol=1e-5)
+
+
+def test_fourteen_bit_values_lose_two_mantissa_bits_only():
+    v = torch.randn(10000)
+    r = round_values(v, CoefStorage.BF16_14BIT, torch.float32)
+    assert ((r - v).abs() / v.abs()).max() <= 2 ** -5
