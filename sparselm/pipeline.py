@@ -175,10 +175,10 @@ def compress(model: nn.Module, calib: torch.Tensor, recipe: Recipe, device: torc
     adapter.check_finite(model, [f"{prefix}.{i}.{n}" for i, names in enumerate(targets) for n in names])
     allocation = None
     if recipe.allocate is Allocate.KNAPSACK:
-        from .allocate import plan_knapsack
         plan, allocation = plan_knapsack(model, blocks, prefix, targets, calib, recipe, device, dtype, batch_size)
     else:
         plan = {f"{prefix}.{i}.{n}": recipe.methods[0] for i, names in enumerate(targets) for n in names}
+    predicted = {row["layer"]: row["predicted_error"] for row in allocation or []}
     gs = _group_size(plan)
     inputs = capture_inputs(model, blocks, calib, batch_size, device)
     layers: list[LayerResult] = []
@@ -196,7 +196,10 @@ def compress(model: nn.Module, calib: torch.Tensor, recipe: Recipe, device: torc
         sets = share_sets(plan[next(iter(stats))] if stats else recipe.methods[0],
                           [targets[i] for i in idx], [f"{prefix}.{i}." for i in idx])
         for names in sets:
-            layers.extend(_compress_set(model, names, plan, stats, device, dtype))
+            done = _compress_set(model, names, plan, stats, device, dtype)
+            for layer in done:
+                layer.predicted_error = predicted.get(layer.name)
+            layers.extend(done)
         del stats
         for i in idx:
             inputs = run_block(blocks[i], inputs)
@@ -204,3 +207,43 @@ def compress(model: nn.Module, calib: torch.Tensor, recipe: Recipe, device: torc
         if progress:
             progress(idx[-1] + 1, len(blocks))
     return CompressReport(layers, time.perf_counter() - t0, allocation)
+
+
+@torch.no_grad()
+def plan_knapsack(model, blocks, prefix: str, targets, calib, recipe: Recipe, device, dtype, batch_size: int):
+    """Profile every targeted layer on dense-propagated inputs, then solve the multiple-choice knapsack.
+
+    Returns ``{layer: spec}`` (layers kept dense are absent) and the allocation rows for the report.
+    The error of an option is the layer's relative functional error ‖X(W−Ŵ)ᵀ‖²/‖XWᵀ‖² (profile.py).
+    """
+    from .budget import allocate
+    from .config import Ratio
+    from .profile import profile_layer
+    target = recipe.methods[0].target
+    if not isinstance(target, Ratio) or any(s.target != target for s in recipe.methods):
+        raise InputError("knapsack allocation needs one --ratio budget shared by all methods",
+                         "pass --ratio R (not --sparsity/--pattern) with --allocate knapsack")
+    specs = [s.with_target(target) for s in recipe.methods]
+    inputs = capture_inputs(model, blocks, calib, batch_size, device)
+    options, dense_bytes = {}, 0.0
+    for i, block in enumerate(blocks):
+        home = _device_of(block)
+        block.to(device)
+        stats: dict[str, LinearStats] = {}
+        mods = {f"{prefix}.{i}.{n}": adapter.get_module(model, f"{prefix}.{i}.{n}") for n in targets[i]}
+        with record(mods, stats):
+            inputs = run_block(block, inputs)
+        for name, module in mods.items():
+            W = adapter.linear_weight(module).detach().to(device, torch.float32)
+            options[name] = profile_layer(W, stats[name], specs, dtype=dtype)
+            dense_bytes += W.numel() * torch.finfo(dtype).bits / 8
+        block.to(home)
+    choice = allocate(options, (1 - target.value) * dense_bytes)
+    plan, rows = {}, []
+    for name, idx in choice.items():
+        opt = options[name][idx]
+        plan[name] = opt.payload
+        spec = opt.payload
+        rows.append({"layer": name, "method": spec.name if spec else "dense", "target": str(getattr(spec, "target",
+                     None)), "ks": getattr(spec, "ks", None), "bytes": opt.size, "predicted_error": opt.error})
+    return plan, rows

@@ -18,6 +18,7 @@ import torch
 from ..capture import LinearStats
 from ..config import CoSpaDiSpec
 from . import SparseDict
+from .cospadi import Learned, alternate, factorize_group
 
 
 def omp_column(D: torch.Tensor, y: torch.Tensor, s: int) -> tuple[list[int], torch.Tensor]:
@@ -31,18 +32,20 @@ def omp_column(D: torch.Tensor, y: torch.Tensor, s: int) -> tuple[list[int], tor
         score = (D.T @ r).abs() * inv  # (k,)
         score[support] = -1.0
         support.append(int(score.argmax()))
-        coef = torch.linalg.lstsq(D[:, support], y.unsqueeze(1), driver="gelsd").solution.squeeze(1)  # (t,)
+        coef = torch.linalg.lstsq(D[:, support], y.unsqueeze(1)).solution.squeeze(1)  # (t,) refit on the support
         r = y - D[:, support] @ coef
     return support, coef
 
 
-def omp_reference(D: torch.Tensor, Y: torch.Tensor, s: int) -> torch.Tensor:
-    """Dense codes ``S`` ``(k, cols)`` of ``Y`` ``(n, cols)``, column by column."""
+def omp_reference(D: torch.Tensor, Y: torch.Tensor, s: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dense codes ``S`` ``(k, cols)`` of ``Y`` ``(n, cols)`` and their support, column by column."""
     S = Y.new_zeros(D.shape[1], Y.shape[1])
+    mask = torch.zeros(S.shape, dtype=torch.bool, device=S.device)
     for j in range(Y.shape[1]):
         support, coef = omp_column(D, Y[:, j], s)
         S[support, j] = coef
-    return S
+        mask[support, j] = True
+    return S, mask
 
 
 def ksvd_atom(R: torch.Tensor, D: torch.Tensor, S: torch.Tensor, mask: torch.Tensor, i: int,
@@ -76,29 +79,13 @@ def ksvd_reference(Y: torch.Tensor, D: torch.Tensor, S: torch.Tensor, mask: torc
 
 
 def learn_reference(Y: torch.Tensor, D: torch.Tensor, s: int, iters: int, power_iters: int,
-                    tol: float) -> tuple[torch.Tensor, torch.Tensor, list[float]]:
-    """Alternate OMP and K-SVD from the initial dictionary ``D``; keep the best pair; stop early on ``tol``."""
-    y2 = float(Y.double().square().sum()) or 1.0
-    S = omp_reference(D, Y, s)
-    best = (D, S, float((Y - D @ S).double().square().sum()) / y2)
-    history = [best[2]]
-    for _ in range(iters):
-        S = omp_reference(D, Y, s)
-        D, S = ksvd_reference(Y, D, S, S != 0, power_iters)
-        err = float((Y - D @ S).double().square().sum()) / y2
-        history.append(err)
-        if err < best[2]:
-            improved = (best[2] - err) / max(best[2], 1e-300)
-            best = (D, S, err)
-            if improved < tol:
-                break
-        elif iters and tol > 0:
-            break
-    return best[0], best[1], history
+                    tol: float | None) -> Learned:
+    """The same alternation as `cospadi.learn_dictionary`, with the reference engines."""
+    return alternate(Y, D, iters, tol, lambda D: omp_reference(D, Y, s),
+                     lambda D, S, mask: ksvd_reference(Y, D, S, mask, power_iters))
 
 
 def cospadi_reference(weights: list[torch.Tensor], stats: list[LinearStats | None], spec: CoSpaDiSpec,
                       dtype: torch.dtype) -> list[SparseDict]:
     """`cospadi.cospadi` with the reference engines (same sizing, init, whitening, rounding)."""
-    from .cospadi import factorize_group
     return factorize_group(weights, stats, spec, dtype, learner=learn_reference)

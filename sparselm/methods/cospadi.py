@@ -1,0 +1,226 @@
+"""CoSpaDi: compression via sparse dictionary learning (arXiv 2509.22075; methods.md §2).
+
+Objective: min ``‖X(W − Ŵ)ᵀ‖_F²`` over ``Ŵᵀ = D S``, ``D`` ``(in, k)`` dense and ``S`` ``(k, out)`` with exactly
+``s`` nonzeros per column. Whitening (``LᵀL = XᵀX``) turns it into plain dictionary learning on
+``Y = L Wᵀ``: min ``‖Y − D_L S‖_F²``, solved by alternating batched OMP (`omp`) and K-SVD with power
+iterations (`ksvd`) for ``spec.iters`` iterations, stopping early when the relative improvement falls below
+``spec.tol``; the best pair seen is kept. Then ``D = L⁻¹ D_L`` (triangular solve).
+
+Sizing (``ρ = k/s``): the largest ``k`` whose *stored bytes* fit ``(1 − ratio)·in·out·bytes(dtype)``:
+``D`` in the model dtype + ``s·out`` coefficient values at ``value_bits(coef_storage)`` (+ fp16 per-output
+scales for int8) + the ``k·out`` bitmask, with ``s = round(k/ρ)``; that is what `SparseDictLinear` writes.
+`paper_sizes` is the paper's Eq. 11 (``k = (1−γ)·d1·d2/(d1 + d2/ρ)``, ``s = k/ρ``); for bf16 with 14-bit
+coefficients and ρ = 2 the two agree.
+
+Coefficients are rounded to their storage format once, at the end (no refit after rounding); the reported
+``rel_error`` is measured after rounding, with ``D`` in the model dtype.
+
+Grouped (cross-layer) sharing, §2.6: layers with the same ``in`` share one dictionary learned on
+``[W_1ᵀ … W_mᵀ]`` whitened by the averaged Gram; each layer keeps its own slice of ``S``. The budget counts
+``D`` once for the group. Every result holds the *same* ``D`` tensor; unless the saving code stores it once,
+it is written once per layer and the group's stored bytes exceed the target.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+
+from ..capture import LinearStats
+from ..config import CoefStorage, CoSpaDiSpec, Init
+from ..errors import InputError
+from ..packing import round_values, value_bits
+from . import SparseDict, register
+from .ksvd import ksvd_update
+from .omp import omp
+from .whiten import Whitening, whiten
+
+
+# --- sizing ------------------------------------------------------------------------------------------
+def paper_sizes(ratio: float, d_in: int, d_out: int, rho: float) -> tuple[int, int]:
+    """CoSpaDi Eq. 11: ``k = ⌊(1−γ)·d1·d2/(d1 + d2/ρ)⌋``, ``s = ⌊k/ρ⌋`` (methods.md §2.4)."""
+    k = max(1, int((1 - ratio) * d_in * d_out / (d_in + d_out / rho)))
+    return k, max(1, int(k / rho))
+
+
+def s_for(k: int, rho: float) -> int:
+    return min(k, max(1, int(k / rho + 0.5)))
+
+
+def stored_bytes(k: int, s: int, d_in: int, d_outs: Sequence[int], dtype: torch.dtype,
+                 storage: CoefStorage) -> int:
+    """Bytes `SparseDictLinear` stores for ``D`` ``(d_in, k)`` (once) and each layer's coefficients."""
+    total = d_in * k * torch.finfo(dtype).bits // 8
+    bits = value_bits(storage, dtype)
+    for out in d_outs:
+        total += math.ceil(out * k / 8) + math.ceil(s * out * bits / 8)  # mask + values
+        total += 2 * out if storage is CoefStorage.INT8 else 0  # fp16 scale per output channel
+    return total
+
+
+def sizes_for_ratio(ratio: float, d_in: int, d_outs: int | Sequence[int], rho: float, dtype: torch.dtype,
+                    storage: CoefStorage) -> tuple[int, int]:
+    """Largest ``(k, s = round(k/ρ))`` whose stored bytes fit ``(1 − ratio)`` of the dense layers."""
+    d_outs = [d_outs] if isinstance(d_outs, int) else list(d_outs)
+    budget = (1 - ratio) * d_in * sum(d_outs) * torch.finfo(dtype).bits / 8
+
+    def fits(k: int) -> bool:
+        return stored_bytes(k, s_for(k, rho), d_in, d_outs, dtype, storage) <= budget
+
+    if not fits(1):
+        raise InputError(f"cospadi ratio {ratio} leaves no room for even one atom ({d_in}x{sum(d_outs)})",
+                         "use a smaller --ratio")
+    lo, hi = 1, max(2, int(budget // (d_in * torch.finfo(dtype).bits / 8)) + 1)  # fits(lo), not fits(hi)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+    return lo, s_for(lo, rho)
+
+
+# --- dictionary learning -----------------------------------------------------------------------------
+def init_dictionary(Y: torch.Tensor, k: int, init: Init, seed: int) -> torch.Tensor:
+    """Unit-norm initial dictionary ``(n, k)``: random columns of ``Y`` or its top left singular vectors,
+    padded (and zero columns replaced) with random Gaussian atoms. Random draws on the CPU (``seed``)."""
+    n, cols = Y.shape
+    gen = torch.Generator().manual_seed(seed)
+    if init is Init.SVD:
+        U, sig, _ = torch.linalg.svd(Y, full_matrices=False)  # (n, m), (m,)
+        rank = int((sig > sig[0] * 1e-6).sum()) if sig.numel() and sig[0] > 0 else 0
+        D = U[:, : min(k, rank)]  # (n, ≤k)
+    else:
+        perm = torch.randperm(cols, generator=gen)[:k]
+        D = Y[:, perm.to(Y.device)]  # (n, ≤k)
+    pad = torch.randn(n, k - D.shape[1], generator=gen).to(Y)
+    D = torch.cat([D, pad], 1)  # (n, k)
+    norms = D.norm(dim=0)
+    dead = norms <= 1e-12 * max(float(norms.max()), 1e-30)
+    if dead.any():
+        D[:, dead] = torch.randn(n, int(dead.sum()), generator=gen).to(Y)
+        norms = D.norm(dim=0)
+    return D / norms
+
+
+@dataclass
+class Learned:
+    """Best ``D`` ``(n, k)``, ``S`` ``(k, cols)``, support ``mask``; relative errors ``‖Y−DS‖²/‖Y‖²``."""
+    D: torch.Tensor
+    S: torch.Tensor
+    mask: torch.Tensor
+    history: list[float]  # after the first sparse coding, then after each iteration
+    iterations: int
+
+    @property
+    def rel_error(self) -> float:
+        return min(self.history) ** 0.5
+
+
+Coder = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]  # D -> (S, mask)
+Updater = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
+def alternate(Y: torch.Tensor, D: torch.Tensor, iters: int, tol: float | None, code: Coder,
+              update: Updater) -> Learned:
+    """Sparse coding then dictionary update, ``iters`` times; keeps the best pair; stops when the relative
+    improvement over the best so far is below ``tol`` (``None``: never early)."""
+    y2 = float(Y.double().square().sum()) or 1.0
+
+    def rel(D, S):
+        return float((Y - D @ S).double().square().sum()) / y2
+
+    S, mask = code(D)
+    history = [rel(D, S)]
+    best = (D, S, mask)
+    ran = 0
+    for it in range(iters):
+        prev = min(history)
+        D, S = update(D, S, mask)
+        history.append(rel(D, S))
+        ran += 1
+        if history[-1] < prev:
+            best = (D, S, mask)
+        if tol is not None and prev - history[-1] < tol * prev:
+            break
+        if it + 1 < iters:
+            S, mask = code(D)
+    return Learned(*best, history, ran)
+
+
+def learn_dictionary(Y: torch.Tensor, D: torch.Tensor, s: int, iters: int, power_iters: int,
+                     tol: float | None, block_size: int | None = None) -> Learned:
+    """Fast engines: batched OMP (`omp`) and block K-SVD (`ksvd_update`)."""
+    k = D.shape[1]
+
+    def code(D):
+        codes = omp(D, Y, s)
+        return codes.dense(k).to(Y.dtype), codes.mask(k)
+
+    def update(D, S, mask):
+        u = ksvd_update(Y, D, S, mask, power_iters, block_size)
+        return u.D, u.S
+
+    return alternate(Y, D, iters, tol, code, update)
+
+
+# --- the method --------------------------------------------------------------------------------------
+def round_coefficients(S: torch.Tensor, mask: torch.Tensor, storage: CoefStorage, dtype: torch.dtype,
+                       chunk: int = 1 << 22) -> torch.Tensor:
+    """``S`` ``(k, out)`` as it reads back from `SparseDictLinear` (values of ``Sᵀ`` by output channel)."""
+    St, Mt = S.T.contiguous(), mask.T  # (out, k)
+    out = torch.zeros_like(St)
+    per_row = max(1, chunk // max(1, int(Mt[0].sum()) if Mt.numel() else 1))
+    for a in range(0, St.shape[0], per_row):
+        m = Mt[a : a + per_row]
+        rows = m.nonzero()[:, 0]
+        out[a : a + per_row][m] = round_values(St[a : a + per_row][m], storage, dtype, rows).to(St)
+    return out.T
+
+
+def _whitening(stats: list[LinearStats | None], d_in: int, device: torch.device) -> Whitening:
+    if any(s is None for s in stats):
+        if not all(s is None for s in stats):
+            raise InputError("cospadi got statistics for only some layers of a group", "capture all or none")
+        return Whitening(torch.eye(d_in, dtype=torch.float64, device=device), 0.0)  # CoSpaDi† (data-free)
+    avg = stats[0] if len(stats) == 1 else LinearStats.average(stats)
+    wh = whiten(avg)
+    return Whitening(wh.L.to(device), wh.shift)
+
+
+def factorize_group(weights: list[torch.Tensor], stats: list[LinearStats | None], spec: CoSpaDiSpec,
+                    dtype: torch.dtype, learner: Callable[..., Learned] | None = None) -> list[SparseDict]:
+    """CoSpaDi on one layer or a group sharing ``in``: one dictionary, per-layer coefficients."""
+    d_in = weights[0].shape[1]
+    if any(W.shape[1] != d_in for W in weights):
+        raise InputError(f"cospadi group mixes in_features {[W.shape[1] for W in weights]}",
+                         "share dictionaries only between projections of the same input size")
+    device = weights[0].device
+    outs = [W.shape[0] for W in weights]
+    k, s = sizes_for_ratio(spec.target.value, d_in, outs, spec.rho, dtype, spec.coef_storage)
+    wh = _whitening(stats, d_in, device)
+    Y64 = wh.apply(torch.cat([W.T for W in weights], 1))  # (in, Σout) float64
+    Y = Y64.float()
+    D0 = init_dictionary(Y, k, spec.init, spec.seed)
+    learned = (learner or learn_dictionary)(Y, D0, s, spec.iters, spec.power_iters, spec.tol)
+    D = wh.unapply(learned.D).float()  # (in, k)
+    D_stored = (wh.L @ D.to(dtype).double()).float()  # (in, k): L·D as stored, for the reported error
+    results, start = [], 0
+    common = {"whitening_shift": wh.shift, "data_free": stats[0] is None, "k": k, "s": s, "rho": spec.rho,
+              "iterations": learned.iterations, "group_rel_error": learned.rel_error, "group_size": len(weights),
+              "shared_dictionary": len(weights) > 1, "init": spec.init.value,
+              "error_history": [round(h ** 0.5, 6) for h in learned.history]}
+    for out in outs:
+        S_l, M_l = learned.S[:, start : start + out], learned.mask[:, start : start + out]  # (k, out)
+        S_l = round_coefficients(S_l, M_l, spec.coef_storage, dtype)
+        Y_l = Y64[:, start : start + out]  # (in, out)
+        err = float((Y_l - D_stored.double() @ S_l.double()).norm() / Y_l.norm().clamp_min(1e-300))
+        results.append(SparseDict(D, S_l, M_l.clone(), spec.coef_storage, {**common, "rel_error": err}))
+        start += out
+    return results
+
+
+@register(CoSpaDiSpec, grouped=True)
+def cospadi(weights: list[torch.Tensor], stats: list[LinearStats | None], spec: CoSpaDiSpec,
+            dtype: torch.dtype) -> list[SparseDict]:
+    """Registered entry point (a list of one weight is per-layer CoSpaDi)."""
+    return factorize_group(weights, stats, spec, dtype)
