@@ -5,6 +5,7 @@ Each returns a plain dict (what ``--json`` prints); nothing here prints.
 from __future__ import annotations
 
 import logging
+import shutil
 import time
 from pathlib import Path
 
@@ -14,7 +15,7 @@ from . import data, device as devices, io, pipeline
 from .evaluate import layer_accounting, perplexity, totals as ratio_totals
 from . import model as adapter
 from .config import (DEFAULT_METHOD, DEFAULT_RATIO, SPECS, Allocate, Pattern, Ratio, Recipe, Sparsity,
-                     load_recipe, recipe_to_dict)
+                     load_recipe, recipe_to_dict, spec_from_dict, spec_to_dict)
 from .errors import InputError
 
 log = logging.getLogger(__name__)
@@ -66,7 +67,8 @@ def compress_model(model: str | None = None, recipe: Recipe | None = None, calib
                    nsamples: int | None = None, seqlen: int | None = None, out: str | None = None,
                    overwrite: bool = False, device: str | None = None, evaluate_ppl: bool | None = None,
                    eval_dataset: str = "stdlib", eval_seqlen: int | None = None, max_windows: int = 64,
-                   batch_size: int = 8, seed: int = 0, trust_remote_code: bool = False, progress=None) -> dict:
+                   batch_size: int = 8, seed: int = 0, trust_remote_code: bool = False, progress=None,
+                   resume: bool = False) -> dict:
     """Load, (evaluate), compress layer by layer, (evaluate), save. Returns the summary."""
     t0 = time.perf_counter()
     recipe = recipe or build_recipe(None, None, None, None)
@@ -88,7 +90,12 @@ def compress_model(model: str | None = None, recipe: Recipe | None = None, calib
         eval_windows = data.evaluation_windows(tok, eval_dataset, min(eval_seqlen or seqlen, max_pos), max_windows)
         before = perplexity(net.to(dev), eval_windows, batch_size)
         summary["perplexity_before"] = before["perplexity"]
-    report = pipeline.compress(net, windows, recipe, dev, loaded.storage_dtype, batch_size, progress)
+    key = {"model": loaded.source, "recipe": recipe_to_dict(recipe), "calib": calib, "nsamples": int(windows.shape[0]),
+           "seqlen": int(windows.shape[1]), "seed": seed}
+    ckpt = io.checkpoint_dir(out_dir)
+    start, done = _restore(net, ckpt, key) if resume else (0, [])
+    report = pipeline.compress(net, windows, recipe, dev, loaded.storage_dtype, batch_size, progress, done, start,
+                               checkpoint=lambda n, layers: _checkpoint(ckpt, key, n, layers))
     net.to("cpu")
     manifest, totals = _manifest(loaded, report, recipe, calib, windows, seed)
     summary.update(method="mixed" if len(recipe.methods) > 1 else recipe.methods[0].name,
@@ -103,8 +110,35 @@ def compress_model(model: str | None = None, recipe: Recipe | None = None, calib
             "tokens", "windows", "seqlen", "metric")}, "perplexity_before": before["perplexity"],
             "perplexity_after": after["perplexity"]}
     io.save(net, tok, out_dir, manifest, loaded.storage_dtype, overwrite)
+    shutil.rmtree(ckpt, ignore_errors=True)
     summary["seconds"] = round(time.perf_counter() - t0, 2)
     return summary
+
+
+def _record(layer: pipeline.LayerResult) -> dict:
+    return {"spec": spec_to_dict(layer.spec), "dense_shape": list(layer.dense_shape), "rel_error": layer.rel_error,
+            "predicted_error": layer.predicted_error, "info": layer.info}
+
+
+def _checkpoint(ckpt: Path, key: dict, blocks_done: int, layers: list[pipeline.LayerResult]) -> None:
+    io.save_checkpoint(ckpt, key, blocks_done, {la.name: _record(la) for la in layers},
+                       {la.name: la.module for la in layers})
+
+
+def _restore(net, ckpt: Path, key: dict) -> tuple[int, list[pipeline.LayerResult]]:
+    """Swap in the layers an interrupted run finished; (blocks done, their records)."""
+    found = io.load_checkpoint(ckpt, key)
+    if found is None:
+        log.warning("--resume: no interrupted run found at %s; starting from the first block", ckpt)
+        return 0, []
+    blocks_done, layers = found
+    done = []
+    for name, (module, rec) in layers.items():
+        adapter.swap(net, name, module)
+        done.append(pipeline.LayerResult(name, spec_from_dict(rec["spec"]), module, tuple(rec["dense_shape"]),
+                                         rec["rel_error"], rec["predicted_error"], rec["info"]))
+    log.info("--resume: %d blocks already compressed", blocks_done)
+    return blocks_done, done
 
 
 def _manifest(loaded, report: pipeline.CompressReport, recipe: Recipe, calib: str, windows, seed: int):
@@ -119,7 +153,7 @@ def _manifest(loaded, report: pipeline.CompressReport, recipe: Recipe, calib: st
         d_bytes = layer.module.D.numel() * layer.module.D.element_size() if len(users) > 1 else 0
         row = layer_accounting(layer.module, loaded.storage_dtype, d_bytes * (len(users) - 1) // len(users))
         rows.append(row)
-        layers[layer.name] = {"spec": _spec_dict(layer.spec), "accounting": row, "rel_error": layer.rel_error,
+        layers[layer.name] = {"spec": spec_to_dict(layer.spec), "accounting": row, "rel_error": layer.rel_error,
                               "predicted_error": layer.predicted_error, "info": layer.info}
     totals = ratio_totals(rows)
     regular = {n: v["info"]["whitening_shift"] for n, v in layers.items() if v["info"].get("whitening_shift")}
@@ -129,11 +163,6 @@ def _manifest(loaded, report: pipeline.CompressReport, recipe: Recipe, calib: st
                 "regularization": regular, "allocation": report.allocation,
                 "compress_seconds": report.seconds, "torch_version": torch.__version__}
     return manifest, totals
-
-
-def _spec_dict(spec) -> dict:
-    from .config import spec_to_dict
-    return spec_to_dict(spec)
 
 
 def evaluate_model(path: str | None, dataset: str = "stdlib", seqlen: int = 512, max_windows: int | None = 64,

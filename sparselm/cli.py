@@ -33,7 +33,8 @@ def _run(fn, as_json: bool, show) -> None:
             err.print(f"[bold]fix:[/] {e.fix}")
         raise typer.Exit(2)
     except KeyboardInterrupt:
-        err.print("interrupted; nothing was written")
+        err.print("interrupted: no output was written (compress: rerun with --resume to continue from the last "
+                  "finished block)")
         raise typer.Exit(130)
     if as_json:
         print(json.dumps(result, default=str))
@@ -72,7 +73,8 @@ def compress(
     overwrite: bool = typer.Option(False, help="replace an existing output directory written by sparselm"),
     device: Optional[str] = typer.Option(None, help="auto | cpu | cuda | cuda:N"),
     recipe: Optional[str] = typer.Option(None, help="YAML recipe (methods, allocate, targets, ignore)"),
-    resume: bool = typer.Option(False, help="not supported yet: rerun instead"),
+    resume: bool = typer.Option(False, help="continue an interrupted run with the same settings from its last "
+                                            "finished block"),
     eval: Optional[bool] = typer.Option(None, "--eval/--no-eval", help="perplexity before/after (default: on "
                                                                         "for the bundled model)"),
     eval_dataset: str = typer.Option("stdlib", help="held-out text for --eval"),
@@ -90,12 +92,10 @@ def compress(
     from . import api
 
     def work():
-        if resume:
-            raise InputError("--resume is not supported yet", "rerun the command without --resume")
         r = api.build_recipe(method, ratio, sparsity, pattern, allocate, recipe)
         return api.compress_model(model, r, calib, nsamples, seqlen, out, overwrite, device, eval, eval_dataset,
                                   batch_size=batch_size, seed=seed, trust_remote_code=trust_remote_code,
-                                  progress=None if as_json else _progress_bar())
+                                  progress=None if as_json else _progress_bar(), resume=resume)
 
     def show(s):
         console.print(f"compressed {s['model']} with {s['method']} ({s['allocate']}) in {s['compress_seconds']:.1f}s "

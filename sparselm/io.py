@@ -215,3 +215,43 @@ def export(path: str | Path, out: str | Path, overwrite: bool = False) -> dict:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return {"out": str(out), "layers": len(manifest["layers"]), "dtype": manifest["storage_dtype"]}
+
+
+# --- resumable runs ------------------------------------------------------------------------------------
+def checkpoint_dir(out: str | Path) -> Path:
+    out = Path(out)
+    return out.parent / f".{out.name}.resume"
+
+
+def save_checkpoint(ckpt: Path, key: dict, blocks_done: int, records: dict[str, dict],
+                    modules: dict[str, CompressedLinear]) -> None:
+    """Write the compressed layers done so far (atomically replacing the previous checkpoint)."""
+    tmp = ckpt.with_name(ckpt.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    state = {f"{n}.{b}": t.detach().cpu().clone() for n, m in modules.items() for b, t in m.state_dict().items()}
+    save_file(state, str(tmp / "layers.safetensors"))
+    layers = {n: {"class": type(m).__name__, "meta": m.meta(), "record": records[n],
+                  "buffers": {b: [list(t.shape), _dtype_name(t.dtype)] for b, t in m.named_buffers()}}
+              for n, m in modules.items()}
+    (tmp / "progress.json").write_text(json.dumps({"key": key, "blocks_done": blocks_done, "layers": layers},
+                                                  default=str))
+    shutil.rmtree(ckpt, ignore_errors=True)
+    tmp.rename(ckpt)
+
+
+def load_checkpoint(ckpt: Path, key: dict) -> tuple[int, dict[str, tuple[CompressedLinear, dict]]] | None:
+    """(blocks done, {layer: (module, record)}) of an interrupted run with the same settings, else None."""
+    if not (ckpt / "progress.json").is_file():
+        return None
+    progress = json.loads((ckpt / "progress.json").read_text())
+    if progress["key"] != json.loads(json.dumps(key, default=str)):
+        raise InputError(f"the interrupted run in {str(ckpt)!r} used other settings",
+                         "rerun with the same model, method, budget and calibration, or without --resume")
+    out = {}
+    with safe_open(str(ckpt / "layers.safetensors"), framework="pt") as f:
+        for name, entry in progress["layers"].items():
+            module = MODULE_CLASSES[entry["class"]].empty(entry["meta"], entry["buffers"])
+            module.load_state_dict({b: f.get_tensor(f"{name}.{b}") for b in entry["buffers"]})
+            out[name] = (module, entry["record"])
+    return progress["blocks_done"], out

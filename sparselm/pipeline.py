@@ -167,8 +167,14 @@ def _compress_set(model, names: list[str], plan, stats, device, dtype) -> list[L
 
 
 def compress(model: nn.Module, calib: torch.Tensor, recipe: Recipe, device: torch.device, dtype: torch.dtype,
-             batch_size: int = 8, progress: Progress | None = None) -> CompressReport:
-    """Compress ``model`` in place, block by block; ``dtype`` is the dense storage dtype budgets refer to."""
+             batch_size: int = 8, progress: Progress | None = None, done: list[LayerResult] | None = None, start_block: int = 0,
+             checkpoint: Callable[[int, list[LayerResult]], None] | None = None) -> CompressReport:
+    """Compress ``model`` in place, block by block; ``dtype`` is the dense storage dtype budgets refer to.
+
+    Resuming: the first ``start_block`` blocks are already compressed (their modules swapped in, their
+    records in ``done``); they are only run to rebuild the next block's inputs. ``checkpoint(blocks_done, layers)`` is
+    called after every group.
+    """
     t0 = time.perf_counter()
     prefix, blocks = adapter.find_blocks(model)
     targets = _targets(blocks, prefix, recipe)
@@ -181,8 +187,12 @@ def compress(model: nn.Module, calib: torch.Tensor, recipe: Recipe, device: torc
     predicted = {row["layer"]: row["predicted_error"] for row in allocation or []}
     gs = _group_size(plan)
     inputs = capture_inputs(model, blocks, calib, batch_size, device)
-    layers: list[LayerResult] = []
-    for g0 in range(0, len(blocks), gs):
+    layers: list[LayerResult] = list(done or [])
+    for i in range(start_block):
+        home = _device_of(blocks[i])
+        inputs = run_block(blocks[i].to(device), inputs)
+        blocks[i].to(home)
+    for g0 in range(start_block, len(blocks), gs):
         idx = list(range(g0, min(g0 + gs, len(blocks))))
         home = _device_of(blocks[g0])
         for i in idx:
@@ -204,6 +214,8 @@ def compress(model: nn.Module, calib: torch.Tensor, recipe: Recipe, device: torc
         for i in idx:
             inputs = run_block(blocks[i], inputs)
             blocks[i].to(home)
+        if checkpoint and idx[-1] + 1 < len(blocks):
+            checkpoint(idx[-1] + 1, layers)
         if progress:
             progress(idx[-1] + 1, len(blocks))
     return CompressReport(layers, time.perf_counter() - t0, allocation)

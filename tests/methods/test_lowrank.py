@@ -1,0 +1,77 @@
+"""Low-rank methods: SVD, ASVD, SVD-LLM on tiny hand-checkable problems."""
+import pytest
+import torch
+
+from sparselm.capture import LinearStats
+from sparselm.config import ASVDSpec, Ratio, SVDLLMSpec, SVDSpec
+from sparselm.methods import Factored, compress_weight
+from sparselm.methods.lowrank import asvd, svd, svd_llm
+from sparselm.methods.whiten import whiten
+from sparselm.modules import LowRankLinear
+
+
+def _data(out=24, inp=16, tokens=200, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    W = torch.randn(out, inp, generator=g)
+    X = torch.randn(tokens, inp, generator=g) * torch.linspace(3, 0.1, inp)  # uneven channels
+    return W, X, LinearStats.from_inputs(X)
+
+
+def _functional(X, W, R):
+    return float((X.double() @ (W - R.reconstruct()).double().T).norm())
+
+
+def test_whitening_identity():
+    W, X, stats = _data()
+    W_hat = W + 0.1 * torch.randn(W.shape, generator=torch.Generator().manual_seed(1))
+    L = whiten(stats).L
+    lhs = (X.double() @ (W - W_hat).double().T).norm()
+    rhs = (L @ (W - W_hat).double().T).norm()
+    assert torch.allclose(lhs, rhs, rtol=1e-9)
+
+
+def test_svd_llm_error_is_discarded_whitened_singular_values():
+    W, X, stats = _data()
+    spec = SVDLLMSpec(target=Ratio(0.4))
+    res = svd_llm(W, stats, spec, torch.float32)
+    r = LowRankLinear.rank_for_ratio(0.4, 16, 24)
+    assert isinstance(res, Factored) and res.U.shape == (16, r) and res.V.shape == (r, 24)
+    sig = torch.linalg.svdvals(whiten(stats).L @ W.double().T)
+    discarded = float(sig[r:].square().sum())
+    assert _functional(X, W, res) ** 2 == pytest.approx(discarded, rel=1e-4)
+    assert res.info["discarded_energy"] == pytest.approx(discarded, rel=1e-9)
+    assert res.info["whitening_shift"] == 0.0
+    # data-aware beats data-free on the functional error
+    assert _functional(X, W, res) < _functional(X, W, svd(W, None, SVDSpec(target=Ratio(0.4)), torch.float32))
+    assert _functional(X, W, res) <= _functional(X, W, asvd(W, stats, ASVDSpec(target=Ratio(0.4)), torch.float32))
+
+
+def test_svd_is_truncated_svd_with_balanced_factors():
+    W, _, _ = _data()
+    res = compress_weight(SVDSpec(target=Ratio(0.5)), W, None, torch.float16)
+    r = res.U.shape[1]
+    sig = torch.linalg.svdvals(W.double())
+    assert float((W - res.reconstruct()).double().norm()) ** 2 == pytest.approx(float(sig[r:].square().sum()), rel=1e-4)
+    assert torch.allclose(res.U.norm(dim=0), res.V.norm(dim=1), rtol=1e-4)  # √σ on each side
+
+
+def test_asvd_alpha_zero_is_svd_and_scaling_helps_its_own_norm():
+    W, X, stats = _data()
+    plain = svd(W, None, SVDSpec(target=Ratio(0.4)), torch.float32)
+    a0 = asvd(W, stats, ASVDSpec(target=Ratio(0.4), alpha=0.0), torch.float32)
+    assert torch.allclose(plain.reconstruct(), a0.reconstruct(), atol=1e-4)
+    a = asvd(W, stats, ASVDSpec(target=Ratio(0.4), alpha=1.0), torch.float32)
+    scale = (stats.sq_norms / stats.count).sqrt().float()  # ASVD's channel magnitude (RMS), alpha = 1
+    assert float(((W - a.reconstruct()) * scale).norm()) <= float(((W - plain.reconstruct()) * scale).norm()) + 1e-5
+
+
+@pytest.mark.parametrize("tokens", [0, 5])
+def test_rank_deficient_and_zero_activations(tokens):
+    W, _, _ = _data()
+    X = torch.randn(tokens, 16)  # 5 tokens: rank 5 < 16; 0 tokens: an all-zero Gram
+    stats = LinearStats.from_inputs(X) if tokens else LinearStats.empty(16)
+    res = svd_llm(W, stats, SVDLLMSpec(target=Ratio(0.3)), torch.float32)
+    assert res.info["whitening_shift"] > 0
+    assert torch.isfinite(res.U).all() and torch.isfinite(res.V).all()
+    a = asvd(W, stats, ASVDSpec(target=Ratio(0.3)), torch.float32)
+    assert torch.isfinite(a.reconstruct()).all()
