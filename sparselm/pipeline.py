@@ -22,6 +22,7 @@ from .config import Allocate, CoSpaDiSpec, MethodSpec, Recipe
 from .errors import InputError
 from .methods import compress_group
 from .modules import CompressedLinear, from_result
+from .profile import relative_error
 
 log = logging.getLogger(__name__)
 
@@ -97,15 +98,6 @@ def run_block(block: nn.Module, inputs: BlockInputs) -> BlockInputs:
     return BlockInputs(outs, inputs.kwargs)
 
 
-def _functional_error(W: torch.Tensor, W_hat: torch.Tensor, stats: LinearStats) -> float:
-    """‖X(W−Ŵ)ᵀ‖² / ‖XWᵀ‖² from the Gram: tr(ΔGΔᵀ) / tr(WGWᵀ)."""
-    G = stats.gram.to(torch.float32)
-    delta = (W - W_hat).float()
-    num = ((delta @ G) * delta).sum()
-    den = ((W.float() @ G) * W.float()).sum()
-    return float(num / den.clamp_min(1e-30))
-
-
 def share_sets(spec: MethodSpec, names_per_block: list[list[str]], prefixes: list[str]) -> list[list[str]]:
     """Qualified names compressed jointly: a shared projection across the group's blocks, else one by one."""
     shared = spec.shared if isinstance(spec, CoSpaDiSpec) and len(names_per_block) > 1 else ()
@@ -160,7 +152,7 @@ def _compress_set(model, names: list[str], plan, stats, device, dtype) -> list[L
         if first is not None and getattr(res, "D", None) is getattr(results[0], "D", 0):
             module.D = first.D  # one shared dictionary: stored once (io dedups tied buffers)
         first = first or module
-        err = _functional_error(W, module.dense_weight(), stats[name])
+        err = relative_error(W, module.dense_weight(), stats[name])
         adapter.swap(model, name, module)
         out.append(LayerResult(name, spec, module, tuple(W.shape), err, info=dict(res.info)))
     return out

@@ -51,6 +51,11 @@ def functional_error(dW: torch.Tensor, gram: torch.Tensor) -> float:
     return float(((d @ gram) * d).sum())
 
 
+def relative_error(W: torch.Tensor, W_hat: torch.Tensor, stats: LinearStats) -> float:
+    """``‖X(W−Ŵ)ᵀ‖² / ‖XWᵀ‖²``: the measured counterpart of a profiled option's error (importance 1)."""
+    return functional_error(W - W_hat.to(W.dtype), stats.gram) / max(output_energy(W, stats), 1e-300)
+
+
 def output_energy(W: torch.Tensor, stats: LinearStats) -> float:
     """``‖XWᵀ‖²_F = tr(W G Wᵀ)``: how much the layer writes on its calibration inputs."""
     return functional_error(W, stats.gram)

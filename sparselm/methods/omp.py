@@ -15,10 +15,12 @@ at the end gives the coefficients. Per column and step this costs ``k·t`` (one 
 product), the same order as Batch-OMP's ``β = G[:, I] γ_I``; every column of a chunk runs together as tensor
 ops, with a Python loop over the ``s`` steps only.
 
-Exactly ``s`` atoms per column: if the residual vanishes early (or a chosen atom lies numerically in the span
-of the support, ``δ² ≤ tol·G_aa``), OMP keeps picking atoms; such an atom is *frozen*: coefficient 0 and it
-is treated as orthogonal to the others, which leaves the least-squares fit on the support exact (the atom
-adds nothing to the span). Zero-valued coefficients inside the support are therefore possible.
+Exactly ``s`` atoms per column: if the residual has vanished (its largest normalized correlation is below
+``rtol`` times the first one) or a chosen atom lies numerically in the span of the support
+(``δ² ≤ tol·G_aa``), OMP still picks an atom, but *frozen*: coefficient 0 and treated as orthogonal to the
+others, which leaves the least-squares fit on the support exact (the atom adds nothing useful to the span)
+and keeps ill-conditioned pivots out of the factorization. Zero coefficients inside the support are
+therefore possible. ``tol, rtol`` = ``1e-4, 1e-5`` in float32, ``1e-10, 1e-12`` in float64.
 
 Atoms need not be unit-norm: selection uses ``|α_a|/‖d_a‖``; zero atoms are never useful and get frozen.
 Runs on the device of its inputs; internal math in float32 by default (``dtype=torch.float64`` available).
@@ -79,11 +81,12 @@ def _omp_chunk(G: torch.Tensor, A0: torch.Tensor, s: int) -> tuple[torch.Tensor,
     """Batch-OMP for the columns of one chunk; ``A0`` = ``(DᵀY)ᵀ`` ``(c, k)``."""
     c, k = A0.shape
     dev, dt = A0.device, A0.dtype
-    tol = 1e-10 if dt == torch.float64 else 1e-5
+    tol, rtol = (1e-10, 1e-12) if dt == torch.float64 else (1e-4, 1e-5)
     diag_G = G.diagonal().clone()  # (k,)
     inv_norm = torch.where(diag_G > 0, diag_G.clamp_min(1e-300).rsqrt(), torch.zeros_like(diag_G))
     rows = torch.arange(c, device=dev)
     alpha = A0.clone()  # (c, k) correlations of the residual with every atom
+    floor = rtol * (A0.abs() * inv_norm).amax(1)  # (c,) below this the residual counts as vanished
     chosen = torch.zeros(c, k, dtype=torch.bool, device=dev)
     idx = torch.zeros(c, s, dtype=torch.long, device=dev)
     Z = torch.zeros(c, s, k, dtype=dt, device=dev)  # z_t = Dᵀu_t: columns of the Cholesky factor of G[:, I]
@@ -91,13 +94,13 @@ def _omp_chunk(G: torch.Tensor, A0: torch.Tensor, s: int) -> tuple[torch.Tensor,
     coef = torch.zeros(c, s, dtype=dt, device=dev)  # coefficients on the orthonormalized support u_t
     for t in range(s):
         score = (alpha.abs() * inv_norm).masked_fill_(chosen, -1.0)  # (c, k)
-        new = score.argmax(1)  # (c,)
+        best, new = score.max(1)  # (c,)
         chosen[rows, new] = True
         idx[:, t] = new
         w = Z[:, :t].gather(2, new.view(c, 1, 1).expand(c, t, 1)).squeeze(2)  # (c, t) = L⁻¹ G[I, a]
         gaa = diag_G[new]  # (c,)
         d2 = gaa.double() - w.double().square().sum(1)  # (c,) float64: the one cancellation-prone step
-        live = (d2 > tol * gaa.double()) & (gaa > 0)
+        live = (d2 > tol * gaa.double()) & (gaa > 0) & (best > floor)
         delta = torch.where(live, d2.clamp_min(1e-300).sqrt(), torch.ones_like(d2)).to(dt)  # (c,)
         keep = live.to(dt)
         w = w * keep.unsqueeze(1)  # a frozen atom is treated as orthogonal to the support
