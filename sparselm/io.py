@@ -10,6 +10,7 @@ renamed into place only when complete, so a failed run never leaves a directory 
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -28,6 +29,22 @@ from .modules import MODULE_CLASSES, CompressedLinear
 MANIFEST = "sparselm.json"
 WEIGHTS = "model.safetensors"
 FORMAT_VERSION = 1
+
+
+@contextlib.contextmanager
+def _atomic_dir(out: Path):
+    """Yield a hidden temporary directory that replaces ``out`` only if the block completes."""
+    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -78,10 +95,7 @@ def save(model: nn.Module, tokenizer, out_dir: str | Path, manifest: dict, dtype
     if out.exists() and not (out / MANIFEST).is_file() and any(out.iterdir()):
         raise InputError(f"output directory {str(out)!r} exists and is not a sparselm output",
                          "refusing to replace it even with --overwrite; choose another --out")
-    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        tmp.mkdir(parents=True)
+    with _atomic_dir(out) as tmp:
         state, aliases = _state_for_save(model, dtype)
         config = model.config
         config.dtype = dtype
@@ -98,12 +112,6 @@ def save(model: nn.Module, tokenizer, out_dir: str | Path, manifest: dict, dtype
         full = {"format": "sparselm", "format_version": FORMAT_VERSION, "sparselm_version": __version__,
                 "storage_dtype": _dtype_name(dtype), "tied": aliases, **manifest}
         (tmp / MANIFEST).write_text(json.dumps(full, indent=1, default=str))
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 
@@ -201,19 +209,11 @@ def export(path: str | Path, out: str | Path, overwrite: bool = False) -> dict:
         if module.bias is not None:
             dense.bias.data = module.bias.clone()
         adapter.swap(model, name, dense.to(W.dtype))
-    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
+    with _atomic_dir(out) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         for f in Path(path).iterdir():  # tokenizer and generation files, as they were
             if f.is_file() and f.name not in (WEIGHTS, MANIFEST, "config.json") and not (tmp / f.name).exists():
                 shutil.copy2(f, tmp / f.name)
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return {"out": str(out), "layers": len(manifest["layers"]), "dtype": manifest["storage_dtype"]}
 
 

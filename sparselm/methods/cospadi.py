@@ -1,7 +1,7 @@
 """CoSpaDi: compression via sparse dictionary learning (arXiv 2509.22075; methods.md §2).
 
-Objective: min ``‖X(W − Ŵ)ᵀ‖_F²`` over ``Ŵᵀ = D S``, ``D`` ``(in, k)`` dense and ``S`` ``(k, out)`` with exactly
-``s`` nonzeros per column. Whitening (``LᵀL = XᵀX``) turns it into plain dictionary learning on
+Objective: min ``‖X(W − Ŵ)ᵀ‖_F²`` over ``Ŵᵀ = D S``, ``D`` ``(in, k)`` dense and ``S`` ``(k, out)`` with
+exactly ``s`` nonzeros per column. Whitening (``LᵀL = XᵀX``) turns it into plain dictionary learning on
 ``Y = L Wᵀ``: min ``‖Y − D_L S‖_F²``, solved by alternating batched OMP (`omp`) and K-SVD with power
 iterations (`ksvd`) for ``spec.iters`` iterations, stopping early when the relative improvement falls below
 ``spec.tol``; the best pair seen is kept. Then ``D = L⁻¹ D_L`` (triangular solve).
@@ -33,7 +33,7 @@ from ..config import CoefStorage, CoSpaDiSpec, Init
 from ..errors import InputError
 from ..packing import round_values, value_bits
 from . import SparseDict, register
-from .ksvd import ksvd_update
+from .ksvd import ksvd_update, refit_coefficients
 from .omp import omp
 from .whiten import Whitening, whiten
 
@@ -108,7 +108,7 @@ class Learned:
     D: torch.Tensor
     S: torch.Tensor
     mask: torch.Tensor
-    history: list[float]  # after the first sparse coding, then after each iteration
+    history: list[float]  # after the first sparse coding, after each iteration, after a final refit if any
     iterations: int
 
     @property
@@ -118,12 +118,14 @@ class Learned:
 
 Coder = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]  # D -> (S, mask)
 Updater = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+Finisher = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]  # (D, S, mask) -> S
 
 
 def alternate(Y: torch.Tensor, D: torch.Tensor, iters: int, tol: float | None, code: Coder,
-              update: Updater) -> Learned:
+              update: Updater, finish: Finisher | None = None) -> Learned:
     """Sparse coding then dictionary update, ``iters`` times; keeps the best pair; stops when the relative
-    improvement over the best so far is below ``tol`` (``None``: never early)."""
+    improvement over the best so far is below ``tol`` (``None``: never early). ``finish`` may improve the
+    best pair's values at the end (kept only if the error does not grow)."""
     y2 = float(Y.double().square().sum()) or 1.0
 
     def rel(D, S):
@@ -144,12 +146,17 @@ def alternate(Y: torch.Tensor, D: torch.Tensor, iters: int, tol: float | None, c
             break
         if it + 1 < iters:
             S, mask = code(D)
-    return Learned(*best, history, ran)
+    D, S, mask = best
+    if finish is not None:
+        S_fin = finish(D, S, mask)
+        history.append(rel(D, S_fin))
+        S = S_fin if history[-1] <= min(history[:-1]) else S
+    return Learned(D, S, mask, history, ran)
 
 
 def learn_dictionary(Y: torch.Tensor, D: torch.Tensor, s: int, iters: int, power_iters: int,
                      tol: float | None, block_size: int | None = None) -> Learned:
-    """Fast engines: batched OMP (`omp`) and block K-SVD (`ksvd_update`)."""
+    """Fast engines: batched OMP (`omp`), block K-SVD (`ksvd_update`), a final exact refit of the values."""
     k = D.shape[1]
 
     def code(D):
@@ -160,7 +167,10 @@ def learn_dictionary(Y: torch.Tensor, D: torch.Tensor, s: int, iters: int, power
         u = ksvd_update(Y, D, S, mask, power_iters, block_size)
         return u.D, u.S
 
-    return alternate(Y, D, iters, tol, code, update)
+    def finish(D, S, mask):
+        return refit_coefficients(Y, D, S, mask)
+
+    return alternate(Y, D, iters, tol, code, update, finish)
 
 
 # --- the method --------------------------------------------------------------------------------------

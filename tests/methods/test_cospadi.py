@@ -99,19 +99,33 @@ def test_ksvd_block_of_one_is_sequential_ksvd():
     assert torch.allclose(fast.D, D_ref, atol=1e-8) and torch.allclose(fast.S, S_ref, atol=1e-8)
 
 
-def test_fast_engine_matches_reference_twin():
-    errs = []
-    for seed in range(2):
-        W, stats, _ = _layer(out=64, inp=32, seed=seed)
-        Y = (whiten(stats).L @ W.double().T).float()  # (32, 64)
-        k, s = paper_sizes(0.2, 32, 64, 2.0)
-        D0 = init_dictionary(Y, k, Init.RANDOM_COLUMNS, seed)
-        fast = learn_dictionary(Y, D0, s, iters=6, power_iters=8, tol=None)
+def _whitened(out, inp, seed):
+    W, stats, _ = _layer(out=out, inp=inp, seed=seed)
+    Y = whiten(stats).L @ W.double().T  # (inp, out)
+    k, s = paper_sizes(0.2, inp, out, 2.0)
+    return Y, init_dictionary(Y, k, Init.RANDOM_COLUMNS, seed), s
+
+
+def test_fast_engine_with_blocks_of_one_is_the_reference_algorithm():
+    Y, D0, s = _whitened(40, 16, seed=7)  # float64: same supports, same values
+    D0 = _dictionary(16, D0.shape[1], seed=7).double()  # random atoms: no column is fit exactly early
+    fast = learn_dictionary(Y, D0, s, iters=4, power_iters=5, tol=None, block_size=1)
+    ref = learn_reference(Y, D0, s, iters=4, power_iters=5, tol=None)
+    assert fast.history[:5] == pytest.approx(ref.history, rel=1e-6)
+    assert fast.history[5] <= ref.history[-1] * (1 + 1e-9)  # the final exact refit can only help
+
+
+def test_fast_engine_matches_reference_twin_error():
+    ratios = []
+    for seed in range(3):
+        Y, D0, s = _whitened(64, 32, seed)
+        Y, D0 = Y.float(), D0.float()
+        fast = learn_dictionary(Y, D0, s, iters=6, power_iters=8, tol=None)  # default blocks, float32
         ref = learn_reference(Y, D0, s, iters=6, power_iters=8, tol=None)
         assert fast.iterations == ref.iterations == 6
-        errs.append((fast.rel_error, ref.rel_error))
-    for f, r in errs:
-        assert f <= r * 1.03  # same or better error (trajectories differ by float rounding)
+        ratios.append(fast.rel_error / ref.rel_error)
+    # float32 rounding sends the two greedy trajectories apart (a few % either way); on average equal
+    assert sum(ratios) / len(ratios) <= 1.02 and max(ratios) <= 1.05
 
 
 # --- sizing --------------------------------------------------------------------------------------------
