@@ -22,7 +22,9 @@ Fast paths (each with a twin test against `compress_weight`): SVD-LLM and ROCKET
 per layer — SVD-LLM's error at rank r is the tail sum of σ², ROCKET runs `rocket.factorize` for every
 ratio × ks and keeps the best ks per ratio (skipping ks whose k would exceed min(in, out), as the ROCKET
 profiler does, unless none is left); magnitude and Wanda rank the scores once and cut the ranking per ratio.
-Every other method goes through `compress_weight` + `from_result(...).stored_bytes()`. Whitened-path
+Every other method goes through `compress_weight` + `from_result(...).stored_bytes()`; CoSpaDi runs
+there with ``COSPADI_PROBE_ITERS`` iterations (its error only falls with more, so the profiled error is an
+upper bound of the final one, and the ranking across ratios is what the knapsack needs). Whitened-path
 errors are in the metric ``G + shift·I`` of `whiten` (shift 0 unless the Gram was singular; then tiny).
 """
 from __future__ import annotations
@@ -36,13 +38,14 @@ import torch
 
 from .budget import Option
 from .capture import LinearStats
-from .config import MagnitudeSpec, MethodSpec, Ratio, RocketSpec, SVDLLMSpec, WandaSpec
+from .config import CoSpaDiSpec, MagnitudeSpec, MethodSpec, Ratio, RocketSpec, SVDLLMSpec, WandaSpec
 from .errors import InputError
 from .modules import LowRankLinear
 
 log = logging.getLogger(__name__)
 DEFAULT_RATIOS = tuple(round(0.05 * i, 2) for i in range(1, 15))  # 0.05 .. 0.70
 DEFAULT_KS = (1.0, 1.5, 2.0, 2.5, 3.0)
+COSPADI_PROBE_ITERS = 8  # CoSpaDi options are profiled with this many K-SVD iterations (error upper bound)
 
 
 def functional_error(dW: torch.Tensor, gram: torch.Tensor) -> float:
@@ -90,6 +93,9 @@ def profile_layer(W: torch.Tensor, stats: LinearStats | None, specs: Sequence[Me
             opts += table.rocket(spec, ratios, ks_grid)
         elif isinstance(spec, (MagnitudeSpec, WandaSpec)):
             opts += table.pruning(spec, ratios)
+        elif isinstance(spec, CoSpaDiSpec):  # K-SVD converges slowly: profile a short run (an upper bound)
+            probe = dataclasses.replace(spec, iters=min(spec.iters, COSPADI_PROBE_ITERS))
+            opts += table.generic(spec, ratios, probe)
         else:
             opts += table.generic(spec, ratios)
     return opts
@@ -185,15 +191,17 @@ class _Table:
                                spec.with_target(Ratio(r))))
         return opts
 
-    def generic(self, spec: MethodSpec, ratios: Sequence[float]) -> list[Option]:
-        """Any registered method: compress at each ratio, measure the module's bytes and the error."""
+    def generic(self, spec: MethodSpec, ratios: Sequence[float], probe: MethodSpec | None = None) -> list[Option]:
+        """Any registered method: compress at each ratio, measure the module's bytes and the error.
+
+        ``probe`` (same sizes, cheaper settings) is what actually runs; the option carries ``spec``."""
         from .methods import compress_weight
         from .modules import from_result
         opts = []
         for r in ratios:
             sp = spec.with_target(Ratio(r))
             try:
-                res = compress_weight(sp, self.W, self.raw_stats, self.dtype)
+                res = compress_weight((probe or spec).with_target(Ratio(r)), self.W, self.raw_stats, self.dtype)
             except InputError as e:
                 log.debug("profile: %s at ratio %s skipped (%s)", spec.name, r, e)
                 continue
