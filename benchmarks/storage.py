@@ -8,7 +8,6 @@ checkpoints of the bundled model, and checked against the ``stored`` ratio the m
 from __future__ import annotations
 
 import json
-import struct
 import sys
 import tempfile
 from pathlib import Path
@@ -25,17 +24,9 @@ RUNS = [("magnitude", {"sparsity": 0.5}), ("magnitude", {"pattern": "2:4"}), ("m
         ("svd-llm", {"ratio": 0.3}), ("rocket", {"ratio": 0.3}), ("cospadi", {"ratio": 0.3})]
 
 
-def tensor_bytes(path: Path) -> dict[str, int]:
-    """Bytes of every tensor in a safetensors file, read from its header."""
-    with open(path, "rb") as f:
-        n = struct.unpack("<Q", f.read(8))[0]
-        header = json.loads(f.read(n))
-    return {k: v["data_offsets"][1] - v["data_offsets"][0] for k, v in header.items() if k != "__metadata__"}
-
-
 def measure(out: Path) -> dict:
     manifest = io.read_manifest(out)
-    sizes = tensor_bytes(out / io.WEIGHTS)
+    sizes = io.tensor_names_and_bytes(out / io.WEIGHTS)
     layers = manifest["layers"]
     stored = sum(b for k, b in sizes.items() if k.rsplit(".", 1)[0] in layers and not k.endswith(".bias"))
     dense = sum(e["accounting"]["dense_bytes"] for e in layers.values())

@@ -147,7 +147,9 @@ class CoSpaDiSpec(MethodSpec):
     tol: float = 1e-4           # stop when the relative objective improvement falls below this
     coef_storage: CoefStorage = CoefStorage.BF16_14BIT
     group_size: int = 1         # >1: share one dictionary across this many consecutive blocks
-    shared: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")
+    # fnmatch patterns on a linear's name inside its block: these share a dictionary across the group
+    shared: tuple[str, ...] = ("*q_proj", "*k_proj", "*v_proj", "*gate_proj", "*up_proj",
+                               "*query", "*key", "*value", "*intermediate.dense", "*c_attn", "*c_fc", "*fc1")
     seed: int = 42
 
     def __post_init__(self):

@@ -115,6 +115,14 @@ def save(model: nn.Module, tokenizer, out_dir: str | Path, manifest: dict, dtype
     return out
 
 
+def tensor_names_and_bytes(path: str | Path) -> dict[str, int]:
+    """Every tensor's byte size in a safetensors file, from its header (nothing else is read)."""
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(n))
+    return {k: v["data_offsets"][1] - v["data_offsets"][0] for k, v in header.items() if k != "__metadata__"}
+
+
 def read_manifest(path: str | Path) -> dict:
     p = Path(path) / MANIFEST
     if not p.is_file():

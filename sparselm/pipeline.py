@@ -8,6 +8,7 @@ then the compressed group is run again to pass the *compressed* outputs on.
 """
 from __future__ import annotations
 
+import fnmatch
 import logging
 import time
 from dataclasses import dataclass, field
@@ -105,7 +106,7 @@ def share_sets(spec: MethodSpec, names_per_block: list[list[str]], prefixes: lis
     singles = []
     for prefix, names in zip(prefixes, names_per_block):
         for rel in names:
-            if rel.rsplit(".", 1)[-1] in shared:
+            if any(fnmatch.fnmatch(rel, pattern) for pattern in shared):
                 sets.setdefault(rel, []).append(prefix + rel)
             else:
                 singles.append([prefix + rel])

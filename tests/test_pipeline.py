@@ -123,3 +123,21 @@ def test_export_is_a_plain_dense_model(arch, calib_ids, tmp_path):
     assert not (tmp_path / "d" / io.MANIFEST).exists()
     dense = AutoModelForCausalLM.from_pretrained(tmp_path / "d").eval()
     torch.testing.assert_close(_outputs(dense, ids), want, rtol=1e-5, atol=1e-5)
+
+
+def test_grouped_cospadi_shares_one_dictionary_stored_once(calib_ids, tmp_path):
+    from sparselm.io import tensor_names_and_bytes
+    model = tiny_model("llama")
+    spec = CoSpaDiSpec(target=Ratio(0.3), iters=3, group_size=2)
+    report = pipeline.compress(model, calib_ids, Recipe(methods=(spec,)), CPU, torch.float32)
+    layers = model.model.layers
+    assert layers[0].self_attn.q_proj.D is layers[1].self_attn.q_proj.D          # shared
+    assert layers[0].self_attn.o_proj.D is not layers[1].self_attn.o_proj.D      # private
+    assert all(r.info.get("shared_dictionary") == ("o_proj" not in r.name and "down_proj" not in r.name)
+               for r in report.layers)
+    ids = calib_ids[:2, :16]
+    want = _outputs(model, ids)
+    io.save(model, None, tmp_path / "g", {}, torch.float32)
+    names = tensor_names_and_bytes(tmp_path / "g" / io.WEIGHTS)
+    assert "model.layers.0.self_attn.q_proj.D" in names and "model.layers.1.self_attn.q_proj.D" not in names
+    torch.testing.assert_close(_outputs(io.load(tmp_path / "g"), ids), want, rtol=0, atol=0)
