@@ -121,13 +121,17 @@ def compare_weights(ours: dict[str, torch.Tensor], peer: dict[str, torch.Tensor]
     """Mask agreement (same zero pattern) and relative difference of the pruned weights."""
     same = total = 0
     diff = norm = 0.0
+    per_layer = {}
     for n, w in ours.items():
         p = peer[n].float()
-        same += int(((w == 0) == (p == 0)).sum())
+        agree = int(((w == 0) == (p == 0)).sum())
+        per_layer[n] = agree / w.numel()
+        same += agree
         total += w.numel()
         diff += float((w - p).pow(2).sum())
         norm += float(p.pow(2).sum())
-    return {"mask_agreement": same / total, "weight_rel_diff": math.sqrt(diff / norm)}
+    return {"mask_agreement": same / total, "weight_rel_diff": math.sqrt(diff / norm),
+            "mask_agreement_per_layer": per_layer}
 
 
 # --- main ----------------------------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from . import data, device as devices, io, pipeline
-from .evaluate import layer_accounting, perplexity, totals as ratio_totals
+from .evaluate import dense_accounting, layer_accounting, perplexity, totals as ratio_totals
 from . import model as adapter
 from .config import (DEFAULT_METHOD, DEFAULT_RATIO, SPECS, Allocate, Pattern, Ratio, Recipe, Sparsity,
                      load_recipe, recipe_to_dict, spec_from_dict, spec_to_dict)
@@ -24,8 +24,11 @@ LARGE_CALIB = {"nsamples": 128, "seqlen": 2048}
 
 
 def build_recipe(method: str | None, ratio: float | None, sparsity: float | None, pattern: str | None,
-                 allocate: str = "uniform", recipe_file: str | None = None) -> Recipe:
-    """A recipe from command-line knobs (exactly one of ratio / sparsity / pattern, or the defaults)."""
+                 allocate: str | None = None, recipe_file: str | None = None) -> Recipe:
+    """A recipe from command-line knobs (exactly one of ratio / sparsity / pattern, or the defaults).
+
+    No method: the default (ROCKET, knapsack allocation, ratio 0.2); allocation otherwise defaults to uniform.
+    """
     if recipe_file:
         if any(v is not None for v in (method, ratio, sparsity, pattern)):
             raise InputError("--recipe was given together with --method/--ratio/--sparsity/--pattern",
@@ -41,6 +44,8 @@ def build_recipe(method: str | None, ratio: float | None, sparsity: float | None
               else Pattern.parse(pattern) if pattern is not None else None)
     if target is None:
         target = SPECS[name].target if method else Ratio(DEFAULT_RATIO)
+    if allocate is None:
+        allocate = "knapsack" if method is None else "uniform"
     try:
         alloc = Allocate(allocate)
     except ValueError:
@@ -147,7 +152,7 @@ def _manifest(loaded, report: pipeline.CompressReport, recipe: Recipe, calib: st
         d = getattr(layer.module, "D", None)
         if d is not None:
             shared.setdefault(d.data_ptr(), []).append(layer.name)
-    layers, rows = {}, []
+    layers, rows, layers_kept_dense = {}, [], []
     for layer in report.layers:
         users = shared.get(getattr(getattr(layer.module, "D", None), "data_ptr", lambda: None)(), [layer.name])
         d_bytes = layer.module.D.numel() * layer.module.D.element_size() if len(users) > 1 else 0
@@ -155,12 +160,16 @@ def _manifest(loaded, report: pipeline.CompressReport, recipe: Recipe, calib: st
         rows.append(row)
         layers[layer.name] = {"spec": spec_to_dict(layer.spec), "accounting": row, "rel_error": layer.rel_error,
                               "predicted_error": layer.predicted_error, "info": layer.info}
+    for row in report.allocation or []:
+        if row["method"] == "dense":  # targeted, but the knapsack kept it dense: it counts at full size
+            rows.append(dense_accounting(*row["shape"], loaded.storage_dtype))
+            layers_kept_dense.append(row["layer"])
     totals = ratio_totals(rows)
     regular = {n: v["info"]["whitening_shift"] for n, v in layers.items() if v["info"].get("whitening_shift")}
     manifest = {"base_model": loaded.source, "recipe": recipe_to_dict(recipe), "layers": layers, "totals": totals,
                 "calibration": {"source": calib, "nsamples": int(windows.shape[0]), "seqlen": int(windows.shape[1]),
                                 "seed": seed},
-                "regularization": regular, "allocation": report.allocation,
+                "regularization": regular, "allocation": report.allocation, "kept_dense": layers_kept_dense,
                 "compress_seconds": report.seconds, "torch_version": torch.__version__}
     return manifest, totals
 

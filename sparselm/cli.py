@@ -61,14 +61,15 @@ def _progress_bar():
 def compress(
     model: Optional[str] = typer.Argument(None, help="hub id or local HF directory; omitted: the bundled tiny model"),
     method: Optional[str] = typer.Option(None, help="magnitude|wanda|sparsegpt|svd|asvd|svd-llm|cospadi|rocket "
-                                                   "(default: cospadi at --ratio 0.2)"),
+                                                   "(default: rocket, knapsack allocation, --ratio 0.2)"),
     ratio: Optional[float] = typer.Option(None, help="fraction of the targeted layers' stored bytes removed"),
     sparsity: Optional[float] = typer.Option(None, help="pruning: fraction of weights set to zero"),
     pattern: Optional[str] = typer.Option(None, help="pruning: N:M semi-structured pattern, e.g. 2:4"),
     calib: str = typer.Option("stdlib", help="stdlib | FILE.txt | FILE.jsonl | wikitext2 | c4"),
     nsamples: Optional[int] = typer.Option(None, help="calibration windows (default 64 bundled, 128 otherwise)"),
     seqlen: Optional[int] = typer.Option(None, help="calibration window length (default 256 bundled, 2048 otherwise)"),
-    allocate: str = typer.Option("uniform", help="uniform | knapsack"),
+    allocate: Optional[str] = typer.Option(None, help="uniform | knapsack (default: knapsack for the default "
+                                                       "method, uniform when --method is given)"),
     out: Optional[str] = typer.Option(None, help="output directory (default compressed/<model>-<method>-<knob>)"),
     overwrite: bool = typer.Option(False, help="replace an existing output directory written by sparselm"),
     device: Optional[str] = typer.Option(None, help="auto | cpu | cuda | cuda:N"),

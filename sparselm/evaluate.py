@@ -90,6 +90,14 @@ def layer_accounting(module: CompressedLinear, dtype: torch.dtype, shared_bytes:
             "ratio_params": 1 - params / dense_params, "ratio_paper": 1 - paper}
 
 
+def dense_accounting(out_features: int, in_features: int, dtype: torch.dtype) -> dict:
+    """A targeted layer the allocator kept dense: it counts in the totals at full size."""
+    dense_bytes = out_features * in_features * torch.finfo(dtype).bits // 8
+    return {"shape": [out_features, in_features], "dense_bytes": dense_bytes, "stored_bytes": dense_bytes,
+            "params": out_features * in_features, "dense_params": out_features * in_features,
+            "ratio_stored": 0.0, "ratio_params": 0.0, "ratio_paper": 0.0}
+
+
 def _mask_count(module: SparseDictLinear) -> int:
     from .packing import unpack_bits
     return int(unpack_bits(module.mask, 1, module.out_features * module.k).sum())

@@ -177,6 +177,8 @@ def compress(model: nn.Module, calib: torch.Tensor, recipe: Recipe, device: torc
         plan, allocation = plan_knapsack(model, blocks, prefix, targets, calib, recipe, device, dtype, batch_size)
     else:
         plan = {f"{prefix}.{i}.{n}": recipe.methods[0] for i, names in enumerate(targets) for n in names}
+    plan = {n: s for n, s in plan.items() if s is not None}  # the knapsack may keep a layer dense
+    targets = [[n for n in names if f"{prefix}.{i}.{n}" in plan] for i, names in enumerate(targets)]
     predicted = {row["layer"]: row["predicted_error"] for row in allocation or []}
     gs = _group_size(plan)
     inputs = capture_inputs(model, blocks, calib, batch_size, device)
@@ -250,5 +252,6 @@ def plan_knapsack(model, blocks, prefix: str, targets, calib, recipe: Recipe, de
         plan[name] = opt.payload
         spec = opt.payload
         rows.append({"layer": name, "method": spec.name if spec else "dense", "target": str(getattr(spec, "target",
-                     None)), "ks": getattr(spec, "ks", None), "bytes": opt.size, "predicted_error": opt.error})
+                     None)), "ks": getattr(spec, "ks", None), "bytes": opt.size, "predicted_error": opt.error,
+                     "shape": list(adapter.linear_weight(adapter.get_module(model, name)).shape)})
     return plan, rows
