@@ -196,8 +196,14 @@ def evaluate_model(path: str | None, dataset: str = "stdlib", seqlen: int = 512,
 def inspect_dir(path: str) -> dict:
     manifest = io.read_manifest(path)
     rows = [{"layer": name, "class": entry.get("class"), "method": entry["spec"]["method"],
-             "target": entry["spec"].get("target"), **entry["accounting"], "rel_error": entry.get("rel_error"),
-             "predicted_error": entry.get("predicted_error")} for name, entry in manifest["layers"].items()]
+             "target": entry["spec"].get("target"), "k": entry["info"].get("k"), "s": entry["info"].get("s"),
+             **entry["accounting"], "rel_error": entry.get("rel_error"), "predicted_error": entry.get("predicted_error")}
+            for name, entry in manifest["layers"].items()]
+    for row in manifest.get("allocation") or []:
+        if row["method"] == "dense":
+            rows.append({"layer": row["layer"], "class": "Linear", "method": "dense (knapsack)", "target": None,
+                         "k": None, "s": None, **dense_accounting(*row["shape"], getattr(torch, manifest[
+                             "storage_dtype"])), "rel_error": 0.0, "predicted_error": 0.0})
     return {"dir": str(path), "base_model": manifest.get("base_model"), "sparselm_version": manifest.get(
         "sparselm_version"), "storage_dtype": manifest.get("storage_dtype"), "layers": rows,
             **{k: manifest["totals"][k] for k in ("ratio_stored", "ratio_params", "ratio_paper")},

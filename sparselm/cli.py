@@ -20,11 +20,14 @@ from .errors import InputError
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Compress pretrained transformers without retraining: pruning, low rank, sparse dictionaries.")
 err = Console(stderr=True, soft_wrap=True)
-console = Console(highlight=False, soft_wrap=True)
+console = Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 220)
 
 
 def _run(fn, as_json: bool, show) -> None:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    import transformers
+    transformers.utils.logging.set_verbosity_error()  # their load reports and progress bars are noise here
+    transformers.utils.logging.disable_progress_bar()
     try:
         result = fn()
     except InputError as e:
@@ -137,12 +140,19 @@ def inspect(directory: str = typer.Argument(..., help="a sparselm output directo
 
     def show(r):
         t = Table(title=f"{r['dir']} (from {r['base_model']}, {r['storage_dtype']})")
-        for col in ("layer", "class", "method", "shape", "stored", "dense", "r_stored", "r_params", "rel_err"):
-            t.add_column(col, justify="left" if col in ("layer", "class", "method") else "right")
+        cols = ("layer", "class", "method", "target", "k/s", "shape", "stored", "dense", "r_stored", "r_params",
+                "err", "predicted")
+        for col in cols:
+            t.add_column(col, justify="left" if col in cols[:4] else "right")
+
+        def num(v):
+            return "" if v is None else f"{v:.4f}"
         for row in r["layers"]:
-            t.add_row(row["layer"], row["class"], row["method"], "x".join(map(str, row["shape"])),
+            target = row["target"] or {}
+            t.add_row(row["layer"], row["class"], row["method"], " ".join(f"{k} {v}" for k, v in target.items()),
+                      f"{row['k']}/{row['s']}" if row.get("k") else "", "x".join(map(str, row["shape"])),
                       str(row["stored_bytes"]), str(row["dense_bytes"]), f"{row['ratio_stored']:.3f}",
-                      f"{row['ratio_params']:.3f}", f"{row['rel_error']:.4f}" if row["rel_error"] is not None else "")
+                      f"{row['ratio_params']:.3f}", num(row["rel_error"]), num(row["predicted_error"]))
         console.print(t)
         console.print(f"ratio removed: stored {r['ratio_stored']:.4f}  params {r['ratio_params']:.4f}  "
                   f"paper {r['ratio_paper']:.4f}")
