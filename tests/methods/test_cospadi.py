@@ -16,15 +16,6 @@ from sparselm.modules import SparseDictLinear
 from sparselm.packing import round_values
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: contended OpenMP threads only add overhead (restored afterwards)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _gen(seed):
     return torch.Generator().manual_seed(seed)
 

@@ -10,15 +10,6 @@ from sparselm.methods.whiten import whiten
 from sparselm.modules import LowRankLinear
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: contended OpenMP threads only add overhead (restored afterwards)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _data(out=24, inp=16, tokens=200, seed=0):
     g = torch.Generator().manual_seed(seed)
     W = torch.randn(out, inp, generator=g)
