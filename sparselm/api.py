@@ -196,7 +196,7 @@ def evaluate_model(path: str | None, dataset: str = "stdlib", seqlen: int = 512,
 def inspect_dir(path: str) -> dict:
     manifest = io.read_manifest(path)
     rows = [{"layer": name, "class": entry.get("class"), "method": entry["spec"]["method"],
-             "target": entry["spec"].get("target"), "k": entry["info"].get("k"), "s": entry["info"].get("s"),
+             "target": entry["spec"].get("target"), "k": entry["info"].get("k"), "s": _nonzeros_per_channel(entry),
              **entry["accounting"], "rel_error": entry.get("rel_error"), "predicted_error": entry.get("predicted_error")}
             for name, entry in manifest["layers"].items()]
     for row in manifest.get("allocation") or []:
@@ -208,6 +208,14 @@ def inspect_dir(path: str) -> dict:
         "sparselm_version"), "storage_dtype": manifest.get("storage_dtype"), "layers": rows,
             **{k: manifest["totals"][k] for k in ("ratio_stored", "ratio_params", "ratio_paper")},
             "evaluation": manifest.get("evaluation"), "regularization": manifest.get("regularization")}
+
+
+def _nonzeros_per_channel(entry: dict):
+    """s of a dictionary layer (CoSpaDi's exact s, or ROCKET's mean nonzeros per output channel)."""
+    info = entry["info"]
+    if "s" in info or "nnz" not in info:
+        return info.get("s")
+    return round(info["nnz"] / entry["accounting"]["shape"][0], 1)
 
 
 def export_dense(path: str, out: str, overwrite: bool = False) -> dict:
