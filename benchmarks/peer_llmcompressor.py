@@ -34,6 +34,7 @@ import json
 import math
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import time
@@ -150,13 +151,36 @@ def main() -> None:
     ap.add_argument("--work", default="/tmp/cmp/work")
     ap.add_argument("--name", default="peer_llmcompressor")
     ap.add_argument("--docs", default=str(DOCS), help="where the .md/.json go")
+    ap.add_argument("--repeats", type=int, default=3, help="timing runs per tool (llm-compressor with lm_head "
+                    "ignored, sparselm); the table shows the fastest, the machine being shared")
+    ap.add_argument("--from-json", help="reuse the quality rows of this earlier result; only add timing repeats")
     args = ap.parse_args()
 
-    from transformers import AutoModelForCausalLM, AutoTokenizer
     import transformers
 
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
+    if args.from_json:
+        result = json.loads(Path(args.from_json).read_text())
+        rows = result["rows"]
+    else:
+        result, rows = quality_phase(args, work)
+    timing_phase(args, work, rows)
+    env = {"torch": torch.__version__, "transformers": transformers.__version__, "threads": torch.get_num_threads(),
+           "cpu": platform.processor() or platform.machine(), "cpus": os.cpu_count(), "python": platform.python_version(),
+           "peer": peer_env(args.llmc_python)}
+    result.update(environment=env, repeats=max(len(r["seconds_runs"]) for r in rows))
+    docs = Path(args.docs)
+    docs.mkdir(parents=True, exist_ok=True)
+    (docs / f"{args.name}.json").write_text(json.dumps(result, indent=1))
+    (docs / f"{args.name}.md").write_text(render(result))
+    print(f"wrote {docs / (args.name + '.md')}")
+
+
+def quality_phase(args, work: Path) -> tuple[dict, list[dict]]:
+    """Prune with both tools once, evaluate both on the same windows, compare weights."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
     N, L = args.nsamples, args.seqlen
     tok = AutoTokenizer.from_pretrained(args.model)
 
@@ -195,7 +219,6 @@ def main() -> None:
     dense_ppl = peer_ppl(dense, val_peer)
     dense_w = linear_weights(dense)
 
-    sparselm_bin = str(Path(sys.executable).parent / "sparselm")
     rows = []
     for run in args.runs:
         method, _, mask = run.partition(":")
@@ -206,8 +229,8 @@ def main() -> None:
             wfile = work / f"peer-{tag}.pt"
             load = os.getloadavg()[0]
             print(f"[{run}] {tool} ...", flush=True)
-            res, wall = run_cmd([args.llmc_python, str(script), args.model, args.calib, args.val, method, "0.5", mask,
-                                 str(N), str(L)], {"PEER_SAVE_WEIGHTS": str(wfile)}, work / f"log-{tag}.txt")
+            res, wall = run_cmd(peer_cmd(args, script, method, mask), {"PEER_SAVE_WEIGHTS": str(wfile)},
+                                work / f"log-{tag}.txt")
             weights = torch.load(wfile)
             model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
             model.load_state_dict({f"{n}.weight": w for n, w in weights.items()}, strict=False)
@@ -228,16 +251,14 @@ def main() -> None:
             rows.append(row)
 
         out_dir = work / f"sparselm-{method}-{mask.replace(':', 'of')}"
-        knob = ["--sparsity", "0.5"] if mask == "0:0" else ["--pattern", mask]
         load = os.getloadavg()[0]
         print(f"[{run}] sparselm ...", flush=True)
-        res, wall = run_cmd([sparselm_bin, "compress", args.model, "--method", method, *knob, "--calib",
-                             str(calib_file), "--nsamples", str(N), "--seqlen", str(L), "--out", str(out_dir),
-                             "--overwrite", "--eval", "--eval-dataset", args.val, "--device", "cpu", "--json"],
+        res, wall = run_cmd(sparselm_cmd(args, calib_file, method, mask, out_dir, True),
                             log=work / f"log-{method}-{mask.replace(':', 'of')}-sparselm.txt")
         model = sio.load(out_dir).eval()
         ours_w = linear_weights(model)
-        row = {"tool": "sparselm", "variant": "sparselm", "method": method, "pattern": pattern, "seconds": res["compress_seconds"],
+        row = {"tool": "sparselm", "variant": "sparselm", "method": method, "pattern": pattern,
+               "seconds": res["compress_seconds"],
                "wall_seconds": round(wall, 1), "loadavg_before": round(load, 2),
                "ppl_before_own": res["perplexity_before"], "ppl_after_own": res["perplexity_after"],
                "sparsity_blocks": res["ratio_params"], "nsamples": N, "val_windows": args.windows,
@@ -254,18 +275,53 @@ def main() -> None:
         rows.append(row)
         del model
 
-    env = {"torch": torch.__version__, "transformers": transformers.__version__, "threads": torch.get_num_threads(),
-           "cpu": platform.processor() or platform.machine(), "cpus": os.cpu_count(), "python": platform.python_version(),
-           "peer": peer_env(args.llmc_python)}
     result = {"model": args.model, "calib": args.calib, "val": args.val, "nsamples": N, "seqlen": L,
               "eval_windows": args.windows, "eval_windows_identical": eval_identical,
               "calib_windows_identical": calib_identical, "seeded_draw_overlap": overlap,
-              "dense_ppl_shared": dense_ppl, "environment": env, "rows": rows}
-    docs = Path(args.docs)
-    docs.mkdir(parents=True, exist_ok=True)
-    (docs / f"{args.name}.json").write_text(json.dumps(result, indent=1))
-    (docs / f"{args.name}.md").write_text(render(result))
-    print(f"wrote {docs / (args.name + '.md')}")
+              "dense_ppl_shared": dense_ppl, "calib_file_sparselm": str(calib_file), "rows": rows}
+    return result, rows
+
+
+def peer_cmd(args, script, method: str, mask: str) -> list[str]:
+    return [args.llmc_python, str(script), args.model, args.calib, args.val, method, "0.5", mask,
+            str(args.nsamples), str(args.seqlen)]
+
+
+def sparselm_cmd(args, calib_file, method: str, mask: str, out_dir: Path, evaluate: bool) -> list[str]:
+    knob = ["--sparsity", "0.5"] if mask == "0:0" else ["--pattern", mask]
+    cmd = [str(Path(sys.executable).parent / "sparselm"), "compress", args.model, "--method", method, *knob,
+           "--calib", str(calib_file), "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen),
+           "--out", str(out_dir), "--overwrite", "--device", "cpu", "--json"]
+    return cmd + (["--eval", "--eval-dataset", args.val] if evaluate else ["--no-eval"])
+
+
+def timing_phase(args, work: Path, rows: list[dict]) -> None:
+    """Repeat the one-shot of llm-compressor (lm_head ignored) and sparselm, interleaved; keep every time."""
+    fixed_script = work / "llmc_prune_ignore_lm_head.py"
+    calib_file = work / f"calib_first{args.nsamples}x{args.seqlen}.txt"
+    for row in rows:
+        row.setdefault("seconds_runs", [row["seconds"]])
+        row.setdefault("loadavg_runs", [row["loadavg_before"]])
+    for rep in range(1, args.repeats):
+        for row in rows:
+            if row["variant"] == "asis" or len(row["seconds_runs"]) > rep:
+                continue
+            mask = "0:0" if row["pattern"].startswith("unstructured") else row["pattern"]
+            tag = f"{row['method']}-{mask.replace(':', 'of')}"
+            load = os.getloadavg()[0]
+            if row["variant"] == "fixed":
+                res, _ = run_cmd(peer_cmd(args, fixed_script, row["method"], mask), log=work / f"log-{tag}-time.txt")
+                secs = res["seconds"]
+            else:
+                res, _ = run_cmd(sparselm_cmd(args, calib_file, row["method"], mask, work / f"timing-{tag}", False),
+                                 log=work / f"log-{tag}-sparselm-time.txt")
+                secs = res["compress_seconds"]
+            row["seconds_runs"].append(secs)
+            row["loadavg_runs"].append(round(load, 2))
+            print(f"[timing {rep}] {row['tool']} {tag}: {secs:.1f} s (load {load:.1f})", flush=True)
+    for row in rows:
+        row["seconds"] = min(row["seconds_runs"])
+        row["seconds_median"] = statistics.median(row["seconds_runs"])
 
 
 def render(r: dict) -> str:
@@ -286,13 +342,15 @@ def render(r: dict) -> str:
         f"llm-compressor {peer['llmcompressor']} (compressed-tensors {peer['compressed_tensors']}) in its own venv: "
         f"torch {peer['torch']}, transformers {peer['transformers']}, {peer['threads']} threads.",
         "",
-        "| method | pattern | tool | one-shot s | ppl after | ppl after (tool's own eval) | sparsity in blocks "
-        "| lm_head / embedding sparsity | mask agreement with llm-compressor |",
+        f"| method | pattern | tool | one-shot s (fastest of {r['repeats']}; median) | ppl after | ppl after "
+        "(tool's own eval) | sparsity in blocks | lm_head / embedding sparsity | mask agreement with llm-compressor |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         agree = f"{row['mask_agreement']:.4f}" if "mask_agreement" in row else ""
-        lines.append(f"| {row['method']} | {row['pattern']} | {row['tool']} | {row['seconds']:.1f} | "
+        secs = (f"{row['seconds']:.1f}; {row['seconds_median']:.1f}" if len(row["seconds_runs"]) > 1
+                else f"{row['seconds']:.1f} (1 run)")
+        lines.append(f"| {row['method']} | {row['pattern']} | {row['tool']} | {secs} | "
                      f"{row['ppl_after_shared']:.3f} | {row['ppl_after_own']:.3f} | {row['sparsity_blocks']:.4f} | "
                      f"{row['lm_head_sparsity']:.3f} | {agree} |")
     lines += ["", "Quality, sparselm vs llm-compressor (same layers pruned):", ""]
@@ -303,10 +361,15 @@ def render(r: dict) -> str:
                         and p["pattern"] == row["pattern"])
         d = 100 * (row["ppl_after_shared"] / peer_row["ppl_after_shared"] - 1)
         bf = peer_row.get("ppl_after_shared_bf16_weights")
+        blocks: dict[str, list[float]] = {}
+        for name, a in row.get("mask_agreement_per_layer", {}).items():
+            blocks.setdefault(name.split(".")[2], []).append(a)
+        per_block = ", ".join(f"{100 * sum(v) / len(v):.2f}" for v in blocks.values())
         lines.append(f"* {row['method']} {row['pattern']}: perplexity {row['ppl_after_shared']:.3f} vs "
                      f"{peer_row['ppl_after_shared']:.3f} ({d:+.2f} %)"
                      + (f"; llm-compressor's weights rounded to bf16 as sparselm stores them: {bf:.3f}" if bf else "")
-                     + f"; masks agree on {100 * row['mask_agreement']:.2f} % of weights; relative weight difference "
+                     + f"; masks agree on {100 * row['mask_agreement']:.2f} % of weights (by block: {per_block} %);"
+                     f" relative weight difference "
                      f"{row['weight_rel_diff']:.4f} (each tool moved the weights by {row['ours_change_vs_dense']:.3f}"
                      f" / {row['peer_change_vs_dense']:.3f} of the dense norm); one-shot {row['seconds']:.1f} s vs "
                      f"{peer_row['seconds']:.1f} s.")
