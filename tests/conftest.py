@@ -6,6 +6,9 @@ import torch
 import transformers as tf
 
 VOCAB = 96
+# Test tensors are small: one thread avoids OpenMP overhead and oversubscription on shared CI cores
+# (measured: 5.8 min for the suite at one thread under load vs 12 min at two).
+torch.set_num_threads(1)
 
 
 def _llama():
