@@ -35,11 +35,12 @@ class LinearStats:
 
     def add_batch(self, x: torch.Tensor, name: str = "") -> None:
         x = x.reshape(-1, x.shape[-1]).to(torch.float64)  # (tokens, in)
-        if not torch.isfinite(x).all():
-            raise InputError(f"non-finite activations at the input of layer {name or '?'}",
-                             "check the model's weights and dtype (try float32) and the calibration text")
         self.gram.addmm_(x.T, x)
         self.count += x.shape[0]
+        # diag G = Σ x_j²: non-finite exactly when some activation is (no float64 overflow from float32 inputs)
+        if not torch.isfinite(self.gram.diagonal()).all():
+            raise InputError(f"non-finite activations at the input of layer {name or '?'}",
+                             "check the model's weights and dtype (try float32) and the calibration text")
 
     @property
     def sq_norms(self) -> torch.Tensor:
@@ -59,15 +60,24 @@ class LinearStats:
 @contextlib.contextmanager
 def record(modules: dict[str, torch.nn.Module], stats: dict[str, LinearStats],
            input_of: Callable[[torch.nn.Module, tuple], torch.Tensor] | None = None) -> Iterator[None]:
-    """Accumulate each module's input into ``stats[name]`` while inside the block; hooks always removed."""
+    """Accumulate each module's input into ``stats[name]`` while inside the block; hooks always removed.
+
+    Modules fed the very same input tensor one after another (q/k/v, gate/up) share one `LinearStats`
+    object: the Gram is accumulated once. Methods treat statistics as read-only.
+    """
     handles = []
+    last: dict = {}  # the previous hook's input tensor and the statistics it went into
 
     def hook_for(name: str):
         def hook(module, args, kwargs=None):
             x = input_of(module, args) if input_of else args[0]
+            if last.get("x") is x and stats.get(name, last["stats"]) is last["stats"]:
+                stats[name] = last["stats"]
+                return
             if name not in stats:
                 stats[name] = LinearStats.empty(x.shape[-1], x.device)
             stats[name].add_batch(x.detach(), name)
+            last.update(x=x, stats=stats[name])
         return hook
 
     try:
@@ -75,5 +85,6 @@ def record(modules: dict[str, torch.nn.Module], stats: dict[str, LinearStats],
             handles.append(module.register_forward_pre_hook(hook_for(name)))
         yield
     finally:
+        last.clear()
         for h in handles:
             h.remove()

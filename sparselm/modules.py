@@ -11,6 +11,9 @@ is the sum of the buffers' bytes: what `io.save` writes for the layer.
 """
 from __future__ import annotations
 
+import contextlib
+from typing import Iterator
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -23,6 +26,8 @@ MODULE_CLASSES: dict[str, type["CompressedLinear"]] = {}
 
 class CompressedLinear(nn.Module):
     """Base: shape bookkeeping, bias, byte accounting and the dense reconstruction used by forward."""
+
+    _dense: torch.Tensor | None = None  # the rebuilt weight, held only inside `dense_cache`
 
     def __init_subclass__(cls, **kw):
         super().__init_subclass__(**kw)
@@ -44,7 +49,8 @@ class CompressedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b = None if self.bias is None else self.bias.to(x.dtype)
-        return F.linear(x, self.dense_weight().to(x.dtype), b)
+        W = self._dense if self._dense is not None else self.dense_weight()  # (out, in)
+        return F.linear(x, W.to(x.dtype), b)
 
     def stored_bytes(self) -> int:
         return sum(b.numel() * b.element_size() for b in self.buffers())
@@ -66,6 +72,20 @@ class CompressedLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, bytes={self.stored_bytes()}"
+
+
+@contextlib.contextmanager
+def dense_cache(module: nn.Module) -> Iterator[None]:
+    """Inside the context, the compressed layers under ``module`` rebuild their weight once instead of at
+    every call (the pipeline runs a block once per calibration batch); the copies are dropped on exit."""
+    layers = [m for m in module.modules() if isinstance(m, CompressedLinear)]
+    try:
+        for m in layers:
+            m._dense = m.dense_weight()
+        yield
+    finally:
+        for m in layers:
+            m._dense = None
 
 
 def _meta_value(key: str, value):

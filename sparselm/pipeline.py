@@ -22,7 +22,7 @@ from .capture import LinearStats, record
 from .config import Allocate, CoSpaDiSpec, MethodSpec, Recipe
 from .errors import InputError
 from .methods import compress_group
-from .modules import CompressedLinear, from_result
+from .modules import CompressedLinear, dense_cache, from_result
 from .profile import relative_error
 
 log = logging.getLogger(__name__)
@@ -93,9 +93,10 @@ def _device_of(model: nn.Module) -> torch.device:
 @torch.no_grad()
 def run_block(block: nn.Module, inputs: BlockInputs) -> BlockInputs:
     outs = []
-    for h, kw in zip(inputs.hidden, inputs.kwargs):
-        out = block(h, **kw)
-        outs.append(out[0] if isinstance(out, (tuple, list)) else out)
+    with dense_cache(block):
+        for h, kw in zip(inputs.hidden, inputs.kwargs):
+            out = block(h, **kw)
+            outs.append(out[0] if isinstance(out, (tuple, list)) else out)
     return BlockInputs(outs, inputs.kwargs)
 
 
