@@ -24,7 +24,7 @@ tied embeddings the input embedding. The comparison therefore runs a copy of the
 The copy also saves the pruned linear weights so that masks and weights can be compared with sparselm's.
 
     python benchmarks/peer_llmcompressor.py --model sparselm/bundled/tiny-llama \\
-        --calib /tmp/cmp/calib.txt --val /tmp/cmp/val.txt
+        --calib /tmp/cmp/calib.txt --val /tmp/cmp/val.txt   # missing files: written from the stdlib split
 Writes docs/benchmarks/peer_llmcompressor.{md,json}.
 """
 from __future__ import annotations
@@ -76,6 +76,16 @@ def peer_ppl(model, wins: list[list[int]]) -> float:
 
 
 # --- helpers -------------------------------------------------------------------------------------------------
+def write_stdlib_text(path: Path, split: str, files: int | None = None) -> None:
+    """If ``path`` is missing: the text of the split's stdlib files (sparselm's file split), joined by newlines."""
+    if path.exists():
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    texts = [f.read_text(encoding="utf-8", errors="replace") for f in data.stdlib_files(split)[:files]]
+    path.write_text("\n".join(texts), encoding="utf-8")
+    print(f"wrote {path} ({len(texts)} {split} files)", flush=True)
+
+
 def last_json(stdout: str) -> dict:
     for line in reversed(stdout.strip().splitlines()):
         line = line.strip()
@@ -160,6 +170,8 @@ def main() -> None:
 
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
+    write_stdlib_text(Path(args.calib), "train", files=200)
+    write_stdlib_text(Path(args.val), "validation")
     if args.from_json:
         result = json.loads(Path(args.from_json).read_text())
         rows = result["rows"]

@@ -10,6 +10,10 @@ Examples:
     python benchmarks/quality.py --testbed bundled --runs wanda:s0.5 sparsegpt:2:4 svd-llm:r0.3 --name pruning
     python benchmarks/quality.py --testbed minilm --runs cospadi:r0.2 cospadi:r0.3@knapsack --name factor
     python benchmarks/quality.py --testbed bundled --runs "rocket+svd-llm+wanda:r0.3@knapsack"   # mixed
+    python benchmarks/quality.py --testbed bundled --name allocation --runs cospadi:r0.3 cospadi:r0.3@knapsack \
+        --reuse docs/benchmarks/quality_bundled_factorization.json   # copies rows measured there (same settings)
+
+Knapsack runs in one invocation share the per-layer option tables (they do not depend on the budget).
 
 A run is ``METHOD[+METHOD...]:KNOB[@knapsack]`` with KNOB ``rX`` (ratio), ``sX`` (sparsity) or ``N:M``.
 """
@@ -99,31 +103,52 @@ class MiniLM:
         return embedding_fidelity(self.reference, sentence_embeddings(model, self.loaded.tokenizer, self.sentences))
 
 
-def run_one(bed, recipe: Recipe) -> dict:
+def run_one(bed, recipe: Recipe, profile_cache: dict) -> dict:
     model = copy.deepcopy(bed.loaded.model)
+    known = len(profile_cache)
     t0 = time.perf_counter()
-    report = pipeline.compress(model, bed.calib, recipe, CPU, bed.loaded.storage_dtype)
+    report = pipeline.compress(model, bed.calib, recipe, CPU, bed.loaded.storage_dtype, profile_cache=profile_cache)
     seconds = time.perf_counter() - t0
+    if recipe.allocate is Allocate.KNAPSACK and len(profile_cache) == known:
+        seconds = f"{seconds:.1f}*"  # profiling reused from an earlier run of this invocation
     _, totals = _manifest(bed.loaded, report, recipe, "stdlib", bed.calib, 0)
-    return {"seconds": round(seconds, 2), "score": bed.score(model),
+    return {"seconds": round(seconds, 2) if isinstance(seconds, float) else seconds, "score": bed.score(model),
             **{k: round(totals[k], 4) for k in ("ratio_stored", "ratio_params", "ratio_paper")}}
 
 
-def write(bed, name: str, dense: float, rows: list[dict]) -> None:
+def reusable_rows(paths: list[str], testbed: str, overrides: dict) -> dict[str, dict]:
+    """Rows of earlier tables of the same testbed measured with the same method settings, by run text."""
+    found = {}
+    for path in paths:
+        src = json.loads(Path(path).read_text())
+        if src["testbed"] != testbed:
+            continue
+        for row in src["rows"]:
+            methods = row["run"].split(":")[0].split("+")
+            if all(src.get("override", {}).get(m) == overrides.get(m) for m in methods):
+                found[row["run"]] = {**row, "reused_from": Path(path).name}
+    return found
+
+
+def write(bed, name: str, dense: float, rows: list[dict], overrides: dict) -> None:
     DOCS.mkdir(parents=True, exist_ok=True)
     stem = DOCS / f"quality_{bed.name}_{name}"
     payload = {"testbed": bed.name, "metric": bed.metric, "dense": dense, "torch": torch.__version__,
-               "threads": torch.get_num_threads(), "rows": rows}
+               "threads": torch.get_num_threads(), "override": overrides, "rows": rows}
     stem.with_suffix(".json").write_text(json.dumps(payload, indent=1))
     lines = [f"# {bed.name}: {bed.metric} vs compression ({name})", "",
              f"Dense model: **{dense:.4f}**. {'Higher' if bed.higher_is_better else 'Lower'} is better. "
              "Ratios are fractions removed of the targeted layers (stored bytes / params / CoSpaDi Eq. 11). "
-             f"CPU, {torch.get_num_threads()} threads, torch {torch.__version__}. Written by `benchmarks/quality.py`.",
+             f"CPU, {torch.get_num_threads()} threads, torch {torch.__version__}. Method settings other than the "
+             f"defaults: `{json.dumps(overrides)}`. Seconds: the whole `compress` call (* = knapsack profiling reused "
+             "from an earlier row; † = row copied from the table named in the JSON). Written by `benchmarks/quality.py`.",
              "", f"| run | ratio stored | ratio params | ratio paper | {bed.metric} | seconds |",
              "|---|---|---|---|---|---|"]
     for r in rows:
+        secs = f"{r['seconds']:.1f}" if isinstance(r["seconds"], float) else r["seconds"]
+        secs += " †" if "reused_from" in r else ""
         lines.append(f"| `{r['run']}` | {r['ratio_stored']:.3f} | {r['ratio_params']:.3f} | {r['ratio_paper']:.3f} | "
-                     f"{r['score']:.4f} | {r['seconds']:.1f} |")
+                     f"{r['score']:.4f} | {secs} |")
     stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
     plot(bed, name, dense, rows, stem.with_suffix(".png"))
 
@@ -161,18 +186,20 @@ def main() -> None:
     ap.add_argument("--seqlen", type=int, default=256)
     ap.add_argument("--windows", type=int, default=32, help="eval windows (bundled) / sentences / 8 (minilm)")
     ap.add_argument("--override", default="{}", help='JSON {method: {field: value}}, e.g. {"cospadi": {"iters": 20}}')
+    ap.add_argument("--reuse", nargs="*", default=[], help="JSON tables whose rows (same run, same settings) are copied")
     args = ap.parse_args()
     overrides = json.loads(args.override)
     bed = (Bundled(args.nsamples, args.seqlen, args.windows) if args.testbed == "bundled"
            else MiniLM(args.nsamples, min(args.seqlen, 128), args.windows * 8))
     dense = bed.score(bed.loaded.model)
     print(f"dense {bed.metric}: {dense:.4f}", flush=True)
-    rows = []
+    reuse = reusable_rows(args.reuse, bed.name, overrides)
+    rows, profile_cache = [], {}
     for text in args.runs:
-        row = {"run": text, **run_one(bed, parse_run(text, overrides))}
+        row = reuse.get(text) or {"run": text, **run_one(bed, parse_run(text, overrides), profile_cache)}
         rows.append(row)
         print(json.dumps(row), flush=True)
-        write(bed, args.name, dense, rows)
+        write(bed, args.name, dense, rows, overrides)
 
 
 if __name__ == "__main__":

@@ -162,8 +162,12 @@ def _compress_set(model, names: list[str], plan, stats, device, dtype) -> list[L
 
 def compress(model: nn.Module, calib: torch.Tensor, recipe: Recipe, device: torch.device, dtype: torch.dtype,
              batch_size: int = 8, progress: Progress | None = None, done: list[LayerResult] | None = None, start_block: int = 0,
-             checkpoint: Callable[[int, list[LayerResult]], None] | None = None) -> CompressReport:
+             checkpoint: Callable[[int, list[LayerResult]], None] | None = None,
+             profile_cache: dict | None = None) -> CompressReport:
     """Compress ``model`` in place, block by block; ``dtype`` is the dense storage dtype budgets refer to.
+
+    ``profile_cache``: a dict that keeps the knapsack's per-layer option tables between calls on the SAME
+    weights and calibration data (they do not depend on the budget), e.g. one model at several ratios.
 
     Resuming: the first ``start_block`` blocks are already compressed (their modules swapped in, their
     records in ``done``); they are only run to rebuild the next block's inputs. ``checkpoint(blocks_done, layers)`` is
@@ -175,7 +179,8 @@ def compress(model: nn.Module, calib: torch.Tensor, recipe: Recipe, device: torc
     adapter.check_finite(model, [f"{prefix}.{i}.{n}" for i, names in enumerate(targets) for n in names])
     allocation = None
     if recipe.allocate is Allocate.KNAPSACK:
-        plan, allocation = plan_knapsack(model, blocks, prefix, targets, calib, recipe, device, dtype, batch_size)
+        plan, allocation = plan_knapsack(model, blocks, prefix, targets, calib, recipe, device, dtype, batch_size,
+                                         profile_cache)
     else:
         plan = {f"{prefix}.{i}.{n}": recipe.methods[0] for i, names in enumerate(targets) for n in names}
     plan = {n: s for n, s in plan.items() if s is not None}  # the knapsack may keep a layer dense
@@ -218,11 +223,13 @@ def compress(model: nn.Module, calib: torch.Tensor, recipe: Recipe, device: torc
 
 
 @torch.no_grad()
-def plan_knapsack(model, blocks, prefix: str, targets, calib, recipe: Recipe, device, dtype, batch_size: int):
+def plan_knapsack(model, blocks, prefix: str, targets, calib, recipe: Recipe, device, dtype, batch_size: int,
+                  cache: dict | None = None):
     """Profile every targeted layer on dense-propagated inputs, then solve the multiple-choice knapsack.
 
     Returns ``{layer: spec}`` (layers kept dense are absent) and the allocation rows for the report.
     The error of an option is the layer's relative functional error ‖X(W−Ŵ)ᵀ‖²/‖XWᵀ‖² (profile.py).
+    ``cache`` (see `compress`) maps (layer, method settings, dtype) to its options.
     """
     from .budget import allocate
     from .config import Ratio
@@ -243,7 +250,13 @@ def plan_knapsack(model, blocks, prefix: str, targets, calib, recipe: Recipe, de
             inputs = run_block(block, inputs)
         for name, module in mods.items():
             W = adapter.linear_weight(module).detach().to(device, torch.float32)
-            options[name] = profile_layer(W, stats[name], specs, dtype=dtype)
+            key = (name, tuple(s.with_target(Ratio(0.5)) for s in specs), dtype)  # options ignore the budget
+            if cache is not None and key in cache:
+                options[name] = cache[key]
+            else:
+                options[name] = profile_layer(W, stats[name], specs, dtype=dtype)
+                if cache is not None:
+                    cache[key] = options[name]
             dense_bytes += W.numel() * torch.finfo(dtype).bits / 8
         block.to(home)
     choice = allocate(options, (1 - target.value) * dense_bytes)

@@ -141,3 +141,20 @@ def test_grouped_cospadi_shares_one_dictionary_stored_once(calib_ids, tmp_path):
     names = tensor_names_and_bytes(tmp_path / "g" / io.WEIGHTS)
     assert "model.layers.0.self_attn.q_proj.D" in names and "model.layers.1.self_attn.q_proj.D" not in names
     torch.testing.assert_close(_outputs(io.load(tmp_path / "g"), ids), want, rtol=0, atol=0)
+
+
+def test_knapsack_profile_cache_gives_the_same_plan(calib_ids, monkeypatch):
+    from sparselm.config import Allocate
+    from sparselm import profile
+    recipe = lambda r: Recipe(methods=(RocketSpec(target=Ratio(r)), SVDLLMSpec(target=Ratio(r))),
+                              allocate=Allocate.KNAPSACK)
+    fresh = pipeline.compress(tiny_model("llama"), calib_ids, recipe(0.4), CPU, torch.float32).allocation
+    cache: dict = {}
+    pipeline.compress(tiny_model("llama"), calib_ids, recipe(0.2), CPU, torch.float32, profile_cache=cache)
+    assert len(cache) == 14  # one option table per targeted layer (2 blocks x 7 linears)
+    calls = []
+    monkeypatch.setattr(profile, "profile_layer", lambda *a, **k: calls.append(a))  # must not be needed
+    cached = pipeline.compress(tiny_model("llama"), calib_ids, recipe(0.4), CPU, torch.float32,
+                               profile_cache=cache).allocation
+    assert not calls
+    assert cached == fresh
