@@ -1,6 +1,6 @@
 """Rebuild the bundled tiny model: a BPE tokenizer and a small Llama trained on CPython stdlib sources.
 
-    python scripts/train_bundled.py                  # ~45 min on 2 idle CPU cores, minutes on a GPU
+    python scripts/train_bundled.py                  # ~25 min on 2 idle CPU cores, minutes on a GPU
     python scripts/train_bundled.py --max-minutes 5  # a quick, weaker model
 
 The train/validation split is the one `sparselm.data.stdlib_files` uses (by file), so the bundled

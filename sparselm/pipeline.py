@@ -222,6 +222,22 @@ def compress(model: nn.Module, calib: torch.Tensor, recipe: Recipe, device: torc
     return CompressReport(layers, time.perf_counter() - t0, allocation)
 
 
+def _profile(name: str, W: torch.Tensor, stats: LinearStats, specs: list[MethodSpec], dtype: torch.dtype,
+             cache: dict | None) -> list:
+    """The layer's knapsack options: the dense option + each spec's; with a cache, per (layer, spec, dtype)."""
+    from .config import Ratio
+    from .profile import profile_layer
+    if cache is None:
+        return profile_layer(W, stats, specs, dtype=dtype)  # one whitened SVD shared by all specs
+    options = profile_layer(W, stats, [], dtype=dtype)  # the dense option
+    for spec in specs:
+        key = (name, spec.with_target(Ratio(0.5)), dtype)  # options do not depend on the budget
+        if key not in cache:
+            cache[key] = profile_layer(W, stats, [spec], dtype=dtype, dense=False)
+        options += cache[key]
+    return options
+
+
 @torch.no_grad()
 def plan_knapsack(model, blocks, prefix: str, targets, calib, recipe: Recipe, device, dtype, batch_size: int,
                   cache: dict | None = None):
@@ -229,11 +245,10 @@ def plan_knapsack(model, blocks, prefix: str, targets, calib, recipe: Recipe, de
 
     Returns ``{layer: spec}`` (layers kept dense are absent) and the allocation rows for the report.
     The error of an option is the layer's relative functional error ‖X(W−Ŵ)ᵀ‖²/‖XWᵀ‖² (profile.py).
-    ``cache`` (see `compress`) maps (layer, method settings, dtype) to its options.
+    ``cache`` (see `compress`) maps (layer, method settings, dtype) to that method's options.
     """
     from .budget import allocate
     from .config import Ratio
-    from .profile import profile_layer
     target = recipe.methods[0].target
     if not isinstance(target, Ratio) or any(s.target != target for s in recipe.methods):
         raise InputError("knapsack allocation needs one --ratio budget shared by all methods",
@@ -250,13 +265,7 @@ def plan_knapsack(model, blocks, prefix: str, targets, calib, recipe: Recipe, de
             inputs = run_block(block, inputs)
         for name, module in mods.items():
             W = adapter.linear_weight(module).detach().to(device, torch.float32)
-            key = (name, tuple(s.with_target(Ratio(0.5)) for s in specs), dtype)  # options ignore the budget
-            if cache is not None and key in cache:
-                options[name] = cache[key]
-            else:
-                options[name] = profile_layer(W, stats[name], specs, dtype=dtype)
-                if cache is not None:
-                    cache[key] = options[name]
+            options[name] = _profile(name, W, stats[name], specs, dtype, cache)
             dense_bytes += W.numel() * torch.finfo(dtype).bits / 8
         block.to(home)
     choice = allocate(options, (1 - target.value) * dense_bytes)

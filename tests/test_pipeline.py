@@ -151,9 +151,13 @@ def test_knapsack_profile_cache_gives_the_same_plan(calib_ids, monkeypatch):
     fresh = pipeline.compress(tiny_model("llama"), calib_ids, recipe(0.4), CPU, torch.float32).allocation
     cache: dict = {}
     pipeline.compress(tiny_model("llama"), calib_ids, recipe(0.2), CPU, torch.float32, profile_cache=cache)
-    assert len(cache) == 14  # one option table per targeted layer (2 blocks x 7 linears)
-    calls = []
-    monkeypatch.setattr(profile, "profile_layer", lambda *a, **k: calls.append(a))  # must not be needed
+    assert len(cache) == 28  # one option table per targeted layer (2 blocks x 7 linears) and method
+    calls, real = [], profile.profile_layer
+
+    def spy(W, stats, specs, *args, **kw):
+        calls.extend(specs)  # a method profiled again (the dense option alone is free)
+        return real(W, stats, specs, *args, **kw)
+    monkeypatch.setattr(profile, "profile_layer", spy)
     cached = pipeline.compress(tiny_model("llama"), calib_ids, recipe(0.4), CPU, torch.float32,
                                profile_cache=cache).allocation
     assert not calls
