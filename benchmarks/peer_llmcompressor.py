@@ -349,7 +349,9 @@ def render(r: dict) -> str:
         f"identical between the tools' windowing: {r['eval_windows_identical']}). Dense perplexity: "
         f"**{r['dense_ppl_shared']:.3f}**. Written by `benchmarks/peer_llmcompressor.py`.",
         "",
-        f"Environment: {env['cpus']} CPU cores shared with other jobs; {env['threads']} torch threads in both tools. "
+        f"Environment: {env['cpus']} CPU cores, 1-minute load average before the timed runs "
+        f"{min(min(x['loadavg_runs']) for x in rows):.1f}–{max(max(x['loadavg_runs']) for x in rows):.1f} (the tools' "
+        f"own previous runs; nothing else ran); {env['threads']} torch threads in both tools. "
         f"sparselm: torch {env['torch']}, transformers {env['transformers']}, Python {env['python']}. "
         f"llm-compressor {peer['llmcompressor']} (compressed-tensors {peer['compressed_tensors']}) in its own venv: "
         f"torch {peer['torch']}, transformers {peer['transformers']}, {peer['threads']} threads.",
@@ -407,8 +409,9 @@ of weights that both tools zero or both keep.
 "one-shot s" is the compression stage only, each tool timed by itself: llm-compressor's `oneshot(...)` call (its
 dataset preparation, graph tracing into per-layer subgraphs, calibration, pruning and propagation) and
 sparselm's pipeline `compress_seconds` (block-0 input capture, per-block statistics, pruning, propagation;
-model loading, calibration tokenization, evaluation and saving excluded). One run each on 2 shared cores, so
-differences of ~10 % are noise.
+model loading, calibration tokenization, evaluation and saving excluded). The tools' runs alternate; the
+table shows the fastest and the median of the repeats. On this 2-core machine repeated runs of the same
+command differ by up to ~20 %, so differences below ~10 % are noise.
 
 ## What the numbers mean
 
@@ -428,6 +431,11 @@ differences of ~10 % are noise.
   dtype (bf16) while llm-compressor keeps them in float32 (the bf16-rounded column shows the size of that effect).
   Small float differences flip a few mask decisions and then propagate through the column sweep, so masks agree
   on most but not all weights and perplexities agree to within a few tenths of a percent.
+* Speed: both tools run each block twice (statistics, then propagation of the pruned outputs). sparselm
+  accumulates the full float64 Gram XᵀX once per distinct layer input (q/k/v share one, gate/up another): SparseGPT
+  needs it, and it gives every layer's exact functional error ‖X(W−Ŵ)ᵀ‖ in the manifest. llm-compressor's Wanda
+  accumulates only the squared input norms, so on this tiny model (where the Gram is about a quarter of
+  sparselm's Wanda time) Wanda is on par, within noise, rather than faster; SparseGPT is faster in sparselm.
 """
 
 
