@@ -1,6 +1,6 @@
 """Calibration statistics of linear inputs, and hooks to record them that are always removed.
 
-`LinearStats` is what every data-aware method sees: the input Gram ``G = XᵀX`` (summed in float64),
+`LinearStats` is what every data-aware method sees: the input Gram ``G = XᵀX`` (batches summed in float64),
 the token count, and the squared column norms (``diag G``, what Wanda needs).
 """
 from __future__ import annotations
@@ -34,8 +34,15 @@ class LinearStats:
         return stats
 
     def add_batch(self, x: torch.Tensor, name: str = "") -> None:
-        x = x.reshape(-1, x.shape[-1]).to(torch.float64)  # (tokens, in)
-        self.gram.addmm_(x.T, x)
+        """Add one batch: its products in float32 (float64 inputs stay float64), summed into the float64 Gram.
+
+        A float32 product is 2× (CPU) to 60× (consumer GPUs) faster than a float64 one; its rounding, about
+        1e-6 of the batch's sum of |x_i x_j|, is far below the whitening and damping regularizations the
+        methods apply. (On CUDA, leave TF32 matmuls off, PyTorch's default, for this precision.)
+        """
+        x = x.reshape(-1, x.shape[-1])  # (tokens, in)
+        x = x.to(torch.float64 if x.dtype == torch.float64 else torch.float32)
+        self.gram += (x.T @ x).to(torch.float64)
         self.count += x.shape[0]
         # diag G = Σ x_j²: non-finite exactly when some activation is (no float64 overflow from float32 inputs)
         if not torch.isfinite(self.gram.diagonal()).all():
