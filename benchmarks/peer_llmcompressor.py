@@ -432,10 +432,9 @@ command differ by up to ~20 %, so differences below ~10 % are noise.
   Small float differences flip a few mask decisions and then propagate through the column sweep, so masks agree
   on most but not all weights and perplexities agree to within a few tenths of a percent.
 * Speed: both tools run each block twice (statistics, then propagation of the pruned outputs). sparselm
-  accumulates the full float64 Gram XᵀX once per distinct layer input (q/k/v share one, gate/up another): SparseGPT
-  needs it, and it gives every layer's exact functional error ‖X(W−Ŵ)ᵀ‖ in the manifest. llm-compressor's Wanda
-  accumulates only the squared input norms, so on this tiny model (where the Gram is about a quarter of
-  sparselm's Wanda time) Wanda is on par, within noise, rather than faster; SparseGPT is faster in sparselm.
+  accumulates the full Gram XᵀX (float32 products per batch, summed in float64) once per distinct layer input
+  (q/k/v share one, gate/up another): SparseGPT needs it, and it gives every layer's exact functional error
+  ‖X(W−Ŵ)ᵀ‖ in the manifest, even for Wanda, whose llm-compressor version keeps only the squared input norms.
 """
 
 

@@ -1,30 +1,37 @@
 #!/usr/bin/env bash
-# Regenerates every table under docs/benchmarks/ (CPU; about an hour on 2 cores).
+# Regenerates every table under docs/benchmarks/ on CPU, one thread per process.
+# Each testbed is one chain (bundled: about 1.5 h, MiniLM: about 4 h on one core, most of it CoSpaDi's
+# sparse coding); run the chains in parallel on separate cores: `benchmarks/run_all.sh bundled &
+# benchmarks/run_all.sh minilm &`. With no argument, both run one after the other, then the rest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
-q="python benchmarks/quality.py"
-ratios="0.2 0.3 0.4 0.5"
-runs() { for r in $ratios; do for m in "$@"; do printf '%s ' "${m/R/$r}"; done; done; }
-CO='{"cospadi": {"iters": 20}}'
+R="0.2 0.3 0.4 0.5"
+CO='{"cospadi": {"iters": 20}}'   # 20 K-SVD iterations (the paper: 60), see docs/benchmarks/README.md
+runs() { for r in $R; do for m in "$@"; do printf '%s ' "${m/R/$r}"; done; done; }
 
-# issue: foundation — pruning at 50% and 2:4 on both testbeds
-for bed in bundled minilm; do
-  $q --testbed $bed --name pruning --runs magnitude:s0.5 wanda:s0.5 sparsegpt:s0.5 magnitude:2:4 wanda:2:4 sparsegpt:2:4
-done
-# issue: factorization — every method at the same stored ratio
-for bed in bundled minilm; do
-  $q --testbed $bed --name factorization --override "$CO" \
-     --runs $(runs svd:rR asvd:rR svd-llm:rR cospadi:rR wanda:rR sparsegpt:rR)
-done
-# grouped CoSpaDi (one dictionary per projection shared by 2 blocks)
-for bed in bundled minilm; do
-  $q --testbed $bed --name grouped --override '{"cospadi": {"iters": 20, "group_size": 2}}' --runs $(runs cospadi:rR)
-done
-# issue: allocation — uniform vs knapsack per method, and mixed
-for bed in bundled minilm; do
-  $q --testbed $bed --name allocation --override "$CO" \
+chain() {
+  local q="python benchmarks/quality.py --testbed $1" docs=docs/benchmarks
+  # foundation: pruning at 50 % and 2:4
+  $q --name pruning --runs magnitude:s0.5 wanda:s0.5 sparsegpt:s0.5 magnitude:2:4 wanda:2:4 sparsegpt:2:4
+  # factorization: every method at the same stored ratio
+  $q --name factorization --override "$CO" --runs $(runs svd:rR asvd:rR svd-llm:rR wanda:rR sparsegpt:rR) \
+     $(runs cospadi:rR)
+  # grouped CoSpaDi: one dictionary per projection shared by 2 consecutive blocks
+  $q --name grouped --override '{"cospadi": {"iters": 20, "group_size": 2}}' --runs $(runs cospadi:rR)
+  # allocation: uniform vs knapsack per method, and mixed (knapsack tables are profiled once per invocation)
+  $q --name allocation_runs --override "$CO" \
+     --runs $(runs rocket:rR rocket:rR@knapsack svd-llm:rR svd-llm:rR@knapsack rocket+svd-llm+wanda:rR@knapsack) \
+            $(runs cospadi:rR@knapsack) $(runs rocket+svd-llm+wanda+cospadi:rR@knapsack)
+  # the allocation table: every row copied from the two tables above (nothing is recomputed)
+  $q --name allocation --override "$CO" --reuse $docs/quality_$1_factorization.json $docs/quality_$1_allocation_runs.json \
      --runs $(runs rocket:rR rocket:rR@knapsack cospadi:rR cospadi:rR@knapsack svd-llm:rR svd-llm:rR@knapsack \
-                   rocket+svd-llm+wanda:rR@knapsack)
-done
+                   rocket+svd-llm+wanda:rR@knapsack rocket+svd-llm+wanda+cospadi:rR@knapsack)
+}
+
+if [ $# -gt 0 ]; then chain "$1"; exit; fi
+chain bundled
+chain minilm
 python benchmarks/storage.py
+python benchmarks/factorization_speed.py
+python benchmarks/peer_llmcompressor.py   # needs llm-compressor in /tmp/llmc: see ../shared/tools/README.md

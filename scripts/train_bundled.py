@@ -1,6 +1,6 @@
 """Rebuild the bundled tiny model: a BPE tokenizer and a small Llama trained on CPython stdlib sources.
 
-    python scripts/train_bundled.py                  # ~25 min on 2 idle CPU cores, minutes on a GPU
+    python scripts/train_bundled.py                  # ~48 min on 2 idle CPU cores, minutes on a GPU
     python scripts/train_bundled.py --max-minutes 5  # a quick, weaker model
 
 The train/validation split is the one `sparselm.data.stdlib_files` uses (by file), so the bundled
@@ -60,8 +60,8 @@ def main() -> None:
     ap.add_argument("--seqlen", type=int, default=256)
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--lr", type=float, default=2e-3)
-    ap.add_argument("--max-minutes", type=float, default=60.0)
-    ap.add_argument("--max-steps", type=int, default=1000, help="length of the cosine schedule")
+    ap.add_argument("--max-minutes", type=float, default=90.0)
+    ap.add_argument("--max-steps", type=int, default=2000, help="length of the cosine schedule")
     ap.add_argument("--eval-every", type=int, default=100)
     ap.add_argument("--plateau", type=float, default=0.003)
     ap.add_argument("--patience", type=int, default=3)
