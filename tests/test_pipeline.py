@@ -162,3 +162,24 @@ def test_knapsack_profile_cache_gives_the_same_plan(calib_ids, monkeypatch):
                                profile_cache=cache).allocation
     assert not calls
     assert cached == fresh
+
+
+def test_knapsack_caps_every_layer_error_at_alpha_times_the_uniform_mean(calib_ids):
+    from sparselm.budget import ALPHAS
+    from sparselm.config import Allocate
+    rows = pipeline.compress(tiny_model("llama"), calib_ids, Recipe(methods=(SVDLLMSpec(target=Ratio(0.4)),),
+                             allocate=Allocate.KNAPSACK), CPU, torch.float32).allocation
+    cap = rows[0]["error_cap"]
+    assert cap is not None and all(r["error_cap"] == cap for r in rows)
+    assert all(r["predicted_error"] <= cap for r in rows)
+    assert max(r["predicted_error"] for r in rows) > 0
+
+
+def test_uniform_reference_is_the_mean_error_at_the_target_ratio():
+    from sparselm.budget import Option
+    opts = {"a": [Option(8, 0.0, None), Option(4, 0.2, SVDLLMSpec(target=Ratio(0.5))),
+                  Option(6, 0.1, SVDLLMSpec(target=Ratio(0.25)))],
+            "b": [Option(8, 0.0, None), Option(4, 0.4, SVDLLMSpec(target=Ratio(0.5))),
+                  Option(4, 0.3, RocketSpec(target=Ratio(0.5)))]}
+    assert pipeline.uniform_reference(opts, 0.5) == pytest.approx((0.2 + 0.3) / 2)
+    assert pipeline.uniform_reference(opts, 0.3) == pytest.approx((0.1 + 0.3) / 2)  # nearest grid ratio
