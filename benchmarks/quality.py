@@ -109,11 +109,17 @@ def run_one(bed, recipe: Recipe, profile_cache: dict) -> dict:
     t0 = time.perf_counter()
     report = pipeline.compress(model, bed.calib, recipe, CPU, bed.loaded.storage_dtype, profile_cache=profile_cache)
     seconds = time.perf_counter() - t0
-    if recipe.allocate is Allocate.KNAPSACK and len(profile_cache) == known:
-        seconds = f"{seconds:.1f}*"  # profiling reused from an earlier run of this invocation
+    reused = recipe.allocate is Allocate.KNAPSACK and len(profile_cache) == known  # tables from an earlier row
     _, totals = _manifest(bed.loaded, report, recipe, "stdlib", bed.calib, 0)
-    return {"seconds": round(seconds, 2) if isinstance(seconds, float) else seconds, "score": bed.score(model),
+    return {"seconds": round(seconds, 2), "profile_reused": reused, "score": bed.score(model),
             **{k: round(totals[k], 4) for k in ("ratio_stored", "ratio_params", "ratio_paper")}}
+
+
+def _normalized(row: dict) -> dict:
+    """Rows written before ``profile_reused`` existed stored it as a ``"12.3*"`` string in ``seconds``."""
+    if isinstance(row["seconds"], str):
+        return {**row, "seconds": float(row["seconds"].rstrip("*")), "profile_reused": row["seconds"].endswith("*")}
+    return row
 
 
 def reusable_rows(paths: list[str], testbed: str, overrides: dict) -> dict[str, dict]:
@@ -126,7 +132,7 @@ def reusable_rows(paths: list[str], testbed: str, overrides: dict) -> dict[str, 
         for row in src["rows"]:
             methods = row["run"].split(":")[0].split("+")
             if all(src.get("override", {}).get(m) == overrides.get(m) for m in methods):
-                found[row["run"]] = {**row, "reused_from": Path(path).name}
+                found[row["run"]] = {**_normalized(row), "reused_from": Path(path).name}
     return found
 
 
@@ -145,8 +151,7 @@ def write(bed, name: str, dense: float, rows: list[dict], overrides: dict) -> No
              "", f"| run | ratio stored | ratio params | ratio paper | {bed.metric} | seconds |",
              "|---|---|---|---|---|---|"]
     for r in rows:
-        secs = f"{r['seconds']:.1f}" if isinstance(r["seconds"], float) else r["seconds"]
-        secs += " †" if "reused_from" in r else ""
+        secs = f"{r['seconds']:.1f}" + ("*" if r.get("profile_reused") else "") + (" †" if "reused_from" in r else "")
         lines.append(f"| `{r['run']}` | {r['ratio_stored']:.3f} | {r['ratio_params']:.3f} | {r['ratio_paper']:.3f} | "
                      f"{r['score']:.4f} | {secs} |")
     stem.with_suffix(".md").write_text("\n".join(lines) + "\n")

@@ -32,8 +32,11 @@ from dataclasses import dataclass
 
 import torch
 
-MAX_BYTES = {"cpu": 1 << 29}  # working memory per chunk of columns, by device type ...
-MAX_BYTES_DEFAULT = 1 << 32     # ... and on any other device
+# Working memory per chunk of columns, by device type. OMP streams each column's ``Z`` once per step, so on CPU
+# a chunk that stays in the last-level cache runs ~1.5-2x faster than a larger one (measured, one thread:
+# n = 384, k = 392, s = 196: 3.8 s at 128 MiB vs 7.5 s at 512 MiB; n = 2048, k = 1092, s = 546: 9.6 vs 14.7 s).
+MAX_BYTES = {"cpu": 1 << 27}
+MAX_BYTES_DEFAULT = 1 << 32  # on any other device
 
 
 @dataclass
