@@ -19,11 +19,12 @@ from torch import nn
 
 from . import model as adapter
 from .capture import LinearStats, record
-from .config import Allocate, CoSpaDiSpec, MethodSpec, Recipe
+from .budget import allocate, search_alpha
+from .config import Allocate, CoSpaDiSpec, MethodSpec, Ratio, Recipe
 from .errors import InputError
 from .methods import compress_group
 from .modules import CompressedLinear, dense_cache, from_result
-from .profile import relative_error
+from .profile import profile_layer, relative_error
 
 log = logging.getLogger(__name__)
 
@@ -234,22 +235,6 @@ def uniform_reference(options: dict[str, list], ratio: float) -> float:
     return sum(errors) / max(len(errors), 1)
 
 
-def _profile(name: str, W: torch.Tensor, stats: LinearStats, specs: list[MethodSpec], dtype: torch.dtype,
-             cache: dict | None) -> list:
-    """The layer's knapsack options: the dense option + each spec's; with a cache, per (layer, spec, dtype)."""
-    from .config import Ratio
-    from .profile import profile_layer
-    if cache is None:
-        return profile_layer(W, stats, specs, dtype=dtype)  # one whitened SVD shared by all specs
-    options = profile_layer(W, stats, [], dtype=dtype)  # the dense option
-    for spec in specs:
-        key = (name, spec.with_target(Ratio(0.5)), dtype)  # options do not depend on the budget
-        if key not in cache:
-            cache[key] = profile_layer(W, stats, [spec], dtype=dtype, dense=False)
-        options += cache[key]
-    return options
-
-
 @torch.no_grad()
 def plan_knapsack(model, blocks, prefix: str, targets, calib, recipe: Recipe, device, dtype, batch_size: int,
                   cache: dict | None = None):
@@ -262,8 +247,6 @@ def plan_knapsack(model, blocks, prefix: str, targets, calib, recipe: Recipe, de
     damaged layer hurts the whole model (measured: SVD-LLM at ratio 0.5 on the bundled model, perplexity
     25.5 without the cap, 23.9 with it, 24.2 uniform). ``cache`` (see `compress`) maps (layer, method settings, dtype) to that method's options.
     """
-    from .budget import allocate, search_alpha
-    from .config import Ratio
     target = recipe.methods[0].target
     if not isinstance(target, Ratio) or any(s.target != target for s in recipe.methods):
         raise InputError("knapsack allocation needs one --ratio budget shared by all methods",
@@ -280,7 +263,7 @@ def plan_knapsack(model, blocks, prefix: str, targets, calib, recipe: Recipe, de
             inputs = run_block(block, inputs)
         for name, module in mods.items():
             W = adapter.linear_weight(module).detach().to(device, torch.float32)
-            options[name] = _profile(name, W, stats[name], specs, dtype, cache)
+            options[name] = profile_layer(W, stats[name], specs, dtype=dtype, cache=cache, key=name)
             dense_bytes += W.numel() * torch.finfo(dtype).bits / 8
         block.to(home)
     budget_bytes = (1 - target.value) * dense_bytes

@@ -40,7 +40,11 @@ from .budget import Option
 from .capture import LinearStats
 from .config import CoSpaDiSpec, MagnitudeSpec, MethodSpec, Ratio, RocketSpec, SVDLLMSpec, WandaSpec
 from .errors import InputError
-from .modules import LowRankLinear
+from .methods import compress_weight
+from .methods.masks import kept_count
+from .methods.rocket import dict_bytes, factorize, keep_counts, rocket_size, whitened_svd
+from .methods.wanda import wanda_score
+from .modules import LowRankLinear, from_result
 
 log = logging.getLogger(__name__)
 DEFAULT_RATIOS = tuple(round(0.05 * i, 2) for i in range(1, 15))  # 0.05 .. 0.70
@@ -78,26 +82,37 @@ def output_importance(energy: Mapping[str, float],
 
 def profile_layer(W: torch.Tensor, stats: LinearStats | None, specs: Sequence[MethodSpec],
                   ratios: Sequence[float] = DEFAULT_RATIOS, dtype: torch.dtype = torch.float16, *,
-                  importance: float = 1.0, ks_grid: Sequence[float] = DEFAULT_KS,
-                  dense: bool = True) -> list[Option]:
-    """Options for one layer ``W`` ``(out, in)``: every spec at every ratio, plus the dense option."""
+                  importance: float = 1.0, ks_grid: Sequence[float] = DEFAULT_KS, dense: bool = True,
+                  cache: dict | None = None, key: object = None) -> list[Option]:
+    """Options for one layer ``W`` ``(out, in)``: every spec at every ratio, plus the dense option.
+
+    ``cache`` keeps each spec's options under ``(key, spec without its target, dtype, grid, importance)``:
+    options do not depend on the budget, so profiling the same layer (``key``: e.g. its name) with the same
+    weights and statistics at another ratio reuses them. The caller guarantees that ``key`` identifies the
+    weights and statistics."""
     W = W.float()
     out_f, in_f = W.shape
     db = torch.finfo(dtype).bits // 8
     opts = [Option(float(out_f * in_f * db), 0.0, None)] if dense else []
-    table = _Table(W, stats, dtype, importance)
+    table = _Table(W, stats, dtype, importance)  # the whitened SVD is computed once, on first use
     for spec in specs:
+        entry = (key, spec.with_target(Ratio(0.5)), dtype, tuple(ratios), tuple(ks_grid), importance)
+        if cache is not None and entry in cache:
+            opts += cache[entry]
+            continue
         if isinstance(spec, SVDLLMSpec):
-            opts += table.svdllm(spec, ratios)
+            found = table.svdllm(spec, ratios)
         elif isinstance(spec, RocketSpec):
-            opts += table.rocket(spec, ratios, ks_grid)
+            found = table.rocket(spec, ratios, ks_grid)
         elif isinstance(spec, (MagnitudeSpec, WandaSpec)):
-            opts += table.pruning(spec, ratios)
+            found = table.pruning(spec, ratios)
         elif isinstance(spec, CoSpaDiSpec):  # K-SVD converges slowly: profile a short run (an upper bound)
-            probe = dataclasses.replace(spec, iters=min(spec.iters, COSPADI_PROBE_ITERS))
-            opts += table.generic(spec, ratios, probe)
+            found = table.generic(spec, ratios, dataclasses.replace(spec, iters=min(spec.iters, COSPADI_PROBE_ITERS)))
         else:
-            opts += table.generic(spec, ratios)
+            found = table.generic(spec, ratios)
+        if cache is not None:
+            cache[entry] = found
+        opts += found
     return opts
 
 
@@ -117,7 +132,6 @@ class _Table:
         return self.importance * err / energy if energy > 0 else 0.0
 
     def svd(self):
-        from .methods.rocket import whitened_svd
         if self.raw_stats is None:
             raise InputError("svd-llm and rocket got no calibration statistics for this layer",
                              "profile them with calibration data (--calib)")
@@ -142,7 +156,6 @@ class _Table:
 
     def rocket(self, spec: RocketSpec, ratios: Sequence[float], ks_grid: Sequence[float]) -> list[Option]:
         """Best ks per ratio (lowest error) among ``ks_grid``, from `rocket.factorize` on the shared SVD."""
-        from .methods.rocket import dict_bytes, factorize, keep_counts, rocket_size
         svd = self.svd()
         out_f, in_f = self.W.shape
         energy = float((svd.sigma ** 2).sum())
@@ -166,8 +179,6 @@ class _Table:
 
     def pruning(self, spec: MethodSpec, ratios: Sequence[float]) -> list[Option]:
         """Magnitude (layer-wide) / Wanda (per row): one ranking of the scores, cut at each ratio's count."""
-        from .methods.masks import kept_count
-        from .methods.wanda import wanda_score
         W, (out_f, in_f) = self.W, self.W.shape
         per_row = isinstance(spec, WandaSpec)
         if per_row and self.raw_stats is None:
@@ -195,8 +206,6 @@ class _Table:
         """Any registered method: compress at each ratio, measure the module's bytes and the error.
 
         ``probe`` (same sizes, cheaper settings) is what actually runs; the option carries ``spec``."""
-        from .methods import compress_weight
-        from .modules import from_result
         opts = []
         for r in ratios:
             sp = spec.with_target(Ratio(r))

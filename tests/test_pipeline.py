@@ -152,12 +152,11 @@ def test_knapsack_profile_cache_gives_the_same_plan(calib_ids, monkeypatch):
     cache: dict = {}
     pipeline.compress(tiny_model("llama"), calib_ids, recipe(0.2), CPU, torch.float32, profile_cache=cache)
     assert len(cache) == 28  # one option table per targeted layer (2 blocks x 7 linears) and method
-    calls, real = [], profile.profile_layer
-
-    def spy(W, stats, specs, *args, **kw):
-        calls.extend(specs)  # a method profiled again (the dense option alone is free)
-        return real(W, stats, specs, *args, **kw)
-    monkeypatch.setattr(profile, "profile_layer", spy)
+    calls = []
+    for builder in ("svd", "svdllm", "rocket"):  # any option built again, or the whitened SVD recomputed
+        real = getattr(profile._Table, builder)
+        monkeypatch.setattr(profile._Table, builder,
+                            lambda self, *a, _real=real, _name=builder: calls.append(_name) or _real(self, *a))
     cached = pipeline.compress(tiny_model("llama"), calib_ids, recipe(0.4), CPU, torch.float32,
                                profile_cache=cache).allocation
     assert not calls

@@ -132,3 +132,19 @@ def test_output_importance_reference():
     assert output_importance({"a": 2.0, "b": 6.0}) == {"a": 0.5, "b": 1.5}
     assert output_importance({"a": 2.0, "b": 6.0}, {"a": 4.0, "b": 6.0}) == {"a": 0.5, "b": 1.0}
     assert output_importance({"a": 2.0}, 0.0) == {"a": 0.0}
+
+
+def test_cache_reuses_options_and_one_whitened_svd_serves_every_method(monkeypatch):
+    from sparselm import profile
+    W, stats = layer()
+    specs = [RocketSpec(target=Ratio(0.3)), SVDLLMSpec(target=Ratio(0.3))]
+    calls, real = [], profile.whitened_svd
+    monkeypatch.setattr(profile, "whitened_svd", lambda *a: calls.append(1) or real(*a))
+    cache: dict = {}
+    first = profile_layer(W, stats, specs, RATIOS, cache=cache, key="layer")
+    assert len(calls) == 1 and len(cache) == 2  # one SVD for both methods, one entry per method
+    again = profile_layer(W, stats, [dataclasses.replace(s, target=Ratio(0.6)) for s in specs], RATIOS,
+                          cache=cache, key="layer")  # another budget: same options, nothing recomputed
+    assert again == first and len(calls) == 1
+    profile_layer(W, stats, specs, RATIOS, cache=cache, key="other layer")
+    assert len(calls) == 2 and len(cache) == 4
