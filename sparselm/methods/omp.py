@@ -24,13 +24,17 @@ and keeps ill-conditioned pivots out of the factorization. Zero coefficients ins
 therefore possible. ``tol, rtol`` = ``1e-4, 1e-5`` in float32, ``1e-10, 1e-12`` in float64.
 
 Atoms need not be unit-norm: selection uses ``|α_a|/‖d_a‖``; zero atoms are never useful and get frozen.
-Runs on the device of its inputs, in their dtype (float32 for speed, float64 where exactness matters).
+Runs on the device of its inputs, in their dtype (float32 for speed, float64 where exactness matters). On CPU
+the same algorithm runs as a compiled loop per column when numba is installed (`omp_cpu`, 2-6x faster);
+the batched tensor form below serves GPUs and CPUs without numba, and the tests check that both agree.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import torch
+
+from . import omp_cpu
 
 # Working memory per chunk of columns, by device type. OMP streams each column's ``Z`` once per step, so on CPU
 # a chunk that stays in the last-level cache runs ~1.5-2x faster than a larger one (measured, one thread:
@@ -59,22 +63,32 @@ class Codes:
 
 
 def omp(D: torch.Tensor, Y: torch.Tensor, s: int, dtype: torch.dtype | None = None,
-        max_bytes: int | None = None) -> Codes:
+        max_bytes: int | None = None, engine: str = "auto") -> Codes:
     """Exactly-``s``-sparse codes of ``Y`` ``(n, cols)`` over the dictionary ``D`` ``(n, k)`` (math in
-    ``dtype``, default ``D``'s: float32 or float64)."""
+    ``dtype``, default ``D``'s: float32 or float64; ``engine`` as in `omp_gram`)."""
     dtype = dtype or D.dtype
     D, Y = D.to(dtype), Y.to(dtype)
-    return omp_gram(D.T @ D, D.T @ Y, s, dtype, max_bytes)  # (k, k), (k, cols)
+    return omp_gram(D.T @ D, D.T @ Y, s, dtype, max_bytes, engine)  # (k, k), (k, cols)
 
 
 def omp_gram(G: torch.Tensor, DtY: torch.Tensor, s: int, dtype: torch.dtype | None = None,
-             max_bytes: int | None = None) -> Codes:
-    """Batch-OMP from the Gram ``G = DᵀD`` ``(k, k)`` and ``DᵀY`` ``(k, cols)``, chunked over columns."""
+             max_bytes: int | None = None, engine: str = "auto") -> Codes:
+    """Batch-OMP from the Gram ``G = DᵀD`` ``(k, k)`` and ``DᵀY`` ``(k, cols)``.
+
+    ``engine``: "torch" (batched tensor ops over chunks of columns, any device), "compiled" (`omp_cpu`, CPU
+    only, needs numba) or "auto" (compiled on CPU when numba is installed, else torch)."""
     k, cols = DtY.shape
     dtype = dtype or G.dtype
     if not 1 <= s <= k:
         raise ValueError(f"omp: sparsity s={s} must be between 1 and the number of atoms k={k}")
+    if engine not in ("auto", "torch", "compiled"):
+        raise ValueError(f"omp: engine {engine!r} is not one of auto, torch, compiled")
     G, DtY = G.to(dtype), DtY.to(dtype)
+    if engine == "compiled" or (engine == "auto" and G.device.type == "cpu" and omp_cpu.available()):
+        if G.device.type != "cpu" or not omp_cpu.available():
+            raise ValueError("omp: the compiled engine needs CPU tensors and numba (pip install numba)")
+        idx, val = omp_cpu.omp_columns(G, DtY.T, s, *_tolerances(dtype))
+        return Codes(idx, val)
     max_bytes = max_bytes or MAX_BYTES.get(G.device.type, MAX_BYTES_DEFAULT)
     per_col = (s * k + s * s + 6 * k + 2 * s) * torch.finfo(dtype).bits // 8
     chunk = max(1, min(cols, max_bytes // per_col))
@@ -86,11 +100,16 @@ def omp_gram(G: torch.Tensor, DtY: torch.Tensor, s: int, dtype: torch.dtype | No
     return Codes(idx, val)
 
 
+def _tolerances(dtype: torch.dtype) -> tuple[float, float]:
+    """``(tol, rtol)``: a pivot with ``δ² ≤ tol·G_aa`` or a correlation below ``rtol`` of the first is frozen."""
+    return (1e-10, 1e-12) if dtype == torch.float64 else (1e-4, 1e-5)
+
+
 def _omp_chunk(G: torch.Tensor, A0: torch.Tensor, s: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Batch-OMP for the columns of one chunk; ``A0`` = ``(DᵀY)ᵀ`` ``(c, k)``."""
     c, k = A0.shape
     dev, dt = A0.device, A0.dtype
-    tol, rtol = (1e-10, 1e-12) if dt == torch.float64 else (1e-4, 1e-5)
+    tol, rtol = _tolerances(dt)
     diag_G = G.diagonal().clone()  # (k,)
     inv_norm = torch.where(diag_G > 0, diag_G.clamp_min(1e-300).rsqrt(), torch.zeros_like(diag_G))
     rows = torch.arange(c, device=dev)
