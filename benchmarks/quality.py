@@ -35,7 +35,7 @@ sys.path.insert(0, str(ROOT))
 from sparselm import data, pipeline  # noqa: E402
 from sparselm import model as adapter  # noqa: E402
 from sparselm.api import _manifest  # noqa: E402
-from sparselm.config import SPECS, Allocate, Pattern, Ratio, Recipe, Sparsity  # noqa: E402
+from sparselm.config import Allocate, Pattern, Ratio, Recipe, Sparsity, spec_from_dict  # noqa: E402
 from sparselm.evaluate import embedding_fidelity, perplexity, sentence_embeddings  # noqa: E402
 
 DOCS = ROOT / "docs" / "benchmarks"
@@ -51,7 +51,7 @@ def parse_run(text: str, overrides: dict) -> Recipe:
         target = Sparsity(float(knob[1:]))
     else:
         target = Pattern.parse(knob)
-    specs = tuple(SPECS[m](target=target, **overrides.get(m, {})) for m in methods.split("+"))
+    specs = tuple(spec_from_dict({"method": m, **overrides.get(m, {})}).with_target(target) for m in methods.split("+"))
     return Recipe(methods=specs, allocate=Allocate(alloc or "uniform"))
 
 
