@@ -155,8 +155,7 @@ def _manifest(loaded, report: pipeline.CompressReport, recipe: Recipe, calib: st
     layers, rows, layers_kept_dense = {}, [], []
     for layer in report.layers:
         users = shared.get(getattr(getattr(layer.module, "D", None), "data_ptr", lambda: None)(), [layer.name])
-        d_bytes = layer.module.D.numel() * layer.module.D.element_size() if len(users) > 1 else 0
-        row = layer_accounting(layer.module, loaded.storage_dtype, d_bytes * (len(users) - 1) // len(users))
+        row = layer_accounting(layer.module, loaded.storage_dtype, len(users))
         rows.append(row)
         layers[layer.name] = {"spec": spec_to_dict(layer.spec), "accounting": row, "rel_error": layer.rel_error,
                               "predicted_error": layer.predicted_error, "info": layer.info}

@@ -60,17 +60,18 @@ def _bias_bytes(m: CompressedLinear) -> int:
     return 0 if m.bias is None else m.bias.numel() * m.bias.element_size()
 
 
-def layer_accounting(module: CompressedLinear, dtype: torch.dtype, shared_bytes: int = 0) -> dict:
+def layer_accounting(module: CompressedLinear, dtype: torch.dtype, users: int = 1) -> dict:
     """Bytes and parameter counts of one compressed layer against the dense weight in ``dtype``.
 
-    ``stored``: bytes actually written (bias excluded, shared buffers counted once across their users
-    via ``shared_bytes`` to subtract); ``params``: nonzeros + dense factor entries, indices free
+    ``users``: how many layers share this module's dictionary ``D`` (grouped CoSpaDi); each is charged its
+    share, so the group's ``D`` counts once in every convention. ``stored``: bytes actually written (bias
+    excluded); ``params``: nonzeros + dense factor entries, indices free
     (ROCKET); ``paper``: CoSpaDi's accounting — Eq. 11 for dictionaries (values at 14 bits pay for the
     mask), Eq. 9 for low rank, values at 16 bits + index/mask bits for pruning (their Table 12).
     """
     d_in, d_out = module.in_features, module.out_features
     dense_params = d_in * d_out
-    stored = module.stored_bytes() - _bias_bytes(module) - shared_bytes
+    stored = module.stored_bytes() - _bias_bytes(module)
     if isinstance(module, SparseLinear):
         nnz = module.values.numel()
         meta_bits = (index_bits(module.pattern.m) * nnz) if module.pattern else dense_params
@@ -79,8 +80,10 @@ def layer_accounting(module: CompressedLinear, dtype: torch.dtype, shared_bytes:
         params = module.U.numel() + module.V.numel()
         paper = params / dense_params
     elif isinstance(module, SparseDictLinear):
+        d_bytes = module.D.numel() * module.D.element_size()
+        stored -= d_bytes * (users - 1) // users  # the other users carry the rest of D
         nnz = _mask_count(module)
-        params = d_in * module.k + nnz
+        params = d_in * module.k / users + nnz
         paper = params / dense_params
     else:
         raise TypeError(type(module).__name__)

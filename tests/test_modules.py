@@ -73,3 +73,16 @@ def test_fourteen_bit_values_lose_two_mantissa_bits_only():
     v = torch.randn(10000)
     r = round_values(v, CoefStorage.BF16_14BIT, torch.float32)
     assert ((r - v).abs() / v.abs()).max() <= 2 ** -5
+
+
+def test_shared_dictionary_is_charged_once_across_its_users():
+    from sparselm.evaluate import layer_accounting
+    D, S = torch.randn(32, 12), torch.randn(12, 20)
+    mask = torch.zeros(12, 20, dtype=torch.bool)
+    mask[:6] = True  # 6 of 12 atoms per column
+    m = SparseDictLinear(D, S * mask, mask, None, CoefStorage.BF16, torch.bfloat16)
+    alone, shared = layer_accounting(m, torch.bfloat16), layer_accounting(m, torch.bfloat16, users=4)
+    assert alone["params"] == 32 * 12 + 6 * 20
+    assert alone["stored_bytes"] - shared["stored_bytes"] == 32 * 12 * 2 * 3 // 4  # three quarters of D's bytes
+    assert alone["params"] - shared["params"] == 32 * 12 * 3 / 4
+    assert shared["ratio_paper"] == 1 - shared["params"] / (32 * 20)
