@@ -245,7 +245,8 @@ def plan_knapsack(model, blocks, prefix: str, targets, calib, recipe: Recipe, de
     ROCKET, no layer may exceed ``α·ē`` (`uniform_reference`, smallest feasible α of `budget.ALPHAS`): without
     the cap the knapsack may starve a few layers, and a sum of per-layer errors does not see how one badly
     damaged layer hurts the whole model (measured: SVD-LLM at ratio 0.5 on the bundled model, perplexity
-    25.5 without the cap, 23.9 with it, 24.2 uniform). ``cache`` (see `compress`) maps (layer, method settings, dtype) to that method's options.
+    25.5 without the cap, 23.9 with it, 24.2 uniform). ``cache`` (see `compress`) keeps the option tables
+    between calls (`profile.profile_layer`, keyed by layer name).
     """
     target = recipe.methods[0].target
     if not isinstance(target, Ratio) or any(s.target != target for s in recipe.methods):
