@@ -24,6 +24,9 @@ chain() {
      $(runs cospadi:rR)
   # grouped CoSpaDi: one dictionary per projection shared by 2 consecutive blocks
   $q --name grouped --override "{\"cospadi\": {${COSPADI[$1]}, \"group_size\": 2}}" --runs $(runs cospadi:rR)
+  # ROCKET with CoSpaDi's 14-bit coefficient values: equal storage for the two sparse-dictionary methods
+  [ "$1" = bundled ] && $q --name rocket_14bit --override '{"rocket": {"coef_storage": "bf16-14bit"}}' \
+     --runs $(runs rocket:rR rocket:rR@knapsack)
   # allocation: uniform vs knapsack per method, and mixed (knapsack tables are profiled once per invocation)
   $q --name allocation_runs --override "$CO" \
      --runs $(runs rocket:rR rocket:rR@knapsack svd-llm:rR svd-llm:rR@knapsack rocket+svd-llm+wanda:rR@knapsack) \
