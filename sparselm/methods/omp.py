@@ -84,9 +84,10 @@ def omp_gram(G: torch.Tensor, DtY: torch.Tensor, s: int, dtype: torch.dtype | No
     if engine not in ("auto", "torch", "compiled"):
         raise ValueError(f"omp: engine {engine!r} is not one of auto, torch, compiled")
     G, DtY = G.to(dtype), DtY.to(dtype)
-    if engine == "compiled" or (engine == "auto" and G.device.type == "cpu" and omp_cpu.available()):
-        if G.device.type != "cpu" or not omp_cpu.available():
-            raise ValueError("omp: the compiled engine needs CPU tensors and numba (pip install numba)")
+    compilable = G.device.type == "cpu" and dtype in (torch.float32, torch.float64) and omp_cpu.available()
+    if engine == "compiled" or (engine == "auto" and compilable):
+        if not compilable:
+            raise ValueError("omp: the compiled engine needs float32/float64 CPU tensors and numba (pip install numba)")
         idx, val = omp_cpu.omp_columns(G, DtY.T, s, *_tolerances(dtype))
         return Codes(idx, val)
     max_bytes = max_bytes or MAX_BYTES.get(G.device.type, MAX_BYTES_DEFAULT)
