@@ -32,6 +32,7 @@ errors are in the metric ``G + shift·I`` of `whiten` (shift 0 unless the Gram w
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import math
 from typing import Mapping, Sequence
@@ -97,7 +98,7 @@ def profile_layer(W: torch.Tensor, stats: LinearStats | None, specs: Sequence[Me
     out_f, in_f = W.shape
     db = torch.finfo(dtype).bits // 8
     opts = [Option(float(out_f * in_f * db), 0.0, None)] if dense else []
-    table = _Table(W, stats, dtype, importance)  # the whitened SVD is computed once, on first use
+    table = _Table(W, stats, dtype, importance)  # energy and the whitened SVD: once, on first use
     for spec in specs:
         entry = (key, spec.with_target(Ratio(0.5)), dtype, tuple(ratios), tuple(ks_grid), importance)
         if cache is not None and entry in cache:
@@ -128,8 +129,11 @@ class _Table:
         # data-free (stats None): the error is measured in weight space (G = I)
         eye = torch.eye(W.shape[1], dtype=torch.float64, device=W.device)
         self.stats = stats if stats is not None else LinearStats(eye, 1)
-        self.energy = output_energy(W, self.stats)
         self._svd = None
+
+    @functools.cached_property
+    def energy(self) -> float:  # ‖XWᵀ‖², computed only when an option is built (not on cache hits)
+        return output_energy(self.W, self.stats)
 
     def _error(self, err: float, energy: float | None = None) -> float:
         energy = self.energy if energy is None else energy

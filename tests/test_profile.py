@@ -148,3 +148,12 @@ def test_cache_reuses_options_and_one_whitened_svd_serves_every_method(monkeypat
     assert again == first and len(calls) == 1
     profile_layer(W, stats, specs, RATIOS, cache=cache, key="other layer")
     assert len(calls) == 2 and len(cache) == 4
+
+
+def test_cache_hit_builds_nothing(monkeypatch):
+    from sparselm import profile
+    W, stats = layer()
+    cache: dict = {}
+    first = profile_layer(W, stats, [SVDLLMSpec(target=Ratio(0.3))], RATIOS, cache=cache, key="layer")
+    monkeypatch.setattr(profile, "output_energy", lambda *a: pytest.fail("energy recomputed on a cache hit"))
+    assert profile_layer(W, stats, [SVDLLMSpec(target=Ratio(0.5))], RATIOS, cache=cache, key="layer") == first
