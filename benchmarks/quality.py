@@ -115,13 +115,6 @@ def run_one(bed, recipe: Recipe, profile_cache: dict) -> dict:
             **{k: round(totals[k], 4) for k in ("ratio_stored", "ratio_params", "ratio_paper")}}
 
 
-def _normalized(row: dict) -> dict:
-    """Rows written before ``profile_reused`` existed stored it as a ``"12.3*"`` string in ``seconds``."""
-    if isinstance(row["seconds"], str):
-        return {**row, "seconds": float(row["seconds"].rstrip("*")), "profile_reused": row["seconds"].endswith("*")}
-    return row
-
-
 def reusable_rows(paths: list[str], testbed: str, overrides: dict) -> dict[str, dict]:
     """Rows of earlier tables of the same testbed measured with the same method settings, by run text."""
     found = {}
@@ -132,7 +125,7 @@ def reusable_rows(paths: list[str], testbed: str, overrides: dict) -> dict[str, 
         for row in src["rows"]:
             methods = row["run"].split(":")[0].split("+")
             if all(src.get("override", {}).get(m) == overrides.get(m) for m in methods):
-                found[row["run"]] = {**_normalized(row), "reused_from": Path(path).name}
+                found[row["run"]] = {**row, "reused_from": Path(path).name}
     return found
 
 
