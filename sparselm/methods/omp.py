@@ -84,7 +84,7 @@ def omp_gram(G: torch.Tensor, DtY: torch.Tensor, s: int, dtype: torch.dtype | No
     if engine not in ("auto", "torch", "compiled"):
         raise ValueError(f"omp: engine {engine!r} is not one of auto, torch, compiled")
     G, DtY = G.to(dtype), DtY.to(dtype)
-    compilable = G.device.type == "cpu" and dtype in (torch.float32, torch.float64) and omp_cpu.available()
+    compilable = auto_engine(G.device, dtype) == "compiled"
     if engine == "compiled" or (engine == "auto" and compilable):
         if not compilable:
             raise ValueError("omp: the compiled engine needs float32/float64 CPU tensors and numba (pip install numba)")
@@ -99,6 +99,12 @@ def omp_gram(G: torch.Tensor, DtY: torch.Tensor, s: int, dtype: torch.dtype | No
         stop = min(cols, start + chunk)
         idx[start:stop], val[start:stop] = _omp_chunk(G, DtY[:, start:stop].T.contiguous(), s)
     return Codes(idx, val)
+
+
+def auto_engine(device: torch.device, dtype: torch.dtype) -> str:
+    """The engine ``engine="auto"`` runs: "compiled" for float32/float64 on CPU with numba, else "torch"."""
+    ok = device.type == "cpu" and dtype in (torch.float32, torch.float64) and omp_cpu.available()
+    return "compiled" if ok else "torch"
 
 
 def _tolerances(dtype: torch.dtype) -> tuple[float, float]:
