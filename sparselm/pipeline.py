@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import fnmatch
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -156,9 +157,20 @@ def _compress_set(model, names: list[str], plan, stats, device, dtype) -> list[L
             module.D = first.D  # one shared dictionary: stored once (io dedups tied buffers)
         first = first or module
         err = relative_error(W, module.dense_weight(), stats[name])
+        _check_finite(name, module, err, dtype)
         adapter.swap(model, name, module)
         out.append(LayerResult(name, spec, module, tuple(W.shape), err, info=dict(res.info)))
     return out
+
+
+def _check_finite(name: str, module: CompressedLinear, err: float, dtype: torch.dtype) -> None:
+    """A compressed layer with inf/NaN (e.g. coefficients beyond float16's range) is an error, never saved."""
+    bad = [b for b, t in module.named_buffers() if t.is_floating_point() and not torch.isfinite(t).all()]
+    if bad or not math.isfinite(err):
+        raise InputError(f"layer {name}: the compressed layer is not finite ({', '.join(bad) or 'its error'} has "
+                         f"inf/NaN; values beyond the range of {str(dtype).removeprefix('torch.')}?)",
+                         "store coefficients as bf16 (recipe coef_storage: bf16) or float32, compress a bf16/float32 "
+                         "copy of the checkpoint, or exclude the layer with an ignore pattern")
 
 
 def compress(model: nn.Module, calib: torch.Tensor, recipe: Recipe, device: torch.device, dtype: torch.dtype,
