@@ -158,7 +158,7 @@ def _warn_if_degenerate(src: str, docs: list[str], windows: torch.Tensor, vocab:
         log.warning("calibration text %r: %.1f%% of its characters are U+FFFD replacement characters (binary "
                     "data or not UTF-8?); the statistics will not describe real text", src, 100 * bad / chars)
     distinct = int(windows.unique().numel())
-    if distinct < min(DISTINCT_TOKENS_MIN, vocab // 2):
+    if distinct < min(DISTINCT_TOKENS_MIN, vocab // 2, windows.numel() // 4):
         log.warning("calibration text %r has only %d distinct tokens: every layer's input Gram matrix has rank "
                     "about %d or less, so data-aware methods see almost nothing; give varied text", src, distinct,
                     distinct)
