@@ -115,6 +115,35 @@ def test_int8_values_within_half_a_step_of_their_row_scale(seed, n_rows, per_row
     assert ((out - v).abs() <= bound[rows] * (1 + 1e-6)).all()
 
 
+@FAST
+@given(seed=seeds, k=st.integers(1, 8), out_f=st.integers(1, 10), density=st.floats(0, 1),
+       storage=st.sampled_from(list(CoefStorage)), dtype=dtypes, chunk=st.integers(1, 64))
+def test_coefficients_rounded_at_compression_are_what_the_module_reads_back(seed, k, out_f, density, storage,
+                                                                           dtype, chunk):
+    """CoSpaDi reports its error after `round_coefficients`: that must be exactly what `SparseDictLinear`
+    stores and reads back, for every storage, also when the rounding runs in chunks of output channels."""
+    from sparselm.methods.cospadi import round_coefficients
+    gen = torch.Generator().manual_seed(seed)
+    mask = torch.rand(k, out_f, generator=gen) < density
+    S = randn(seed, k, out_f) * torch.logspace(-4, 2, out_f) * mask  # channels of very different scales
+    rounded = round_coefficients(S, mask, storage, dtype, chunk=chunk)
+    module = SparseDictLinear(randn(seed + 1, 5, k), S, mask, None, storage, dtype)
+    assert torch.equal(module.coefficients().float(), rounded.float())
+    assert torch.equal(rounded != 0, (rounded != 0) & mask)  # nothing outside the support
+
+
+@pytest.mark.xfail(strict=True, reason="int8 codec: a row with absmax > 127·65504 ≈ 8.3e6 gets an fp16 scale "
+                   "of inf and reads back NaN (0·inf) without an error: values [1e7, -3.0] in one row decode "
+                   "to [nan, nan]")
+def test_int8_row_beyond_fp16_scale_is_refused_or_finite():
+    v, rows = torch.tensor([1e7, -3.0]), torch.tensor([0, 0])
+    try:
+        enc = encode_values(v, CoefStorage.INT8, torch.float32, rows)
+    except (InputError, ValueError):
+        return
+    assert torch.isfinite(decode_values(enc, CoefStorage.INT8, 2, rows)).all()
+
+
 # --- masks --------------------------------------------------------------------------------------------
 @st.composite
 def scores(draw, max_side: int = 12):
@@ -344,11 +373,14 @@ def _valid_choice(table, choice) -> bool:
 def test_knapsack_never_over_budget_and_one_option_per_layer(table, frac, solver):
     lo, hi = span(table)
     budget = lo + frac * (hi - lo)
-    choice = allocate(table, budget, solver=solver, resolution=64)
-    assert _valid_choice(table, choice)
-    size, err = total(table, choice)
-    assert size <= budget
-    assert err >= brute_force(table, budget) - 1e-9  # nothing beats the optimum
+    optimum = brute_force(table, budget)
+    for resolution in (64, None):  # a coarse DP grid, and the default one
+        kw = {} if resolution is None else {"resolution": resolution}
+        choice = allocate(table, budget, solver=solver, **kw)
+        assert _valid_choice(table, choice)
+        size, err = total(table, choice)
+        assert size <= budget
+        assert err >= optimum - 1e-9  # nothing beats the optimum
 
 
 @FAST
@@ -527,8 +559,8 @@ def _rank_one_fits(name: str, out_f: int, in_f: int, r: float) -> bool:
     return name not in ("svd", "asvd", "svd-llm") or (1 - r) * in_f * out_f >= in_f + out_f
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(name=st.sampled_from(METHODS), out_f=st.integers(1, 16), in_f=st.integers(1, 16), r=st.floats(0.02, 0.95),
+@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(name=st.sampled_from(METHODS), out_f=st.integers(1, 16), in_f=st.integers(1, 16), r=st.floats(0.02, 0.85),
        dtype=dtypes, seed=seeds)
 def test_ratio_target_is_met_within_one_unit(name, out_f, in_f, r, dtype, seed):
     assume(_fits_mask_padding(name, out_f, in_f) and _rank_one_fits(name, out_f, in_f, r))
@@ -540,6 +572,7 @@ def test_ratio_target_is_met_within_one_unit(name, out_f, in_f, r, dtype, seed):
         assert "ratio" in str(e) and "room" in str(e) or "no bytes" in str(e)
         event("refused")
         return
+    event("built")
     module = from_result(result, None, dtype)
     row = layer_accounting(module, dtype)
     budget = (1 - r) * dense_bytes(out_f, in_f, dtype)
