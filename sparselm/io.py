@@ -92,7 +92,8 @@ def save(model: nn.Module, tokenizer, out_dir: str | Path, manifest: dict, dtype
         config.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        save_file(state, str(tmp / WEIGHTS), metadata={"format": "pt", "producer": f"sparselm {__version__}"})
+        # one metadata key: safetensors writes its metadata map in random order (the version is in the manifest)
+        save_file(state, str(tmp / WEIGHTS), metadata={"format": "pt"})
         layers = manifest.setdefault("layers", {})
         for name, module in compressed_modules(model).items():
             entry = layers.setdefault(name, {})
