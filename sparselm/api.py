@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from . import data, device as devices, io, outdir, pipeline
+from . import data, device as devices, fidelity as fidelity_mod, harness, io, outdir, pipeline
 from .evaluate import dense_accounting, layer_accounting, perplexity, totals as ratio_totals
 from . import model as adapter
 from .config import (DEFAULT_METHOD, DEFAULT_RATIO, SPECS, Allocate, Pattern, Ratio, Recipe, Sparsity,
@@ -185,24 +185,49 @@ def _manifest(loaded, report: pipeline.CompressReport, recipe: Recipe, calib: st
 
 
 def evaluate_model(path: str | None, dataset: str = "stdlib", seqlen: int = 512, max_windows: int | None = 64,
-                   device: str | None = None, batch_size: int = 8, trust_remote_code: bool = False) -> dict:
-    """Perplexity of a dense model (dir or hub id) or of a sparselm output directory."""
+                   device: str | None = None, batch_size: int = 8, trust_remote_code: bool = False,
+                   tasks: str | list[str] | None = None, num_fewshot: int | None = None, limit: float | None = None,
+                   include_path: str | None = None, fidelity: bool = False) -> dict:
+    """Perplexity of a dense model (dir or hub id) or of a sparselm output directory; with ``tasks``, also
+    lm-eval task scores (in process); with ``fidelity``, agreement with the manifest's dense base model."""
     check_count("--seqlen", seqlen, 2)
     check_count("--max-windows", max_windows, 1)
     check_count("--batch-size", batch_size, 1)
+    check_count("--num-fewshot", num_fewshot, 0)
+    task_list = harness.parse_tasks(tasks) if tasks is not None else None
+    if task_list is not None:
+        harness._lm_eval()  # not installed: say so before the model is loaded
     dev = devices.pick(device)
-    if path is not None and (Path(path) / io.MANIFEST).is_file():
-        net = io.load(path, trust_remote_code=trust_remote_code)
-        tok = adapter.load_tokenizer(path, trust_remote_code)
-    else:
-        loaded = adapter.load_hf(path, trust_remote_code=trust_remote_code)
-        net, tok = loaded.model, loaded.tokenizer
-    if not adapter._is_causal(net.config):
+    net, tok, manifest = _load_any(path, trust_remote_code, need_manifest=fidelity)
+    causal = adapter._is_causal(net.config)
+    if not causal and not fidelity:
         raise InputError(f"{path!r} is an encoder: perplexity needs a causal LM", "evaluate a causal LM")
     seqlen = _clamp_seqlen(seqlen, getattr(net.config, "max_position_embeddings", None) or seqlen, "--seqlen")
     windows = data.evaluation_windows(tok, dataset, seqlen, max_windows)
-    result = perplexity(net.to(dev), windows, batch_size)
-    return {"model": path or "bundled", "dataset": dataset, **result}
+    result = {"model": path or "bundled", "dataset": dataset}
+    if causal:
+        result.update(perplexity(net.to(dev), windows, batch_size))
+    if fidelity:
+        reference = adapter.load_hf(manifest.get("base_model"), trust_remote_code=trust_remote_code).model
+        result["fidelity"] = fidelity_mod.compare(reference.to(dev), net.to(dev), windows, batch_size)
+        result["fidelity"]["base_model"] = manifest.get("base_model")
+        reference.to("cpu")
+    if task_list is not None:
+        result["lm_eval"] = harness.run_tasks(net.to(dev), tok, task_list, num_fewshot, limit, batch_size, str(dev),
+                                              include_path=include_path)
+    return result
+
+
+def _load_any(path: str | None, trust_remote_code: bool, need_manifest: bool = False):
+    """(model, tokenizer, manifest or None) of a sparselm output directory or a dense model."""
+    if path is not None and (Path(path) / io.MANIFEST).is_file():
+        return (io.load(path, trust_remote_code=trust_remote_code), adapter.load_tokenizer(path, trust_remote_code),
+                io.read_manifest(path))
+    if need_manifest:
+        raise InputError(f"--fidelity: {path or 'the bundled model'!r} is not a sparselm output directory",
+                         "give a directory written by `sparselm compress` (it names its dense base model)")
+    loaded = adapter.load_hf(path, trust_remote_code=trust_remote_code)
+    return loaded.model, loaded.tokenizer, None
 
 
 def inspect_dir(path: str) -> dict:

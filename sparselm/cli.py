@@ -121,18 +121,49 @@ def eval_(
     device: Optional[str] = typer.Option(None, help="auto | cpu | cuda"),
     batch_size: int = typer.Option(8),
     trust_remote_code: bool = typer.Option(False, help="allow the model's own code (off by default)"),
+    tasks: Optional[str] = typer.Option(None, help="lm-eval tasks, in process: names (piqa,hellaswag,...), task "
+                                                   "YAML files or task directories, comma-separated (needs "
+                                                   "pip install -e '.[eval]')"),
+    num_fewshot: Optional[int] = typer.Option(None, help="lm-eval few-shot examples (default: each task's own)"),
+    limit: Optional[float] = typer.Option(None, help="lm-eval: first N examples per task (< 1: a fraction); "
+                                                     "for quick checks, not for reported numbers"),
+    include_path: Optional[str] = typer.Option(None, help="lm-eval: extra directory of task YAMLs"),
+    fidelity: bool = typer.Option(False, help="agreement with the dense base model named in the manifest: "
+                                              "block/final hidden-state error, top-1 agreement and KL (causal), "
+                                              "embedding cosine and nearest-neighbour agreement (encoders)"),
     as_json: bool = typer.Option(False, "--json"),
 ):
-    """Token-level perplexity with the pinned protocol (non-overlapping windows, none skipped).
+    """Token-level perplexity with the pinned protocol (non-overlapping windows, none skipped); optionally
+    lm-eval task scores (--tasks) and fidelity to the dense model (--fidelity).
 
     Examples:
         sparselm eval pruned/ --dataset held_out.txt --seqlen 512 --json
+        sparselm eval pruned/ --tasks piqa,hellaswag,arc_easy --json
+        sparselm eval pruned/ --fidelity
     """
     from . import api
+    lim = int(limit) if limit is not None and limit >= 1 and float(limit).is_integer() else limit
     _run(lambda: api.evaluate_model(model, dataset, seqlen, max_windows or None, device, batch_size,
-                                    trust_remote_code), as_json,
-         lambda r: console.print(f"perplexity {r['perplexity']:.4f} on {r['dataset']} ({r['windows']} windows x "
-                             f"{r['seqlen']} tokens, {r['tokens']} predicted tokens)"))
+                                    trust_remote_code, tasks, num_fewshot, lim, include_path, fidelity), as_json,
+         _show_eval)
+
+
+def _show_eval(r: dict) -> None:
+    if "perplexity" in r:
+        console.print(f"perplexity {r['perplexity']:.4f} on {r['dataset']} ({r['windows']} windows x "
+                      f"{r['seqlen']} tokens, {r['tokens']} predicted tokens)")
+    fid = r.get("fidelity")
+    if fid:
+        parts = [f"final hidden-state error {fid['final_rel_error']:.4f}",
+                 "block errors " + " ".join(f"{e:.4f}" for e in fid["block_rel_error"])]
+        for key in ("top1_agreement", "kl_nats_per_token", "embedding_cosine", "nn_agreement"):
+            if fid.get(key) is not None:
+                parts.append(f"{key} {fid[key]:.4f}")
+        console.print(f"fidelity to {fid['base_model']}: " + "; ".join(parts))
+    for task, scores in (r.get("lm_eval") or {}).get("tasks", {}).items():
+        shown = "  ".join(f"{k} {v:.4f}" for k, v in scores.items() if isinstance(v, float))
+        note = "  (word perplexity: lm-eval's, not the token-level one above)" if "word_perplexity" in scores else ""
+        console.print(f"{task}: {shown}{note}")
 
 
 @app.command()

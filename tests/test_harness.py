@@ -1,0 +1,108 @@
+"""lm-eval in process: a compressed model scores as its exported dense twin does under lm-eval's own `hf` model.
+
+Needs lm-evaluation-harness (`pip install -e ".[eval]"`); skipped without it. The task is made here: a
+multiple-choice task over a local jsonl file (which of two lines of Python continues a stdlib snippet), so
+nothing is downloaded.
+"""
+from __future__ import annotations
+
+import json
+import random
+import time
+
+import pytest
+
+from sparselm import api, harness
+from sparselm.config import MagnitudeSpec, Recipe, Sparsity
+from sparselm.data import stdlib_files
+from sparselm.errors import InputError
+
+lm_eval = pytest.importorskip("lm_eval")
+
+TASK_YAML = """task: sparselm_next_line
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "{{{{context}}}}"
+doc_to_target: label
+doc_to_choice: choices
+metric_list:
+  - metric: acc
+  - metric: acc_norm
+metadata:
+  version: 1.0
+"""
+
+
+def _items(n: int = 32) -> list[dict]:
+    """(snippet, its true next line vs. a line from elsewhere) from held-out stdlib files, deterministic."""
+    rng = random.Random(0)
+    lines = [ln for f in stdlib_files("validation")[:40] for ln in f.read_text(errors="replace").splitlines()
+             if len(ln.strip()) > 20]
+    items = []
+    for _ in range(n):
+        i = rng.randrange(3, len(lines) - 1)
+        wrong = lines[rng.randrange(len(lines))]
+        label = rng.randrange(2)
+        choices = [wrong, lines[i]] if label else [lines[i], wrong]
+        items.append({"context": "\n".join(lines[i - 3:i]) + "\n", "choices": choices, "label": label})
+    return items
+
+
+@pytest.fixture(scope="module")
+def task_yaml(tmp_path_factory):
+    d = tmp_path_factory.mktemp("task")
+    (d / "items.jsonl").write_text("".join(json.dumps(it) + "\n" for it in _items()))
+    (d / "next_line.yaml").write_text(TASK_YAML.format(data=d / "items.jsonl"))
+    return d / "next_line.yaml"
+
+
+@pytest.fixture(scope="module")
+def pruned(tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs") / "pruned"
+    api.compress_model(None, Recipe(methods=(MagnitudeSpec(target=Sparsity(0.5)),)), nsamples=2, seqlen=32,
+                       out=str(out), evaluate_ppl=False)
+    return out
+
+
+def test_compressed_in_process_equals_exported_dense_under_hf(pruned, task_yaml, tmp_path):
+    r = api.evaluate_model(str(pruned), seqlen=64, max_windows=2, tasks=str(task_yaml))
+    ours = r["lm_eval"]["tasks"]["sparselm_next_line"]
+    dense = tmp_path / "dense"
+    api.export_dense(str(pruned), str(dense))
+    from lm_eval.tasks import TaskManager
+    res = lm_eval.simple_evaluate(model="hf", model_args={"pretrained": str(dense), "dtype": "float32",
+                                                          "device": "cpu"}, batch_size=8,
+                                  tasks=[str(task_yaml)], task_manager=TaskManager(include_defaults=False),
+                                  log_samples=False, bootstrap_iters=0)
+    theirs = res["results"]["sparselm_next_line"]
+    assert ours["acc"] == theirs["acc,none"] and ours["acc_norm"] == theirs["acc_norm,none"]
+    assert 0.5 < ours["acc"] < 1.0  # the task discriminates: neither chance nor saturated
+    rep = r["lm_eval"]["reproduce"]
+    assert rep["tasks"]["sparselm_next_line"]["samples"] == 32 and rep["lm_eval_version"] == lm_eval.__version__
+    assert rep["tasks"]["sparselm_next_line"]["num_fewshot"] == 0
+
+
+def test_unknown_task_and_uncached_dataset_are_input_errors(pruned, tmp_path, monkeypatch):
+    with pytest.raises(InputError, match="unknown lm-eval task 'no_such_task_xyz'"):
+        api.evaluate_model(str(pruned), seqlen=64, max_windows=1, tasks="no_such_task_xyz")
+    monkeypatch.setattr(harness, "hub_reachable", lambda timeout=3.0: False)  # offline, as on a cut-off machine
+    hub_task = tmp_path / "hub_task.yaml"
+    hub_task.write_text(TASK_YAML.replace("dataset_path: json", "dataset_path: sparselm-test/not-cached-xyz")
+                        .replace("dataset_kwargs:\n  data_files:\n    test: {data}\n", "").replace("{{{{", "{{")
+                        .replace("}}}}", "}}"))
+    t0 = time.perf_counter()
+    with pytest.raises(InputError, match="dataset sparselm-test/not-cached-xyz is not in the local cache"):
+        api.evaluate_model(str(pruned), seqlen=64, max_windows=1, tasks=str(hub_task))
+    assert time.perf_counter() - t0 < 30  # no retries against an unreachable Hub
+
+
+def test_parse_tasks_and_word_perplexity_label():
+    assert harness.parse_tasks(" piqa, ,hellaswag") == ["piqa", "hellaswag"]
+    with pytest.raises(InputError):
+        harness.parse_tasks(" , ")
+    scores = harness._scores({"word_perplexity,none": 30.5, "bits_per_byte,none": 1.2, "alias": "wikitext"})
+    assert scores["word_perplexity"] == 30.5 and "not sparselm's token-level" in scores["word_perplexity_note"]
