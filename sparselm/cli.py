@@ -69,7 +69,8 @@ def compress(
     ratio: Optional[float] = typer.Option(None, help="fraction of the targeted layers' stored bytes removed"),
     sparsity: Optional[float] = typer.Option(None, help="pruning: fraction of weights set to zero"),
     pattern: Optional[str] = typer.Option(None, help="pruning: N:M semi-structured pattern, e.g. 2:4"),
-    calib: str = typer.Option("stdlib", help="stdlib | FILE.txt | FILE.jsonl | wikitext2 | c4"),
+    calib: Optional[str] = typer.Option(None, help="stdlib | FILE.txt | FILE.jsonl | wikitext2 | c4 (default: "
+                                                   "the recipe's calibration.source, else stdlib)"),
     nsamples: Optional[int] = typer.Option(None, help="calibration windows (default 64 bundled, 128 otherwise)"),
     seqlen: Optional[int] = typer.Option(None, help="calibration window length (default 256 bundled, 2048 otherwise)"),
     allocate: Optional[str] = typer.Option(None, help="uniform | knapsack (default: knapsack for the default "
@@ -83,12 +84,16 @@ def compress(
     eval: Optional[bool] = typer.Option(None, "--eval/--no-eval", help="perplexity before/after (default: on "
                                                                         "for the bundled model)"),
     eval_dataset: str = typer.Option("stdlib", help="held-out text for --eval"),
-    batch_size: int = typer.Option(8, help="calibration / evaluation batch size"),
-    seed: int = typer.Option(0, help="calibration sampling seed"),
+    batch_size: Optional[int] = typer.Option(None, help="calibration / evaluation batch size (default 8)"),
+    seed: Optional[int] = typer.Option(None, help="calibration sampling seed (default 0)"),
     trust_remote_code: bool = typer.Option(False, help="allow the model's own code (off by default)"),
+    tasks: Optional[str] = typer.Option(None, help="lm-eval task scores before and after (names, YAML files or "
+                                                   "task directories, comma-separated; needs .[eval])"),
+    num_fewshot: Optional[int] = typer.Option(None, help="lm-eval few-shot examples (default: each task's own)"),
+    limit: Optional[float] = typer.Option(None, help="lm-eval: first N examples per task (< 1: a fraction)"),
     as_json: bool = typer.Option(False, "--json", help="print one JSON object as the last line"),
 ):
-    """Compress a model layer by layer and save it.
+    """Compress a model layer by layer and save it (with recipe.yaml, report.html and a model card README.md).
 
     Examples:
         sparselm compress
@@ -100,7 +105,8 @@ def compress(
         r = api.build_recipe(method, ratio, sparsity, pattern, allocate, recipe)
         return api.compress_model(model, r, calib, nsamples, seqlen, out, overwrite, device, eval, eval_dataset,
                                   batch_size=batch_size, seed=seed, trust_remote_code=trust_remote_code,
-                                  progress=None if as_json else _progress_bar(), resume=resume)
+                                  progress=None if as_json else _progress_bar(), resume=resume, tasks=tasks,
+                                  num_fewshot=num_fewshot, limit=_limit(limit))
 
     def show(s):
         console.print(f"compressed {s['model']} with {s['method']} ({s['allocate']}) in {s['compress_seconds']:.1f}s "
@@ -109,6 +115,11 @@ def compress(
                   f"paper {s['ratio_paper']:.3f}")
         if "perplexity_after" in s:
             console.print(f"perplexity: before {s['perplexity_before']:.3f}  after {s['perplexity_after']:.3f}")
+        for task, after in (s.get("tasks_after") or {}).items():
+            before = s["tasks_before"].get(task, {})
+            console.print(f"{task}: " + "  ".join(f"{k} {before.get(k, float('nan')):.4f} -> {v:.4f}"
+                                                  for k, v in after.items() if isinstance(v, float)))
+        console.print(f"report: {s['out']}/report.html")
     _run(work, as_json, show)
 
 
@@ -142,10 +153,14 @@ def eval_(
         sparselm eval pruned/ --fidelity
     """
     from . import api
-    lim = int(limit) if limit is not None and limit >= 1 and float(limit).is_integer() else limit
     _run(lambda: api.evaluate_model(model, dataset, seqlen, max_windows or None, device, batch_size,
-                                    trust_remote_code, tasks, num_fewshot, lim, include_path, fidelity), as_json,
-         _show_eval)
+                                    trust_remote_code, tasks, num_fewshot, _limit(limit), include_path, fidelity),
+         as_json, _show_eval)
+
+
+def _limit(limit: float | None):
+    """lm-eval reads an int as a count and a float below 1 as a fraction."""
+    return int(limit) if limit is not None and limit >= 1 and float(limit).is_integer() else limit
 
 
 def _show_eval(r: dict) -> None:
@@ -207,6 +222,22 @@ def export(directory: str = typer.Argument(..., help="a sparselm output director
     from . import api
     _run(lambda: api.export_dense(directory, out_dir, overwrite, trust_remote_code), as_json,
          lambda r: console.print(f"exported {r['layers']} layers densely ({r['dtype']}) -> {r['out']}"))
+
+
+@app.command()
+def report(directories: list[str] = typer.Argument(..., help="sparselm output directories"),
+           out: Optional[str] = typer.Option(None, help="report file (default: DIR/report.html for one directory, "
+                                                        "comparison.html for several)"),
+           as_json: bool = typer.Option(False, "--json")):
+    """Rebuild a run's report.html, or compare runs: quality vs stored ratio per method, time vs quality, a table.
+
+    Examples:
+        sparselm report pruned/
+        sparselm report runs/wanda-r0.3 runs/sparsegpt-r0.3 runs/svd-llm-r0.3 --out compare.html
+    """
+    from . import api
+    _run(lambda: api.report_dirs(directories, out), as_json,
+         lambda r: console.print(f"report of {r['runs']} run(s), {r['images']} plots -> {r['out']}"))
 
 
 @app.command()

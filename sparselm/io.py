@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -29,6 +30,7 @@ MANIFEST = outdir.MARKERS["compress"]
 EXPORT_MARKER = outdir.MARKERS["export"]
 WEIGHTS = "model.safetensors"
 FORMAT_VERSION = 1
+RUN_FILES = ("report.html", "README.md", "recipe.yaml")  # about the compressed run: not copied by export
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -80,8 +82,11 @@ def _writing(out: Path):
 
 
 def save(model: nn.Module, tokenizer, out_dir: str | Path, manifest: dict, dtype: torch.dtype,
-         overwrite: bool = False) -> Path:
-    """Write a compressed model directory atomically; ``dtype`` is the checkpoint's dense dtype."""
+         overwrite: bool = False, extras=None) -> Path:
+    """Write a compressed model directory atomically; ``dtype`` is the checkpoint's dense dtype.
+
+    ``extras(manifest) -> {file name: text}``: more files (report, model card, recipe) built from the complete
+    manifest and written in the same atomic step, so an incomplete run never leaves one."""
     out = Path(out_dir)
     outdir.check_out(out, "compress", overwrite)
     with outdir.locked(out), _writing(out), outdir.atomic_dir(out) as tmp:
@@ -102,7 +107,32 @@ def save(model: nn.Module, tokenizer, out_dir: str | Path, manifest: dict, dtype
         full = {"format": "sparselm", "format_version": FORMAT_VERSION, "sparselm_version": __version__,
                 "storage_dtype": _dtype_name(dtype), "tied": aliases, **manifest}
         (tmp / MANIFEST).write_text(json.dumps(full, indent=1, default=str))
+        for name, text in (extras(json.loads((tmp / MANIFEST).read_text())) if extras else {}).items():
+            (tmp / Path(name).name).write_text(text, encoding="utf-8")
     return out
+
+
+def write_report(path: str | Path, text: str, marker: str) -> Path:
+    """Write one report file atomically (temporary file, then rename). An existing file is replaced only if it
+    is a report sparselm wrote (it contains ``marker``), never a file of the user's."""
+    path = Path(path)
+    if path.is_dir():
+        raise InputError(f"--out {str(path)!r} is a directory", "give a file name, e.g. comparison.html")
+    if path.exists():
+        with open(path, "rb") as f:
+            if marker.encode() not in f.read(4096):
+                raise InputError(f"--out {str(path)!r} exists and is not a sparselm report",
+                                 "refusing to replace it; choose another --out")
+    if not path.parent.is_dir():
+        raise InputError(f"--out {str(path)!r}: directory {str(path.parent)!r} does not exist", "create it first")
+    tmp = path.parent / f".{path.name}.partial-{os.getpid()}"
+    with _writing(path):
+        try:
+            tmp.write_text(text, encoding="utf-8")
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+    return path
 
 
 def tensor_names_and_bytes(path: str | Path) -> dict[str, int]:
@@ -262,7 +292,7 @@ def export(path: str | Path, out: str | Path, overwrite: bool = False, trust_rem
         with _writing(out), outdir.atomic_dir(out) as tmp:
             model.save_pretrained(tmp, safe_serialization=True)
             for f in Path(path).iterdir():  # tokenizer and generation files, as they were
-                if f.is_file() and f.name not in (WEIGHTS, MANIFEST, "config.json") and not (tmp / f.name).exists():
+                if f.is_file() and f.name not in (WEIGHTS, MANIFEST, "config.json", *RUN_FILES) and not (tmp / f.name).exists():
                     shutil.copy2(f, tmp / f.name)
             (tmp / EXPORT_MARKER).write_text(json.dumps({"exported_from": str(Path(path).resolve()),
                                                          "sparselm_version": __version__}, indent=1))

@@ -1,0 +1,132 @@
+"""report.html, the comparison report, the model card and the recipe round trip of an output directory."""
+from __future__ import annotations
+
+import base64
+import io as bytes_io
+import json
+from html.parser import HTMLParser
+
+import numpy as np
+import pytest
+import yaml
+from matplotlib.image import imread
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from sparselm import api, io, report
+from sparselm.cli import app
+from sparselm.config import Allocate, Ratio, Recipe, SVDSpec, WandaSpec, load_recipe, recipe_from_dict
+from sparselm.errors import InputError
+
+runner = CliRunner()
+
+
+class _Page(HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.images, self.cells, self._in_cell = [], [], False
+
+    def handle_starttag(self, tag, attrs):
+        if tag == "img":
+            self.images.append(dict(attrs)["src"])
+        self._in_cell = tag in ("td", "th")
+
+    def handle_data(self, data):
+        if self._in_cell:
+            self.cells.append(data.strip())
+
+
+def _parse(path) -> _Page:
+    page = _Page()
+    page.feed(path.read_text(encoding="utf-8"))
+    assert "http://" not in path.read_text() and "https://" not in path.read_text()  # self-contained
+    return page
+
+
+def _check_png(src: str) -> None:
+    assert src.startswith("data:image/png;base64,")
+    raw = base64.b64decode(src.split(",", 1)[1])
+    assert raw[:8] == b"\x89PNG\r\n\x1a\n"
+    pixels = imread(bytes_io.BytesIO(raw))  # (h, w, 4)
+    assert pixels.shape[0] >= 150 and pixels.shape[1] >= 250
+    colours = np.unique(pixels.reshape(-1, pixels.shape[-1]).round(2), axis=0)
+    assert len(colours) > 10  # not a blank / single-colour image
+
+
+@pytest.fixture(scope="module")
+def knapsack_run(tiny_llama_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs") / "wanda-knap"
+    api.compress_model(str(tiny_llama_dir), Recipe(methods=(WandaSpec(target=Ratio(0.3)),),
+                                                   allocate=Allocate.KNAPSACK),
+                       nsamples=4, seqlen=32, out=str(out), evaluate_ppl=True, max_windows=4, seed=3)
+    return out
+
+
+def test_report_of_a_knapsack_run_has_the_plots_and_tables(knapsack_run):
+    page = _parse(knapsack_run / "report.html")
+    manifest = io.read_manifest(knapsack_run)
+    assert len(page.images) >= 5  # quality, error heatmap, method map, ratio heatmap, predicted vs measured, bytes
+    for src in page.images:
+        _check_png(src)
+    for name, entry in manifest["layers"].items():
+        assert name in page.cells
+        assert f"{entry['accounting']['ratio_stored']:.4g}" in page.cells
+    assert f"{manifest['evaluation']['perplexity_after']:.4g}" in page.cells
+    assert manifest["versions"]["transformers"] in page.cells
+
+
+def test_report_command_rebuilds_and_compares(knapsack_run, tiny_llama_dir, tmp_path):
+    (knapsack_run / "report.html").unlink()
+    r = runner.invoke(app, ["report", str(knapsack_run), "--json"])
+    assert r.exit_code == 0, r.output
+    assert len(_parse(knapsack_run / "report.html").images) >= 5
+    other = tmp_path / "svd"
+    api.compress_model(str(tiny_llama_dir), Recipe(methods=(SVDSpec(target=Ratio(0.3)),)), nsamples=4, seqlen=32,
+                       out=str(other), evaluate_ppl=True, max_windows=4)
+    cmp = tmp_path / "cmp.html"
+    r = runner.invoke(app, ["report", str(knapsack_run), str(other), "--out", str(cmp), "--json"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout.strip().splitlines()[-1])["runs"] == 2
+    page = _parse(cmp)
+    assert len(page.images) == 2 and {"wanda-knap", "svd", "wanda+knapsack"} <= set(page.cells)
+    for src in page.images:
+        _check_png(src)
+    mine = tmp_path / "notes.html"
+    mine.write_text("<html>my own notes</html>")
+    r = runner.invoke(app, ["report", str(knapsack_run), str(other), "--out", str(mine)])
+    assert r.exit_code == 2 and "not a sparselm report" in r.output and "my own" in mine.read_text()
+
+
+def test_model_card_front_matter(knapsack_run):
+    text = (knapsack_run / "README.md").read_text()
+    meta = yaml.safe_load(text.split("---")[1])
+    assert meta["library_name"] == "sparselm" and {"sparselm", "compressed", "wanda"} <= set(meta["tags"])
+    assert "sparselm.load(" in text and "sparselm export" in text and "token-level perplexity" in text
+
+
+def test_recipe_round_trip_gives_identical_tensors(knapsack_run, tiny_llama_dir, tmp_path):
+    recipe = load_recipe(knapsack_run / "recipe.yaml")
+    assert recipe.calibration.nsamples == 4 and recipe.calibration.seed == 3 and recipe.methods[0].target == Ratio(0.3)
+    again = tmp_path / "again"
+    r = runner.invoke(app, ["compress", str(tiny_llama_dir), "--recipe", str(knapsack_run / "recipe.yaml"),
+                            "--out", str(again), "--no-eval", "--json"])
+    assert r.exit_code == 0, r.output
+    a, b = load_file(knapsack_run / io.WEIGHTS), load_file(again / io.WEIGHTS)
+    assert a.keys() == b.keys() and all(a[k].dtype == b[k].dtype and a[k].equal(b[k]) for k in a)
+    r = runner.invoke(app, ["compress", str(tiny_llama_dir), "--recipe", str(knapsack_run / "recipe.yaml"),
+                            "--nsamples", "5", "--out", str(tmp_path / "never")])
+    assert r.exit_code == 2 and "contradicts the recipe" in r.output and not (tmp_path / "never").exists()
+
+
+def test_recipe_calibration_section_is_checked():
+    base = {"methods": [{"method": "wanda"}]}
+    assert recipe_from_dict({**base, "calibration": {"nsamples": 8}}).calibration.nsamples == 8
+    with pytest.raises(InputError, match="unknown key"):
+        recipe_from_dict({**base, "calibration": {"samples": 8}})
+    with pytest.raises(InputError, match="nsamples"):
+        recipe_from_dict({**base, "calibration": {"nsamples": 0}})
+
+
+def test_report_without_layers_or_evaluation_still_renders():
+    text = report.render({"base_model": "x", "recipe": {"methods": [{"method": "svd"}]}, "layers": {}})
+    assert "No evaluation" in text and "<img" not in text
