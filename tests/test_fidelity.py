@@ -50,6 +50,13 @@ def test_eval_fidelity_of_a_compressed_dir(tiny_llama_dir, tmp_path):
     assert fid["base_model"] == str(tiny_llama_dir) and len(fid["block_rel_error"]) == 2
     assert 0 < fid["final_rel_error"] and 0 < fid["top1_agreement"] < 1 and fid["kl_nats_per_token"] > 0
     assert "perplexity" in r
+    from typer.testing import CliRunner
+    from sparselm.cli import app
+    cli = CliRunner().invoke(app, ["eval", str(out), "--seqlen", "32", "--max-windows", "4", "--fidelity", "--json"])
+    assert cli.exit_code == 0, cli.output
+    last = __import__("json").loads(cli.stdout.strip().splitlines()[-1])
+    assert {"perplexity", "tokens", "dataset", "seqlen"} <= set(last)
+    assert last["fidelity"]["top1_agreement"] == pytest.approx(fid["top1_agreement"])
     with pytest.raises(InputError, match="not a sparselm output"):
         api.evaluate_model(str(tiny_llama_dir), seqlen=32, max_windows=1, fidelity=True)
 

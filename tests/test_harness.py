@@ -61,11 +61,20 @@ def task_yaml(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def pruned(tmp_path_factory):
+def pruned(tmp_path_factory, task_yaml):
     out = tmp_path_factory.mktemp("runs") / "pruned"
     api.compress_model(None, Recipe(methods=(MagnitudeSpec(target=Sparsity(0.5)),)), nsamples=2, seqlen=32,
-                       out=str(out), evaluate_ppl=False)
+                       out=str(out), evaluate_ppl=False, tasks=str(task_yaml))
     return out
+
+
+def test_compress_tasks_before_after_in_manifest_report_and_card(pruned):
+    lm = json.loads((pruned / "sparselm.json").read_text())["lm_eval"]
+    assert set(lm["before"]["sparselm_next_line"]) >= {"acc", "acc_norm"}
+    assert lm["reproduce"]["tasks"]["sparselm_next_line"]["version"] == 1.0
+    html = (pruned / "report.html").read_text()
+    assert "sparselm_next_line" in html and f"{lm['after']['sparselm_next_line']['acc']:.4g}" in html
+    assert "sparselm_next_line acc (lm-eval)" in (pruned / "README.md").read_text()
 
 
 def test_compressed_in_process_equals_exported_dense_under_hf(pruned, task_yaml, tmp_path):
