@@ -178,14 +178,15 @@ def versions() -> dict:
             "python": platform.python_version()}
 
 
-def run_files(manifest: dict, recipe: Recipe, name: str) -> dict[str, str]:
+def run_files(manifest: dict, recipe: Recipe | None, name: str) -> dict[str, str]:
     """The files written beside the model: ``recipe.yaml`` (every default explicit), ``report.html`` and the
     model card ``README.md``. A report that fails to render is logged and left out (``sparselm report DIR``
     rebuilds it); it never costs the compressed model."""
     import yaml
     from . import card, report
-    files = {"recipe.yaml": "# sparselm recipe that produced this directory: sparselm compress MODEL --recipe "
-                            "recipe.yaml\n" + yaml.safe_dump(recipe_to_dict(recipe), sort_keys=False)}
+    files = {} if recipe is None else {
+        "recipe.yaml": "# sparselm recipe that produced this directory: sparselm compress MODEL --recipe recipe.yaml\n"
+                       + yaml.safe_dump(recipe_to_dict(recipe), sort_keys=False)}
     for fname, render in (("report.html", lambda: report.render(manifest)),
                           ("README.md", lambda: card.render(manifest, name))):
         try:
@@ -252,9 +253,10 @@ def _manifest(loaded, report: pipeline.CompressReport, recipe: Recipe, calib: st
 def evaluate_model(path: str | None, dataset: str = "stdlib", seqlen: int = 512, max_windows: int | None = 64,
                    device: str | None = None, batch_size: int = 8, trust_remote_code: bool = False,
                    tasks: str | list[str] | None = None, num_fewshot: int | None = None, limit: float | None = None,
-                   include_path: str | None = None, fidelity: bool = False) -> dict:
+                   include_path: str | None = None, fidelity: bool = False, record: bool = False) -> dict:
     """Perplexity of a dense model (dir or hub id) or of a sparselm output directory; with ``tasks``, also
-    lm-eval task scores (in process); with ``fidelity``, agreement with the manifest's dense base model."""
+    lm-eval task scores (in process); with ``fidelity``, agreement with the manifest's dense base model;
+    with ``record``, the result is added to the directory's manifest and its report and model card rebuilt."""
     check_count("--seqlen", seqlen, 2)
     check_count("--max-windows", max_windows, 1)
     check_count("--batch-size", batch_size, 1)
@@ -263,7 +265,7 @@ def evaluate_model(path: str | None, dataset: str = "stdlib", seqlen: int = 512,
     if task_list is not None:
         harness._lm_eval()  # not installed: say so before the model is loaded
     dev = devices.pick(device)
-    net, tok, manifest = _load_any(path, trust_remote_code, need_manifest=fidelity)
+    net, tok, manifest = _load_any(path, trust_remote_code, need_manifest=fidelity or record)
     causal = adapter._is_causal(net.config)
     if not causal and not fidelity:
         raise InputError(f"{path!r} is an encoder: perplexity needs a causal LM", "evaluate a causal LM")
@@ -280,6 +282,12 @@ def evaluate_model(path: str | None, dataset: str = "stdlib", seqlen: int = 512,
     if task_list is not None:
         result["lm_eval"] = harness.run_tasks(net.to(dev), tok, task_list, num_fewshot, limit, batch_size, str(dev),
                                               include_path=include_path)
+    result["versions"] = versions()
+    if record:
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        io.record_evaluation(path, {"date": stamp, "max_windows": max_windows, "batch_size": batch_size, **result},
+                             extras=lambda full: {k: v for k, v in run_files(full, None, Path(path).name).items()
+                                                  if k != "recipe.yaml"})
     return result
 
 
@@ -289,7 +297,7 @@ def _load_any(path: str | None, trust_remote_code: bool, need_manifest: bool = F
         return (io.load(path, trust_remote_code=trust_remote_code), adapter.load_tokenizer(path, trust_remote_code),
                 io.read_manifest(path))
     if need_manifest:
-        raise InputError(f"--fidelity: {path or 'the bundled model'!r} is not a sparselm output directory",
+        raise InputError(f"--fidelity / --record: {path or 'the bundled model'!r} is not a sparselm output directory",
                          "give a directory written by `sparselm compress` (it names its dense base model)")
     loaded = adapter.load_hf(path, trust_remote_code=trust_remote_code)
     return loaded.model, loaded.tokenizer, None

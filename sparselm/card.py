@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import yaml
 
-from .report import run_label
+from .report import fidelity_summary, run_label, task_summary
 
 
 def _methods(manifest: dict) -> list[str]:
@@ -36,6 +36,13 @@ def _results(manifest: dict) -> list[str]:
                 label = "word perplexity (lm-eval)" if metric == "word_perplexity" else metric
                 lines.append(f"| {task} {label} (lm-eval) | {task} | {'' if b is None else f'{b:.4f}'} | "
                              f"{value:.4f} |")
+    if lines and manifest.get("evaluations"):
+        lines.append("")
+    for e in manifest.get("evaluations") or []:
+        ppl = e.get("perplexity")
+        what = [f"token-level perplexity {ppl:.4f} ({e.get('dataset')}, {e.get('windows')}x{e.get('seqlen')})"
+                if ppl is not None else "", task_summary(e.get("lm_eval")), fidelity_summary(e.get("fidelity"))]
+        lines.append(f"* {e.get('date')} `sparselm eval`: " + "; ".join(w for w in what if w))
     return lines or ["No evaluation was recorded (compress with `--eval` and/or `--tasks`)."]
 
 

@@ -142,6 +142,8 @@ def eval_(
     fidelity: bool = typer.Option(False, help="agreement with the dense base model named in the manifest: "
                                               "block/final hidden-state error, top-1 agreement and KL (causal), "
                                               "embedding cosine and nearest-neighbour agreement (encoders)"),
+    record: bool = typer.Option(False, help="add the results to the directory's sparselm.json and rebuild its "
+                                            "report.html and README.md"),
     as_json: bool = typer.Option(False, "--json"),
 ):
     """Token-level perplexity with the pinned protocol (non-overlapping windows, none skipped); optionally
@@ -154,7 +156,8 @@ def eval_(
     """
     from . import api
     _run(lambda: api.evaluate_model(model, dataset, seqlen, max_windows or None, device, batch_size,
-                                    trust_remote_code, tasks, num_fewshot, _limit(limit), include_path, fidelity),
+                                    trust_remote_code, tasks, num_fewshot, _limit(limit), include_path, fidelity,
+                                    record),
          as_json, _show_eval)
 
 

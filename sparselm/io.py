@@ -135,6 +135,25 @@ def write_report(path: str | Path, text: str, marker: str) -> Path:
     return path
 
 
+def record_evaluation(path: str | Path, record: dict, extras=None) -> None:
+    """Append ``record`` to the manifest's ``evaluations`` list of an output directory (``eval --record``), then
+    rewrite ``extras(manifest)``'s files (report, model card). Each file is replaced atomically, under the
+    directory's lock; the model files are not touched."""
+    path = Path(path)
+    with outdir.locked(path), _writing(path):
+        manifest = read_manifest(path)
+        manifest.setdefault("evaluations", []).append(record)
+        files = {MANIFEST: json.dumps(manifest, indent=1, default=str)}
+        files.update(extras(json.loads(files[MANIFEST])) if extras else {})
+        for name, text in files.items():
+            tmp = path / f".{Path(name).name}.partial-{os.getpid()}"
+            try:
+                tmp.write_text(text, encoding="utf-8")
+                os.replace(tmp, path / Path(name).name)
+            finally:
+                tmp.unlink(missing_ok=True)
+
+
 def tensor_names_and_bytes(path: str | Path) -> dict[str, int]:
     """Every tensor's byte size in a safetensors file, from its header (nothing else is read)."""
     with open(path, "rb") as f:

@@ -258,7 +258,32 @@ def evaluation_section(manifest: dict) -> str:
                          rows))
         out.append(f"<p>lm-eval {html.escape(str(r.get('lm_eval_version')))}, limit {html.escape(str(r.get('limit')))}"
                    f", seed {html.escape(str(r.get('seed')))}.</p>")
+    if manifest.get("evaluations"):
+        out += ["<h3>Later evaluations (sparselm eval --record)</h3>", table(
+            ["date", "dataset", "seqlen", "windows", "perplexity", "task scores", "fidelity", "versions"],
+            [[e.get("date"), e.get("dataset"), e.get("seqlen"), e.get("windows"), e.get("perplexity"),
+              task_summary(e.get("lm_eval")), fidelity_summary(e.get("fidelity")),
+              " ".join(f"{k} {v}" for k, v in (e.get("versions") or {}).items())] for e in manifest["evaluations"]])]
     return "".join(out) or "<p>No evaluation was run (compress with --eval / --tasks).</p>"
+
+
+def task_summary(lm: dict | None) -> str:
+    """``"piqa acc 0.61 acc_norm 0.62 (v1.0, 0-shot, 1838 samples)"`` per task."""
+    parts = []
+    for task, scores in ((lm or {}).get("tasks") or {}).items():
+        rep = ((lm.get("reproduce") or {}).get("tasks") or {}).get(task, {})
+        shown = " ".join(f"{'word_perplexity (lm-eval)' if k == 'word_perplexity' else k} {v:.4f}"
+                         for k, v in scores.items() if isinstance(v, float))
+        parts.append(f"{task} {shown} (v{rep.get('version')}, {rep.get('num_fewshot')}-shot, "
+                     f"{rep.get('samples')} samples)")
+    return "; ".join(parts)
+
+
+def fidelity_summary(fid: dict | None) -> str:
+    if not fid:
+        return ""
+    keys = ("final_rel_error", "top1_agreement", "kl_nats_per_token", "embedding_cosine", "nn_agreement")
+    return " ".join(f"{k} {fid[k]:.4f}" for k in keys if isinstance(fid.get(k), float))
 
 
 def render(manifest: dict, title: str | None = None) -> str:

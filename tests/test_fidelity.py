@@ -57,6 +57,12 @@ def test_eval_fidelity_of_a_compressed_dir(tiny_llama_dir, tmp_path):
     last = __import__("json").loads(cli.stdout.strip().splitlines()[-1])
     assert {"perplexity", "tokens", "dataset", "seqlen"} <= set(last)
     assert last["fidelity"]["top1_agreement"] == pytest.approx(fid["top1_agreement"])
+    api.evaluate_model(str(out), seqlen=32, max_windows=4, fidelity=True, record=True)
+    recorded = __import__("json").loads((out / "sparselm.json").read_text())["evaluations"]
+    assert len(recorded) == 1 and recorded[0]["fidelity"]["top1_agreement"] == pytest.approx(fid["top1_agreement"])
+    assert f"top1_agreement {fid['top1_agreement']:.4f}" in (out / "report.html").read_text()
+    assert f"top1_agreement {fid['top1_agreement']:.4f}" in (out / "README.md").read_text()
+    assert not list(out.glob(".*partial*"))
     with pytest.raises(InputError, match="not a sparselm output"):
         api.evaluate_model(str(tiny_llama_dir), seqlen=32, max_windows=1, fidelity=True)
 
