@@ -143,7 +143,13 @@ def run_tasks(model, tokenizer, tasks: list[str], num_fewshot: int | None = None
     offline = not hub_reachable()
     with offline_hub(offline):
         specs, manager = _resolve(tasks, include_path, TaskManager)
-        lm = HFLM(pretrained=model, tokenizer=tokenizer, device=str(device), batch_size=batch_size)
+        quiet = logging.getLogger("lm_eval.models.huggingface")  # it warns that a model object was passed: intended
+        level = quiet.level
+        quiet.setLevel(logging.ERROR)
+        try:
+            lm = HFLM(pretrained=model, tokenizer=tokenizer, device=str(device), batch_size=batch_size)
+        finally:
+            quiet.setLevel(level)
         try:
             res = lm_eval.simple_evaluate(model=lm, tasks=specs, task_manager=manager, num_fewshot=num_fewshot,
                                           limit=limit, log_samples=False, bootstrap_iters=0, random_seed=seed,

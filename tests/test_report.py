@@ -130,3 +130,17 @@ def test_recipe_calibration_section_is_checked():
 def test_report_without_layers_or_evaluation_still_renders():
     text = report.render({"base_model": "x", "recipe": {"methods": [{"method": "svd"}]}, "layers": {}})
     assert "No evaluation" in text and "<img" not in text
+
+
+BROWSER = next((b for b in ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
+                if __import__("shutil").which(b)), None)
+
+
+@pytest.mark.skipif(BROWSER is None, reason="no headless Chromium installed (the image checks above still run)")
+def test_report_renders_in_a_real_browser(knapsack_run, tmp_path):
+    import subprocess
+    shot = tmp_path / "shot.png"
+    subprocess.run([BROWSER, "--headless", "--disable-gpu", "--no-sandbox", f"--screenshot={shot}",
+                    "--window-size=1200,2400", (knapsack_run / "report.html").as_uri()], check=True, timeout=120,
+                   capture_output=True)
+    _check_png("data:image/png;base64," + base64.b64encode(shot.read_bytes()).decode())
