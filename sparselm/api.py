@@ -86,9 +86,7 @@ def compress_model(model: str | None = None, recipe: Recipe | None = None, calib
     checked before the model is read; the output is locked for the whole run (one writer per ``out``)."""
     recipe = recipe or build_recipe(None, None, None, None)
     calib, nsamples, seqlen, seed, batch_size = _calibration(recipe, calib, nsamples, seqlen, seed, batch_size)
-    task_list = harness.parse_tasks(tasks) if tasks is not None else None
-    if task_list is not None:
-        harness._lm_eval()  # not installed: say so before any work
+    task_list = harness.requested(tasks)
     out_dir = Path(out) if out else _default_out(model, recipe)
     for name, value, least in (("--nsamples", nsamples, 1), ("--seqlen", seqlen, 2), ("--batch-size", batch_size, 1),
                                ("--max-windows", max_windows, 1), ("eval seqlen", eval_seqlen, 2)):
@@ -118,8 +116,7 @@ def compress_model(model: str | None = None, recipe: Recipe | None = None, calib
                                                                                      "eval seqlen"), max_windows)
             before = perplexity(net.to(dev), eval_windows, batch_size)
             summary["perplexity_before"] = before["perplexity"]
-        lm_before = task_list and harness.run_tasks(net.to(dev), tok, task_list, num_fewshot, limit, batch_size,
-                                                    str(dev))
+        lm_before = _task_scores(net, tok, dev, task_list, num_fewshot, limit, batch_size)
         key = {"model": loaded.source, "recipe": recipe_to_dict(recipe), "calib": calib, "nsamples": int(windows.shape[0]),
                "seqlen": int(windows.shape[1]), "seed": seed}
         start, done = _restore(net, ckpt, key) if resume else (0, [])
@@ -139,19 +136,26 @@ def compress_model(model: str | None = None, recipe: Recipe | None = None, calib
                 "tokens", "windows", "seqlen", "metric")}, "perplexity_before": before["perplexity"],
                 "perplexity_after": after["perplexity"]}
         if task_list:
-            lm_after = harness.run_tasks(net.to(dev), tok, task_list, num_fewshot, limit, batch_size, str(dev))
+            _add_tasks(manifest, summary, lm_before, _task_scores(net, tok, dev, task_list, num_fewshot, limit,
+                                                                 batch_size))
             net.to("cpu")
-            manifest["lm_eval"] = {"before": lm_before["tasks"], "after": lm_after["tasks"],
-                                   "reproduce": lm_after["reproduce"]}
-            summary.update(tasks_before=lm_before["tasks"], tasks_after=lm_after["tasks"])
         manifest["versions"] = versions()
-        used = dataclasses.replace(recipe, calibration=Calibration(calib, int(windows.shape[0]),
-                                                                   int(windows.shape[1]), seed, batch_size))
+        used = dataclasses.replace(recipe, calibration=Calibration(calib, *windows.shape, seed, batch_size))
         io.save(net, tok, out_dir, manifest, loaded.storage_dtype, overwrite,
                 extras=lambda full: run_files(full, used, out_dir.name))
         shutil.rmtree(ckpt, ignore_errors=True)
         summary["seconds"] = round(time.perf_counter() - t0, 2)
         return summary
+
+
+def _task_scores(net, tok, dev, task_list, num_fewshot, limit, batch_size) -> dict | None:
+    """lm-eval scores of ``net`` on ``dev`` (left there), or None when no tasks were asked for."""
+    return task_list and harness.run_tasks(net.to(dev), tok, task_list, num_fewshot, limit, batch_size, str(dev))
+
+
+def _add_tasks(manifest: dict, summary: dict, before: dict, after: dict) -> None:
+    manifest["lm_eval"] = {"before": before["tasks"], "after": after["tasks"], "reproduce": after["reproduce"]}
+    summary.update(tasks_before=before["tasks"], tasks_after=after["tasks"])
 
 
 def _calibration(recipe: Recipe, calib, nsamples, seqlen, seed, batch_size) -> tuple:
@@ -261,9 +265,7 @@ def evaluate_model(path: str | None, dataset: str = "stdlib", seqlen: int = 512,
     check_count("--max-windows", max_windows, 1)
     check_count("--batch-size", batch_size, 1)
     check_count("--num-fewshot", num_fewshot, 0)
-    task_list = harness.parse_tasks(tasks) if tasks is not None else None
-    if task_list is not None:
-        harness._lm_eval()  # not installed: say so before the model is loaded
+    task_list = harness.requested(tasks)
     dev = devices.pick(device)
     net, tok, manifest = _load_any(path, trust_remote_code, need_manifest=fidelity or record)
     causal = adapter._is_causal(net.config)

@@ -40,6 +40,16 @@ def parse_tasks(spec: str | list[str] | None) -> list[str]:
     return tasks
 
 
+def requested(tasks: str | list[str] | None) -> list[str] | None:
+    """The task list of a ``--tasks`` value (None: none asked for); lm-eval missing is an error now, before any
+    model is loaded."""
+    if tasks is None:
+        return None
+    found = parse_tasks(tasks)
+    _lm_eval()
+    return found
+
+
 def _lm_eval():
     try:
         import lm_eval
