@@ -43,7 +43,7 @@ def layer_rows(manifest: dict) -> list[dict]:
         rows.append({"layer": name, "method": (e.get("spec") or {}).get("method"), "class": e.get("class"),
                      "ratio_stored": acc.get("ratio_stored"), "dense_bytes": acc.get("dense_bytes", 0),
                      "stored_bytes": acc.get("stored_bytes", 0), "rel_error": e.get("rel_error"),
-                     "predicted_error": e.get("predicted_error"), "target": (e.get("spec") or {}).get("target")})
+                     "predicted_error": e.get("predicted_error"), "target": _target((e.get("spec") or {}).get("target"))})
     for a in manifest.get("allocation") or []:
         if a.get("method") == "dense":
             dense = int(a["shape"][0] * a["shape"][1] * (4 if manifest.get("storage_dtype") == "float32" else 2))
@@ -54,6 +54,10 @@ def layer_rows(manifest: dict) -> list[dict]:
         m = _NAME.match(r["layer"])
         r["block"], r["proj"] = (int(m["block"]), m["proj"]) if m else (0, r["layer"])
     return sorted(rows, key=lambda r: r["block"])  # stable: module order within a block
+
+
+def _target(t) -> str | None:
+    return " ".join(f"{k} {v}" for k, v in t.items()) if isinstance(t, dict) else t
 
 
 def mean_error(manifest: dict) -> float | None:
@@ -200,7 +204,7 @@ def _img(fig: Figure | None, alt: str) -> str:
 
 def _cell(v) -> str:
     if isinstance(v, float):
-        return f'<td class="n">{v:.4g}</td>'
+        return f'<td class="n">{v:.5g}</td>'
     if isinstance(v, int):
         return f'<td class="n">{v}</td>'
     return f"<td>{html.escape('' if v is None else str(v))}</td>"

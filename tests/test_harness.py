@@ -73,7 +73,7 @@ def test_compress_tasks_before_after_in_manifest_report_and_card(pruned):
     assert set(lm["before"]["sparselm_next_line"]) >= {"acc", "acc_norm"}
     assert lm["reproduce"]["tasks"]["sparselm_next_line"]["version"] == 1.0
     html = (pruned / "report.html").read_text()
-    assert "sparselm_next_line" in html and f"{lm['after']['sparselm_next_line']['acc']:.4g}" in html
+    assert "sparselm_next_line" in html and f"{lm['after']['sparselm_next_line']['acc']:.5g}" in html
     assert "sparselm_next_line acc (lm-eval)" in (pruned / "README.md").read_text()
 
 
@@ -93,6 +93,12 @@ def test_compressed_in_process_equals_exported_dense_under_hf(pruned, task_yaml,
     rep = r["lm_eval"]["reproduce"]
     assert rep["tasks"]["sparselm_next_line"]["samples"] == 32 and rep["lm_eval_version"] == lm_eval.__version__
     assert rep["tasks"]["sparselm_next_line"]["num_fewshot"] == 0
+
+
+def test_task_directory_and_limit(pruned, task_yaml):
+    r = api.evaluate_model(str(pruned), seqlen=64, max_windows=1, tasks=str(task_yaml.parent), limit=8)
+    assert r["lm_eval"]["reproduce"]["tasks"]["sparselm_next_line"]["samples"] == 8
+    assert r["lm_eval"]["reproduce"]["limit"] == 8 and "acc" in r["lm_eval"]["tasks"]["sparselm_next_line"]
 
 
 def test_unknown_task_and_uncached_dataset_are_input_errors(pruned, tmp_path, monkeypatch):

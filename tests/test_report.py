@@ -70,8 +70,8 @@ def test_report_of_a_knapsack_run_has_the_plots_and_tables(knapsack_run):
         _check_png(src)
     for name, entry in manifest["layers"].items():
         assert name in page.cells
-        assert f"{entry['accounting']['ratio_stored']:.4g}" in page.cells
-    assert f"{manifest['evaluation']['perplexity_after']:.4g}" in page.cells
+        assert f"{entry['accounting']['ratio_stored']:.5g}" in page.cells
+    assert f"{manifest['evaluation']['perplexity_after']:.5g}" in page.cells
     assert manifest["versions"]["transformers"] in page.cells
 
 
