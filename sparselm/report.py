@@ -371,7 +371,7 @@ def compare(runs: list[tuple[str, dict]]) -> str:
     names = {_quality(m)[0].split(" (")[0] for _, m in runs}
     rows = compare_rows(runs)
     keys = list(dict.fromkeys(k for r in rows for k in r))
-    parts = []
+    parts = [f"<p>Quality axis: {html.escape(_quality(runs[0][1])[0])} (the first run's; lower is better).</p>"]
     if len(names) > 1:
         parts.append("<p>Not every run has a perplexity evaluation: the plots use the mean functional error "
                      "where it is missing; compare like with like.</p>")

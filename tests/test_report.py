@@ -144,3 +144,22 @@ def test_report_renders_in_a_real_browser(knapsack_run, tmp_path):
                     "--window-size=1200,2400", (knapsack_run / "report.html").as_uri()], check=True, timeout=120,
                    capture_output=True)
     _check_png("data:image/png;base64," + base64.b64encode(shot.read_bytes()).decode())
+
+
+def _fake(method: str, ratio: float, err: float, seconds: float) -> dict:
+    layers = {f"model.layers.{b}.mlp.{p}": {"spec": {"method": method, "target": {"ratio": ratio}},
+                                            "accounting": {"ratio_stored": ratio, "dense_bytes": 100,
+                                                           "stored_bytes": int(100 * (1 - ratio))},
+                                            "rel_error": err * (1 + b), "predicted_error": None}
+              for b in range(3) for p in ("up_proj", "down_proj")}
+    return {"base_model": "m", "recipe": {"methods": [{"method": method}]}, "layers": layers,
+            "totals": {"ratio_stored": ratio, "ratio_params": ratio, "ratio_paper": ratio},
+            "compress_seconds": seconds}
+
+
+def test_compare_without_perplexity_uses_the_mean_functional_error():
+    runs = [(f"{m}-{r}", _fake(m, r, e, s)) for m, r, e, s in
+            (("svd", 0.2, 0.1, 3.0), ("svd", 0.4, 0.3, 4.0), ("wanda", 0.2, 0.05, 1.0), ("wanda", 0.4, 0.1, 2.0))]
+    text = report.compare(runs)
+    assert text.count("<img ") == 2 and "mean functional error" in text
+    assert report.mean_error(runs[0][1]) == pytest.approx(0.2)  # (0.1 + 0.2 + 0.3) / 3, equal bytes
