@@ -22,8 +22,8 @@ from .capture import LinearStats, record
 from .budget import allocate, search_alpha
 from .config import Allocate, CoSpaDiSpec, MethodSpec, Ratio, Recipe
 from .errors import InputError
-from .methods import compress_group
-from .modules import CompressedLinear, dense_cache, from_result
+from .methods import Factored, Pruned, Result, SparseDict, compress_group
+from .modules import CompressedLinear, LowRankLinear, SparseDictLinear, SparseLinear, dense_cache
 from .profile import profile_layer, relative_error
 
 log = logging.getLogger(__name__)
@@ -49,6 +49,15 @@ class LayerResult:
     rel_error: float            # ‖X(W−Ŵ)ᵀ‖² / ‖XWᵀ‖² on this layer's calibration inputs
     predicted_error: float | None = None
     info: dict = field(default_factory=dict)
+
+
+FORMATS: dict[type, type[CompressedLinear]] = {Pruned: SparseLinear, Factored: LowRankLinear,
+                                               SparseDict: SparseDictLinear}  # method result -> its format
+
+
+def build_module(result: Result, bias: torch.Tensor | None, dtype: torch.dtype) -> CompressedLinear:
+    """The compressed layer holding a method's result (its format builds itself from it)."""
+    return FORMATS[type(result)].from_result(result, bias, dtype)
 
 
 def _to(obj, device):
@@ -150,7 +159,7 @@ def _compress_set(model, names: list[str], plan, stats, device, dtype) -> list[L
     results = compress_group(spec, weights, [stats[n] for n in names], dtype)
     out, first = [], None
     for name, layer, W, res in zip(names, layers, weights, results):
-        module = from_result(res, layer.bias, dtype).to(device)
+        module = build_module(res, layer.bias, dtype).to(device)
         module.original = type(layer).__name__
         if first is not None and getattr(res, "D", None) is getattr(results[0], "D", 0):
             module.D = first.D  # one shared dictionary: stored once (io dedups tied buffers)

@@ -9,7 +9,6 @@ from sparselm import model as adapter
 from sparselm.config import (CoSpaDiSpec, MagnitudeSpec, Pattern, Ratio, Recipe, RocketSpec, SparseGPTSpec,
                              Sparsity, SVDLLMSpec, SVDSpec, ASVDSpec, WandaSpec)
 from sparselm.errors import InputError
-from sparselm.methods import _load_all, _GROUPED, _PER_LAYER
 from sparselm.modules import CompressedLinear, LowRankLinear, SparseDictLinear, SparseLinear
 
 from .conftest import ARCHS, CAUSAL, VOCAB, tiny_model
@@ -18,11 +17,6 @@ CPU = torch.device("cpu")
 SPECS = [MagnitudeSpec(target=Sparsity(0.5)), WandaSpec(target=Pattern(2, 4)), SparseGPTSpec(target=Sparsity(0.5)),
          SparseGPTSpec(target=Pattern(4, 8)), SVDSpec(target=Ratio(0.3)), ASVDSpec(target=Ratio(0.3)),
          SVDLLMSpec(target=Ratio(0.3)), CoSpaDiSpec(target=Ratio(0.3), iters=3), RocketSpec(target=Ratio(0.3))]
-
-
-def _implemented(spec) -> bool:
-    _load_all()
-    return type(spec) in _PER_LAYER or type(spec) in _GROUPED
 
 
 def _outputs(model, ids):
@@ -48,8 +42,6 @@ def _check_promise(module: CompressedLinear, spec) -> None:
 @pytest.mark.parametrize("arch", list(ARCHS))
 @pytest.mark.parametrize("spec", SPECS, ids=lambda s: f"{s.name}-{s.target}")
 def test_every_method_on_every_architecture(arch, spec, calib_ids, tmp_path):
-    if not _implemented(spec):
-        pytest.skip(f"{spec.name} not implemented")
     model = tiny_model(arch)
     n_linears = sum(len(adapter.linears(b)) for b in adapter.find_blocks(model)[1])
     ids = calib_ids[:2, :16]

@@ -7,8 +7,8 @@ from sparselm.capture import LinearStats
 from sparselm.config import CoefStorage, CoSpaDiSpec, Init, Ratio
 from sparselm.methods import SparseDict, compress_group
 from sparselm.methods._reference import cospadi_reference, ksvd_reference, learn_reference, omp_column
-from sparselm.methods.cospadi import (cospadi, init_dictionary, learn_dictionary, paper_sizes, sizes_for_ratio,
-                                      stored_bytes)
+from sparselm.formats import group_dict_bytes
+from sparselm.methods.cospadi import cospadi, init_dictionary, learn_dictionary, paper_sizes, sizes_for_ratio
 from sparselm.methods.ksvd import ksvd_update
 from sparselm.methods import omp_cpu
 from sparselm.methods.omp import omp
@@ -173,8 +173,8 @@ def test_stored_sizing_fits_the_budget_and_agrees_with_eq11_for_bf16_14bit():
         assert abs(k - paper_sizes(0.2, inp, out, 2.0)[0]) <= 1 and s == round(k / 2)
     k, s = sizes_for_ratio(0.3, 32, 48, 3.0, torch.float16, CoefStorage.INT8)
     budget = 0.7 * 32 * 48 * 2
-    assert stored_bytes(k, s, 32, [48], torch.float16, CoefStorage.INT8) <= budget
-    assert stored_bytes(k + 1, round((k + 1) / 3), 32, [48], torch.float16, CoefStorage.INT8) > budget
+    assert group_dict_bytes(32, [48], k, [s * 48], CoefStorage.INT8, torch.float16) <= budget
+    assert group_dict_bytes(32, [48], k + 1, [round((k + 1) / 3) * 48], CoefStorage.INT8, torch.float16) > budget
 
 
 # --- the method ----------------------------------------------------------------------------------------
