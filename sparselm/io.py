@@ -23,7 +23,10 @@ from torch import nn
 
 from . import __version__
 from . import model as adapter
+from .budget import Allocation
+from .config import spec_from_dict, spec_to_dict
 from .errors import InputError
+from .evaluate import dense_accounting, layer_accounting, totals
 from .modules import MODULE_CLASSES, CompressedLinear
 
 MANIFEST = "sparselm.json"
@@ -86,9 +89,32 @@ def _state_for_save(model: nn.Module, dtype: torch.dtype) -> tuple[dict[str, tor
     return state, aliases
 
 
+def layer_entry(module: CompressedLinear, dtype: torch.dtype) -> dict:
+    """A compressed layer's manifest entry, from the layer alone: class, constructor meta, buffer shapes,
+    spec, accounting against the dense weight in ``dtype`` (a shared dictionary charged once over its
+    ``group``), the method's info and the group."""
+    return {"class": type(module).__name__, "meta": module.meta(),
+            "buffers": {b: [list(t.shape), _dtype_name(t.dtype)] for b, t in module.named_buffers()},
+            "spec": spec_to_dict(module.spec) if module.spec is not None else {"method": None},
+            "accounting": layer_accounting(module, dtype, max(1, len(module.group))), "info": dict(module.info),
+            "group": list(module.group)}
+
+
+def describe(model: nn.Module, dtype: torch.dtype, allocation: list[Allocation] | None = None) -> dict:
+    """The model's part of a manifest: every compressed layer's `layer_entry`, and the three ratios over them
+    and over the targeted layers a knapsack ``allocation`` kept dense (they count at full size)."""
+    layers = {n: layer_entry(m, dtype) for n, m in compressed_modules(model).items()}
+    kept = [a for a in allocation or [] if a.kept_dense]
+    rows = [e["accounting"] for e in layers.values()] + [dense_accounting(*a.shape, dtype) for a in kept]
+    return {"layers": layers, "kept_dense": [a.layer for a in kept], "totals": totals(rows) if rows else None}
+
+
 def save(model: nn.Module, tokenizer, out_dir: str | Path, manifest: dict, dtype: torch.dtype,
          overwrite: bool = False) -> Path:
-    """Write a compressed model directory atomically; ``dtype`` is the checkpoint's dense dtype."""
+    """Write a compressed model directory atomically; ``dtype`` is the checkpoint's dense dtype.
+
+    The manifest is completed from the model (`describe`): ``manifest`` adds to it (e.g. base model,
+    calibration, per-layer errors under ``layers``) and wins where both say something."""
     out = Path(out_dir)
     if out.exists() and not overwrite:
         raise InputError(f"output directory {str(out)!r} already exists", "choose another --out or pass --overwrite")
@@ -104,13 +130,10 @@ def save(model: nn.Module, tokenizer, out_dir: str | Path, manifest: dict, dtype
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         save_file(state, str(tmp / WEIGHTS), metadata={"format": "pt", "producer": f"sparselm {__version__}"})
-        layers = manifest.setdefault("layers", {})
-        for name, module in compressed_modules(model).items():
-            entry = layers.setdefault(name, {})
-            entry.update({"class": type(module).__name__, "meta": module.meta(),
-                          "buffers": {b: [list(t.shape), _dtype_name(t.dtype)] for b, t in module.named_buffers()}})
+        own = describe(model, dtype)
+        layers = {n: {**e, **manifest.get("layers", {}).get(n, {})} for n, e in own["layers"].items()}
         full = {"format": "sparselm", "format_version": FORMAT_VERSION, "sparselm_version": __version__,
-                "storage_dtype": _dtype_name(dtype), "tied": aliases, **manifest}
+                "storage_dtype": _dtype_name(dtype), "tied": aliases, **own, **manifest, "layers": layers}
         (tmp / MANIFEST).write_text(json.dumps(full, indent=1, default=str))
     return out
 
@@ -149,8 +172,20 @@ def _build_empty(path: Path, manifest: dict) -> nn.Module:
         if entry["class"] not in MODULE_CLASSES:
             raise InputError(f"{MANIFEST}: layer {name} has unknown class {entry['class']!r}",
                              f"known classes: {sorted(MODULE_CLASSES)}; upgrade sparselm")
-        adapter.swap(model, name, MODULE_CLASSES[entry["class"]].empty(entry["meta"], entry["buffers"]))
+        module = MODULE_CLASSES[entry["class"]].empty(entry["meta"], entry["buffers"])
+        restore_record(module, entry)
+        adapter.swap(model, name, module)
     return model.to_empty(device="cpu")
+
+
+def restore_record(module: CompressedLinear, entry: dict) -> None:
+    """Give a rebuilt layer back what it was made from (spec, info, group), from its manifest entry."""
+    spec = entry.get("spec") or {}
+    try:
+        module.spec = spec_from_dict(spec) if spec.get("method") else None
+    except InputError:  # a spec this version does not know: the layer still loads
+        module.spec = None
+    module.info, module.group = dict(entry.get("info", {})), tuple(entry.get("group", ()))
 
 
 def load(path: str | Path, dtype: torch.dtype | None = torch.float32) -> nn.Module:
@@ -175,8 +210,6 @@ def load(path: str | Path, dtype: torch.dtype | None = torch.float32) -> nn.Modu
                 target = params.get(name, buffers.get(name))
                 target.data.copy_(f.get_tensor(name))
     except (OSError, RuntimeError) as e:
-        if isinstance(e, InputError):
-            raise
         raise InputError(f"could not read {str(path / WEIGHTS)!r} ({e})", "the file is corrupt; compress again") from None
     for alias, kept in manifest.get("tied", {}).items():
         src = params.get(kept, buffers.get(kept))
@@ -200,7 +233,6 @@ def _reinit_nonpersistent(model: nn.Module, persistent: set[str]) -> None:
 
 def export(path: str | Path, out: str | Path, overwrite: bool = False) -> dict:
     """Multiply the factors back into plain layers and write a dense HF directory any tool can load."""
-    from transformers.pytorch_utils import Conv1D
     manifest = read_manifest(path)
     out = Path(out)
     if out.exists() and not overwrite:
@@ -208,15 +240,7 @@ def export(path: str | Path, out: str | Path, overwrite: bool = False) -> dict:
     model = load(path, dtype=None)
     for name, module in compressed_modules(model).items():
         W = module.dense_weight().to(getattr(torch, manifest["storage_dtype"]))  # (out, in)
-        if module.original == "Conv1D":
-            dense = Conv1D(module.out_features, module.in_features)
-            dense.weight.data = W.T.contiguous()
-        else:
-            dense = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None)
-            dense.weight.data = W.contiguous()
-        if module.bias is not None:
-            dense.bias.data = module.bias.clone()
-        adapter.swap(model, name, dense.to(W.dtype))
+        adapter.swap(model, name, adapter.dense_like(module.original, W, module.bias))
     with _atomic_dir(out) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         for f in Path(path).iterdir():  # tokenizer and generation files, as they were
@@ -232,8 +256,9 @@ def checkpoint_dir(out: str | Path) -> Path:
 
 
 def save_checkpoint(ckpt: Path, key: dict, blocks_done: int, records: dict[str, dict],
-                    modules: dict[str, CompressedLinear]) -> None:
-    """Write the compressed layers done so far (atomically replacing the previous checkpoint)."""
+                    modules: dict[str, CompressedLinear], plan: dict) -> None:
+    """Write the compressed layers done so far and the plan they follow (atomically replacing the previous
+    checkpoint)."""
     tmp = ckpt.with_name(ckpt.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -242,14 +267,14 @@ def save_checkpoint(ckpt: Path, key: dict, blocks_done: int, records: dict[str, 
     layers = {n: {"class": type(m).__name__, "meta": m.meta(), "record": records[n],
                   "buffers": {b: [list(t.shape), _dtype_name(t.dtype)] for b, t in m.named_buffers()}}
               for n, m in modules.items()}
-    (tmp / "progress.json").write_text(json.dumps({"key": key, "blocks_done": blocks_done, "layers": layers},
-                                                  default=str))
+    (tmp / "progress.json").write_text(json.dumps({"key": key, "blocks_done": blocks_done, "layers": layers,
+                                                   "plan": plan}, default=str))
     shutil.rmtree(ckpt, ignore_errors=True)
     tmp.rename(ckpt)
 
 
-def load_checkpoint(ckpt: Path, key: dict) -> tuple[int, dict[str, tuple[CompressedLinear, dict]]] | None:
-    """(blocks done, {layer: (module, record)}) of an interrupted run with the same settings, else None."""
+def load_checkpoint(ckpt: Path, key: dict) -> tuple[int, dict[str, tuple[CompressedLinear, dict]], dict] | None:
+    """(blocks done, {layer: (module, record)}, plan) of an interrupted run with the same settings, else None."""
     if not (ckpt / "progress.json").is_file():
         return None
     progress = json.loads((ckpt / "progress.json").read_text())
@@ -262,4 +287,4 @@ def load_checkpoint(ckpt: Path, key: dict) -> tuple[int, dict[str, tuple[Compres
             module = MODULE_CLASSES[entry["class"]].empty(entry["meta"], entry["buffers"])
             module.load_state_dict({b: f.get_tensor(f"{name}.{b}") for b in entry["buffers"]})
             out[name] = (module, entry["record"])
-    return progress["blocks_done"], out
+    return progress["blocks_done"], out, progress["plan"]
