@@ -14,7 +14,7 @@ Public API, in flow order::
 ``sparselm.evaluate`` is the evaluation module (perplexity, accounting); ``sparselm.perplexity`` its main
 function.
 """
-__version__ = "0.1.0"
+from .version import __version__  # noqa: E402,F401
 
 from .config import (ASVDSpec, CoSpaDiSpec, MagnitudeSpec, Pattern, Ratio, Recipe, RocketSpec,  # noqa: E402
                      SparseGPTSpec, Sparsity, SVDLLMSpec, SVDSpec, WandaSpec)

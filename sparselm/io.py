@@ -21,7 +21,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from . import __version__
+from .version import __version__
 from . import model as adapter
 from .budget import Allocation
 from .config import spec_from_dict, spec_to_dict
