@@ -124,7 +124,7 @@ def compress_model(model: str | None = None, recipe: Recipe | None = None, calib
 
 def _record(layer: pipeline.LayerResult) -> dict:
     return {"spec": spec_to_dict(layer.spec), "rel_error": layer.rel_error, "predicted_error": layer.predicted_error,
-            "info": layer.info, "group": list(layer.module.group)}
+            "info": layer.info, "group": list(layer.group)}
 
 
 def _checkpoint(ckpt: Path, key: dict, blocks_done: int, layers: list[pipeline.LayerResult], plan: Plan) -> None:

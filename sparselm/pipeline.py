@@ -66,6 +66,11 @@ class LayerResult:
         return self.module.info
 
     @property
+    def group(self) -> tuple[str, ...]:
+        """The layers sharing this one's dictionary (itself included); () when it owns it alone."""
+        return self.module.group
+
+    @property
     def dense_shape(self) -> tuple[int, int]:
         return self.module.out_features, self.module.in_features
 
@@ -149,24 +154,27 @@ def walk(model: nn.Module, calib: torch.Tensor, names: list[list[str]], device: 
     _, blocks = adapter.find_blocks(model)
     inputs = capture_inputs(model, blocks, calib, batch_size, device)
     hidden = inputs.hidden
+
+    def run(idx: list[int], x: list[torch.Tensor]) -> list[torch.Tensor]:
+        for i in idx:
+            x = run_block(blocks[i], x, inputs.kwargs[i])
+        return x
+
     for first in range(0, len(blocks), window):
-        idx = range(first, min(first + window, len(blocks)))
+        idx = list(range(first, min(first + window, len(blocks))))
         homes = [_device_of(blocks[i]) for i in idx]
         for i in idx:
             blocks[i].to(device)
-        if first >= start:
-            win = Window(first, idx[-1] + 1, [n for i in idx for n in names[i]], {})
-            x = hidden
+        if first < start:  # compressed already (a resumed run): only rebuild the next window's inputs
+            hidden = run(idx, hidden)
+        else:
+            win, x = Window(first, idx[-1] + 1, [n for i in idx for n in names[i]], {}), hidden
             for i in idx:
                 with record({n: adapter.get_module(model, n) for n in names[i]}, win.stats):
                     x = run_block(blocks[i], x, inputs.kwargs[i])
             yield win
-            if not win.changed or win.end == len(blocks):
-                hidden = x
-                idx = ()  # the recorded outputs are the window's outputs (or nothing follows)
-        for i in idx:
-            hidden = run_block(blocks[i], hidden, inputs.kwargs[i])
-        for i, home in zip(range(first, first + len(homes)), homes):
+            hidden = run(idx, hidden) if win.changed and win.end < len(blocks) else x
+        for i, home in zip(idx, homes):
             blocks[i].to(home)
 
 
@@ -305,7 +313,7 @@ def compress(model: nn.Module, calib: torch.Tensor, recipe: Recipe, device: torc
     for win in walk(model, calib, names, device, batch_size, window_size(plan.specs.values()), start_block):
         for group in (s for s in plan.sets if s[0] in win.stats):
             layers += _compress_set(model, group, plan, win.stats, device, dtype)
-        win.changed = True
+            win.changed = True
         if checkpoint and win.end < len(blocks):
             checkpoint(win.end, layers, plan)
         if progress:
