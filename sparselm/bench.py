@@ -10,18 +10,18 @@ from . import device as devices, io
 from . import model as adapter
 
 
-def _load(path: str | None):
+def _load(path: str | None, trust_remote_code: bool = False):
     if path is not None and (Path(path) / io.MANIFEST).is_file():
-        return io.load(path)
-    return adapter.load_hf(path).model
+        return io.load(path, trust_remote_code=trust_remote_code)
+    return adapter.load_hf(path, trust_remote_code=trust_remote_code).model
 
 
 @torch.no_grad()
 def run(path: str | None, seqlen: int = 128, batch_size: int = 1, device: str | None = None,
-        repeats: int = 5) -> dict:
+        repeats: int = 5, trust_remote_code: bool = False) -> dict:
     """Median forward latency over ``repeats`` runs on random tokens, after one warm-up."""
     dev = devices.pick(device)
-    model = _load(path).to(dev)
+    model = _load(path, trust_remote_code).to(dev)
     vocab = model.config.vocab_size
     ids = torch.randint(0, vocab, (batch_size, seqlen), generator=torch.Generator().manual_seed(0)).to(dev)
     devices.reset_peak_memory(dev)

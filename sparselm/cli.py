@@ -12,6 +12,7 @@ from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -31,9 +32,9 @@ def _run(fn, as_json: bool, show) -> None:
     try:
         result = fn()
     except InputError as e:
-        err.print(f"[bold red]error:[/] {e.what}")
+        err.print(f"[bold red]error:[/] {escape(e.what)}")
         if e.fix:
-            err.print(f"[bold]fix:[/] {e.fix}")
+            err.print(f"[bold]fix:[/] {escape(e.fix)}")
         raise typer.Exit(2)
     except KeyboardInterrupt:
         err.print("interrupted: no output was written (compress: rerun with --resume to continue from the last "
@@ -120,6 +121,7 @@ def eval_(
     max_windows: int = typer.Option(64, help="first N non-overlapping windows (0: all)"),
     device: Optional[str] = typer.Option(None, help="auto | cpu | cuda"),
     batch_size: int = typer.Option(8),
+    trust_remote_code: bool = typer.Option(False, help="allow the model's own code (off by default)"),
     as_json: bool = typer.Option(False, "--json"),
 ):
     """Token-level perplexity with the pinned protocol (non-overlapping windows, none skipped).
@@ -128,7 +130,8 @@ def eval_(
         sparselm eval pruned/ --dataset held_out.txt --seqlen 512 --json
     """
     from . import api
-    _run(lambda: api.evaluate_model(model, dataset, seqlen, max_windows or None, device, batch_size), as_json,
+    _run(lambda: api.evaluate_model(model, dataset, seqlen, max_windows or None, device, batch_size,
+                                    trust_remote_code), as_json,
          lambda r: console.print(f"perplexity {r['perplexity']:.4f} on {r['dataset']} ({r['windows']} windows x "
                              f"{r['seqlen']} tokens, {r['tokens']} predicted tokens)"))
 
@@ -167,19 +170,22 @@ def inspect(directory: str = typer.Argument(..., help="a sparselm output directo
 @app.command()
 def export(directory: str = typer.Argument(..., help="a sparselm output directory"),
            out_dir: str = typer.Option(..., "--out", help="where to write the dense HF directory"),
-           overwrite: bool = typer.Option(False), as_json: bool = typer.Option(False, "--json")):
+           overwrite: bool = typer.Option(False, help="replace an earlier export (never anything else)"),
+           trust_remote_code: bool = typer.Option(False, help="allow the model's own code (off by default)"),
+           as_json: bool = typer.Option(False, "--json")):
     """Write a plain dense HF directory (loads with from_pretrained in any tool)."""
     from . import api
-    _run(lambda: api.export_dense(directory, out_dir, overwrite), as_json,
+    _run(lambda: api.export_dense(directory, out_dir, overwrite, trust_remote_code), as_json,
          lambda r: console.print(f"exported {r['layers']} layers densely ({r['dtype']}) -> {r['out']}"))
 
 
 @app.command()
 def bench(model: Optional[str] = typer.Argument(None, help="sparselm output dir, HF dir or hub id"),
           seqlen: int = typer.Option(128), batch_size: int = typer.Option(1), device: Optional[str] = None,
+          trust_remote_code: bool = typer.Option(False, help="allow the model's own code (off by default)"),
           as_json: bool = typer.Option(False, "--json")):
     """Latency, throughput and weight bytes of a forward pass (apart from quality evaluation)."""
     from . import bench as benchmod
-    _run(lambda: benchmod.run(model, seqlen, batch_size, device), as_json,
+    _run(lambda: benchmod.run(model, seqlen, batch_size, device, trust_remote_code=trust_remote_code), as_json,
          lambda r: console.print(" ".join(f"{k}={v}" for k, v in r.items())))
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import fnmatch
+import json
 import logging
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -17,9 +18,11 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import torch
+from safetensors import SafetensorError
 from torch import nn
 
 from .errors import InputError
+from .outdir import MARKERS
 
 log = logging.getLogger(__name__)
 BUNDLED = Path(__file__).parent / "bundled" / "tiny-llama"
@@ -31,12 +34,56 @@ def _is_causal(config) -> bool:
 
 
 def _check_dir(path: Path) -> None:
+    if (path / MARKERS["compress"]).is_file():
+        raise InputError(f"{str(path)!r} is a sparselm output, not a plain model",
+                         "compress the original model (the manifest's base_model), or `sparselm export` this "
+                         "directory to a dense one first")
     if not (path / "config.json").is_file():
         raise InputError(f"model directory {str(path)!r} has no config.json",
                          "point to a Hugging Face model directory (save_pretrained output) or a hub id")
     if any(path.glob("*.bin")) and not any(path.glob("*.safetensors")):
         raise InputError(f"model directory {str(path)!r} has only pickled .bin weights",
                          "sparselm reads safetensors only; convert with save_pretrained(safe_serialization=True)")
+
+
+def _refuse_remote_code(path: Path) -> None:
+    """A local directory whose config or tokenizer asks for its own code (``auto_map``) is refused unless the
+    user passed --trust-remote-code: transformers would otherwise ask (or, told yes, run it)."""
+    for name in ("config.json", "tokenizer_config.json"):
+        f = path / name
+        if not f.is_file():
+            continue
+        try:
+            asks = "auto_map" in json.loads(f.read_text(encoding="utf-8"))
+        except (ValueError, UnicodeDecodeError) as e:
+            raise InputError(f"{str(f)!r} is not valid JSON ({e})", "repair or replace the file") from None
+        if asks:
+            raise InputError(f"{str(f)!r} asks to run code shipped with the model (auto_map)",
+                             "pass --trust-remote-code (trust_remote_code=True) only if you trust that code")
+
+
+def read_config(src: str | Path, trust_remote_code: bool = False):
+    """The model's config, never running code from the model unless ``trust_remote_code``."""
+    from transformers import AutoConfig
+    if Path(src).is_dir() and not trust_remote_code:
+        _refuse_remote_code(Path(src))
+    try:
+        return AutoConfig.from_pretrained(src, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, KeyError) as e:
+        raise InputError(f"could not read the config of {str(src)!r} ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0][:300] if str(e) else ''})",
+                         "give a directory with a valid config.json, or a reachable hub id") from None
+
+
+def load_tokenizer(src: str | Path, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+    if Path(src).is_dir() and not trust_remote_code:
+        _refuse_remote_code(Path(src))
+    try:
+        return AutoTokenizer.from_pretrained(src, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, KeyError) as e:
+        raise InputError(f"could not load the tokenizer of {str(src)!r} ({type(e).__name__})",
+                         "the directory needs the tokenizer files save_pretrained writes") from None
 
 
 @dataclass
@@ -50,25 +97,30 @@ class Loaded:
 def load_hf(name: str | Path | None = None, dtype: torch.dtype = torch.float32,
             trust_remote_code: bool = False) -> Loaded:
     """Load a local directory or hub id (``None``: the bundled tiny model) to compute in ``dtype``."""
-    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModel, AutoModelForCausalLM
 
     src = BUNDLED if name is None else name
     if Path(src).exists():
         _check_dir(Path(src))
     elif Path(str(src)).is_absolute() or str(src).startswith((".", "~")):
         raise InputError(f"model directory {str(src)!r} does not exist", "check the path")
+    config = read_config(src, trust_remote_code)
+    if getattr(config, "is_encoder_decoder", False):
+        raise InputError(f"{str(src)!r} is an encoder-decoder model ({type(config).__name__})",
+                         "sparselm compresses decoder-only causal LMs and encoders")
+    saved = _dtype_of(config) or dtype
+    cls = AutoModelForCausalLM if _is_causal(config) else AutoModel
     try:
-        config = AutoConfig.from_pretrained(src, trust_remote_code=trust_remote_code)
-        saved = _dtype_of(config) or dtype
-        cls = AutoModelForCausalLM if _is_causal(config) else AutoModel
-        model = cls.from_pretrained(src, dtype=dtype, use_safetensors=True,
-                                    trust_remote_code=trust_remote_code)
-        tokenizer = AutoTokenizer.from_pretrained(src, trust_remote_code=trust_remote_code)
-    except InputError:
-        raise
-    except (OSError, ValueError, KeyError, RuntimeError) as e:
+        model, info = cls.from_pretrained(src, dtype=dtype, use_safetensors=True, trust_remote_code=trust_remote_code,
+                                          output_loading_info=True)
+    except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as e:
         raise InputError(f"could not load model {str(src)!r} ({type(e).__name__}: {str(e).splitlines()[0][:300]})",
                          "give a local HF directory with config.json + *.safetensors, or a reachable hub id") from None
+    bad = sorted(map(str, info.get("missing_keys") or ())) + sorted(map(str, info.get("mismatched_keys") or ()))
+    if bad:
+        raise InputError(f"model {str(src)!r}: {len(bad)} tensors missing from or mismatched in its safetensors "
+                         f"(e.g. {bad[:3]}); they would be random", "the checkpoint is incomplete; download it again")
+    tokenizer = load_tokenizer(src, trust_remote_code)
     model.eval()
     return Loaded(model, tokenizer, str(src), saved)
 

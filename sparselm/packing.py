@@ -83,7 +83,8 @@ def encode_values(values: torch.Tensor, storage: CoefStorage, dtype: torch.dtype
             n_rows = int(rows.max()) + 1 if rows.numel() else 0
         absmax = torch.zeros(n_rows, dtype=torch.float32, device=values.device)
         absmax.scatter_reduce_(0, rows, values.abs().float(), reduce="amax")
-        scale = (absmax / 127).clamp_min(torch.finfo(torch.float32).tiny).to(torch.float16).float()
+        # floor at fp16's smallest subnormal 2^-24: a float32 floor rounds to a zero fp16 scale
+        scale = (absmax / 127).clamp_min(2 ** -24).to(torch.float16).float()
         q = torch.round(values.float() / scale[rows]).clamp(-127, 127).to(torch.int8)
         return {"values_int8": q, SCALE_BUFFER: scale.to(torch.float16)}
     raise ValueError(storage)

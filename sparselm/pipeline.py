@@ -11,6 +11,7 @@ inputs of the current window (one tensor per calibration batch) plus the statist
 from __future__ import annotations
 
 import fnmatch
+import math
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
@@ -283,9 +284,20 @@ def _compress_set(model, names: tuple[str, ...], plan: Plan, stats, device, dtyp
     out = []
     for name, W, module in zip(names, weights, modules):
         err = relative_error(W, module.dense_weight(), stats[name])
+        _check_finite(name, module, err, dtype)
         adapter.swap(model, name, module)
         out.append(LayerResult(name, module, err, plan.predicted.get(name)))
     return out
+
+
+def _check_finite(name: str, module: CompressedLinear, err: float, dtype: torch.dtype) -> None:
+    """A compressed layer with inf/NaN (e.g. coefficients beyond float16's range) is an error, never saved."""
+    bad = [b for b, t in module.named_buffers() if t.is_floating_point() and not torch.isfinite(t).all()]
+    if bad or not math.isfinite(err):
+        raise InputError(f"layer {name}: the compressed layer is not finite ({', '.join(bad) or 'its error'} has "
+                         f"inf/NaN; values beyond the range of {str(dtype).removeprefix('torch.')}?)",
+                         "store coefficients as bf16 (recipe coef_storage: bf16) or float32, compress a bf16/float32 "
+                         "copy of the checkpoint, or exclude the layer with an ignore pattern")
 
 
 Progress = Callable[[int, int], None]

@@ -75,7 +75,7 @@ def test_missing_or_corrupt_model_dir(tmp_path):
     (tmp_path / "bad").mkdir()
     (tmp_path / "bad" / "config.json").write_text("{not json")
     r = run("compress", tmp_path / "bad", "--out", tmp_path / "o")
-    assert r.exit_code == 2 and "could not load model" in r.output
+    assert r.exit_code == 2 and "config.json' is not valid JSON" in r.output
     r = run("inspect", tmp_path / "bad")
     assert r.exit_code == 2 and "not a sparselm output" in r.output
 
