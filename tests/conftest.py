@@ -44,43 +44,13 @@ def _bert():
                                       num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=128))
 
 
-def _qwen3():  # per-head q/k norms
-    return tf.Qwen3ForCausalLM(tf.Qwen3Config(vocab_size=VOCAB, hidden_size=64, intermediate_size=128,
-                                              num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                              head_dim=16, max_position_embeddings=128, eos_token_id=0))
-
-
-def _gemma2():  # hybrid: sliding-window then full attention (other masks per layer)
-    return tf.Gemma2ForCausalLM(tf.Gemma2Config(vocab_size=VOCAB, hidden_size=64, intermediate_size=128,
-                                                num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                                head_dim=16, max_position_embeddings=128, sliding_window=8,
-                                                layer_types=["sliding_attention", "full_attention"]))
-
-
-def _gemma3():  # hybrid: other masks and other rotary embeddings (local/global base) per layer type
-    return tf.Gemma3ForCausalLM(tf.Gemma3TextConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128,
-                                                    num_hidden_layers=2, num_attention_heads=4,
-                                                    num_key_value_heads=2, head_dim=16, max_position_embeddings=128,
-                                                    sliding_window=8,
-                                                    layer_types=["sliding_attention", "full_attention"]))
-
-
-def _phi3():  # fused qkv and gate_up projections
-    return tf.Phi3ForCausalLM(tf.Phi3Config(vocab_size=VOCAB, hidden_size=64, intermediate_size=128,
-                                            num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                            max_position_embeddings=128, pad_token_id=0, eos_token_id=0,
-                                            bos_token_id=0))
-
-
 ARCHS = {"llama": _llama, "qwen2": _qwen2, "mistral": _mistral, "opt": _opt, "gpt2": _gpt2, "bert": _bert}
 CAUSAL = [a for a in ARCHS if a != "bert"]
-MORE_ARCHS = {"qwen3": _qwen3, "gemma2": _gemma2, "gemma3": _gemma3, "phi3": _phi3}  # block-walk checks
-HYBRID = ("gemma2", "gemma3")
 
 
 def tiny_model(arch: str, seed: int = 0) -> torch.nn.Module:
     torch.manual_seed(seed)
-    model = {**ARCHS, **MORE_ARCHS}[arch]()
+    model = ARCHS[arch]()
     return model.eval()
 
 
