@@ -133,10 +133,17 @@ def encode_masked(matrix: torch.Tensor, mask: torch.Tensor, storage: CoefStorage
     return {"mask": pack_bits(mask, 1), **enc}
 
 
+def masked_buffers(module: nn.Module, storage: CoefStorage) -> dict[str, torch.Tensor]:
+    """A values + bitmask layer's buffers by saved name: ``mask``, the values of ``storage`` (``values``,
+    ``values14`` or ``values_int8``) and, for int8, ``scale`` (what a kernel's runtime form reads)."""
+    names = ("mask", VALUE_BUFFER[storage], SCALE_BUFFER)
+    return {name: getattr(module, name) for name in names if getattr(module, name, None) is not None}
+
+
 def decode_masked(module: nn.Module, rows: int, cols: int, storage: CoefStorage) -> torch.Tensor:
     """Inverse of `encode_masked`, from ``module``'s ``mask`` and value buffers of ``storage``."""
-    mask = unpack_bits(module.mask, 1, rows * cols).view(rows, cols).bool()  # (rows, cols)
-    enc = {name: getattr(module, name) for name in (VALUE_BUFFER[storage], SCALE_BUFFER) if hasattr(module, name)}
+    enc = masked_buffers(module, storage)
+    mask = unpack_bits(enc.pop("mask"), 1, rows * cols).view(rows, cols).bool()  # (rows, cols)
     nnz = int(mask.sum())
     values = decode_values(enc, storage, nnz, mask.nonzero()[:, 0] if storage is CoefStorage.INT8 else None)
     out = torch.zeros(rows, cols, dtype=values.dtype if values.is_floating_point() else torch.float32)
