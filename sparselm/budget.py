@@ -278,9 +278,9 @@ class Allocation:
     def to_dict(self) -> dict:
         """The manifest's allocation row (its keys are part of the saved format)."""
         spec = self.spec
-        return {"layer": self.layer, "method": spec.name if spec else DENSE, "target": str(getattr(spec, "target", None)),
-                "ks": getattr(spec, "ks", None), "bytes": self.size, "predicted_error": self.predicted_error,
-                "shape": list(self.shape), "error_cap": self.error_cap}
+        return {"layer": self.layer, "method": spec.name if spec else DENSE,
+                "target": str(getattr(spec, "target", None)), "ks": getattr(spec, "ks", None), "bytes": self.size,
+                "predicted_error": self.predicted_error, "shape": list(self.shape), "error_cap": self.error_cap}
 
     @staticmethod
     def kept_dense_row(row: dict) -> bool:
