@@ -65,7 +65,8 @@ def _progress_bar():
 def compress(
     model: Optional[str] = typer.Argument(None, help="hub id or local HF directory; omitted: the bundled tiny model"),
     method: Optional[str] = typer.Option(None, help="magnitude|wanda|sparsegpt|svd|asvd|svd-llm|cospadi|rocket "
-                                                   "(default: rocket, knapsack allocation, --ratio 0.2)"),
+                                                   "(default: rocket; rocket runs with knapsack allocation and "
+                                                   "--ratio 0.2 unless told otherwise)"),
     ratio: Optional[float] = typer.Option(None, help="fraction of the targeted layers' stored bytes removed"),
     sparsity: Optional[float] = typer.Option(None, help="pruning: fraction of weights set to zero"),
     pattern: Optional[str] = typer.Option(None, help="pruning: N:M semi-structured pattern, e.g. 2:4"),
@@ -73,8 +74,8 @@ def compress(
                                                    "the recipe's calibration.source, else stdlib)"),
     nsamples: Optional[int] = typer.Option(None, help="calibration windows (default 64 bundled, 128 otherwise)"),
     seqlen: Optional[int] = typer.Option(None, help="calibration window length (default 256 bundled, 2048 otherwise)"),
-    allocate: Optional[str] = typer.Option(None, help="uniform | knapsack (default: knapsack for the default "
-                                                       "method, uniform when --method is given)"),
+    allocate: Optional[str] = typer.Option(None, help="uniform | knapsack (default: knapsack for rocket, the "
+                                                       "default method; uniform for every other method)"),
     out: Optional[str] = typer.Option(None, help="output directory (default compressed/<model>-<method>-<knob>)"),
     overwrite: bool = typer.Option(False, help="replace an existing output directory written by sparselm"),
     device: Optional[str] = typer.Option(None, help="auto | cpu | cuda | cuda:N"),
@@ -253,11 +254,3 @@ def bench(model: Optional[str] = typer.Argument(None, help="sparselm output dir,
     _run(lambda: benchmod.run(model, seqlen, batch_size, device, trust_remote_code=trust_remote_code), as_json,
          lambda r: console.print(" ".join(f"{k}={v}" for k, v in r.items())))
 
-
-def main() -> None:  # pragma: no cover
-    try:
-        app()
-    except SystemExit:
-        raise
-    except Exception:
-        sys.exit(1)

@@ -13,6 +13,7 @@ import torch
 from hypothesis import HealthCheck, assume, event, example, given, settings, strategies as st
 from safetensors.torch import save as safetensors_bytes
 
+from sparselm import formats
 from sparselm.budget import Option, allocate, lower_hull, search_alpha, total
 from sparselm.capture import LinearStats
 from sparselm.config import (ASVDSpec, CoefStorage, CoSpaDiSpec, MagnitudeSpec, Pattern, Ratio, RocketSpec,
@@ -23,7 +24,8 @@ from sparselm.methods import compress_weight
 from sparselm.methods.masks import check_pattern, keep_mask
 from sparselm.methods.omp import omp
 from sparselm.methods.omp_cpu import available as numba_available
-from sparselm.modules import LowRankLinear, SparseDictLinear, SparseLinear, from_result
+from sparselm.modules import LowRankLinear, SparseDictLinear, SparseLinear
+from sparselm.pipeline import build_module
 from sparselm.packing import decode_values, encode_values, index_bits, pack_bits, unpack_bits
 
 FAST = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -180,7 +182,7 @@ def test_sparsity_mask_keeps_the_exact_count_even_with_ties(score, s, per_row, d
 @FAST
 @given(score=scores(), r=st.floats(0.01, 0.9), per_row=st.booleans(), dtype=dtypes)
 def test_ratio_mask_keeps_floor_of_the_density(score, r, per_row, dtype):
-    density = SparseLinear.density_for_ratio(r, dtype) if (1 - r) > 1 / torch.finfo(dtype).bits else None
+    density = formats.density_for_ratio(r, dtype) if (1 - r) > 1 / torch.finfo(dtype).bits else None
     if density is None:
         with pytest.raises(InputError, match="no bytes for weight values"):
             keep_mask(score, Ratio(r), dtype, per_row)
@@ -573,7 +575,7 @@ def test_ratio_target_is_met_within_one_unit(name, out_f, in_f, r, dtype, seed):
         event("refused")
         return
     event("built")
-    module = from_result(result, None, dtype)
+    module = build_module(result, None, dtype)
     row = layer_accounting(module, dtype)
     budget = (1 - r) * dense_bytes(out_f, in_f, dtype)
     assert module.stored_bytes() == row["stored_bytes"] <= budget
@@ -592,11 +594,11 @@ def test_ratio_target_is_met_within_one_unit(name, out_f, in_f, r, dtype, seed):
 def test_pruning_ratio_mask_padding_over_budget(name, out_f, in_f, r, dtype):
     W = randn(0, out_f, in_f)
     stats = LinearStats.from_inputs(randn(1, 16, in_f))
-    module = from_result(compress_weight(_specs(r)[name], W, stats, dtype), None, dtype)
+    module = build_module(compress_weight(_specs(r)[name], W, stats, dtype), None, dtype)
     assert module.stored_bytes() <= (1 - r) * dense_bytes(out_f, in_f, dtype)
 
 
-@pytest.mark.xfail(strict=True, reason="LowRankLinear.rank_for_ratio floors the rank at 1, so a ratio whose "
+@pytest.mark.xfail(strict=True, reason="formats.rank_for_ratio floors the rank at 1, so a ratio whose "
                    "budget (1-r)·in·out is below one rank's in+out entries is silently exceeded: 6x2 fp16 at "
                    "r=0.732 stores rank 1 = 16 B > 6.43 B; 64x64 at r=0.99 stores rank 1 (ratio 0.969)")
 @pytest.mark.parametrize("name", ["svd", "asvd", "svd-llm"])
@@ -605,7 +607,7 @@ def test_low_rank_rank_one_over_budget(name, out_f, in_f, r):
     W = randn(0, out_f, in_f)
     stats = LinearStats.from_inputs(randn(1, 4 * in_f, in_f))
     try:
-        module = from_result(compress_weight(_specs(r)[name], W, stats, torch.float16), None, torch.float16)
+        module = build_module(compress_weight(_specs(r)[name], W, stats, torch.float16), None, torch.float16)
     except InputError:
         return  # refusing the ratio is a correct answer too
     assert module.stored_bytes() <= (1 - r) * dense_bytes(out_f, in_f, torch.float16)

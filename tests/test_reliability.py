@@ -411,8 +411,8 @@ KILL_AFTER_FIRST_CHECKPOINT = """
 import os, signal, sparselm.pipeline as p
 orig = p.compress
 def killing(*a, checkpoint=None, **k):
-    def ck(n, layers):
-        checkpoint(n, layers)
+    def ck(*args):  # (blocks done, layers, plan)
+        checkpoint(*args)
         os.kill(os.getpid(), signal.SIGKILL)
     return orig(*a, checkpoint=ck, **k)
 p.compress = killing
