@@ -63,6 +63,10 @@ def test_eval_fidelity_of_a_compressed_dir(tiny_llama_dir, tmp_path):
     assert f"top1_agreement {fid['top1_agreement']:.4f}" in (out / "report.html").read_text()
     assert f"top1_agreement {fid['top1_agreement']:.4f}" in (out / "README.md").read_text()
     assert not list(out.glob(".*partial*"))
+    manifest = __import__("json").loads((out / "sparselm.json").read_text())
+    (out / "sparselm.json").write_text(__import__("json").dumps({**manifest, "base_model": None}))
+    with pytest.raises(InputError, match="names no base_model"):  # never the bundled model by default
+        api.evaluate_model(str(out), seqlen=32, max_windows=1, fidelity=True)
     with pytest.raises(InputError, match="not a sparselm output"):
         api.evaluate_model(str(tiny_llama_dir), seqlen=32, max_windows=1, fidelity=True)
 
