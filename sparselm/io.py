@@ -147,14 +147,19 @@ def write_report(path: str | Path, text: str, marker: str) -> Path:
                                  "refusing to replace it; choose another --out")
     if not path.parent.is_dir():
         raise InputError(f"--out {str(path)!r}: directory {str(path.parent)!r} does not exist", "create it first")
-    tmp = path.parent / f".{path.name}.partial-{os.getpid()}"
     with _writing(path):
-        try:
-            tmp.write_text(text, encoding="utf-8")
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
+        _replace_file(path, text)
     return path
+
+
+def _replace_file(path: Path, text: str) -> None:
+    """``path`` gets ``text`` in one rename: readers see the old file or the new one, never half of one."""
+    tmp = path.parent / f".{path.name}.partial-{os.getpid()}"
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def record_evaluation(path: str | Path, record: dict, extras=None) -> None:
@@ -168,12 +173,7 @@ def record_evaluation(path: str | Path, record: dict, extras=None) -> None:
         files = {MANIFEST: json.dumps(manifest, indent=1, default=str)}
         files.update(extras(json.loads(files[MANIFEST])) if extras else {})
         for name, text in files.items():
-            tmp = path / f".{Path(name).name}.partial-{os.getpid()}"
-            try:
-                tmp.write_text(text, encoding="utf-8")
-                os.replace(tmp, path / Path(name).name)
-            finally:
-                tmp.unlink(missing_ok=True)
+            _replace_file(path / Path(name).name, text)
 
 
 def tensor_names_and_bytes(path: str | Path) -> dict[str, int]:
@@ -338,7 +338,8 @@ def export(path: str | Path, out: str | Path, overwrite: bool = False, trust_rem
         with _writing(out), outdir.atomic_dir(out) as tmp:
             model.save_pretrained(tmp, safe_serialization=True)
             for f in Path(path).iterdir():  # tokenizer and generation files, as they were
-                if f.is_file() and f.name not in (WEIGHTS, MANIFEST, "config.json", *RUN_FILES) and not (tmp / f.name).exists():
+                skip = (WEIGHTS, MANIFEST, "config.json", *RUN_FILES)
+                if f.is_file() and f.name not in skip and not (tmp / f.name).exists():
                     shutil.copy2(f, tmp / f.name)
             (tmp / EXPORT_MARKER).write_text(json.dumps({"exported_from": str(Path(path).resolve()),
                                                          "sparselm_version": __version__}, indent=1))

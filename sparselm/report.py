@@ -43,7 +43,8 @@ def layer_rows(manifest: dict) -> list[dict]:
         rows.append({"layer": name, "method": (e.get("spec") or {}).get("method"), "class": e.get("class"),
                      "ratio_stored": acc.get("ratio_stored"), "dense_bytes": acc.get("dense_bytes", 0),
                      "stored_bytes": acc.get("stored_bytes", 0), "rel_error": e.get("rel_error"),
-                     "predicted_error": e.get("predicted_error"), "target": _target((e.get("spec") or {}).get("target"))})
+                     "predicted_error": e.get("predicted_error"),
+                     "target": _target((e.get("spec") or {}).get("target"))})
     for a in manifest.get("allocation") or []:
         if a.get("method") == "dense":
             dense = int(a["shape"][0] * a["shape"][1] * (4 if manifest.get("storage_dtype") == "float32" else 2))
@@ -376,7 +377,8 @@ def compare(runs: list[tuple[str, dict]]) -> str:
         parts.append("<p>Not every run has a perplexity evaluation: the plots use the mean functional error "
                      "where it is missing; compare like with like.</p>")
     parts += ["<h2>Quality vs stored ratio, per method</h2>",
-              _img(_curves(runs, "ratio", "stored ratio removed (targeted layers)", "quality vs size"), "quality vs ratio"),
+              _img(_curves(runs, "ratio", "stored ratio removed (targeted layers)", "quality vs size"),
+                   "quality vs ratio"),
               "<h2>Time vs quality</h2>",
               _img(_curves(runs, "time", "compress seconds", "time vs quality"), "time vs quality"),
               "<h2>Every run</h2>", table(keys, [[r.get(k) for k in keys] for r in rows])]
