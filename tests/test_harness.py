@@ -115,6 +115,34 @@ def test_unknown_task_and_uncached_dataset_are_input_errors(pruned, tmp_path, mo
     assert time.perf_counter() - t0 < 30  # no retries against an unreachable Hub
 
 
+ROLLING_YAML = """task: sparselm_rolling
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: loglikelihood_rolling
+doc_to_text: ""
+doc_to_target: "{{{{text}}}}"
+metric_list:
+  - metric: word_perplexity
+  - metric: byte_perplexity
+  - metric: bits_per_byte
+metadata:
+  version: 1.0
+"""
+
+
+def test_word_perplexity_is_labelled_beside_the_token_level_one(pruned, tmp_path):
+    docs = [f.read_text(errors="replace")[:600] for f in stdlib_files("validation")[:4]]
+    (tmp_path / "docs.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    (tmp_path / "rolling.yaml").write_text(ROLLING_YAML.format(data=tmp_path / "docs.jsonl"))
+    r = api.evaluate_model(str(pruned), seqlen=64, max_windows=2, tasks=str(tmp_path / "rolling.yaml"))
+    scores = r["lm_eval"]["tasks"]["sparselm_rolling"]
+    assert r["metric"] == "token-level perplexity" and r["perplexity"] > 1
+    assert scores["word_perplexity"] > 1 and "not sparselm's token-level" in scores["word_perplexity_note"]
+
+
 def test_parse_tasks_and_word_perplexity_label():
     assert harness.parse_tasks(" piqa, ,hellaswag") == ["piqa", "hellaswag"]
     with pytest.raises(InputError):
