@@ -129,7 +129,7 @@ def _dataset_of(manager, spec: str) -> str:
     return f"{name}{'/' + cfg['dataset_name'] if cfg.get('dataset_name') else ''}" if name else "(its dataset)"
 
 
-def _diagnose(manager, specs: list[str], offline: bool, error: Exception) -> InputError | None:
+def _diagnose(manager, specs: list[str], offline: bool) -> InputError | None:
     """After a failed run: load each task alone; the first that fails is named with its dataset."""
     for spec in specs:
         try:
@@ -164,8 +164,8 @@ def run_tasks(model, tokenizer, tasks: list[str], num_fewshot: int | None = None
             res = lm_eval.simple_evaluate(model=lm, tasks=specs, task_manager=manager, num_fewshot=num_fewshot,
                                           limit=limit, log_samples=False, bootstrap_iters=0, random_seed=seed,
                                           numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed)
-        except Exception as e:
-            found = _diagnose(manager, specs, offline, e)
+        except Exception:
+            found = _diagnose(manager, specs, offline)
             if found is None:
                 raise
             raise found from None
