@@ -163,3 +163,24 @@ def test_compare_without_perplexity_uses_the_mean_functional_error():
     text = report.compare(runs)
     assert text.count("<img ") == 2 and "mean functional error" in text
     assert report.mean_error(runs[0][1]) == pytest.approx(0.2)  # (0.1 + 0.2 + 0.3) / 3, equal bytes
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "mixtral", "falcon", "bert"])  # Conv1D, experts, fused qkv, encoder
+def test_run_files_render_for_other_architectures(arch, tmp_path):
+    import torch
+    from sparselm import pipeline
+    from sparselm.config import MagnitudeSpec, Sparsity
+    from tests.test_architectures import tiny
+    model = tiny(arch)
+    recipe = Recipe(methods=(MagnitudeSpec(target=Sparsity(0.3)),))
+    pipeline.compress(model, torch.randint(3, 96, (4, 16), generator=torch.Generator().manual_seed(1)), recipe,
+                      torch.device("cpu"), torch.float32)
+    files = {}
+    io.save(model, None, tmp_path / "c", {"base_model": arch, "recipe": {"methods": [{"method": "magnitude"}]}},
+            torch.float32, extras=lambda m: files.update(api.run_files(m, recipe, "c")) or files)
+    assert set(files) == {"recipe.yaml", "report.html", "README.md"}  # none failed to render (they would be missing)
+    page = _parse(tmp_path / "c" / "report.html")
+    assert len(page.images) >= 4
+    for src in page.images:
+        _check_png(src)
+    assert next(iter(io.read_manifest(tmp_path / "c")["layers"])) in page.cells
