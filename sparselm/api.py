@@ -179,7 +179,7 @@ def versions() -> dict:
     """The library versions a result depends on."""
     import platform
     import transformers
-    from . import __version__
+    from .version import __version__
     return {"sparselm": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
             "python": platform.python_version()}
 
