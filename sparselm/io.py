@@ -127,11 +127,22 @@ def save(model: nn.Module, tokenizer, out_dir: str | Path, manifest: dict, dtype
         own = describe(model, dtype)
         layers = {n: {**e, **manifest.get("layers", {}).get(n, {})} for n, e in own["layers"].items()}
         full = {"format": "sparselm", "format_version": FORMAT_VERSION, "sparselm_version": __version__,
-                "storage_dtype": _dtype_name(dtype), "tied": aliases, **own, **manifest, "layers": layers}
+                "storage_dtype": _dtype_name(dtype), "tied": aliases, **own, **manifest, "layers": layers,
+                "file_bytes": _file_bytes(tmp / WEIGHTS, compressed_modules(model))}
         (tmp / MANIFEST).write_text(json.dumps(full, indent=1, default=str))
         for name, text in (extras(json.loads((tmp / MANIFEST).read_text())) if extras else {}).items():
             (tmp / Path(name).name).write_text(text, encoding="utf-8")
     return out
+
+
+def _file_bytes(weights: Path, compressed: dict) -> dict:
+    """Bytes of the written checkpoint by component: the compressed layers' buffers, their biases, the rest."""
+    sizes = tensor_names_and_bytes(weights)
+    inside = tuple(f"{n}." for n in compressed)
+    layer = {k: v for k, v in sizes.items() if k.startswith(inside)}
+    bias = sum(v for k, v in layer.items() if k.endswith(".bias"))
+    return {"compressed_layers": sum(layer.values()) - bias, "compressed_biases": bias,
+            "other": sum(sizes.values()) - sum(layer.values())}
 
 
 def write_report(path: str | Path, text: str, marker: str) -> Path:

@@ -133,13 +133,16 @@ def method_map(rows: list[dict]) -> Figure:
     return fig
 
 
-def bytes_figure(rows: list[dict]) -> Figure:
-    """Dense vs stored bytes, summed per projection (component) over blocks."""
+def bytes_figure(rows: list[dict], file_bytes: dict | None = None) -> Figure:
+    """Dense vs stored bytes, summed per projection (component) over blocks; with the manifest's
+    ``file_bytes``, also the whole checkpoint before / after (targeted weights, their biases, everything else)."""
     projs = list(dict.fromkeys(r["proj"].split(".")[-1] for r in rows))
     dense = [sum(r["dense_bytes"] for r in rows if r["proj"].split(".")[-1] == p) / 2 ** 20 for p in projs]
     stored = [sum(r["stored_bytes"] for r in rows if r["proj"].split(".")[-1] == p) / 2 ** 20 for p in projs]
-    fig = Figure(figsize=(1.5 + 0.9 * len(projs), 3.2), dpi=100)
-    ax = fig.add_subplot()
+    fig = Figure(figsize=(1.5 + 0.9 * len(projs) + (3.5 if file_bytes else 0), 3.2), dpi=100)
+    ax = fig.add_subplot(1, 2, 1) if file_bytes else fig.add_subplot()
+    if file_bytes:
+        _checkpoint_bars(fig.add_subplot(1, 2, 2), rows, file_bytes)
     xs = range(len(projs))
     ax.bar([x - 0.2 for x in xs], dense, 0.4, label="dense", color="#bbbbbb")
     ax.bar([x + 0.2 for x in xs], stored, 0.4, label="stored", color="#4c72b0")
@@ -149,6 +152,25 @@ def bytes_figure(rows: list[dict]) -> Figure:
     ax.legend(fontsize=8)
     fig.tight_layout()
     return fig
+
+
+def _checkpoint_bars(ax, rows: list[dict], fb: dict) -> None:
+    mib = 2 ** 20
+    parts = {"before": (sum(r["dense_bytes"] for r in rows), fb.get("compressed_biases", 0), fb.get("other", 0)),
+             "after": (fb.get("compressed_layers", 0), fb.get("compressed_biases", 0), fb.get("other", 0))}
+    bottom = [0.0, 0.0]
+    for i, (label, colour) in enumerate((("targeted weights", "#4c72b0"), ("their biases", "#dd8452"),
+                                         ("everything else (embeddings, norms, ...)", "#bbbbbb"))):
+        vals = [parts["before"][i] / mib, parts["after"][i] / mib]
+        ax.bar([0, 1], vals, 0.6, bottom=bottom, label=label, color=colour)
+        bottom = [b + v for b, v in zip(bottom, vals)]
+    for x, total in enumerate(bottom):
+        ax.text(x, total, f"{total:.2f}", ha="center", va="bottom", fontsize=8)
+    ax.set_xticks([0, 1], ["dense", "compressed"])
+    ax.set_ylabel("MiB (model.safetensors)")
+    ax.set_title("whole checkpoint", fontsize=10)
+    ax.set_ylim(0, max(bottom) * 1.45 or 1)
+    ax.legend(fontsize=7, loc="upper right")
 
 
 def predicted_figure(rows: list[dict]) -> Figure | None:
@@ -303,7 +325,7 @@ def render(manifest: dict, title: str | None = None) -> str:
                   _img(method_map(rows), "method and ratio per layer"),
                   _img(heatmap(rows, "ratio_stored", "stored ratio removed per layer", "Blues"), "ratio heatmap"),
                   _img(predicted_figure(rows), "predicted vs measured error"),
-                  "<h2>Bytes</h2>", _img(bytes_figure(rows), "bytes by component"),
+                  "<h2>Bytes</h2>", _img(bytes_figure(rows, manifest.get("file_bytes")), "bytes by component"),
                   table(["total", "dense bytes", "stored bytes", "ratio stored", "ratio params", "ratio paper"],
                         [["targeted layers", *(manifest.get("totals", {}).get(k) for k in (
                             "dense_bytes", "stored_bytes", "ratio_stored", "ratio_params", "ratio_paper"))]]),

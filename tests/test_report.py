@@ -83,6 +83,8 @@ def test_report_command_rebuilds_and_compares(knapsack_run, tiny_llama_dir, tmp_
     other = tmp_path / "svd"
     api.compress_model(str(tiny_llama_dir), Recipe(methods=(SVDSpec(target=Ratio(0.3)),)), nsamples=4, seqlen=32,
                        out=str(other), evaluate_ppl=True, max_windows=4)
+    svd = io.read_manifest(other)  # the checkpoint's bytes by component, from its header, match the accounting
+    assert svd["file_bytes"]["compressed_layers"] == svd["totals"]["stored_bytes"] and svd["file_bytes"]["other"] > 0
     cmp = tmp_path / "cmp.html"
     r = runner.invoke(app, ["report", str(knapsack_run), str(other), "--out", str(cmp), "--json"])
     assert r.exit_code == 0, r.output
