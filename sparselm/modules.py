@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import kernels
 from .config import CoefStorage, Pattern
 from .packing import decode_values, encode_values, index_bits, pack_bits, unpack_bits
 
@@ -28,6 +29,9 @@ class CompressedLinear(nn.Module):
     """Base: shape bookkeeping, bias, byte accounting and the dense reconstruction used by forward."""
 
     _dense: torch.Tensor | None = None  # the rebuilt weight, held only inside `dense_cache`
+    kernel_path: str | None = None  # None: `sparselm.kernels.policy` chooses; "reference": the plain forward
+    _runtime = None  # the runtime form its kernel reads (built on first fast forward; see `runtime`)
+    _runtime_key: tuple | None = None
 
     def __init_subclass__(cls, **kw):
         super().__init_subclass__(**kw)
@@ -48,9 +52,35 @@ class CompressedLinear(nn.Module):
         raise NotImplementedError
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._dense is None and kernels.usable(x, self.kernel_path):
+            return self.fast_forward(x)
+        return self.reference_forward(x)
+
+    def reference_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The plain forward: rebuild the dense weight, one ``F.linear`` (the fast paths' twin)."""
         b = None if self.bias is None else self.bias.to(x.dtype)
         W = self._dense if self._dense is not None else self.dense_weight()  # (out, in)
         return F.linear(x, W.to(x.dtype), b)
+
+    def fast_forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.reference_forward(x)
+
+    def build_runtime(self):
+        """The runtime form (may re-lay out buffers in place, same values and bytes); None if there is none."""
+        return None
+
+    def runtime(self):
+        """The runtime form, rebuilt whenever a buffer was replaced or written since it was built."""
+        key = tuple((t.data_ptr(), t._version, t.device) for t in self.buffers())
+        if key != self._runtime_key:
+            self._runtime = self.build_runtime()
+            self._runtime_key = tuple((t.data_ptr(), t._version, t.device) for t in self.buffers())
+        return self._runtime
+
+    def resident_bytes(self) -> int:
+        """Bytes held in memory: the stored buffers + what the runtime form adds (offsets, N:M bitmask)."""
+        rt = self.runtime()
+        return self.stored_bytes() + getattr(rt, "owned", 0)
 
     def stored_bytes(self) -> int:
         return sum(b.numel() * b.element_size() for b in self.buffers())
@@ -72,6 +102,20 @@ class CompressedLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, bytes={self.stored_bytes()}"
+
+
+@contextlib.contextmanager
+def reference_forwards(module: nn.Module) -> Iterator[None]:
+    """Inside the context, the compressed layers under ``module`` run their plain reference forward."""
+    layers = [m for m in module.modules() if isinstance(m, CompressedLinear)]
+    saved = [m.kernel_path for m in layers]
+    try:
+        for m in layers:
+            m.kernel_path = "reference"
+        yield
+    finally:
+        for m, path in zip(layers, saved):
+            m.kernel_path = path
 
 
 @contextlib.contextmanager
@@ -159,6 +203,17 @@ class SparseLinear(CompressedLinear):
         w.scatter_(2, pos.to(w.device), self.values.view(out_f, in_f // m, n))
         return w.view(out_f, in_f)
 
+    def build_runtime(self) -> kernels.Masked:
+        out_f, in_f = self.out_features, self.in_features
+        if self.pattern is None:
+            return kernels.from_bitmask({k: getattr(self, k) for k in _VALUE_KEYS if hasattr(self, k)}, out_f, in_f)
+        n, m = self.pattern.n, self.pattern.m
+        pos = unpack_bits(self.indices, index_bits(m), out_f * in_f * n // m).view(out_f, in_f // m, n)
+        return kernels.from_nm(self.values, pos, n, m)
+
+    def fast_forward(self, x: torch.Tensor) -> torch.Tensor:
+        return kernels.masked_linear(x, self.runtime(), self.bias, self.kernel_path)
+
     @staticmethod
     def stored_fraction(density: float, in_features: int, dtype: torch.dtype, pattern: Pattern | None = None) -> float:
         """Stored bytes ÷ dense bytes (bias excluded) at ``density`` kept weights."""
@@ -189,9 +244,17 @@ class LowRankLinear(CompressedLinear):
     def dense_weight(self) -> torch.Tensor:
         return (self.U.float() @ self.V.float()).T  # (out, in)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def reference_forward(self, x: torch.Tensor) -> torch.Tensor:
         y = (x @ self.U.to(x.dtype)) @ self.V.to(x.dtype)  # (..., in) -> (..., r) -> (..., out)
         return y if self.bias is None else y + self.bias.to(x.dtype)
+
+    def build_runtime(self) -> bool:
+        self.U, self.V = kernels.colmajor(self.U), kernels.colmajor(self.V)  # same values, same bytes
+        return True
+
+    def fast_forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.runtime()
+        return kernels.lowrank_linear(x, self.U, self.V, self.bias, self.kernel_path)
 
     @staticmethod
     def rank_for_ratio(ratio: float, in_features: int, out_features: int) -> int:
@@ -225,9 +288,17 @@ class SparseDictLinear(CompressedLinear):
     def dense_weight(self) -> torch.Tensor:
         return (self.D.float() @ self.coefficients().float()).T  # (out, in)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def reference_forward(self, x: torch.Tensor) -> torch.Tensor:
         y = (x @ self.D.to(x.dtype)) @ self.coefficients().to(x.dtype)  # (..., in) -> (..., k) -> (..., out)
         return y if self.bias is None else y + self.bias.to(x.dtype)
+
+    def build_runtime(self) -> kernels.Masked:
+        self.D = kernels.colmajor(self.D)  # same values, same bytes; a shared D stays shared
+        return kernels.from_bitmask({k: getattr(self, k) for k in _VALUE_KEYS if hasattr(self, k)},
+                                    self.out_features, self.k)
+
+    def fast_forward(self, x: torch.Tensor) -> torch.Tensor:
+        return kernels.dict_linear(x, self.D, self.runtime(), self.bias, self.kernel_path)
 
 
 def from_result(result, bias: torch.Tensor | None, dtype: torch.dtype) -> CompressedLinear:
