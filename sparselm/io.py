@@ -153,9 +153,9 @@ def _build_empty(path: Path, manifest: dict) -> nn.Module:
     return model.to_empty(device="cpu")
 
 
-def load(path: str | Path, dtype: torch.dtype | None = torch.float32) -> nn.Module:
-    """Rebuild a compressed model from its directory. ``dtype`` casts the dense (untouched) tensors for
-    computation (None keeps the stored dtype); compressed buffers keep their storage format."""
+def load(path: str | Path, dtype: torch.dtype | None = None) -> nn.Module:
+    """Rebuild a compressed model from its directory, in the checkpoint's dtype (as ``from_pretrained`` in
+    transformers 5). ``dtype`` casts the dense (untouched) tensors; compressed buffers keep their storage format."""
     path = Path(path)
     manifest = read_manifest(path)
     if not (path / WEIGHTS).is_file():
