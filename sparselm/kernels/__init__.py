@@ -48,6 +48,8 @@ def masked_linear(x: torch.Tensor, mm: Masked, bias: torch.Tensor | None = None,
 
 def _matvecs(x2: torch.Tensor, At: torch.Tensor) -> torch.Tensor:
     """``x2 (T, n) @ At.T`` for a contiguous ``At (m, n)``: torch.mv per row when T is tiny, else one GEMM."""
+    if x2.shape[0] == 1 and policy.MV_MAX_TOKENS >= 1:
+        return torch.mv(At, x2[0]).unsqueeze(0)
     if x2.shape[0] <= policy.MV_MAX_TOKENS:
         return torch.stack([torch.mv(At, row) for row in x2])
     return F.linear(x2, At)
@@ -57,15 +59,15 @@ def lowrank_linear(x: torch.Tensor, U: torch.Tensor, V: torch.Tensor, bias: torc
                    module_path: str | None = None) -> torch.Tensor:
     """``x (..., in) -> (..., out)`` = (x U) V + b, ``U (in, r)``, ``V (r, out)`` (best column-major)."""
     x2 = x.reshape(-1, U.shape[0])
-    h = _matvecs(x2, U.to(x.dtype).t())  # (T, r)
-    y = _matvecs(h, V.to(x.dtype).t())   # (T, out)
+    h = _matvecs(x2, (U if U.dtype == x.dtype else U.to(x.dtype)).t())  # (T, r)
+    y = _matvecs(h, (V if V.dtype == x.dtype else V.to(x.dtype)).t())   # (T, out)
     return _bias(y, bias).reshape(*x.shape[:-1], V.shape[1])
 
 
 def dict_linear(x: torch.Tensor, D: torch.Tensor, mm: Masked, bias: torch.Tensor | None = None,
                 module_path: str | None = None) -> torch.Tensor:
     """``x (..., in) -> (..., out)`` = (x D) S + b, ``D (in, k)``, S given as Sᵀ ``(out, k)`` in form ``mm``."""
-    h = _matvecs(x.reshape(-1, D.shape[0]), D.to(x.dtype).t())  # (T, k)
+    h = _matvecs(x.reshape(-1, D.shape[0]), (D if D.dtype == x.dtype else D.to(x.dtype)).t())  # (T, k)
     y = _product(h, mm, module_path)
     return _bias(y, bias).reshape(*x.shape[:-1], mm.rows)
 

@@ -10,8 +10,9 @@ the bitmask built from N:M indices (1 bit per weight) and a float32 copy of an i
 
 Three ways to compute the product, all exact up to float rounding:
   * ``gemv``  C++ (AVX-512 expand-load + FMA, or scalar): reads the compressed bytes once; for few tokens.
-  * ``panel`` C++ unpack of cache-sized row panels into one reused scratch buffer, then a dense GEMM.
-  * ``torch`` the same panels unpacked with torch ops: the fallback when the extension cannot be built.
+  * ``panel`` C++: each thread unpacks cache-sized row panels into its own reused scratch buffer and runs a
+    single-threaded dense GEMM on each (one parallel region per call).
+  * ``torch`` panels unpacked with torch ops, one GEMM each: the fallback when the extension cannot be built.
 """
 from __future__ import annotations
 
@@ -116,19 +117,12 @@ def panel_torch(mm: Masked, r0: int, r1: int, dtype: torch.dtype) -> torch.Tenso
 
 
 # --- products -----------------------------------------------------------------------------------------
-_scratch: dict[torch.dtype, torch.Tensor] = {}
-
-
-def _scratch_for(numel: int, dtype: torch.dtype) -> torch.Tensor:
-    buf = _scratch.get(dtype)
-    if buf is None or buf.numel() < numel:
-        buf = _scratch[dtype] = torch.empty(numel, dtype=dtype)
-    return buf[:numel]
+_scratch = {"bytes": 0}  # the largest panel scratch the C++ path has held (one buffer per thread)
 
 
 def scratch_bytes() -> int:
-    """Bytes held by the shared panel buffers (one per dtype, sized by the largest panel used)."""
-    return sum(b.numel() * b.element_size() for b in _scratch.values())
+    """Bytes held by the per-thread panel buffers (sized by the largest panel used so far)."""
+    return _scratch["bytes"]
 
 
 def panel_rows(mm: Masked, panel_bytes: int) -> int:
@@ -140,17 +134,16 @@ def matmul_panels(x: torch.Tensor, mm: Masked, panel_bytes: int, use_ext: bool =
     ext = _build.extension() if use_ext else None
     dtype = x.dtype if x.dtype in KIND else torch.float32
     p = panel_rows(mm, panel_bytes)
+    if ext is not None:
+        threads = min(torch.get_num_threads(), -(-mm.rows // p))
+        _scratch["bytes"] = max(_scratch["bytes"], threads * p * mm.cols * torch.finfo(dtype).bits // 8)
+        return ext.masked_panels_mm(x.to(dtype), mm.mask, mm.offsets, mm.values, mm.kind, mm.scale, mm.rows,
+                                    mm.cols, p, True).t()
     yT = torch.empty(mm.rows, x.shape[0], dtype=dtype)  # (rows, T): each panel's rows are contiguous
     xT = x.to(dtype).t()
     for r0 in range(0, mm.rows, p):
         r1 = min(mm.rows, r0 + p)
-        if ext is not None:
-            panel = _scratch_for((r1 - r0) * mm.cols, dtype).view(r1 - r0, mm.cols)
-            ext.masked_unpack(mm.mask, mm.offsets, mm.values, mm.kind, mm.scale, mm.rows, mm.cols, r0, r1,
-                              panel, True)
-        else:
-            panel = panel_torch(mm, r0, r1, dtype)
-        torch.mm(panel, xT, out=yT[r0:r1])
+        torch.mm(panel_torch(mm, r0, r1, dtype), xT, out=yT[r0:r1])
     return yT.t()
 
 

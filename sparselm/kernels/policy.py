@@ -16,9 +16,9 @@ from . import _build
 from ..errors import InputError
 
 PATHS = ("auto", "gemv", "panel", "torch", "reference")
-# the GEMV re-reads the compressed bytes once per block of 8 tokens; up to this many tokens it beats
-# unpack + GEMM (measured at 2048..14336 wide layers, bf16, 1-2 threads)
-GEMV_MAX_TOKENS = 16
+# up to this many tokens the GEMV beats unpack + GEMM (crossover in docs/benchmarks/kernels.md: 4-8 tokens
+# at 2048x8192 and 4096x14336, bf16, 1-2 threads)
+GEMV_MAX_TOKENS = 6
 # low rank: torch.mv per token beats one GEMM up to this many tokens (bf16 GEMM at M=1..2 is slow)
 MV_MAX_TOKENS = 1
 # rows of a panel are chosen so that one panel holds about this many bytes (L2-sized)

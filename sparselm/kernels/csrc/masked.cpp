@@ -350,8 +350,44 @@ void masked_unpack(torch::Tensor mask, torch::Tensor offsets, torch::Tensor valu
   });
 }
 
+// Y = X Mᵀ for many tokens: each thread unpacks its own row panels into a thread-local scratch and runs a
+// single-threaded dense GEMM on it (one parallel region per call; ATen ops inside it run sequentially).
+torch::Tensor masked_panels_mm(torch::Tensor x, torch::Tensor mask, torch::Tensor offsets, torch::Tensor values,
+                               int64_t kind, c10::optional<torch::Tensor> scale, int64_t rows, int64_t cols,
+                               int64_t panel_rows, bool simd) {
+  TORCH_CHECK(x.dim() == 2 && x.size(1) == cols, "x: (T, cols)");
+  auto st = x.scalar_type();
+  TORCH_CHECK(st == torch::kFloat32 || st == torch::kBFloat16 || st == torch::kFloat16, "x dtype");
+  Masked m = view(mask, offsets, values, kind, scale, rows, cols);
+  bool avx = simd && cpu_has_avx512();
+  auto xT = x.t();
+  auto yT = torch::empty({rows, x.size(0)}, x.options());
+  int64_t npanels = (rows + panel_rows - 1) / panel_rows;
+  at::parallel_for(0, npanels, 1, [&](int64_t b, int64_t e) {
+    thread_local torch::Tensor scratch;
+    if (!scratch.defined() || scratch.scalar_type() != st || scratch.numel() < panel_rows * cols)
+      scratch = torch::empty({panel_rows * cols}, x.options());
+    for (int64_t p = b; p < e; p++) {
+      int64_t r0 = p * panel_rows, r1 = std::min(rows, r0 + panel_rows);
+      auto run = [&](auto* base) {
+        auto* o = base - r0 * cols;
+        using T = std::remove_pointer_t<decltype(o)>;
+        if (avx) unpack_rows_avx<T>(m, r0, r1, o); else unpack_rows_scalar<T>(m, r0, r1, o);
+      };
+      if (st == torch::kFloat32) run(scratch.data_ptr<float>());
+      else if (st == torch::kBFloat16) run(scratch.data_ptr<c10::BFloat16>());
+      else run(scratch.data_ptr<c10::Half>());
+      auto panel = scratch.narrow(0, 0, (r1 - r0) * cols).view({r1 - r0, cols});
+      auto out = yT.narrow(0, r0, r1 - r0);
+      at::mm_out(out, panel, xT);
+    }
+  });
+  return yT;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
   mod.def("has_avx512", &has_avx512, "whether the AVX-512 (VBMI2 + BF16) paths run on this CPU");
   mod.def("masked_gemv", &masked_gemv, "Y = X M^T for a bitmask-packed matrix M");
+  mod.def("masked_panels_mm", &masked_panels_mm, "Y^T = M X^T through per-thread unpacked panels + GEMM");
   mod.def("masked_unpack", &masked_unpack, "dense rows r0..r1 of a bitmask-packed matrix into out");
 }
