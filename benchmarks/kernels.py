@@ -310,6 +310,7 @@ def main() -> None:
     p.add_argument("--e2e-repeats", type=int, default=3)
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--merge", action="store_true", help="keep the other parts' rows from the existing JSON")
+    p.add_argument("--append", action="store_true", help="with --merge: add layer rows to the existing ones")
     args = p.parse_args()
     args.cases = [(c.rpartition(":")[0], float(c.rpartition(":")[2])) for c in args.cases]
     args.e2e = [(c.rpartition(":")[0], float(c.rpartition(":")[2])) for c in args.e2e]
@@ -318,7 +319,7 @@ def main() -> None:
                                   "cpu": _cpu(), "cycle_mb": args.cycle_mb,
                                   "kernels": "C++ extension" if kernels.extension_available() else "torch fallback"}}
     if args.part in ("layers", "all"):
-        results["layers"] = []
+        results["layers"] = old.get("layers", []) if args.append else []
         for model, proj, in_f, out_f, kind, ratio in _cases(args):
             for threads in args.threads:
                 for row in layer_case(kind, in_f, out_f, ratio, args.tokens, threads, args):

@@ -237,7 +237,8 @@ def save_checkpoint(ckpt: Path, key: dict, blocks_done: int, records: dict[str, 
     tmp = ckpt.with_name(ckpt.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    state = {f"{n}.{b}": t.detach().cpu().clone() for n, m in modules.items() for b, t in m.state_dict().items()}
+    state = {f"{n}.{b}": t.detach().cpu().contiguous().clone() for n, m in modules.items()
+             for b, t in m.state_dict().items()}
     save_file(state, str(tmp / "layers.safetensors"))
     layers = {n: {"class": type(m).__name__, "meta": m.meta(), "record": records[n],
                   "buffers": {b: [list(t.shape), _dtype_name(t.dtype)] for b, t in m.named_buffers()}}

@@ -23,8 +23,11 @@ __all__ = ["Masked", "colmajor", "dict_linear", "extension_available", "from_bit
 
 
 def usable(x: torch.Tensor, module_path: str | None) -> bool:
-    """Whether the fast forwards apply: a CPU input and no request for the reference forward."""
-    return x.device.type == "cpu" and policy.requested(module_path) != "reference"
+    """Whether the fast forwards apply: a CPU input, no gradient wanted through it (the C++ products have no
+    backward) and no request for the reference forward."""
+    if x.device.type != "cpu" or (x.requires_grad and torch.is_grad_enabled()):
+        return False
+    return policy.requested(module_path) != "reference"
 
 
 def _product(x2: torch.Tensor, mm: Masked, module_path: str | None) -> torch.Tensor:
