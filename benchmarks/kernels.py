@@ -112,9 +112,8 @@ def copies_for(nbytes: int, cycle_mb: int) -> int:
 def interleaved(fns: dict, n_copies: dict, repeats: int) -> dict:
     """Median seconds of each ``fns[k](i)`` (i cycles through ``n_copies[k]`` weights), one round at a time."""
     times = {k: [] for k in fns}
-    for k, f in fns.items():
-        for i in range(n_copies[k]):  # warm-up + runtime forms
-            f(i)
+    for f in fns.values():  # warm-up (the callers build every copy's runtime form beforehand)
+        f(0)
     step = {k: 0 for k in fns}
     for _ in range(repeats):
         for k, f in fns.items():
@@ -139,6 +138,9 @@ def layer_case(kind: str, in_f: int, out_f: int, ratio: float, tokens: list[int]
     comp = [proto] + [copy.deepcopy(proto) for _ in range(nc - 1)]
     Ws = [torch.randn(out_f, in_f, generator=_gen(8)).mul_(0.02).to(DT)] * 1
     Ws += [Ws[0].clone() for _ in range(nd - 1)]
+    x1 = torch.randn(1, in_f).to(DT)
+    for m in comp:
+        m(x1)  # builds each copy's runtime form
     rows = []
     for t in tokens:
         x = torch.randn(t, in_f, generator=_gen(9)).to(DT)
@@ -170,6 +172,8 @@ def crossover(args) -> list[dict]:
         proto = pruned(in_f, out_f, 0.5)
         n = copies_for(stored_bytes(proto), args.cycle_mb)
         mods = [proto] + [copy.deepcopy(proto) for _ in range(n - 1)]
+        for m in mods:
+            m(torch.randn(1, in_f).to(DT))
         for threads in args.threads:
             torch.set_num_threads(threads)
             for t in (1, 2, 4, 8, 16, 32, 64):

@@ -191,34 +191,40 @@ SPARSELM_AVX512 void gemv_rows_avx(const Masked& m, const float* x, float* y, in
 }
 
 // bf16 values (plain or 14-bit) against bf16 x, rows whose mask starts on a 32-bit word (cols % 32 == 0):
-// VDPBF16PS on the expanded values, two rows interleaved so their popcount chains overlap.
+// VDPBF16PS on the expanded values. NR rows at once (compile-time, so accumulators and value cursors stay
+// in registers) so that their popcount chains and dot-product latencies overlap.
+template <int NR, int TT>
+SPARSELM_AVX512 inline void dpbf16_block(const Masked& m, const uint16_t* x, float* y, int64_t r) {
+  const int64_t words = m.cols / 32;
+  __m512 acc[NR][TT];
+  int64_t idx[NR];
+  const uint8_t* mw[NR];
+  for (int j = 0; j < NR; j++) {
+    for (int t = 0; t < TT; t++) acc[j][t] = _mm512_setzero_ps();
+    idx[j] = m.offsets[r + j]; mw[j] = m.mask + (r + j) * (m.cols / 8);
+  }
+  const uint16_t* vals = static_cast<const uint16_t*>(m.values);
+  for (int64_t c = 0; c < words; c++) {
+    __m512i xv[TT];
+    for (int t = 0; t < TT; t++) xv[t] = _mm512_loadu_si512(x + t * m.cols + 32 * c);
+    for (int j = 0; j < NR; j++) {
+      uint32_t w; std::memcpy(&w, mw[j] + 4 * c, 4);
+      __m512i v = m.kind == P14 ? _mm512_maskz_expand_epi16(w, p14_load32(m, idx[j]))
+                                : _mm512_maskz_expandloadu_epi16(w, vals + idx[j]);
+      idx[j] += _mm_popcnt_u32(w);
+      for (int t = 0; t < TT; t++) acc[j][t] = _mm512_dpbf16_ps(acc[j][t], (__m512bh)v, (__m512bh)xv[t]);
+    }
+  }
+  for (int j = 0; j < NR; j++)
+    for (int t = 0; t < TT; t++) y[t * m.rows + r + j] = _mm512_reduce_add_ps(acc[j][t]);
+}
+
 template <int TT>
 SPARSELM_AVX512 void gemv_rows_dpbf16(const Masked& m, const uint16_t* x, float* y, int64_t r0, int64_t r1) {
-  const int64_t words = m.cols / 32;
-  for (int64_t r = r0; r < r1; r += 2) {
-    const int nr = r + 1 < r1 ? 2 : 1;
-    __m512 acc[2][TT];
-    int64_t idx[2];
-    const uint8_t* mw[2];
-    for (int j = 0; j < 2; j++) {
-      for (int t = 0; t < TT; t++) acc[j][t] = _mm512_setzero_ps();
-      int64_t rr = j < nr ? r + j : r;
-      idx[j] = m.offsets[rr]; mw[j] = m.mask + rr * (m.cols / 8);
-    }
-    for (int64_t c = 0; c < words; c++) {
-      __m512i xv[TT];
-      for (int t = 0; t < TT; t++) xv[t] = _mm512_loadu_si512(x + t * m.cols + 32 * c);
-      for (int j = 0; j < nr; j++) {
-        uint32_t w; std::memcpy(&w, mw[j] + 4 * c, 4);
-        __m512i v = m.kind == P14 ? _mm512_maskz_expand_epi16(w, p14_load32(m, idx[j]))
-                                  : _mm512_maskz_expandloadu_epi16(w, static_cast<const uint16_t*>(m.values) + idx[j]);
-        idx[j] += _mm_popcnt_u32(w);
-        for (int t = 0; t < TT; t++) acc[j][t] = _mm512_dpbf16_ps(acc[j][t], (__m512bh)v, (__m512bh)xv[t]);
-      }
-    }
-    for (int j = 0; j < nr; j++)
-      for (int t = 0; t < TT; t++) y[t * m.rows + r + j] = _mm512_reduce_add_ps(acc[j][t]);
-  }
+  constexpr int NR = TT <= 2 ? 4 : 2;
+  int64_t r = r0;
+  for (; r + NR <= r1; r += NR) dpbf16_block<NR, TT>(m, x, y, r);
+  for (; r < r1; r++) dpbf16_block<1, TT>(m, x, y, r);
 }
 
 template <typename OutT>
