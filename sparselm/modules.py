@@ -8,6 +8,11 @@ All three compute ``Y = X Wᵀ + b`` for a weight ``W`` ``(out, in)`` they repre
 
 Buffers are kept in their storage dtype; ``forward`` computes in the input's dtype. ``stored_bytes``
 is the sum of the buffers' bytes: what `io.save` writes for the layer.
+
+``forward`` runs a fast path from `sparselm.kernels` on CPU (it reads a runtime form built on first use:
+row offsets, an N:M mask as bitmask, column-major factors; counted by ``resident_bytes``, never a dense
+copy); ``reference_forward`` is the plain twin, also taken for gradients, other devices, inside
+`dense_cache`, and when ``kernel_path = "reference"`` (see `reference_forwards`).
 """
 from __future__ import annotations
 
