@@ -157,3 +157,15 @@ def test_relaid_factors_save_like_the_originals(tmp_path):
     _, out = io.load_checkpoint(tmp_path / "ck", {"k": 1})
     for k, v in m.state_dict().items():
         assert torch.equal(out["l"][0].state_dict()[k], v)
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_many_small_panels_match_reference(path, monkeypatch):
+    monkeypatch.setattr(kernels.policy, "PANEL_ROWS", 5)
+    torch.manual_seed(0)
+    mask = torch.rand(50, 23) < 0.5  # S (k 50, out 23): 5 panels of Sᵀ rows
+    mod = SparseDictLinear(torch.randn(30, 50), torch.randn(50, 23) * mask, mask, torch.randn(23),
+                           CoefStorage.BF16_14BIT, torch.bfloat16)
+    _check(mod, _inputs(30, torch.bfloat16, (40,)), path, torch.bfloat16)
+    W, m2 = torch.randn(23, 45), torch.rand(23, 45) < 0.5
+    _check(SparseLinear(W, m2, None, None, torch.float32), _inputs(45, torch.float32, (40,)), path, torch.float32)

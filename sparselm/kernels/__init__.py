@@ -35,7 +35,7 @@ def _product(x2: torch.Tensor, mm: Masked, module_path: str | None) -> torch.Ten
     path = policy.masked_path(x2.shape[0], module_path)
     if path == "gemv":
         return masked.matmul_gemv(x2, mm).to(x2.dtype)
-    return masked.matmul_panels(x2, mm, policy.PANEL_BYTES, use_ext=path == "panel").to(x2.dtype)
+    return masked.matmul_panels(x2, mm, policy.PANEL_ROWS, use_ext=path == "panel").to(x2.dtype)
 
 
 def _bias(y: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:

@@ -125,15 +125,16 @@ def scratch_bytes() -> int:
     return _scratch["bytes"]
 
 
-def panel_rows(mm: Masked, panel_bytes: int) -> int:
-    return max(16, min(mm.rows, panel_bytes // max(1, 2 * mm.cols)))
+def panel_rows(mm: Masked, rows: int) -> int:
+    """At most ``rows`` per panel, and at least one panel per thread."""
+    return max(1, min(rows, -(-mm.rows // torch.get_num_threads())))
 
 
-def matmul_panels(x: torch.Tensor, mm: Masked, panel_bytes: int, use_ext: bool = True) -> torch.Tensor:
+def matmul_panels(x: torch.Tensor, mm: Masked, rows: int, use_ext: bool = True) -> torch.Tensor:
     """``x (T, cols) -> (T, rows)``: unpack row panels, one dense GEMM each (output written in place)."""
     ext = _build.extension() if use_ext else None
     dtype = x.dtype if x.dtype in KIND else torch.float32
-    p = panel_rows(mm, panel_bytes)
+    p = panel_rows(mm, rows)
     if ext is not None:
         threads = min(torch.get_num_threads(), -(-mm.rows // p))
         _scratch["bytes"] = max(_scratch["bytes"], threads * p * mm.cols * torch.finfo(dtype).bits // 8)

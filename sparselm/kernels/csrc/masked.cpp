@@ -190,31 +190,40 @@ SPARSELM_AVX512 void gemv_rows_avx(const Masked& m, const float* x, float* y, in
   }
 }
 
-// bf16 values (plain or 14-bit) against bf16 x, rows whose mask starts on a 32-bit word (cols % 32 == 0):
-// VDPBF16PS on the expanded values. NR rows at once (compile-time, so accumulators and value cursors stay
-// in registers) so that their popcount chains and dot-product latencies overlap.
+// bf16 values (plain or 14-bit) against bf16 x: VDPBF16PS on the expanded values. NR rows at once
+// (compile-time, so accumulators and value cursors stay in registers) so that their popcount chains and
+// dot-product latencies overlap. Rows need not start on a mask word (any cols); the tail chunk is masked.
+template <int NR, int TT>
+SPARSELM_AVX512 inline void dp_chunk(const Masked& m, const uint16_t* x, int64_t c, int n, bool aligned,
+                                     const int64_t (&rowbit)[NR], int64_t (&idx)[NR], __m512 (&acc)[NR][TT]) {
+  __mmask32 k = n >= 32 ? ~__mmask32(0) : __mmask32((1u << n) - 1);
+  __m512i xv[TT];
+  for (int t = 0; t < TT; t++)
+    xv[t] = n == 32 ? _mm512_loadu_si512(x + t * m.cols + c) : _mm512_maskz_loadu_epi16(k, x + t * m.cols + c);
+  for (int j = 0; j < NR; j++) {
+    uint32_t w;
+    if (aligned) std::memcpy(&w, m.mask + ((rowbit[j] + c) >> 3), 4);
+    else w = read_bits(m, rowbit[j] + c, n);
+    __m512i v = m.kind == P14 ? _mm512_maskz_expand_epi16(w, p14_load32(m, idx[j]))
+                              : _mm512_maskz_expandloadu_epi16(w, static_cast<const uint16_t*>(m.values) + idx[j]);
+    idx[j] += _mm_popcnt_u32(w);
+    for (int t = 0; t < TT; t++) acc[j][t] = _mm512_dpbf16_ps(acc[j][t], (__m512bh)v, (__m512bh)xv[t]);
+  }
+}
+
 template <int NR, int TT>
 SPARSELM_AVX512 inline void dpbf16_block(const Masked& m, const uint16_t* x, float* y, int64_t r) {
-  const int64_t words = m.cols / 32;
+  const int64_t full = m.cols / 32;
+  const int tail = int(m.cols % 32);
+  const bool aligned = tail == 0;
   __m512 acc[NR][TT];
-  int64_t idx[NR];
-  const uint8_t* mw[NR];
+  int64_t idx[NR], rowbit[NR];
   for (int j = 0; j < NR; j++) {
     for (int t = 0; t < TT; t++) acc[j][t] = _mm512_setzero_ps();
-    idx[j] = m.offsets[r + j]; mw[j] = m.mask + (r + j) * (m.cols / 8);
+    idx[j] = m.offsets[r + j]; rowbit[j] = (r + j) * m.cols;
   }
-  const uint16_t* vals = static_cast<const uint16_t*>(m.values);
-  for (int64_t c = 0; c < words; c++) {
-    __m512i xv[TT];
-    for (int t = 0; t < TT; t++) xv[t] = _mm512_loadu_si512(x + t * m.cols + 32 * c);
-    for (int j = 0; j < NR; j++) {
-      uint32_t w; std::memcpy(&w, mw[j] + 4 * c, 4);
-      __m512i v = m.kind == P14 ? _mm512_maskz_expand_epi16(w, p14_load32(m, idx[j]))
-                                : _mm512_maskz_expandloadu_epi16(w, vals + idx[j]);
-      idx[j] += _mm_popcnt_u32(w);
-      for (int t = 0; t < TT; t++) acc[j][t] = _mm512_dpbf16_ps(acc[j][t], (__m512bh)v, (__m512bh)xv[t]);
-    }
-  }
+  for (int64_t c = 0; c < full; c++) dp_chunk<NR, TT>(m, x, 32 * c, 32, aligned, rowbit, idx, acc);
+  if (tail) dp_chunk<NR, TT>(m, x, 32 * full, tail, false, rowbit, idx, acc);
   for (int j = 0; j < NR; j++)
     for (int t = 0; t < TT; t++) y[t * m.rows + r + j] = _mm512_reduce_add_ps(acc[j][t]);
 }
@@ -313,7 +322,7 @@ torch::Tensor masked_gemv(torch::Tensor x, torch::Tensor mask, torch::Tensor off
   Masked m = view(mask, offsets, values, kind, scale, rows, cols);
   int64_t T = x.size(0);
   bool avx = simd && cpu_has_avx512();
-  bool dp = avx && x.scalar_type() == torch::kBFloat16 && (kind == BF16 || kind == P14) && cols % 32 == 0;
+  bool dp = avx && x.scalar_type() == torch::kBFloat16 && (kind == BF16 || kind == P14);
   if (!dp) x = x.to(torch::kFloat32);
   auto y = torch::empty({T, rows}, x.options().dtype(torch::kFloat32));
   float* yp = y.data_ptr<float>();
