@@ -28,7 +28,7 @@ from torch import nn
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from sparselm import kernels  # noqa: E402
+from sparselm import formats, kernels  # noqa: E402
 from sparselm.config import CoefStorage  # noqa: E402
 from sparselm.kernels import masked as kmasked  # noqa: E402
 from sparselm.config import Pattern  # noqa: E402
@@ -68,7 +68,7 @@ def pruned(in_f: int, out_f: int, sparsity: float, nm: bool = False) -> SparseLi
 
 
 def lowrank(in_f: int, out_f: int, ratio: float) -> LowRankLinear:
-    r = LowRankLinear.rank_for_ratio(ratio, in_f, out_f)
+    r = formats.rank_for_ratio(ratio, in_f, out_f)
     return LowRankLinear(torch.randn(in_f, r, generator=_gen(3)).to(DT), torch.randn(r, out_f, generator=_gen(4)).to(DT))
 
 
@@ -90,7 +90,7 @@ def sparse_dict(in_f: int, out_f: int, ratio: float, storage: CoefStorage = Coef
     values = torch.randn(int(maskT.sum()), generator=_gen(6)).mul_(0.05)
     rows = torch.arange(out_f).repeat_interleave(s)
     m._set(D=torch.randn(in_f, k, generator=_gen(7)).mul_(0.05).to(DT), mask=kmasked.pack_mask(maskT),
-           **encode_values(values, storage, DT, rows))
+           **encode_values(values, storage, DT, rows, n_rows=out_f))
     return m
 
 

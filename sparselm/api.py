@@ -11,12 +11,13 @@ from pathlib import Path
 
 import torch
 
-from . import data, device as devices, io, pipeline
-from .evaluate import dense_accounting, layer_accounting, perplexity, totals as ratio_totals
+from . import data, device as devices, io, outdir, pipeline
+from .budget import Allocation, Plan
+from .evaluate import dense_accounting, perplexity
 from . import model as adapter
-from .config import (DEFAULT_METHOD, DEFAULT_RATIO, SPECS, Allocate, Pattern, Ratio, Recipe, Sparsity,
-                     load_recipe, recipe_to_dict, spec_from_dict, spec_to_dict)
-from .errors import InputError
+from .config import (DEFAULT_METHOD, SPECS, Allocate, Pattern, Ratio, Recipe, Sparsity,
+                     load_recipe, recipe_to_dict, spec_to_dict)
+from .errors import InputError, check_count
 
 log = logging.getLogger(__name__)
 BUNDLED_CALIB = {"nsamples": 64, "seqlen": 256}
@@ -27,7 +28,9 @@ def build_recipe(method: str | None, ratio: float | None, sparsity: float | None
                  allocate: str | None = None, recipe_file: str | None = None) -> Recipe:
     """A recipe from command-line knobs (exactly one of ratio / sparsity / pattern, or the defaults).
 
-    No method: the default (ROCKET, knapsack allocation, ratio 0.2); allocation otherwise defaults to uniform.
+    No method: the default, ROCKET; each method's default budget is its spec's (ROCKET: ratio 0.2) and its
+    default allocation `Allocate.default_for` it (ROCKET: knapsack; every other method: uniform), so
+    ``--method rocket`` alone is the default run.
     """
     if recipe_file:
         if any(v is not None for v in (method, ratio, sparsity, pattern)):
@@ -43,21 +46,18 @@ def build_recipe(method: str | None, ratio: float | None, sparsity: float | None
     target = (Ratio(ratio) if ratio is not None else Sparsity(sparsity) if sparsity is not None
               else Pattern.parse(pattern) if pattern is not None else None)
     if target is None:
-        target = SPECS[name].target if method else Ratio(DEFAULT_RATIO)
-    if allocate is None:
-        allocate = "knapsack" if method is None else "uniform"
+        target = SPECS[name].target
     try:
-        alloc = Allocate(allocate)
+        alloc = Allocate.default_for(name) if allocate is None else Allocate(allocate)
     except ValueError:
         raise InputError(f"--allocate {allocate!r} is not valid", "use uniform or knapsack") from None
     return Recipe(methods=(SPECS[name](target=target),), allocate=alloc)
 
 
-def _check_out(out: Path, source: str, overwrite: bool) -> None:
-    if out.exists() and not overwrite:
-        raise InputError(f"output directory {str(out)!r} already exists", "choose another --out or pass --overwrite")
-    if Path(source).exists() and out.resolve() == Path(source).resolve():
-        raise InputError(f"--out {str(out)!r} is the input model directory", "write the result somewhere else")
+def _clamp_seqlen(seqlen: int, max_pos: int, name: str) -> int:
+    if seqlen > max_pos:
+        log.warning("%s %d is longer than the model's max_position_embeddings; using %d", name, seqlen, max_pos)
+    return min(seqlen, max_pos)
 
 
 def _default_out(model: str | None, recipe: Recipe) -> Path:
@@ -74,132 +74,150 @@ def compress_model(model: str | None = None, recipe: Recipe | None = None, calib
                    eval_dataset: str = "stdlib", eval_seqlen: int | None = None, max_windows: int = 64,
                    batch_size: int = 8, seed: int = 0, trust_remote_code: bool = False, progress=None,
                    resume: bool = False) -> dict:
-    """Load, (evaluate), compress layer by layer, (evaluate), save. Returns the summary."""
-    t0 = time.perf_counter()
+    """Load, (evaluate), compress layer by layer, (evaluate), save. Returns the summary.
+
+    Everything that depends only on the arguments (counts, the output path, an earlier run's leftovers) is
+    checked before the model is read; the output is locked for the whole run (one writer per ``out``)."""
     recipe = recipe or build_recipe(None, None, None, None)
     out_dir = Path(out) if out else _default_out(model, recipe)
-    _check_out(out_dir, model or "", overwrite)
+    for name, value, least in (("--nsamples", nsamples, 1), ("--seqlen", seqlen, 2), ("--batch-size", batch_size, 1),
+                               ("--max-windows", max_windows, 1), ("eval seqlen", eval_seqlen, 2)):
+        check_count(name, value, least)
+    outdir.check_out(out_dir, "compress", overwrite, sources=(model,))
     dev = devices.pick(device)
-    loaded = adapter.load_hf(model, trust_remote_code=trust_remote_code)
-    net, tok = loaded.model, loaded.tokenizer
-    causal = adapter._is_causal(net.config)
-    defaults = BUNDLED_CALIB if model is None else LARGE_CALIB
-    max_pos = getattr(net.config, "max_position_embeddings", None) or 2048
-    seqlen = min(seqlen or defaults["seqlen"], max_pos)
-    windows = data.calibration_data(tok, calib, nsamples or defaults["nsamples"], seqlen, seed)
-    evaluate_ppl = (model is None) if evaluate_ppl is None else evaluate_ppl
-    if evaluate_ppl and not causal:
-        raise InputError("perplexity evaluation needs a causal LM; this model is an encoder", "pass --no-eval")
-    summary: dict = {"out": str(out_dir), "model": loaded.source, "device": str(dev)}
-    if evaluate_ppl:
-        eval_windows = data.evaluation_windows(tok, eval_dataset, min(eval_seqlen or seqlen, max_pos), max_windows)
-        before = perplexity(net.to(dev), eval_windows, batch_size)
-        summary["perplexity_before"] = before["perplexity"]
-    key = {"model": loaded.source, "recipe": recipe_to_dict(recipe), "calib": calib, "nsamples": int(windows.shape[0]),
-           "seqlen": int(windows.shape[1]), "seed": seed}
-    ckpt = io.checkpoint_dir(out_dir)
-    start, done = _restore(net, ckpt, key) if resume else (0, [])
-    report = pipeline.compress(net, windows, recipe, dev, loaded.storage_dtype, batch_size, progress, done, start,
-                               checkpoint=lambda n, layers: _checkpoint(ckpt, key, n, layers))
-    net.to("cpu")
-    manifest, totals = _manifest(loaded, report, recipe, calib, windows, seed)
-    summary.update(method="mixed" if len(recipe.methods) > 1 else recipe.methods[0].name,
-                   allocate=recipe.allocate.value, **{k: totals[k] for k in ("ratio_stored", "ratio_params",
-                                                                           "ratio_paper")},
-                   compress_seconds=round(report.seconds, 2))
-    if evaluate_ppl:
-        after = perplexity(net.to(dev), eval_windows, batch_size)
+    with outdir.locked(out_dir):
+        t0 = time.perf_counter()
+        ckpt = io.checkpoint_dir(out_dir)
+        if not resume and ckpt.exists():
+            log.warning("discarding the checkpoint of an earlier interrupted run at %s (pass --resume to continue it "
+                        "instead)", ckpt)
+            shutil.rmtree(ckpt)
+        loaded = adapter.load_hf(model, trust_remote_code=trust_remote_code)
+        net, tok = loaded.model, loaded.tokenizer
+        causal = adapter._is_causal(net.config)
+        evaluate_ppl = (model is None) if evaluate_ppl is None else evaluate_ppl
+        if evaluate_ppl and not causal:
+            raise InputError("perplexity evaluation needs a causal LM; this model is an encoder", "pass --no-eval")
+        defaults = BUNDLED_CALIB if model is None else LARGE_CALIB
+        max_pos = getattr(net.config, "max_position_embeddings", None) or 2048
+        seqlen = _clamp_seqlen(seqlen or defaults["seqlen"], max_pos, "--seqlen")
+        windows = data.calibration_data(tok, calib, nsamples or defaults["nsamples"], seqlen, seed)
+        summary: dict = {"out": str(out_dir), "model": loaded.source, "device": str(dev)}
+        if evaluate_ppl:
+            eval_windows = data.evaluation_windows(tok, eval_dataset, _clamp_seqlen(eval_seqlen or seqlen, max_pos,
+                                                                                     "eval seqlen"), max_windows)
+            before = perplexity(net.to(dev), eval_windows, batch_size)
+            summary["perplexity_before"] = before["perplexity"]
+        key = {"model": loaded.source, "recipe": recipe_to_dict(recipe), "calib": calib, "nsamples": int(windows.shape[0]),
+               "seqlen": int(windows.shape[1]), "seed": seed}
+        start, done, plan = _restore(net, ckpt, key) if resume else (0, [], None)
+        report = pipeline.compress(net, windows, recipe, dev, loaded.storage_dtype, batch_size, progress, done, start,
+                                   checkpoint=lambda n, layers, p: _checkpoint(ckpt, key, n, layers, p), plan=plan)
         net.to("cpu")
-        summary["perplexity_after"] = after["perplexity"]
-        manifest["evaluation"] = {"dataset": eval_dataset, "split": "validation", **{k: before[k] for k in (
-            "tokens", "windows", "seqlen", "metric")}, "perplexity_before": before["perplexity"],
-            "perplexity_after": after["perplexity"]}
-    io.save(net, tok, out_dir, manifest, loaded.storage_dtype, overwrite)
-    shutil.rmtree(ckpt, ignore_errors=True)
-    summary["seconds"] = round(time.perf_counter() - t0, 2)
-    return summary
+        run = run_manifest(loaded, report, recipe, calib, windows, seed)
+        totals = run["totals"]
+        summary.update(method="mixed" if len(recipe.methods) > 1 else recipe.methods[0].name,
+                       allocate=recipe.allocate.value, **{k: totals[k] for k in ("ratio_stored", "ratio_params",
+                                                                               "ratio_paper")},
+                       compress_seconds=round(report.seconds, 2))
+        if evaluate_ppl:
+            after = perplexity(net.to(dev), eval_windows, batch_size)
+            net.to("cpu")
+            summary["perplexity_after"] = after["perplexity"]
+            run["evaluation"] = {"dataset": eval_dataset, "split": "validation", **{k: before[k] for k in (
+                "tokens", "windows", "seqlen", "metric")}, "perplexity_before": before["perplexity"],
+                "perplexity_after": after["perplexity"]}
+        io.save(net, tok, out_dir, run, loaded.storage_dtype, overwrite)
+        shutil.rmtree(ckpt, ignore_errors=True)
+        summary["seconds"] = round(time.perf_counter() - t0, 2)
+        return summary
 
 
 def _record(layer: pipeline.LayerResult) -> dict:
-    return {"spec": spec_to_dict(layer.spec), "dense_shape": list(layer.dense_shape), "rel_error": layer.rel_error,
-            "predicted_error": layer.predicted_error, "info": layer.info}
+    return {"spec": spec_to_dict(layer.spec), "rel_error": layer.rel_error, "predicted_error": layer.predicted_error,
+            "info": layer.info, "group": list(layer.group)}
 
 
-def _checkpoint(ckpt: Path, key: dict, blocks_done: int, layers: list[pipeline.LayerResult]) -> None:
+def _checkpoint(ckpt: Path, key: dict, blocks_done: int, layers: list[pipeline.LayerResult], plan: Plan) -> None:
     io.save_checkpoint(ckpt, key, blocks_done, {la.name: _record(la) for la in layers},
-                       {la.name: la.module for la in layers})
+                       {la.name: la.module for la in layers}, plan.to_dict())
 
 
-def _restore(net, ckpt: Path, key: dict) -> tuple[int, list[pipeline.LayerResult]]:
-    """Swap in the layers an interrupted run finished; (blocks done, their records)."""
+def _restore(net, ckpt: Path, key: dict) -> tuple[int, list[pipeline.LayerResult], Plan | None]:
+    """Swap in the layers an interrupted run finished; (blocks done, their records, the plan it followed)."""
     found = io.load_checkpoint(ckpt, key)
     if found is None:
         log.warning("--resume: no interrupted run found at %s; starting from the first block", ckpt)
-        return 0, []
-    blocks_done, layers = found
-    done = []
+        return 0, [], None
+    blocks_done, layers, plan = found
+    done, groups = [], {}
     for name, (module, rec) in layers.items():
+        io.restore_record(module, rec)
         adapter.swap(net, name, module)
-        done.append(pipeline.LayerResult(name, spec_from_dict(rec["spec"]), module, tuple(rec["dense_shape"]),
-                                         rec["rel_error"], rec["predicted_error"], rec["info"]))
+        done.append(pipeline.LayerResult(name, module, rec["rel_error"], rec["predicted_error"]))
+        if module.group:
+            groups.setdefault(module.group, []).append(module)
+    for modules in groups.values():
+        pipeline.tie_group(modules)  # one dictionary again, stored once
     log.info("--resume: %d blocks already compressed", blocks_done)
-    return blocks_done, done
+    return blocks_done, done, plan
 
 
-def _manifest(loaded, report: pipeline.CompressReport, recipe: Recipe, calib: str, windows, seed: int):
-    shared: dict[int, list[str]] = {}
-    for layer in report.layers:
-        d = getattr(layer.module, "D", None)
-        if d is not None:
-            shared.setdefault(d.data_ptr(), []).append(layer.name)
-    layers, rows, layers_kept_dense = {}, [], []
-    for layer in report.layers:
-        users = shared.get(getattr(getattr(layer.module, "D", None), "data_ptr", lambda: None)(), [layer.name])
-        row = layer_accounting(layer.module, loaded.storage_dtype, len(users))
-        rows.append(row)
-        layers[layer.name] = {"spec": spec_to_dict(layer.spec), "accounting": row, "rel_error": layer.rel_error,
-                              "predicted_error": layer.predicted_error, "info": layer.info}
-    for row in report.allocation or []:
-        if row["method"] == "dense":  # targeted, but the knapsack kept it dense: it counts at full size
-            rows.append(dense_accounting(*row["shape"], loaded.storage_dtype))
-            layers_kept_dense.append(row["layer"])
-    totals = ratio_totals(rows)
+def run_manifest(loaded, report: pipeline.CompressReport, recipe: Recipe, calib: str, windows, seed: int) -> dict:
+    """The manifest of a compression run: the model's own part (`io.describe`: every layer's entry and the
+    totals, the layers the knapsack kept dense counted at full size) + the run's errors, recipe, calibration
+    protocol, regularization and allocation."""
+    own = io.describe(loaded.model, loaded.storage_dtype, report.allocation)
+    layers = {la.name: {**own["layers"][la.name], "rel_error": la.rel_error, "predicted_error": la.predicted_error}
+              for la in report.layers}
     regular = {n: v["info"]["whitening_shift"] for n, v in layers.items() if v["info"].get("whitening_shift")}
-    manifest = {"base_model": loaded.source, "recipe": recipe_to_dict(recipe), "layers": layers, "totals": totals,
-                "calibration": {"source": calib, "nsamples": int(windows.shape[0]), "seqlen": int(windows.shape[1]),
-                                "seed": seed},
-                "regularization": regular, "allocation": report.allocation, "kept_dense": layers_kept_dense,
-                "compress_seconds": report.seconds, "torch_version": torch.__version__}
-    return manifest, totals
+    return {**own, "base_model": loaded.source, "recipe": recipe_to_dict(recipe), "layers": layers,
+            "calibration": {"source": calib, "nsamples": int(windows.shape[0]), "seqlen": int(windows.shape[1]),
+                            "seed": seed},
+            "regularization": regular,
+            "allocation": None if report.allocation is None else [a.to_dict() for a in report.allocation],
+            "compress_seconds": report.seconds, "torch_version": torch.__version__}
 
 
 def evaluate_model(path: str | None, dataset: str = "stdlib", seqlen: int = 512, max_windows: int | None = 64,
-                   device: str | None = None, batch_size: int = 8) -> dict:
+                   device: str | None = None, batch_size: int = 8, trust_remote_code: bool = False) -> dict:
     """Perplexity of a dense model (dir or hub id) or of a sparselm output directory."""
+    check_count("--seqlen", seqlen, 2)
+    check_count("--max-windows", max_windows, 1)
+    check_count("--batch-size", batch_size, 1)
     dev = devices.pick(device)
     if path is not None and (Path(path) / io.MANIFEST).is_file():
-        net = io.load(path)
-        from transformers import AutoTokenizer
-        tok = AutoTokenizer.from_pretrained(path)
+        net = io.load(path, trust_remote_code=trust_remote_code)
+        tok = adapter.load_tokenizer(path, trust_remote_code)
     else:
-        loaded = adapter.load_hf(path)
+        loaded = adapter.load_hf(path, trust_remote_code=trust_remote_code)
         net, tok = loaded.model, loaded.tokenizer
     if not adapter._is_causal(net.config):
         raise InputError(f"{path!r} is an encoder: perplexity needs a causal LM", "evaluate a causal LM")
-    seqlen = min(seqlen, getattr(net.config, "max_position_embeddings", None) or seqlen)
+    seqlen = _clamp_seqlen(seqlen, getattr(net.config, "max_position_embeddings", None) or seqlen, "--seqlen")
     windows = data.evaluation_windows(tok, dataset, seqlen, max_windows)
     result = perplexity(net.to(dev), windows, batch_size)
     return {"model": path or "bundled", "dataset": dataset, **result}
 
 
 def inspect_dir(path: str) -> dict:
+    """The manifest's per-layer table and totals, validated (a broken manifest is an input error, not a crash)."""
     manifest = io.read_manifest(path)
+    io.layer_entries(manifest)
+    try:
+        return _inspect_rows(path, manifest)
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise InputError(f"{str(Path(path) / io.MANIFEST)!r} lacks or garbles a field inspect shows "
+                         f"({type(e).__name__}: {e})", "the manifest is corrupt; compress again") from None
+
+
+def _inspect_rows(path: str, manifest: dict) -> dict:
     rows = [{"layer": name, "class": entry.get("class"), "method": entry["spec"]["method"],
              "target": entry["spec"].get("target"), "k": entry["info"].get("k"), "s": _nonzeros_per_channel(entry),
              **entry["accounting"], "rel_error": entry.get("rel_error"), "predicted_error": entry.get("predicted_error")}
             for name, entry in manifest["layers"].items()]
     for row in manifest.get("allocation") or []:
-        if row["method"] == "dense":
+        if Allocation.kept_dense_row(row):
             rows.append({"layer": row["layer"], "class": "Linear", "method": "dense (knapsack)", "target": None,
                          "k": None, "s": None, **dense_accounting(*row["shape"], getattr(torch, manifest[
                              "storage_dtype"])), "rel_error": 0.0, "predicted_error": 0.0})
@@ -217,6 +235,6 @@ def _nonzeros_per_channel(entry: dict):
     return round(info["nnz"] / entry["accounting"]["shape"][0], 1)
 
 
-def export_dense(path: str, out: str, overwrite: bool = False) -> dict:
-    return io.export(path, out, overwrite)
+def export_dense(path: str, out: str, overwrite: bool = False, trust_remote_code: bool = False) -> dict:
+    return io.export(path, out, overwrite, trust_remote_code)
 

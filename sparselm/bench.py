@@ -93,22 +93,23 @@ def resident(model: nn.Module) -> dict:
             "panel_scratch_bytes": kernels.scratch_bytes()}
 
 
-def _load(path: str | None) -> tuple[nn.Module, dict | None]:
+def _load(path: str | None, trust_remote_code: bool = False) -> tuple[nn.Module, dict | None]:
     if path is not None and (Path(path) / io.MANIFEST).is_file():
-        return io.load(path), io.read_manifest(path)
-    loaded = adapter.load_hf(path)
+        return io.load(path, trust_remote_code=trust_remote_code), io.read_manifest(path)
+    loaded = adapter.load_hf(path, trust_remote_code=trust_remote_code)
     return loaded.model.to(loaded.storage_dtype), None
 
 
-def dense_twin(compressed: nn.Module, manifest: dict, path: str) -> tuple[nn.Module, str]:
+def dense_twin(compressed: nn.Module, manifest: dict, path: str,
+               trust_remote_code: bool = False) -> tuple[nn.Module, str]:
     """The dense model a compressed one came from, in its dtype: the base model, else rebuilt in memory."""
     base = manifest.get("base_model")
     try:
-        model = adapter.load_hf(base, dtype=compressed.dtype).model
+        model = adapter.load_hf(base, dtype=compressed.dtype, trust_remote_code=trust_remote_code).model
         return model, str(base)
     except Exception as e:  # unreachable hub id, moved directory: rebuild as export does
         log.warning("base model %r unavailable (%s); rebuilding the dense model in memory", base, e)
-    model = io.load(path)
+    model = io.load(path, trust_remote_code=trust_remote_code)
     for name, m in io.compressed_modules(model).items():
         dense = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None)
         dense.weight.data = m.dense_weight().to(compressed.dtype).contiguous()
@@ -175,12 +176,12 @@ def model_rows(model: nn.Module, batch_sizes: list[int], new_tokens: int, prefil
 @torch.no_grad()
 def run(path: str | None, repeats: int = 3, layer_tokens: tuple[int, ...] = (1, 512, 2048),
         prefill_tokens: tuple[int, ...] = (512, 2048), batch_sizes: tuple[int, ...] = (1, 8), new_tokens: int = 32,
-        device: str | None = None, threads: int | None = None) -> dict:
+        device: str | None = None, threads: int | None = None, trust_remote_code: bool = False) -> dict:
     """Benchmark a sparselm output directory beside its dense original (or a plain HF model alone)."""
     if threads:
         torch.set_num_threads(threads)
     dev = devices.pick(device)
-    compressed, manifest = _load(path)
+    compressed, manifest = _load(path, trust_remote_code)
     compressed = compressed.to(dev)
     limit = getattr(compressed.config, "max_position_embeddings", None) or max(prefill_tokens)
     prefill = sorted({min(t, limit - 8) for t in prefill_tokens})
@@ -189,7 +190,7 @@ def run(path: str | None, repeats: int = 3, layer_tokens: tuple[int, ...] = (1, 
               "kernels": "C++" if kernels.extension_available() else "torch fallback"}
     result["compressed"] = model_rows(compressed, list(batch_sizes), new_tokens, prefill, repeats, dev)
     result["compressed"]["memory"] = resident(compressed)
-    dense, source = (None, None) if manifest is None else dense_twin(compressed, manifest, path)
+    dense, source = (None, None) if manifest is None else dense_twin(compressed, manifest, path, trust_remote_code)
     if dense is not None:
         dense = dense.to(dev).eval()
         result["dense_source"] = source

@@ -12,6 +12,7 @@ from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -31,9 +32,9 @@ def _run(fn, as_json: bool, show) -> None:
     try:
         result = fn()
     except InputError as e:
-        err.print(f"[bold red]error:[/] {e.what}")
+        err.print(f"[bold red]error:[/] {escape(e.what)}")
         if e.fix:
-            err.print(f"[bold]fix:[/] {e.fix}")
+            err.print(f"[bold]fix:[/] {escape(e.fix)}")
         raise typer.Exit(2)
     except KeyboardInterrupt:
         err.print("interrupted: no output was written (compress: rerun with --resume to continue from the last "
@@ -64,15 +65,16 @@ def _progress_bar():
 def compress(
     model: Optional[str] = typer.Argument(None, help="hub id or local HF directory; omitted: the bundled tiny model"),
     method: Optional[str] = typer.Option(None, help="magnitude|wanda|sparsegpt|svd|asvd|svd-llm|cospadi|rocket "
-                                                   "(default: rocket, knapsack allocation, --ratio 0.2)"),
+                                                   "(default: rocket; rocket runs with knapsack allocation and "
+                                                   "--ratio 0.2 unless told otherwise)"),
     ratio: Optional[float] = typer.Option(None, help="fraction of the targeted layers' stored bytes removed"),
     sparsity: Optional[float] = typer.Option(None, help="pruning: fraction of weights set to zero"),
     pattern: Optional[str] = typer.Option(None, help="pruning: N:M semi-structured pattern, e.g. 2:4"),
     calib: str = typer.Option("stdlib", help="stdlib | FILE.txt | FILE.jsonl | wikitext2 | c4"),
     nsamples: Optional[int] = typer.Option(None, help="calibration windows (default 64 bundled, 128 otherwise)"),
     seqlen: Optional[int] = typer.Option(None, help="calibration window length (default 256 bundled, 2048 otherwise)"),
-    allocate: Optional[str] = typer.Option(None, help="uniform | knapsack (default: knapsack for the default "
-                                                       "method, uniform when --method is given)"),
+    allocate: Optional[str] = typer.Option(None, help="uniform | knapsack (default: knapsack for rocket, the "
+                                                       "default method; uniform for every other method)"),
     out: Optional[str] = typer.Option(None, help="output directory (default compressed/<model>-<method>-<knob>)"),
     overwrite: bool = typer.Option(False, help="replace an existing output directory written by sparselm"),
     device: Optional[str] = typer.Option(None, help="auto | cpu | cuda | cuda:N"),
@@ -119,6 +121,7 @@ def eval_(
     max_windows: int = typer.Option(64, help="first N non-overlapping windows (0: all)"),
     device: Optional[str] = typer.Option(None, help="auto | cpu | cuda"),
     batch_size: int = typer.Option(8),
+    trust_remote_code: bool = typer.Option(False, help="allow the model's own code (off by default)"),
     as_json: bool = typer.Option(False, "--json"),
 ):
     """Token-level perplexity with the pinned protocol (non-overlapping windows, none skipped).
@@ -127,7 +130,8 @@ def eval_(
         sparselm eval pruned/ --dataset held_out.txt --seqlen 512 --json
     """
     from . import api
-    _run(lambda: api.evaluate_model(model, dataset, seqlen, max_windows or None, device, batch_size), as_json,
+    _run(lambda: api.evaluate_model(model, dataset, seqlen, max_windows or None, device, batch_size,
+                                    trust_remote_code), as_json,
          lambda r: console.print(f"perplexity {r['perplexity']:.4f} on {r['dataset']} ({r['windows']} windows x "
                              f"{r['seqlen']} tokens, {r['tokens']} predicted tokens)"))
 
@@ -166,10 +170,12 @@ def inspect(directory: str = typer.Argument(..., help="a sparselm output directo
 @app.command()
 def export(directory: str = typer.Argument(..., help="a sparselm output directory"),
            out_dir: str = typer.Option(..., "--out", help="where to write the dense HF directory"),
-           overwrite: bool = typer.Option(False), as_json: bool = typer.Option(False, "--json")):
+           overwrite: bool = typer.Option(False, help="replace an earlier export (never anything else)"),
+           trust_remote_code: bool = typer.Option(False, help="allow the model's own code (off by default)"),
+           as_json: bool = typer.Option(False, "--json")):
     """Write a plain dense HF directory (loads with from_pretrained in any tool)."""
     from . import api
-    _run(lambda: api.export_dense(directory, out_dir, overwrite), as_json,
+    _run(lambda: api.export_dense(directory, out_dir, overwrite, trust_remote_code), as_json,
          lambda r: console.print(f"exported {r['layers']} layers densely ({r['dtype']}) -> {r['out']}"))
 
 
@@ -189,6 +195,7 @@ def bench(model: Optional[str] = typer.Argument(None, help="sparselm output dir,
           new_tokens: int = typer.Option(32, help="tokens generated per run"),
           threads: Optional[int] = typer.Option(None, help="torch CPU threads (default: torch's)"),
           device: Optional[str] = typer.Option(None, help="auto | cpu | cuda"),
+          trust_remote_code: bool = typer.Option(False, help="allow the model's own code (off by default)"),
           as_json: bool = typer.Option(False, "--json")):
     """Latency, throughput and memory beside the dense original (apart from quality evaluation).
 
@@ -197,7 +204,7 @@ def bench(model: Optional[str] = typer.Argument(None, help="sparselm output dir,
     """
     from . import bench as benchmod
     _run(lambda: benchmod.run(model, repeats, _ints(layer_tokens), _ints(prefill), _ints(batch_sizes), new_tokens,
-                              device, threads), as_json, _show_bench)
+                              device, threads, trust_remote_code), as_json, _show_bench)
 
 
 def _show_bench(r: dict) -> None:
@@ -224,12 +231,3 @@ def _show_bench(r: dict) -> None:
                    str(row.get("dense_linear_ms", "")), str(row.get("dense_mv_ms", "")),
                    str(row.get("vs_linear", "")), str(row.get("vs_best_dense", "")))
     console.print(lt)
-
-
-def main() -> None:  # pragma: no cover
-    try:
-        app()
-    except SystemExit:
-        raise
-    except Exception:
-        sys.exit(1)

@@ -49,7 +49,12 @@ def _read_local(src: str, source_path: Path) -> list[str]:
         raise InputError(f"data source {src!r}: no such file", "give 'stdlib', a .txt/.jsonl file, or 'wikitext2'/'c4'")
     if source_path.suffix == ".jsonl":
         docs = []
-        for i, line in enumerate(source_path.read_text(encoding="utf-8").splitlines(), 1):
+        try:
+            text = source_path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise InputError(f"{src}: byte {e.start} is not UTF-8 ({e.reason})",
+                             "save the .jsonl file as UTF-8 text") from None
+        for i, line in enumerate(text.splitlines(), 1):
             if not line.strip():
                 continue
             try:
@@ -136,7 +141,27 @@ def calibration_data(tokenizer, src: str = "stdlib", nsamples: int = 128, seqlen
     elif n_windows < nsamples:
         log.warning("calibration text %r gives only %d windows of %d tokens (asked for %d); using all",
                     src, n_windows, seqlen, nsamples)
-    return torch.tensor([ids[s:s + seqlen] for s in starts], dtype=torch.long)  # (n, seqlen)
+    windows = torch.tensor([ids[s:s + seqlen] for s in starts], dtype=torch.long)  # (n, seqlen)
+    _warn_if_degenerate(src, docs, windows, len(tokenizer))
+    return windows
+
+
+DISTINCT_TOKENS_MIN = 64     # fewer distinct calibration tokens than this: the statistics are degenerate
+REPLACEMENT_SHARE_MAX = 0.01  # more U+FFFD than this: the "text" was binary or in another encoding
+
+
+def _warn_if_degenerate(src: str, docs: list[str], windows: torch.Tensor, vocab: int) -> None:
+    """Warn (with the measured reason) when calibration text cannot give useful statistics."""
+    chars = sum(len(d) for d in docs)
+    bad = sum(d.count("\ufffd") for d in docs)
+    if chars and bad / chars > REPLACEMENT_SHARE_MAX:
+        log.warning("calibration text %r: %.1f%% of its characters are U+FFFD replacement characters (binary "
+                    "data or not UTF-8?); the statistics will not describe real text", src, 100 * bad / chars)
+    distinct = int(windows.unique().numel())
+    if distinct < min(DISTINCT_TOKENS_MIN, vocab // 2, windows.numel() // 4):
+        log.warning("calibration text %r has only %d distinct tokens: every layer's input Gram matrix has rank "
+                    "about %d or less, so data-aware methods see almost nothing; give varied text", src, distinct,
+                    distinct)
 
 
 def evaluation_windows(tokenizer, src: str = "stdlib", seqlen: int = 512,

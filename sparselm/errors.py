@@ -8,3 +8,10 @@ class InputError(ValueError):
     def __init__(self, what: str, fix: str = ""):
         self.what, self.fix = what, fix
         super().__init__(f"{what}. Fix: {fix}" if fix else what)
+
+
+def check_count(name: str, value: int | None, least: int = 1) -> None:
+    """A count option (``--nsamples``, ``--seqlen``…) is an integer >= ``least``, or None for its default."""
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < least):
+        raise InputError(f"{name} must be an integer >= {least} (got {value!r})",
+                         f"pass {name} {least} or more, or leave it out for the default")

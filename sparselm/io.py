@@ -12,39 +12,26 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import shutil
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from . import __version__
-from . import model as adapter
+from .version import __version__
+from . import model as adapter, outdir
+from .budget import Allocation, Plan
+from .config import spec_from_dict, spec_to_dict
 from .errors import InputError
+from .evaluate import dense_accounting, layer_accounting, totals
 from .modules import MODULE_CLASSES, CompressedLinear
 
-MANIFEST = "sparselm.json"
+MANIFEST = outdir.MARKERS["compress"]
+EXPORT_MARKER = outdir.MARKERS["export"]
 WEIGHTS = "model.safetensors"
 FORMAT_VERSION = 1
-
-
-@contextlib.contextmanager
-def _atomic_dir(out: Path):
-    """Yield a hidden temporary directory that replaces ``out`` only if the block completes."""
-    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
-        yield tmp
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -86,16 +73,44 @@ def _state_for_save(model: nn.Module, dtype: torch.dtype) -> tuple[dict[str, tor
     return state, aliases
 
 
+def layer_entry(module: CompressedLinear, dtype: torch.dtype) -> dict:
+    """A compressed layer's manifest entry, from the layer alone: class, constructor meta, buffer shapes,
+    spec, accounting against the dense weight in ``dtype`` (a shared dictionary charged once over its
+    ``group``), the method's info and the group."""
+    return {"class": type(module).__name__, "meta": module.meta(),
+            "buffers": {b: [list(t.shape), _dtype_name(t.dtype)] for b, t in module.named_buffers()},
+            "spec": spec_to_dict(module.spec) if module.spec is not None else {"method": None},
+            "accounting": layer_accounting(module, dtype, max(1, len(module.group))), "info": dict(module.info),
+            "group": list(module.group)}
+
+
+def describe(model: nn.Module, dtype: torch.dtype, allocation: list[Allocation] | None = None) -> dict:
+    """The model's part of a manifest: every compressed layer's `layer_entry`, and the three ratios over them
+    and over the targeted layers a knapsack ``allocation`` kept dense (they count at full size)."""
+    layers = {n: layer_entry(m, dtype) for n, m in compressed_modules(model).items()}
+    kept = [a for a in allocation or [] if a.kept_dense]
+    rows = [e["accounting"] for e in layers.values()] + [dense_accounting(*a.shape, dtype) for a in kept]
+    return {"layers": layers, "kept_dense": [a.layer for a in kept], "totals": totals(rows) if rows else None}
+
+
+@contextlib.contextmanager
+def _writing(out: Path):
+    """Errors of the file system while writing ``out`` (disk full, read-only) become input errors (exit 2)."""
+    try:
+        yield
+    except OSError as e:
+        raise outdir.write_error(out, e) from None
+
+
 def save(model: nn.Module, tokenizer, out_dir: str | Path, manifest: dict, dtype: torch.dtype,
          overwrite: bool = False) -> Path:
-    """Write a compressed model directory atomically; ``dtype`` is the checkpoint's dense dtype."""
+    """Write a compressed model directory atomically; ``dtype`` is the checkpoint's dense dtype.
+
+    The manifest is completed from the model (`describe`): ``manifest`` adds to it (e.g. base model,
+    calibration, per-layer errors under ``layers``) and wins where both say something."""
     out = Path(out_dir)
-    if out.exists() and not overwrite:
-        raise InputError(f"output directory {str(out)!r} already exists", "choose another --out or pass --overwrite")
-    if out.exists() and not (out / MANIFEST).is_file() and any(out.iterdir()):
-        raise InputError(f"output directory {str(out)!r} exists and is not a sparselm output",
-                         "refusing to replace it even with --overwrite; choose another --out")
-    with _atomic_dir(out) as tmp:
+    outdir.check_out(out, "compress", overwrite)
+    with outdir.locked(out), _writing(out), outdir.atomic_dir(out) as tmp:
         state, aliases = _state_for_save(model, dtype)
         config = model.config
         config.dtype = dtype
@@ -103,14 +118,12 @@ def save(model: nn.Module, tokenizer, out_dir: str | Path, manifest: dict, dtype
         config.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        save_file(state, str(tmp / WEIGHTS), metadata={"format": "pt", "producer": f"sparselm {__version__}"})
-        layers = manifest.setdefault("layers", {})
-        for name, module in compressed_modules(model).items():
-            entry = layers.setdefault(name, {})
-            entry.update({"class": type(module).__name__, "meta": module.meta(),
-                          "buffers": {b: [list(t.shape), _dtype_name(t.dtype)] for b, t in module.named_buffers()}})
+        # one metadata key: safetensors writes its metadata map in random order (the version is in the manifest)
+        save_file(state, str(tmp / WEIGHTS), metadata={"format": "pt"})
+        own = describe(model, dtype)
+        layers = {n: {**e, **manifest.get("layers", {}).get(n, {})} for n, e in own["layers"].items()}
         full = {"format": "sparselm", "format_version": FORMAT_VERSION, "sparselm_version": __version__,
-                "storage_dtype": _dtype_name(dtype), "tied": aliases, **manifest}
+                "storage_dtype": _dtype_name(dtype), "tied": aliases, **own, **manifest, "layers": layers}
         (tmp / MANIFEST).write_text(json.dumps(full, indent=1, default=str))
     return out
 
@@ -138,51 +151,103 @@ def read_manifest(path: str | Path) -> dict:
     return manifest
 
 
-def _build_empty(path: Path, manifest: dict) -> nn.Module:
-    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
-    config = AutoConfig.from_pretrained(path)
+def _build_empty(path: Path, manifest: dict, trust_remote_code: bool) -> nn.Module:
+    from transformers import AutoModel, AutoModelForCausalLM
+    config = adapter.read_config(path, trust_remote_code)
     cls = AutoModelForCausalLM if adapter._is_causal(config) else AutoModel
-    dtype = getattr(torch, manifest["storage_dtype"])
+    dtype = _manifest_dtype(manifest, "storage_dtype")
     with torch.device("meta"):
-        model = cls.from_config(config, dtype=dtype)
-    for name, entry in manifest["layers"].items():
-        if entry["class"] not in MODULE_CLASSES:
-            raise InputError(f"{MANIFEST}: layer {name} has unknown class {entry['class']!r}",
-                             f"known classes: {sorted(MODULE_CLASSES)}; upgrade sparselm")
-        adapter.swap(model, name, MODULE_CLASSES[entry["class"]].empty(entry["meta"], entry["buffers"]))
+        model = cls.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
+    for name, entry in layer_entries(manifest):
+        try:
+            module = MODULE_CLASSES[entry["class"]].empty(entry["meta"], entry["buffers"])
+        except (AttributeError, KeyError, TypeError, ValueError, RuntimeError) as e:
+            raise InputError(f"{MANIFEST}: layer {name!r} cannot be rebuilt ({type(e).__name__}: {e})",
+                             "the manifest is corrupt; compress again") from None
+        restore_record(module, entry)
+        adapter.swap(model, name, module)
     return model.to_empty(device="cpu")
 
 
-def load(path: str | Path, dtype: torch.dtype | None = None) -> nn.Module:
+def restore_record(module: CompressedLinear, entry: dict) -> None:
+    """Give a rebuilt layer back what it was made from (spec, info, group), from its manifest entry."""
+    spec = entry.get("spec") if isinstance(entry.get("spec"), dict) else {}
+    try:
+        module.spec = spec_from_dict(spec) if spec.get("method") else None
+    except InputError:  # a spec this version does not know: the layer still loads
+        module.spec = None
+    info, group = entry.get("info"), entry.get("group")
+    module.info = dict(info) if isinstance(info, dict) else {}
+    module.group = tuple(group) if isinstance(group, list) else ()
+
+
+def _manifest_dtype(manifest: dict, key: str) -> torch.dtype:
+    dtype = getattr(torch, str(manifest.get(key)), None)
+    if not isinstance(dtype, torch.dtype):
+        raise InputError(f"{MANIFEST}: {key} is {manifest.get(key)!r}, not a torch dtype name",
+                         "the manifest is corrupt; compress again")
+    return dtype
+
+
+def layer_entries(manifest: dict) -> list[tuple[str, dict]]:
+    """The manifest's layer table, checked: known classes, buffer shapes as lists of ints, dtype names."""
+    layers = manifest.get("layers")
+    if not isinstance(layers, dict):
+        raise InputError(f"{MANIFEST}: 'layers' is not a table of layers", "the manifest is corrupt; compress again")
+    for name, entry in layers.items():
+        where = f"{MANIFEST}: layer {name!r}"
+        if not isinstance(entry, dict) or not {"class", "meta", "buffers"} <= set(entry):
+            raise InputError(f"{where} lacks its class, meta or buffers", "the manifest is corrupt; compress again")
+        if entry["class"] not in MODULE_CLASSES:
+            raise InputError(f"{where} has unknown class {entry['class']!r}",
+                             f"known classes: {sorted(MODULE_CLASSES)}; upgrade sparselm")
+        buffers = entry["buffers"]
+        for b, spec in (buffers.items() if isinstance(buffers, dict) else [("?", None)]):
+            ok = (isinstance(spec, list) and len(spec) == 2 and isinstance(spec[0], list)
+                  and all(isinstance(d, int) and d >= 0 for d in spec[0])
+                  and isinstance(getattr(torch, str(spec[1]), None), torch.dtype))
+            if not ok:
+                raise InputError(f"{where}: buffer {b!r} has shape/dtype {spec!r}", "the manifest is corrupt; "
+                                 "compress again")
+    return list(layers.items())
+
+
+def load(path: str | Path, dtype: torch.dtype | None = None, trust_remote_code: bool = False) -> nn.Module:
     """Rebuild a compressed model from its directory, in the checkpoint's dtype (as ``from_pretrained`` in
-    transformers 5). ``dtype`` casts the dense (untouched) tensors; compressed buffers keep their storage format."""
+    transformers 5). ``dtype`` casts the dense (untouched) tensors; compressed buffers keep their storage format.
+
+    Nothing from the directory is executed: a ``config.json`` that asks for its own code (``auto_map``) is
+    refused unless ``trust_remote_code``; tensors are read from safetensors only."""
     path = Path(path)
     manifest = read_manifest(path)
     if not (path / WEIGHTS).is_file():
         raise InputError(f"{str(path)!r} has no {WEIGHTS}", "the directory is incomplete; compress again")
-    model = _build_empty(path, manifest)
+    model = _build_empty(path, manifest, trust_remote_code)
     params = dict(model.named_parameters(remove_duplicate=False))
     buffers = dict(model.named_buffers(remove_duplicate=False))
     persistent = set(model.state_dict())
+    tied = manifest.get("tied", {})
+    if not isinstance(tied, dict) or not all(isinstance(k, str) and v in persistent and k in persistent
+                                             for k, v in tied.items()):
+        raise InputError(f"{MANIFEST}: 'tied' names tensors the model does not have",
+                         "the manifest is corrupt; compress again")
+    _reinit_nonpersistent(model, persistent)
     try:
         with safe_open(str(path / WEIGHTS), framework="pt") as f:
             names = set(f.keys())
-            want = persistent - set(manifest.get("tied", {}))
+            want = persistent - set(tied)
             if names != want:
                 raise InputError(f"{WEIGHTS} does not match the manifest (missing {sorted(want - names)[:3]}, "
                                  f"unexpected {sorted(names - want)[:3]})", "the directory is corrupt; compress again")
             for name in names:
                 target = params.get(name, buffers.get(name))
                 target.data.copy_(f.get_tensor(name))
-    except (OSError, RuntimeError) as e:
-        if isinstance(e, InputError):
-            raise
+    except (OSError, RuntimeError, SafetensorError) as e:
         raise InputError(f"could not read {str(path / WEIGHTS)!r} ({e})", "the file is corrupt; compress again") from None
-    for alias, kept in manifest.get("tied", {}).items():
+    for alias, kept in tied.items():
         src = params.get(kept, buffers.get(kept))
         target = params.get(alias, buffers.get(alias))
         target.data.copy_(src.data)
-    _reinit_nonpersistent(model, persistent)
     if hasattr(model, "tie_weights"):
         model.tie_weights()
     if dtype is not None:
@@ -191,76 +256,92 @@ def load(path: str | Path, dtype: torch.dtype | None = None) -> nn.Module:
 
 
 def _reinit_nonpersistent(model: nn.Module, persistent: set[str]) -> None:
-    """Recompute non-persistent buffers (e.g. rotary inverse frequencies) that ``to_empty`` left unset."""
+    """Compute the non-persistent buffers (rotary inverse frequencies, embedding scales…) that ``to_empty``
+    left unset, with the model's own ``_init_weights`` — before the checkpoint's tensors are loaded, so the
+    initializer can never overwrite a loaded weight (it re-initializes the whole module it is given)."""
+    if not hasattr(model, "_init_weights"):
+        return
     for mname, module in model.named_modules():
         own = [b for b, t in module.named_buffers(recurse=False) if t is not None]
-        if any(f"{mname}.{b}".lstrip(".") not in persistent for b in own) and hasattr(model, "_init_weights"):
+        if any(f"{mname}.{b}".lstrip(".") not in persistent for b in own):
             model._init_weights(module)
+            for b in own:
+                t = module._buffers[b]
+                if t.is_floating_point() and not torch.isfinite(t).all():
+                    raise InputError(f"buffer {mname}.{b} of {type(model).__name__} could not be rebuilt "
+                                     "(not computed by the model's initializer)",
+                                     "report this architecture to sparselm; `sparselm export` output may still load")
 
 
-def export(path: str | Path, out: str | Path, overwrite: bool = False) -> dict:
-    """Multiply the factors back into plain layers and write a dense HF directory any tool can load."""
-    from transformers.pytorch_utils import Conv1D
-    manifest = read_manifest(path)
+def export(path: str | Path, out: str | Path, overwrite: bool = False, trust_remote_code: bool = False) -> dict:
+    """Multiply the factors back into plain layers and write a dense HF directory any tool can load.
+
+    ``out`` is checked like every output (`outdir.check_out`): with ``overwrite`` only an earlier export
+    (its ``sparselm-export.json``) or an empty directory is replaced, never the input or anything else."""
     out = Path(out)
-    if out.exists() and not overwrite:
-        raise InputError(f"output directory {str(out)!r} already exists", "choose another --out or pass --overwrite")
-    model = load(path, dtype=None)
-    for name, module in compressed_modules(model).items():
-        W = module.dense_weight().to(getattr(torch, manifest["storage_dtype"]))  # (out, in)
-        if module.original == "Conv1D":
-            dense = Conv1D(module.out_features, module.in_features)
-            dense.weight.data = W.T.contiguous()
-        else:
-            dense = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None)
-            dense.weight.data = W.contiguous()
-        if module.bias is not None:
-            dense.bias.data = module.bias.clone()
-        adapter.swap(model, name, dense.to(W.dtype))
-    with _atomic_dir(out) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
-        for f in Path(path).iterdir():  # tokenizer and generation files, as they were
-            if f.is_file() and f.name not in (WEIGHTS, MANIFEST, "config.json") and not (tmp / f.name).exists():
-                shutil.copy2(f, tmp / f.name)
+    outdir.check_out(out, "export", overwrite, sources=(path,))
+    manifest = read_manifest(path)
+    with outdir.locked(out):
+        model = load(path, dtype=None, trust_remote_code=trust_remote_code)
+        dtype = _manifest_dtype(manifest, "storage_dtype")
+        for name, module in compressed_modules(model).items():
+            W = module.dense_weight().to(dtype)  # (out, in)
+            adapter.swap(model, name, adapter.dense_like(module.original, W, module.bias))
+        with _writing(out), outdir.atomic_dir(out) as tmp:
+            model.save_pretrained(tmp, safe_serialization=True)
+            for f in Path(path).iterdir():  # tokenizer and generation files, as they were
+                if f.is_file() and f.name not in (WEIGHTS, MANIFEST, "config.json") and not (tmp / f.name).exists():
+                    shutil.copy2(f, tmp / f.name)
+            (tmp / EXPORT_MARKER).write_text(json.dumps({"exported_from": str(Path(path).resolve()),
+                                                         "sparselm_version": __version__}, indent=1))
     return {"out": str(out), "layers": len(manifest["layers"]), "dtype": manifest["storage_dtype"]}
 
 
 # --- resumable runs ------------------------------------------------------------------------------------
 def checkpoint_dir(out: str | Path) -> Path:
-    out = Path(out)
-    return out.parent / f".{out.name}.resume"
+    return outdir.checkpoint_dir(Path(out))
 
 
 def save_checkpoint(ckpt: Path, key: dict, blocks_done: int, records: dict[str, dict],
-                    modules: dict[str, CompressedLinear]) -> None:
-    """Write the compressed layers done so far (atomically replacing the previous checkpoint)."""
-    tmp = ckpt.with_name(ckpt.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    state = {f"{n}.{b}": t.detach().cpu().contiguous().clone() for n, m in modules.items()
-             for b, t in m.state_dict().items()}
-    save_file(state, str(tmp / "layers.safetensors"))
-    layers = {n: {"class": type(m).__name__, "meta": m.meta(), "record": records[n],
-                  "buffers": {b: [list(t.shape), _dtype_name(t.dtype)] for b, t in m.named_buffers()}}
-              for n, m in modules.items()}
-    (tmp / "progress.json").write_text(json.dumps({"key": key, "blocks_done": blocks_done, "layers": layers},
-                                                  default=str))
-    shutil.rmtree(ckpt, ignore_errors=True)
-    tmp.rename(ckpt)
+                    modules: dict[str, CompressedLinear], plan: dict) -> None:
+    """Write the compressed layers done so far and the plan they follow (atomically replacing the previous
+    checkpoint)."""
+    with _writing(ckpt), outdir.atomic_dir(ckpt) as tmp:
+        state = {f"{n}.{b}": t.detach().cpu().contiguous().clone() for n, m in modules.items()
+                 for b, t in m.state_dict().items()}
+        save_file(state, str(tmp / "layers.safetensors"))
+        layers = {n: {"class": type(m).__name__, "meta": m.meta(), "record": records[n],
+                      "buffers": {b: [list(t.shape), _dtype_name(t.dtype)] for b, t in m.named_buffers()}}
+                  for n, m in modules.items()}
+        (tmp / "progress.json").write_text(json.dumps({"key": key, "blocks_done": blocks_done, "layers": layers,
+                                                       "plan": plan}, default=str))
 
 
-def load_checkpoint(ckpt: Path, key: dict) -> tuple[int, dict[str, tuple[CompressedLinear, dict]]] | None:
-    """(blocks done, {layer: (module, record)}) of an interrupted run with the same settings, else None."""
+def load_checkpoint(ckpt: Path, key: dict) -> tuple[int, dict[str, tuple[CompressedLinear, dict]], Plan] | None:
+    """(blocks done, {layer: (module, record)}, plan) of an interrupted run with the same settings, else None."""
     if not (ckpt / "progress.json").is_file():
         return None
-    progress = json.loads((ckpt / "progress.json").read_text())
-    if progress["key"] != json.loads(json.dumps(key, default=str)):
+    try:
+        progress = json.loads((ckpt / "progress.json").read_text())
+        same = progress["key"] == json.loads(json.dumps(key, default=str))
+    except (ValueError, KeyError, TypeError, OSError) as e:
+        raise _corrupt_checkpoint(ckpt, e) from None
+    if not same:
         raise InputError(f"the interrupted run in {str(ckpt)!r} used other settings",
                          "rerun with the same model, method, budget and calibration, or without --resume")
     out = {}
-    with safe_open(str(ckpt / "layers.safetensors"), framework="pt") as f:
-        for name, entry in progress["layers"].items():
-            module = MODULE_CLASSES[entry["class"]].empty(entry["meta"], entry["buffers"])
-            module.load_state_dict({b: f.get_tensor(f"{name}.{b}") for b in entry["buffers"]})
-            out[name] = (module, entry["record"])
-    return progress["blocks_done"], out
+    try:
+        entries = layer_entries(progress)
+        with safe_open(str(ckpt / "layers.safetensors"), framework="pt") as f:
+            for name, entry in entries:
+                module = MODULE_CLASSES[entry["class"]].empty(entry["meta"], entry["buffers"])
+                module.load_state_dict({b: f.get_tensor(f"{name}.{b}") for b in entry["buffers"]})
+                out[name] = (module, entry["record"])
+        return int(progress["blocks_done"]), out, Plan.from_dict(progress["plan"])
+    except (InputError, OSError, RuntimeError, SafetensorError, KeyError, TypeError, ValueError) as e:
+        raise _corrupt_checkpoint(ckpt, e) from None
+
+
+def _corrupt_checkpoint(ckpt: Path, e: Exception) -> InputError:
+    return InputError(f"the checkpoint of the interrupted run in {str(ckpt)!r} is corrupt ({type(e).__name__}: "
+                      f"{str(e)[:200]})", "rerun without --resume to start over (that replaces the checkpoint)")
