@@ -271,9 +271,9 @@ def layer_entries(manifest: dict) -> list[tuple[str, dict]]:
     return list(layers.items())
 
 
-def load(path: str | Path, dtype: torch.dtype | None = torch.float32, trust_remote_code: bool = False) -> nn.Module:
-    """Rebuild a compressed model from its directory. ``dtype`` casts the dense (untouched) tensors for
-    computation (None keeps the stored dtype); compressed buffers keep their storage format.
+def load(path: str | Path, dtype: torch.dtype | None = None, trust_remote_code: bool = False) -> nn.Module:
+    """Rebuild a compressed model from its directory, in the checkpoint's dtype (as ``from_pretrained`` in
+    transformers 5). ``dtype`` casts the dense (untouched) tensors; compressed buffers keep their storage format.
 
     Nothing from the directory is executed: a ``config.json`` that asks for its own code (``auto_map``) is
     refused unless ``trust_remote_code``; tensors are read from safetensors only."""
@@ -367,7 +367,8 @@ def save_checkpoint(ckpt: Path, key: dict, blocks_done: int, records: dict[str, 
     """Write the compressed layers done so far and the plan they follow (atomically replacing the previous
     checkpoint)."""
     with _writing(ckpt), outdir.atomic_dir(ckpt) as tmp:
-        state = {f"{n}.{b}": t.detach().cpu().clone() for n, m in modules.items() for b, t in m.state_dict().items()}
+        state = {f"{n}.{b}": t.detach().cpu().contiguous().clone() for n, m in modules.items()
+                 for b, t in m.state_dict().items()}
         save_file(state, str(tmp / "layers.safetensors"))
         layers = {n: {"class": type(m).__name__, "meta": m.meta(), "record": records[n],
                       "buffers": {b: [list(t.shape), _dtype_name(t.dtype)] for b, t in m.named_buffers()}}

@@ -14,6 +14,11 @@ dataclass of tensors from `sparselm.methods`, read by its fields; this module im
 A layer also carries what it was made from: ``spec`` (the method spec), ``info`` (the method's record) and
 ``group`` (the qualified names of the layers sharing its dictionary, itself included; empty when it owns
 it alone), which its manifest entry records (`io.layer_entry`).
+
+``forward`` runs a fast path from `sparselm.kernels` on CPU (it reads a runtime form built on first use:
+row offsets, an N:M mask as bitmask, column-major factors; counted by ``resident_bytes``, never a dense
+copy); ``reference_forward`` is the plain twin, also taken for gradients, other devices, inside
+`dense_cache`, and when ``kernel_path = "reference"`` (see `reference_forwards`).
 """
 from __future__ import annotations
 
@@ -24,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import formats
+from . import formats, kernels
 from .config import CoefStorage, MethodSpec, Pattern
 from .packing import SCALE_BUFFER, VALUE_BUFFER, decode_values, encode_values, index_bits, pack_bits, \
     unpack_bits, value_count
@@ -39,6 +44,9 @@ class CompressedLinear(nn.Module):
     spec: MethodSpec | None = None      # what made it (None: unknown, e.g. built by hand)
     info: dict = {}                     # the method's record (replaced per instance, never mutated)
     group: tuple[str, ...] = ()         # layers sharing its dictionary (itself included); () = none
+    kernel_path: str | None = None  # None: `sparselm.kernels.policy` chooses; "reference": the plain forward
+    _runtime = None  # the runtime form its kernel reads (built on first fast forward; see `runtime`)
+    _runtime_key: tuple | None = None
 
     def __init_subclass__(cls, **kw):
         super().__init_subclass__(**kw)
@@ -59,9 +67,35 @@ class CompressedLinear(nn.Module):
         raise NotImplementedError
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._dense is None and kernels.usable(x, self.kernel_path):
+            return self.fast_forward(x)
+        return self.reference_forward(x)
+
+    def reference_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The plain forward: rebuild the dense weight, one ``F.linear`` (the fast paths' twin)."""
         b = None if self.bias is None else self.bias.to(x.dtype)
         W = self._dense if self._dense is not None else self.dense_weight()  # (out, in)
         return F.linear(x, W.to(x.dtype), b)
+
+    def fast_forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.reference_forward(x)
+
+    def build_runtime(self):
+        """The runtime form (may re-lay out buffers in place, same values and bytes); None if there is none."""
+        return None
+
+    def runtime(self):
+        """The runtime form, rebuilt whenever a buffer was replaced or written since it was built."""
+        key = tuple((t.data_ptr(), t._version, t.device) for t in self.buffers())
+        if key != self._runtime_key:
+            self._runtime = self.build_runtime()
+            self._runtime_key = tuple((t.data_ptr(), t._version, t.device) for t in self.buffers())
+        return self._runtime
+
+    def resident_bytes(self) -> int:
+        """Bytes held in memory: the stored buffers + what the runtime form adds (offsets, N:M bitmask)."""
+        rt = self.runtime()
+        return self.stored_bytes() + getattr(rt, "owned", 0)
 
     def weight_bytes(self, users: int = 1) -> int:
         """Stored bytes without the bias, by the format's formula; ``users``: layers sharing a dictionary
@@ -101,6 +135,20 @@ class CompressedLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, bytes={self.stored_bytes()}"
+
+
+@contextlib.contextmanager
+def reference_forwards(module: nn.Module) -> Iterator[None]:
+    """Inside the context, the compressed layers under ``module`` run their plain reference forward."""
+    layers = [m for m in module.modules() if isinstance(m, CompressedLinear)]
+    saved = [m.kernel_path for m in layers]
+    try:
+        for m in layers:
+            m.kernel_path = "reference"
+        yield
+    finally:
+        for m, path in zip(layers, saved):
+            m.kernel_path = path
 
 
 @contextlib.contextmanager
@@ -211,6 +259,17 @@ class SparseLinear(CompressedLinear):
         w.scatter_(2, pos.to(w.device), self.values.view(out_f, in_f // m, n))
         return w.view(out_f, in_f)
 
+    def build_runtime(self) -> kernels.Masked:
+        out_f, in_f = self.out_features, self.in_features
+        if self.pattern is None:
+            return kernels.from_bitmask(masked_buffers(self, CoefStorage.DTYPE), out_f, in_f)
+        n, m = self.pattern.n, self.pattern.m
+        pos = unpack_bits(self.indices, index_bits(m), out_f * in_f * n // m).view(out_f, in_f // m, n)
+        return kernels.from_nm(self.values, pos, n, m)
+
+    def fast_forward(self, x: torch.Tensor) -> torch.Tensor:
+        return kernels.masked_linear(x, self.runtime(), self.bias, self.kernel_path)
+
 
 class LowRankLinear(CompressedLinear):
     """Wᵀ ≈ U V. Buffers: ``U`` ``(in, r)``, ``V`` ``(r, out)``, optional ``bias`` ``(out,)``.
@@ -240,9 +299,17 @@ class LowRankLinear(CompressedLinear):
     def dense_weight(self) -> torch.Tensor:
         return (self.U.float() @ self.V.float()).T  # (out, in)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def reference_forward(self, x: torch.Tensor) -> torch.Tensor:
         y = (x @ self.U.to(x.dtype)) @ self.V.to(x.dtype)  # (..., in) -> (..., r) -> (..., out)
         return y if self.bias is None else y + self.bias.to(x.dtype)
+
+    def build_runtime(self) -> bool:
+        self.U, self.V = kernels.colmajor(self.U), kernels.colmajor(self.V)  # same values, same bytes
+        return True
+
+    def fast_forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.runtime()
+        return kernels.lowrank_linear(x, self.U, self.V, self.bias, self.kernel_path)
 
 
 class SparseDictLinear(CompressedLinear):
@@ -288,6 +355,13 @@ class SparseDictLinear(CompressedLinear):
     def dense_weight(self) -> torch.Tensor:
         return (self.D.float() @ self.coefficients().float()).T  # (out, in)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def reference_forward(self, x: torch.Tensor) -> torch.Tensor:
         y = (x @ self.D.to(x.dtype)) @ self.coefficients().to(x.dtype)  # (..., in) -> (..., k) -> (..., out)
         return y if self.bias is None else y + self.bias.to(x.dtype)
+
+    def build_runtime(self) -> kernels.Masked:
+        self.D = kernels.colmajor(self.D)  # same values, same bytes; a shared D stays shared
+        return kernels.from_bitmask(masked_buffers(self, self.coef_storage), self.out_features, self.k)
+
+    def fast_forward(self, x: torch.Tensor) -> torch.Tensor:
+        return kernels.dict_linear(x, self.D, self.runtime(), self.bias, self.kernel_path)
