@@ -276,7 +276,8 @@ def evaluate_model(path: str | None, dataset: str = "stdlib", seqlen: int = 512,
             raise InputError(f"--fidelity: {io.MANIFEST} of {path!r} names no base_model to compare with",
                              "compress with `sparselm compress` (it records the base model), or pass a "
                              "directory whose manifest has base_model")
-        reference = adapter.load_hf(manifest["base_model"], trust_remote_code=trust_remote_code).model
+        reference = adapter.load_hf(manifest["base_model"], dtype=getattr(net, "dtype", torch.float32),
+                                    trust_remote_code=trust_remote_code).model  # the compressed model's dtype
         result["fidelity"] = fidelity_mod.compare(reference.to(dev), net.to(dev), windows, batch_size)
         result["fidelity"]["base_model"] = manifest.get("base_model")
         reference.to("cpu")

@@ -169,7 +169,9 @@ def run_tasks(model, tokenizer, tasks: list[str], num_fewshot: int | None = None
             if found is None:
                 raise
             raise found from None
-    return summarize(res, limit, seed, offline)
+    out = summarize(res, limit, seed, offline)
+    out["reproduce"]["model_dtype"] = str(getattr(model, "dtype", "")).removeprefix("torch.")
+    return out
 
 
 def _scores(metrics: dict) -> dict:

@@ -83,7 +83,8 @@ def test_compressed_in_process_equals_exported_dense_under_hf(pruned, task_yaml,
     dense = tmp_path / "dense"
     api.export_dense(str(pruned), str(dense))
     from lm_eval.tasks import TaskManager
-    res = lm_eval.simple_evaluate(model="hf", model_args={"pretrained": str(dense), "dtype": "float32",
+    # both in the checkpoint's dtype: sparselm.load's default and lm-eval's "auto"
+    res = lm_eval.simple_evaluate(model="hf", model_args={"pretrained": str(dense), "dtype": "auto",
                                                           "device": "cpu"}, batch_size=8,
                                   tasks=[str(task_yaml)], task_manager=TaskManager(include_defaults=False),
                                   log_samples=False, bootstrap_iters=0)
@@ -92,7 +93,7 @@ def test_compressed_in_process_equals_exported_dense_under_hf(pruned, task_yaml,
     assert 0.5 < ours["acc"] < 1.0  # the task discriminates: neither chance nor saturated
     rep = r["lm_eval"]["reproduce"]
     assert rep["tasks"]["sparselm_next_line"]["samples"] == 32 and rep["lm_eval_version"] == lm_eval.__version__
-    assert rep["tasks"]["sparselm_next_line"]["num_fewshot"] == 0
+    assert rep["tasks"]["sparselm_next_line"]["num_fewshot"] == 0 and rep["model_dtype"] == "bfloat16"
 
 
 def test_task_directory_and_limit(pruned, task_yaml):
