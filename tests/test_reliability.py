@@ -442,14 +442,18 @@ def clean_runs() -> dict[str, Path]:
 CLI = "import sys\nfrom sparselm.cli import app\nsys.argv = ['sparselm'] + sys.argv[1:]\napp()\n"
 
 
-@pytest.mark.parametrize("knobs", [["--method", "sparsegpt", "--sparsity", "0.5"],
-                                   ["--method", "wanda", "--pattern", "2:4"],
-                                   ["--method", "svd-llm", "--ratio", "0.3"],
-                                   ["--method", "rocket", "--ratio", "0.3", "--allocate", "uniform"],
-                                   [],  # the default run: ROCKET + knapsack at 0.2
-                                   ["--recipe", "%cospadi.yaml"]],
-                         ids=["sparsegpt", "wanda-2:4", "svd-llm", "rocket", "rocket-knapsack", "cospadi"])
-@pytest.mark.parametrize("kill", [KILL_AFTER_FIRST_CHECKPOINT, KILL_WHILE_SAVING], ids=["in-compress", "in-save"])
+KNOBS = {"sparsegpt": ["--method", "sparsegpt", "--sparsity", "0.5"],
+         "wanda-2:4": ["--method", "wanda", "--pattern", "2:4"],
+         "svd-llm": ["--method", "svd-llm", "--ratio", "0.3"],
+         "rocket": ["--method", "rocket", "--ratio", "0.3", "--allocate", "uniform"],
+         "rocket-knapsack": [],  # the default run: ROCKET + knapsack at 0.2
+         "cospadi": ["--recipe", "%cospadi.yaml"]}
+KILLS = {"in-compress": KILL_AFTER_FIRST_CHECKPOINT, "in-save": KILL_WHILE_SAVING}
+SIGKILL_CASES = [(k, kill) for k in KNOBS for kill in KILLS if kill == "in-compress" or k in list(KNOBS)[:4]]
+
+
+@pytest.mark.parametrize("knobs, kill", [(KNOBS[k], KILLS[kill]) for k, kill in SIGKILL_CASES],
+                         ids=[f"{k}-{kill}" for k, kill in SIGKILL_CASES])
 def test_sigkill_then_resume_gives_the_same_tensors(ws, tmp_path, knobs, kill, clean_runs):
     """A run killed (SIGKILL: no cleanup code runs) during compress or while saving, then resumed, writes the
     same tensors as a clean run, and leaves nothing else behind."""
