@@ -62,28 +62,30 @@ def _refuse_remote_code(path: Path) -> None:
                              "pass --trust-remote-code (trust_remote_code=True) only if you trust that code")
 
 
+def _read_safely(auto, src: str | Path, trust_remote_code: bool, what: str, fix: str):
+    """``auto.from_pretrained(src)`` (AutoConfig / AutoTokenizer) without running the model's code unless
+    ``trust_remote_code``; its failures as input errors."""
+    if Path(src).is_dir() and not trust_remote_code:
+        _refuse_remote_code(Path(src))
+    try:
+        return auto.from_pretrained(src, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, KeyError) as e:
+        first = str(e).splitlines()[0][:300] if str(e) else ""
+        raise InputError(f"could not read the {what} of {str(src)!r} ({type(e).__name__}: {first})", fix) from None
+
+
 def read_config(src: str | Path, trust_remote_code: bool = False):
     """The model's config, never running code from the model unless ``trust_remote_code``."""
     from transformers import AutoConfig
-    if Path(src).is_dir() and not trust_remote_code:
-        _refuse_remote_code(Path(src))
-    try:
-        return AutoConfig.from_pretrained(src, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError, KeyError) as e:
-        raise InputError(f"could not read the config of {str(src)!r} ({type(e).__name__}: "
-                         f"{str(e).splitlines()[0][:300] if str(e) else ''})",
-                         "give a directory with a valid config.json, or a reachable hub id") from None
+    return _read_safely(AutoConfig, src, trust_remote_code, "config",
+                        "give a directory with a valid config.json, or a reachable hub id")
 
 
 def load_tokenizer(src: str | Path, trust_remote_code: bool = False):
+    """The model's tokenizer, under the same rule as `read_config`."""
     from transformers import AutoTokenizer
-    if Path(src).is_dir() and not trust_remote_code:
-        _refuse_remote_code(Path(src))
-    try:
-        return AutoTokenizer.from_pretrained(src, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError, KeyError) as e:
-        raise InputError(f"could not load the tokenizer of {str(src)!r} ({type(e).__name__})",
-                         "the directory needs the tokenizer files save_pretrained writes") from None
+    return _read_safely(AutoTokenizer, src, trust_remote_code, "tokenizer",
+                        "the directory needs the tokenizer files save_pretrained writes")
 
 
 @dataclass
