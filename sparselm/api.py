@@ -301,7 +301,7 @@ def _load_any(path: str | None, trust_remote_code: bool, need_manifest: bool = F
     if need_manifest:
         raise InputError(f"--fidelity / --record: {path or 'the bundled model'!r} is not a sparselm output directory",
                          "give a directory written by `sparselm compress` (it names its dense base model)")
-    loaded = adapter.load_hf(path, trust_remote_code=trust_remote_code)
+    loaded = adapter.load_hf(path, dtype=None, trust_remote_code=trust_remote_code)  # like io.load: its own dtype
     return loaded.model, loaded.tokenizer, None
 
 

@@ -96,9 +96,10 @@ class Loaded:
     storage_dtype: torch.dtype  # the dtype the checkpoint was saved in: byte budgets are measured in it
 
 
-def load_hf(name: str | Path | None = None, dtype: torch.dtype = torch.float32,
+def load_hf(name: str | Path | None = None, dtype: torch.dtype | None = torch.float32,
             trust_remote_code: bool = False) -> Loaded:
-    """Load a local directory or hub id (``None``: the bundled tiny model) to compute in ``dtype``."""
+    """Load a local directory or hub id (``None``: the bundled tiny model) to compute in ``dtype`` (``None``:
+    the checkpoint's own dtype, as `sparselm.load` and ``from_pretrained`` do)."""
     from transformers import AutoModel, AutoModelForCausalLM
 
     src = BUNDLED if name is None else name
@@ -110,7 +111,8 @@ def load_hf(name: str | Path | None = None, dtype: torch.dtype = torch.float32,
     if getattr(config, "is_encoder_decoder", False):
         raise InputError(f"{str(src)!r} is an encoder-decoder model ({type(config).__name__})",
                          "sparselm compresses decoder-only causal LMs and encoders")
-    saved = _dtype_of(config) or dtype
+    saved = _dtype_of(config) or dtype or torch.float32
+    dtype = dtype or saved
     cls = AutoModelForCausalLM if _is_causal(config) else AutoModel
     try:
         model, info = cls.from_pretrained(src, dtype=dtype, use_safetensors=True, trust_remote_code=trust_remote_code,
