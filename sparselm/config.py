@@ -73,6 +73,19 @@ class Init(enum.Enum):
     SVD = "svd"
 
 
+class SparseCoder(enum.Enum):
+    """CoSpaDi's sparse coder (docs/methods.md, Speed)."""
+    OMP = "omp"    # exact Batch-OMP (the reference)
+    HTP = "htp"    # hard-thresholding pursuit from dense matrix products, warm-started
+    AUTO = "auto"  # per layer, by a cost model (`cospadi.choose_coder`)
+
+
+class DictUpdateRule(enum.Enum):
+    """CoSpaDi's dictionary update (docs/methods.md, Speed)."""
+    KSVD = "ksvd"  # block K-SVD, rank-1 steps by power iteration
+    MOD = "mod"    # method of optimal directions: one least-squares solve, atoms renormalized
+
+
 # --- method specs -------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class MethodSpec:
@@ -151,6 +164,8 @@ class CoSpaDiSpec(MethodSpec):
     shared: tuple[str, ...] = ("*q_proj", "*k_proj", "*v_proj", "*gate_proj", "*up_proj",
                                "*query", "*key", "*value", "*intermediate.dense", "*c_attn", "*c_fc", "*fc1")
     seed: int = 42
+    coder: SparseCoder = SparseCoder.OMP
+    dict_update: DictUpdateRule = DictUpdateRule.KSVD
 
     def __post_init__(self):
         super().__post_init__()
