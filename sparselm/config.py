@@ -164,8 +164,8 @@ class CoSpaDiSpec(MethodSpec):
     shared: tuple[str, ...] = ("*q_proj", "*k_proj", "*v_proj", "*gate_proj", "*up_proj",
                                "*query", "*key", "*value", "*intermediate.dense", "*c_attn", "*c_fc", "*fc1")
     seed: int = 42
-    coder: SparseCoder = SparseCoder.OMP
-    dict_update: DictUpdateRule = DictUpdateRule.KSVD
+    coder: SparseCoder = SparseCoder.AUTO         # per layer by cost; HTP's error measured <= OMP's (docs)
+    dict_update: DictUpdateRule = DictUpdateRule.MOD  # measured equal to or below block K-SVD's error (docs)
 
     def __post_init__(self):
         super().__post_init__()

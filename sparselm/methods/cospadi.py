@@ -124,10 +124,11 @@ Finisher = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]  #
 
 
 def alternate(Y: torch.Tensor, D: torch.Tensor, iters: int, tol: float | None, code: Coder,
-              update: Updater, finish: Finisher | None = None) -> Learned:
+              update: Updater, finish: Finisher | None = None, patience: int = 1) -> Learned:
     """Sparse coding then dictionary update, ``iters`` times; keeps the best pair; stops when the relative
-    improvement over the best so far is below ``tol`` (``None``: never early). ``finish`` may improve the
-    best pair's values at the end (kept only if the error does not grow)."""
+    improvement over the best so far has been below ``tol`` for ``patience`` iterations in a row (``None``:
+    never early; a coder that may raise the error for an iteration, as HTP's cold restarts, needs patience).
+    ``finish`` may improve the best pair's values at the end (kept only if the error does not grow)."""
     y2 = float(Y.double().square().sum()) or 1.0
 
     def rel(D, S):
@@ -136,7 +137,7 @@ def alternate(Y: torch.Tensor, D: torch.Tensor, iters: int, tol: float | None, c
     S, mask = code(D)
     history = [rel(D, S)]
     best = (D, S, mask)
-    ran = 0
+    ran = stale = 0
     for it in range(iters):
         prev = min(history)
         D, S = update(D, S, mask)
@@ -144,7 +145,8 @@ def alternate(Y: torch.Tensor, D: torch.Tensor, iters: int, tol: float | None, c
         ran += 1
         if history[-1] < prev:
             best = (D, S, mask)
-        if tol is not None and prev - history[-1] < tol * prev:
+        stale = stale + 1 if tol is not None and prev - history[-1] < tol * prev else 0
+        if stale >= patience:
             break
         if it + 1 < iters:
             S, mask = code(D)
@@ -187,7 +189,10 @@ def learn_dictionary(Y: torch.Tensor, D: torch.Tensor, s: int, iters: int, power
     def finish(D, S, mask):
         return refit_coefficients(Y, D, S, mask)
 
-    return alternate(Y, D, iters, tol, code, update, finish)
+    return alternate(Y, D, iters, tol, code, update, finish, HTP_PATIENCE if coder is SparseCoder.HTP else 1)
+
+
+HTP_PATIENCE = 3  # iterations without progress before HTP's alternation stops (measured: docs/methods.md, Speed)
 
 
 # Cost model of one sparse-coding pass, in seconds per multiply-add, measured on this project's CPU (one

@@ -29,8 +29,8 @@ import torch
 
 from .omp import Codes
 
-ROUNDS = 6      # support-changing rounds after the start (measured: docs/methods.md, Speed)
-CG_STEPS = 6    # conjugate-gradient steps per refit
+ROUNDS = 4      # support-changing rounds after the start (measured: docs/methods.md, Speed)
+CG_STEPS = 8    # conjugate-gradient steps per refit
 STEPS = (2.0, 1.0)  # gradient step sizes, alternating by round (unit-norm atoms; measured, see docs)
 
 

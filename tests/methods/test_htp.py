@@ -142,5 +142,5 @@ def test_spec_coder_and_dict_update_round_trip_and_reach_the_result():
     W, stats, X = _layer()
     for coder in SparseCoder:
         res, = cospadi([W], [stats], CoSpaDiSpec(target=Ratio(0.3), iters=3, coder=coder), torch.float32)
-        assert res.info["coder"] in ("omp", "htp") and res.info["dict_update"] == "ksvd"
+        assert res.info["coder"] in ("omp", "htp") and res.info["dict_update"] == "mod"
         assert (res.mask.sum(0) == res.info["s"]).all() and res.info["rel_error"] < 0.6
