@@ -211,9 +211,14 @@ def coder_cost(n: int, k: int, s: int, cols: int) -> dict[SparseCoder, float]:
     return {SparseCoder.OMP: omp_macs * OMP_SECONDS_PER_MAC, SparseCoder.HTP: htp_macs * GEMM_SECONDS_PER_MAC}
 
 
-def choose_coder(n: int, k: int, s: int, cols: int, device: torch.device | None = None) -> SparseCoder:
-    """The coder ``coder: auto`` runs for a layer: the cheaper of `coder_cost` (``device`` is reserved for
+def choose_coder(n: int, k: int, s: int, cols: int, device: torch.device | None = None,
+                 shifted: bool = False) -> SparseCoder:
+    """The coder ``coder: auto`` runs for a layer: exact OMP when the whitening needed a diagonal shift
+    (rank-deficient calibration: a near-singular ``L`` makes the dictionary too coherent for HTP's CG refits;
+    measured up to 1.8× OMP's error there), else the cheaper of `coder_cost` (``device`` is reserved for
     per-device constants; today one rule)."""
+    if shifted:
+        return SparseCoder.OMP
     cost = coder_cost(n, k, s, cols)
     return SparseCoder.HTP if cost[SparseCoder.HTP] < cost[SparseCoder.OMP] else SparseCoder.OMP
 
@@ -258,7 +263,8 @@ def factorize_group(weights: list[torch.Tensor], stats: list[LinearStats | None]
     D0 = init_dictionary(Y, k, spec.init, spec.seed)
     coder = spec.coder
     if learner is None:
-        coder = choose_coder(d_in, k, s, Y.shape[1], device) if coder is SparseCoder.AUTO else coder
+        if coder is SparseCoder.AUTO:
+            coder = choose_coder(d_in, k, s, Y.shape[1], device, shifted=wh.shift > 0)
         learner = partial(learn_dictionary, coder=coder, dict_update=spec.dict_update)
     learned = learner(Y, D0, s, spec.iters, spec.power_iters, spec.tol)
     D = wh.unapply(learned.D).float()  # (in, k)

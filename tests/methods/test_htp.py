@@ -3,6 +3,7 @@ references), on hand-checkable and small structured cases."""
 import pytest
 import torch
 
+from sparselm.capture import LinearStats
 from sparselm.config import CoSpaDiSpec, DictUpdateRule, Init, Ratio, SparseCoder, spec_from_dict, spec_to_dict
 from sparselm.errors import InputError
 from sparselm.methods.cospadi import choose_coder, cospadi, init_dictionary, learn_dictionary, paper_sizes
@@ -96,6 +97,16 @@ def test_cospadi_with_htp_matches_exact_omp_after_the_whole_run(case):
 def test_auto_picks_omp_for_tiny_codes_and_htp_for_dense_large_ones():
     assert choose_coder(64, 32, 2, 100) is SparseCoder.OMP
     assert choose_coder(2048, 1911, 955, 8192) is SparseCoder.HTP
+    assert choose_coder(2048, 1911, 955, 8192, shifted=True) is SparseCoder.OMP  # rank-deficient calibration
+
+
+def test_auto_runs_omp_when_the_calibration_is_rank_deficient():
+    W, _, _ = _layer()  # 32 inputs
+    few = LinearStats.from_inputs(torch.randn(8, 32, generator=_gen(3)))  # 8 tokens: whitening needs a shift
+    res, = cospadi([W], [few], CoSpaDiSpec(target=Ratio(0.3), iters=2), torch.float32)
+    assert res.info["whitening_shift"] > 0 and res.info["coder"] == "omp"
+    res, = cospadi([W], [None], CoSpaDiSpec(target=Ratio(0.3), iters=2), torch.float32)  # data-free: no shift
+    assert res.info["coder"] == choose_coder(32, res.info["k"], res.info["s"], 48).value
 
 
 # --- MOD -----------------------------------------------------------------------------------------------
