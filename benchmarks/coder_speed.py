@@ -63,7 +63,7 @@ def pass_row(shape, args, device, synthetic_layer, sync) -> dict:
     macs = {c_.value: v * rate for (c_, v), rate in zip(coder_cost(shape.d_in, k, s, shape.d_out).items(),
                                                         (OMP_RATE, GEMM_RATE))}
     return {"shape": shape.name, "in": shape.d_in, "out": shape.d_out, "k": k, "s": s, "cols_measured": cols,
-            "htp_cols_measured": hcols, "omp_engine": auto_engine(device, Ys.dtype), "omp_s": t_omp * scale,
+            "htp_cols_measured": hcols, "omp_engine": auto_engine(device, Ys.dtype).value, "omp_s": t_omp * scale,
             "htp_s": t_htp * shape.d_out / hcols, "pass_speedup": (t_omp * scale) / (t_htp * shape.d_out / hcols),
             "ksvd_s": t_ksvd * scale, "mod_s": t_mod * scale, "omp_macs": macs["omp"], "htp_macs": macs["htp"],
             "one_pass_error_ratio": e_htp / e_omp}

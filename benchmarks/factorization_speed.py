@@ -48,7 +48,7 @@ from sparselm.methods import _reference as ref  # noqa: E402
 from sparselm.methods.cospadi import init_dictionary, learn_dictionary, sizes_for_ratio  # noqa: E402
 from sparselm.methods.ksvd import ksvd_update, refit_coefficients  # noqa: E402
 from sparselm.methods.lowrank import svd_llm  # noqa: E402
-from sparselm.methods.omp import auto_engine, omp  # noqa: E402
+from sparselm.methods.omp import Engine, auto_engine, omp  # noqa: E402
 from sparselm.methods.whiten import whiten  # noqa: E402
 
 OUT = ROOT / "docs" / "benchmarks" / "factorization_speed"
@@ -114,8 +114,8 @@ def bench_shape(shape: Shape, args, device: torch.device) -> dict:
         D = upd.D
     t_refit, _ = timed(lambda: refit_coefficients(Ys, D, upd.S, mask), device)
     engine = auto_engine(device, Ys.dtype)  # what `omp` ran above
-    t_batched = timed(lambda: omp(D, Ys, s, engine="torch"), device)[0] if engine == "compiled" else t_omp
-    row.update(cols_measured=cols, omp_engine=engine, fast_omp_s=t_omp * scale,
+    t_batched = timed(lambda: omp(D, Ys, s, engine=Engine.TORCH), device)[0] if engine is Engine.COMPILED else t_omp
+    row.update(cols_measured=cols, omp_engine=engine.value, fast_omp_s=t_omp * scale,
                batched_omp_s=t_batched * scale, fast_ksvd_s=t_ksvd * scale, fast_refit_s=t_refit * scale)
     row.update(bench_reference(Ys, D, upd.S, mask, s, args, device, scale))
     row["fast_iter_s"] = row["fast_omp_s"] + row["fast_ksvd_s"]

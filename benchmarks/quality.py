@@ -32,9 +32,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from sparselm import data, pipeline  # noqa: E402
+from sparselm import data, io, pipeline  # noqa: E402
 from sparselm import model as adapter  # noqa: E402
-from sparselm.api import _manifest  # noqa: E402
 from sparselm.config import Allocate, Pattern, Ratio, Recipe, Sparsity, spec_from_dict  # noqa: E402
 from sparselm.evaluate import embedding_fidelity, perplexity, sentence_embeddings  # noqa: E402
 
@@ -110,7 +109,7 @@ def run_one(bed, recipe: Recipe, profile_cache: dict) -> dict:
     report = pipeline.compress(model, bed.calib, recipe, CPU, bed.loaded.storage_dtype, profile_cache=profile_cache)
     seconds = time.perf_counter() - t0
     reused = recipe.allocate is Allocate.KNAPSACK and len(profile_cache) == known  # tables from an earlier row
-    _, totals = _manifest(bed.loaded, report, recipe, "stdlib", bed.calib, 0)
+    totals = io.describe(model, bed.loaded.storage_dtype, report.allocation)["totals"]
     return {"seconds": round(seconds, 2), "profile_reused": reused, "score": bed.score(model),
             **{k: round(totals[k], 4) for k in ("ratio_stored", "ratio_params", "ratio_paper")}}
 

@@ -51,7 +51,7 @@ def main() -> None:
         for dtype in (torch.float32, torch.bfloat16):
             src = bundled_as(dtype, Path(tmp) / f"base-{dtype}")
             for method, knob in RUNS:
-                recipe = api.build_recipe(method, knob.get("ratio"), knob.get("sparsity"), knob.get("pattern"))
+                recipe = api.build_recipe(method, knob.get("ratio"), knob.get("sparsity"), knob.get("pattern"), "uniform")
                 recipe = dataclasses.replace(recipe, methods=tuple(dataclasses.replace(s, **FAST.get(s.name, {}))
                                                                    for s in recipe.methods))
                 out = Path(tmp) / f"{method}-{dtype}-{len(rows)}"

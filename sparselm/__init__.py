@@ -9,9 +9,12 @@ Public API, in flow order::
     report = sparselm.compress(loaded.model, calib, recipe, torch.device("cpu"), loaded.storage_dtype)
     sparselm.save(loaded.model, loaded.tokenizer, "pruned/", {}, loaded.storage_dtype)
     model = sparselm.load("pruned/")                                 # a working transformers model
-    sparselm.evaluate(model, sparselm.data.evaluation_windows(loaded.tokenizer, "stdlib", 256, 16))
+    sparselm.perplexity(model, sparselm.data.evaluation_windows(loaded.tokenizer, "stdlib", 256, 16))
+
+``sparselm.evaluate`` is the evaluation module (perplexity, accounting); ``sparselm.perplexity`` its main
+function.
 """
-__version__ = "0.1.0"
+from .version import __version__  # noqa: E402,F401
 
 from .config import (ASVDSpec, CoSpaDiSpec, MagnitudeSpec, Pattern, Ratio, Recipe, RocketSpec,  # noqa: E402
                      SparseGPTSpec, Sparsity, SVDLLMSpec, SVDSpec, WandaSpec)
@@ -19,8 +22,8 @@ from .model import load_hf as load_model  # noqa: E402
 from .data import calibration_data  # noqa: E402
 from .pipeline import compress  # noqa: E402
 from .io import save, load, export  # noqa: E402
-from .evaluate import perplexity as evaluate  # noqa: E402
+from .evaluate import perplexity  # noqa: E402
 
-__all__ = ["load_model", "calibration_data", "compress", "save", "load", "export", "evaluate", "Recipe", "Ratio",
+__all__ = ["load_model", "calibration_data", "compress", "save", "load", "export", "perplexity", "Recipe", "Ratio",
            "Sparsity", "Pattern", "MagnitudeSpec", "WandaSpec", "SparseGPTSpec", "SVDSpec", "ASVDSpec", "SVDLLMSpec",
            "CoSpaDiSpec", "RocketSpec", "__version__"]

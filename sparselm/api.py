@@ -12,10 +12,11 @@ from pathlib import Path
 import torch
 
 from . import data, device as devices, io, outdir, pipeline
-from .evaluate import dense_accounting, layer_accounting, perplexity, totals as ratio_totals
+from .budget import Allocation, Plan
+from .evaluate import dense_accounting, perplexity
 from . import model as adapter
-from .config import (DEFAULT_METHOD, DEFAULT_RATIO, SPECS, Allocate, Pattern, Ratio, Recipe, Sparsity,
-                     load_recipe, recipe_to_dict, spec_from_dict, spec_to_dict)
+from .config import (DEFAULT_METHOD, SPECS, Allocate, Pattern, Ratio, Recipe, Sparsity,
+                     load_recipe, recipe_to_dict, spec_to_dict)
 from .errors import InputError, check_count
 
 log = logging.getLogger(__name__)
@@ -27,7 +28,9 @@ def build_recipe(method: str | None, ratio: float | None, sparsity: float | None
                  allocate: str | None = None, recipe_file: str | None = None) -> Recipe:
     """A recipe from command-line knobs (exactly one of ratio / sparsity / pattern, or the defaults).
 
-    No method: the default (ROCKET, knapsack allocation, ratio 0.2); allocation otherwise defaults to uniform.
+    No method: the default, ROCKET; each method's default budget is its spec's (ROCKET: ratio 0.2) and its
+    default allocation `Allocate.default_for` it (ROCKET: knapsack; every other method: uniform), so
+    ``--method rocket`` alone is the default run.
     """
     if recipe_file:
         if any(v is not None for v in (method, ratio, sparsity, pattern)):
@@ -43,11 +46,9 @@ def build_recipe(method: str | None, ratio: float | None, sparsity: float | None
     target = (Ratio(ratio) if ratio is not None else Sparsity(sparsity) if sparsity is not None
               else Pattern.parse(pattern) if pattern is not None else None)
     if target is None:
-        target = SPECS[name].target if method else Ratio(DEFAULT_RATIO)
-    if allocate is None:
-        allocate = "knapsack" if method is None else "uniform"
+        target = SPECS[name].target
     try:
-        alloc = Allocate(allocate)
+        alloc = Allocate.default_for(name) if allocate is None else Allocate(allocate)
     except ValueError:
         raise InputError(f"--allocate {allocate!r} is not valid", "use uniform or knapsack") from None
     return Recipe(methods=(SPECS[name](target=target),), allocate=alloc)
@@ -109,11 +110,12 @@ def compress_model(model: str | None = None, recipe: Recipe | None = None, calib
             summary["perplexity_before"] = before["perplexity"]
         key = {"model": loaded.source, "recipe": recipe_to_dict(recipe), "calib": calib, "nsamples": int(windows.shape[0]),
                "seqlen": int(windows.shape[1]), "seed": seed}
-        start, done = _restore(net, ckpt, key) if resume else (0, [])
+        start, done, plan = _restore(net, ckpt, key) if resume else (0, [], None)
         report = pipeline.compress(net, windows, recipe, dev, loaded.storage_dtype, batch_size, progress, done, start,
-                                   checkpoint=lambda n, layers: _checkpoint(ckpt, key, n, layers))
+                                   checkpoint=lambda n, layers, p: _checkpoint(ckpt, key, n, layers, p), plan=plan)
         net.to("cpu")
-        manifest, totals = _manifest(loaded, report, recipe, calib, windows, seed)
+        run = run_manifest(loaded, report, recipe, calib, windows, seed)
+        totals = run["totals"]
         summary.update(method="mixed" if len(recipe.methods) > 1 else recipe.methods[0].name,
                        allocate=recipe.allocate.value, **{k: totals[k] for k in ("ratio_stored", "ratio_params",
                                                                                "ratio_paper")},
@@ -122,66 +124,59 @@ def compress_model(model: str | None = None, recipe: Recipe | None = None, calib
             after = perplexity(net.to(dev), eval_windows, batch_size)
             net.to("cpu")
             summary["perplexity_after"] = after["perplexity"]
-            manifest["evaluation"] = {"dataset": eval_dataset, "split": "validation", **{k: before[k] for k in (
+            run["evaluation"] = {"dataset": eval_dataset, "split": "validation", **{k: before[k] for k in (
                 "tokens", "windows", "seqlen", "metric")}, "perplexity_before": before["perplexity"],
                 "perplexity_after": after["perplexity"]}
-        io.save(net, tok, out_dir, manifest, loaded.storage_dtype, overwrite)
+        io.save(net, tok, out_dir, run, loaded.storage_dtype, overwrite)
         shutil.rmtree(ckpt, ignore_errors=True)
         summary["seconds"] = round(time.perf_counter() - t0, 2)
         return summary
 
 
 def _record(layer: pipeline.LayerResult) -> dict:
-    return {"spec": spec_to_dict(layer.spec), "dense_shape": list(layer.dense_shape), "rel_error": layer.rel_error,
-            "predicted_error": layer.predicted_error, "info": layer.info}
+    return {"spec": spec_to_dict(layer.spec), "rel_error": layer.rel_error, "predicted_error": layer.predicted_error,
+            "info": layer.info, "group": list(layer.group)}
 
 
-def _checkpoint(ckpt: Path, key: dict, blocks_done: int, layers: list[pipeline.LayerResult]) -> None:
+def _checkpoint(ckpt: Path, key: dict, blocks_done: int, layers: list[pipeline.LayerResult], plan: Plan) -> None:
     io.save_checkpoint(ckpt, key, blocks_done, {la.name: _record(la) for la in layers},
-                       {la.name: la.module for la in layers})
+                       {la.name: la.module for la in layers}, plan.to_dict())
 
 
-def _restore(net, ckpt: Path, key: dict) -> tuple[int, list[pipeline.LayerResult]]:
-    """Swap in the layers an interrupted run finished; (blocks done, their records)."""
+def _restore(net, ckpt: Path, key: dict) -> tuple[int, list[pipeline.LayerResult], Plan | None]:
+    """Swap in the layers an interrupted run finished; (blocks done, their records, the plan it followed)."""
     found = io.load_checkpoint(ckpt, key)
     if found is None:
         log.warning("--resume: no interrupted run found at %s; starting from the first block", ckpt)
-        return 0, []
-    blocks_done, layers = found
-    done = []
+        return 0, [], None
+    blocks_done, layers, plan = found
+    done, groups = [], {}
     for name, (module, rec) in layers.items():
+        io.restore_record(module, rec)
         adapter.swap(net, name, module)
-        done.append(pipeline.LayerResult(name, spec_from_dict(rec["spec"]), module, tuple(rec["dense_shape"]),
-                                         rec["rel_error"], rec["predicted_error"], rec["info"]))
+        done.append(pipeline.LayerResult(name, module, rec["rel_error"], rec["predicted_error"]))
+        if module.group:
+            groups.setdefault(module.group, []).append(module)
+    for modules in groups.values():
+        pipeline.tie_group(modules)  # one dictionary again, stored once
     log.info("--resume: %d blocks already compressed", blocks_done)
-    return blocks_done, done
+    return blocks_done, done, plan
 
 
-def _manifest(loaded, report: pipeline.CompressReport, recipe: Recipe, calib: str, windows, seed: int):
-    shared: dict[int, list[str]] = {}
-    for layer in report.layers:
-        d = getattr(layer.module, "D", None)
-        if d is not None:
-            shared.setdefault(d.data_ptr(), []).append(layer.name)
-    layers, rows, layers_kept_dense = {}, [], []
-    for layer in report.layers:
-        users = shared.get(getattr(getattr(layer.module, "D", None), "data_ptr", lambda: None)(), [layer.name])
-        row = layer_accounting(layer.module, loaded.storage_dtype, len(users))
-        rows.append(row)
-        layers[layer.name] = {"spec": spec_to_dict(layer.spec), "accounting": row, "rel_error": layer.rel_error,
-                              "predicted_error": layer.predicted_error, "info": layer.info}
-    for row in report.allocation or []:
-        if row["method"] == "dense":  # targeted, but the knapsack kept it dense: it counts at full size
-            rows.append(dense_accounting(*row["shape"], loaded.storage_dtype))
-            layers_kept_dense.append(row["layer"])
-    totals = ratio_totals(rows)
+def run_manifest(loaded, report: pipeline.CompressReport, recipe: Recipe, calib: str, windows, seed: int) -> dict:
+    """The manifest of a compression run: the model's own part (`io.describe`: every layer's entry and the
+    totals, the layers the knapsack kept dense counted at full size) + the run's errors, recipe, calibration
+    protocol, regularization and allocation."""
+    own = io.describe(loaded.model, loaded.storage_dtype, report.allocation)
+    layers = {la.name: {**own["layers"][la.name], "rel_error": la.rel_error, "predicted_error": la.predicted_error}
+              for la in report.layers}
     regular = {n: v["info"]["whitening_shift"] for n, v in layers.items() if v["info"].get("whitening_shift")}
-    manifest = {"base_model": loaded.source, "recipe": recipe_to_dict(recipe), "layers": layers, "totals": totals,
-                "calibration": {"source": calib, "nsamples": int(windows.shape[0]), "seqlen": int(windows.shape[1]),
-                                "seed": seed},
-                "regularization": regular, "allocation": report.allocation, "kept_dense": layers_kept_dense,
-                "compress_seconds": report.seconds, "torch_version": torch.__version__}
-    return manifest, totals
+    return {**own, "base_model": loaded.source, "recipe": recipe_to_dict(recipe), "layers": layers,
+            "calibration": {"source": calib, "nsamples": int(windows.shape[0]), "seqlen": int(windows.shape[1]),
+                            "seed": seed},
+            "regularization": regular,
+            "allocation": None if report.allocation is None else [a.to_dict() for a in report.allocation],
+            "compress_seconds": report.seconds, "torch_version": torch.__version__}
 
 
 def evaluate_model(path: str | None, dataset: str = "stdlib", seqlen: int = 512, max_windows: int | None = 64,
@@ -222,7 +217,7 @@ def _inspect_rows(path: str, manifest: dict) -> dict:
              **entry["accounting"], "rel_error": entry.get("rel_error"), "predicted_error": entry.get("predicted_error")}
             for name, entry in manifest["layers"].items()]
     for row in manifest.get("allocation") or []:
-        if row["method"] == "dense":
+        if Allocation.kept_dense_row(row):
             rows.append({"layer": row["layer"], "class": "Linear", "method": "dense (knapsack)", "target": None,
                          "k": None, "s": None, **dense_accounting(*row["shape"], getattr(torch, manifest[
                              "storage_dtype"])), "rel_error": 0.0, "predicted_error": 0.0})

@@ -65,15 +65,16 @@ def _progress_bar():
 def compress(
     model: Optional[str] = typer.Argument(None, help="hub id or local HF directory; omitted: the bundled tiny model"),
     method: Optional[str] = typer.Option(None, help="magnitude|wanda|sparsegpt|svd|asvd|svd-llm|cospadi|rocket "
-                                                   "(default: rocket, knapsack allocation, --ratio 0.2)"),
+                                                   "(default: rocket; rocket runs with knapsack allocation and "
+                                                   "--ratio 0.2 unless told otherwise)"),
     ratio: Optional[float] = typer.Option(None, help="fraction of the targeted layers' stored bytes removed"),
     sparsity: Optional[float] = typer.Option(None, help="pruning: fraction of weights set to zero"),
     pattern: Optional[str] = typer.Option(None, help="pruning: N:M semi-structured pattern, e.g. 2:4"),
     calib: str = typer.Option("stdlib", help="stdlib | FILE.txt | FILE.jsonl | wikitext2 | c4"),
     nsamples: Optional[int] = typer.Option(None, help="calibration windows (default 64 bundled, 128 otherwise)"),
     seqlen: Optional[int] = typer.Option(None, help="calibration window length (default 256 bundled, 2048 otherwise)"),
-    allocate: Optional[str] = typer.Option(None, help="uniform | knapsack (default: knapsack for the default "
-                                                       "method, uniform when --method is given)"),
+    allocate: Optional[str] = typer.Option(None, help="uniform | knapsack (default: knapsack for rocket, the "
+                                                       "default method; uniform for every other method)"),
     out: Optional[str] = typer.Option(None, help="output directory (default compressed/<model>-<method>-<knob>)"),
     overwrite: bool = typer.Option(False, help="replace an existing output directory written by sparselm"),
     device: Optional[str] = typer.Option(None, help="auto | cpu | cuda | cuda:N"),
@@ -178,21 +179,55 @@ def export(directory: str = typer.Argument(..., help="a sparselm output director
          lambda r: console.print(f"exported {r['layers']} layers densely ({r['dtype']}) -> {r['out']}"))
 
 
+def _ints(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise InputError(f"{text!r} is not a comma-separated list of integers", "e.g. 512,2048") from None
+
+
 @app.command()
-def bench(model: Optional[str] = typer.Argument(None, help="sparselm output dir, HF dir or hub id"),
-          seqlen: int = typer.Option(128), batch_size: int = typer.Option(1), device: Optional[str] = None,
+def bench(model: Optional[str] = typer.Argument(None, help="sparselm output dir, HF dir or hub id; omitted: bundled"),
+          repeats: int = typer.Option(3, help="timed runs per measurement (after one warm-up)"),
+          layer_tokens: str = typer.Option("1,512,2048", help="token counts for the per-layer latencies"),
+          prefill: str = typer.Option("512,2048", help="prompt lengths for prefill tokens/s"),
+          batch_sizes: str = typer.Option("1,8", help="generate batch sizes"),
+          new_tokens: int = typer.Option(32, help="tokens generated per run"),
+          threads: Optional[int] = typer.Option(None, help="torch CPU threads (default: torch's)"),
+          device: Optional[str] = typer.Option(None, help="auto | cpu | cuda"),
           trust_remote_code: bool = typer.Option(False, help="allow the model's own code (off by default)"),
           as_json: bool = typer.Option(False, "--json")):
-    """Latency, throughput and weight bytes of a forward pass (apart from quality evaluation)."""
+    """Latency, throughput and memory beside the dense original (apart from quality evaluation).
+
+    Examples:
+        sparselm bench compressed/tiny-rocket --repeats 5 --json
+    """
     from . import bench as benchmod
-    _run(lambda: benchmod.run(model, seqlen, batch_size, device, trust_remote_code=trust_remote_code), as_json,
-         lambda r: console.print(" ".join(f"{k}={v}" for k, v in r.items())))
+    _run(lambda: benchmod.run(model, repeats, _ints(layer_tokens), _ints(prefill), _ints(batch_sizes), new_tokens,
+                              device, threads, trust_remote_code), as_json, _show_bench)
 
 
-def main() -> None:  # pragma: no cover
-    try:
-        app()
-    except SystemExit:
-        raise
-    except Exception:
-        sys.exit(1)
+def _show_bench(r: dict) -> None:
+    console.print(f"{r['model']} on {r['device']} ({r['threads']} threads, {r['dtype']}, kernels: {r['kernels']}; "
+                  f"dense: {r.get('dense_source', 'none')}); median of {r['repeats']} runs [min-max]")
+    t = Table(title="end to end")
+    for col in ("measure", "compressed", "dense", "speedup"):
+        t.add_column(col, justify="left" if col == "measure" else "right")
+    c, d = r["compressed"], r.get("dense", {})
+    for key, v in c.items():
+        if isinstance(v, dict) and "tokens_per_s" in v:
+            dv = d.get(key, {})
+            t.add_row(f"{key} tokens/s", f"{v['tokens_per_s']} [{v['min_ms']:.1f}-{v['max_ms']:.1f} ms]",
+                      str(dv.get("tokens_per_s", "")), str(r.get("speedup", {}).get(key, "")))
+    for key in ("resident_weight_bytes", "compressed_stored_bytes", "compressed_resident_bytes"):
+        t.add_row(key, str(c["memory"][key]), str(d.get("memory", {}).get(key, "")), "")
+    t.add_row("peak_rss_bytes", str(c["peak_rss_bytes"]), str(d.get("peak_rss_bytes", "")), "")
+    console.print(t)
+    lt = Table(title="per layer (ms)")
+    for col in ("layer", "tokens", "compressed", "nn.Linear", "torch.mv", "vs linear", "vs best dense"):
+        lt.add_column(col, justify="left" if col == "layer" else "right")
+    for row in r["layers"]:
+        lt.add_row(row["layer"], str(row["tokens"]), f"{row['compressed_ms']:.3f}",
+                   str(row.get("dense_linear_ms", "")), str(row.get("dense_mv_ms", "")),
+                   str(row.get("vs_linear", "")), str(row.get("vs_best_dense", "")))
+    console.print(lt)

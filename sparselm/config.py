@@ -1,12 +1,17 @@
 """Frozen, typed specs: one per method, the budget (target) types, and the YAML recipe round-trip.
 
 A spec says *what* to do to one linear layer; the pipeline decides *which* layers (`Recipe`).
-Unknown keys in a recipe are errors. Every spec validates itself in ``__post_init__``.
+Unknown keys in a recipe are errors; every value is coerced by its field's declared type (an int field takes
+``3`` or ``"3"``, never ``"abc"``, ``true`` or a list) and a wrong one is an `InputError` naming the key.
+Every spec validates itself in ``__post_init__``.
 """
 from __future__ import annotations
 
 import dataclasses
 import enum
+import functools
+import types
+import typing
 from dataclasses import dataclass, fields
 from typing import Any, ClassVar, Union
 
@@ -160,9 +165,9 @@ class CoSpaDiSpec(MethodSpec):
     tol: float = 1e-4           # stop when the relative objective improvement falls below this
     coef_storage: CoefStorage = CoefStorage.BF16_14BIT
     group_size: int = 1         # >1: share one dictionary across this many consecutive blocks
-    # fnmatch patterns on a linear's name inside its block: these share a dictionary across the group
-    shared: tuple[str, ...] = ("*q_proj", "*k_proj", "*v_proj", "*gate_proj", "*up_proj",
-                               "*query", "*key", "*value", "*intermediate.dense", "*c_attn", "*c_fc", "*fc1")
+    # fnmatch patterns on a linear's name inside its block: these share a dictionary across the group;
+    # None: the projections that read the block's input (`model.SHARED_INPUT_PROJECTIONS`)
+    shared: tuple[str, ...] | None = None
     seed: int = 42
     coder: SparseCoder = SparseCoder.AUTO         # per layer by cost; HTP's error measured <= OMP's (docs)
     dict_update: DictUpdateRule = DictUpdateRule.MOD  # measured equal to or below block K-SVD's error (docs)
@@ -179,6 +184,7 @@ class CoSpaDiSpec(MethodSpec):
 class RocketSpec(MethodSpec):
     """ROCKET: single-step sparse factorization (methods.md §4.3)."""
     name: ClassVar[str] = "rocket"
+    target: Target = Ratio(0.2)  # DEFAULT_RATIO: the default method's default budget
     ks: float = 2.0             # k / s
     lam: float = 0.5            # importance exponent on the de-whitened atom norm
     beta: float = 0.005         # over-sparsify by this fraction of k per column ...
@@ -196,11 +202,17 @@ SPECS: dict[str, type[MethodSpec]] = {c.name: c for c in (MagnitudeSpec, WandaSp
                                                           ASVDSpec, SVDLLMSpec, CoSpaDiSpec, RocketSpec)}
 DEFAULT_METHOD = "rocket"  # with knapsack allocation: near the best we measured (mixed), and fast (docs/benchmarks)
 DEFAULT_RATIO = 0.2
+assert SPECS[DEFAULT_METHOD]().target == Ratio(DEFAULT_RATIO)
 
 
 class Allocate(enum.Enum):
     UNIFORM = "uniform"
     KNAPSACK = "knapsack"
+
+    @classmethod
+    def default_for(cls, method: str) -> "Allocate":
+        """The default method runs with knapsack allocation (given by name or not); every other uniformly."""
+        return cls.KNAPSACK if method == DEFAULT_METHOD else cls.UNIFORM
 
 
 @dataclass(frozen=True)
@@ -240,17 +252,58 @@ def spec_to_dict(spec: MethodSpec) -> dict:
     return {"method": spec.name, **{f.name: _encode(getattr(spec, f.name)) for f in fields(spec)}}
 
 
-def target_from_dict(d: dict) -> Target:
+def target_from_dict(d: dict, where: str = "target") -> Target:
     if not isinstance(d, dict) or len(d) != 1:
-        raise InputError(f"target {d!r} must have exactly one of ratio, sparsity, pattern", "e.g. {ratio: 0.3}")
+        raise InputError(f"{where} {d!r} must have exactly one of ratio, sparsity, pattern", "e.g. {ratio: 0.3}")
     (key, value), = d.items()
-    makers = {"ratio": lambda v: Ratio(float(v)), "sparsity": lambda v: Sparsity(float(v)), "pattern": Pattern.parse}
+    makers = {"ratio": lambda v: Ratio(_coerce(f"{where}.ratio", v, float)),
+              "sparsity": lambda v: Sparsity(_coerce(f"{where}.sparsity", v, float)),
+              "pattern": lambda v: Pattern.parse(_coerce(f"{where}.pattern", v, str))}
     if key not in makers:
-        raise InputError(f"unknown target key {key!r}", "use ratio, sparsity or pattern")
+        raise InputError(f"unknown target key {key!r} in {where}", "use ratio, sparsity or pattern")
     return makers[key](value)
 
 
+def _coerce(where: str, value: Any, hint: Any) -> Any:
+    """``value`` as the declared type ``hint`` of the field at ``where``, or an `InputError` naming it."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint == Target:
+        return target_from_dict(value, where)
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _coerce(where, value, inner)
+    if isinstance(hint, type) and issubclass(hint, enum.Enum):
+        try:
+            return hint(value)
+        except ValueError:
+            raise InputError(f"{where}={value!r} is not valid", f"choose one of {[e.value for e in hint]}") from None
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise InputError(f"{where}={value!r} is not a list", f"write {where.rpartition('.')[2]}: [...]")
+        return tuple(_coerce(f"{where}[{i}]", v, args[0]) for i, v in enumerate(value))
+    if hint in (int, float) and not isinstance(value, bool):
+        try:
+            number = hint(value) if isinstance(value, (int, float, str)) else None
+        except ValueError:
+            number = None
+        if number is not None and (hint is float or not isinstance(value, float) or value.is_integer()):
+            return number
+    elif hint in (str, bool) and isinstance(value, hint):
+        return value
+    kind = {int: "a whole number", float: "a number", str: "a string", bool: "true or false"}[hint]
+    raise InputError(f"{where}={value!r} is not {kind}", f"write {where.rpartition('.')[2]} as {kind}")
+
+
+@functools.cache
+def _field_types(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
 def spec_from_dict(d: dict) -> MethodSpec:
+    if not isinstance(d, dict):
+        raise InputError(f"method entry {d!r} is not a mapping", "write each method as {method: NAME, ...}")
     d = dict(d)
     name = d.pop("method", None)
     if name not in SPECS:
@@ -260,22 +313,8 @@ def spec_from_dict(d: dict) -> MethodSpec:
     unknown = set(d) - set(known)
     if unknown:
         raise InputError(f"unknown key(s) {sorted(unknown)} for method {name!r}", f"known keys: {sorted(known)}")
-    kwargs = {}
-    for key, value in d.items():
-        default = getattr(cls, key, None) if key != "target" else None
-        if key == "target":
-            kwargs[key] = target_from_dict(value)
-        elif isinstance(default, enum.Enum):
-            try:
-                kwargs[key] = type(default)(value)
-            except ValueError:
-                choices = [e.value for e in type(default)]
-                raise InputError(f"{name}.{key}={value!r} is not valid", f"choose one of {choices}") from None
-        elif isinstance(default, tuple):
-            kwargs[key] = tuple(value)
-        else:
-            kwargs[key] = value
-    return cls(**kwargs)
+    hints = _field_types(cls)
+    return cls(**{key: _coerce(f"{name}.{key}", value, hints[key]) for key, value in d.items()})
 
 
 def recipe_to_dict(recipe: Recipe) -> dict:
@@ -293,8 +332,11 @@ def recipe_from_dict(d: dict) -> Recipe:
         allocate = Allocate(d.get("allocate", "uniform"))
     except ValueError:
         raise InputError(f"allocate={d.get('allocate')!r} is not valid", "use uniform or knapsack") from None
-    kw = {k: tuple(d[k]) for k in ("targets", "ignore") if k in d}
-    return Recipe(methods=tuple(spec_from_dict(m) for m in d.get("methods", [])), allocate=allocate, **kw)
+    kw = {k: _coerce(k, d[k], tuple[str, ...]) for k in ("targets", "ignore") if k in d}
+    methods = d.get("methods", [])
+    if not isinstance(methods, list):
+        raise InputError(f"methods={methods!r} is not a list", "write methods: [{method: NAME, ...}, ...]")
+    return Recipe(methods=tuple(spec_from_dict(m) for m in methods), allocate=allocate, **kw)
 
 
 def load_recipe(path) -> Recipe:

@@ -32,11 +32,6 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def empty_cache(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-
-
 def peak_memory(device: torch.device) -> int | None:
     """Peak allocated bytes on an accelerator since the last reset (None on CPU)."""
     return torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
@@ -46,6 +41,3 @@ def reset_peak_memory(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
 
-
-def has_gpu() -> bool:
-    return torch.cuda.is_available()

@@ -12,9 +12,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import formats
 from .errors import InputError
-from .modules import CompressedLinear, LowRankLinear, SparseDictLinear, SparseLinear
-from .packing import index_bits
+from .modules import CompressedLinear
 
 
 @torch.no_grad()
@@ -56,54 +56,29 @@ def embedding_fidelity(reference: torch.Tensor, compressed: torch.Tensor) -> flo
 
 
 # --- accounting --------------------------------------------------------------------------------------
-def _bias_bytes(m: CompressedLinear) -> int:
-    return 0 if m.bias is None else m.bias.numel() * m.bias.element_size()
-
-
 def layer_accounting(module: CompressedLinear, dtype: torch.dtype, users: int = 1) -> dict:
     """Bytes and parameter counts of one compressed layer against the dense weight in ``dtype``.
 
-    ``users``: how many layers share this module's dictionary ``D`` (grouped CoSpaDi); each is charged its
-    share, so the group's ``D`` counts once in every convention. ``stored``: bytes actually written (bias
-    excluded); ``params``: nonzeros + dense factor entries, indices free
-    (ROCKET); ``paper``: CoSpaDi's accounting — Eq. 11 for dictionaries (values at 14 bits pay for the
-    mask), Eq. 9 for low rank, values at 16 bits + index/mask bits for pruning (their Table 12).
+    Every number is the layer's own (its format's `weight_bytes`, `params`, `paper_params`); ``users``: how
+    many layers share its dictionary (grouped CoSpaDi), each charged its share, so the group's ``D`` counts
+    once in every convention. ``stored``: bytes actually written (bias excluded); ``params``: nonzeros +
+    dense factor entries, indices free (ROCKET); ``paper``: CoSpaDi's accounting.
     """
     d_in, d_out = module.in_features, module.out_features
     dense_params = d_in * d_out
-    stored = module.stored_bytes() - _bias_bytes(module)
-    if isinstance(module, SparseLinear):
-        nnz = module.values.numel()
-        meta_bits = (index_bits(module.pattern.m) * nnz) if module.pattern else dense_params
-        params, paper = nnz, (16 * nnz + meta_bits) / (16 * dense_params)
-    elif isinstance(module, LowRankLinear):
-        params = module.U.numel() + module.V.numel()
-        paper = params / dense_params
-    elif isinstance(module, SparseDictLinear):
-        d_bytes = module.D.numel() * module.D.element_size()
-        stored -= d_bytes * (users - 1) // users  # the other users carry the rest of D
-        nnz = _mask_count(module)
-        params = d_in * module.k / users + nnz
-        paper = params / dense_params
-    else:
-        raise TypeError(type(module).__name__)
-    dense_bytes = dense_params * torch.finfo(dtype).bits // 8
+    stored, params = module.weight_bytes(users), module.params(users)
+    dense_bytes = formats.dense_bytes(d_out, d_in, dtype)
     return {"shape": [d_out, d_in], "dense_bytes": dense_bytes, "stored_bytes": stored, "params": params,
             "dense_params": dense_params, "ratio_stored": 1 - stored / dense_bytes,
-            "ratio_params": 1 - params / dense_params, "ratio_paper": 1 - paper}
+            "ratio_params": 1 - params / dense_params, "ratio_paper": 1 - module.paper_params(users) / dense_params}
 
 
 def dense_accounting(out_features: int, in_features: int, dtype: torch.dtype) -> dict:
     """A targeted layer the allocator kept dense: it counts in the totals at full size."""
-    dense_bytes = out_features * in_features * torch.finfo(dtype).bits // 8
+    dense_bytes = formats.dense_bytes(out_features, in_features, dtype)
     return {"shape": [out_features, in_features], "dense_bytes": dense_bytes, "stored_bytes": dense_bytes,
             "params": out_features * in_features, "dense_params": out_features * in_features,
             "ratio_stored": 0.0, "ratio_params": 0.0, "ratio_paper": 0.0}
-
-
-def _mask_count(module: SparseDictLinear) -> int:
-    from .packing import unpack_bits
-    return int(unpack_bits(module.mask, 1, module.out_features * module.k).sum())
 
 
 def totals(rows: list[dict]) -> dict:

@@ -20,9 +20,12 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from . import __version__
+from .version import __version__
 from . import model as adapter, outdir
+from .budget import Allocation, Plan
+from .config import spec_from_dict, spec_to_dict
 from .errors import InputError
+from .evaluate import dense_accounting, layer_accounting, totals
 from .modules import MODULE_CLASSES, CompressedLinear
 
 MANIFEST = outdir.MARKERS["compress"]
@@ -70,6 +73,26 @@ def _state_for_save(model: nn.Module, dtype: torch.dtype) -> tuple[dict[str, tor
     return state, aliases
 
 
+def layer_entry(module: CompressedLinear, dtype: torch.dtype) -> dict:
+    """A compressed layer's manifest entry, from the layer alone: class, constructor meta, buffer shapes,
+    spec, accounting against the dense weight in ``dtype`` (a shared dictionary charged once over its
+    ``group``), the method's info and the group."""
+    return {"class": type(module).__name__, "meta": module.meta(),
+            "buffers": {b: [list(t.shape), _dtype_name(t.dtype)] for b, t in module.named_buffers()},
+            "spec": spec_to_dict(module.spec) if module.spec is not None else {"method": None},
+            "accounting": layer_accounting(module, dtype, max(1, len(module.group))), "info": dict(module.info),
+            "group": list(module.group)}
+
+
+def describe(model: nn.Module, dtype: torch.dtype, allocation: list[Allocation] | None = None) -> dict:
+    """The model's part of a manifest: every compressed layer's `layer_entry`, and the three ratios over them
+    and over the targeted layers a knapsack ``allocation`` kept dense (they count at full size)."""
+    layers = {n: layer_entry(m, dtype) for n, m in compressed_modules(model).items()}
+    kept = [a for a in allocation or [] if a.kept_dense]
+    rows = [e["accounting"] for e in layers.values()] + [dense_accounting(*a.shape, dtype) for a in kept]
+    return {"layers": layers, "kept_dense": [a.layer for a in kept], "totals": totals(rows) if rows else None}
+
+
 @contextlib.contextmanager
 def _writing(out: Path):
     """Errors of the file system while writing ``out`` (disk full, read-only) become input errors (exit 2)."""
@@ -81,7 +104,10 @@ def _writing(out: Path):
 
 def save(model: nn.Module, tokenizer, out_dir: str | Path, manifest: dict, dtype: torch.dtype,
          overwrite: bool = False) -> Path:
-    """Write a compressed model directory atomically; ``dtype`` is the checkpoint's dense dtype."""
+    """Write a compressed model directory atomically; ``dtype`` is the checkpoint's dense dtype.
+
+    The manifest is completed from the model (`describe`): ``manifest`` adds to it (e.g. base model,
+    calibration, per-layer errors under ``layers``) and wins where both say something."""
     out = Path(out_dir)
     outdir.check_out(out, "compress", overwrite)
     with outdir.locked(out), _writing(out), outdir.atomic_dir(out) as tmp:
@@ -92,14 +118,12 @@ def save(model: nn.Module, tokenizer, out_dir: str | Path, manifest: dict, dtype
         config.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        save_file(state, str(tmp / WEIGHTS), metadata={"format": "pt", "producer": f"sparselm {__version__}"})
-        layers = manifest.setdefault("layers", {})
-        for name, module in compressed_modules(model).items():
-            entry = layers.setdefault(name, {})
-            entry.update({"class": type(module).__name__, "meta": module.meta(),
-                          "buffers": {b: [list(t.shape), _dtype_name(t.dtype)] for b, t in module.named_buffers()}})
+        # one metadata key: safetensors writes its metadata map in random order (the version is in the manifest)
+        save_file(state, str(tmp / WEIGHTS), metadata={"format": "pt"})
+        own = describe(model, dtype)
+        layers = {n: {**e, **manifest.get("layers", {}).get(n, {})} for n, e in own["layers"].items()}
         full = {"format": "sparselm", "format_version": FORMAT_VERSION, "sparselm_version": __version__,
-                "storage_dtype": _dtype_name(dtype), "tied": aliases, **manifest}
+                "storage_dtype": _dtype_name(dtype), "tied": aliases, **own, **manifest, "layers": layers}
         (tmp / MANIFEST).write_text(json.dumps(full, indent=1, default=str))
     return out
 
@@ -136,11 +160,25 @@ def _build_empty(path: Path, manifest: dict, trust_remote_code: bool) -> nn.Modu
         model = cls.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
     for name, entry in layer_entries(manifest):
         try:
-            adapter.swap(model, name, MODULE_CLASSES[entry["class"]].empty(entry["meta"], entry["buffers"]))
+            module = MODULE_CLASSES[entry["class"]].empty(entry["meta"], entry["buffers"])
         except (AttributeError, KeyError, TypeError, ValueError, RuntimeError) as e:
             raise InputError(f"{MANIFEST}: layer {name!r} cannot be rebuilt ({type(e).__name__}: {e})",
                              "the manifest is corrupt; compress again") from None
+        restore_record(module, entry)
+        adapter.swap(model, name, module)
     return model.to_empty(device="cpu")
+
+
+def restore_record(module: CompressedLinear, entry: dict) -> None:
+    """Give a rebuilt layer back what it was made from (spec, info, group), from its manifest entry."""
+    spec = entry.get("spec") if isinstance(entry.get("spec"), dict) else {}
+    try:
+        module.spec = spec_from_dict(spec) if spec.get("method") else None
+    except InputError:  # a spec this version does not know: the layer still loads
+        module.spec = None
+    info, group = entry.get("info"), entry.get("group")
+    module.info = dict(info) if isinstance(info, dict) else {}
+    module.group = tuple(group) if isinstance(group, list) else ()
 
 
 def _manifest_dtype(manifest: dict, key: str) -> torch.dtype:
@@ -174,9 +212,9 @@ def layer_entries(manifest: dict) -> list[tuple[str, dict]]:
     return list(layers.items())
 
 
-def load(path: str | Path, dtype: torch.dtype | None = torch.float32, trust_remote_code: bool = False) -> nn.Module:
-    """Rebuild a compressed model from its directory. ``dtype`` casts the dense (untouched) tensors for
-    computation (None keeps the stored dtype); compressed buffers keep their storage format.
+def load(path: str | Path, dtype: torch.dtype | None = None, trust_remote_code: bool = False) -> nn.Module:
+    """Rebuild a compressed model from its directory, in the checkpoint's dtype (as ``from_pretrained`` in
+    transformers 5). ``dtype`` casts the dense (untouched) tensors; compressed buffers keep their storage format.
 
     Nothing from the directory is executed: a ``config.json`` that asks for its own code (``auto_map``) is
     refused unless ``trust_remote_code``; tensors are read from safetensors only."""
@@ -240,7 +278,6 @@ def export(path: str | Path, out: str | Path, overwrite: bool = False, trust_rem
 
     ``out`` is checked like every output (`outdir.check_out`): with ``overwrite`` only an earlier export
     (its ``sparselm-export.json``) or an empty directory is replaced, never the input or anything else."""
-    from transformers.pytorch_utils import Conv1D
     out = Path(out)
     outdir.check_out(out, "export", overwrite, sources=(path,))
     manifest = read_manifest(path)
@@ -249,15 +286,7 @@ def export(path: str | Path, out: str | Path, overwrite: bool = False, trust_rem
         dtype = _manifest_dtype(manifest, "storage_dtype")
         for name, module in compressed_modules(model).items():
             W = module.dense_weight().to(dtype)  # (out, in)
-            if module.original == "Conv1D":
-                dense = Conv1D(module.out_features, module.in_features)
-                dense.weight.data = W.T.contiguous()
-            else:
-                dense = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None)
-                dense.weight.data = W.contiguous()
-            if module.bias is not None:
-                dense.bias.data = module.bias.clone()
-            adapter.swap(model, name, dense.to(W.dtype))
+            adapter.swap(model, name, adapter.dense_like(module.original, W, module.bias))
         with _writing(out), outdir.atomic_dir(out) as tmp:
             model.save_pretrained(tmp, safe_serialization=True)
             for f in Path(path).iterdir():  # tokenizer and generation files, as they were
@@ -274,20 +303,22 @@ def checkpoint_dir(out: str | Path) -> Path:
 
 
 def save_checkpoint(ckpt: Path, key: dict, blocks_done: int, records: dict[str, dict],
-                    modules: dict[str, CompressedLinear]) -> None:
-    """Write the compressed layers done so far (atomically replacing the previous checkpoint)."""
+                    modules: dict[str, CompressedLinear], plan: dict) -> None:
+    """Write the compressed layers done so far and the plan they follow (atomically replacing the previous
+    checkpoint)."""
     with _writing(ckpt), outdir.atomic_dir(ckpt) as tmp:
-        state = {f"{n}.{b}": t.detach().cpu().clone() for n, m in modules.items() for b, t in m.state_dict().items()}
+        state = {f"{n}.{b}": t.detach().cpu().contiguous().clone() for n, m in modules.items()
+                 for b, t in m.state_dict().items()}
         save_file(state, str(tmp / "layers.safetensors"))
         layers = {n: {"class": type(m).__name__, "meta": m.meta(), "record": records[n],
                       "buffers": {b: [list(t.shape), _dtype_name(t.dtype)] for b, t in m.named_buffers()}}
                   for n, m in modules.items()}
-        (tmp / "progress.json").write_text(json.dumps({"key": key, "blocks_done": blocks_done, "layers": layers},
-                                                      default=str))
+        (tmp / "progress.json").write_text(json.dumps({"key": key, "blocks_done": blocks_done, "layers": layers,
+                                                       "plan": plan}, default=str))
 
 
-def load_checkpoint(ckpt: Path, key: dict) -> tuple[int, dict[str, tuple[CompressedLinear, dict]]] | None:
-    """(blocks done, {layer: (module, record)}) of an interrupted run with the same settings, else None."""
+def load_checkpoint(ckpt: Path, key: dict) -> tuple[int, dict[str, tuple[CompressedLinear, dict]], Plan] | None:
+    """(blocks done, {layer: (module, record)}, plan) of an interrupted run with the same settings, else None."""
     if not (ckpt / "progress.json").is_file():
         return None
     try:
@@ -306,7 +337,7 @@ def load_checkpoint(ckpt: Path, key: dict) -> tuple[int, dict[str, tuple[Compres
                 module = MODULE_CLASSES[entry["class"]].empty(entry["meta"], entry["buffers"])
                 module.load_state_dict({b: f.get_tensor(f"{name}.{b}") for b in entry["buffers"]})
                 out[name] = (module, entry["record"])
-        return int(progress["blocks_done"]), out
+        return int(progress["blocks_done"]), out, Plan.from_dict(progress["plan"])
     except (InputError, OSError, RuntimeError, SafetensorError, KeyError, TypeError, ValueError) as e:
         raise _corrupt_checkpoint(ckpt, e) from None
 

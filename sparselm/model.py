@@ -2,15 +2,20 @@
 
 Loads any HF causal LM or encoder (local directory or hub id, safetensors only, no remote code unless
 asked), finds the repeated blocks without model-name tests (via ``_no_split_modules``), lists the linear
-layers of a block (``nn.Linear`` and GPT-2's transposed ``Conv1D``) and swaps modules by name.
+layers of a block (``nn.Linear`` and GPT-2's transposed ``Conv1D``) and swaps modules by name. It also
+knows how a block is called (`block_call`, `block_output`, `stand_ins`), which projections read a block's
+input (`SHARED_INPUT_PROJECTIONS`) and how to rebuild a plain layer of the original kind (`dense_like`).
 """
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import json
 import logging
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Callable, Iterator
 
 import torch
 from safetensors import SafetensorError
@@ -57,28 +62,30 @@ def _refuse_remote_code(path: Path) -> None:
                              "pass --trust-remote-code (trust_remote_code=True) only if you trust that code")
 
 
+def _read_safely(auto, src: str | Path, trust_remote_code: bool, what: str, fix: str):
+    """``auto.from_pretrained(src)`` (AutoConfig / AutoTokenizer) without running the model's code unless
+    ``trust_remote_code``; its failures as input errors."""
+    if Path(src).is_dir() and not trust_remote_code:
+        _refuse_remote_code(Path(src))
+    try:
+        return auto.from_pretrained(src, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, KeyError) as e:
+        first = str(e).splitlines()[0][:300] if str(e) else ""
+        raise InputError(f"could not read the {what} of {str(src)!r} ({type(e).__name__}: {first})", fix) from None
+
+
 def read_config(src: str | Path, trust_remote_code: bool = False):
     """The model's config, never running code from the model unless ``trust_remote_code``."""
     from transformers import AutoConfig
-    if Path(src).is_dir() and not trust_remote_code:
-        _refuse_remote_code(Path(src))
-    try:
-        return AutoConfig.from_pretrained(src, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError, KeyError) as e:
-        raise InputError(f"could not read the config of {str(src)!r} ({type(e).__name__}: "
-                         f"{str(e).splitlines()[0][:300] if str(e) else ''})",
-                         "give a directory with a valid config.json, or a reachable hub id") from None
+    return _read_safely(AutoConfig, src, trust_remote_code, "config",
+                        "give a directory with a valid config.json, or a reachable hub id")
 
 
 def load_tokenizer(src: str | Path, trust_remote_code: bool = False):
+    """The model's tokenizer, under the same rule as `read_config`."""
     from transformers import AutoTokenizer
-    if Path(src).is_dir() and not trust_remote_code:
-        _refuse_remote_code(Path(src))
-    try:
-        return AutoTokenizer.from_pretrained(src, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError, KeyError) as e:
-        raise InputError(f"could not load the tokenizer of {str(src)!r} ({type(e).__name__})",
-                         "the directory needs the tokenizer files save_pretrained writes") from None
+    return _read_safely(AutoTokenizer, src, trust_remote_code, "tokenizer",
+                        "the directory needs the tokenizer files save_pretrained writes")
 
 
 @dataclass
@@ -146,13 +153,94 @@ def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
     return best
 
 
+def _is_conv1d(module: nn.Module) -> bool:
+    return type(module).__name__ == "Conv1D"  # GPT-2's transposed linear (transformers.pytorch_utils)
+
+
 def is_linear(module: nn.Module) -> bool:
-    return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
+    return isinstance(module, nn.Linear) or _is_conv1d(module)
 
 
 def linear_weight(module: nn.Module) -> torch.Tensor:
     """The layer's weight as ``(out, in)`` (GPT-2 ``Conv1D`` stores it transposed)."""
-    return module.weight.T if type(module).__name__ == "Conv1D" else module.weight
+    return module.weight.T if _is_conv1d(module) else module.weight
+
+
+def original_kind(module: nn.Module) -> str:
+    """What a compressed layer records as the kind it replaced (``meta['original']``): "Linear" or "Conv1D"."""
+    return "Conv1D" if _is_conv1d(module) else "Linear"
+
+
+def dense_like(kind: str, W: torch.Tensor, bias: torch.Tensor | None) -> nn.Module:
+    """A plain layer of ``kind`` (see `original_kind`) computing ``x Wᵀ + b`` for ``W`` ``(out, in)``."""
+    out_f, in_f = W.shape
+    if kind == "Conv1D":
+        from transformers.pytorch_utils import Conv1D
+        dense = Conv1D(out_f, in_f)
+        dense.weight.data = W.T.contiguous()  # (in, out)
+    else:
+        dense = nn.Linear(in_f, out_f, bias=bias is not None)
+        dense.weight.data = W.contiguous()
+    if bias is not None:
+        dense.bias.data = bias.clone()
+    return dense.to(W.dtype)
+
+
+# --- how blocks are called -----------------------------------------------------------------------------
+CACHE_ARGUMENTS = ("past_key_value", "past_key_values", "cache", "layer_past")  # never replayed
+# fnmatch patterns on a linear's name inside its block for the projections that read the block's (normed)
+# input: a dictionary shared across blocks is learned for these (CoSpaDi §2.6)
+SHARED_INPUT_PROJECTIONS = ("*q_proj", "*k_proj", "*v_proj", "*gate_proj", "*up_proj", "*query", "*key", "*value",
+                            "*intermediate.dense", "*c_attn", "*c_fc", "*fc1")
+
+
+def block_call(args: tuple, kwargs: dict) -> tuple[torch.Tensor, dict[str, Any]]:
+    """A block's call split into its hidden states and the other keyword arguments (masks, positions,
+    rotary embeddings), without cache arguments and with ``use_cache`` off: what replays the call."""
+    kwargs = dict(kwargs)
+    hidden = args[0] if args else kwargs.pop("hidden_states")
+    rest = {k: v for k, v in kwargs.items() if k not in CACHE_ARGUMENTS}
+    if "use_cache" in rest:
+        rest["use_cache"] = False
+    return hidden, rest
+
+
+def block_output(out) -> torch.Tensor:
+    """The hidden states a block returns (a tensor in transformers 5; the first item of a tuple before)."""
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+@contextlib.contextmanager
+def stand_ins(blocks: nn.ModuleList, seen: Callable[[int, torch.Tensor, dict], None]) -> Iterator[None]:
+    """Inside the context every block only reports its call to ``seen(index, hidden, kwargs)`` and returns its
+    input unchanged (its own hooks are held back: this is not a real forward). Running the model then gives
+    every block's own arguments at the cost of the embeddings (they do not depend on the hidden states)."""
+    saved = []
+
+    def stand_in(i: int):
+        def forward(*args, **kwargs):
+            hidden, rest = block_call(args, kwargs)
+            seen(i, hidden, rest)
+            return hidden
+        return forward
+
+    try:
+        for i, block in enumerate(blocks):
+            saved.append((block, block.__dict__.get("forward"), block._forward_pre_hooks, block._forward_hooks))
+            block._forward_pre_hooks, block._forward_hooks = OrderedDict(), OrderedDict()
+            block.forward = stand_in(i)
+        yield
+    finally:
+        for block, forward, pre, post in saved:
+            del block.forward
+            if forward is not None:  # a forward set on the instance before (e.g. by accelerate)
+                block.forward = forward
+            block._forward_pre_hooks, block._forward_hooks = pre, post
+
+
+def block_prefix(prefix: str, index: int) -> str:
+    """The qualified-name prefix of block ``index`` of the block list at ``prefix``."""
+    return f"{prefix}.{index}."
 
 
 def linears(block: nn.Module, prefix: str = "") -> dict[str, nn.Module]:

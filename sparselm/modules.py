@@ -6,8 +6,19 @@ All three compute ``Y = X Wᵀ + b`` for a weight ``W`` ``(out, in)`` they repre
   * `LowRankLinear`     Wᵀ = U V, U ``(in, r)``, V ``(r, out)``: two dense products.
   * `SparseDictLinear`  Wᵀ = D S, D ``(in, k)`` dense, S ``(k, out)`` column-sparse: values + bitmask.
 
-Buffers are kept in their storage dtype; ``forward`` computes in the input's dtype. ``stored_bytes``
-is the sum of the buffers' bytes: what `io.save` writes for the layer.
+Buffers are kept in their storage dtype; ``forward`` computes in the input's dtype. Each class owns its
+size: ``weight_bytes`` is its format's formula in `formats` (from shapes and ``nnz``, nothing unpacked), equal
+to the bytes of its buffers, what `io.save` writes; ``params`` and ``paper_params`` are its counts in the
+other two conventions (DESIGN.md). Each class builds itself from a method's result (``from_result``: a plain
+dataclass of tensors from `sparselm.methods`, read by its fields; this module imports nothing above it).
+A layer also carries what it was made from: ``spec`` (the method spec), ``info`` (the method's record) and
+``group`` (the qualified names of the layers sharing its dictionary, itself included; empty when it owns
+it alone), which its manifest entry records (`io.layer_entry`).
+
+``forward`` runs a fast path from `sparselm.kernels` on CPU (it reads a runtime form built on first use:
+row offsets, an N:M mask as bitmask, column-major factors; counted by ``resident_bytes``, never a dense
+copy); ``reference_forward`` is the plain twin, also taken for gradients, other devices, inside
+`dense_cache`, and when ``kernel_path = "reference"`` (see `reference_forwards`).
 """
 from __future__ import annotations
 
@@ -18,8 +29,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import CoefStorage, Pattern
-from .packing import decode_values, encode_values, index_bits, pack_bits, unpack_bits
+from . import formats, kernels
+from .config import CoefStorage, MethodSpec, Pattern
+from .packing import SCALE_BUFFER, VALUE_BUFFER, decode_values, encode_values, index_bits, pack_bits, \
+    unpack_bits, value_count
 
 MODULE_CLASSES: dict[str, type["CompressedLinear"]] = {}
 
@@ -28,6 +41,12 @@ class CompressedLinear(nn.Module):
     """Base: shape bookkeeping, bias, byte accounting and the dense reconstruction used by forward."""
 
     _dense: torch.Tensor | None = None  # the rebuilt weight, held only inside `dense_cache`
+    spec: MethodSpec | None = None      # what made it (None: unknown, e.g. built by hand)
+    info: dict = {}                     # the method's record (replaced per instance, never mutated)
+    group: tuple[str, ...] = ()         # layers sharing its dictionary (itself included); () = none
+    kernel_path: str | None = None  # None: `sparselm.kernels.policy` chooses; "reference": the plain forward
+    _runtime = None  # the runtime form its kernel reads (built on first fast forward; see `runtime`)
+    _runtime_key: tuple | None = None
 
     def __init_subclass__(cls, **kw):
         super().__init_subclass__(**kw)
@@ -48,12 +67,56 @@ class CompressedLinear(nn.Module):
         raise NotImplementedError
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._dense is None and kernels.usable(x, self.kernel_path):
+            return self.fast_forward(x)
+        return self.reference_forward(x)
+
+    def reference_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The plain forward: rebuild the dense weight, one ``F.linear`` (the fast paths' twin)."""
         b = None if self.bias is None else self.bias.to(x.dtype)
         W = self._dense if self._dense is not None else self.dense_weight()  # (out, in)
         return F.linear(x, W.to(x.dtype), b)
 
+    def fast_forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.reference_forward(x)
+
+    def build_runtime(self):
+        """The runtime form (may re-lay out buffers in place, same values and bytes); None if there is none."""
+        return None
+
+    def runtime(self):
+        """The runtime form, rebuilt whenever a buffer was replaced or written since it was built."""
+        key = tuple((t.data_ptr(), t._version, t.device) for t in self.buffers())
+        if key != self._runtime_key:
+            self._runtime = self.build_runtime()
+            self._runtime_key = tuple((t.data_ptr(), t._version, t.device) for t in self.buffers())
+        return self._runtime
+
+    def resident_bytes(self) -> int:
+        """Bytes held in memory: the stored buffers + what the runtime form adds (offsets, N:M bitmask)."""
+        rt = self.runtime()
+        return self.stored_bytes() + getattr(rt, "owned", 0)
+
+    def weight_bytes(self, users: int = 1) -> int:
+        """Stored bytes without the bias, by the format's formula; ``users``: layers sharing a dictionary
+        (each is charged its share, so a shared ``D`` counts once over the group)."""
+        raise NotImplementedError
+
+    def params(self, users: int = 1) -> float:
+        """Nonzeros + dense factor entries, indices free (ROCKET's convention)."""
+        raise NotImplementedError
+
+    def paper_params(self, users: int = 1) -> float:
+        """CoSpaDi's accounting, in parameters: Eq. 11 for dictionaries, Eq. 9 for low rank, values at 16 bits
+        + index/mask bits for pruning (their Table 12)."""
+        return self.params(users)
+
+    def bias_bytes(self) -> int:
+        return 0 if self.bias is None else self.bias.numel() * self.bias.element_size()
+
     def stored_bytes(self) -> int:
-        return sum(b.numel() * b.element_size() for b in self.buffers())
+        """Everything `io.save` writes for this layer (bias included)."""
+        return self.weight_bytes() + self.bias_bytes()
 
     def meta(self) -> dict:
         """Constructor arguments that, with the buffers' shapes, rebuild an empty module (see `empty`)."""
@@ -72,6 +135,20 @@ class CompressedLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, bytes={self.stored_bytes()}"
+
+
+@contextlib.contextmanager
+def reference_forwards(module: nn.Module) -> Iterator[None]:
+    """Inside the context, the compressed layers under ``module`` run their plain reference forward."""
+    layers = [m for m in module.modules() if isinstance(m, CompressedLinear)]
+    saved = [m.kernel_path for m in layers]
+    try:
+        for m in layers:
+            m.kernel_path = "reference"
+        yield
+    finally:
+        for m, path in zip(layers, saved):
+            m.kernel_path = path
 
 
 @contextlib.contextmanager
@@ -100,21 +177,26 @@ def _meta_value(key: str, value):
 def encode_masked(matrix: torch.Tensor, mask: torch.Tensor, storage: CoefStorage, dtype: torch.dtype) -> dict:
     """Nonzero values (row-major order of ``mask``) + a packed 1-bit mask of ``matrix`` ``(rows, cols)``."""
     rows = mask.nonzero()[:, 0]
-    enc = encode_values(matrix[mask], storage, dtype, rows)
+    enc = encode_values(matrix[mask], storage, dtype, rows, n_rows=mask.shape[0])
     return {"mask": pack_bits(mask, 1), **enc}
 
 
-def decode_masked(buffers: dict, rows: int, cols: int, storage: CoefStorage) -> torch.Tensor:
-    mask = unpack_bits(buffers["mask"], 1, rows * cols).view(rows, cols).bool()  # (rows, cols)
-    enc = {k: v for k, v in buffers.items() if k != "mask"}
+def masked_buffers(module: nn.Module, storage: CoefStorage) -> dict[str, torch.Tensor]:
+    """A values + bitmask layer's buffers by saved name: ``mask``, the values of ``storage`` (``values``,
+    ``values14`` or ``values_int8``) and, for int8, ``scale`` (what a kernel's runtime form reads)."""
+    names = ("mask", VALUE_BUFFER[storage], SCALE_BUFFER)
+    return {name: getattr(module, name) for name in names if getattr(module, name, None) is not None}
+
+
+def decode_masked(module: nn.Module, rows: int, cols: int, storage: CoefStorage) -> torch.Tensor:
+    """Inverse of `encode_masked`, from ``module``'s ``mask`` and value buffers of ``storage``."""
+    enc = masked_buffers(module, storage)
+    mask = unpack_bits(enc.pop("mask"), 1, rows * cols).view(rows, cols).bool()  # (rows, cols)
     nnz = int(mask.sum())
-    values = decode_values(enc, storage, nnz, mask.nonzero()[:, 0] if "scale" in enc else None)
+    values = decode_values(enc, storage, nnz, mask.nonzero()[:, 0] if storage is CoefStorage.INT8 else None)
     out = torch.zeros(rows, cols, dtype=values.dtype if values.is_floating_point() else torch.float32)
     out[mask] = values.to(out.dtype)
     return out
-
-
-_VALUE_KEYS = ("mask", "values", "values14", "values_int8", "scale")
 
 
 class SparseLinear(CompressedLinear):
@@ -145,35 +227,48 @@ class SparseLinear(CompressedLinear):
             self._set(values=values.to(dtype), indices=pack_bits(pos, index_bits(m)))
         self._set(bias=None if bias is None else bias.detach().to(dtype))
 
+    @classmethod
+    def from_result(cls, result, bias: torch.Tensor | None, dtype: torch.dtype) -> "SparseLinear":
+        """From `methods.Pruned` (``weight``, ``mask``, ``pattern``)."""
+        return cls(result.weight, result.mask, bias, result.pattern, dtype)
+
     def meta(self) -> dict:
         return {**super().meta(), "pattern": None if self.pattern is None else str(self.pattern)}
+
+    @property
+    def nnz(self) -> int:
+        return self.values.numel()
+
+    def weight_bytes(self, users: int = 1) -> int:
+        return formats.sparse_bytes(self.out_features, self.in_features, self.nnz, self.values.dtype, self.pattern)
+
+    def params(self, users: int = 1) -> float:
+        return self.nnz
+
+    def paper_params(self, users: int = 1) -> float:
+        meta_bits = index_bits(self.pattern.m) * self.nnz if self.pattern else self.in_features * self.out_features
+        return self.nnz + meta_bits / 16
 
     def dense_weight(self) -> torch.Tensor:
         out_f, in_f = self.out_features, self.in_features
         if self.pattern is None:
-            buffers = {k: getattr(self, k) for k in _VALUE_KEYS if hasattr(self, k)}
-            return decode_masked(buffers, out_f, in_f, CoefStorage.DTYPE)
+            return decode_masked(self, out_f, in_f, CoefStorage.DTYPE)
         n, m = self.pattern.n, self.pattern.m
         pos = unpack_bits(self.indices, index_bits(m), out_f * in_f * n // m).view(out_f, in_f // m, n)
         w = torch.zeros(out_f, in_f // m, m, dtype=self.values.dtype, device=self.values.device)
         w.scatter_(2, pos.to(w.device), self.values.view(out_f, in_f // m, n))
         return w.view(out_f, in_f)
 
-    @staticmethod
-    def stored_fraction(density: float, in_features: int, dtype: torch.dtype, pattern: Pattern | None = None) -> float:
-        """Stored bytes ÷ dense bytes (bias excluded) at ``density`` kept weights."""
-        bits = torch.finfo(dtype).bits
-        if pattern is not None:
-            return pattern.n / pattern.m * (1 + index_bits(pattern.m) / bits)
-        return density + 1 / bits
+    def build_runtime(self) -> kernels.Masked:
+        out_f, in_f = self.out_features, self.in_features
+        if self.pattern is None:
+            return kernels.from_bitmask(masked_buffers(self, CoefStorage.DTYPE), out_f, in_f)
+        n, m = self.pattern.n, self.pattern.m
+        pos = unpack_bits(self.indices, index_bits(m), out_f * in_f * n // m).view(out_f, in_f // m, n)
+        return kernels.from_nm(self.values, pos, n, m)
 
-    @staticmethod
-    def density_for_ratio(ratio: float, dtype: torch.dtype) -> float:
-        """Fraction of weights kept so that the stored bytes are ``1 - ratio`` of dense (mask counted)."""
-        density = (1 - ratio) - 1 / torch.finfo(dtype).bits
-        if density <= 0:
-            raise ValueError(f"ratio {ratio} leaves no room for values beside the bitmask")
-        return density
+    def fast_forward(self, x: torch.Tensor) -> torch.Tensor:
+        return kernels.masked_linear(x, self.runtime(), self.bias, self.kernel_path)
 
 
 class LowRankLinear(CompressedLinear):
@@ -186,16 +281,35 @@ class LowRankLinear(CompressedLinear):
         dtype = dtype or U.dtype
         self._set(U=U.to(dtype), V=V.to(dtype), bias=None if bias is None else bias.detach().to(dtype))
 
+    @classmethod
+    def from_result(cls, result, bias: torch.Tensor | None, dtype: torch.dtype) -> "LowRankLinear":
+        """From `methods.Factored` (``U``, ``V``)."""
+        return cls(result.U, result.V, bias, dtype)
+
+    @property
+    def rank(self) -> int:
+        return self.U.shape[1]
+
+    def weight_bytes(self, users: int = 1) -> int:
+        return formats.lowrank_bytes(self.in_features, self.out_features, self.rank, self.U.dtype)
+
+    def params(self, users: int = 1) -> float:
+        return (self.in_features + self.out_features) * self.rank
+
     def dense_weight(self) -> torch.Tensor:
         return (self.U.float() @ self.V.float()).T  # (out, in)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def reference_forward(self, x: torch.Tensor) -> torch.Tensor:
         y = (x @ self.U.to(x.dtype)) @ self.V.to(x.dtype)  # (..., in) -> (..., r) -> (..., out)
         return y if self.bias is None else y + self.bias.to(x.dtype)
 
-    @staticmethod
-    def rank_for_ratio(ratio: float, in_features: int, out_features: int) -> int:
-        return max(1, int((1 - ratio) * in_features * out_features / (in_features + out_features)))
+    def build_runtime(self) -> bool:
+        self.U, self.V = kernels.colmajor(self.U), kernels.colmajor(self.V)  # same values, same bytes
+        return True
+
+    def fast_forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.runtime()
+        return kernels.lowrank_linear(x, self.U, self.V, self.bias, self.kernel_path)
 
 
 class SparseDictLinear(CompressedLinear):
@@ -204,7 +318,7 @@ class SparseDictLinear(CompressedLinear):
     Buffers: ``D`` ``(in, k)`` dense dictionary; ``mask`` packed bitmask of Sᵀ ``(out, k)``; the nonzero
     coefficients of Sᵀ in row-major order as ``values`` (bf16/fp16/model dtype), ``values14`` (14-bit
     packed bf16) or ``values_int8`` + ``scale`` ``(out,)`` (per output channel); optional ``bias``.
-    Forward: ``(X D) S + b``.
+    Forward: ``(X D) S + b``. Layers of a ``group`` hold the very same ``D`` tensor (`io.save` writes it once).
     """
 
     def __init__(self, D: torch.Tensor, S: torch.Tensor, mask: torch.Tensor, bias: torch.Tensor | None = None,
@@ -215,28 +329,39 @@ class SparseDictLinear(CompressedLinear):
         self._set(D=D.to(dtype), **encode_masked(S.T, mask.T.bool(), coef_storage, dtype),
                   bias=None if bias is None else bias.detach().to(dtype))
 
+    @classmethod
+    def from_result(cls, result, bias: torch.Tensor | None, dtype: torch.dtype) -> "SparseDictLinear":
+        """From `methods.SparseDict` (``D``, ``S``, ``mask``, ``coef_storage``)."""
+        return cls(result.D, result.S, result.mask, bias, result.coef_storage, dtype)
+
     def meta(self) -> dict:
         return {**super().meta(), "k": self.k, "coef_storage": self.coef_storage.value}
 
+    @property
+    def nnz(self) -> int:
+        return value_count(getattr(self, VALUE_BUFFER[self.coef_storage]), self.coef_storage)
+
+    def weight_bytes(self, users: int = 1) -> int:
+        d = formats.dictionary_bytes(self.in_features, self.k, self.D.dtype)
+        own = formats.coefficient_bytes(self.out_features, self.k, self.nnz, self.coef_storage, self.D.dtype)
+        return own + d - d * (users - 1) // users  # the other users carry the rest of D
+
+    def params(self, users: int = 1) -> float:
+        return self.in_features * self.k / users + self.nnz
+
     def coefficients(self) -> torch.Tensor:  # (k, out)
-        buffers = {k: getattr(self, k) for k in _VALUE_KEYS if hasattr(self, k)}
-        return decode_masked(buffers, self.out_features, self.k, self.coef_storage).T
+        return decode_masked(self, self.out_features, self.k, self.coef_storage).T
 
     def dense_weight(self) -> torch.Tensor:
         return (self.D.float() @ self.coefficients().float()).T  # (out, in)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def reference_forward(self, x: torch.Tensor) -> torch.Tensor:
         y = (x @ self.D.to(x.dtype)) @ self.coefficients().to(x.dtype)  # (..., in) -> (..., k) -> (..., out)
         return y if self.bias is None else y + self.bias.to(x.dtype)
 
+    def build_runtime(self) -> kernels.Masked:
+        self.D = kernels.colmajor(self.D)  # same values, same bytes; a shared D stays shared
+        return kernels.from_bitmask(masked_buffers(self, self.coef_storage), self.out_features, self.k)
 
-def from_result(result, bias: torch.Tensor | None, dtype: torch.dtype) -> CompressedLinear:
-    """The compressed module for a method's result (`methods.Pruned`, `Factored` or `SparseDict`)."""
-    from .methods import Factored, Pruned, SparseDict
-    if isinstance(result, Pruned):
-        return SparseLinear(result.weight, result.mask, bias, result.pattern, dtype)
-    if isinstance(result, Factored):
-        return LowRankLinear(result.U, result.V, bias, dtype)
-    if isinstance(result, SparseDict):
-        return SparseDictLinear(result.D, result.S, result.mask, bias, result.coef_storage, dtype)
-    raise TypeError(f"unknown method result {type(result).__name__}")
+    def fast_forward(self, x: torch.Tensor) -> torch.Tensor:
+        return kernels.dict_linear(x, self.D, self.runtime(), self.bias, self.kernel_path)

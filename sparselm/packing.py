@@ -51,9 +51,22 @@ def round_values(values: torch.Tensor, storage: CoefStorage, dtype: torch.dtype,
     return decode_values(enc, storage, values.numel(), rows).to(torch.float32)
 
 
+VALUE_BUFFER = {CoefStorage.DTYPE: "values", CoefStorage.BF16: "values", CoefStorage.FP16: "values",
+                CoefStorage.BF16_14BIT: "values14", CoefStorage.INT8: "values_int8"}  # storage -> its buffer
+SCALE_BUFFER = "scale"  # int8 only: one fp16 scale per row
+
+
+def value_count(buffer: torch.Tensor, storage: CoefStorage) -> int:
+    """How many values the packed ``buffer`` of ``storage`` holds (from its length; nothing is unpacked)."""
+    if storage is CoefStorage.BF16_14BIT:
+        return buffer.numel() * 8 // 14  # ceil(14n/8) bytes determine n uniquely
+    return buffer.numel()
+
+
 def encode_values(values: torch.Tensor, storage: CoefStorage, dtype: torch.dtype,
-                  rows: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-    """Encode flat ``values``; ``rows`` (same length) gives each value's row for int8 per-row scales."""
+                  rows: torch.Tensor | None = None, n_rows: int | None = None) -> dict[str, torch.Tensor]:
+    """Encode flat ``values``; ``rows`` (same length) gives each value's row for int8 per-row scales, and
+    ``n_rows`` how many scales to store (default: up to the last row that has a value)."""
     if storage is CoefStorage.DTYPE:
         return {"values": values.to(dtype)}
     if storage in (CoefStorage.BF16, CoefStorage.FP16):
@@ -66,23 +79,25 @@ def encode_values(values: torch.Tensor, storage: CoefStorage, dtype: torch.dtype
         return {"values14": pack_bits((sign >> 2) | mag, 14)}
     if storage is CoefStorage.INT8:
         assert rows is not None, "int8 storage needs the row of each value"
-        n_rows = int(rows.max()) + 1 if rows.numel() else 0
+        if n_rows is None:
+            n_rows = int(rows.max()) + 1 if rows.numel() else 0
         absmax = torch.zeros(n_rows, dtype=torch.float32, device=values.device)
         absmax.scatter_reduce_(0, rows, values.abs().float(), reduce="amax")
-        scale = (absmax / 127).clamp_min(torch.finfo(torch.float32).tiny).to(torch.float16).float()
+        # floor at fp16's smallest subnormal 2^-24: a float32 floor rounds to a zero fp16 scale
+        scale = (absmax / 127).clamp_min(2 ** -24).to(torch.float16).float()
         q = torch.round(values.float() / scale[rows]).clamp(-127, 127).to(torch.int8)
-        return {"values_int8": q, "scale": scale.to(torch.float16)}
+        return {"values_int8": q, SCALE_BUFFER: scale.to(torch.float16)}
     raise ValueError(storage)
 
 
 def decode_values(enc: dict[str, torch.Tensor], storage: CoefStorage, count: int,
                   rows: torch.Tensor | None = None) -> torch.Tensor:
-    if "values" in enc:
-        return enc["values"]
-    if "values14" in enc:
-        v = unpack_bits(enc["values14"], 14, count).to(torch.int32)  # (count,)
+    """Inverse of `encode_values` for ``storage`` (``enc``: its buffers by name, as `encode_values` wrote them)."""
+    packed = enc[VALUE_BUFFER[storage]]
+    if storage is CoefStorage.BF16_14BIT:
+        v = unpack_bits(packed, 14, count).to(torch.int32)  # (count,)
         raw = ((v & 0x2000) << 2) | ((v & 0x1FFF) << 2)
         return raw.to(torch.int16).view(torch.bfloat16) if raw.numel() else raw.to(torch.bfloat16)
-    if "values_int8" in enc:
-        return enc["values_int8"].float() * enc["scale"].float()[rows]
-    raise ValueError(f"unknown value encoding {sorted(enc)}")
+    if storage is CoefStorage.INT8:
+        return packed.float() * enc[SCALE_BUFFER].float()[rows]
+    return packed

@@ -1,33 +1,40 @@
-"""compress(): capture -> (profile -> allocate) -> per group of blocks: record, compress, swap, propagate.
+"""compress(): capture -> plan (profile -> allocate) -> per window of blocks: record, compress, swap, propagate.
 
-The only module that knows blocks, methods and swaps together. Memory beyond the model: the cached
-inputs of the current block (one tensor per calibration batch) plus the statistics of its linears.
-A *group* is a run of consecutive blocks compressed together (1 block unless a method shares factors
-across blocks): its statistics are recorded block by block, then all of its linears are compressed,
-then the compressed group is run again to pass the *compressed* outputs on.
+The only module that knows blocks, methods and swaps together. Every pass over the model is the one block
+walk, `walk`: it captures each block's own call arguments once (`capture_inputs`), then yields the blocks in
+windows with the statistics of their targeted linears recorded on the window's inputs, and after the
+caller's work propagates the window's outputs (the *compressed* outputs when the caller swapped layers in)
+to the next window. Profiling for the knapsack, compression and resuming are the same walk. A window is one
+block unless a method shares factors across blocks (CoSpaDi's ``group_size``). Memory beyond the model: the
+inputs of the current window (one tensor per calibration batch) plus the statistics of its linears.
 """
 from __future__ import annotations
 
 import fnmatch
-import logging
 import math
 import time
-from dataclasses import dataclass, field
-from typing import Any, Callable
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
 
 from . import model as adapter
+from .budget import Allocation, Plan, plan_knapsack
 from .capture import LinearStats, record
-from .budget import allocate, search_alpha
 from .config import Allocate, CoSpaDiSpec, MethodSpec, Ratio, Recipe
 from .errors import InputError
-from .methods import compress_group
-from .modules import CompressedLinear, dense_cache, from_result
+from .methods import Factored, Pruned, Result, SparseDict, compress_group
+from .modules import CompressedLinear, LowRankLinear, SparseDictLinear, SparseLinear, dense_cache
 from .profile import profile_layer, relative_error
 
-log = logging.getLogger(__name__)
+FORMATS: dict[type, type[CompressedLinear]] = {Pruned: SparseLinear, Factored: LowRankLinear,
+                                               SparseDict: SparseDictLinear}  # method result -> its format
+
+
+def build_module(result: Result, bias: torch.Tensor | None, dtype: torch.dtype) -> CompressedLinear:
+    """The compressed layer holding a method's result (its format builds itself from it)."""
+    return FORMATS[type(result)].from_result(result, bias, dtype)
 
 
 class _Stop(Exception):
@@ -36,56 +43,61 @@ class _Stop(Exception):
 
 @dataclass
 class BlockInputs:
-    """Inputs of the current block: hidden states per batch, and the keyword arguments blocks receive."""
+    """What the blocks are called with, per calibration batch: block 0's hidden states, and every block's
+    own keyword arguments (``kwargs[block][batch]``: hybrid models give sliding/full-attention layers other
+    masks and rotary embeddings)."""
     hidden: list[torch.Tensor]
-    kwargs: list[dict[str, Any]]
+    kwargs: list[list[dict[str, Any]]]
 
 
 @dataclass
 class LayerResult:
+    """One compressed layer: the module (which carries its spec, info and group) and its measured error."""
     name: str
-    spec: MethodSpec
     module: CompressedLinear
-    dense_shape: tuple[int, int]
     rel_error: float            # ‖X(W−Ŵ)ᵀ‖² / ‖XWᵀ‖² on this layer's calibration inputs
     predicted_error: float | None = None
-    info: dict = field(default_factory=dict)
+
+    @property
+    def spec(self) -> MethodSpec:
+        return self.module.spec
+
+    @property
+    def info(self) -> dict:
+        return self.module.info
+
+    @property
+    def group(self) -> tuple[str, ...]:
+        """The layers sharing this one's dictionary (itself included); () when it owns it alone."""
+        return self.module.group
+
+    @property
+    def dense_shape(self) -> tuple[int, int]:
+        return self.module.out_features, self.module.in_features
 
 
-def _to(obj, device):
+@dataclass
+class CompressReport:
+    layers: list[LayerResult]
+    seconds: float
+    plan: Plan
+
+    @property
+    def allocation(self) -> list[Allocation] | None:
+        return self.plan.allocation
+
+
+def _to(obj, device, memo: dict):
+    """``obj`` on ``device``; a tensor seen before in this batch (``memo``, by identity) is moved once."""
     if isinstance(obj, torch.Tensor):
-        return obj.to(device)
+        if id(obj) not in memo:
+            memo[id(obj)] = (obj, obj.to(device))  # the source is kept so that its id stays unique
+        return memo[id(obj)][1]
     if isinstance(obj, (tuple, list)):
-        return type(obj)(_to(o, device) for o in obj)
+        return type(obj)(_to(o, device, memo) for o in obj)
     if isinstance(obj, dict):
-        return {k: _to(v, device) for k, v in obj.items()}
+        return {k: _to(v, device, memo) for k, v in obj.items()}
     return obj
-
-
-@torch.no_grad()
-def capture_inputs(model: nn.Module, blocks: nn.ModuleList, calib: torch.Tensor, batch_size: int,
-                   device: torch.device) -> BlockInputs:
-    """Run the model up to block 0 on every calibration batch and keep block 0's inputs."""
-    inputs = BlockInputs([], [])
-
-    def grab(module, args, kwargs):
-        hidden = args[0] if args else kwargs.pop("hidden_states")
-        kwargs = {k: v for k, v in kwargs.items() if k not in ("past_key_value", "past_key_values")}
-        inputs.hidden.append(hidden.to(device))
-        inputs.kwargs.append(_to({**kwargs, "use_cache": False} if "use_cache" in kwargs else kwargs, device))
-        raise _Stop
-
-    handle = blocks[0].register_forward_pre_hook(grab, with_kwargs=True)
-    try:
-        for i in range(0, len(calib), batch_size):
-            ids = calib[i:i + batch_size].to(_device_of(model))
-            try:
-                model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False)
-            except _Stop:
-                pass
-    finally:
-        handle.remove()
-    return inputs
 
 
 def _device_of(model: nn.Module) -> torch.device:
@@ -93,73 +105,188 @@ def _device_of(model: nn.Module) -> torch.device:
 
 
 @torch.no_grad()
-def run_block(block: nn.Module, inputs: BlockInputs) -> BlockInputs:
-    outs = []
+def capture_inputs(model: nn.Module, blocks: nn.ModuleList, calib: torch.Tensor, batch_size: int,
+                   device: torch.device) -> BlockInputs:
+    """Block 0's hidden states and every block's own keyword arguments, per calibration batch: the model runs
+    with stand-ins for its blocks (`model.stand_ins`), so only the embeddings are computed."""
+    inputs = BlockInputs([], [[] for _ in blocks])
+    memo: dict = {}
+
+    def seen(i: int, hidden: torch.Tensor, kwargs: dict):
+        if i == 0:
+            inputs.hidden.append(hidden.to(device))
+        inputs.kwargs[i].append(_to(kwargs, device, memo))
+        if i == len(blocks) - 1:
+            raise _Stop  # the final norm and head are not needed
+
+    with adapter.stand_ins(blocks, seen):
+        for start in range(0, len(calib), batch_size):
+            ids = calib[start:start + batch_size].to(_device_of(model))
+            memo.clear()
+            try:
+                model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False)
+            except _Stop:
+                pass
+    return inputs
+
+
+@torch.no_grad()
+def run_block(block: nn.Module, hidden: list[torch.Tensor], kwargs: list[dict]) -> list[torch.Tensor]:
+    """The block's outputs per batch (compressed layers rebuild their weight once for all batches)."""
     with dense_cache(block):
-        for h, kw in zip(inputs.hidden, inputs.kwargs):
-            out = block(h, **kw)
-            outs.append(out[0] if isinstance(out, (tuple, list)) else out)
-    return BlockInputs(outs, inputs.kwargs)
-
-
-def share_sets(spec: MethodSpec, names_per_block: list[list[str]], prefixes: list[str]) -> list[list[str]]:
-    """Qualified names compressed jointly: a shared projection across the group's blocks, else one by one."""
-    shared = spec.shared if isinstance(spec, CoSpaDiSpec) and len(names_per_block) > 1 else ()
-    sets: dict[str, list[str]] = {}
-    singles = []
-    for prefix, names in zip(prefixes, names_per_block):
-        for rel in names:
-            if any(fnmatch.fnmatch(rel, pattern) for pattern in shared):
-                sets.setdefault(rel, []).append(prefix + rel)
-            else:
-                singles.append([prefix + rel])
-    return list(sets.values()) + singles
+        return [adapter.block_output(block(h, **kw)) for h, kw in zip(hidden, kwargs)]
 
 
 @dataclass
-class CompressReport:
-    layers: list[LayerResult]
-    seconds: float
-    allocation: list[dict] | None = None
+class Window:
+    """Consecutive blocks ``first..end-1``, the qualified names of their targeted linears, and the statistics
+    of those linears on the window's inputs (block by block, each on the previous one's outputs)."""
+    first: int
+    end: int
+    names: list[str]
+    stats: dict[str, LinearStats]
+    changed: bool = False  # set by the caller when it swapped layers: the outputs are then computed again
 
 
-Progress = Callable[[int, int], None]
+def walk(model: nn.Module, calib: torch.Tensor, names: list[list[str]], device: torch.device, batch_size: int,
+         window: int = 1, start: int = 0) -> Iterator[Window]:
+    """The one block walk: windows of ``window`` blocks from block ``start`` on (the blocks before it are only
+    run, to rebuild the inputs: a resumed run); ``names[i]``: the targeted linears of block ``i``."""
+    _, blocks = adapter.find_blocks(model)
+    inputs = capture_inputs(model, blocks, calib, batch_size, device)
+    hidden = inputs.hidden
+
+    def run(idx: list[int], x: list[torch.Tensor]) -> list[torch.Tensor]:
+        for i in idx:
+            x = run_block(blocks[i], x, inputs.kwargs[i])
+        return x
+
+    for first in range(0, len(blocks), window):
+        idx = list(range(first, min(first + window, len(blocks))))
+        homes = [_device_of(blocks[i]) for i in idx]
+        for i in idx:
+            blocks[i].to(device)
+        if first < start:  # compressed already (a resumed run): only rebuild the next window's inputs
+            hidden = run(idx, hidden)
+        else:
+            win, x = Window(first, idx[-1] + 1, [n for i in idx for n in names[i]], {}), hidden
+            for i in idx:
+                with record({n: adapter.get_module(model, n) for n in names[i]}, win.stats):
+                    x = run_block(blocks[i], x, inputs.kwargs[i])
+            yield win
+            hidden = run(idx, hidden) if win.changed and win.end < len(blocks) else x
+        for i, home in zip(idx, homes):
+            blocks[i].to(home)
 
 
-def _targets(blocks: nn.ModuleList, prefix: str, recipe: Recipe) -> list[list[str]]:
-    """Relative names of the targeted linears of each block."""
-    out = []
-    for i, block in enumerate(blocks):
-        full = list(adapter.linears(block, f"{prefix}.{i}."))
-        out.append([n[len(f"{prefix}.{i}."):] for n in adapter.select(full, recipe.targets, recipe.ignore)])
+# --- planning ------------------------------------------------------------------------------------------
+def targets(model: nn.Module, recipe: Recipe) -> list[list[str]]:
+    """Qualified names of the targeted linears of each block (the one place that builds them)."""
+    prefix, blocks = adapter.find_blocks(model)
+    out = [adapter.select(list(adapter.linears(b, adapter.block_prefix(prefix, i))), recipe.targets, recipe.ignore)
+           for i, b in enumerate(blocks)]
     if not any(out):
         raise InputError(f"no linear layer matches targets={list(recipe.targets)} ignore={list(recipe.ignore)}",
                          "check the recipe's targets/ignore patterns against `sparselm inspect`-style layer names")
     return out
 
 
-def _group_size(plan: dict[str, MethodSpec]) -> int:
-    sizes = {s.group_size for s in plan.values() if isinstance(s, CoSpaDiSpec)}
-    return max(sizes) if sizes else 1
+def window_size(specs) -> int:
+    """Blocks compressed together: the largest CoSpaDi ``group_size`` planned (1 otherwise)."""
+    return max([s.group_size for s in specs if isinstance(s, CoSpaDiSpec)] or [1])
+
+
+def share_sets(specs: dict[str, MethodSpec], names: list[list[str]], prefix: str,
+               window: int) -> list[tuple[str, ...]]:
+    """The layers compressed together, in order: in each window of blocks, a projection that CoSpaDi shares
+    across blocks (its ``shared`` patterns, default `model.SHARED_INPUT_PROJECTIONS`) forms one set with the
+    same projection of the window's other blocks *planned with the same spec*; every other layer is a set of
+    its own. ``names[i]``: block ``i``'s targeted linears (layers absent from ``specs`` stay dense)."""
+    sets: list[tuple[str, ...]] = []
+    for first in range(0, len(names), window):
+        joint: dict[tuple, list[str]] = {}
+        singles = []
+        for i in range(first, min(first + window, len(names))):
+            for name in (n for n in names[i] if n in specs):
+                spec, rel = specs[name], name[len(adapter.block_prefix(prefix, i)):]
+                if _shares(spec, rel, window):
+                    joint.setdefault((rel, spec), []).append(name)
+                else:
+                    singles.append((name,))
+        sets += [tuple(v) for v in joint.values()] + singles
+    return sets
+
+
+def _shares(spec: MethodSpec, rel: str, window: int) -> bool:
+    if not isinstance(spec, CoSpaDiSpec) or spec.group_size < 2 or window < 2:
+        return False
+    patterns = adapter.SHARED_INPUT_PROJECTIONS if spec.shared is None else spec.shared
+    return any(fnmatch.fnmatch(rel, p) for p in patterns)
 
 
 @torch.no_grad()
-def _compress_set(model, names: list[str], plan, stats, device, dtype) -> list[LayerResult]:
-    spec = plan[names[0]]
+def profile_options(model: nn.Module, calib: torch.Tensor, names: list[list[str]], specs: list[MethodSpec],
+                    device: torch.device, dtype: torch.dtype, batch_size: int, cache: dict | None):
+    """Every targeted layer's knapsack options, on dense-propagated inputs; and the dense shapes."""
+    options, shapes = {}, {}
+    for win in walk(model, calib, names, device, batch_size):
+        for name in win.names:
+            W = adapter.linear_weight(adapter.get_module(model, name)).detach().to(device, torch.float32)
+            options[name] = profile_layer(W, win.stats[name], specs, dtype=dtype, cache=cache, key=name)
+            shapes[name] = tuple(W.shape)
+    return options, shapes
+
+
+def make_plan(model: nn.Module, calib: torch.Tensor, recipe: Recipe, device: torch.device, dtype: torch.dtype,
+              batch_size: int = 8, cache: dict | None = None) -> Plan:
+    """Uniform: every targeted layer gets the recipe's spec. Knapsack: profile every targeted layer
+    (`profile.profile_layer`; ``cache``, see `compress`) and let `budget.plan_knapsack` choose."""
+    names = targets(model, recipe)
+    adapter.check_finite(model, [n for block in names for n in block])
+    rows = None
+    if recipe.allocate is Allocate.KNAPSACK:
+        target = recipe.methods[0].target
+        if not isinstance(target, Ratio) or any(s.target != target for s in recipe.methods):
+            raise InputError("knapsack allocation needs one --ratio budget shared by all methods",
+                             "pass --ratio R (not --sparsity/--pattern) with --allocate knapsack")
+        grid = [s.with_target(target) for s in recipe.methods]
+        options, shapes = profile_options(model, calib, names, grid, device, dtype, batch_size, cache)
+        dense = sum(o.size for opts in options.values() for o in opts if o.payload is None)
+        rows = plan_knapsack(options, shapes, target.value, (1 - target.value) * dense)
+        specs = {a.layer: a.spec for a in rows if not a.kept_dense}
+    else:
+        specs = {n: recipe.methods[0] for block in names for n in block}
+    prefix, _ = adapter.find_blocks(model)
+    return Plan(specs, share_sets(specs, names, prefix, window_size(specs.values())), rows)
+
+
+# --- compression ---------------------------------------------------------------------------------------
+def tie_group(modules: list[CompressedLinear]) -> None:
+    """The layers of one shared set (``module.group``) hold the very same ``D``: it is stored once."""
+    for m in modules[1:]:
+        m.D = modules[0].D
+
+
+@torch.no_grad()
+def _compress_set(model, names: tuple[str, ...], plan: Plan, stats, device, dtype) -> list[LayerResult]:
+    spec = plan.specs[names[0]]
     layers = [adapter.get_module(model, n) for n in names]
     weights = [adapter.linear_weight(m).detach().to(device, torch.float32) for m in layers]
     results = compress_group(spec, weights, [stats[n] for n in names], dtype)
-    out, first = [], None
-    for name, layer, W, res in zip(names, layers, weights, results):
-        module = from_result(res, layer.bias, dtype).to(device)
-        module.original = type(layer).__name__
-        if first is not None and getattr(res, "D", None) is getattr(results[0], "D", 0):
-            module.D = first.D  # one shared dictionary: stored once (io dedups tied buffers)
-        first = first or module
+    modules = []
+    for layer, res in zip(layers, results):
+        module = build_module(res, layer.bias, dtype).to(device)
+        module.original, module.spec, module.info = adapter.original_kind(layer), spec, dict(res.info)
+        module.group = names if len(names) > 1 else ()
+        modules.append(module)
+    if len(names) > 1:
+        tie_group(modules)
+    out = []
+    for name, W, module in zip(names, weights, modules):
         err = relative_error(W, module.dense_weight(), stats[name])
         _check_finite(name, module, err, dtype)
         adapter.swap(model, name, module)
-        out.append(LayerResult(name, spec, module, tuple(W.shape), err, info=dict(res.info)))
+        out.append(LayerResult(name, module, err, plan.predicted.get(name)))
     return out
 
 
@@ -173,127 +300,34 @@ def _check_finite(name: str, module: CompressedLinear, err: float, dtype: torch.
                          "copy of the checkpoint, or exclude the layer with an ignore pattern")
 
 
+Progress = Callable[[int, int], None]
+Checkpoint = Callable[[int, list[LayerResult], Plan], None]
+
+
 def compress(model: nn.Module, calib: torch.Tensor, recipe: Recipe, device: torch.device, dtype: torch.dtype,
-             batch_size: int = 8, progress: Progress | None = None, done: list[LayerResult] | None = None, start_block: int = 0,
-             checkpoint: Callable[[int, list[LayerResult]], None] | None = None,
-             profile_cache: dict | None = None) -> CompressReport:
+             batch_size: int = 8, progress: Progress | None = None, done: list[LayerResult] | None = None,
+             start_block: int = 0, checkpoint: Checkpoint | None = None, profile_cache: dict | None = None,
+             plan: Plan | None = None) -> CompressReport:
     """Compress ``model`` in place, block by block; ``dtype`` is the dense storage dtype budgets refer to.
 
     ``profile_cache``: a dict that keeps the knapsack's per-layer option tables between calls on the SAME
     weights and calibration data (they do not depend on the budget), e.g. one model at several ratios.
 
     Resuming: the first ``start_block`` blocks are already compressed (their modules swapped in, their
-    records in ``done``); they are only run to rebuild the next block's inputs. ``checkpoint(blocks_done, layers)`` is
-    called after every group.
+    records in ``done``) by a run that followed ``plan``; they are only run to rebuild the next block's
+    inputs. ``checkpoint(blocks_done, layers, plan)`` is called after every window but the last.
     """
     t0 = time.perf_counter()
+    plan = plan or make_plan(model, calib, recipe, device, dtype, batch_size, profile_cache)
     prefix, blocks = adapter.find_blocks(model)
-    targets = _targets(blocks, prefix, recipe)
-    adapter.check_finite(model, [f"{prefix}.{i}.{n}" for i, names in enumerate(targets) for n in names])
-    allocation = None
-    if recipe.allocate is Allocate.KNAPSACK:
-        plan, allocation = plan_knapsack(model, blocks, prefix, targets, calib, recipe, device, dtype, batch_size,
-                                         profile_cache)
-    else:
-        plan = {f"{prefix}.{i}.{n}": recipe.methods[0] for i, names in enumerate(targets) for n in names}
-    plan = {n: s for n, s in plan.items() if s is not None}  # the knapsack may keep a layer dense
-    targets = [[n for n in names if f"{prefix}.{i}.{n}" in plan] for i, names in enumerate(targets)]
-    predicted = {row["layer"]: row["predicted_error"] for row in allocation or []}
-    gs = _group_size(plan)
-    inputs = capture_inputs(model, blocks, calib, batch_size, device)
+    names = [[n for n in plan.specs if n.startswith(adapter.block_prefix(prefix, i))] for i in range(len(blocks))]
     layers: list[LayerResult] = list(done or [])
-    for i in range(start_block):
-        home = _device_of(blocks[i])
-        inputs = run_block(blocks[i].to(device), inputs)
-        blocks[i].to(home)
-    for g0 in range(start_block, len(blocks), gs):
-        idx = list(range(g0, min(g0 + gs, len(blocks))))
-        home = _device_of(blocks[g0])
-        for i in idx:
-            blocks[i].to(device)
-        stats: dict[str, LinearStats] = {}
-        x = inputs
-        for i in idx:
-            mods = {f"{prefix}.{i}.{n}": adapter.get_module(model, f"{prefix}.{i}.{n}") for n in targets[i]}
-            with record(mods, stats):
-                x = run_block(blocks[i], x)
-        sets = share_sets(plan[next(iter(stats))] if stats else recipe.methods[0],
-                          [targets[i] for i in idx], [f"{prefix}.{i}." for i in idx])
-        for names in sets:
-            done = _compress_set(model, names, plan, stats, device, dtype)
-            for layer in done:
-                layer.predicted_error = predicted.get(layer.name)
-            layers.extend(done)
-        del stats
-        for i in idx:
-            inputs = run_block(blocks[i], inputs)
-            blocks[i].to(home)
-        if checkpoint and idx[-1] + 1 < len(blocks):
-            checkpoint(idx[-1] + 1, layers)
+    for win in walk(model, calib, names, device, batch_size, window_size(plan.specs.values()), start_block):
+        for group in (s for s in plan.sets if s[0] in win.stats):
+            layers += _compress_set(model, group, plan, win.stats, device, dtype)
+            win.changed = True
+        if checkpoint and win.end < len(blocks):
+            checkpoint(win.end, layers, plan)
         if progress:
-            progress(idx[-1] + 1, len(blocks))
-    return CompressReport(layers, time.perf_counter() - t0, allocation)
-
-
-def uniform_reference(options: dict[str, list], ratio: float) -> float:
-    """ROCKET's ē: the mean over layers of the error the uniform allocation would give each layer (its option
-    nearest ``ratio``; with several methods, the best of them there). Layers with no compressed option are skipped."""
-    errors = []
-    for opts in options.values():
-        compressed = [o for o in opts if o.payload is not None]
-        if compressed:
-            gap = min(abs(o.payload.target.value - ratio) for o in compressed)
-            errors.append(min(o.error for o in compressed if abs(o.payload.target.value - ratio) == gap))
-    return sum(errors) / max(len(errors), 1)
-
-
-@torch.no_grad()
-def plan_knapsack(model, blocks, prefix: str, targets, calib, recipe: Recipe, device, dtype, batch_size: int,
-                  cache: dict | None = None):
-    """Profile every targeted layer on dense-propagated inputs, then solve the multiple-choice knapsack.
-
-    Returns ``{layer: spec}`` (layers kept dense are absent) and the allocation rows for the report.
-    The error of an option is the layer's relative functional error ‖X(W−Ŵ)ᵀ‖²/‖XWᵀ‖² (profile.py). As in
-    ROCKET, no layer may exceed ``α·ē`` (`uniform_reference`, smallest feasible α of `budget.ALPHAS`): without
-    the cap the knapsack may starve a few layers, and a sum of per-layer errors does not see how one badly
-    damaged layer hurts the whole model (measured: SVD-LLM at ratio 0.5 on the bundled model, perplexity
-    25.5 without the cap, 23.9 with it, 24.2 uniform). ``cache`` (see `compress`) keeps the option tables
-    between calls (`profile.profile_layer`, keyed by layer name).
-    """
-    target = recipe.methods[0].target
-    if not isinstance(target, Ratio) or any(s.target != target for s in recipe.methods):
-        raise InputError("knapsack allocation needs one --ratio budget shared by all methods",
-                         "pass --ratio R (not --sparsity/--pattern) with --allocate knapsack")
-    specs = [s.with_target(target) for s in recipe.methods]
-    inputs = capture_inputs(model, blocks, calib, batch_size, device)
-    options, dense_bytes = {}, 0.0
-    for i, block in enumerate(blocks):
-        home = _device_of(block)
-        block.to(device)
-        stats: dict[str, LinearStats] = {}
-        mods = {f"{prefix}.{i}.{n}": adapter.get_module(model, f"{prefix}.{i}.{n}") for n in targets[i]}
-        with record(mods, stats):
-            inputs = run_block(block, inputs)
-        for name, module in mods.items():
-            W = adapter.linear_weight(module).detach().to(device, torch.float32)
-            options[name] = profile_layer(W, stats[name], specs, dtype=dtype, cache=cache, key=name)
-            dense_bytes += W.numel() * torch.finfo(dtype).bits / 8
-        block.to(home)
-    budget_bytes = (1 - target.value) * dense_bytes
-    reference = uniform_reference(options, target.value)
-    try:  # ROCKET's per-layer cap α·ē with the smallest feasible α in 1.0..2.0 (no layer is starved)
-        cap = search_alpha(options, budget_bytes, reference) * reference
-    except InputError:
-        log.warning("knapsack: no error cap up to 2x the uniform mean error fits the budget; allocating without")
-        cap = None
-    choice = allocate(options, budget_bytes, error_cap=cap)
-    plan, rows = {}, []
-    for name, idx in choice.items():
-        opt = options[name][idx]
-        plan[name] = opt.payload
-        spec = opt.payload
-        rows.append({"layer": name, "method": spec.name if spec else "dense", "target": str(getattr(spec, "target",
-                     None)), "ks": getattr(spec, "ks", None), "bytes": opt.size, "predicted_error": opt.error,
-                     "shape": list(adapter.linear_weight(adapter.get_module(model, name)).shape),
-                     "error_cap": cap})
-    return plan, rows
+            progress(win.end, len(blocks))
+    return CompressReport(layers, time.perf_counter() - t0, plan)

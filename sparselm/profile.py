@@ -22,7 +22,7 @@ Fast paths (each with a twin test against `compress_weight`): SVD-LLM and ROCKET
 per layer — SVD-LLM's error at rank r is the tail sum of σ², ROCKET runs `rocket.factorize` for every
 ratio × ks and keeps the best ks per ratio (skipping ks whose k would exceed min(in, out), as the ROCKET
 profiler does, unless none is left); magnitude and Wanda rank the scores once and cut the ranking per ratio.
-Every other method goes through `compress_weight` + `from_result(...).stored_bytes()`; CoSpaDi runs
+Every other method goes through `compress_weight` + the result's `stored_bytes` (its format's formula); CoSpaDi runs
 there with ``COSPADI_PROBE_ITERS`` iterations on a grid thinned by ``COSPADI_GRID_STRIDE`` — every grid point is a
 whole dictionary learning, so this keeps CoSpaDi's profiling near 1.5 full runs instead of 6 (its error only
 falls with more iterations, so the profiled error is an
@@ -34,20 +34,19 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
-import math
 from typing import Mapping, Sequence
 
 import torch
 
+from . import formats
 from .budget import Option
 from .capture import LinearStats
 from .config import CoSpaDiSpec, MagnitudeSpec, MethodSpec, Ratio, RocketSpec, SVDLLMSpec, WandaSpec
 from .errors import InputError
 from .methods import compress_weight
 from .methods.masks import kept_count
-from .methods.rocket import dict_bytes, factorize, keep_counts, rocket_size, whitened_svd
+from .methods.rocket import factorize, keep_counts, rocket_size, whitened_svd
 from .methods.wanda import wanda_score
-from .modules import LowRankLinear, from_result
 
 log = logging.getLogger(__name__)
 DEFAULT_RATIOS = tuple(round(0.05 * i, 2) for i in range(1, 15))  # 0.05 .. 0.70
@@ -96,8 +95,7 @@ def profile_layer(W: torch.Tensor, stats: LinearStats | None, specs: Sequence[Me
     weights and statistics."""
     W = W.float()
     out_f, in_f = W.shape
-    db = torch.finfo(dtype).bits // 8
-    opts = [Option(float(out_f * in_f * db), 0.0, None)] if dense else []
+    opts = [Option(float(formats.dense_bytes(out_f, in_f, dtype)), 0.0, None)] if dense else []
     table = _Table(W, stats, dtype, importance)  # energy and the whitened SVD: once, on first use
     for spec in specs:
         entry = (key, spec.with_target(Ratio(0.5)), dtype, tuple(ratios), tuple(ks_grid), importance)
@@ -148,17 +146,17 @@ class _Table:
         return self._svd
 
     def svdllm(self, spec: SVDLLMSpec, ratios: Sequence[float]) -> list[Option]:
-        """Rank ``LowRankLinear.rank_for_ratio(r)``; error = Σ_{i≥rank} σ_i² of the whitened weight."""
+        """Rank ``formats.rank_for_ratio(r)``; error = Σ_{i≥rank} σ_i² of the whitened weight."""
         svd = self.svd()
         out_f, in_f = self.W.shape
         sq = svd.sigma ** 2  # (m,)
         tail = sq.flip(0).cumsum(0).flip(0)  # (m,) tail[i] = Σ_{j≥i} σ_j²
-        energy, db = float(sq.sum()), torch.finfo(self.dtype).bits // 8
+        energy = float(sq.sum())
         opts = []
         for r in ratios:
-            rank = min(LowRankLinear.rank_for_ratio(r, in_f, out_f), sq.numel())
+            rank = min(formats.rank_for_ratio(r, in_f, out_f), sq.numel())
             err = float(tail[rank]) if rank < sq.numel() else 0.0
-            opts.append(Option(float((in_f + out_f) * rank * db), self._error(err, energy),
+            opts.append(Option(float(formats.lowrank_bytes(in_f, out_f, rank, self.dtype)), self._error(err, energy),
                                spec.with_target(Ratio(r))))
         return opts
 
@@ -178,7 +176,7 @@ class _Table:
                     continue
                 keep, refill = keep_counts(size, out_f, sp)
                 fac = factorize(svd, size.k, keep, refill, sp.lam)
-                nbytes = dict_bytes(in_f, out_f, size.k, keep * out_f + refill, sp.coef_storage, self.dtype)
+                nbytes = formats.dict_bytes(in_f, out_f, size.k, keep * out_f + refill, sp.coef_storage, self.dtype)
                 found.append((size.clipped, fac.error, nbytes, sp))
             if found:
                 _, err, nbytes, sp = min(found, key=lambda f: (f[0], f[1]))
@@ -197,7 +195,6 @@ class _Table:
         order = flat.argsort(dim=-1, descending=True, stable=True)  # (groups, size); exact ties may differ from topk
         positions = torch.arange(flat.shape[1], device=order.device).expand_as(order)
         rank = torch.empty_like(order).scatter_(-1, order, positions).view(out_f, in_f)  # (out, in) rank in group
-        db = torch.finfo(self.dtype).bits // 8
         opts = []
         for r in ratios:
             try:
@@ -205,7 +202,7 @@ class _Table:
             except InputError:
                 continue
             dW = W * (rank >= kept)  # (out, in) the pruned part
-            nbytes = math.ceil(out_f * in_f / 8) + kept * flat.shape[0] * db
+            nbytes = formats.sparse_bytes(out_f, in_f, kept * flat.shape[0], self.dtype)
             opts.append(Option(float(nbytes), self._error(functional_error(dW, self.stats.gram)),
                                spec.with_target(Ratio(r))))
         return opts
@@ -222,7 +219,7 @@ class _Table:
             except InputError as e:
                 log.debug("profile: %s at ratio %s skipped (%s)", spec.name, r, e)
                 continue
-            nbytes = from_result(res, None, self.dtype).stored_bytes()
+            nbytes = res.stored_bytes(self.dtype)
             err = functional_error(self.W - res.reconstruct().float(), self.stats.gram)
             opts.append(Option(float(nbytes), self._error(err), sp))
         return opts

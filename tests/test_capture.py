@@ -8,7 +8,7 @@ from sparselm import model as adapter
 from sparselm.capture import LinearStats, record
 from sparselm.errors import InputError
 from sparselm.methods import Pruned
-from sparselm.modules import dense_cache, from_result
+from sparselm.modules import SparseLinear, dense_cache
 
 from .conftest import tiny_model
 
@@ -62,7 +62,7 @@ def test_non_finite_activation_names_the_layer():
 def test_dense_cache_gives_the_same_outputs_and_is_dropped():
     W = torch.randn(6, 8)
     mask = torch.rand(6, 8) > 0.5
-    layer = from_result(Pruned(W * mask, mask), None, torch.float32)
+    layer = SparseLinear.from_result(Pruned(W * mask, mask), None, torch.float32)
     block = torch.nn.Sequential(layer)
     x = torch.randn(3, 8)
     plain = block(x)

@@ -78,3 +78,20 @@ def test_missing_or_corrupt_model_dir(tmp_path):
     assert r.exit_code == 2 and "config.json' is not valid JSON" in r.output
     r = run("inspect", tmp_path / "bad")
     assert r.exit_code == 2 and "not a sparselm output" in r.output
+
+
+def test_method_rocket_alone_is_the_default_run():
+    from sparselm import api
+    from sparselm.config import Allocate, Ratio, RocketSpec
+    default = api.build_recipe(None, None, None, None)
+    assert api.build_recipe("rocket", None, None, None) == default
+    assert default.methods == (RocketSpec(target=Ratio(0.2)),) and default.allocate is Allocate.KNAPSACK
+    assert api.build_recipe("svd-llm", None, None, None).allocate is Allocate.UNIFORM
+    assert api.build_recipe("rocket", 0.3, None, None, "uniform").allocate is Allocate.UNIFORM
+
+
+def test_package_names_the_evaluate_module_and_the_perplexity_function():
+    import types
+    import sparselm
+    import sparselm.evaluate
+    assert isinstance(sparselm.evaluate, types.ModuleType) and sparselm.perplexity is sparselm.evaluate.perplexity

@@ -42,3 +42,39 @@ def test_recipe_round_trip(tmp_path):
 def test_recipe_errors(bad, message):
     with pytest.raises(InputError, match=message):
         recipe_from_dict(bad)
+
+
+@pytest.mark.parametrize("bad, key", [
+    ({"method": "cospadi", "iters": "abc"}, "cospadi.iters"),
+    ({"method": "cospadi", "iters": 2.5}, "cospadi.iters"),
+    ({"method": "cospadi", "iters": True}, "cospadi.iters"),
+    ({"method": "cospadi", "rho": [2.0]}, "cospadi.rho"),
+    ({"method": "cospadi", "shared": "*q_proj"}, "cospadi.shared"),
+    ({"method": "cospadi", "shared": [3]}, "cospadi.shared[0]"),
+    ({"method": "svd", "target": {"ratio": "abc"}}, "svd.target.ratio"),
+    ({"method": "svd", "target": {"ratio": [0.3]}}, "svd.target.ratio"),
+    ({"method": "rocket", "coef_storage": 8}, "rocket.coef_storage"),
+])
+def test_recipe_values_are_checked_against_their_declared_types(bad, key):
+    with pytest.raises(InputError) as e:
+        recipe_from_dict({"methods": [bad]})
+    assert e.value.what.startswith(key + "=")
+
+
+def test_recipe_values_are_coerced_by_declared_type_not_default():
+    spec = recipe_from_dict({"methods": [{"method": "cospadi", "iters": "7", "rho": 3, "shared": ["*q_proj"],
+                                          "target": {"ratio": "0.25"}, "group_size": 2.0}]}).methods[0]
+    assert spec == CoSpaDiSpec(target=Ratio(0.25), iters=7, rho=3.0, shared=("*q_proj",), group_size=2)
+    assert type(spec.rho) is float and type(spec.iters) is int and type(spec.group_size) is int
+    assert recipe_from_dict({"methods": [{"method": "cospadi", "shared": None}]}).methods[0].shared is None
+    with pytest.raises(InputError, match="targets"):
+        recipe_from_dict({"methods": [{"method": "svd"}], "targets": "*"})
+
+
+def test_wrong_recipe_type_exits_2_naming_the_key(tmp_path):
+    from typer.testing import CliRunner
+    from sparselm.cli import app
+    path = tmp_path / "r.yaml"
+    path.write_text("methods:\n  - {method: cospadi, iters: abc}\n")
+    r = CliRunner().invoke(app, ["compress", "--recipe", str(path), "--out", str(tmp_path / "o")])
+    assert r.exit_code == 2 and "cospadi.iters" in r.output and not (tmp_path / "o").exists()

@@ -4,6 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from sparselm import formats
 from sparselm.config import CoefStorage, Pattern
 from sparselm.modules import LowRankLinear, SparseDictLinear, SparseLinear
 from sparselm.packing import pack_bits, round_values, unpack_bits
@@ -52,7 +53,7 @@ def test_low_rank_forward_is_two_products():
     x = torch.randn(3, 16)
     torch.testing.assert_close(m(x), x @ U @ V + b)
     torch.testing.assert_close(m.dense_weight(), (U @ V).T)
-    assert LowRankLinear.rank_for_ratio(0.5, 16, 8) == int(0.5 * 128 / 24)
+    assert formats.rank_for_ratio(0.5, 16, 8) == int(0.5 * 128 / 24)
 
 
 @pytest.mark.parametrize("storage", list(CoefStorage))

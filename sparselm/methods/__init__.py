@@ -4,15 +4,19 @@ A per-layer method is ``fn(W, stats, spec, dtype) -> Result`` where ``W`` is ``(
 ``stats`` the layer's `LinearStats` (None for data-free methods), and ``dtype`` the storage dtype of the
 dense model (the byte budget depends on it). A *group* method (one dictionary shared across layers) is
 ``fn([W...], [stats...], spec, dtype) -> [Result...]``. `compress_group` calls either uniformly.
+
+Results are plain dataclasses of tensors; each knows its stored bytes by its format's formula in
+`sparselm.formats` (the same one the module built from it uses), so sizes are known before anything is
+built. This package never imports `sparselm.modules`.
 """
 from __future__ import annotations
 
-import importlib
 from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 
+from .. import formats
 from ..capture import LinearStats
 from ..config import CoefStorage, MethodSpec, Pattern
 
@@ -28,6 +32,10 @@ class Pruned:
     def reconstruct(self) -> torch.Tensor:  # (out, in)
         return self.weight * self.mask
 
+    def stored_bytes(self, dtype: torch.dtype) -> int:
+        out_f, in_f = self.weight.shape
+        return formats.sparse_bytes(out_f, in_f, int(self.mask.sum()), dtype, self.pattern)
+
 
 @dataclass
 class Factored:
@@ -38,6 +46,9 @@ class Factored:
 
     def reconstruct(self) -> torch.Tensor:
         return (self.U @ self.V).T
+
+    def stored_bytes(self, dtype: torch.dtype) -> int:
+        return formats.lowrank_bytes(self.U.shape[0], self.V.shape[1], self.U.shape[1], dtype)
 
 
 @dataclass
@@ -52,12 +63,16 @@ class SparseDict:
     def reconstruct(self) -> torch.Tensor:
         return (self.D @ (self.S * self.mask)).T
 
+    def stored_bytes(self, dtype: torch.dtype) -> int:
+        """With its own dictionary (a shared one is counted once by `formats.group_dict_bytes`)."""
+        (in_f, k), out_f = self.D.shape, self.S.shape[1]
+        return formats.dict_bytes(in_f, out_f, k, int(self.mask.sum()), self.coef_storage, dtype)
+
 
 Result = Pruned | Factored | SparseDict
 
 _PER_LAYER: dict[type, Callable] = {}
 _GROUPED: dict[type, Callable] = {}
-_MODULES = ("magnitude", "wanda", "sparsegpt", "lowrank", "cospadi", "rocket")
 
 
 def register(spec_cls: type[MethodSpec], grouped: bool = False):
@@ -68,19 +83,9 @@ def register(spec_cls: type[MethodSpec], grouped: bool = False):
     return deco
 
 
-def _load_all() -> None:
-    for name in _MODULES:
-        try:
-            importlib.import_module(f"{__name__}.{name}")
-        except ModuleNotFoundError as e:  # a method file not written yet must not break the others
-            if e.name != f"{__name__}.{name}":
-                raise
-
-
 def compress_group(spec: MethodSpec, weights: list[torch.Tensor], stats: list[LinearStats | None],
                    dtype: torch.dtype) -> list[Result]:
     """Compress layers that share factors (a list of one for per-layer methods)."""
-    _load_all()
     kind = type(spec)
     if kind in _GROUPED:
         return _GROUPED[kind](weights, stats, spec, dtype)
@@ -92,3 +97,6 @@ def compress_group(spec: MethodSpec, weights: list[torch.Tensor], stats: list[Li
 def compress_weight(spec: MethodSpec, W: torch.Tensor, stats: LinearStats | None, dtype: torch.dtype) -> Result:
     """Compress one weight ``(out, in)``."""
     return compress_group(spec, [W], [stats], dtype)[0]
+
+
+from . import cospadi, lowrank, magnitude, rocket, sparsegpt, wanda  # noqa: E402,F401  (they register themselves)

@@ -8,7 +8,8 @@ iterations (`ksvd`) for ``spec.iters`` iterations, stopping early when the relat
 
 Sizing (``ρ = k/s``): the largest ``k`` whose *stored bytes* fit ``(1 − ratio)·in·out·bytes(dtype)``:
 ``D`` in the model dtype + ``s·out`` coefficient values at ``value_bits(coef_storage)`` (+ fp16 per-output
-scales for int8) + the ``k·out`` bitmask, with ``s = round(k/ρ)``; that is what `SparseDictLinear` writes.
+scales for int8) + the ``k·out`` bitmask, with ``s = round(k/ρ)``: `formats.group_dict_bytes`, the formula
+`SparseDictLinear` counts itself by.
 `paper_sizes` is the paper's Eq. 11 (``k = (1−γ)·d1·d2/(d1 + d2/ρ)``, ``s = k/ρ``); for bf16 with 14-bit
 coefficients and ρ = 2 the two agree.
 
@@ -17,22 +18,22 @@ Coefficients are rounded to their storage format once, at the end (no refit afte
 
 Grouped (cross-layer) sharing, §2.6: layers with the same ``in`` share one dictionary learned on
 ``[W_1ᵀ … W_mᵀ]`` whitened by the averaged Gram; each layer keeps its own slice of ``S``. The budget counts
-``D`` once for the group. Every result holds the *same* ``D`` tensor; unless the saving code stores it once,
-it is written once per layer and the group's stored bytes exceed the target.
+``D`` once for the group. Every result holds the *same* ``D`` tensor; the pipeline records the group on its
+layers, which share one ``D`` buffer, stored once.
 """
 from __future__ import annotations
 
-import math
-from functools import partial
 from dataclasses import dataclass
+from functools import partial
 from typing import Callable, Sequence
 
 import torch
 
+from .. import formats
 from ..capture import LinearStats
 from ..config import CoefStorage, CoSpaDiSpec, DictUpdateRule, Init, SparseCoder
 from ..errors import InputError
-from ..packing import round_values, value_bits
+from ..packing import round_values
 from . import SparseDict, register
 from .htp import CG_STEPS, ROUNDS, htp
 from .ksvd import ksvd_update, mod_update, refit_coefficients
@@ -51,34 +52,21 @@ def s_for(k: int, rho: float) -> int:
     return min(k, max(1, int(k / rho + 0.5)))
 
 
-def stored_bytes(k: int, s: int, d_in: int, d_outs: Sequence[int], dtype: torch.dtype,
-                 storage: CoefStorage) -> int:
-    """Bytes `SparseDictLinear` stores for ``D`` ``(d_in, k)`` (once) and each layer's coefficients."""
-    total = d_in * k * torch.finfo(dtype).bits // 8
-    bits = value_bits(storage, dtype)
-    for out in d_outs:
-        total += math.ceil(out * k / 8) + math.ceil(s * out * bits / 8)  # mask + values
-        total += 2 * out if storage is CoefStorage.INT8 else 0  # fp16 scale per output channel
-    return total
-
-
 def sizes_for_ratio(ratio: float, d_in: int, d_outs: int | Sequence[int], rho: float, dtype: torch.dtype,
                     storage: CoefStorage) -> tuple[int, int]:
     """Largest ``(k, s = round(k/ρ))`` whose stored bytes fit ``(1 − ratio)`` of the dense layers."""
     d_outs = [d_outs] if isinstance(d_outs, int) else list(d_outs)
-    budget = (1 - ratio) * d_in * sum(d_outs) * torch.finfo(dtype).bits / 8
+    budget = (1 - ratio) * formats.dense_bytes(sum(d_outs), d_in, dtype)
 
     def fits(k: int) -> bool:
-        return stored_bytes(k, s_for(k, rho), d_in, d_outs, dtype, storage) <= budget
+        nnz = [s_for(k, rho) * out for out in d_outs]
+        return formats.group_dict_bytes(d_in, d_outs, k, nnz, storage, dtype) <= budget
 
-    if not fits(1):
+    k = formats.largest(fits, int(budget // formats.dictionary_bytes(d_in, 1, dtype)))
+    if k < 1:
         raise InputError(f"cospadi ratio {ratio} leaves no room for even one atom ({d_in}x{sum(d_outs)})",
                          "use a smaller --ratio")
-    lo, hi = 1, max(2, int(budget // (d_in * torch.finfo(dtype).bits / 8)) + 1)  # fits(lo), not fits(hi)
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
-    return lo, s_for(lo, rho)
+    return k, s_for(k, rho)
 
 
 # --- dictionary learning -----------------------------------------------------------------------------

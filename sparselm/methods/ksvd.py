@@ -36,7 +36,6 @@ class DictUpdate:
     S: torch.Tensor
     objective_before: float  # ‖Y − D S‖² before the sweep
     objective_after: float   # ... and after (tracked exactly from the accepted steps; never larger)
-    splits: int              # blocks whose simultaneous step was rejected and split
 
 
 def default_block(mask: torch.Tensor) -> int:
@@ -52,12 +51,12 @@ def ksvd_update(Y: torch.Tensor, D: torch.Tensor, S: torch.Tensor, mask: torch.T
     k = D.shape[1]
     B = block_size or default_block(mask)
     D, S = D.clone(), S * mask
-    state = {"R": Y - D @ S, "splits": 0}  # residual (n, cols)
+    state = {"R": Y - D @ S}  # residual (n, cols)
     before = float(torch.linalg.vector_norm(state["R"], dtype=torch.float64)) ** 2
     state["obj"] = before
     for start in range(0, k, B):
         _update_block(D, S, mask, torch.arange(start, min(k, start + B), device=D.device), power_iters, state)
-    return DictUpdate(D, S, before, state["obj"], state["splits"])
+    return DictUpdate(D, S, before, state["obj"])
 
 
 def _update_block(D, S, mask, atoms: torch.Tensor, power_iters: int, state: dict) -> None:
@@ -69,7 +68,6 @@ def _update_block(D, S, mask, atoms: torch.Tensor, power_iters: int, state: dict
         state["R"] += torch.cat([Db, -U], 1) @ torch.cat([Sb, V], 0)  # (n, cols)
         state["obj"] += delta
     elif len(atoms) > 1:
-        state["splits"] += 1
         half = len(atoms) // 2
         _update_block(D, S, mask, atoms[:half], power_iters, state)
         _update_block(D, S, mask, atoms[half:], power_iters, state)
@@ -145,7 +143,7 @@ def mod_update(Y: torch.Tensor, D: torch.Tensor, S: torch.Tensor, mask: torch.Te
     A = A + torch.diag(torch.where(used, eps, 1.0)).to(A)
     chol, info = torch.linalg.cholesky_ex(A)
     if int(info) != 0:
-        return DictUpdate(D, S, before, before, 0)
+        return DictUpdate(D, S, before, before)
     Dn = torch.cholesky_solve(S @ Y.T, chol).T  # (n, k) = Y Sᵀ A⁻¹
     Dn = torch.where(used.unsqueeze(0), Dn, D)
     norm = torch.where(used, Dn.norm(dim=0), torch.ones_like(A.diagonal()))  # (k,)
@@ -154,5 +152,5 @@ def mod_update(Y: torch.Tensor, D: torch.Tensor, S: torch.Tensor, mask: torch.Te
     Sn = S * torch.where(ok, norm, torch.ones_like(norm)).unsqueeze(1)  # (k, cols)
     after = float(torch.linalg.vector_norm(Y - Dn @ Sn, dtype=torch.float64)) ** 2
     if not after <= before:
-        return DictUpdate(D, S, before, before, 0)
-    return DictUpdate(Dn, Sn, before, after, 0)
+        return DictUpdate(D, S, before, before)
+    return DictUpdate(Dn, Sn, before, after)

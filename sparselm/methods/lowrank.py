@@ -1,7 +1,7 @@
 """Low-rank factorization: truncated SVD, ASVD (Yuan et al. 2023) and SVD-LLM (Wang et al. 2024).
 
 All three return ``Wᵀ ≈ U V`` with ``U`` ``(in, r)`` and ``V`` ``(r, out)`` (`Factored`), ``r`` sized by
-`LowRankLinear.rank_for_ratio` so the stored bytes of the two factors are ``1 − ratio`` of the dense weight.
+`formats.rank_for_ratio` so the stored bytes of the two factors are ``1 − ratio`` of the dense weight.
 Singular values are split symmetrically (``√σ`` to each factor) so both factors are equally scaled.
 
 * ``svd``: data-free, min ``‖W − Ŵ‖_F``: truncated SVD of ``Wᵀ``.
@@ -16,10 +16,10 @@ from __future__ import annotations
 
 import torch
 
+from .. import formats
 from ..capture import LinearStats
 from ..config import ASVDSpec, SVDLLMSpec, SVDSpec
 from ..errors import InputError
-from ..modules import LowRankLinear
 from . import Factored, register
 from .whiten import whiten
 
@@ -28,7 +28,7 @@ MAG_FLOOR = 1e-6  # ASVD: channel magnitudes below this fraction of the largest 
 
 def _rank(spec, W: torch.Tensor) -> int:
     out_f, in_f = W.shape
-    return min(LowRankLinear.rank_for_ratio(spec.target.value, in_f, out_f), in_f, out_f)
+    return min(formats.rank_for_ratio(spec.target.value, in_f, out_f), in_f, out_f)
 
 
 def truncated_factors(A: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

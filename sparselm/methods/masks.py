@@ -4,7 +4,7 @@ Shared by magnitude, Wanda and SparseGPT. Objective: keep the highest-scoring we
 target *exactly* (ties are broken by `torch.topk`, never by a threshold that could keep more):
 
 * `Sparsity(s)`: each comparison group (a row, or the whole layer) keeps ``size - round(s·size)``.
-* `Ratio(r)`:    density ``d = SparseLinear.density_for_ratio(r, dtype)`` (values + 1-bit mask ≤ 1 - r
+* `Ratio(r)`:    density ``d = formats.density_for_ratio(r, dtype)`` (values + 1-bit mask ≤ 1 - r
                  of the dense bytes); each group keeps ``floor(d·size)``, so the budget is never exceeded.
 * `Pattern(n, m)`: in every ``m`` consecutive inputs of every row exactly ``n`` are kept (N:M).
 """
@@ -14,9 +14,9 @@ import math
 
 import torch
 
+from .. import formats
 from ..config import Pattern, Ratio, Sparsity, Target
 from ..errors import InputError
-from ..modules import SparseLinear
 
 
 def kept_fraction(target: Ratio | Sparsity, dtype: torch.dtype) -> float:
@@ -24,7 +24,7 @@ def kept_fraction(target: Ratio | Sparsity, dtype: torch.dtype) -> float:
     if isinstance(target, Sparsity):
         return 1.0 - target.value
     try:
-        return SparseLinear.density_for_ratio(target.value, dtype)
+        return formats.density_for_ratio(target.value, dtype)
     except ValueError:
         raise InputError(f"ratio {target.value} leaves no bytes for weight values beside the 1-bit mask "
                          f"in {dtype}", f"use --ratio below {1 - 1 / torch.finfo(dtype).bits:.3f}") from None

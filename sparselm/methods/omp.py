@@ -30,6 +30,7 @@ the batched tensor form below serves GPUs and CPUs without numba, and the tests 
 """
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass
 
 import torch
@@ -41,6 +42,12 @@ from . import omp_cpu
 # n = 384, k = 392, s = 196: 3.8 s at 128 MiB vs 7.5 s at 512 MiB; n = 2048, k = 1092, s = 546: 9.6 vs 14.7 s).
 MAX_BYTES = {"cpu": 1 << 27}
 MAX_BYTES_DEFAULT = 1 << 32  # on any other device
+
+
+class Engine(enum.Enum):
+    AUTO = "auto"          # COMPILED where it can run (float32/float64 CPU tensors, numba installed), else TORCH
+    TORCH = "torch"        # batched tensor ops over chunks of columns, any device
+    COMPILED = "compiled"  # `omp_cpu`: a compiled loop per column, CPU only
 
 
 @dataclass
@@ -63,7 +70,7 @@ class Codes:
 
 
 def omp(D: torch.Tensor, Y: torch.Tensor, s: int, dtype: torch.dtype | None = None,
-        max_bytes: int | None = None, engine: str = "auto") -> Codes:
+        max_bytes: int | None = None, engine: Engine | str = Engine.AUTO) -> Codes:
     """Exactly-``s``-sparse codes of ``Y`` ``(n, cols)`` over the dictionary ``D`` ``(n, k)`` (math in
     ``dtype``, default ``D``'s: float32 or float64; ``engine`` as in `omp_gram`)."""
     dtype = dtype or D.dtype
@@ -72,20 +79,19 @@ def omp(D: torch.Tensor, Y: torch.Tensor, s: int, dtype: torch.dtype | None = No
 
 
 def omp_gram(G: torch.Tensor, DtY: torch.Tensor, s: int, dtype: torch.dtype | None = None,
-             max_bytes: int | None = None, engine: str = "auto") -> Codes:
-    """Batch-OMP from the Gram ``G = DᵀD`` ``(k, k)`` and ``DᵀY`` ``(k, cols)``.
-
-    ``engine``: "torch" (batched tensor ops over chunks of columns, any device), "compiled" (`omp_cpu`, CPU
-    only, needs numba) or "auto" (compiled on CPU when numba is installed, else torch)."""
+             max_bytes: int | None = None, engine: Engine | str = Engine.AUTO) -> Codes:
+    """Batch-OMP from the Gram ``G = DᵀD`` ``(k, k)`` and ``DᵀY`` ``(k, cols)``; ``engine``: see `Engine`."""
     k, cols = DtY.shape
     dtype = dtype or G.dtype
     if not 1 <= s <= k:
         raise ValueError(f"omp: sparsity s={s} must be between 1 and the number of atoms k={k}")
-    if engine not in ("auto", "torch", "compiled"):
-        raise ValueError(f"omp: engine {engine!r} is not one of auto, torch, compiled")
+    try:
+        engine = Engine(engine)
+    except ValueError:
+        raise ValueError(f"omp: engine {engine!r} is not one of {[e.value for e in Engine]}") from None
     G, DtY = G.to(dtype), DtY.to(dtype)
-    compilable = auto_engine(G.device, dtype) == "compiled"
-    if engine == "compiled" or (engine == "auto" and compilable):
+    compilable = auto_engine(G.device, dtype) is Engine.COMPILED
+    if engine is Engine.COMPILED or (engine is Engine.AUTO and compilable):
         if not compilable:
             raise ValueError("omp: the compiled engine needs float32/float64 CPU tensors and numba (pip install numba)")
         idx, val = omp_cpu.omp_columns(G, DtY.T, s, *_tolerances(dtype))
@@ -101,10 +107,10 @@ def omp_gram(G: torch.Tensor, DtY: torch.Tensor, s: int, dtype: torch.dtype | No
     return Codes(idx, val)
 
 
-def auto_engine(device: torch.device, dtype: torch.dtype) -> str:
-    """The engine ``engine="auto"`` runs: "compiled" for float32/float64 on CPU with numba, else "torch"."""
+def auto_engine(device: torch.device, dtype: torch.dtype) -> Engine:
+    """The engine `Engine.AUTO` runs: COMPILED for float32/float64 on CPU with numba, else TORCH."""
     ok = device.type == "cpu" and dtype in (torch.float32, torch.float64) and omp_cpu.available()
-    return "compiled" if ok else "torch"
+    return Engine.COMPILED if ok else Engine.TORCH
 
 
 def _tolerances(dtype: torch.dtype) -> tuple[float, float]:

@@ -9,7 +9,7 @@ Objective: ``min ‖X(W − Ŵ)ᵀ‖_F = ‖L(Wᵀ − U S)‖_F`` with ``Wᵀ 
   3. ridge refit of the dictionary: ``D = argmin ‖W_L − D C_s‖² + µ‖D‖²``, ``µ = max(1e-6, 1e-3·tr(C_sC_sᵀ)/k)``
      (Cholesky); map back ``U = L⁻¹ D`` by a triangular solve.
 
-Sizing (`rocket_size`): ``k`` is the largest dictionary size whose *real* stored bytes — ``D`` in the model
+Sizing (`rocket_size`): ``k`` is the largest dictionary size whose *real* stored bytes (`formats.dict_bytes`) — ``D`` in the model
 dtype, the values at ``value_bits(coef_storage)``, a 1-bit mask over ``k·out``, fp16 per-row scales for
 int8 — fit ``(1 − ratio)`` of the dense bytes with ``nnz ≤ ⌊k·out/ks⌋``. ``k`` is clipped to
 ``min(in, out)`` as in the paper (no overcomplete dictionary); a clipped layer is stored *below* its target
@@ -33,23 +33,15 @@ from dataclasses import dataclass
 
 import torch
 
+from .. import formats
 from ..capture import LinearStats
 from ..config import CoefStorage, RocketSpec
 from ..errors import InputError
-from ..packing import value_bits
 from . import SparseDict, register
 from .whiten import Whitening, whiten
 
 
 # --- sizing -------------------------------------------------------------------------------------------
-def dict_bytes(in_f: int, out_f: int, k: int, nnz: int, storage: CoefStorage, dtype: torch.dtype) -> int:
-    """Stored bytes of a `SparseDictLinear` (bias excluded): D + packed values + 1-bit mask (+ int8 scales)."""
-    db = torch.finfo(dtype).bits // 8
-    values = math.ceil(nnz * value_bits(storage, dtype) / 8)
-    scales = 2 * out_f if storage is CoefStorage.INT8 and nnz else 0  # fp16 per output row (upper bound)
-    return in_f * k * db + math.ceil(out_f * k / 8) + values + scales
-
-
 @dataclass(frozen=True)
 class RocketSize:
     k: int          # dictionary atoms
@@ -60,21 +52,18 @@ class RocketSize:
 def rocket_size(ratio: float, ks: float, in_f: int, out_f: int, storage: CoefStorage,
                 dtype: torch.dtype) -> RocketSize:
     """Largest ``k`` (and its ``nnz``) whose stored bytes are ≤ ``(1 − ratio)`` of the dense bytes."""
-    db = torch.finfo(dtype).bits // 8
-    target = (1 - ratio) * in_f * out_f * db
-    per_atom = in_f * db + out_f / 8 + out_f * value_bits(storage, dtype) / (8 * ks)
-    k0 = math.floor((target - (2 * out_f if storage is CoefStorage.INT8 else 0)) / per_atom)
-    k = min(k0, in_f, out_f)
+    target = (1 - ratio) * formats.dense_bytes(out_f, in_f, dtype)
 
     def nnz(k: int) -> int:
         return math.floor(k * out_f / ks + 1e-9)
 
-    while k > 0 and dict_bytes(in_f, out_f, k, nnz(k), storage, dtype) > target:
-        k -= 1
+    free = formats.largest(lambda k: formats.dict_bytes(in_f, out_f, k, nnz(k), storage, dtype) <= target,
+                           int(target // formats.dictionary_bytes(in_f, 1, dtype)))  # unclipped k
+    k = min(free, in_f, out_f)
     if k < 1:
         raise InputError(f"rocket: ratio {ratio} with ks={ks} leaves no room for one atom in a "
                          f"{out_f}x{in_f} layer", "lower the ratio or the ks of this layer")
-    return RocketSize(k, nnz(k), k0 > min(in_f, out_f))
+    return RocketSize(k, nnz(k), free > min(in_f, out_f))
 
 
 def keep_counts(size: RocketSize, out_f: int, spec: RocketSpec) -> tuple[int, int]:

@@ -7,11 +7,11 @@ from sparselm.capture import LinearStats
 from sparselm.config import CoefStorage, CoSpaDiSpec, Init, Ratio
 from sparselm.methods import SparseDict, compress_group
 from sparselm.methods._reference import cospadi_reference, ksvd_reference, learn_reference, omp_column
-from sparselm.methods.cospadi import (cospadi, init_dictionary, learn_dictionary, paper_sizes, sizes_for_ratio,
-                                      stored_bytes)
+from sparselm.formats import group_dict_bytes
+from sparselm.methods.cospadi import cospadi, init_dictionary, learn_dictionary, paper_sizes, sizes_for_ratio
 from sparselm.methods.ksvd import ksvd_update
 from sparselm.methods import omp_cpu
-from sparselm.methods.omp import omp
+from sparselm.methods.omp import Engine, omp
 from sparselm.methods.whiten import whiten
 from sparselm.modules import SparseDictLinear
 from sparselm.packing import round_values
@@ -35,7 +35,7 @@ def _layer(out=48, inp=32, tokens=256, seed=0):
 
 
 # --- OMP -----------------------------------------------------------------------------------------------
-ENGINES = ["torch", pytest.param("compiled", marks=pytest.mark.skipif(not omp_cpu.available(), reason="no numba"))]
+ENGINES = [Engine.TORCH, pytest.param(Engine.COMPILED, marks=pytest.mark.skipif(not omp_cpu.available(), reason="no numba"))]
 
 
 @pytest.mark.parametrize("engine", ENGINES)
@@ -77,7 +77,7 @@ def test_omp_keeps_exactly_s_atoms_when_the_residual_vanishes(engine):
 def test_compiled_and_batched_omp_agree(dtype):
     """Same algorithm, summation order aside: same supports and values on a well-separated problem."""
     D, Y = _dictionary(48, 90, seed=3).to(dtype), torch.randn(48, 70, generator=_gen(4)).to(dtype)
-    a, b = (omp(D, Y, 30, max_bytes=1 << 16, engine=e) for e in ("compiled", "torch"))
+    a, b = (omp(D, Y, 30, max_bytes=1 << 16, engine=e) for e in (Engine.COMPILED, Engine.TORCH))
     same = (a.idx == b.idx).all(1).float().mean()
     assert same == 1 if dtype == torch.float64 else same >= 0.95  # float32: a rare near-tie may flip
     rows = (a.idx == b.idx).all(1)
@@ -90,7 +90,7 @@ def test_compiled_and_batched_omp_agree(dtype):
 def test_compiled_omp_handles_zero_repeated_atoms_and_vanishing_residuals():
     D = torch.cat([_dictionary(48, 90, seed=3), torch.zeros(48, 1), _dictionary(48, 90, seed=3)[:, :4]], 1)
     Y = D[:, 10:13].sum(1, keepdim=True).expand(48, 5).contiguous()  # exact after 3 atoms
-    codes = omp(D, Y, 30, engine="compiled")
+    codes = omp(D, Y, 30, engine=Engine.COMPILED)
     assert (codes.mask(95).sum(0) == 30).all() and torch.isfinite(codes.val).all()
     assert sorted(codes.idx[0, :3].tolist()) == [10, 11, 12] and (codes.val[:, 3:] == 0).all()
     torch.testing.assert_close(D @ codes.dense(95), Y, atol=1e-5, rtol=0)
@@ -173,8 +173,8 @@ def test_stored_sizing_fits_the_budget_and_agrees_with_eq11_for_bf16_14bit():
         assert abs(k - paper_sizes(0.2, inp, out, 2.0)[0]) <= 1 and s == round(k / 2)
     k, s = sizes_for_ratio(0.3, 32, 48, 3.0, torch.float16, CoefStorage.INT8)
     budget = 0.7 * 32 * 48 * 2
-    assert stored_bytes(k, s, 32, [48], torch.float16, CoefStorage.INT8) <= budget
-    assert stored_bytes(k + 1, round((k + 1) / 3), 32, [48], torch.float16, CoefStorage.INT8) > budget
+    assert group_dict_bytes(32, [48], k, [s * 48], CoefStorage.INT8, torch.float16) <= budget
+    assert group_dict_bytes(32, [48], k + 1, [round((k + 1) / 3) * 48], CoefStorage.INT8, torch.float16) > budget
 
 
 # --- the method ----------------------------------------------------------------------------------------

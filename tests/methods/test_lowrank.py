@@ -2,12 +2,12 @@
 import pytest
 import torch
 
+from sparselm import formats
 from sparselm.capture import LinearStats
 from sparselm.config import ASVDSpec, Ratio, SVDLLMSpec, SVDSpec
 from sparselm.methods import Factored, compress_weight
 from sparselm.methods.lowrank import asvd, svd, svd_llm
 from sparselm.methods.whiten import whiten
-from sparselm.modules import LowRankLinear
 
 
 def _data(out=24, inp=16, tokens=200, seed=0):
@@ -34,7 +34,7 @@ def test_svd_llm_error_is_discarded_whitened_singular_values():
     W, X, stats = _data()
     spec = SVDLLMSpec(target=Ratio(0.4))
     res = svd_llm(W, stats, spec, torch.float32)
-    r = LowRankLinear.rank_for_ratio(0.4, 16, 24)
+    r = formats.rank_for_ratio(0.4, 16, 24)
     assert isinstance(res, Factored) and res.U.shape == (16, r) and res.V.shape == (r, 24)
     sig = torch.linalg.svdvals(whiten(stats).L @ W.double().T)
     discarded = float(sig[r:].square().sum())

@@ -4,6 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from sparselm import formats
 from sparselm.capture import LinearStats
 from sparselm.config import MagnitudeSpec, Pattern, Ratio, SparseGPTSpec, Sparsity, WandaSpec
 from sparselm.errors import InputError
@@ -92,7 +93,7 @@ def test_ratio_meets_stored_bytes(fn, spec_cls, dtype, ratio):
     stored = SparseLinear(res.weight, res.mask, dtype=dtype).stored_bytes()
     dense = W.numel() * torch.finfo(dtype).bits // 8
     assert stored <= (1 - ratio) * dense
-    density = SparseLinear.density_for_ratio(ratio, dtype)
+    density = formats.density_for_ratio(ratio, dtype)
     assert int(res.mask.sum()) > density * W.numel() - W.shape[0]  # not needlessly sparse (≤1 per row lost)
 
 

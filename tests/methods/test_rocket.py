@@ -8,9 +8,9 @@ from sparselm.capture import LinearStats
 from sparselm.config import CoefStorage, Ratio, RocketSpec
 from sparselm.errors import InputError
 from sparselm.methods import SparseDict, compress_weight
-from sparselm.methods.rocket import (dict_bytes, factorize, keep_counts, rocket_size, sparse_mask,
-                                     whitened_svd)
-from sparselm.modules import from_result
+from sparselm.formats import dict_bytes
+from sparselm.methods.rocket import factorize, keep_counts, rocket_size, sparse_mask, whitened_svd
+from sparselm.pipeline import build_module
 
 
 def correlated(seed: int = 0, tokens: int = 192, in_f: int = 32, out_f: int = 24):
@@ -31,9 +31,10 @@ def test_stored_bytes_within_target(dtype, storage):
     dense = W.numel() * (torch.finfo(dtype).bits // 8)
     for ratio, ks in ((0.1, 3.0), (0.4, 1.0), (0.4, 2.5), (0.7, 1.5)):
         res = compress_weight(RocketSpec(Ratio(ratio), ks=ks, coef_storage=storage), W, stats, dtype)
-        module = from_result(res, None, dtype)
-        assert module.stored_bytes() <= (1 - ratio) * dense
-        assert module.stored_bytes() == dict_bytes(32, 24, res.info["k"], res.info["nnz"], storage, dtype)
+        module = build_module(res, None, dtype)
+        written = sum(b.numel() * b.element_size() for b in module.buffers())
+        assert written == module.stored_bytes() == res.stored_bytes(dtype) <= (1 - ratio) * dense
+        assert written == dict_bytes(32, 24, res.info["k"], res.info["nnz"], storage, dtype)
         assert torch.allclose(module.dense_weight(), res.reconstruct(), rtol=0.05, atol=0.05)
 
 
@@ -119,7 +120,7 @@ def test_refill_beyond_beta_stays_within_bytes():
         res = compress_weight(spec, W, stats, torch.float16)
         size = rocket_size(0.4, 2.0, 32, 24, spec.coef_storage, torch.float16)
         assert res.info["nnz"] <= size.nnz
-        assert from_result(res, None, torch.float16).stored_bytes() <= 0.6 * dense
+        assert build_module(res, None, torch.float16).stored_bytes() <= 0.6 * dense
 
 
 def test_singular_gram_records_shift():

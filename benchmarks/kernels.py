@@ -1,0 +1,350 @@
+"""Speed of the compressed layers' fast forwards against dense bf16, on CPU, random weights.
+
+Layers: every compressed type (low rank, sparse dictionary, unstructured pruning, 2:4) at stored ratios
+``--ratios`` on the projection shapes of Llama-3.2-1B and Llama-3-8B, bf16, ``--threads`` CPU threads,
+decode (1 token) and prefill (512 tokens). Baselines: ``nn.Linear`` (what transformers runs) and the best
+dense PyTorch path (``torch.mv`` at one token). Weights are cycled through enough copies (``--cycle-mb`` of
+dense bytes) that no call finds its weight in the last-level cache; variants are timed interleaved, medians.
+A crossover sweep (token counts 1..64) sets `kernels.policy.GEMV_MAX_TOKENS`.
+End to end (`--part e2e`): greedy decode tokens/s of a Llama-3.2-1B-shaped model (random bf16 weights) with
+every linear of every block compressed, against the same model dense.
+
+    python benchmarks/kernels.py --part all      # writes docs/benchmarks/kernels.{md,json}
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from sparselm import formats, kernels  # noqa: E402
+from sparselm.config import CoefStorage  # noqa: E402
+from sparselm.kernels import masked as kmasked  # noqa: E402
+from sparselm.config import Pattern  # noqa: E402
+from sparselm.modules import CompressedLinear, LowRankLinear, SparseDictLinear, SparseLinear  # noqa: E402
+from sparselm.packing import encode_values, index_bits, pack_bits  # noqa: E402
+
+SHAPES = {  # (in, out) per distinct projection
+    "Llama-3.2-1B": {"q/o": (2048, 2048), "k/v": (2048, 512), "gate/up": (2048, 8192), "down": (8192, 2048)},
+    "Llama-3-8B": {"q/o": (4096, 4096), "k/v": (4096, 1024), "gate/up": (4096, 14336), "down": (14336, 4096)},
+}
+DT = torch.bfloat16
+TARGETS = {("lowrank", 1): 0.75, ("dict", 1): 0.75, ("unstructured", 1): 0.8, ("2:4", 1): 0.8,
+           ("lowrank", 512): 0.7, ("dict", 512): 1.1, ("unstructured", 512): 1.2, ("2:4", 512): 1.2}
+OUT = ROOT / "docs" / "benchmarks"
+
+
+# --- random compressed layers --------------------------------------------------------------------------
+def _gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def pruned(in_f: int, out_f: int, sparsity: float, nm: bool = False) -> SparseLinear:
+    """Random bf16 weight with a fraction ``sparsity`` of zeros (unstructured), or 2:4."""
+    W = torch.randn(out_f, in_f, generator=_gen(1)).mul_(0.02).to(DT)
+    m = SparseLinear.__new__(SparseLinear)
+    CompressedLinear.__init__(m, in_f, out_f)
+    if nm:
+        m.pattern = Pattern(2, 4)
+        pos = torch.rand(out_f, in_f // 4, 4, generator=_gen(2)).argsort(-1)[..., :2].sort(-1).values
+        m._set(values=W.view(out_f, in_f // 4, 4).gather(2, pos).reshape(out_f, -1),
+               indices=pack_bits(pos, index_bits(4)))
+        return m
+    m.pattern = None
+    mask = torch.rand(out_f, in_f, generator=_gen(2)) >= sparsity
+    m._set(mask=kmasked.pack_mask(mask), values=W[mask])
+    return m
+
+
+def lowrank(in_f: int, out_f: int, ratio: float) -> LowRankLinear:
+    r = formats.rank_for_ratio(ratio, in_f, out_f)
+    return LowRankLinear(torch.randn(in_f, r, generator=_gen(3)).to(DT), torch.randn(r, out_f, generator=_gen(4)).to(DT))
+
+
+def dict_sizes(in_f: int, out_f: int, ratio: float, storage: CoefStorage) -> tuple[int, int]:
+    """Atoms k and nonzeros per output s = k/2 so that D (bf16) + S (storage) + mask store ``1 - ratio``."""
+    vbits = {CoefStorage.BF16: 16, CoefStorage.BF16_14BIT: 14, CoefStorage.INT8: 8}[storage]
+    bits_per_atom = 16 * in_f + out_f * (vbits / 2 + 1)
+    k = int((1 - ratio) * 16 * in_f * out_f / bits_per_atom)
+    return k, k // 2
+
+
+def sparse_dict(in_f: int, out_f: int, ratio: float, storage: CoefStorage = CoefStorage.BF16) -> SparseDictLinear:
+    k, s = dict_sizes(in_f, out_f, ratio, storage)
+    cols = torch.rand(out_f, k, generator=_gen(5)).topk(s, dim=1).indices  # (out, s)
+    maskT = torch.zeros(out_f, k, dtype=torch.bool).scatter_(1, cols, True)  # Sᵀ pattern
+    m = SparseDictLinear.__new__(SparseDictLinear)
+    CompressedLinear.__init__(m, in_f, out_f)
+    m.k, m.coef_storage = k, storage
+    values = torch.randn(int(maskT.sum()), generator=_gen(6)).mul_(0.05)
+    rows = torch.arange(out_f).repeat_interleave(s)
+    m._set(D=torch.randn(in_f, k, generator=_gen(7)).mul_(0.05).to(DT), mask=kmasked.pack_mask(maskT),
+           **encode_values(values, storage, DT, rows, n_rows=out_f))
+    return m
+
+
+def build(kind: str, in_f: int, out_f: int, ratio: float) -> nn.Module:
+    """``ratio``: stored ratio for low rank and dictionaries, the sparsity for unstructured pruning."""
+    if kind == "lowrank":
+        return lowrank(in_f, out_f, ratio)
+    if kind.startswith("dict"):
+        storage = {"dict": CoefStorage.BF16, "dict-14bit": CoefStorage.BF16_14BIT, "dict-int8": CoefStorage.INT8}[kind]
+        return sparse_dict(in_f, out_f, ratio, storage)
+    return pruned(in_f, out_f, ratio, nm=kind == "2:4")
+
+
+# --- timing ------------------------------------------------------------------------------------------
+def copies_for(nbytes: int, cycle_mb: int) -> int:
+    return max(2, -(-cycle_mb * 2 ** 20 // max(nbytes, 1)))
+
+
+def interleaved(fns: dict, n_copies: dict, repeats: int) -> dict:
+    """Median seconds of each ``fns[k](i)`` (i cycles through ``n_copies[k]`` weights), one round at a time."""
+    times = {k: [] for k in fns}
+    for f in fns.values():  # warm-up (the callers build every copy's runtime form beforehand)
+        f(0)
+    step = {k: 0 for k in fns}
+    for _ in range(repeats):
+        for k, f in fns.items():
+            t = time.perf_counter()
+            f(step[k] % n_copies[k])
+            times[k].append(time.perf_counter() - t)
+            step[k] += 1
+    return {k: {"median_ms": statistics.median(v) * 1e3, "min_ms": min(v) * 1e3, "max_ms": max(v) * 1e3}
+            for k, v in times.items()}
+
+
+def stored_bytes(m: nn.Module) -> int:
+    return sum(b.numel() * b.element_size() for b in m.buffers())
+
+
+@torch.no_grad()
+def layer_case(kind: str, in_f: int, out_f: int, ratio: float, tokens: list[int], threads: int, args) -> list[dict]:
+    torch.set_num_threads(threads)
+    proto = build(kind, in_f, out_f, ratio)
+    dense_bytes = in_f * out_f * 2
+    nd, nc = copies_for(dense_bytes, args.cycle_mb), copies_for(stored_bytes(proto), args.cycle_mb)
+    comp = [proto] + [copy.deepcopy(proto) for _ in range(nc - 1)]
+    Ws = [torch.randn(out_f, in_f, generator=_gen(8)).mul_(0.02).to(DT)] * 1
+    Ws += [Ws[0].clone() for _ in range(nd - 1)]
+    x1 = torch.randn(1, in_f).to(DT)
+    for m in comp:
+        m(x1)  # builds each copy's runtime form
+    rows = []
+    for t in tokens:
+        x = torch.randn(t, in_f, generator=_gen(9)).to(DT)
+        fns = {"compressed": lambda i: comp[i](x), "linear": lambda i: F.linear(x, Ws[i])}
+        if t == 1:
+            fns["mv"] = lambda i: torch.mv(Ws[i], x[0])
+        r = interleaved(fns, {"compressed": nc, "linear": nd, "mv": nd},
+                        args.repeats if t <= 16 else args.prefill_repeats)
+        best = min(v["median_ms"] for k, v in r.items() if k != "compressed")
+        c = r["compressed"]["median_ms"]
+        target = TARGETS.get((kind.split("-")[0] if kind.startswith("dict") else kind, t))
+        rows.append({"kind": kind, "in": in_f, "out": out_f, "ratio": ratio, "threads": threads, "tokens": t,
+                     "ratio_stored": round(1 - stored_bytes(proto) / dense_bytes, 3),
+                     "resident_over_stored": round(proto.resident_bytes() / stored_bytes(proto), 4),
+                     "compressed_ms": round(c, 4), "linear_ms": round(r["linear"]["median_ms"], 4),
+                     "mv_ms": round(r["mv"]["median_ms"], 4) if "mv" in r else None,
+                     "vs_linear": round(c / r["linear"]["median_ms"], 3), "vs_best_dense": round(c / best, 3),
+                     "spread_ms": [round(r["compressed"]["min_ms"], 3), round(r["compressed"]["max_ms"], 3)],
+                     "target": target, "met": None if target is None else c / best <= target})
+    del comp, Ws
+    return rows
+
+
+@torch.no_grad()
+def crossover(args) -> list[dict]:
+    """GEMV vs panels (unpack + GEMM) over token counts, 50 % unstructured 2048->8192 and 4096->14336."""
+    out = []
+    for in_f, out_f in [(2048, 8192), (4096, 14336)]:
+        proto = pruned(in_f, out_f, 0.5)
+        n = copies_for(stored_bytes(proto), args.cycle_mb)
+        mods = [proto] + [copy.deepcopy(proto) for _ in range(n - 1)]
+        for m in mods:
+            m(torch.randn(1, in_f).to(DT))
+        for threads in args.threads:
+            torch.set_num_threads(threads)
+            for t in (1, 2, 4, 8, 16, 32, 64):
+                x = torch.randn(t, in_f).to(DT)
+                fns = {}
+                for path in ("gemv", "panel"):
+                    fns[path] = (lambda p: lambda i: (setattr(mods[i], "kernel_path", p), mods[i](x)))(path)
+                r = interleaved(fns, {"gemv": n, "panel": n}, args.repeats)
+                out.append({"in": in_f, "out": out_f, "threads": threads, "tokens": t,
+                            **{f"{k}_ms": round(v["median_ms"], 3) for k, v in r.items()}})
+                print(out[-1], flush=True)
+        for m in mods:
+            m.kernel_path = None
+    return out
+
+
+# --- end to end --------------------------------------------------------------------------------------
+def llama_1b(layers: int):
+    import transformers as tf
+    config = tf.LlamaConfig(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=layers,
+                            num_attention_heads=32, num_key_value_heads=8, head_dim=64, tie_word_embeddings=True,
+                            max_position_embeddings=4096, rope_parameters={"rope_type": "default", "rope_theta": 5e5})
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(DT)
+    try:
+        model = tf.LlamaForCausalLM(config).eval()
+    finally:
+        torch.set_default_dtype(old)
+    return model
+
+
+def _linears(model) -> dict[str, nn.Linear]:
+    return {n: m for n, m in model.model.layers.named_modules() if isinstance(m, nn.Linear)}
+
+
+def _swap(model, modules: dict[str, nn.Module]) -> None:
+    for name, mod in modules.items():
+        parent, _, child = name.rpartition(".")
+        setattr(model.model.layers.get_submodule(parent), child, mod)
+
+
+@torch.no_grad()
+def end_to_end(args) -> list[dict]:
+    model = llama_1b(args.e2e_layers)
+    dense = _linears(model)
+    ids = torch.randint(0, 128256, (8, 8), generator=_gen(0))
+    kw = dict(max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False, pad_token_id=0)
+    rows = []
+    for kind, ratio in args.e2e:
+        comp = {n: build(kind, m.in_features, m.out_features, ratio) for n, m in dense.items()}
+        for threads in args.threads:
+            torch.set_num_threads(threads)
+            for b in args.e2e_batch:
+                times = {"dense": [], "compressed": []}
+                for rnd in range(args.e2e_repeats + 1):  # round 0 warms up
+                    for which, mods in (("dense", dense), ("compressed", comp)):
+                        _swap(model, mods)
+                        t = time.perf_counter()
+                        model.generate(ids[:b], **kw)
+                        if rnd:
+                            times[which].append(time.perf_counter() - t)
+                tps = {k: b * args.new_tokens / statistics.median(v) for k, v in times.items()}
+                rows.append({"kind": kind, "ratio": ratio, "threads": threads, "batch": b, "layers": args.e2e_layers,
+                             "dense_tokens_per_s": round(tps["dense"], 2),
+                             "compressed_tokens_per_s": round(tps["compressed"], 2),
+                             "speedup": round(tps["compressed"] / tps["dense"], 3),
+                             "target": 1.25 if b == 1 and kind in ("lowrank", "dict", "unstructured") else None})
+                rows[-1]["met"] = None if rows[-1]["target"] is None else rows[-1]["speedup"] >= rows[-1]["target"]
+                print(rows[-1], flush=True)
+        _swap(model, dense)
+        del comp
+    return rows
+
+
+# --- report ------------------------------------------------------------------------------------------
+def _fmt(v) -> str:
+    if v is None:
+        return ""
+    if isinstance(v, bool):
+        return "yes" if v else "**no**"
+    return f"{v:g}" if isinstance(v, float) else str(v)
+
+
+def table(rows: list[dict], cols: list[str]) -> str:
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(_fmt(r.get(c)) for c in cols) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def write(results: dict) -> None:
+    OUT.mkdir(parents=True, exist_ok=True)
+    (OUT / "kernels.json").write_text(json.dumps(results, indent=1))
+    m = results["machine"]
+    md = [f"# Compressed-layer kernels: speed on CPU\n",
+          f"Written by `benchmarks/kernels.py` ({m['when']}). CPU: {m['cpu']}; torch {m['torch']}; kernels: "
+          f"{m['kernels']}. bf16, random weights, medians of interleaved runs with weights cycled past the "
+          f"last-level cache (`--cycle-mb {m['cycle_mb']}`). The machine is shared with other jobs: 2-thread "
+          "numbers are noisy. `vs best dense` = compressed time / min(`nn.Linear`, `torch.mv` at 1 token); "
+          "`met` compares it with the issue's target.\n"]
+    for name, key, cols in (
+            ("Layers", "layers", ["model", "proj", "kind", "ratio", "ratio_stored", "threads", "tokens", "compressed_ms",
+                                  "linear_ms", "mv_ms", "vs_linear", "vs_best_dense", "target", "met",
+                                  "resident_over_stored"]),
+            ("GEMV vs panels (sets `policy.GEMV_MAX_TOKENS`)", "crossover",
+             ["in", "out", "threads", "tokens", "gemv_ms", "panel_ms"]),
+            ("End to end: greedy decode, Llama-3.2-1B-shaped model", "e2e",
+             ["kind", "ratio", "layers", "threads", "batch", "dense_tokens_per_s", "compressed_tokens_per_s",
+              "speedup", "target", "met"])):
+        if results.get(key):
+            md += [f"## {name}\n", table(results[key], cols), ""]
+    (OUT / "kernels.md").write_text("\n".join(md) + "\n")
+
+
+def _cases(args):
+    for model, shapes in SHAPES.items():
+        if model not in args.models:
+            continue
+        for proj, (in_f, out_f) in shapes.items():
+            for kind, ratio in args.cases:
+                yield model, proj, in_f, out_f, kind, ratio
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--part", default="all", choices=["layers", "crossover", "e2e", "all"])
+    p.add_argument("--models", nargs="+", default=list(SHAPES))
+    p.add_argument("--cases", nargs="+", default=["lowrank:0.4", "dict:0.4", "unstructured:0.5", "2:4:0",
+                                                  "lowrank:0.2", "dict:0.2", "unstructured:0.3", "dict-14bit:0.4",
+                                                  "dict-int8:0.4", "lowrank:0.5", "dict:0.5"])
+    p.add_argument("--threads", nargs="+", type=int, default=[1, 2])
+    p.add_argument("--tokens", nargs="+", type=int, default=[1, 512])
+    p.add_argument("--repeats", type=int, default=15)
+    p.add_argument("--prefill-repeats", type=int, default=5)
+    p.add_argument("--cycle-mb", type=int, default=512)
+    p.add_argument("--e2e", nargs="+", default=["lowrank:0.4", "dict:0.4", "unstructured:0.5", "2:4:0"])
+    p.add_argument("--e2e-layers", type=int, default=16)
+    p.add_argument("--e2e-batch", nargs="+", type=int, default=[1, 8])
+    p.add_argument("--e2e-repeats", type=int, default=3)
+    p.add_argument("--new-tokens", type=int, default=32)
+    p.add_argument("--merge", action="store_true", help="keep the other parts' rows from the existing JSON")
+    p.add_argument("--append", action="store_true", help="with --merge: add layer rows to the existing ones")
+    args = p.parse_args()
+    args.cases = [(c.rpartition(":")[0], float(c.rpartition(":")[2])) for c in args.cases]
+    args.e2e = [(c.rpartition(":")[0], float(c.rpartition(":")[2])) for c in args.e2e]
+    old = json.loads((OUT / "kernels.json").read_text()) if args.merge and (OUT / "kernels.json").is_file() else {}
+    results = {**old, "machine": {"when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "torch": torch.__version__,
+                                  "cpu": _cpu(), "cycle_mb": args.cycle_mb,
+                                  "kernels": "C++ extension" if kernels.extension_available() else "torch fallback"}}
+    if args.part in ("layers", "all"):
+        results["layers"] = old.get("layers", []) if args.append else []
+        for model, proj, in_f, out_f, kind, ratio in _cases(args):
+            for threads in args.threads:
+                for row in layer_case(kind, in_f, out_f, ratio, args.tokens, threads, args):
+                    results["layers"].append({"model": model, "proj": proj, **row})
+                    print(results["layers"][-1], flush=True)
+            write(results)
+    if args.part in ("crossover", "all"):
+        results["crossover"] = crossover(args)
+        write(results)
+    if args.part in ("e2e", "all"):
+        results["e2e"] = end_to_end(args)
+    write(results)
+
+
+def _cpu() -> str:
+    try:
+        names = [ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")]
+        return f"{names[0]} x{len(names)}"
+    except (OSError, IndexError):
+        return "unknown"
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,408 @@
+// sparselm masked-bitmap kernels (CPU). Original code written for sparselm.
+//
+// A "masked matrix" (rows, cols) is stored as a packed bitmask (bit r*cols+c, little-endian bits in
+// bytes) plus its nonzero values in row-major order; `offsets` (rows+1, int64) is the popcount prefix,
+// i.e. the index of row r's first value. Value kinds: 0 bf16, 1 fp16, 2 fp32, 3 int8 (times a per-row
+// scale), 4 bf16 packed in 14 bits (the saved `values14` buffer, decoded in registers).
+//
+//   masked_gemv(x (T, cols) f32, ...)        -> (T, rows) f32    Y = X Mᵀ, decode (T small)
+//   masked_unpack(..., r0, r1, out (r1-r0, cols) bf16|f16|f32)   dense rows of M, for prefill panels
+//
+// Each has an AVX-512 path (VBMI2 expand-load of the values under 32 mask bits at a time, fp32 FMA)
+// chosen at run time by cpuid, and a portable scalar path.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <immintrin.h>
+#include <cstring>
+#include <type_traits>
+
+namespace {
+
+enum Kind { BF16 = 0, FP16 = 1, FP32 = 2, INT8 = 3, P14 = 4 };
+
+struct Masked {
+  const uint8_t* mask; int64_t mask_bytes;
+  const int64_t* offsets;
+  const void* values; int64_t value_bytes; int kind;
+  const float* scale;  // (rows,) for INT8, else nullptr
+  int64_t rows, cols;
+};
+
+// n (<= 32) mask bits starting at bit `pos`, never reading past the buffer.
+inline uint32_t read_bits(const Masked& m, int64_t pos, int n) {
+  int64_t byte = pos >> 3; int sh = int(pos & 7);
+  uint64_t w = 0;
+  if (byte + 8 <= m.mask_bytes) {
+    std::memcpy(&w, m.mask + byte, 8);
+  } else {
+    int need = (sh + n + 7) >> 3;
+    for (int i = 0; i < need; i++) w |= uint64_t(m.mask[byte + i]) << (8 * i);
+  }
+  w >>= sh;
+  return n == 32 ? uint32_t(w) : uint32_t(w & ((1ull << n) - 1));
+}
+
+inline float bf16_bits_to_float(uint16_t b) {
+  uint32_t u = uint32_t(b) << 16; float f; std::memcpy(&f, &u, 4); return f;
+}
+
+// value number i (no int8 scale applied)
+inline float value_at(const Masked& m, int64_t i) {
+  switch (m.kind) {
+    case BF16: return bf16_bits_to_float(static_cast<const uint16_t*>(m.values)[i]);
+    case FP16: return float(static_cast<const c10::Half*>(m.values)[i]);
+    case FP32: return static_cast<const float*>(m.values)[i];
+    case INT8: return float(static_cast<const int8_t*>(m.values)[i]);
+    default: {  // P14: 14 bits at bit 14*i; the top bit is the sign, bf16 bits = v << 2
+      const uint8_t* p = static_cast<const uint8_t*>(m.values);
+      int64_t pos = 14 * i, byte = pos >> 3; int sh = int(pos & 7);
+      uint32_t w = 0;
+      for (int k = 0; k < 3 && byte + k < m.value_bytes; k++) w |= uint32_t(p[byte + k]) << (8 * k);
+      return bf16_bits_to_float(uint16_t(((w >> sh) & 0x3FFF) << 2));
+    }
+  }
+}
+
+// ---- scalar ------------------------------------------------------------------------------------
+void gemv_rows_scalar(const Masked& m, const float* x, int64_t T, float* y, int64_t r0, int64_t r1) {
+  std::vector<float> acc(T);
+  for (int64_t r = r0; r < r1; r++) {
+    std::fill(acc.begin(), acc.end(), 0.f);
+    int64_t idx = m.offsets[r], bit = r * m.cols;
+    for (int64_t c = 0; c < m.cols; c += 32) {
+      int n = int(std::min<int64_t>(32, m.cols - c));
+      for (uint32_t w = read_bits(m, bit + c, n); w; w &= w - 1) {
+        int64_t col = c + __builtin_ctz(w);
+        float v = value_at(m, idx++);
+        for (int64_t t = 0; t < T; t++) acc[t] += v * x[t * m.cols + col];
+      }
+    }
+    float s = m.scale ? m.scale[r] : 1.f;
+    for (int64_t t = 0; t < T; t++) y[t * m.rows + r] = acc[t] * s;
+  }
+}
+
+template <typename OutT>
+void unpack_rows_scalar(const Masked& m, int64_t r0, int64_t r1, OutT* out) {
+  for (int64_t r = r0; r < r1; r++) {
+    OutT* o = out + r * m.cols;
+    std::fill(o, o + m.cols, OutT(0.f));
+    int64_t idx = m.offsets[r], bit = r * m.cols;
+    float s = m.scale ? m.scale[r] : 1.f;
+    for (int64_t c = 0; c < m.cols; c += 32) {
+      int n = int(std::min<int64_t>(32, m.cols - c));
+      for (uint32_t w = read_bits(m, bit + c, n); w; w &= w - 1)
+        o[c + __builtin_ctz(w)] = OutT(value_at(m, idx++) * s);
+    }
+  }
+}
+
+// ---- AVX-512 ------------------------------------------------------------------------------------
+#define SPARSELM_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vbmi,avx512vbmi2,avx512bf16,f16c,fma,popcnt")))
+
+SPARSELM_AVX512 inline __m512 bf16x16_to_ps(__m256i h) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
+// byte tables for the in-register 14-bit decode (see p14_load32)
+struct Bytes64 { uint8_t b[64]; };
+constexpr Bytes64 p14_perm() {  // qword q = bytes 7q..7q+7 of the loaded chunk (values 4q..4q+3)
+  Bytes64 t{};
+  for (int q = 0; q < 8; q++) for (int k = 0; k < 8; k++) t.b[8 * q + k] = uint8_t(7 * q + k);
+  return t;
+}
+constexpr Bytes64 p14_ctrl(int o) {  // 16-bit lane 4q+t: the bits at 2o+14t of qword q
+  Bytes64 t{};
+  for (int q = 0; q < 8; q++) for (int k = 0; k < 4; k++) {
+    t.b[8 * q + 2 * k] = uint8_t(2 * o + 14 * k); t.b[8 * q + 2 * k + 1] = uint8_t(2 * o + 14 * k + 8);
+  }
+  return t;
+}
+alignas(64) constexpr Bytes64 kP14Perm = p14_perm();
+alignas(64) constexpr Bytes64 kP14Ctrl[4] = {p14_ctrl(0), p14_ctrl(1), p14_ctrl(2), p14_ctrl(3)};
+
+// 32 consecutive 14-bit values starting at value index i, as bf16 bit patterns in 16-bit lanes.
+SPARSELM_AVX512 inline __m512i p14_load32(const Masked& m, int64_t i) {
+  const __m512i perm = _mm512_loadu_si512(kP14Perm.b);
+  int64_t pos = 14 * i, byte = pos >> 3;
+  int64_t avail = m.value_bytes - byte;
+  __mmask64 k = avail >= 64 ? ~__mmask64(0) : (avail <= 0 ? 0 : ((__mmask64(1) << avail) - 1));
+  __m512i raw = _mm512_maskz_loadu_epi8(k, static_cast<const uint8_t*>(m.values) + byte);
+  __m512i q = _mm512_permutexvar_epi8(perm, raw);  // qword j = bytes 7j..7j+7: values 4j..4j+3
+  __m512i v = _mm512_multishift_epi64_epi8(_mm512_loadu_si512(kP14Ctrl[(pos & 7) >> 1].b), q);
+  return _mm512_slli_epi16(_mm512_and_si512(v, _mm512_set1_epi16(0x3FFF)), 2);
+}
+
+// the 32 weights of columns c..c+31 under mask word w (zeros where unset), as two fp32 vectors
+SPARSELM_AVX512 inline void decode32(const Masked& m, int64_t idx, uint32_t w, __m512& lo, __m512& hi) {
+  switch (m.kind) {
+    case BF16: case FP16: {
+      __m512i v = _mm512_maskz_expandloadu_epi16(w, static_cast<const uint16_t*>(m.values) + idx);
+      __m256i a = _mm512_castsi512_si256(v), b = _mm512_extracti64x4_epi64(v, 1);
+      if (m.kind == BF16) { lo = bf16x16_to_ps(a); hi = bf16x16_to_ps(b); }
+      else { lo = _mm512_cvtph_ps(a); hi = _mm512_cvtph_ps(b); }
+      break;
+    }
+    case FP32: {
+      const float* f = static_cast<const float*>(m.values) + idx;
+      lo = _mm512_maskz_expandloadu_ps(__mmask16(w), f);
+      hi = _mm512_maskz_expandloadu_ps(__mmask16(w >> 16), f + _mm_popcnt_u32(w & 0xFFFF));
+      break;
+    }
+    case INT8: {
+      __m256i b = _mm256_maskz_expandloadu_epi8(w, static_cast<const int8_t*>(m.values) + idx);
+      lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(b)));
+      hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_extracti128_si256(b, 1)));
+      break;
+    }
+    default: {
+      __m512i v = _mm512_maskz_expand_epi16(w, p14_load32(m, idx));
+      lo = bf16x16_to_ps(_mm512_castsi512_si256(v)); hi = bf16x16_to_ps(_mm512_extracti64x4_epi64(v, 1));
+    }
+  }
+}
+
+template <int TT>
+SPARSELM_AVX512 void gemv_rows_avx(const Masked& m, const float* x, float* y, int64_t r0, int64_t r1) {
+  for (int64_t r = r0; r < r1; r++) {
+    __m512 acc[TT];
+    for (int t = 0; t < TT; t++) acc[t] = _mm512_setzero_ps();
+    int64_t idx = m.offsets[r], bit = r * m.cols;
+    for (int64_t c = 0; c < m.cols; c += 32) {
+      int n = int(std::min<int64_t>(32, m.cols - c));
+      uint32_t w = read_bits(m, bit + c, n);
+      if (!w) continue;
+      __m512 lo, hi;
+      decode32(m, idx, w, lo, hi);
+      idx += _mm_popcnt_u32(w);
+      __mmask16 klo = n >= 16 ? 0xFFFF : __mmask16((1u << n) - 1);
+      __mmask16 khi = n >= 32 ? 0xFFFF : (n <= 16 ? 0 : __mmask16((1u << (n - 16)) - 1));
+      for (int t = 0; t < TT; t++) {
+        const float* xt = x + t * m.cols + c;
+        acc[t] = _mm512_fmadd_ps(lo, _mm512_maskz_loadu_ps(klo, xt), acc[t]);
+        acc[t] = _mm512_fmadd_ps(hi, _mm512_maskz_loadu_ps(khi, xt + 16), acc[t]);
+      }
+    }
+    float s = m.scale ? m.scale[r] : 1.f;
+    for (int t = 0; t < TT; t++) y[t * m.rows + r] = _mm512_reduce_add_ps(acc[t]) * s;
+  }
+}
+
+// bf16 values (plain or 14-bit) against bf16 x: VDPBF16PS on the expanded values. NR rows at once
+// (compile-time, so accumulators and value cursors stay in registers) so that their popcount chains and
+// dot-product latencies overlap. Rows need not start on a mask word (any cols); the tail chunk is masked.
+template <int NR, int TT>
+SPARSELM_AVX512 inline void dp_chunk(const Masked& m, const uint16_t* x, int64_t c, int n, bool aligned,
+                                     const int64_t (&rowbit)[NR], int64_t (&idx)[NR], __m512 (&acc)[NR][TT]) {
+  __mmask32 k = n >= 32 ? ~__mmask32(0) : __mmask32((1u << n) - 1);
+  __m512i xv[TT];
+  for (int t = 0; t < TT; t++)
+    xv[t] = n == 32 ? _mm512_loadu_si512(x + t * m.cols + c) : _mm512_maskz_loadu_epi16(k, x + t * m.cols + c);
+  for (int j = 0; j < NR; j++) {
+    uint32_t w;
+    if (aligned) std::memcpy(&w, m.mask + ((rowbit[j] + c) >> 3), 4);
+    else w = read_bits(m, rowbit[j] + c, n);
+    __m512i v = m.kind == P14 ? _mm512_maskz_expand_epi16(w, p14_load32(m, idx[j]))
+                              : _mm512_maskz_expandloadu_epi16(w, static_cast<const uint16_t*>(m.values) + idx[j]);
+    idx[j] += _mm_popcnt_u32(w);
+    for (int t = 0; t < TT; t++) acc[j][t] = _mm512_dpbf16_ps(acc[j][t], (__m512bh)v, (__m512bh)xv[t]);
+  }
+}
+
+template <int NR, int TT>
+SPARSELM_AVX512 inline void dpbf16_block(const Masked& m, const uint16_t* x, float* y, int64_t r) {
+  const int64_t full = m.cols / 32;
+  const int tail = int(m.cols % 32);
+  const bool aligned = tail == 0;
+  __m512 acc[NR][TT];
+  int64_t idx[NR], rowbit[NR];
+  for (int j = 0; j < NR; j++) {
+    for (int t = 0; t < TT; t++) acc[j][t] = _mm512_setzero_ps();
+    idx[j] = m.offsets[r + j]; rowbit[j] = (r + j) * m.cols;
+  }
+  for (int64_t c = 0; c < full; c++) dp_chunk<NR, TT>(m, x, 32 * c, 32, aligned, rowbit, idx, acc);
+  if (tail) dp_chunk<NR, TT>(m, x, 32 * full, tail, false, rowbit, idx, acc);
+  for (int j = 0; j < NR; j++)
+    for (int t = 0; t < TT; t++) y[t * m.rows + r + j] = _mm512_reduce_add_ps(acc[j][t]);
+}
+
+template <int TT>
+SPARSELM_AVX512 void gemv_rows_dpbf16(const Masked& m, const uint16_t* x, float* y, int64_t r0, int64_t r1) {
+  constexpr int NR = TT <= 2 ? 4 : 2;
+  int64_t r = r0;
+  for (; r + NR <= r1; r += NR) dpbf16_block<NR, TT>(m, x, y, r);
+  for (; r < r1; r++) dpbf16_block<1, TT>(m, x, y, r);
+}
+
+template <typename OutT>
+SPARSELM_AVX512 void unpack_rows_avx(const Masked& m, int64_t r0, int64_t r1, OutT* out) {
+  for (int64_t r = r0; r < r1; r++) {
+    OutT* o = out + r * m.cols;
+    int64_t idx = m.offsets[r], bit = r * m.cols;
+    __m512 s = _mm512_set1_ps(m.scale ? m.scale[r] : 1.f);
+    for (int64_t c = 0; c < m.cols; c += 32) {
+      int n = int(std::min<int64_t>(32, m.cols - c));
+      uint32_t w = read_bits(m, bit + c, n);
+      __mmask32 k = n >= 32 ? ~__mmask32(0) : __mmask32((1u << n) - 1);
+      if (m.kind == BF16 && std::is_same<OutT, c10::BFloat16>::value) {  // copy the bits, no rounding
+        __m512i v = _mm512_maskz_expandloadu_epi16(w, static_cast<const uint16_t*>(m.values) + idx);
+        _mm512_mask_storeu_epi16(o + c, k, v);
+      } else {
+        __m512 lo, hi;
+        decode32(m, idx, w, lo, hi);
+        if (m.scale) { lo = _mm512_mul_ps(lo, s); hi = _mm512_mul_ps(hi, s); }
+        if constexpr (std::is_same<OutT, float>::value) {
+          _mm512_mask_storeu_ps(o + c, __mmask16(k), lo);
+          _mm512_mask_storeu_ps(o + c + 16, __mmask16(k >> 16), hi);
+        } else {
+          __m256i a, b;
+          if constexpr (std::is_same<OutT, c10::BFloat16>::value) {
+            a = (__m256i)_mm512_cvtneps_pbh(lo); b = (__m256i)_mm512_cvtneps_pbh(hi);
+          } else {
+            a = _mm512_cvtps_ph(lo, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+            b = _mm512_cvtps_ph(hi, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+          }
+          __m512i v = _mm512_inserti64x4(_mm512_castsi256_si512(a), b, 1);
+          _mm512_mask_storeu_epi16(o + c, k, v);
+        }
+      }
+      idx += _mm_popcnt_u32(w);
+    }
+  }
+}
+
+bool cpu_has_avx512() {
+  static const bool ok = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
+      __builtin_cpu_supports("avx512vbmi") && __builtin_cpu_supports("avx512vbmi2") &&
+      __builtin_cpu_supports("avx512bf16");
+  return ok;
+}
+
+Masked view(const torch::Tensor& mask, const torch::Tensor& offsets, const torch::Tensor& values, int64_t kind,
+            const c10::optional<torch::Tensor>& scale, int64_t rows, int64_t cols) {
+  TORCH_CHECK(mask.is_contiguous() && mask.scalar_type() == torch::kUInt8, "mask: contiguous uint8");
+  TORCH_CHECK(offsets.is_contiguous() && offsets.scalar_type() == torch::kInt64 && offsets.numel() == rows + 1,
+              "offsets: contiguous int64 (rows+1,)");
+  TORCH_CHECK(values.is_contiguous(), "values: contiguous");
+  TORCH_CHECK(mask.numel() * 8 >= rows * cols, "mask too short");
+  TORCH_CHECK(kind != INT8 || (scale.has_value() && scale->scalar_type() == torch::kFloat32 &&
+              scale->is_contiguous() && scale->numel() == rows), "int8 values need a float32 scale (rows,)");
+  return Masked{mask.data_ptr<uint8_t>(), mask.numel(), offsets.data_ptr<int64_t>(), values.data_ptr(),
+                int64_t(values.numel() * values.element_size()), int(kind),
+                kind == INT8 ? scale->data_ptr<float>() : nullptr, rows, cols};
+}
+
+}  // namespace
+
+bool has_avx512() { return cpu_has_avx512(); }
+
+template <typename F>
+void token_blocks(int64_t T, F&& f) {  // f(t0, std::integral_constant<int, tt>) for blocks of <= 8 tokens
+  for (int64_t t0 = 0; t0 < T; t0 += 8) {
+    switch (std::min<int64_t>(8, T - t0)) {
+      case 1: f(t0, std::integral_constant<int, 1>()); break;
+      case 2: f(t0, std::integral_constant<int, 2>()); break;
+      case 3: f(t0, std::integral_constant<int, 3>()); break;
+      case 4: f(t0, std::integral_constant<int, 4>()); break;
+      case 5: f(t0, std::integral_constant<int, 5>()); break;
+      case 6: f(t0, std::integral_constant<int, 6>()); break;
+      case 7: f(t0, std::integral_constant<int, 7>()); break;
+      default: f(t0, std::integral_constant<int, 8>());
+    }
+  }
+}
+
+torch::Tensor masked_gemv(torch::Tensor x, torch::Tensor mask, torch::Tensor offsets, torch::Tensor values,
+                          int64_t kind, c10::optional<torch::Tensor> scale, int64_t rows, int64_t cols,
+                          bool simd) {
+  TORCH_CHECK(x.dim() == 2 && x.size(1) == cols && x.is_contiguous(), "x: contiguous (T, cols)");
+  Masked m = view(mask, offsets, values, kind, scale, rows, cols);
+  int64_t T = x.size(0);
+  bool avx = simd && cpu_has_avx512();
+  bool dp = avx && x.scalar_type() == torch::kBFloat16 && (kind == BF16 || kind == P14);
+  if (!dp) x = x.to(torch::kFloat32);
+  auto y = torch::empty({T, rows}, x.options().dtype(torch::kFloat32));
+  float* yp = y.data_ptr<float>();
+  at::parallel_for(0, rows, 16, [&](int64_t b, int64_t e) {
+    if (dp) {
+      auto xp = reinterpret_cast<const uint16_t*>(x.data_ptr<c10::BFloat16>());
+      token_blocks(T, [&](int64_t t0, auto tt) {
+        gemv_rows_dpbf16<decltype(tt)::value>(m, xp + t0 * cols, yp + t0 * rows, b, e);
+      });
+    } else if (avx) {
+      const float* xp = x.data_ptr<float>();
+      token_blocks(T, [&](int64_t t0, auto tt) {
+        gemv_rows_avx<decltype(tt)::value>(m, xp + t0 * cols, yp + t0 * rows, b, e);
+      });
+    } else {
+      gemv_rows_scalar(m, x.data_ptr<float>(), T, yp, b, e);
+    }
+  });
+  return y;
+}
+
+void masked_unpack(torch::Tensor mask, torch::Tensor offsets, torch::Tensor values, int64_t kind,
+                   c10::optional<torch::Tensor> scale, int64_t rows, int64_t cols, int64_t r0, int64_t r1,
+                   torch::Tensor out, bool simd) {
+  Masked m = view(mask, offsets, values, kind, scale, rows, cols);
+  TORCH_CHECK(0 <= r0 && r0 <= r1 && r1 <= rows, "row range");
+  TORCH_CHECK(out.is_contiguous() && out.numel() >= (r1 - r0) * cols, "out: contiguous (r1-r0, cols)");
+  bool avx = simd && cpu_has_avx512();
+  auto st = out.scalar_type();
+  TORCH_CHECK(st == torch::kFloat32 || st == torch::kBFloat16 || st == torch::kFloat16, "out dtype");
+  at::parallel_for(r0, r1, 8, [&](int64_t b, int64_t e) {
+    auto run = [&](auto* base) {  // out row 0 is matrix row r0
+      auto* o = base - r0 * cols;
+      using T = std::remove_pointer_t<decltype(o)>;
+      if (avx) unpack_rows_avx<T>(m, b, e, o); else unpack_rows_scalar<T>(m, b, e, o);
+    };
+    if (st == torch::kFloat32) run(out.data_ptr<float>());
+    else if (st == torch::kBFloat16) run(out.data_ptr<c10::BFloat16>());
+    else run(out.data_ptr<c10::Half>());
+  });
+}
+
+// Y = X Mᵀ for many tokens: each thread unpacks its own row panels into a thread-local scratch and runs a
+// single-threaded dense GEMM on it (one parallel region per call; ATen ops inside it run sequentially).
+torch::Tensor masked_panels_mm(torch::Tensor x, torch::Tensor mask, torch::Tensor offsets, torch::Tensor values,
+                               int64_t kind, c10::optional<torch::Tensor> scale, int64_t rows, int64_t cols,
+                               int64_t panel_rows, bool simd) {
+  TORCH_CHECK(x.dim() == 2 && x.size(1) == cols, "x: (T, cols)");
+  auto st = x.scalar_type();
+  TORCH_CHECK(st == torch::kFloat32 || st == torch::kBFloat16 || st == torch::kFloat16, "x dtype");
+  Masked m = view(mask, offsets, values, kind, scale, rows, cols);
+  bool avx = simd && cpu_has_avx512();
+  auto xT = x.t();
+  auto yT = torch::empty({rows, x.size(0)}, x.options());
+  int64_t npanels = (rows + panel_rows - 1) / panel_rows;
+  at::parallel_for(0, npanels, 1, [&](int64_t b, int64_t e) {
+    thread_local torch::Tensor scratch;
+    if (!scratch.defined() || scratch.scalar_type() != st || scratch.numel() < panel_rows * cols)
+      scratch = torch::empty({panel_rows * cols}, x.options());
+    for (int64_t p = b; p < e; p++) {
+      int64_t r0 = p * panel_rows, r1 = std::min(rows, r0 + panel_rows);
+      auto run = [&](auto* base) {
+        auto* o = base - r0 * cols;
+        using T = std::remove_pointer_t<decltype(o)>;
+        if (avx) unpack_rows_avx<T>(m, r0, r1, o); else unpack_rows_scalar<T>(m, r0, r1, o);
+      };
+      if (st == torch::kFloat32) run(scratch.data_ptr<float>());
+      else if (st == torch::kBFloat16) run(scratch.data_ptr<c10::BFloat16>());
+      else run(scratch.data_ptr<c10::Half>());
+      auto panel = scratch.narrow(0, 0, (r1 - r0) * cols).view({r1 - r0, cols});
+      auto out = yT.narrow(0, r0, r1 - r0);
+      at::mm_out(out, panel, xT);
+    }
+  });
+  return yT;
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
+  mod.def("has_avx512", &has_avx512, "whether the AVX-512 (VBMI2 + BF16) paths run on this CPU");
+  mod.def("masked_gemv", &masked_gemv, "Y = X M^T for a bitmask-packed matrix M");
+  mod.def("masked_panels_mm", &masked_panels_mm, "Y^T = M X^T through per-thread unpacked panels + GEMM");
+  mod.def("masked_unpack", &masked_unpack, "dense rows r0..r1 of a bitmask-packed matrix into out");
+}

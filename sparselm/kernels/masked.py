@@ -1,0 +1,155 @@
+"""Bitmask-packed matrices: the runtime form and its products ``Y = X Mᵀ``.
+
+The saved formats (`sparselm.packing`): a packed bitmask of M ``(rows, cols)`` (bit ``r·cols + c``,
+little-endian within bytes) + the nonzero values in row-major order, as bf16/fp16/fp32 ``values``,
+14-bit packed bf16 ``values14`` or ``values_int8`` × a per-row ``scale``. N:M weights (values
+``(rows, cols·n/m)`` + packed in-group positions) become the same form at load: 2:4 costs the same bits.
+
+`Masked` holds the saved tensors themselves (no copy) plus the popcount prefix ``offsets`` (8 B per row),
+the bitmask built from N:M indices (1 bit per weight) and a float32 copy of an int8 scale.
+
+Three ways to compute the product, all exact up to float rounding:
+  * ``gemv``  C++ (AVX-512 expand-load + FMA, or scalar): reads the compressed bytes once; for few tokens.
+  * ``panel`` C++: each thread unpacks cache-sized row panels into its own reused scratch buffer and runs a
+    single-threaded dense GEMM on each (one parallel region per call).
+  * ``torch`` panels unpacked with torch ops, one GEMM each: the fallback when the extension cannot be built.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from . import _build
+
+KIND = {torch.bfloat16: 0, torch.float16: 1, torch.float32: 2}
+INT8, P14 = 3, 4
+_BITS = (1 << torch.arange(8, dtype=torch.int16))  # (8,)
+_ROWS_PER_STEP = 1 << 22  # bits handled at once by the torch helpers (bounds their temporaries)
+
+
+@dataclass
+class Masked:
+    rows: int
+    cols: int
+    mask: torch.Tensor     # uint8 (ceil(rows*cols/8),)
+    offsets: torch.Tensor  # int64 (rows+1,): index of each row's first value
+    values: torch.Tensor   # flat: bf16/fp16/fp32, int8, or uint8 (14-bit packed)
+    kind: int
+    scale: torch.Tensor | None = None  # float32 (rows,) for int8
+    owned: int = 0         # bytes this form adds beside the saved buffers
+
+    def __post_init__(self):
+        self.owned += self.offsets.numel() * 8 + (0 if self.scale is None else self.scale.numel() * 4)
+
+
+def _bits(mask: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+    """Bits ``start..stop-1`` of a packed mask as uint8 0/1 ``(stop-start,)``."""
+    b0, b1 = start // 8, -(-stop // 8)
+    bits = (mask[b0:b1].to(torch.int16).unsqueeze(1) >> torch.arange(8, dtype=torch.int16)) & 1
+    return bits.reshape(-1)[start - 8 * b0: stop - 8 * b0].to(torch.uint8)
+
+
+def row_counts(mask: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+    """Set bits per row of a packed ``(rows, cols)`` mask, int64 ``(rows,)``."""
+    step = max(1, _ROWS_PER_STEP // max(cols, 1))
+    parts = [_bits(mask, r * cols, min(rows, r + step) * cols).view(-1, cols).sum(1)
+             for r in range(0, rows, step)]
+    return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.int64)
+
+
+def pack_mask(mask: torch.Tensor) -> torch.Tensor:
+    """A bool tensor (flattened) packed as `packing.pack_bits(mask, 1)` does, without its int32 temporaries."""
+    flat = mask.reshape(-1)
+    pad = (-flat.numel()) % 8
+    if pad:
+        flat = torch.cat([flat, flat.new_zeros(pad)])
+    groups = flat.view(-1, 8)
+    out = torch.empty(groups.shape[0], dtype=torch.uint8)
+    step = _ROWS_PER_STEP // 8
+    for i in range(0, groups.shape[0], step):
+        out[i:i + step] = (groups[i:i + step].to(torch.int16) * _BITS).sum(1).to(torch.uint8)
+    return out
+
+
+def from_bitmask(buffers: dict[str, torch.Tensor], rows: int, cols: int) -> Masked:
+    """The runtime form of a saved mask + values (keys as in `modules`: mask, values|values14|values_int8, scale)."""
+    mask = buffers["mask"]
+    offsets = torch.zeros(rows + 1, dtype=torch.int64)
+    torch.cumsum(row_counts(mask, rows, cols), 0, out=offsets[1:])
+    if "values14" in buffers:
+        return Masked(rows, cols, mask, offsets, buffers["values14"], P14)
+    if "values_int8" in buffers:
+        return Masked(rows, cols, mask, offsets, buffers["values_int8"], INT8, buffers["scale"].float())
+    return Masked(rows, cols, mask, offsets, buffers["values"].reshape(-1), KIND[buffers["values"].dtype])
+
+
+def from_nm(values: torch.Tensor, positions: torch.Tensor, n: int, m: int) -> Masked:
+    """N:M weights (values ``(rows, cols·n/m)``, in-group positions ``(rows, cols/m, n)``) as a bitmask form."""
+    rows, groups = positions.shape[0], positions.shape[1]
+    bool_mask = torch.zeros(rows, groups, m, dtype=torch.bool).scatter_(2, positions, True)
+    mask = pack_mask(bool_mask)
+    offsets = torch.arange(rows + 1, dtype=torch.int64) * (groups * n)
+    return Masked(rows, groups * m, mask, offsets, values.reshape(-1), KIND[values.dtype], owned=mask.numel())
+
+
+# --- torch helpers: one panel of dense rows ------------------------------------------------------------
+def _values14(packed: torch.Tensor, start: int, count: int) -> torch.Tensor:
+    bits = _bits(packed, 14 * start, 14 * (start + count)).view(count, 14).to(torch.int32)
+    raw = (bits << torch.arange(14, dtype=torch.int32)).sum(1) << 2  # bf16 bit pattern
+    return raw.to(torch.int16).view(torch.bfloat16)
+
+
+def panel_torch(mm: Masked, r0: int, r1: int, dtype: torch.dtype) -> torch.Tensor:
+    """Dense rows ``r0..r1-1`` of M in ``dtype`` (pure torch)."""
+    keep = _bits(mm.mask, r0 * mm.cols, r1 * mm.cols).view(r1 - r0, mm.cols).bool()
+    i0, i1 = int(mm.offsets[r0]), int(mm.offsets[r1])
+    if mm.kind == P14:
+        vals = _values14(mm.values, i0, i1 - i0)
+    elif mm.kind == INT8:
+        rows = torch.repeat_interleave(torch.arange(r0, r1), mm.offsets[r0 + 1:r1 + 1] - mm.offsets[r0:r1])
+        vals = mm.values[i0:i1].float() * mm.scale[rows]
+    else:
+        vals = mm.values[i0:i1]
+    out = torch.zeros(r1 - r0, mm.cols, dtype=dtype)
+    out[keep] = vals.to(dtype)
+    return out
+
+
+# --- products -----------------------------------------------------------------------------------------
+_scratch = {"bytes": 0}  # the largest panel scratch the C++ path has held (one buffer per thread)
+
+
+def scratch_bytes() -> int:
+    """Bytes held by the per-thread panel buffers (sized by the largest panel used so far)."""
+    return _scratch["bytes"]
+
+
+def panel_rows(mm: Masked, rows: int) -> int:
+    """At most ``rows`` per panel, and at least one panel per thread."""
+    return max(1, min(rows, -(-mm.rows // torch.get_num_threads())))
+
+
+def matmul_panels(x: torch.Tensor, mm: Masked, rows: int, use_ext: bool = True) -> torch.Tensor:
+    """``x (T, cols) -> (T, rows)``: unpack row panels, one dense GEMM each (output written in place)."""
+    ext = _build.extension() if use_ext else None
+    dtype = x.dtype if x.dtype in KIND else torch.float32
+    p = panel_rows(mm, rows)
+    if ext is not None:
+        threads = min(torch.get_num_threads(), -(-mm.rows // p))
+        _scratch["bytes"] = max(_scratch["bytes"], threads * p * mm.cols * torch.finfo(dtype).bits // 8)
+        return ext.masked_panels_mm(x.to(dtype), mm.mask, mm.offsets, mm.values, mm.kind, mm.scale, mm.rows,
+                                    mm.cols, p, True).t()
+    yT = torch.empty(mm.rows, x.shape[0], dtype=dtype)  # (rows, T): each panel's rows are contiguous
+    xT = x.to(dtype).t()
+    for r0 in range(0, mm.rows, p):
+        r1 = min(mm.rows, r0 + p)
+        torch.mm(panel_torch(mm, r0, r1, dtype), xT, out=yT[r0:r1])
+    return yT.t()
+
+
+def matmul_gemv(x: torch.Tensor, mm: Masked, simd: bool = True) -> torch.Tensor:
+    """``x (T, cols) -> (T, rows)`` float32 through the C++ GEMV (the extension must be available)."""
+    ext = _build.extension()
+    return ext.masked_gemv(x.contiguous() if x.dtype == torch.bfloat16 else x.float().contiguous(), mm.mask, mm.offsets, mm.values, mm.kind, mm.scale,
+                           mm.rows, mm.cols, simd)

@@ -1,0 +1,47 @@
+"""Which path a compressed layer's forward takes, from the token count and measured thresholds.
+
+Paths: ``gemv`` (C++ bitmask GEMV, reads the compressed bytes once), ``panel`` (C++ unpack into cache-sized
+panels + dense GEMM), ``torch`` (the same panels unpacked with torch ops; no compiler needed) and
+``reference`` (the module's plain forward: rebuilds the dense weight).
+
+Override, most specific first: a module's ``kernel_path`` attribute, then the ``SPARSELM_KERNELS``
+environment variable (``auto`` | ``gemv`` | ``panel`` | ``torch`` | ``reference``). Thresholds come from
+``benchmarks/kernels.py`` on the project's CPU (docs/benchmarks/kernels.md) and can be set here.
+"""
+from __future__ import annotations
+
+import os
+
+from . import _build
+from ..errors import InputError
+
+PATHS = ("auto", "gemv", "panel", "torch", "reference")
+# up to this many tokens the GEMV beats unpack + GEMM (crossover in docs/benchmarks/kernels.md: 4-8 tokens
+# at 2048x8192 and 4096x14336, bf16, 1-2 threads)
+GEMV_MAX_TOKENS = 6
+# low rank: torch.mv per token beats one GEMM up to this many tokens (bf16 GEMM at M=1..2 is slow)
+MV_MAX_TOKENS = 1
+# rows per unpacked panel (each feeds one GEMM of M = rows): 256 measured best at 2048..14336 inputs, 512
+# tokens (64-row panels were 1.7-2.6x slower, 512 rows lost the cache); fewer when a layer has few rows
+# so that every thread gets a panel
+PANEL_ROWS = 256
+
+
+def requested(module_path: str | None) -> str:
+    path = module_path or os.environ.get("SPARSELM_KERNELS", "auto").lower() or "auto"
+    if path not in PATHS:
+        raise InputError(f"kernel path {path!r} (module kernel_path or SPARSELM_KERNELS)",
+                         f"use one of {', '.join(PATHS)}")
+    return path
+
+
+def masked_path(tokens: int, module_path: str | None = None) -> str:
+    """The path for a bitmask product over ``tokens`` rows of input."""
+    path = requested(module_path)
+    if path in ("gemv", "panel") and not _build.available():
+        return "torch"
+    if path != "auto":
+        return path
+    if not _build.available():
+        return "torch"
+    return "gemv" if tokens <= GEMV_MAX_TOKENS else "panel"

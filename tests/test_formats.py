@@ -1,0 +1,75 @@
+"""One size formula per format: what a method's result promises, what the built layer counts, and what its
+buffers really hold (what `io.save` writes) are the same number, for every format and value storage."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sparselm import formats
+from sparselm.config import CoefStorage, Pattern
+from sparselm.methods import Factored, Pruned, SparseDict
+from sparselm.modules import LowRankLinear, SparseDictLinear, SparseLinear
+from sparselm.pipeline import build_module
+
+
+def written(module) -> int:
+    return sum(b.numel() * b.element_size() for b in module.buffers() if b is not module.bias)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("pattern", [None, Pattern(2, 4), Pattern(3, 8)])
+def test_sparse_linear_counts_its_buffers(dtype, pattern):
+    W = torch.randn(12, 40)
+    if pattern is None:
+        mask = torch.rand(12, 40) < 0.37
+    else:
+        idx = torch.rand(12, 40 // pattern.m, pattern.m).argsort(-1)[..., :pattern.n]
+        mask = torch.zeros(12, 40 // pattern.m, pattern.m, dtype=torch.bool).scatter_(2, idx, True).view(12, 40)
+    res = Pruned(W * mask, mask, pattern)
+    module = build_module(res, torch.randn(12), dtype)
+    assert isinstance(module, SparseLinear) and module.nnz == int(mask.sum())
+    assert written(module) == module.weight_bytes() == res.stored_bytes(dtype)
+    assert module.stored_bytes() == written(module) + 12 * torch.finfo(dtype).bits // 8
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_low_rank_counts_its_buffers(dtype):
+    res = Factored(torch.randn(20, 5), torch.randn(5, 9))
+    module = build_module(res, None, dtype)
+    assert isinstance(module, LowRankLinear)
+    assert written(module) == module.weight_bytes() == res.stored_bytes(dtype) == formats.lowrank_bytes(20, 9, 5, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("storage", list(CoefStorage))
+@pytest.mark.parametrize("density", [0.0, 0.3, 1.0])
+def test_sparse_dict_counts_its_buffers_without_unpacking(dtype, storage, density):
+    D, S = torch.randn(16, 7), torch.randn(7, 11)
+    mask = torch.rand(7, 11) < density
+    mask[:, -1] = False  # the last output channel has no coefficient: int8 still stores its scale
+    res = SparseDict(D, S * mask, mask, storage)
+    module = build_module(res, None, dtype)
+    assert isinstance(module, SparseDictLinear) and module.nnz == int(mask.sum())
+    assert written(module) == module.weight_bytes() == res.stored_bytes(dtype)
+    if storage is CoefStorage.INT8:
+        assert module.scale.shape == (11,)  # one scale per output channel, as documented
+
+
+def test_shared_dictionary_group_counts_d_once():
+    outs, k = [9, 13, 6], 5
+    nnz = [2 * o for o in outs]
+    alone = [formats.dict_bytes(16, o, k, n, CoefStorage.BF16, torch.bfloat16) for o, n in zip(outs, nnz)]
+    group = formats.group_dict_bytes(16, outs, k, nnz, CoefStorage.BF16, torch.bfloat16)
+    assert sum(alone) - group == 2 * formats.dictionary_bytes(16, k, torch.bfloat16)
+
+
+def test_density_and_rank_invert_their_formulas():
+    for ratio in (0.1, 0.5, 0.9):
+        d = formats.density_for_ratio(ratio, torch.float16)
+        assert formats.sparse_bytes(64, 64, int(d * 64 * 64), torch.float16) <= (1 - ratio) * 64 * 64 * 2 + 1
+        r = formats.rank_for_ratio(ratio, 64, 32)
+        assert formats.lowrank_bytes(64, 32, r, torch.float16) <= (1 - ratio) * 64 * 32 * 2 or r == 1
+        assert formats.lowrank_bytes(64, 32, r + 1, torch.float16) > (1 - ratio) * 64 * 32 * 2
+    with pytest.raises(ValueError):
+        formats.density_for_ratio(0.95, torch.float16)
+    assert formats.largest(lambda k: k * 3 <= 10, 100) == 3 and formats.largest(lambda k: False, 5) == 0

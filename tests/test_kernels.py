@@ -1,0 +1,172 @@
+"""Fast forwards (sparselm.kernels) against their reference twins: every path, odd shapes, dtypes, storages."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sparselm import kernels
+from sparselm.config import CoefStorage, Pattern
+from sparselm.kernels import _build, masked
+from sparselm.modules import LowRankLinear, SparseDictLinear, SparseLinear, reference_forwards
+
+needs_ext = pytest.mark.skipif(not kernels.extension_available(),
+                               reason="the C++ kernels could not be built here (no compiler or ninja)")
+PATHS = [pytest.param("gemv", marks=needs_ext), pytest.param("panel", marks=needs_ext), "torch"]
+TOL = {torch.float32: 1e-4, torch.bfloat16: 3e-2, torch.float16: 3e-3}
+
+
+def _check(module, x, path, dtype):
+    module.kernel_path = path
+    got = module(x)
+    module.kernel_path = "reference"
+    ref = module(x)
+    assert got.dtype == ref.dtype == x.dtype and got.shape == ref.shape
+    scale = ref.float().abs().max().item() + 1e-6
+    torch.testing.assert_close(got.float() / scale, ref.float() / scale, rtol=0, atol=TOL[dtype])
+
+
+def _inputs(in_f, dtype, tokens):
+    return torch.randn(*tokens, in_f, generator=torch.Generator().manual_seed(1)).to(dtype)
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("tokens", [(1,), (2, 3), (1, 37)])
+@pytest.mark.parametrize("shape, bias", [((45, 70), True), ((64, 96), False)])
+def test_unstructured_paths_match_reference(path, dtype, tokens, shape, bias):
+    torch.manual_seed(0)
+    W, mask = torch.randn(*shape), torch.rand(*shape) < 0.5
+    m = SparseLinear(W, mask, torch.randn(shape[0]) if bias else None, None, dtype)
+    _check(m, _inputs(shape[1], dtype, tokens), path, dtype)
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("n, m", [(2, 4), (4, 8)])
+@pytest.mark.parametrize("tokens", [(1,), (19,)])
+def test_nm_paths_match_reference(path, n, m, tokens):
+    torch.manual_seed(0)
+    W = torch.randn(33, 64)
+    idx = torch.rand(33, 64 // m, m).argsort(-1)[..., :n]
+    mask = torch.zeros(33, 64 // m, m, dtype=torch.bool).scatter_(2, idx, True).view(33, 64)
+    mod = SparseLinear(W, mask, torch.randn(33), Pattern(n, m), torch.bfloat16)
+    _check(mod, _inputs(64, torch.bfloat16, tokens), path, torch.bfloat16)
+    rt = mod.runtime()  # the N:M positions became the unstructured bitmask
+    assert torch.equal(masked.panel_torch(rt, 0, 33, torch.bfloat16), mod.dense_weight())
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("storage", list(CoefStorage))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("tokens", [(1,), (3,), (2, 20)])
+def test_sparse_dict_paths_match_reference(path, storage, dtype, tokens):
+    torch.manual_seed(0)
+    D, S = torch.randn(40, 96), torch.randn(96, 37)  # in 40, k 96, out 37
+    mask = torch.rand(96, 37) < 0.4
+    mod = SparseDictLinear(D, S * mask, mask, torch.randn(37), storage, dtype)
+    _check(mod, _inputs(40, dtype, tokens), path, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("tokens", [(1,), (7,)])
+def test_low_rank_fast_forward_matches_reference_and_keeps_bytes(dtype, tokens):
+    U, V = torch.randn(48, 5), torch.randn(5, 31)
+    m = LowRankLinear(U, V, torch.randn(31), dtype)
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    _check(m, _inputs(48, dtype, tokens), None, dtype)
+    assert m.U.t().is_contiguous()  # re-laid out column-major for torch.mv
+    for k, v in m.state_dict().items():
+        assert torch.equal(v, before[k]) and v.numel() * v.element_size() == before[k].numel() * v.element_size()
+
+
+@needs_ext
+@pytest.mark.parametrize("storage", [CoefStorage.BF16, CoefStorage.BF16_14BIT, CoefStorage.INT8, CoefStorage.FP16])
+def test_scalar_and_simd_gemv_agree(storage):
+    torch.manual_seed(0)
+    mask = torch.rand(53, 77) < 0.5  # Sᵀ (out 77, k 53): rows not word-aligned
+    mod = SparseDictLinear(torch.randn(8, 53), torch.randn(53, 77) * mask, mask, None, storage)
+    rt = mod.runtime()
+    h = torch.randn(4, 53)
+    ref = h @ mod.coefficients().float()
+    for simd in (True, False):
+        torch.testing.assert_close(masked.matmul_gemv(h, rt, simd), ref, rtol=1e-4, atol=1e-4)
+
+
+def test_runtime_follows_buffer_writes():
+    W, mask = torch.randn(16, 32), torch.rand(16, 32) < 0.5
+    a, b = SparseLinear(W, mask), SparseLinear(torch.randn(16, 32), mask)
+    x = torch.randn(2, 32)
+    a(x)
+    a.load_state_dict(b.state_dict())
+    torch.testing.assert_close(a(x), b.reference_forward(x))
+
+
+def test_shared_dictionary_stays_shared_after_relayout():
+    D = torch.randn(24, 10)
+    mask = torch.rand(10, 6) < 0.5
+    a = SparseDictLinear(D, torch.randn(10, 6) * mask, mask)
+    b = SparseDictLinear(D, torch.randn(10, 6) * mask, mask)
+    b.D = a.D
+    x = torch.randn(1, 24)
+    a(x), b(x)
+    assert a.D is b.D and a.D.t().is_contiguous()
+
+
+def test_fallback_when_the_build_fails(monkeypatch):
+    def broken():
+        raise RuntimeError("no compiler")
+    monkeypatch.setattr(_build, "_state", {})
+    monkeypatch.setattr(_build, "_build", broken)
+    assert not kernels.extension_available()
+    assert kernels.policy.masked_path(1) == "torch" and kernels.policy.masked_path(1, "gemv") == "torch"
+    torch.manual_seed(0)
+    mod = SparseDictLinear(torch.randn(20, 12), torch.randn(12, 9), torch.rand(12, 9) < 0.5, None,
+                           CoefStorage.BF16_14BIT, torch.bfloat16)
+    _check(mod, _inputs(20, torch.bfloat16, (3,)), None, torch.bfloat16)
+
+
+def test_env_override_and_bad_value(monkeypatch):
+    from sparselm.errors import InputError
+    monkeypatch.setenv("SPARSELM_KERNELS", "reference")
+    m = SparseLinear(torch.randn(4, 8), torch.rand(4, 8) < 0.5)
+    assert not kernels.usable(torch.randn(1, 8), m.kernel_path)
+    monkeypatch.setenv("SPARSELM_KERNELS", "fastest")
+    with pytest.raises(InputError, match="kernel path"):
+        m(torch.randn(1, 8))
+
+
+def test_reference_forwards_context_restores_paths():
+    m = SparseLinear(torch.randn(4, 8), torch.rand(4, 8) < 0.5)
+    m.kernel_path = "torch"
+    with reference_forwards(m):
+        assert m.kernel_path == "reference"
+    assert m.kernel_path == "torch"
+
+
+def test_gradients_take_the_reference_forward():
+    m = LowRankLinear(torch.randn(8, 3), torch.randn(3, 5))
+    x = torch.randn(2, 8, requires_grad=True)
+    m(x).sum().backward()
+    torch.testing.assert_close(x.grad, (m.U @ m.V).sum(1).expand(2, 8))
+
+
+def test_relaid_factors_save_like_the_originals(tmp_path):
+    from sparselm import io
+    m = LowRankLinear(torch.randn(8, 3), torch.randn(3, 5))
+    m(torch.randn(1, 8))
+    from sparselm.budget import Plan
+    io.save_checkpoint(tmp_path / "ck", {"k": 1}, 1, {"l": {}}, {"l": m}, Plan({}, []).to_dict())
+    _, out, _ = io.load_checkpoint(tmp_path / "ck", {"k": 1})
+    for k, v in m.state_dict().items():
+        assert torch.equal(out["l"][0].state_dict()[k], v)
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_many_small_panels_match_reference(path, monkeypatch):
+    monkeypatch.setattr(kernels.policy, "PANEL_ROWS", 5)
+    torch.manual_seed(0)
+    mask = torch.rand(50, 23) < 0.5  # S (k 50, out 23): 5 panels of Sᵀ rows
+    mod = SparseDictLinear(torch.randn(30, 50), torch.randn(50, 23) * mask, mask, torch.randn(23),
+                           CoefStorage.BF16_14BIT, torch.bfloat16)
+    _check(mod, _inputs(30, torch.bfloat16, (40,)), path, torch.bfloat16)
+    W, m2 = torch.randn(23, 45), torch.rand(23, 45) < 0.5
+    _check(SparseLinear(W, m2, None, None, torch.float32), _inputs(45, torch.float32, (40,)), path, torch.float32)

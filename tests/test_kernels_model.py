@@ -1,0 +1,108 @@
+"""Whole models on the fast forwards: same greedy tokens as the reference forwards, honest resident bytes,
+checkpoint dtype kept by `io.load`."""
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers as tf
+
+from sparselm import api, io
+from sparselm.modules import CompressedLinear, reference_forwards
+
+METHODS = {"magnitude-50%": ("magnitude", None, 0.5, None), "wanda-2:4": ("wanda", None, None, "2:4"),
+           "svd-0.4": ("svd", 0.4, None, None), "rocket-0.4": ("rocket", 0.4, None, None)}
+
+
+@pytest.fixture(scope="module", params=list(METHODS))
+def bundled_compressed(request, tmp_path_factory):
+    method, ratio, sparsity, pattern = METHODS[request.param]
+    out = tmp_path_factory.mktemp("kern") / request.param
+    api.compress_model(None, api.build_recipe(method, ratio, sparsity, pattern), nsamples=4, seqlen=64,
+                       evaluate_ppl=False, out=str(out))
+    return out
+
+
+def test_generate_gives_the_same_greedy_tokens(bundled_compressed):
+    model = io.load(bundled_compressed)
+    assert model.dtype == torch.bfloat16  # the bundled checkpoint's dtype
+    ids = torch.tensor([[1, 17, 42, 99, 7, 3]])
+    kw = dict(max_new_tokens=12, do_sample=False, min_new_tokens=12)
+    with torch.no_grad():
+        fast = model.generate(ids, **kw)
+        with reference_forwards(model):
+            ref = model.generate(ids, **kw)
+    assert torch.equal(fast, ref)
+
+
+def test_resident_bytes_of_compressed_layers_stay_within_budget(bundled_compressed):
+    from sparselm import bench
+    model = io.load(bundled_compressed)
+    with torch.no_grad():
+        model(input_ids=torch.tensor([[1, 2, 3]]))
+    layers = [m for m in model.modules() if isinstance(m, CompressedLinear)]
+    assert layers
+    for m in layers:
+        assert m.resident_bytes() <= 1.15 * m.stored_bytes()
+    mem = bench.resident(model)
+    assert mem["compressed_resident_bytes"] <= 1.15 * mem["compressed_stored_bytes"]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_load_keeps_the_checkpoint_dtype_and_matches_export(tiny_llama_dir, tmp_path, dtype):
+    src = tmp_path / "src"
+    tf.AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=dtype).save_pretrained(src)
+    tf.AutoTokenizer.from_pretrained(tiny_llama_dir).save_pretrained(src)
+    api.compress_model(str(src), api.build_recipe("magnitude", None, 0.5, None), nsamples=4, seqlen=64,
+                       evaluate_ppl=False, out=str(tmp_path / "c"))
+    io.export(tmp_path / "c", tmp_path / "dense")
+    model = io.load(tmp_path / "c")
+    dense = tf.AutoModelForCausalLM.from_pretrained(tmp_path / "dense")
+    assert model.dtype == dense.dtype == dtype
+    assert all(p.dtype == dtype for n, p in model.named_parameters())
+    ids = torch.randint(0, 100, (2, 16))
+    with torch.no_grad():
+        want = dense(input_ids=ids).logits
+        with reference_forwards(model):
+            torch.testing.assert_close(model(input_ids=ids).logits, want, rtol=0, atol=0)
+        fast = model(input_ids=ids).logits
+    torch.testing.assert_close(fast.float(), want.float(), rtol=0.05, atol=0.05 * want.float().abs().max().item())
+    assert io.load(tmp_path / "c", dtype=torch.float32).dtype == torch.float32
+
+
+@pytest.mark.parametrize("as_json", [True, False])
+def test_bench_command_reports_both_models(bundled_compressed, as_json):
+    import json
+
+    from typer.testing import CliRunner
+
+    from sparselm.cli import app
+    if "svd" not in bundled_compressed.name:
+        pytest.skip("the command is exercised once (the per-method checks are above)")
+    args = ["bench", str(bundled_compressed), "--repeats", "1", "--layer-tokens", "1,9", "--prefill", "16",
+            "--batch-sizes", "1,2", "--new-tokens", "3"] + (["--json"] if as_json else [])
+    r = CliRunner().invoke(app, args)
+    assert r.exit_code == 0, r.output
+    if not as_json:
+        assert "per layer" in r.stdout and "generate_b1" in r.stdout
+        return
+    s = json.loads(r.stdout.strip().splitlines()[-1])
+    assert {"compressed", "dense", "speedup", "layers"} <= set(s)
+    mem = s["compressed"]["memory"]
+    assert mem["compressed_resident_bytes"] <= 1.15 * mem["compressed_stored_bytes"]
+    assert s["dense"]["memory"]["resident_weight_bytes"] > mem["resident_weight_bytes"]
+    assert {"generate_b1", "generate_b2", "prefill_16"} <= set(s["speedup"])
+    assert {row["tokens"] for row in s["layers"]} == {1, 9} and "vs_best_dense" in s["layers"][0]
+
+
+def test_bench_rebuilds_the_dense_model_when_the_base_is_gone(bundled_compressed, tmp_path):
+    from sparselm import bench
+    if "rocket" not in bundled_compressed.name:
+        pytest.skip("once is enough")
+    compressed = io.load(bundled_compressed)
+    manifest = {**io.read_manifest(bundled_compressed), "base_model": str(tmp_path / "moved-away")}
+    dense, source = bench.dense_twin(compressed, manifest, str(bundled_compressed))
+    assert source == "rebuilt from the factors"
+    ids = torch.tensor([[1, 2, 3, 4]])
+    with torch.no_grad(), reference_forwards(compressed):
+        want = compressed(input_ids=ids).logits.float()
+    torch.testing.assert_close(dense(input_ids=ids).logits.float(), want, rtol=0.05, atol=0.05 * want.abs().max().item())
