@@ -2,8 +2,10 @@
 
 Objective: min ``‖X(W − Ŵ)ᵀ‖_F²`` over ``Ŵᵀ = D S``, ``D`` ``(in, k)`` dense and ``S`` ``(k, out)`` with
 exactly ``s`` nonzeros per column. Whitening (``LᵀL = XᵀX``) turns it into plain dictionary learning on
-``Y = L Wᵀ``: min ``‖Y − D_L S‖_F²``, solved by alternating batched OMP (`omp`) and K-SVD with power
-iterations (`ksvd`) for ``spec.iters`` iterations, stopping early when the relative improvement falls below
+``Y = L Wᵀ``: min ``‖Y − D_L S‖_F²``, solved by alternating sparse coding (``spec.coder``: exact batched OMP,
+`omp`, the paper's; or hard-thresholding pursuit from dense products, `htp`; ``auto`` picks per layer,
+`choose_coder`) and a dictionary update (``spec.dict_update``: K-SVD with power iterations, the paper's, or
+MOD; `ksvd`) for ``spec.iters`` iterations, stopping early when the relative improvement falls below
 ``spec.tol``; the best pair seen is kept. Then ``D = L⁻¹ D_L`` (triangular solve).
 
 Sizing (``ρ = k/s``): the largest ``k`` whose *stored bytes* fit ``(1 − ratio)·in·out·bytes(dtype)``:

@@ -7,8 +7,8 @@ nonzeros, the same as `omp` (exact Batch-OMP, the reference this coder is tested
 below is one dense ``(k, k) × (k, cols)`` product for all columns at once, so it runs at matrix-multiply speed
 (tensor cores on a GPU), ``k²`` per column and round, not OMP's memory-bound ``k·s²/2``:
 
-  * start: thresholded least squares (``G x = B`` by Cholesky, keep the ``s`` largest ``|x|`` per column), or
-    a warm start: the previous support and values (CoSpaDi passes the last K-SVD iteration's);
+  * start: thresholded least squares (``G x = B`` by Cholesky, keep the ``s`` largest ``|x|`` per column);
+    given ``warm = (S, mask)`` (e.g. the last dictionary update's), per column the better of the two;
   * ``cg_steps`` conjugate-gradient steps on the support (masked products ``M ⊙ (G (M ⊙ P))``): the
     least-squares values on the support, approximately;
   * then ``rounds`` times: a gradient step ``z = γ + μ (B − Gγ)``, keep the ``s`` largest ``|z|`` per column
@@ -18,8 +18,8 @@ below is one dense ``(k, k) × (k, cols)`` product for all columns at once, so i
     atoms on structured data, the short one is safer on random data; each column keeps its best round.
 
 Each column keeps the best ``(support, values)`` it has seen (``f`` is read off the tracked ``Gγ`` at no extra
-product), so the result is never worse than its start: warm-started inside K-SVD, coding never undoes the
-dictionary update. ``Gγ`` is tracked through the CG recurrences and recomputed once per round (float32 drift).
+product), so the result is never worse than its start (warm-started, coding never undoes a dictionary update;
+CoSpaDi nevertheless restarts cold every iteration: measured better over a whole run). ``Gγ`` is tracked through the CG recurrences and recomputed once per round (float32 drift).
 Rounds and CG steps are set by measurement (docs/methods.md, Speed). Exactly ``s`` atoms per column, some
 possibly with value 0 (as OMP's frozen atoms). Runs on the device and in the dtype of its inputs.
 """
