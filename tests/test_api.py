@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from sparselm import api, io
+from sparselm.config import Allocate, CoSpaDiSpec, Ratio, Recipe, SVDLLMSpec, WandaSpec
 
 
 class Interrupt(Exception):
@@ -16,9 +17,24 @@ def _stop_after_first_block(done, total):
         raise Interrupt
 
 
-@pytest.mark.parametrize("method, knob", [("sparsegpt", {"sparsity": 0.5}), ("svd-llm", {"ratio": 0.3})])
-def test_resume_continues_an_interrupted_run(tiny_llama_dir, tmp_path, method, knob):
-    recipe = api.build_recipe(method, knob.get("ratio"), knob.get("sparsity"), None)
+RESUMED = {
+    "magnitude": lambda: api.build_recipe("magnitude", None, 0.5, None),
+    "wanda-4:8": lambda: api.build_recipe("wanda", None, None, "4:8"),
+    "sparsegpt": lambda: api.build_recipe("sparsegpt", None, 0.5, None),
+    "svd": lambda: api.build_recipe("svd", 0.3, None, None),
+    "asvd": lambda: api.build_recipe("asvd", 0.3, None, None),
+    "svd-llm": lambda: api.build_recipe("svd-llm", 0.3, None, None),
+    "rocket-uniform": lambda: api.build_recipe("rocket", 0.3, None, None, "uniform"),
+    "cospadi": lambda: Recipe(methods=(CoSpaDiSpec(target=Ratio(0.3), iters=2),)),
+    "mixed-knapsack": lambda: Recipe(methods=(SVDLLMSpec(target=Ratio(0.3)), WandaSpec(target=Ratio(0.3))),
+                                     allocate=Allocate.KNAPSACK),
+}
+
+
+@pytest.mark.parametrize("name", RESUMED)
+def test_resume_continues_an_interrupted_run(tiny_llama_dir, tmp_path, name):
+    """Every method and allocation: interrupted after the first block, resumed, the same bytes as a clean run."""
+    recipe = RESUMED[name]()
     common = dict(nsamples=4, seqlen=64, evaluate_ppl=False)
     api.compress_model(str(tiny_llama_dir), recipe, out=str(tmp_path / "full"), **common)
     with pytest.raises(Interrupt):
@@ -32,6 +48,7 @@ def test_resume_continues_an_interrupted_run(tiny_llama_dir, tmp_path, method, k
         a = io.load(tmp_path / "full")(input_ids=ids).logits
         b = io.load(tmp_path / "cut")(input_ids=ids).logits
     torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert (tmp_path / "full" / io.WEIGHTS).read_bytes() == (tmp_path / "cut" / io.WEIGHTS).read_bytes()
 
 
 def test_resume_refuses_other_settings(tiny_llama_dir, tmp_path):
