@@ -4,6 +4,7 @@ Each returns a plain dict (what ``--json`` prints); nothing here prints.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import shutil
 import time
@@ -11,11 +12,11 @@ from pathlib import Path
 
 import torch
 
-from . import data, device as devices, io, outdir, pipeline
+from . import data, device as devices, fidelity as fidelity_mod, harness, io, outdir, pipeline
 from .budget import Allocation, Plan
 from .evaluate import dense_accounting, perplexity
 from . import model as adapter
-from .config import (DEFAULT_METHOD, SPECS, Allocate, Pattern, Ratio, Recipe, Sparsity,
+from .config import (DEFAULT_METHOD, SPECS, Allocate, Calibration, Pattern, Ratio, Recipe, Sparsity,
                      load_recipe, recipe_to_dict, spec_to_dict)
 from .errors import InputError, check_count
 
@@ -68,17 +69,25 @@ def _default_out(model: str | None, recipe: Recipe) -> Path:
     return Path("compressed") / f"{name}-{'mixed' if len(recipe.methods) > 1 else spec.name}-{knob}"
 
 
-def compress_model(model: str | None = None, recipe: Recipe | None = None, calib: str = "stdlib",
+def compress_model(model: str | None = None, recipe: Recipe | None = None, calib: str | None = None,
                    nsamples: int | None = None, seqlen: int | None = None, out: str | None = None,
                    overwrite: bool = False, device: str | None = None, evaluate_ppl: bool | None = None,
                    eval_dataset: str = "stdlib", eval_seqlen: int | None = None, max_windows: int = 64,
-                   batch_size: int = 8, seed: int = 0, trust_remote_code: bool = False, progress=None,
-                   resume: bool = False) -> dict:
+                   batch_size: int | None = None, seed: int | None = None, trust_remote_code: bool = False,
+                   progress=None, resume: bool = False, tasks: str | list[str] | None = None,
+                   num_fewshot: int | None = None, limit: float | None = None) -> dict:
     """Load, (evaluate), compress layer by layer, (evaluate), save. Returns the summary.
+
+    Calibration settings left None come from the recipe's ``calibration:`` section, else the defaults
+    (stdlib, seed 0, batch 8; nsamples / seqlen by model). ``tasks``: lm-eval task scores before and after.
+    The output holds ``recipe.yaml`` (every setting explicit: it reproduces the run), ``report.html`` and a
+    model card ``README.md``, written in the same atomic step as the model.
 
     Everything that depends only on the arguments (counts, the output path, an earlier run's leftovers) is
     checked before the model is read; the output is locked for the whole run (one writer per ``out``)."""
     recipe = recipe or build_recipe(None, None, None, None)
+    calib, nsamples, seqlen, seed, batch_size = _calibration(recipe, calib, nsamples, seqlen, seed, batch_size)
+    task_list = harness.requested(tasks)
     out_dir = Path(out) if out else _default_out(model, recipe)
     for name, value, least in (("--nsamples", nsamples, 1), ("--seqlen", seqlen, 2), ("--batch-size", batch_size, 1),
                                ("--max-windows", max_windows, 1), ("eval seqlen", eval_seqlen, 2)):
@@ -108,6 +117,7 @@ def compress_model(model: str | None = None, recipe: Recipe | None = None, calib
                                                                                      "eval seqlen"), max_windows)
             before = perplexity(net.to(dev), eval_windows, batch_size)
             summary["perplexity_before"] = before["perplexity"]
+        lm_before = _task_scores(net, tok, dev, task_list, num_fewshot, limit, batch_size)
         key = {"model": loaded.source, "recipe": recipe_to_dict(recipe), "calib": calib, "nsamples": int(windows.shape[0]),
                "seqlen": int(windows.shape[1]), "seed": seed}
         start, done, plan = _restore(net, ckpt, key) if resume else (0, [], None)
@@ -127,10 +137,70 @@ def compress_model(model: str | None = None, recipe: Recipe | None = None, calib
             run["evaluation"] = {"dataset": eval_dataset, "split": "validation", **{k: before[k] for k in (
                 "tokens", "windows", "seqlen", "metric")}, "perplexity_before": before["perplexity"],
                 "perplexity_after": after["perplexity"]}
-        io.save(net, tok, out_dir, run, loaded.storage_dtype, overwrite)
+        if task_list:
+            _add_tasks(run, summary, lm_before, _task_scores(net, tok, dev, task_list, num_fewshot, limit,
+                                                            batch_size))
+            net.to("cpu")
+        run["versions"] = versions()
+        used = dataclasses.replace(recipe, calibration=Calibration(calib, *windows.shape, seed, batch_size))
+        io.save(net, tok, out_dir, run, loaded.storage_dtype, overwrite,
+                extras=lambda full: run_files(full, used, out_dir.name))
         shutil.rmtree(ckpt, ignore_errors=True)
         summary["seconds"] = round(time.perf_counter() - t0, 2)
         return summary
+
+
+def _task_scores(net, tok, dev, task_list, num_fewshot, limit, batch_size) -> dict | None:
+    """lm-eval scores of ``net`` on ``dev`` (left there), or None when no tasks were asked for."""
+    return task_list and harness.run_tasks(net.to(dev), tok, task_list, num_fewshot, limit, batch_size, str(dev))
+
+
+def _add_tasks(manifest: dict, summary: dict, before: dict, after: dict) -> None:
+    manifest["lm_eval"] = {"before": before["tasks"], "after": after["tasks"], "reproduce": after["reproduce"]}
+    summary.update(tasks_before=before["tasks"], tasks_after=after["tasks"])
+
+
+def _calibration(recipe: Recipe, calib, nsamples, seqlen, seed, batch_size) -> tuple:
+    """Each calibration setting from the arguments, else the recipe's ``calibration:``, else the default;
+    an argument that contradicts the recipe is an error (one source of truth)."""
+    pinned = recipe.calibration or Calibration()
+    out = []
+    for name, given, default in (("calib", calib, "stdlib"), ("nsamples", nsamples, None), ("seqlen", seqlen, None),
+                                 ("seed", seed, 0), ("batch-size", batch_size, 8)):
+        fixed = getattr(pinned, {"calib": "source", "batch-size": "batch_size"}.get(name, name))
+        if given is not None and fixed is not None and given != fixed:
+            raise InputError(f"--{name} {given!r} contradicts the recipe's calibration ({fixed!r})",
+                             "change the recipe's calibration section, or leave the option out")
+        out.append(given if given is not None else fixed if fixed is not None else default)
+    return tuple(out)
+
+
+def versions() -> dict:
+    """The library versions a result depends on."""
+    import platform
+    import transformers
+    from .version import __version__
+    return {"sparselm": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
+            "python": platform.python_version()}
+
+
+def run_files(manifest: dict, recipe: Recipe | None, name: str) -> dict[str, str]:
+    """The files written beside the model: ``recipe.yaml`` (every default explicit), ``report.html`` and the
+    model card ``README.md``. A report that fails to render is logged and left out (``sparselm report DIR``
+    rebuilds it); it never costs the compressed model."""
+    import yaml
+    from . import card, report
+    files = {} if recipe is None else {
+        "recipe.yaml": "# sparselm recipe that produced this directory: sparselm compress MODEL --recipe recipe.yaml\n"
+                       + yaml.safe_dump(recipe_to_dict(recipe), sort_keys=False)}
+    for fname, render in (("report.html", lambda: report.render(manifest)),
+                          ("README.md", lambda: card.render(manifest, name))):
+        try:
+            files[fname] = render()
+        except Exception as e:  # noqa: BLE001 - a report bug must not lose an hour of compression
+            log.warning("could not write %s (%s: %s); run `sparselm report` on the directory", fname,
+                        type(e).__name__, e)
+    return files
 
 
 def _record(layer: pipeline.LayerResult) -> dict:
@@ -180,24 +250,59 @@ def run_manifest(loaded, report: pipeline.CompressReport, recipe: Recipe, calib:
 
 
 def evaluate_model(path: str | None, dataset: str = "stdlib", seqlen: int = 512, max_windows: int | None = 64,
-                   device: str | None = None, batch_size: int = 8, trust_remote_code: bool = False) -> dict:
-    """Perplexity of a dense model (dir or hub id) or of a sparselm output directory."""
+                   device: str | None = None, batch_size: int = 8, trust_remote_code: bool = False,
+                   tasks: str | list[str] | None = None, num_fewshot: int | None = None, limit: float | None = None,
+                   include_path: str | None = None, fidelity: bool = False, record: bool = False) -> dict:
+    """Perplexity of a dense model (dir or hub id) or of a sparselm output directory; with ``tasks``, also
+    lm-eval task scores (in process); with ``fidelity``, agreement with the manifest's dense base model;
+    with ``record``, the result is added to the directory's manifest and its report and model card rebuilt."""
     check_count("--seqlen", seqlen, 2)
     check_count("--max-windows", max_windows, 1)
     check_count("--batch-size", batch_size, 1)
+    check_count("--num-fewshot", num_fewshot, 0)
+    task_list = harness.requested(tasks)
     dev = devices.pick(device)
-    if path is not None and (Path(path) / io.MANIFEST).is_file():
-        net = io.load(path, trust_remote_code=trust_remote_code)
-        tok = adapter.load_tokenizer(path, trust_remote_code)
-    else:
-        loaded = adapter.load_hf(path, trust_remote_code=trust_remote_code)
-        net, tok = loaded.model, loaded.tokenizer
-    if not adapter._is_causal(net.config):
+    net, tok, manifest = _load_any(path, trust_remote_code, need_manifest=fidelity or record)
+    causal = adapter._is_causal(net.config)
+    if not causal and not fidelity:
         raise InputError(f"{path!r} is an encoder: perplexity needs a causal LM", "evaluate a causal LM")
     seqlen = _clamp_seqlen(seqlen, getattr(net.config, "max_position_embeddings", None) or seqlen, "--seqlen")
     windows = data.evaluation_windows(tok, dataset, seqlen, max_windows)
-    result = perplexity(net.to(dev), windows, batch_size)
-    return {"model": path or "bundled", "dataset": dataset, **result}
+    result = {"model": path or "bundled", "dataset": dataset}
+    if causal:
+        result.update(perplexity(net.to(dev), windows, batch_size))
+    if fidelity:
+        if not manifest.get("base_model"):
+            raise InputError(f"--fidelity: {io.MANIFEST} of {path!r} names no base_model to compare with",
+                             "compress with `sparselm compress` (it records the base model), or pass a "
+                             "directory whose manifest has base_model")
+        reference = adapter.load_hf(manifest["base_model"], dtype=getattr(net, "dtype", torch.float32),
+                                    trust_remote_code=trust_remote_code).model  # the compressed model's dtype
+        result["fidelity"] = fidelity_mod.compare(reference.to(dev), net.to(dev), windows, batch_size)
+        result["fidelity"]["base_model"] = manifest.get("base_model")
+        reference.to("cpu")
+    if task_list is not None:
+        result["lm_eval"] = harness.run_tasks(net.to(dev), tok, task_list, num_fewshot, limit, batch_size, str(dev),
+                                              include_path=include_path)
+    result["versions"] = versions()
+    if record:
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        io.record_evaluation(path, {"date": stamp, "max_windows": max_windows, "batch_size": batch_size, **result},
+                             extras=lambda full: {k: v for k, v in run_files(full, None, Path(path).name).items()
+                                                  if k != "recipe.yaml"})
+    return result
+
+
+def _load_any(path: str | None, trust_remote_code: bool, need_manifest: bool = False):
+    """(model, tokenizer, manifest or None) of a sparselm output directory or a dense model."""
+    if path is not None and (Path(path) / io.MANIFEST).is_file():
+        return (io.load(path, trust_remote_code=trust_remote_code), adapter.load_tokenizer(path, trust_remote_code),
+                io.read_manifest(path))
+    if need_manifest:
+        raise InputError(f"--fidelity / --record: {path or 'the bundled model'!r} is not a sparselm output directory",
+                         "give a directory written by `sparselm compress` (it names its dense base model)")
+    loaded = adapter.load_hf(path, trust_remote_code=trust_remote_code)
+    return loaded.model, loaded.tokenizer, None
 
 
 def inspect_dir(path: str) -> dict:
@@ -233,6 +338,24 @@ def _nonzeros_per_channel(entry: dict):
     if "s" in info or "nnz" not in info:
         return info.get("s")
     return round(info["nnz"] / entry["accounting"]["shape"][0], 1)
+
+
+def report_dirs(dirs: list[str], out: str | None = None) -> dict:
+    """(Re)build one run's ``report.html`` (in its directory unless ``out``), or compare several runs
+    (``out`` default ``comparison.html``). Every number comes from the directories' manifests."""
+    from . import report
+    if not dirs:
+        raise InputError("no directory given", "sparselm report DIR [DIR2 ...] [--out FILE]")
+    names = [Path(d).name or str(d) for d in dirs]
+    labels = names if len(set(names)) == len(names) else [str(d) for d in dirs]
+    runs = [(label, io.read_manifest(d)) for label, d in zip(labels, dirs)]
+    if len(runs) == 1:
+        target = Path(out) if out else Path(dirs[0]) / "report.html"
+        text = report.render(runs[0][1])
+    else:
+        target, text = Path(out or "comparison.html"), report.compare(runs)
+    io.write_report(target, text, report.GENERATOR)
+    return {"out": str(target), "runs": len(runs), "images": text.count("<img ")}
 
 
 def export_dense(path: str, out: str, overwrite: bool = False, trust_remote_code: bool = False) -> dict:

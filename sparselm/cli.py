@@ -70,7 +70,8 @@ def compress(
     ratio: Optional[float] = typer.Option(None, help="fraction of the targeted layers' stored bytes removed"),
     sparsity: Optional[float] = typer.Option(None, help="pruning: fraction of weights set to zero"),
     pattern: Optional[str] = typer.Option(None, help="pruning: N:M semi-structured pattern, e.g. 2:4"),
-    calib: str = typer.Option("stdlib", help="stdlib | FILE.txt | FILE.jsonl | wikitext2 | c4"),
+    calib: Optional[str] = typer.Option(None, help="stdlib | FILE.txt | FILE.jsonl | wikitext2 | c4 (default: "
+                                                   "the recipe's calibration.source, else stdlib)"),
     nsamples: Optional[int] = typer.Option(None, help="calibration windows (default 64 bundled, 128 otherwise)"),
     seqlen: Optional[int] = typer.Option(None, help="calibration window length (default 256 bundled, 2048 otherwise)"),
     allocate: Optional[str] = typer.Option(None, help="uniform | knapsack (default: knapsack for rocket, the "
@@ -84,12 +85,16 @@ def compress(
     eval: Optional[bool] = typer.Option(None, "--eval/--no-eval", help="perplexity before/after (default: on "
                                                                         "for the bundled model)"),
     eval_dataset: str = typer.Option("stdlib", help="held-out text for --eval"),
-    batch_size: int = typer.Option(8, help="calibration / evaluation batch size"),
-    seed: int = typer.Option(0, help="calibration sampling seed"),
+    batch_size: Optional[int] = typer.Option(None, help="calibration / evaluation batch size (default 8)"),
+    seed: Optional[int] = typer.Option(None, help="calibration sampling seed (default 0)"),
     trust_remote_code: bool = typer.Option(False, help="allow the model's own code (off by default)"),
+    tasks: Optional[str] = typer.Option(None, help="lm-eval task scores before and after (names, YAML files or "
+                                                   "task directories, comma-separated; needs .[eval])"),
+    num_fewshot: Optional[int] = typer.Option(None, help="lm-eval few-shot examples (default: each task's own)"),
+    limit: Optional[float] = typer.Option(None, help="lm-eval: first N examples per task (< 1: a fraction)"),
     as_json: bool = typer.Option(False, "--json", help="print one JSON object as the last line"),
 ):
-    """Compress a model layer by layer and save it.
+    """Compress a model layer by layer and save it (with recipe.yaml, report.html and a model card README.md).
 
     Examples:
         sparselm compress
@@ -101,7 +106,8 @@ def compress(
         r = api.build_recipe(method, ratio, sparsity, pattern, allocate, recipe)
         return api.compress_model(model, r, calib, nsamples, seqlen, out, overwrite, device, eval, eval_dataset,
                                   batch_size=batch_size, seed=seed, trust_remote_code=trust_remote_code,
-                                  progress=None if as_json else _progress_bar(), resume=resume)
+                                  progress=None if as_json else _progress_bar(), resume=resume, tasks=tasks,
+                                  num_fewshot=num_fewshot, limit=_limit(limit))
 
     def show(s):
         console.print(f"compressed {s['model']} with {s['method']} ({s['allocate']}) in {s['compress_seconds']:.1f}s "
@@ -110,6 +116,11 @@ def compress(
                   f"paper {s['ratio_paper']:.3f}")
         if "perplexity_after" in s:
             console.print(f"perplexity: before {s['perplexity_before']:.3f}  after {s['perplexity_after']:.3f}")
+        for task, after in (s.get("tasks_after") or {}).items():
+            before = s["tasks_before"].get(task, {})
+            console.print(f"{task}: " + "  ".join(f"{k} {before.get(k, float('nan')):.4f} -> {v:.4f}"
+                                                  for k, v in after.items() if isinstance(v, float)))
+        console.print(f"report: {s['out']}/report.html")
     _run(work, as_json, show)
 
 
@@ -122,18 +133,56 @@ def eval_(
     device: Optional[str] = typer.Option(None, help="auto | cpu | cuda"),
     batch_size: int = typer.Option(8),
     trust_remote_code: bool = typer.Option(False, help="allow the model's own code (off by default)"),
+    tasks: Optional[str] = typer.Option(None, help="lm-eval tasks, in process: names (piqa,hellaswag,...), task "
+                                                   "YAML files or task directories, comma-separated (needs "
+                                                   "pip install -e '.[eval]')"),
+    num_fewshot: Optional[int] = typer.Option(None, help="lm-eval few-shot examples (default: each task's own)"),
+    limit: Optional[float] = typer.Option(None, help="lm-eval: first N examples per task (< 1: a fraction); "
+                                                     "for quick checks, not for reported numbers"),
+    include_path: Optional[str] = typer.Option(None, help="lm-eval: extra directory of task YAMLs"),
+    fidelity: bool = typer.Option(False, help="agreement with the dense base model named in the manifest: "
+                                              "block/final hidden-state error, top-1 agreement and KL (causal), "
+                                              "embedding cosine and nearest-neighbour agreement (encoders)"),
+    record: bool = typer.Option(False, help="add the results to the directory's sparselm.json and rebuild its "
+                                            "report.html and README.md"),
     as_json: bool = typer.Option(False, "--json"),
 ):
-    """Token-level perplexity with the pinned protocol (non-overlapping windows, none skipped).
+    """Token-level perplexity with the pinned protocol (non-overlapping windows, none skipped); optionally
+    lm-eval task scores (--tasks) and fidelity to the dense model (--fidelity).
 
     Examples:
         sparselm eval pruned/ --dataset held_out.txt --seqlen 512 --json
+        sparselm eval pruned/ --tasks piqa,hellaswag,arc_easy --json
+        sparselm eval pruned/ --fidelity
     """
     from . import api
     _run(lambda: api.evaluate_model(model, dataset, seqlen, max_windows or None, device, batch_size,
-                                    trust_remote_code), as_json,
-         lambda r: console.print(f"perplexity {r['perplexity']:.4f} on {r['dataset']} ({r['windows']} windows x "
-                             f"{r['seqlen']} tokens, {r['tokens']} predicted tokens)"))
+                                    trust_remote_code, tasks, num_fewshot, _limit(limit), include_path, fidelity,
+                                    record),
+         as_json, _show_eval)
+
+
+def _limit(limit: float | None):
+    """lm-eval reads an int as a count and a float below 1 as a fraction."""
+    return int(limit) if limit is not None and limit >= 1 and float(limit).is_integer() else limit
+
+
+def _show_eval(r: dict) -> None:
+    if "perplexity" in r:
+        console.print(f"perplexity {r['perplexity']:.4f} on {r['dataset']} ({r['windows']} windows x "
+                      f"{r['seqlen']} tokens, {r['tokens']} predicted tokens)")
+    fid = r.get("fidelity")
+    if fid:
+        parts = [f"final hidden-state error {fid['final_rel_error']:.4f}",
+                 "block errors " + " ".join(f"{e:.4f}" for e in fid["block_rel_error"])]
+        for key in ("top1_agreement", "kl_nats_per_token", "embedding_cosine", "nn_agreement"):
+            if fid.get(key) is not None:
+                parts.append(f"{key} {fid[key]:.4f}")
+        console.print(f"fidelity to {fid['base_model']}: " + "; ".join(parts))
+    for task, scores in (r.get("lm_eval") or {}).get("tasks", {}).items():
+        shown = "  ".join(f"{k} {v:.4f}" for k, v in scores.items() if isinstance(v, float))
+        note = "  (word perplexity: lm-eval's, not the token-level one above)" if "word_perplexity" in scores else ""
+        console.print(f"{task}: {shown}{note}")
 
 
 @app.command()
@@ -184,6 +233,22 @@ def _ints(text: str) -> tuple[int, ...]:
         return tuple(int(v) for v in text.split(",") if v.strip())
     except ValueError:
         raise InputError(f"{text!r} is not a comma-separated list of integers", "e.g. 512,2048") from None
+
+
+@app.command()
+def report(directories: list[str] = typer.Argument(..., help="sparselm output directories"),
+           out: Optional[str] = typer.Option(None, help="report file (default: DIR/report.html for one directory, "
+                                                        "comparison.html for several)"),
+           as_json: bool = typer.Option(False, "--json")):
+    """Rebuild a run's report.html, or compare runs: quality vs stored ratio per method, time vs quality, a table.
+
+    Examples:
+        sparselm report pruned/
+        sparselm report runs/wanda-r0.3 runs/sparsegpt-r0.3 runs/svd-llm-r0.3 --out compare.html
+    """
+    from . import api
+    _run(lambda: api.report_dirs(directories, out), as_json,
+         lambda r: console.print(f"report of {r['runs']} run(s), {r['images']} plots -> {r['out']}"))
 
 
 @app.command()

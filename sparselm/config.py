@@ -216,6 +216,27 @@ class Allocate(enum.Enum):
 
 
 @dataclass(frozen=True)
+class Calibration:
+    """Calibration settings a recipe may pin (its optional ``calibration:`` section); None: the defaults."""
+    source: str | None = None      # stdlib | FILE.txt | FILE.jsonl | wikitext2 | c4
+    nsamples: int | None = None
+    seqlen: int | None = None
+    seed: int | None = None
+    batch_size: int | None = None
+
+    def __post_init__(self):
+        for name in ("nsamples", "seqlen", "seed", "batch_size"):
+            v = getattr(self, name)
+            least = 0 if name == "seed" else 1
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < least):
+                raise InputError(f"recipe calibration.{name}={v!r} is not an integer >= {least}",
+                                 f"set calibration.{name} to an integer >= {least}, or leave it out")
+        if self.source is not None and not isinstance(self.source, str):
+            raise InputError(f"recipe calibration.source={self.source!r} is not a string",
+                             "use stdlib, a .txt/.jsonl path, wikitext2 or c4")
+
+
+@dataclass(frozen=True)
 class Recipe:
     """Which layers get which method, and how the budget is spread.
 
@@ -226,6 +247,7 @@ class Recipe:
     allocate: Allocate = Allocate.UNIFORM
     targets: tuple[str, ...] = ("*",)              # fnmatch patterns on linear names inside blocks
     ignore: tuple[str, ...] = ("*lm_head*", "*embed*")
+    calibration: Calibration | None = None         # optional: pins the calibration settings too
 
     def __post_init__(self):
         if not self.methods:
@@ -318,21 +340,35 @@ def spec_from_dict(d: dict) -> MethodSpec:
 
 
 def recipe_to_dict(recipe: Recipe) -> dict:
-    return {"methods": [spec_to_dict(s) for s in recipe.methods], "allocate": recipe.allocate.value,
-            "targets": list(recipe.targets), "ignore": list(recipe.ignore)}
+    out = {"methods": [spec_to_dict(s) for s in recipe.methods], "allocate": recipe.allocate.value,
+           "targets": list(recipe.targets), "ignore": list(recipe.ignore)}
+    if recipe.calibration is not None:
+        out["calibration"] = {f.name: getattr(recipe.calibration, f.name) for f in fields(Calibration)}
+    return out
+
+
+def calibration_from_dict(d) -> Calibration:
+    known = [f.name for f in fields(Calibration)]
+    if not isinstance(d, dict) or set(d) - set(known):
+        bad = sorted(set(d) - set(known)) if isinstance(d, dict) else d
+        raise InputError(f"recipe calibration: unknown key(s) {bad}", f"known keys: {', '.join(known)}")
+    return Calibration(**d)
 
 
 def recipe_from_dict(d: dict) -> Recipe:
     if not isinstance(d, dict):
         raise InputError("recipe must be a mapping", "see docs/recipes.md for the format")
-    unknown = set(d) - {"methods", "allocate", "targets", "ignore"}
+    unknown = set(d) - {"methods", "allocate", "targets", "ignore", "calibration"}
     if unknown:
-        raise InputError(f"unknown recipe key(s) {sorted(unknown)}", "known keys: methods, allocate, targets, ignore")
+        raise InputError(f"unknown recipe key(s) {sorted(unknown)}",
+                         "known keys: methods, allocate, targets, ignore, calibration")
     try:
         allocate = Allocate(d.get("allocate", "uniform"))
     except ValueError:
         raise InputError(f"allocate={d.get('allocate')!r} is not valid", "use uniform or knapsack") from None
     kw = {k: _coerce(k, d[k], tuple[str, ...]) for k in ("targets", "ignore") if k in d}
+    if d.get("calibration") is not None:
+        kw["calibration"] = calibration_from_dict(d["calibration"])
     methods = d.get("methods", [])
     if not isinstance(methods, list):
         raise InputError(f"methods={methods!r} is not a list", "write methods: [{method: NAME, ...}, ...]")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -32,6 +33,7 @@ MANIFEST = outdir.MARKERS["compress"]
 EXPORT_MARKER = outdir.MARKERS["export"]
 WEIGHTS = "model.safetensors"
 FORMAT_VERSION = 1
+RUN_FILES = ("report.html", "README.md", "recipe.yaml")  # about the compressed run: not copied by export
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -103,11 +105,13 @@ def _writing(out: Path):
 
 
 def save(model: nn.Module, tokenizer, out_dir: str | Path, manifest: dict, dtype: torch.dtype,
-         overwrite: bool = False) -> Path:
+         overwrite: bool = False, extras=None) -> Path:
     """Write a compressed model directory atomically; ``dtype`` is the checkpoint's dense dtype.
 
     The manifest is completed from the model (`describe`): ``manifest`` adds to it (e.g. base model,
-    calibration, per-layer errors under ``layers``) and wins where both say something."""
+    calibration, per-layer errors under ``layers``) and wins where both say something.
+    ``extras(manifest) -> {file name: text}``: more files (report, model card, recipe) built from the complete
+    manifest and written in the same atomic step, so an incomplete run never leaves one."""
     out = Path(out_dir)
     outdir.check_out(out, "compress", overwrite)
     with outdir.locked(out), _writing(out), outdir.atomic_dir(out) as tmp:
@@ -123,9 +127,64 @@ def save(model: nn.Module, tokenizer, out_dir: str | Path, manifest: dict, dtype
         own = describe(model, dtype)
         layers = {n: {**e, **manifest.get("layers", {}).get(n, {})} for n, e in own["layers"].items()}
         full = {"format": "sparselm", "format_version": FORMAT_VERSION, "sparselm_version": __version__,
-                "storage_dtype": _dtype_name(dtype), "tied": aliases, **own, **manifest, "layers": layers}
+                "storage_dtype": _dtype_name(dtype), "tied": aliases, **own, **manifest, "layers": layers,
+                "file_bytes": _file_bytes(tmp / WEIGHTS, compressed_modules(model))}
         (tmp / MANIFEST).write_text(json.dumps(full, indent=1, default=str))
+        for name, text in (extras(json.loads((tmp / MANIFEST).read_text())) if extras else {}).items():
+            (tmp / Path(name).name).write_text(text, encoding="utf-8")
     return out
+
+
+def _file_bytes(weights: Path, compressed: dict) -> dict:
+    """Bytes of the written checkpoint by component: the compressed layers' buffers, their biases, the rest."""
+    sizes = tensor_names_and_bytes(weights)
+    inside = tuple(f"{n}." for n in compressed)
+    layer = {k: v for k, v in sizes.items() if k.startswith(inside)}
+    bias = sum(v for k, v in layer.items() if k.endswith(".bias"))
+    return {"compressed_layers": sum(layer.values()) - bias, "compressed_biases": bias,
+            "other": sum(sizes.values()) - sum(layer.values())}
+
+
+def write_report(path: str | Path, text: str, marker: str) -> Path:
+    """Write one report file atomically (temporary file, then rename). An existing file is replaced only if it
+    is a report sparselm wrote (it contains ``marker``), never a file of the user's."""
+    path = Path(path)
+    if path.is_dir():
+        raise InputError(f"--out {str(path)!r} is a directory", "give a file name, e.g. comparison.html")
+    if path.exists():
+        with open(path, "rb") as f:
+            if marker.encode() not in f.read(4096):
+                raise InputError(f"--out {str(path)!r} exists and is not a sparselm report",
+                                 "refusing to replace it; choose another --out")
+    if not path.parent.is_dir():
+        raise InputError(f"--out {str(path)!r}: directory {str(path.parent)!r} does not exist", "create it first")
+    with _writing(path):
+        _replace_file(path, text)
+    return path
+
+
+def _replace_file(path: Path, text: str) -> None:
+    """``path`` gets ``text`` in one rename: readers see the old file or the new one, never half of one."""
+    tmp = path.parent / f".{path.name}.partial-{os.getpid()}"
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def record_evaluation(path: str | Path, record: dict, extras=None) -> None:
+    """Append ``record`` to the manifest's ``evaluations`` list of an output directory (``eval --record``), then
+    rewrite ``extras(manifest)``'s files (report, model card). Each file is replaced atomically, under the
+    directory's lock; the model files are not touched."""
+    path = Path(path)
+    with outdir.locked(path), _writing(path):
+        manifest = read_manifest(path)
+        manifest.setdefault("evaluations", []).append(record)
+        files = {MANIFEST: json.dumps(manifest, indent=1, default=str)}
+        files.update(extras(json.loads(files[MANIFEST])) if extras else {})
+        for name, text in files.items():
+            _replace_file(path / Path(name).name, text)
 
 
 def tensor_names_and_bytes(path: str | Path) -> dict[str, int]:
@@ -290,7 +349,8 @@ def export(path: str | Path, out: str | Path, overwrite: bool = False, trust_rem
         with _writing(out), outdir.atomic_dir(out) as tmp:
             model.save_pretrained(tmp, safe_serialization=True)
             for f in Path(path).iterdir():  # tokenizer and generation files, as they were
-                if f.is_file() and f.name not in (WEIGHTS, MANIFEST, "config.json") and not (tmp / f.name).exists():
+                skip = (WEIGHTS, MANIFEST, "config.json", *RUN_FILES)
+                if f.is_file() and f.name not in skip and not (tmp / f.name).exists():
                     shutil.copy2(f, tmp / f.name)
             (tmp / EXPORT_MARKER).write_text(json.dumps({"exported_from": str(Path(path).resolve()),
                                                          "sparselm_version": __version__}, indent=1))
