@@ -17,6 +17,13 @@ Error parity: the same shapes divided by ``--parity-scale`` are learned to compl
 
     python benchmarks/factorization_speed.py --config benchmarks/configs/llama-3.2-1b.json --device cpu \\
         --threads 1 --max-cols 64 --ref-cols 1        # writes docs/benchmarks/factorization_speed.{md,json}
+
+``--coder`` runs only the GEMM-coder section instead (`coder_speed.py`: one coding pass by exact OMP and by
+HTP per shape, whole CoSpaDi runs on the real layers named by ``--real label=DIR``) and merges it into the
+existing files, keeping the sections above as they were measured:
+
+    python benchmarks/factorization_speed.py --coder --threads 1 --ratio 0.3 --max-cols 128 \\
+        --real smollm2=/tmp/smollm2 --blocks 3                  # /tmp/smollm2: scripts/smollm2_to_hf.py
 """
 from __future__ import annotations
 
@@ -32,6 +39,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from sparselm.capture import LinearStats  # noqa: E402
 from sparselm.config import CoefStorage, Init, Ratio, SVDLLMSpec  # noqa: E402
@@ -223,6 +231,11 @@ def main(argv=None) -> None:
     p.add_argument("--parity-iters", type=int, default=8)
     p.add_argument("--parity-seeds", type=int, default=2)
     p.add_argument("--out", default=str(OUT))
+    p.add_argument("--coder", action="store_true", help="run only the GEMM-coder section and merge it in")
+    p.add_argument("--real", nargs="*", default=[], help="label=DIR of real models for whole CoSpaDi runs")
+    p.add_argument("--blocks", type=int, nargs="*", default=[3], help="blocks of the real models to run")
+    p.add_argument("--nsamples", type=int, default=32, help="calibration windows for the real models")
+    p.add_argument("--seqlen", type=int, default=256)
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -230,6 +243,8 @@ def main(argv=None) -> None:
     cfg = json.loads(Path(args.config).read_text())
     shapes = model_shapes(cfg)
     omp(torch.eye(8, device=device), torch.ones(8, 2, device=device), 2)  # compile / warm up before timing
+    if args.coder:
+        return merge_coder(args, device, shapes)
     rows = []
     for sh in shapes:
         rows.append(bench_shape(sh, args, device))
@@ -248,6 +263,22 @@ def main(argv=None) -> None:
     out.with_suffix(".json").write_text(json.dumps(result, indent=1))
     out.with_suffix(".md").write_text(markdown(result))
     print(markdown(result))
+
+
+def merge_coder(args, device, shapes) -> None:
+    """The GEMM-coder section (`coder_speed`), written into the existing JSON (key ``coder``) and markdown."""
+    import coder_speed
+
+    res = coder_speed.run(args, device, shapes, synthetic_layer, lambda: synchronize(device))
+    res["config"] = str(Path(args.config).name)
+    out = Path(args.out)
+    old = json.loads(out.with_suffix(".json").read_text()) if out.with_suffix(".json").exists() else {}
+    old["coder"] = res
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(old, indent=1))
+    head = markdown(old) if "shapes" in old else ""
+    out.with_suffix(".md").write_text(head + coder_speed.markdown(res))
+    print(coder_speed.markdown(res))
 
 
 if __name__ == "__main__":

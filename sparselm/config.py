@@ -78,6 +78,19 @@ class Init(enum.Enum):
     SVD = "svd"
 
 
+class SparseCoder(enum.Enum):
+    """CoSpaDi's sparse coder (docs/methods.md, Speed)."""
+    OMP = "omp"    # exact Batch-OMP (the reference)
+    HTP = "htp"    # hard-thresholding pursuit from dense matrix products, warm-started
+    AUTO = "auto"  # per layer, by a cost model (`cospadi.choose_coder`)
+
+
+class DictUpdateRule(enum.Enum):
+    """CoSpaDi's dictionary update (docs/methods.md, Speed)."""
+    KSVD = "ksvd"  # block K-SVD, rank-1 steps by power iteration
+    MOD = "mod"    # method of optimal directions: one least-squares solve, atoms renormalized
+
+
 # --- method specs -------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class MethodSpec:
@@ -156,6 +169,8 @@ class CoSpaDiSpec(MethodSpec):
     # None: the projections that read the block's input (`model.SHARED_INPUT_PROJECTIONS`)
     shared: tuple[str, ...] | None = None
     seed: int = 42
+    coder: SparseCoder = SparseCoder.AUTO         # per layer by cost; HTP's error measured <= OMP's (docs)
+    dict_update: DictUpdateRule = DictUpdateRule.MOD  # measured equal to or below block K-SVD's error (docs)
 
     def __post_init__(self):
         super().__post_init__()

@@ -2,8 +2,10 @@
 
 Objective: min ``‖X(W − Ŵ)ᵀ‖_F²`` over ``Ŵᵀ = D S``, ``D`` ``(in, k)`` dense and ``S`` ``(k, out)`` with
 exactly ``s`` nonzeros per column. Whitening (``LᵀL = XᵀX``) turns it into plain dictionary learning on
-``Y = L Wᵀ``: min ``‖Y − D_L S‖_F²``, solved by alternating batched OMP (`omp`) and K-SVD with power
-iterations (`ksvd`) for ``spec.iters`` iterations, stopping early when the relative improvement falls below
+``Y = L Wᵀ``: min ``‖Y − D_L S‖_F²``, solved by alternating sparse coding (``spec.coder``: exact batched OMP,
+`omp`, the paper's; or hard-thresholding pursuit from dense products, `htp`; ``auto`` picks per layer,
+`choose_coder`) and a dictionary update (``spec.dict_update``: K-SVD with power iterations, the paper's, or
+MOD; `ksvd`) for ``spec.iters`` iterations, stopping early when the relative improvement falls below
 ``spec.tol``; the best pair seen is kept. Then ``D = L⁻¹ D_L`` (triangular solve).
 
 Sizing (``ρ = k/s``): the largest ``k`` whose *stored bytes* fit ``(1 − ratio)·in·out·bytes(dtype)``:
@@ -24,17 +26,19 @@ layers, which share one ``D`` buffer, stored once.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from typing import Callable, Sequence
 
 import torch
 
 from .. import formats
 from ..capture import LinearStats
-from ..config import CoefStorage, CoSpaDiSpec, Init
+from ..config import CoefStorage, CoSpaDiSpec, DictUpdateRule, Init, SparseCoder
 from ..errors import InputError
 from ..packing import round_values
 from . import SparseDict, register
-from .ksvd import ksvd_update, refit_coefficients
+from .htp import CG_STEPS, ROUNDS, htp
+from .ksvd import ksvd_update, mod_update, refit_coefficients
 from .omp import omp
 from .whiten import Whitening, whiten
 
@@ -110,10 +114,11 @@ Finisher = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]  #
 
 
 def alternate(Y: torch.Tensor, D: torch.Tensor, iters: int, tol: float | None, code: Coder,
-              update: Updater, finish: Finisher | None = None) -> Learned:
+              update: Updater, finish: Finisher | None = None, patience: int = 1) -> Learned:
     """Sparse coding then dictionary update, ``iters`` times; keeps the best pair; stops when the relative
-    improvement over the best so far is below ``tol`` (``None``: never early). ``finish`` may improve the
-    best pair's values at the end (kept only if the error does not grow)."""
+    improvement over the best so far has been below ``tol`` for ``patience`` iterations in a row (``None``:
+    never early; a coder that may raise the error for an iteration, as HTP's cold restarts, needs patience).
+    ``finish`` may improve the best pair's values at the end (kept only if the error does not grow)."""
     y2 = float(Y.double().square().sum()) or 1.0
 
     def rel(D, S):
@@ -122,7 +127,7 @@ def alternate(Y: torch.Tensor, D: torch.Tensor, iters: int, tol: float | None, c
     S, mask = code(D)
     history = [rel(D, S)]
     best = (D, S, mask)
-    ran = 0
+    ran = stale = 0
     for it in range(iters):
         prev = min(history)
         D, S = update(D, S, mask)
@@ -130,7 +135,8 @@ def alternate(Y: torch.Tensor, D: torch.Tensor, iters: int, tol: float | None, c
         ran += 1
         if history[-1] < prev:
             best = (D, S, mask)
-        if tol is not None and prev - history[-1] < tol * prev:
+        stale = stale + 1 if tol is not None and prev - history[-1] < tol * prev else 0
+        if stale >= patience:
             break
         if it + 1 < iters:
             S, mask = code(D)
@@ -143,22 +149,68 @@ def alternate(Y: torch.Tensor, D: torch.Tensor, iters: int, tol: float | None, c
 
 
 def learn_dictionary(Y: torch.Tensor, D: torch.Tensor, s: int, iters: int, power_iters: int,
-                     tol: float | None, block_size: int | None = None) -> Learned:
-    """Fast engines: batched OMP (`omp`), block K-SVD (`ksvd_update`), a final exact refit of the values."""
+                     tol: float | None, block_size: int | None = None, coder: SparseCoder = SparseCoder.OMP,
+                     dict_update: DictUpdateRule = DictUpdateRule.KSVD, warm_start: bool = False) -> Learned:
+    """Fast engines: a sparse coder (batched exact OMP, `omp`, or hard-thresholding pursuit, `htp`), a dictionary
+    update (block K-SVD, `ksvd_update`, or MOD, `mod_update`), and a final exact refit of the values. ``coder``
+    AUTO asks `choose_coder`. HTP starts every iteration cold, from thresholded least squares; ``warm_start``
+    also offers it the last update's support and values (better per pass, measured worse over the whole run:
+    it keeps the supports where they were; docs/methods.md, Speed)."""
     k = D.shape[1]
+    if coder is SparseCoder.AUTO:
+        coder = choose_coder(Y.shape[0], k, s, Y.shape[1], Y.device)
+    state: dict = {"warm": None}
 
     def code(D):
-        codes = omp(D, Y, s)
+        if coder is SparseCoder.HTP:
+            codes = htp(D, Y, s, warm=state["warm"])
+        else:
+            codes = omp(D, Y, s)
         return codes.dense(k).to(Y.dtype), codes.mask(k)
 
     def update(D, S, mask):
-        u = ksvd_update(Y, D, S, mask, power_iters, block_size)
+        if dict_update is DictUpdateRule.MOD:
+            u = mod_update(Y, D, S, mask)
+        else:
+            u = ksvd_update(Y, D, S, mask, power_iters, block_size)
+        state["warm"] = (u.S, mask) if warm_start else None
         return u.D, u.S
 
     def finish(D, S, mask):
         return refit_coefficients(Y, D, S, mask)
 
-    return alternate(Y, D, iters, tol, code, update, finish)
+    return alternate(Y, D, iters, tol, code, update, finish, HTP_PATIENCE if coder is SparseCoder.HTP else 1)
+
+
+HTP_PATIENCE = 3  # iterations without progress before HTP's alternation stops (measured: docs/methods.md, Speed)
+
+
+# Cost model of one sparse-coding pass, in seconds per multiply-add, measured on this project's CPU (one
+# core, float32, shared machine; docs/methods.md, Speed): exact OMP streams ``cols·k·s²/2`` multiply-adds at
+# memory speed (4 G/s compiled at k = 460, less once a column's factor leaves L2), HTP runs
+# ``(1 + CG_STEPS)·(ROUNDS + 1)`` dense ``k²·cols`` products at matrix-multiply speed (15–35 G/s) plus one
+# ``k³/3`` Cholesky. On GPUs the gap only widens (batched GEMM against batched GEMV).
+OMP_SECONDS_PER_MAC = 1 / 4e9
+GEMM_SECONDS_PER_MAC = 1 / 25e9
+
+
+def coder_cost(n: int, k: int, s: int, cols: int) -> dict[SparseCoder, float]:
+    """Estimated seconds of one coding pass by each coder (both also pay ``DᵀY``, ``n·k·cols``)."""
+    omp_macs = cols * k * (s * s / 2 + n)
+    htp_macs = cols * k * (k * (1 + CG_STEPS) * (ROUNDS + 1) + 2 * k + n) + k ** 3 / 3
+    return {SparseCoder.OMP: omp_macs * OMP_SECONDS_PER_MAC, SparseCoder.HTP: htp_macs * GEMM_SECONDS_PER_MAC}
+
+
+def choose_coder(n: int, k: int, s: int, cols: int, device: torch.device | None = None,
+                 shifted: bool = False) -> SparseCoder:
+    """The coder ``coder: auto`` runs for a layer: exact OMP when the whitening needed a diagonal shift
+    (rank-deficient calibration: a near-singular ``L`` makes the dictionary too coherent for HTP's CG refits;
+    measured up to 1.8× OMP's error there), else the cheaper of `coder_cost` (``device`` is reserved for
+    per-device constants; today one rule)."""
+    if shifted:
+        return SparseCoder.OMP
+    cost = coder_cost(n, k, s, cols)
+    return SparseCoder.HTP if cost[SparseCoder.HTP] < cost[SparseCoder.OMP] else SparseCoder.OMP
 
 
 # --- the method --------------------------------------------------------------------------------------
@@ -199,13 +251,19 @@ def factorize_group(weights: list[torch.Tensor], stats: list[LinearStats | None]
     Y64 = wh.apply(torch.cat([W.T for W in weights], 1))  # (in, Σout) float64
     Y = Y64.float()
     D0 = init_dictionary(Y, k, spec.init, spec.seed)
-    learned = (learner or learn_dictionary)(Y, D0, s, spec.iters, spec.power_iters, spec.tol)
+    coder = spec.coder
+    if learner is None:
+        if coder is SparseCoder.AUTO:
+            coder = choose_coder(d_in, k, s, Y.shape[1], device, shifted=wh.shift > 0)
+        learner = partial(learn_dictionary, coder=coder, dict_update=spec.dict_update)
+    learned = learner(Y, D0, s, spec.iters, spec.power_iters, spec.tol)
     D = wh.unapply(learned.D).float()  # (in, k)
     D_stored = (wh.L @ D.to(dtype).double()).float()  # (in, k): L·D as stored, for the reported error
     results, start = [], 0
     common = {"whitening_shift": wh.shift, "data_free": stats[0] is None, "k": k, "s": s, "rho": spec.rho,
               "iterations": learned.iterations, "group_rel_error": learned.rel_error, "group_size": len(weights),
               "shared_dictionary": len(weights) > 1, "init": spec.init.value,
+              "coder": coder.value, "dict_update": spec.dict_update.value,
               "error_history": [round(h ** 0.5, 6) for h in learned.history]}
     for out in outs:
         S_l, M_l = learned.S[:, start : start + out], learned.mask[:, start : start + out]  # (k, out)

@@ -127,3 +127,30 @@ def refit_coefficients(Y: torch.Tensor, D: torch.Tensor, S: torch.Tensor, mask: 
 def _fit(GI: torch.Tensor, rhs: torch.Tensor, gam: torch.Tensor) -> torch.Tensor:
     """``‖y − D_I γ‖² − ‖y‖²`` per column = ``γᵀG_Iγ − 2 rhsᵀγ`` ``(c,)``."""
     return (gam * torch.bmm(GI, gam.unsqueeze(2)).squeeze(2)).sum(1) - 2 * (rhs * gam).sum(1)
+
+
+def mod_update(Y: torch.Tensor, D: torch.Tensor, S: torch.Tensor, mask: torch.Tensor) -> DictUpdate:
+    """MOD, the method of optimal directions (Engan, Aase & Husøy 1999): the least-squares dictionary for fixed
+    codes, ``D = Y Sᵀ (S Sᵀ)⁻¹``, one ``(k, k)`` Cholesky solve; then every atom is rescaled to unit norm with
+    its coefficient row scaled inversely (``D S`` unchanged). Unused atoms (zero rows of ``S``) keep their old
+    ``d_i``. The values of ``S`` are not refit here (the next sparse coding does that). If the solve would not
+    lower ``‖Y − D S‖²`` (a singular ``S Sᵀ``, float32 rounding) the old ``D`` is kept."""
+    S = S * mask
+    before = float(torch.linalg.vector_norm(Y - D @ S, dtype=torch.float64)) ** 2
+    A = S @ S.T  # (k, k)
+    used = A.diagonal() > 0
+    eps = 1e-7 * float(A.diagonal().mean().clamp_min(torch.finfo(A.dtype).tiny))
+    A = A + torch.diag(torch.where(used, eps, 1.0)).to(A)
+    chol, info = torch.linalg.cholesky_ex(A)
+    if int(info) != 0:
+        return DictUpdate(D, S, before, before)
+    Dn = torch.cholesky_solve(S @ Y.T, chol).T  # (n, k) = Y Sᵀ A⁻¹
+    Dn = torch.where(used.unsqueeze(0), Dn, D)
+    norm = torch.where(used, Dn.norm(dim=0), torch.ones_like(A.diagonal()))  # (k,)
+    ok = norm > 0
+    Dn = torch.where(ok, Dn / norm.clamp_min(torch.finfo(Dn.dtype).tiny), D)
+    Sn = S * torch.where(ok, norm, torch.ones_like(norm)).unsqueeze(1)  # (k, cols)
+    after = float(torch.linalg.vector_norm(Y - Dn @ Sn, dtype=torch.float64)) ** 2
+    if not after <= before:
+        return DictUpdate(D, S, before, before)
+    return DictUpdate(Dn, Sn, before, after)

