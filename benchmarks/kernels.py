@@ -190,6 +190,44 @@ def crossover(args) -> list[dict]:
     return out
 
 
+@torch.no_grad()
+def unpack_cost(args) -> list[dict]:
+    """Prefill of a 50 % unstructured layer: the C++ unpack of every panel into the reused scratch alone, vs the
+    whole panel product (unpack + GEMM) at ``--tokens`` > 16, per thread count."""
+    ext = kernels._build.loaded()
+    out = []
+    if ext is None:
+        return out
+    for model, shapes in SHAPES.items():
+        if model not in args.models:
+            continue
+        for proj, (in_f, out_f) in shapes.items():
+            m = pruned(in_f, out_f, 0.5)
+            rt = m.runtime()
+            for threads in args.threads:
+                torch.set_num_threads(threads)
+                p = kmasked.panel_rows(rt, kernels.policy.PANEL_ROWS)
+                scratch = torch.empty(p * in_f, dtype=DT)
+
+                def unpack(_):
+                    for r0 in range(0, rt.rows, p):
+                        r1 = min(rt.rows, r0 + p)
+                        ext.masked_unpack(rt.mask, rt.offsets, rt.values, rt.kind, rt.scale, rt.rows, rt.cols, r0, r1,
+                                          scratch, True)
+                for t in [t for t in args.tokens if t > 16]:
+                    x = torch.randn(t, in_f, generator=_gen(9)).to(DT)
+                    m.kernel_path = "panel"
+                    r = interleaved({"unpack": unpack, "panel": lambda _: m(x)}, {"unpack": 1, "panel": 1},
+                                    args.prefill_repeats)
+                    m.kernel_path = None
+                    out.append({"model": model, "proj": proj, "threads": threads, "tokens": t,
+                                "unpack_ms": round(r["unpack"]["median_ms"], 3),
+                                "panel_product_ms": round(r["panel"]["median_ms"], 3),
+                                "unpack_share": round(r["unpack"]["median_ms"] / r["panel"]["median_ms"], 3)})
+                    print(out[-1], flush=True)
+    return out
+
+
 # --- end to end --------------------------------------------------------------------------------------
 def llama_1b(layers: int):
     import transformers as tf
@@ -279,6 +317,8 @@ def write(results: dict) -> None:
                                   "resident_over_stored"]),
             ("GEMV vs panels (sets `policy.GEMV_MAX_TOKENS`)", "crossover",
              ["in", "out", "threads", "tokens", "gemv_ms", "panel_ms"]),
+            ("Prefill: unpack alone vs the whole panel product (50 % unstructured)", "unpack",
+             ["model", "proj", "threads", "tokens", "unpack_ms", "panel_product_ms", "unpack_share"]),
             ("End to end: greedy decode, Llama-3.2-1B-shaped model", "e2e",
              ["kind", "ratio", "layers", "threads", "batch", "dense_tokens_per_s", "compressed_tokens_per_s",
               "speedup", "target", "met"])):
@@ -298,7 +338,7 @@ def _cases(args):
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--part", default="all", choices=["layers", "crossover", "e2e", "all"])
+    p.add_argument("--part", default="all", choices=["layers", "crossover", "unpack", "e2e", "all"])
     p.add_argument("--models", nargs="+", default=list(SHAPES))
     p.add_argument("--cases", nargs="+", default=["lowrank:0.4", "dict:0.4", "unstructured:0.5", "2:4:0",
                                                   "lowrank:0.2", "dict:0.2", "unstructured:0.3", "dict-14bit:0.4",
@@ -332,6 +372,9 @@ def main() -> None:
             write(results)
     if args.part in ("crossover", "all"):
         results["crossover"] = crossover(args)
+        write(results)
+    if args.part in ("unpack", "all"):
+        results["unpack"] = unpack_cost(args)
         write(results)
     if args.part in ("e2e", "all"):
         results["e2e"] = end_to_end(args)
