@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from . import data, device as devices, fidelity as fidelity_mod, harness, io, outdir, pipeline
+from . import resume as resume_mod
 from .budget import Allocation, Plan
 from .evaluate import dense_accounting, perplexity
 from . import model as adapter
@@ -96,7 +97,7 @@ def compress_model(model: str | None = None, recipe: Recipe | None = None, calib
     dev = devices.pick(device)
     with outdir.locked(out_dir):
         t0 = time.perf_counter()
-        ckpt = io.checkpoint_dir(out_dir)
+        ckpt = outdir.checkpoint_dir(out_dir)
         if not resume and ckpt.exists():
             log.warning("discarding the checkpoint of an earlier interrupted run at %s (pass --resume to continue it "
                         "instead)", ckpt)
@@ -209,13 +210,13 @@ def _record(layer: pipeline.LayerResult) -> dict:
 
 
 def _checkpoint(ckpt: Path, key: dict, blocks_done: int, layers: list[pipeline.LayerResult], plan: Plan) -> None:
-    io.save_checkpoint(ckpt, key, blocks_done, {la.name: _record(la) for la in layers},
+    resume_mod.save_checkpoint(ckpt, key, blocks_done, {la.name: _record(la) for la in layers},
                        {la.name: la.module for la in layers}, plan.to_dict())
 
 
 def _restore(net, ckpt: Path, key: dict) -> tuple[int, list[pipeline.LayerResult], Plan | None]:
     """Swap in the layers an interrupted run finished; (blocks done, their records, the plan it followed)."""
-    found = io.load_checkpoint(ckpt, key)
+    found = resume_mod.load_checkpoint(ckpt, key)
     if found is None:
         log.warning("--resume: no interrupted run found at %s; starting from the first block", ckpt)
         return 0, [], None

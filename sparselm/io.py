@@ -23,7 +23,7 @@ from torch import nn
 
 from .version import __version__
 from . import model as adapter, outdir
-from .budget import Allocation, Plan
+from .budget import Allocation
 from .config import spec_from_dict, spec_to_dict
 from .errors import InputError
 from .evaluate import dense_accounting, layer_accounting, totals
@@ -355,53 +355,3 @@ def export(path: str | Path, out: str | Path, overwrite: bool = False, trust_rem
             (tmp / EXPORT_MARKER).write_text(json.dumps({"exported_from": str(Path(path).resolve()),
                                                          "sparselm_version": __version__}, indent=1))
     return {"out": str(out), "layers": len(manifest["layers"]), "dtype": manifest["storage_dtype"]}
-
-
-# --- resumable runs ------------------------------------------------------------------------------------
-def checkpoint_dir(out: str | Path) -> Path:
-    return outdir.checkpoint_dir(Path(out))
-
-
-def save_checkpoint(ckpt: Path, key: dict, blocks_done: int, records: dict[str, dict],
-                    modules: dict[str, CompressedLinear], plan: dict) -> None:
-    """Write the compressed layers done so far and the plan they follow (atomically replacing the previous
-    checkpoint)."""
-    with _writing(ckpt), outdir.atomic_dir(ckpt) as tmp:
-        state = {f"{n}.{b}": t.detach().cpu().contiguous().clone() for n, m in modules.items()
-                 for b, t in m.state_dict().items()}
-        save_file(state, str(tmp / "layers.safetensors"))
-        layers = {n: {"class": type(m).__name__, "meta": m.meta(), "record": records[n],
-                      "buffers": {b: [list(t.shape), _dtype_name(t.dtype)] for b, t in m.named_buffers()}}
-                  for n, m in modules.items()}
-        (tmp / "progress.json").write_text(json.dumps({"key": key, "blocks_done": blocks_done, "layers": layers,
-                                                       "plan": plan}, default=str))
-
-
-def load_checkpoint(ckpt: Path, key: dict) -> tuple[int, dict[str, tuple[CompressedLinear, dict]], Plan] | None:
-    """(blocks done, {layer: (module, record)}, plan) of an interrupted run with the same settings, else None."""
-    if not (ckpt / "progress.json").is_file():
-        return None
-    try:
-        progress = json.loads((ckpt / "progress.json").read_text())
-        same = progress["key"] == json.loads(json.dumps(key, default=str))
-    except (ValueError, KeyError, TypeError, OSError) as e:
-        raise _corrupt_checkpoint(ckpt, e) from None
-    if not same:
-        raise InputError(f"the interrupted run in {str(ckpt)!r} used other settings",
-                         "rerun with the same model, method, budget and calibration, or without --resume")
-    out = {}
-    try:
-        entries = layer_entries(progress)
-        with safe_open(str(ckpt / "layers.safetensors"), framework="pt") as f:
-            for name, entry in entries:
-                module = MODULE_CLASSES[entry["class"]].empty(entry["meta"], entry["buffers"])
-                module.load_state_dict({b: f.get_tensor(f"{name}.{b}") for b in entry["buffers"]})
-                out[name] = (module, entry["record"])
-        return int(progress["blocks_done"]), out, Plan.from_dict(progress["plan"])
-    except (InputError, OSError, RuntimeError, SafetensorError, KeyError, TypeError, ValueError) as e:
-        raise _corrupt_checkpoint(ckpt, e) from None
-
-
-def _corrupt_checkpoint(ckpt: Path, e: Exception) -> InputError:
-    return InputError(f"the checkpoint of the interrupted run in {str(ckpt)!r} is corrupt ({type(e).__name__}: "
-                      f"{str(e)[:200]})", "rerun without --resume to start over (that replaces the checkpoint)")

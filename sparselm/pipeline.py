@@ -315,7 +315,8 @@ def compress(model: nn.Module, calib: torch.Tensor, recipe: Recipe, device: torc
 
     Resuming: the first ``start_block`` blocks are already compressed (their modules swapped in, their
     records in ``done``) by a run that followed ``plan``; they are only run to rebuild the next block's
-    inputs. ``checkpoint(blocks_done, layers, plan)`` is called after every window but the last.
+    inputs. ``checkpoint(blocks_done, window_layers, plan)`` is called after every window but the last, with the
+    layers compressed in that window.
     """
     t0 = time.perf_counter()
     plan = plan or make_plan(model, calib, recipe, device, dtype, batch_size, profile_cache)
@@ -323,11 +324,13 @@ def compress(model: nn.Module, calib: torch.Tensor, recipe: Recipe, device: torc
     names = [[n for n in plan.specs if n.startswith(adapter.block_prefix(prefix, i))] for i in range(len(blocks))]
     layers: list[LayerResult] = list(done or [])
     for win in walk(model, calib, names, device, batch_size, window_size(plan.specs.values()), start_block):
+        new: list[LayerResult] = []
         for group in (s for s in plan.sets if s[0] in win.stats):
-            layers += _compress_set(model, group, plan, win.stats, device, dtype)
+            new += _compress_set(model, group, plan, win.stats, device, dtype)
             win.changed = True
+        layers += new
         if checkpoint and win.end < len(blocks):
-            checkpoint(win.end, layers, plan)
+            checkpoint(win.end, new, plan)
         if progress:
             progress(win.end, len(blocks))
     return CompressReport(layers, time.perf_counter() - t0, plan)
