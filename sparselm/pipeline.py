@@ -14,7 +14,7 @@ import fnmatch
 import math
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Protocol
 
 import torch
 from torch import nn
@@ -148,10 +148,20 @@ class Window:
     changed: bool = False  # set by the caller when it swapped layers: the outputs are then computed again
 
 
+class BlockSource(Protocol):
+    """Where the blocks' weights come from when they are not all in memory (`lazy.LazyBlocks`)."""
+    def load(self, index: int) -> None: ...
+    def release(self, indices: list[int], finished: bool) -> None: ...
+
+
 def walk(model: nn.Module, calib: torch.Tensor, names: list[list[str]], device: torch.device, batch_size: int,
-         window: int = 1, start: int = 0) -> Iterator[Window]:
+         window: int = 1, start: int = 0, source: BlockSource | None = None, finished: bool = False
+         ) -> Iterator[Window]:
     """The one block walk: windows of ``window`` blocks from block ``start`` on (the blocks before it are only
-    run, to rebuild the inputs: a resumed run); ``names[i]``: the targeted linears of block ``i``."""
+    run, to rebuild the inputs: a resumed run); ``names[i]``: the targeted linears of block ``i``.
+
+    ``source``: the blocks' weights are read when their window starts and released when it ends (``finished``:
+    the blocks are final, as in the compress walk: the source writes them before dropping them)."""
     _, blocks = adapter.find_blocks(model)
     inputs = capture_inputs(model, blocks, calib, batch_size, device)
     hidden = inputs.hidden
@@ -163,6 +173,9 @@ def walk(model: nn.Module, calib: torch.Tensor, names: list[list[str]], device: 
 
     for first in range(0, len(blocks), window):
         idx = list(range(first, min(first + window, len(blocks))))
+        for i in idx if source else ():
+            source.load(i)
+            adapter.check_finite(model, names[i])
         homes = [_device_of(blocks[i]) for i in idx]
         for i in idx:
             blocks[i].to(device)
@@ -177,6 +190,8 @@ def walk(model: nn.Module, calib: torch.Tensor, names: list[list[str]], device: 
             hidden = run(idx, hidden) if win.changed and win.end < len(blocks) else x
         for i, home in zip(idx, homes):
             blocks[i].to(home)
+        if source:
+            source.release(idx, finished)
 
 
 # --- planning ------------------------------------------------------------------------------------------
@@ -226,10 +241,11 @@ def _shares(spec: MethodSpec, rel: str, window: int) -> bool:
 
 @torch.no_grad()
 def profile_options(model: nn.Module, calib: torch.Tensor, names: list[list[str]], specs: list[MethodSpec],
-                    device: torch.device, dtype: torch.dtype, batch_size: int, cache: dict | None):
+                    device: torch.device, dtype: torch.dtype, batch_size: int, cache: dict | None,
+                    source: BlockSource | None = None):
     """Every targeted layer's knapsack options, on dense-propagated inputs; and the dense shapes."""
     options, shapes = {}, {}
-    for win in walk(model, calib, names, device, batch_size):
+    for win in walk(model, calib, names, device, batch_size, source=source):
         for name in win.names:
             W = adapter.linear_weight(adapter.get_module(model, name)).detach().to(device, torch.float32)
             options[name] = profile_layer(W, win.stats[name], specs, dtype=dtype, cache=cache, key=name)
@@ -238,11 +254,13 @@ def profile_options(model: nn.Module, calib: torch.Tensor, names: list[list[str]
 
 
 def make_plan(model: nn.Module, calib: torch.Tensor, recipe: Recipe, device: torch.device, dtype: torch.dtype,
-              batch_size: int = 8, cache: dict | None = None) -> Plan:
+              batch_size: int = 8, cache: dict | None = None, source: BlockSource | None = None) -> Plan:
     """Uniform: every targeted layer gets the recipe's spec. Knapsack: profile every targeted layer
-    (`profile.profile_layer`; ``cache``, see `compress`) and let `budget.plan_knapsack` choose."""
+    (`profile.profile_layer`; ``cache``, see `compress`) and let `budget.plan_knapsack` choose.
+    (With a ``source`` the blocks' weights are checked as the walk reads them.)"""
     names = targets(model, recipe)
-    adapter.check_finite(model, [n for block in names for n in block])
+    if source is None:
+        adapter.check_finite(model, [n for block in names for n in block])
     rows = None
     if recipe.allocate is Allocate.KNAPSACK:
         target = recipe.methods[0].target
@@ -250,7 +268,7 @@ def make_plan(model: nn.Module, calib: torch.Tensor, recipe: Recipe, device: tor
             raise InputError("knapsack allocation needs one --ratio budget shared by all methods",
                              "pass --ratio R (not --sparsity/--pattern) with --allocate knapsack")
         grid = [s.with_target(target) for s in recipe.methods]
-        options, shapes = profile_options(model, calib, names, grid, device, dtype, batch_size, cache)
+        options, shapes = profile_options(model, calib, names, grid, device, dtype, batch_size, cache, source)
         dense = sum(o.size for opts in options.values() for o in opts if o.payload is None)
         rows = plan_knapsack(options, shapes, target.value, (1 - target.value) * dense)
         specs = {a.layer: a.spec for a in rows if not a.kept_dense}
@@ -307,7 +325,7 @@ Checkpoint = Callable[[int, list[LayerResult], Plan], None]
 def compress(model: nn.Module, calib: torch.Tensor, recipe: Recipe, device: torch.device, dtype: torch.dtype,
              batch_size: int = 8, progress: Progress | None = None, done: list[LayerResult] | None = None,
              start_block: int = 0, checkpoint: Checkpoint | None = None, profile_cache: dict | None = None,
-             plan: Plan | None = None) -> CompressReport:
+             plan: Plan | None = None, source: BlockSource | None = None) -> CompressReport:
     """Compress ``model`` in place, block by block; ``dtype`` is the dense storage dtype budgets refer to.
 
     ``profile_cache``: a dict that keeps the knapsack's per-layer option tables between calls on the SAME
@@ -315,15 +333,17 @@ def compress(model: nn.Module, calib: torch.Tensor, recipe: Recipe, device: torc
 
     Resuming: the first ``start_block`` blocks are already compressed (their modules swapped in, their
     records in ``done``) by a run that followed ``plan``; they are only run to rebuild the next block's
-    inputs. ``checkpoint(blocks_done, window_layers, plan)`` is called after every window but the last, with the
+    inputs. ``source``: the blocks' weights are read block by block (`BlockSource`; a lazily loaded model).
+    ``checkpoint(blocks_done, window_layers, plan)`` is called after every window but the last, with the
     layers compressed in that window.
     """
     t0 = time.perf_counter()
-    plan = plan or make_plan(model, calib, recipe, device, dtype, batch_size, profile_cache)
+    plan = plan or make_plan(model, calib, recipe, device, dtype, batch_size, profile_cache, source)
     prefix, blocks = adapter.find_blocks(model)
     names = [[n for n in plan.specs if n.startswith(adapter.block_prefix(prefix, i))] for i in range(len(blocks))]
     layers: list[LayerResult] = list(done or [])
-    for win in walk(model, calib, names, device, batch_size, window_size(plan.specs.values()), start_block):
+    for win in walk(model, calib, names, device, batch_size, window_size(plan.specs.values()), start_block, source,
+                    finished=True):
         new: list[LayerResult] = []
         for group in (s for s in plan.sets if s[0] in win.stats):
             new += _compress_set(model, group, plan, win.stats, device, dtype)
