@@ -45,7 +45,7 @@ def checkpoint_files(path: Path) -> dict[str, Path]:
                 found.update(dict.fromkeys(h.keys(), f))
         return found
     except (OSError, ValueError, KeyError, TypeError, SafetensorError) as e:
-        raise InputError(f"could not read the safetensors index of {str(path)!r} ({type(e).__name__}: {e})",
+        raise InputError(f"could not load model {str(path)!r} ({type(e).__name__}: {str(e).splitlines()[0][:300]})",
                          "the checkpoint is incomplete or corrupt; download it again") from None
 
 
