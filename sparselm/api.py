@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from . import data, device as devices, fidelity as fidelity_mod, harness, io, lazy, outdir, pipeline
+from . import data, device as devices, dist, fidelity as fidelity_mod, harness, io, lazy, outdir, pipeline
 from . import resume as resume_mod
 from .budget import Allocation, Plan
 from .evaluate import dense_accounting, perplexity
@@ -157,11 +157,12 @@ def compress_model(model: str | None = None, recipe: Recipe | None = None, calib
 
 def run_job(job: CompressJob, progress=None) -> dict:
     """Run a checked `CompressJob` under the output's lock; the summary (what ``--json`` prints)."""
-    dev = devices.pick(job.device)
-    with outdir.locked(job.out):
+    dev = dist.init_from_env(devices.pick(job.device))
+    writes = dist.rank() == 0  # several processes (torchrun): rank 0 alone writes
+    with outdir.locked(job.out) if writes else contextlib.nullcontext():
         t0 = time.perf_counter()
         ckpt = outdir.checkpoint_dir(job.out)
-        if not job.resume and ckpt.exists():
+        if writes and not job.resume and ckpt.exists():
             log.warning("discarding the checkpoint of an earlier interrupted run at %s (pass --resume to continue it "
                         "instead)", ckpt)
             shutil.rmtree(ckpt)
@@ -185,21 +186,21 @@ def run_job(job: CompressJob, progress=None) -> dict:
         key = {"model": loaded.source, "recipe": recipe_to_dict(job.recipe), "calib": job.calib,
                "nsamples": int(windows.shape[0]), "seqlen": int(windows.shape[1]), "seed": job.seed}
         start, done, plan = _restore(net, ckpt, key) if job.resume else (0, [], None)
-        writer = io.StreamedSave(job.out, loaded.storage_dtype, job.overwrite) if streamed else None
+        writer = io.StreamedSave(job.out, loaded.storage_dtype, job.overwrite) if streamed and writes else None
         with writer or contextlib.nullcontext():
             if writer:
                 streamed[1].write = lambda blocks: writer.add(net, blocks)
             report = pipeline.compress(net, windows, job.recipe, dev, loaded.storage_dtype, job.batch_size, progress,
-                                       done, start, checkpoint=lambda n, layers, p: _checkpoint(ckpt, key, n, layers, p),
-                                       plan=plan, source=streamed[1] if streamed else None)
-            if not writer:
+                                       done, start, checkpoint=lambda n, layers, p: writes and _checkpoint(
+                                           ckpt, key, n, layers, p), plan=plan, source=streamed[1] if streamed else None)
+            if not streamed:
                 net.to("cpu")
             run = run_manifest(loaded, report, job.recipe, job.calib, windows, job.seed)
             totals = run["totals"]
             summary.update(method="mixed" if len(job.recipe.methods) > 1 else job.recipe.methods[0].name,
                            allocate=job.recipe.allocate.value, **{k: totals[k] for k in ("ratio_stored",
                                                                                        "ratio_params", "ratio_paper")},
-                           compress_seconds=round(report.seconds, 2))
+                           compress_seconds=round(report.seconds, 2), processes=dist.size())
             if before:
                 after = perplexity(net.to(dev), eval_windows, job.batch_size)
                 net.to("cpu")
@@ -216,9 +217,11 @@ def run_job(job: CompressJob, progress=None) -> dict:
             extras = lambda full: run_files(full, used, job.out.name)  # noqa: E731
             if writer:
                 writer.finish(net, tok, run, extras)
-            else:
+            elif writes:
                 io.save(net, tok, job.out, run, loaded.storage_dtype, job.overwrite, extras=extras)
-        shutil.rmtree(ckpt, ignore_errors=True)
+        if writes:
+            shutil.rmtree(ckpt, ignore_errors=True)
+        dist.barrier()  # the others end once the output is in place
         summary["seconds"] = round(time.perf_counter() - t0, 2)
         return summary
 

@@ -19,13 +19,13 @@ from typing import Any, Callable, Iterator, Protocol
 import torch
 from torch import nn
 
-from . import model as adapter
+from . import dist, model as adapter
 from .budget import Allocation, Plan, plan_knapsack
 from .capture import LinearStats, record
 from .config import Allocate, CoSpaDiSpec, MethodSpec, Ratio, Recipe
 from .errors import InputError
 from .methods import Factored, Pruned, Result, SparseDict, compress_group
-from .modules import CompressedLinear, LowRankLinear, SparseDictLinear, SparseLinear, dense_cache
+from .modules import MODULE_CLASSES, CompressedLinear, LowRankLinear, SparseDictLinear, SparseLinear, dense_cache
 from .profile import profile_layer, relative_error
 
 FORMATS: dict[type, type[CompressedLinear]] = {Pruned: SparseLinear, Factored: LowRankLinear,
@@ -119,8 +119,10 @@ def capture_inputs(model: nn.Module, blocks: nn.ModuleList, calib: torch.Tensor,
         if i == len(blocks) - 1:
             raise _Stop  # the final norm and head are not needed
 
+    starts = range(0, len(calib), batch_size)
+    dist.check_batches(len(starts))
     with adapter.stand_ins(blocks, seen):
-        for start in range(0, len(calib), batch_size):
+        for start in (starts[b] for b in dist.mine(len(starts))):  # one process: every batch
             ids = calib[start:start + batch_size].to(_device_of(model))
             memo.clear()
             try:
@@ -135,6 +137,25 @@ def run_block(block: nn.Module, hidden: list[torch.Tensor], kwargs: list[dict]) 
     """The block's outputs per batch (compressed layers rebuild their weight once for all batches)."""
     with dense_cache(block):
         return [adapter.block_output(block(h, **kw)) for h, kw in zip(hidden, kwargs)]
+
+
+@torch.no_grad()
+def record_block(block: nn.Module, hidden: list[torch.Tensor], kwargs: list[dict], modules: dict[str, nn.Module],
+                 stats: dict[str, LinearStats], batches: int) -> list[torch.Tensor]:
+    """`run_block` recording the inputs of ``modules`` into ``stats``. Several processes: batch by batch, each
+    round's statistics merged across them in one process's batch order (`dist.merge_step`)."""
+    if not dist.active():
+        with record(modules, stats):
+            return run_block(block, hidden, kwargs)
+    outs = []
+    with dense_cache(block):
+        for step in range(dist.steps(batches)):
+            pending: dict[str, LinearStats] = {}
+            if step < len(hidden):
+                with record(modules, pending):
+                    outs.append(adapter.block_output(block(hidden[step], **kwargs[step])))
+            dist.merge_step(stats, pending, list(modules), step, batches)
+    return outs
 
 
 @dataclass
@@ -164,6 +185,7 @@ def walk(model: nn.Module, calib: torch.Tensor, names: list[list[str]], device: 
     the blocks are final, as in the compress walk: the source writes them before dropping them)."""
     _, blocks = adapter.find_blocks(model)
     inputs = capture_inputs(model, blocks, calib, batch_size, device)
+    batches = -(-len(calib) // batch_size)
     hidden = inputs.hidden
 
     def run(idx: list[int], x: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -184,8 +206,8 @@ def walk(model: nn.Module, calib: torch.Tensor, names: list[list[str]], device: 
         else:
             win, x = Window(first, idx[-1] + 1, [n for i in idx for n in names[i]], {}), hidden
             for i in idx:
-                with record({n: adapter.get_module(model, n) for n in names[i]}, win.stats):
-                    x = run_block(blocks[i], x, inputs.kwargs[i])
+                x = record_block(blocks[i], x, inputs.kwargs[i], {n: adapter.get_module(model, n) for n in names[i]},
+                                 win.stats, batches)
             yield win
             hidden = run(idx, hidden) if win.changed and win.end < len(blocks) else x
         for i, home in zip(idx, homes):
@@ -308,6 +330,39 @@ def _compress_set(model, names: tuple[str, ...], plan: Plan, stats, device, dtyp
     return out
 
 
+def _compress_window(model, sets: list[tuple[str, ...]], plan: Plan, stats, device, dtype) -> list[LayerResult]:
+    """Compress a window's layer sets in order. Several processes: set ``j`` by rank ``j mod N``, then sent to
+    the others (`_shared`), so that every process holds the whole compressed window."""
+    if not dist.active():
+        return [la for names in sets for la in _compress_set(model, names, plan, stats, device, dtype)]
+    own = {j: _compress_set(model, names, plan, stats, device, dtype) for j, names in enumerate(sets)
+           if j % dist.size() == dist.rank()}
+    return [la for j, names in enumerate(sets) for la in _shared(model, own.get(j), j % dist.size(), device)]
+
+
+def _shared(model, layers: list[LayerResult] | None, owner: int, device) -> list[LayerResult]:
+    """The layers rank ``owner`` compressed, on every rank: its modules rebuilt from their buffers and swapped in
+    (a shared dictionary tied again)."""
+    sent = dist.broadcast(None if layers is None else [
+        (la.name, type(la.module).__name__, la.module.meta(), {b: t.cpu() for b, t in la.module.state_dict().items()},
+         la.module.original, la.module.spec, la.module.info, la.module.group, la.rel_error, la.predicted_error)
+        for la in layers], owner)
+    if layers is not None:
+        return layers
+    out = []
+    for name, cls, meta, state, original, spec, info, group, err, predicted in sent:
+        module = MODULE_CLASSES[cls].empty(meta, {b: [list(t.shape), str(t.dtype).removeprefix("torch.")]
+                                                  for b, t in state.items()})
+        module.load_state_dict(state)
+        module = module.to(device)
+        module.original, module.spec, module.info, module.group = original, spec, info, group
+        adapter.swap(model, name, module)
+        out.append(LayerResult(name, module, err, predicted))
+    if len(out) > 1 and out[0].group:
+        tie_group([la.module for la in out])
+    return out
+
+
 def _check_finite(name: str, module: CompressedLinear, err: float, dtype: torch.dtype) -> None:
     """A compressed layer with inf/NaN (e.g. coefficients beyond float16's range) is an error, never saved."""
     bad = [b for b, t in module.named_buffers() if t.is_floating_point() and not torch.isfinite(t).all()]
@@ -344,10 +399,8 @@ def compress(model: nn.Module, calib: torch.Tensor, recipe: Recipe, device: torc
     layers: list[LayerResult] = list(done or [])
     for win in walk(model, calib, names, device, batch_size, window_size(plan.specs.values()), start_block, source,
                     finished=True):
-        new: list[LayerResult] = []
-        for group in (s for s in plan.sets if s[0] in win.stats):
-            new += _compress_set(model, group, plan, win.stats, device, dtype)
-            win.changed = True
+        new = _compress_window(model, [s for s in plan.sets if s[0] in win.stats], plan, win.stats, device, dtype)
+        win.changed = win.changed or bool(new)
         layers += new
         if checkpoint and win.end < len(blocks):
             checkpoint(win.end, new, plan)
