@@ -197,7 +197,8 @@ def walk(model: nn.Module, calib: torch.Tensor, names: list[list[str]], device: 
         idx = list(range(first, min(first + window, len(blocks))))
         for i in idx if source else ():
             source.load(i)
-            adapter.check_finite(model, names[i])
+            if first >= start:  # to be compressed now (a resumed run's earlier blocks are compressed already)
+                adapter.check_finite(model, names[i])
         homes = [_device_of(blocks[i]) for i in idx]
         for i in idx:
             blocks[i].to(device)
