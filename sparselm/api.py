@@ -95,6 +95,7 @@ class CompressJob:
     trust_remote_code: bool = False
     resume: bool = False
     lazy: bool = False  # read the model block by block and write it window by window (`lazy`, `io.StreamedSave`)
+    spill: str | None = None  # a folder for the calibration activations between blocks (`capture.Spilled`)
 
 
 def check_job(model: str | None = None, recipe: Recipe | None = None, calib: str | None = None,
@@ -103,7 +104,8 @@ def check_job(model: str | None = None, recipe: Recipe | None = None, calib: str
               eval_dataset: str = "stdlib", eval_seqlen: int | None = None, max_windows: int = 64,
               batch_size: int | None = None, seed: int | None = None, trust_remote_code: bool = False,
               resume: bool = False, tasks: str | list[str] | None = None, num_fewshot: int | None = None,
-              limit: float | None = None, lazy_load: bool | None = None) -> CompressJob:
+              limit: float | None = None, lazy_load: bool | None = None,
+              offload_activations: str | None = None) -> CompressJob:
     """Everything that depends only on the arguments (counts, the output path, an earlier run's leftovers,
     whether the model can be streamed), checked before the model is read. See `compress_model`."""
     recipe = recipe or build_recipe(None, None, None, None)
@@ -117,7 +119,8 @@ def check_job(model: str | None = None, recipe: Recipe | None = None, calib: str
     evaluate_ppl = (model is None) if evaluate_ppl is None else evaluate_ppl
     return CompressJob(model, recipe, out_dir, calib, nsamples, seqlen, seed, batch_size, overwrite, device,
                        evaluate_ppl, eval_dataset, eval_seqlen, max_windows, task_list, num_fewshot, limit,
-                       trust_remote_code, resume, _streams(model, evaluate_ppl, task_list, lazy_load))
+                       trust_remote_code, resume, _streams(model, evaluate_ppl, task_list, lazy_load),
+                       offload_activations)
 
 
 def _streams(model: str | None, evaluate_ppl: bool, task_list, lazy_load: bool | None) -> bool:
@@ -137,7 +140,7 @@ def compress_model(model: str | None = None, recipe: Recipe | None = None, calib
                    batch_size: int | None = None, seed: int | None = None, trust_remote_code: bool = False,
                    progress=None, resume: bool = False, tasks: str | list[str] | None = None,
                    num_fewshot: int | None = None, limit: float | None = None,
-                   lazy_load: bool | None = None) -> dict:
+                   lazy_load: bool | None = None, offload_activations: str | None = None) -> dict:
     """Load, (evaluate), compress layer by layer, (evaluate), save. Returns the summary.
 
     Calibration settings left None come from the recipe's ``calibration:`` section, else the defaults
@@ -146,12 +149,14 @@ def compress_model(model: str | None = None, recipe: Recipe | None = None, calib
     model card ``README.md``, written in the same atomic step as the model. ``lazy_load`` (default: whenever
     possible, see `_streams`): the model is read block by block from its safetensors and written window by
     window, so host memory is about one block, not the model (`lazy`); the output is the same either way.
+    ``offload_activations``: a folder where the calibration activations are kept between blocks (one batch in
+    memory at a time; the same output).
 
     Everything that depends only on the arguments is checked before the model is read (`check_job`); the
     output is locked for the whole run (one writer per ``out``)."""
     job = check_job(model, recipe, calib, nsamples, seqlen, out, overwrite, device, evaluate_ppl, eval_dataset,
                     eval_seqlen, max_windows, batch_size, seed, trust_remote_code, resume, tasks, num_fewshot, limit,
-                    lazy_load)
+                    lazy_load, offload_activations)
     return run_job(job, progress)
 
 
@@ -192,7 +197,8 @@ def run_job(job: CompressJob, progress=None) -> dict:
                 streamed[1].write = lambda blocks: writer.add(net, blocks)
             report = pipeline.compress(net, windows, job.recipe, dev, loaded.storage_dtype, job.batch_size, progress,
                                        done, start, checkpoint=lambda n, layers, p: writes and _checkpoint(
-                                           ckpt, key, n, layers, p), plan=plan, source=streamed[1] if streamed else None)
+                                           ckpt, key, n, layers, p), plan=plan, source=streamed[1] if streamed else None,
+                                       spill=job.spill)
             if not streamed:
                 net.to("cpu")
             run = run_manifest(loaded, report, job.recipe, job.calib, windows, job.seed)

@@ -6,10 +6,15 @@ the token count, and the squared column norms (``diag G``, what Wanda needs).
 from __future__ import annotations
 
 import contextlib
+import shutil
+import tempfile
+import weakref
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Iterator
 
 import torch
+from safetensors.torch import load_file, save_file
 
 from .errors import InputError
 
@@ -95,3 +100,33 @@ def record(modules: dict[str, torch.nn.Module], stats: dict[str, LinearStats],
         last.clear()
         for h in handles:
             h.remove()
+
+
+class Spilled:
+    """A list of activation tensors kept on disk (one safetensors file per item, in a private directory under
+    ``folder``), read back one at a time onto the device they came from: calibration activations that do not fit
+    in memory. The files go when the list does."""
+
+    def __init__(self, folder: str | Path):
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        self.dir = Path(tempfile.mkdtemp(prefix="sparselm-activations-", dir=folder))
+        self._cleanup = weakref.finalize(self, shutil.rmtree, self.dir, True)
+        self.devices: list[torch.device] = []
+
+    def append(self, t: torch.Tensor) -> None:
+        save_file({"x": t.detach().contiguous().cpu()}, str(self.dir / f"{len(self.devices)}.safetensors"))
+        self.devices.append(t.device)
+
+    def __len__(self) -> int:
+        return len(self.devices)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return load_file(str(self.dir / f"{i}.safetensors"))["x"].to(self.devices[i])
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        return (self[i] for i in range(len(self)))
+
+
+def activation_store(folder: str | Path | None) -> Callable[[], list]:
+    """A factory of activation lists: in memory (``folder`` None), else `Spilled` under ``folder``."""
+    return list if folder is None else (lambda: Spilled(folder))

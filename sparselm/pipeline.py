@@ -14,6 +14,7 @@ import fnmatch
 import math
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, Iterator, Protocol
 
 import torch
@@ -21,7 +22,7 @@ from torch import nn
 
 from . import dist, model as adapter
 from .budget import Allocation, Plan, plan_knapsack
-from .capture import LinearStats, record
+from .capture import LinearStats, activation_store, record
 from .config import Allocate, CoSpaDiSpec, MethodSpec, Ratio, Recipe
 from .errors import InputError
 from .methods import Factored, Pruned, Result, SparseDict, compress_group
@@ -106,10 +107,10 @@ def _device_of(model: nn.Module) -> torch.device:
 
 @torch.no_grad()
 def capture_inputs(model: nn.Module, blocks: nn.ModuleList, calib: torch.Tensor, batch_size: int,
-                   device: torch.device) -> BlockInputs:
+                   device: torch.device, store: Callable[[], list] = list) -> BlockInputs:
     """Block 0's hidden states and every block's own keyword arguments, per calibration batch: the model runs
     with stand-ins for its blocks (`model.stand_ins`), so only the embeddings are computed."""
-    inputs = BlockInputs([], [[] for _ in blocks])
+    inputs = BlockInputs(store(), [[] for _ in blocks])
     memo: dict = {}
 
     def seen(i: int, hidden: torch.Tensor, kwargs: dict):
@@ -133,21 +134,26 @@ def capture_inputs(model: nn.Module, blocks: nn.ModuleList, calib: torch.Tensor,
 
 
 @torch.no_grad()
-def run_block(block: nn.Module, hidden: list[torch.Tensor], kwargs: list[dict]) -> list[torch.Tensor]:
-    """The block's outputs per batch (compressed layers rebuild their weight once for all batches)."""
+def run_block(block: nn.Module, hidden: list[torch.Tensor], kwargs: list[dict], out: list | None = None
+              ) -> list[torch.Tensor]:
+    """The block's outputs per batch, appended to ``out`` (a new list by default; `capture.Spilled` keeps them
+    on disk). Compressed layers rebuild their weight once for all batches."""
+    out = [] if out is None else out
     with dense_cache(block):
-        return [adapter.block_output(block(h, **kw)) for h, kw in zip(hidden, kwargs)]
+        for h, kw in zip(hidden, kwargs):
+            out.append(adapter.block_output(block(h, **kw)))
+    return out
 
 
 @torch.no_grad()
 def record_block(block: nn.Module, hidden: list[torch.Tensor], kwargs: list[dict], modules: dict[str, nn.Module],
-                 stats: dict[str, LinearStats], batches: int) -> list[torch.Tensor]:
+                 stats: dict[str, LinearStats], batches: int, out: list | None = None) -> list[torch.Tensor]:
     """`run_block` recording the inputs of ``modules`` into ``stats``. Several processes: batch by batch, each
     round's statistics merged across them in one process's batch order (`dist.merge_step`)."""
     if not dist.active():
         with record(modules, stats):
-            return run_block(block, hidden, kwargs)
-    outs = []
+            return run_block(block, hidden, kwargs, out)
+    outs = [] if out is None else out
     with dense_cache(block):
         for step in range(dist.steps(batches)):
             pending: dict[str, LinearStats] = {}
@@ -176,21 +182,23 @@ class BlockSource(Protocol):
 
 
 def walk(model: nn.Module, calib: torch.Tensor, names: list[list[str]], device: torch.device, batch_size: int,
-         window: int = 1, start: int = 0, source: BlockSource | None = None, finished: bool = False
-         ) -> Iterator[Window]:
+         window: int = 1, start: int = 0, source: BlockSource | None = None, finished: bool = False,
+         spill: str | Path | None = None) -> Iterator[Window]:
     """The one block walk: windows of ``window`` blocks from block ``start`` on (the blocks before it are only
     run, to rebuild the inputs: a resumed run); ``names[i]``: the targeted linears of block ``i``.
 
     ``source``: the blocks' weights are read when their window starts and released when it ends (``finished``:
-    the blocks are final, as in the compress walk: the source writes them before dropping them)."""
+    the blocks are final, as in the compress walk: the source writes them before dropping them). ``spill``: a
+    folder where the calibration activations are kept between blocks instead of memory (`capture.Spilled`)."""
     _, blocks = adapter.find_blocks(model)
-    inputs = capture_inputs(model, blocks, calib, batch_size, device)
+    store = activation_store(spill)
+    inputs = capture_inputs(model, blocks, calib, batch_size, device, store)
     batches = -(-len(calib) // batch_size)
     hidden = inputs.hidden
 
     def run(idx: list[int], x: list[torch.Tensor]) -> list[torch.Tensor]:
         for i in idx:
-            x = run_block(blocks[i], x, inputs.kwargs[i])
+            x = run_block(blocks[i], x, inputs.kwargs[i], store())
         return x
 
     for first in range(0, len(blocks), window):
@@ -208,7 +216,7 @@ def walk(model: nn.Module, calib: torch.Tensor, names: list[list[str]], device: 
             win, x = Window(first, idx[-1] + 1, [n for i in idx for n in names[i]], {}), hidden
             for i in idx:
                 x = record_block(blocks[i], x, inputs.kwargs[i], {n: adapter.get_module(model, n) for n in names[i]},
-                                 win.stats, batches)
+                                 win.stats, batches, store())
             yield win
             hidden = run(idx, hidden) if win.changed and win.end < len(blocks) else x
         for i, home in zip(idx, homes):
@@ -265,10 +273,10 @@ def _shares(spec: MethodSpec, rel: str, window: int) -> bool:
 @torch.no_grad()
 def profile_options(model: nn.Module, calib: torch.Tensor, names: list[list[str]], specs: list[MethodSpec],
                     device: torch.device, dtype: torch.dtype, batch_size: int, cache: dict | None,
-                    source: BlockSource | None = None):
+                    source: BlockSource | None = None, spill: str | Path | None = None):
     """Every targeted layer's knapsack options, on dense-propagated inputs; and the dense shapes."""
     options, shapes = {}, {}
-    for win in walk(model, calib, names, device, batch_size, source=source):
+    for win in walk(model, calib, names, device, batch_size, source=source, spill=spill):
         for name in win.names:
             W = adapter.linear_weight(adapter.get_module(model, name)).detach().to(device, torch.float32)
             options[name] = profile_layer(W, win.stats[name], specs, dtype=dtype, cache=cache, key=name)
@@ -277,7 +285,8 @@ def profile_options(model: nn.Module, calib: torch.Tensor, names: list[list[str]
 
 
 def make_plan(model: nn.Module, calib: torch.Tensor, recipe: Recipe, device: torch.device, dtype: torch.dtype,
-              batch_size: int = 8, cache: dict | None = None, source: BlockSource | None = None) -> Plan:
+              batch_size: int = 8, cache: dict | None = None, source: BlockSource | None = None,
+              spill: str | Path | None = None) -> Plan:
     """Uniform: every targeted layer gets the recipe's spec. Knapsack: profile every targeted layer
     (`profile.profile_layer`; ``cache``, see `compress`) and let `budget.plan_knapsack` choose.
     (With a ``source`` the blocks' weights are checked as the walk reads them.)"""
@@ -291,7 +300,8 @@ def make_plan(model: nn.Module, calib: torch.Tensor, recipe: Recipe, device: tor
             raise InputError("knapsack allocation needs one --ratio budget shared by all methods",
                              "pass --ratio R (not --sparsity/--pattern) with --allocate knapsack")
         grid = [s.with_target(target) for s in recipe.methods]
-        options, shapes = profile_options(model, calib, names, grid, device, dtype, batch_size, cache, source)
+        options, shapes = profile_options(model, calib, names, grid, device, dtype, batch_size, cache, source,
+                                          spill)
         dense = sum(o.size for opts in options.values() for o in opts if o.payload is None)
         rows = plan_knapsack(options, shapes, target.value, (1 - target.value) * dense)
         specs = {a.layer: a.spec for a in rows if not a.kept_dense}
@@ -381,7 +391,8 @@ Checkpoint = Callable[[int, list[LayerResult], Plan], None]
 def compress(model: nn.Module, calib: torch.Tensor, recipe: Recipe, device: torch.device, dtype: torch.dtype,
              batch_size: int = 8, progress: Progress | None = None, done: list[LayerResult] | None = None,
              start_block: int = 0, checkpoint: Checkpoint | None = None, profile_cache: dict | None = None,
-             plan: Plan | None = None, source: BlockSource | None = None) -> CompressReport:
+             plan: Plan | None = None, source: BlockSource | None = None,
+             spill: str | Path | None = None) -> CompressReport:
     """Compress ``model`` in place, block by block; ``dtype`` is the dense storage dtype budgets refer to.
 
     ``profile_cache``: a dict that keeps the knapsack's per-layer option tables between calls on the SAME
@@ -390,16 +401,17 @@ def compress(model: nn.Module, calib: torch.Tensor, recipe: Recipe, device: torc
     Resuming: the first ``start_block`` blocks are already compressed (their modules swapped in, their
     records in ``done``) by a run that followed ``plan``; they are only run to rebuild the next block's
     inputs. ``source``: the blocks' weights are read block by block (`BlockSource`; a lazily loaded model).
+    ``spill``: a folder that holds the calibration activations between blocks (`capture.Spilled`).
     ``checkpoint(blocks_done, window_layers, plan)`` is called after every window but the last, with the
     layers compressed in that window.
     """
     t0 = time.perf_counter()
-    plan = plan or make_plan(model, calib, recipe, device, dtype, batch_size, profile_cache, source)
+    plan = plan or make_plan(model, calib, recipe, device, dtype, batch_size, profile_cache, source, spill)
     prefix, blocks = adapter.find_blocks(model)
     names = [[n for n in plan.specs if n.startswith(adapter.block_prefix(prefix, i))] for i in range(len(blocks))]
     layers: list[LayerResult] = list(done or [])
     for win in walk(model, calib, names, device, batch_size, window_size(plan.specs.values()), start_block, source,
-                    finished=True):
+                    finished=True, spill=spill):
         new = _compress_window(model, [s for s in plan.sets if s[0] in win.stats], plan, win.stats, device, dtype)
         win.changed = win.changed or bool(new)
         layers += new
