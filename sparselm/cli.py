@@ -55,6 +55,9 @@ def _progress_bar():
     task = {}
 
     def update(done: int, total: int):
+        from . import dist
+        if dist.rank() != 0:  # several processes: one bar
+            return
         if not task:
             bar.start()
             task["id"] = bar.add_task("blocks", total=total)

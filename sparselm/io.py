@@ -282,9 +282,7 @@ def record_evaluation(path: str | Path, record: dict, extras=None) -> None:
 
 def tensor_names_and_bytes(path: str | Path) -> dict[str, int]:
     """Every tensor's byte size in a safetensors file, from its header (nothing else is read)."""
-    with open(path, "rb") as f:
-        n = int.from_bytes(f.read(8), "little")
-        header = json.loads(f.read(n))
+    _, header = _header(Path(path))
     return {k: v["data_offsets"][1] - v["data_offsets"][0] for k, v in header.items() if k != "__metadata__"}
 
 
