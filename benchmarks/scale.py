@@ -136,14 +136,16 @@ def dist_runs(hidden: int = 384, layers: int = 8) -> list[dict]:
                 raise RuntimeError(r.stderr[-3000:])
             s = json.loads(r.stdout.strip().splitlines()[-1])
             rows.append({"run": label, "processes": procs, "threads": threads, "compress_seconds": s["compress_seconds"],
-                         "command_seconds": round(wall, 2), "hidden": hidden, "layers": layers, **sizes})
+                         "command_seconds": round(wall, 2), "load_average": round(os.getloadavg()[1], 1),
+                         "hidden": hidden, "layers": layers, **sizes})
             print(json.dumps(rows[-1]), flush=True)
     return rows
 
 
 def dist_table(rows: list[dict]) -> str:
-    lines = ["| run | compress s | whole command s |", "|---|---|---|"]
-    lines += [f"| {r['run']} | {r['compress_seconds']:.1f} | {r['command_seconds']:.1f} |" for r in rows]
+    lines = ["| run | compress s | whole command s | machine load (5 min) |", "|---|---|---|---|"]
+    lines += [f"| {r['run']} | {r['compress_seconds']:.1f} | {r['command_seconds']:.1f} | "
+              f"{r.get('load_average', '?')} |" for r in rows]
     return "\n".join(lines)
 
 
