@@ -66,8 +66,11 @@ def build(path: Path, hidden: int, layers: int, tok) -> dict:
 def calibration_text(where: Path) -> Path:
     sys.path.insert(0, str(ROOT))
     from sparselm.data import stdlib_files
-    path = where / "calib.txt"
-    path.write_text("".join(p.read_text(errors="ignore") for p in stdlib_files("train")[:40])[:2_000_000])
+    # many short documents (.jsonl): a single .txt file is tokenized whole (`data.calibration_data`), which
+    # would measure the tokenizer on the file rather than the compression
+    path = where / "calib.jsonl"
+    text = "".join(p.read_text(errors="ignore") for p in stdlib_files("train")[:20])[:1_000_000]
+    path.write_text("".join(json.dumps({"text": text[i:i + 2000]}) + "\n" for i in range(0, len(text), 2000)))
     return path
 
 

@@ -60,8 +60,10 @@ def tok():
 @pytest.fixture(scope="module")
 def calib_txt(tmp_path_factory) -> Path:
     from sparselm.data import stdlib_files
-    path = tmp_path_factory.mktemp("calib") / "calib.txt"
-    path.write_text("".join(p.read_text(errors="ignore") for p in stdlib_files("train")[:2])[:100_000])
+    # short documents: a single .txt file would be tokenized whole, a cost of the file, not of the model
+    path = tmp_path_factory.mktemp("calib") / "calib.jsonl"
+    text = "".join(p.read_text(errors="ignore") for p in stdlib_files("train")[:2])[:100_000]
+    path.write_text("".join(json.dumps({"text": text[i:i + 2000]}) + "\n" for i in range(0, len(text), 2000)))
     return path
 
 
