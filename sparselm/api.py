@@ -13,11 +13,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from . import data, device as devices, dist, fidelity as fidelity_mod, harness, io, lazy, outdir, pipeline
 from . import resume as resume_mod
 from .budget import Allocation, Plan
-from .evaluate import dense_accounting, perplexity
+from .metrics import dense_accounting, perplexity
 from . import model as adapter
 from .config import (DEFAULT_METHOD, SPECS, Allocate, Calibration, Pattern, Ratio, Recipe, Sparsity,
                      load_recipe, recipe_to_dict, spec_to_dict)
@@ -332,28 +333,55 @@ def run_manifest(loaded, report: pipeline.CompressReport, recipe: Recipe, calib:
             "compress_seconds": report.seconds, "torch_version": torch.__version__}
 
 
+def evaluate(model: nn.Module, tokenizer, *, dataset: str = "stdlib", seqlen: int = 512,
+             max_windows: int | None = 64, batch_size: int = 8, device: str | None = None,
+             tasks: str | list[str] | None = None, num_fewshot: int | None = None, limit: float | None = None,
+             include_path: str | None = None, reference: nn.Module | None = None) -> dict:
+    """What `sparselm eval` measures, on model objects (a loaded compressed model needs no export): token-level
+    perplexity with the pinned protocol (causal LMs); with ``tasks``, lm-eval task scores in process; with
+    ``reference`` (the dense model), label-free fidelity. Returns a JSON-able dict with the library versions."""
+    check_count("seqlen", seqlen, 2)
+    check_count("max_windows", max_windows, 1)
+    check_count("batch_size", batch_size, 1)
+    check_count("num_fewshot", num_fewshot, 0)
+    task_list = harness.requested(tasks)
+    causal = adapter._is_causal(model.config)
+    if not causal and reference is None:
+        raise InputError("the model is an encoder: perplexity needs a causal LM",
+                         "evaluate a causal LM, or pass the dense model as reference= (fidelity)")
+    dev = devices.pick(device)
+    seqlen = _clamp_seqlen(seqlen, getattr(model.config, "max_position_embeddings", None) or seqlen, "seqlen")
+    windows = data.evaluation_windows(tokenizer, dataset, seqlen, max_windows)
+    result = {"dataset": dataset}
+    if causal:
+        result.update(perplexity(model.to(dev), windows, batch_size))
+    if reference is not None:
+        result["fidelity"] = fidelity_mod.compare(reference.to(dev), model.to(dev), windows, batch_size)
+        reference.to("cpu")
+    if task_list is not None:
+        result["lm_eval"] = harness.run_tasks(model.to(dev), tokenizer, task_list, num_fewshot, limit, batch_size,
+                                              str(dev), include_path=include_path)
+    result["versions"] = versions()
+    return result
+
+
 def evaluate_model(path: str | None, dataset: str = "stdlib", seqlen: int = 512, max_windows: int | None = 64,
                    device: str | None = None, batch_size: int = 8, trust_remote_code: bool = False,
                    tasks: str | list[str] | None = None, num_fewshot: int | None = None, limit: float | None = None,
                    include_path: str | None = None, fidelity: bool = False, record: bool = False) -> dict:
-    """Perplexity of a dense model (dir or hub id) or of a sparselm output directory; with ``tasks``, also
-    lm-eval task scores (in process); with ``fidelity``, agreement with the manifest's dense base model;
-    with ``record``, the result is added to the directory's manifest and its report and model card rebuilt."""
+    """`sparselm eval`: `evaluate` on a dense model (dir or hub id) or a sparselm output directory; with
+    ``fidelity``, against the manifest's dense base model; with ``record``, the result is added to the
+    directory's manifest and its report and model card rebuilt."""
     check_count("--seqlen", seqlen, 2)
     check_count("--max-windows", max_windows, 1)
     check_count("--batch-size", batch_size, 1)
     check_count("--num-fewshot", num_fewshot, 0)
-    task_list = harness.requested(tasks)
-    dev = devices.pick(device)
+    harness.requested(tasks)
+    devices.pick(device)
     net, tok, manifest = _load_any(path, trust_remote_code, need_manifest=fidelity or record)
-    causal = adapter._is_causal(net.config)
-    if not causal and not fidelity:
+    if not adapter._is_causal(net.config) and not fidelity:
         raise InputError(f"{path!r} is an encoder: perplexity needs a causal LM", "evaluate a causal LM")
-    seqlen = _clamp_seqlen(seqlen, getattr(net.config, "max_position_embeddings", None) or seqlen, "--seqlen")
-    windows = data.evaluation_windows(tok, dataset, seqlen, max_windows)
-    result = {"model": path or "bundled", "dataset": dataset}
-    if causal:
-        result.update(perplexity(net.to(dev), windows, batch_size))
+    reference = None
     if fidelity:
         if not manifest.get("base_model"):
             raise InputError(f"--fidelity: {io.MANIFEST} of {path!r} names no base_model to compare with",
@@ -361,13 +389,12 @@ def evaluate_model(path: str | None, dataset: str = "stdlib", seqlen: int = 512,
                              "directory whose manifest has base_model")
         reference = adapter.load_hf(manifest["base_model"], dtype=getattr(net, "dtype", torch.float32),
                                     trust_remote_code=trust_remote_code).model  # the compressed model's dtype
-        result["fidelity"] = fidelity_mod.compare(reference.to(dev), net.to(dev), windows, batch_size)
+    result = {"model": path or "bundled",
+              **evaluate(net, tok, dataset=dataset, seqlen=seqlen, max_windows=max_windows, batch_size=batch_size,
+                         device=device, tasks=tasks, num_fewshot=num_fewshot, limit=limit,
+                         include_path=include_path, reference=reference)}
+    if fidelity:
         result["fidelity"]["base_model"] = manifest.get("base_model")
-        reference.to("cpu")
-    if task_list is not None:
-        result["lm_eval"] = harness.run_tasks(net.to(dev), tok, task_list, num_fewshot, limit, batch_size, str(dev),
-                                              include_path=include_path)
-    result["versions"] = versions()
     if record:
         stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         io.record_evaluation(path, {"date": stamp, "max_windows": max_windows, "batch_size": batch_size, **result},

@@ -27,7 +27,7 @@ from . import model as adapter, outdir
 from .budget import Allocation
 from .config import spec_from_dict, spec_to_dict
 from .errors import InputError
-from .evaluate import dense_accounting, layer_accounting, totals
+from .metrics import dense_accounting, layer_accounting, totals
 from .modules import MODULE_CLASSES, CompressedLinear
 
 MANIFEST = outdir.MARKERS["compress"]

@@ -88,7 +88,7 @@ def test_scalar_and_simd_gemv_agree(storage):
     h = torch.randn(4, 53)
     ref = h @ mod.coefficients().float()
     for simd in (True, False):
-        torch.testing.assert_close(masked.matmul_gemv(h, rt, simd), ref, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(masked.matmul_gemv(h, rt, simd=simd), ref, rtol=1e-4, atol=1e-4)
 
 
 def test_runtime_follows_buffer_writes():
