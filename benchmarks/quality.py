@@ -123,8 +123,11 @@ def run_one(bed, recipe: Recipe, profile_cache: dict) -> dict:
     seconds = time.perf_counter() - t0
     reused = recipe.allocate is Allocate.KNAPSACK and len(profile_cache) == known  # tables from an earlier row
     totals = io.describe(model, bed.loaded.storage_dtype, report.allocation)["totals"]
-    return {"seconds": round(seconds, 2), "profile_reused": reused, "score": bed.score(model),
-            **{k: round(totals[k], 4) for k in ("ratio_stored", "ratio_params", "ratio_paper")}}
+    row = {"seconds": round(seconds, 2), "profile_reused": reused, "score": bed.score(model),
+           **{k: round(totals[k], 4) for k in ("ratio_stored", "ratio_params", "ratio_paper")}}
+    if report.plan.selection:  # a mixed menu: the candidate plans' out-of-sample scores and the one kept
+        row["selection"] = report.plan.selection
+    return row
 
 
 def reusable_rows(paths: list[str], testbed: str, overrides: dict) -> dict[str, dict]:
@@ -152,12 +155,15 @@ def write(bed, name: str, dense: float, rows: list[dict], overrides: dict) -> No
              "Ratios are fractions removed of the targeted layers (stored bytes / params / CoSpaDi Eq. 11). "
              f"CPU, {torch.get_num_threads()} threads, torch {torch.__version__}. Method settings other than the "
              f"defaults: `{json.dumps(overrides)}`. Seconds: the whole `compress` call (* = knapsack profiling reused "
-             "from an earlier row; † = row copied from the table named in the JSON). Written by `benchmarks/quality.py`.",
+             "from an earlier row; † = row copied from the table named in the JSON; kept: for a mixed menu, the candidate plan "
+             "kept by its out-of-sample score, see docs/methods.md). Written by `benchmarks/quality.py`.",
              "", f"| run | ratio stored | ratio params | ratio paper | {bed.metric} | seconds |",
              "|---|---|---|---|---|---|"]
     for r in rows:
         secs = f"{r['seconds']:.1f}" + ("*" if r.get("profile_reused") else "") + (" †" if "reused_from" in r else "")
-        lines.append(f"| `{r['run']}` | {r['ratio_stored']:.3f} | {r['ratio_params']:.3f} | {r['ratio_paper']:.3f} | "
+        kept = next((c["candidate"] for c in r.get("selection") or [] if c["chosen"]), None)
+        run = f"`{r['run']}`" + (f" (kept: {kept})" if kept else "")
+        lines.append(f"| {run} | {r['ratio_stored']:.3f} | {r['ratio_params']:.3f} | {r['ratio_paper']:.3f} | "
                      f"{r['score']:.4f} | {secs} |")
     stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
     plot(bed, name, dense, rows, stem.with_suffix(".png"))
