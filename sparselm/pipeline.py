@@ -27,7 +27,7 @@ from .budget import Allocation, Plan, method_errors, plan_knapsack, rescale
 from .capture import LinearStats, record
 from .config import Allocate, CoSpaDiSpec, MethodSpec, Ratio, Recipe
 from .errors import InputError
-from .evaluate import perplexity
+from .metrics import perplexity
 from .methods import Factored, Pruned, Result, SparseDict, compress_group
 from .modules import MODULE_CLASSES, CompressedLinear, LowRankLinear, SparseDictLinear, SparseLinear, dense_cache
 from .profile import profile_layer, relative_error
@@ -325,7 +325,7 @@ SELECT_SEQUENCES = 32  # ... which are compressed on the rest: scored out of sam
 @torch.no_grad()
 def plan_score(reference: nn.Module, compressed: nn.Module, windows: torch.Tensor) -> float:
     """How good ``compressed`` is end to end on token ``windows`` (lower is better): a causal LM's next-token
-    loss (nats per token: the log of `evaluate.perplexity`, what its users measure), an encoder's 1 − cosine of
+    loss (nats per token: the log of `metrics.perplexity`, what its users measure), an encoder's 1 − cosine of
     mean-pooled window embeddings to ``reference``'s (`fidelity.compare`)."""
     if compressed.get_output_embeddings() is not None:
         return math.log(perplexity(compressed, windows, batch_size=4)["perplexity"])
