@@ -120,14 +120,18 @@ def check_job(model: str | None = None, recipe: Recipe | None = None, calib: str
     evaluate_ppl = (model is None) if evaluate_ppl is None else evaluate_ppl
     return CompressJob(model, recipe, out_dir, calib, nsamples, seqlen, seed, batch_size, overwrite, device,
                        evaluate_ppl, eval_dataset, eval_seqlen, max_windows, task_list, num_fewshot, limit,
-                       trust_remote_code, resume, _streams(model, evaluate_ppl, task_list, lazy_load),
+                       trust_remote_code, resume, _streams(model, evaluate_ppl, task_list, lazy_load, recipe),
                        offload_activations)
 
 
-def _streams(model: str | None, evaluate_ppl: bool, task_list, lazy_load: bool | None) -> bool:
+def _streams(model: str | None, evaluate_ppl: bool, task_list, lazy_load: bool | None, recipe: Recipe) -> bool:
     """Whether the model is read block by block and written window by window: by default for a local directory
-    when nothing needs the whole model in memory (no perplexity, no lm-eval tasks); ``lazy_load`` forces it."""
+    when nothing needs the whole model in memory (no perplexity, no lm-eval tasks, no mixed knapsack menu, whose
+    candidate plans are compressed on copies of the model: `pipeline.select_plan`); ``lazy_load`` forces it."""
+    mixed = recipe.allocate is Allocate.KNAPSACK and len({m.name for m in recipe.methods}) > 1
     possible = model is not None and Path(model).is_dir() and not evaluate_ppl and not task_list
+    if lazy_load is None and mixed:
+        return False
     if lazy_load and not possible:
         raise InputError("lazy loading needs a local model directory and no evaluation in the run",
                          "pass --no-eval and no tasks; evaluate the output afterwards with `sparselm eval`")

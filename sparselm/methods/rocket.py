@@ -112,14 +112,14 @@ class WhitenedSVD:
         return self._coeffs
 
     def order(self, lam: float) -> torch.Tensor:
-        """Per column, the atoms of ``R`` by decreasing importance ``|r|·n^λ``, ``(m, out)`` (one sort, cached).
+        """Per column of ``R``, its atoms by decreasing importance ``|r|·n^λ``, ``(out, m)`` (one sort, cached).
 
         The importances of ``C = R[:k]`` are the first ``k`` rows of those of ``R`` (the norms do not depend on
         ``k``), so this one order gives the per-column top entries at every ``k`` (`sparse_mask`)."""
         if lam not in self._orders:
             m = self.sigma.numel()
             imp = self.coeffs.abs() * self.atom_norms(m).to(WORK).unsqueeze(1) ** lam  # (m, out)
-            self._orders[lam] = imp.argsort(dim=0, descending=True, stable=True)
+            self._orders[lam] = imp.T.argsort(dim=1, descending=True, stable=True)  # (out, m): rows contiguous
         return self._orders[lam]
 
 
@@ -152,16 +152,16 @@ def sparse_mask(C: torch.Tensor, norms: torch.Tensor, keep: int, refill: int, la
                 order: torch.Tensor | None = None) -> torch.Tensor:
     """Two-stage mask of ``C`` ``(k, out)``: top ``keep`` per column by ``|c|·n^λ``, then ``refill`` by ``|c|·n``.
 
-    ``order`` (`WhitenedSVD.order`, ``(m, out)``, m ≥ k): the per-column ranking of a taller ``R`` whose first ``k``
-    rows are ``C``; the first ``keep`` entries of each column with an atom below ``k`` are the top ``keep`` (no
-    sort or top-k per call; a twin test checks it against the top-k)."""
+    ``order`` (`WhitenedSVD.order`, ``(out, m)``, m ≥ k): per column, the ranking of a taller ``R`` whose first
+    ``k`` rows are ``C``; the first ``keep`` entries of each column with an atom below ``k`` are the top ``keep``
+    (no sort or top-k per call; a twin test checks it against the top-k)."""
     k = C.shape[0]
     norms = norms.to(C.dtype)
     if keep > 0 and order is not None:
-        inside = order < k  # (m, out)
-        chosen = inside & (inside.cumsum(0) <= keep)
-        mask = torch.zeros(order.shape, dtype=torch.bool, device=C.device).scatter_(0, order, chosen)[:k]
-        mask = mask.contiguous()
+        inside = order < k  # (out, m)
+        chosen = inside & (inside.to(torch.int32).cumsum(1, dtype=torch.int32) <= keep)
+        mask = torch.zeros(order.shape, dtype=torch.bool, device=C.device).scatter_(1, order, chosen)
+        mask = mask[:, :k].T.contiguous()  # (k, out)
     else:
         mask = torch.zeros(C.shape, dtype=torch.bool, device=C.device)  # (k, out), contiguous
         if keep > 0:
