@@ -16,8 +16,8 @@ from . import data, device as devices, fidelity as fidelity_mod, harness, io, ou
 from .budget import Allocation, Plan
 from .evaluate import dense_accounting, perplexity
 from . import model as adapter
-from .config import (DEFAULT_METHOD, SPECS, Allocate, Calibration, Pattern, Ratio, Recipe, Sparsity,
-                     load_recipe, recipe_to_dict, spec_to_dict)
+from .config import (DEFAULT_METHOD, SPECS, Allocate, Calibration, Pattern, PruneSpec, Ratio, Recipe, Refine,
+                     Sparsity, load_recipe, recipe_to_dict, spec_to_dict)
 from .errors import InputError, check_count
 
 log = logging.getLogger(__name__)
@@ -26,7 +26,7 @@ LARGE_CALIB = {"nsamples": 128, "seqlen": 2048}
 
 
 def build_recipe(method: str | None, ratio: float | None, sparsity: float | None, pattern: str | None,
-                 allocate: str | None = None, recipe_file: str | None = None) -> Recipe:
+                 allocate: str | None = None, recipe_file: str | None = None, refine: str | None = None) -> Recipe:
     """A recipe from command-line knobs (exactly one of ratio / sparsity / pattern, or the defaults).
 
     No method: the default, ROCKET; each method's default budget is its spec's (ROCKET: ratio 0.2) and its
@@ -34,8 +34,8 @@ def build_recipe(method: str | None, ratio: float | None, sparsity: float | None
     ``--method rocket`` alone is the default run.
     """
     if recipe_file:
-        if any(v is not None for v in (method, ratio, sparsity, pattern)):
-            raise InputError("--recipe was given together with --method/--ratio/--sparsity/--pattern",
+        if any(v is not None for v in (method, ratio, sparsity, pattern, refine)):
+            raise InputError("--recipe was given together with --method/--ratio/--sparsity/--pattern/--refine",
                              "put everything in the recipe file, or drop --recipe")
         return load_recipe(recipe_file)
     given = [v for v in (ratio, sparsity, pattern) if v is not None]
@@ -52,7 +52,16 @@ def build_recipe(method: str | None, ratio: float | None, sparsity: float | None
         alloc = Allocate.default_for(name) if allocate is None else Allocate(allocate)
     except ValueError:
         raise InputError(f"--allocate {allocate!r} is not valid", "use uniform or knapsack") from None
-    return Recipe(methods=(SPECS[name](target=target),), allocate=alloc)
+    extra = {}
+    if refine is not None:
+        if not issubclass(SPECS[name], PruneSpec):
+            raise InputError(f"--refine {refine} refines pruning masks; method {name!r} does not prune weights",
+                             "use --refine with magnitude, wanda or sparsegpt, or drop it")
+        try:
+            extra["refine"] = Refine(refine)
+        except ValueError:
+            raise InputError(f"--refine {refine!r} is not valid", f"use one of {[r.value for r in Refine]}") from None
+    return Recipe(methods=(SPECS[name](target=target, **extra),), allocate=alloc)
 
 
 def _clamp_seqlen(seqlen: int, max_pos: int, name: str) -> int:
@@ -321,6 +330,10 @@ def _inspect_rows(path: str, manifest: dict) -> dict:
              "target": entry["spec"].get("target"), "k": entry["info"].get("k"), "s": _nonzeros_per_channel(entry),
              **entry["accounting"], "rel_error": entry.get("rel_error"), "predicted_error": entry.get("predicted_error")}
             for name, entry in manifest["layers"].items()]
+    for name, entry in io.structured_entries(manifest):
+        rows.append({"layer": name, "class": "Linear (narrowed)", "method": entry["spec"].get("method"),
+                     "target": entry["spec"].get("target"), "k": None, "s": None, **entry["accounting"],
+                     "rel_error": None, "predicted_error": None})
     for row in manifest.get("allocation") or []:
         if Allocation.kept_dense_row(row):
             rows.append({"layer": row["layer"], "class": "Linear", "method": "dense (knapsack)", "target": None,

@@ -22,7 +22,7 @@ from torch import nn
 from . import model as adapter
 from .budget import Allocation, Plan, plan_knapsack
 from .capture import LinearStats, record
-from .config import Allocate, CoSpaDiSpec, MethodSpec, Ratio, Recipe
+from .config import Allocate, CoSpaDiSpec, MethodSpec, Ratio, Recipe, StructuredSpec
 from .errors import InputError
 from .methods import Factored, Pruned, Result, SparseDict, compress_group
 from .modules import CompressedLinear, LowRankLinear, SparseDictLinear, SparseLinear, dense_cache
@@ -317,6 +317,9 @@ def compress(model: nn.Module, calib: torch.Tensor, recipe: Recipe, device: torc
     records in ``done``) by a run that followed ``plan``; they are only run to rebuild the next block's
     inputs. ``checkpoint(blocks_done, layers, plan)`` is called after every window but the last.
     """
+    if isinstance(recipe.methods[0], StructuredSpec):  # whole heads and channels: its own flow
+        from .structured import compress_structured
+        return compress_structured(model, calib, recipe, device, dtype, batch_size, progress)
     t0 = time.perf_counter()
     plan = plan or make_plan(model, calib, recipe, device, dtype, batch_size, profile_cache)
     prefix, blocks = adapter.find_blocks(model)
