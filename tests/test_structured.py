@@ -91,7 +91,7 @@ def test_uniform_export_loads_in_plain_transformers(tmp_path):
 
 
 @pytest.mark.parametrize("arch,spec", [("llama", FlapSpec(target=Ratio(0.35))), ("bert", FlapSpec(target=Ratio(0.35))),
-                                       ("qwen2", ZipLMSpec(target=Ratio(0.35)))])
+                                       ("qwen2", ZipLMSpec(target=Ratio(0.35), structure=Structure.ADAPTIVE))])
 @torch.no_grad()
 def test_per_block_widths_save_load_export(arch, spec, tmp_path):
     model = tiny(arch)
