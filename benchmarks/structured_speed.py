@@ -48,28 +48,33 @@ def main() -> None:
         r = bench.run(d, repeats=args.repeats, layer_tokens=(1,), prefill_tokens=tuple(map(int, args.prefill.split(","))),
                       batch_sizes=(1, 8), new_tokens=args.new_tokens, threads=1)
         totals = manifest["totals"]
-        rows.append({"dir": Path(d).name, "method": manifest["recipe"]["methods"][0], "widths": widths(manifest),
-                     "ratio_stored": totals["ratio_stored"], "predicted": 1 / (1 - totals["ratio_stored"]),
-                     "speedup": r["speedup"], "compressed": {k: v["tokens_per_s"] for k, v in r["compressed"].items()
-                                                             if isinstance(v, dict) and "tokens_per_s" in v},
-                     "dense": {k: v["tokens_per_s"] for k, v in r["dense"].items()
-                               if isinstance(v, dict) and "tokens_per_s" in v}, "threads": r["threads"]})
+        timed = [k for k, v in r["compressed"].items() if isinstance(v, dict) and "tokens_per_s" in v]
+        rows.append({"dir": Path(d).name, "model": manifest.get("base_model"), "method": manifest["recipe"]["methods"][0],
+                     "widths": widths(manifest), "ratio_stored": totals["ratio_stored"],
+                     "predicted": 1 / (1 - totals["ratio_stored"]),
+                     "speedup_min": {k: r["dense"][k]["min_ms"] / r["compressed"][k]["min_ms"] for k in timed},
+                     "speedup_median": r["speedup"],
+                     "compressed_ms": {k: r["compressed"][k]["min_ms"] for k in timed},
+                     "dense_ms": {k: r["dense"][k]["min_ms"] for k in timed}, "threads": r["threads"],
+                     "repeats": args.repeats})
         print(json.dumps(rows[-1]), flush=True)
     DOCS.mkdir(parents=True, exist_ok=True)
     (DOCS / "structured_speed.json").write_text(json.dumps({"torch": torch.__version__, "rows": rows}, indent=1))
-    keys = list(rows[0]["speedup"])
+    keys = list(rows[0]["speedup_min"])
     lines = ["# Structured pruning: speed beside the dense model", "",
-             "`sparselm bench` (median of interleaved runs, one CPU thread, on a 2-core machine shared with other jobs: "
-             "±20 % or worse), bundled model (bf16). `predicted`: dense bytes / kept bytes of the pruned linears, the "
-             "speed-up of those layers alone if they were all the time; embeddings, norms, attention scores and the "
-             "LM head are not narrowed. Written by `benchmarks/structured_speed.py`.", "",
+             f"`sparselm bench` internals (`bench.run`: compressed and dense runs interleaved, {args.repeats} timed runs "
+             "each after a warm-up, one CPU thread). The machine is a 2-core one shared with other jobs (load 5–10), so "
+             "the speed-ups use the **fastest** run of each (medians, in the JSON, are noisier). `predicted`: dense "
+             "bytes / kept bytes of the pruned linears, the speed-up if those layers were all the time (embeddings, "
+             "norms, attention scores, the LM head and `generate`'s own overhead are not narrowed). Written by "
+             "`benchmarks/structured_speed.py`.", "",
              "| run | kept widths (block 0) | ratio stored | predicted | " + " | ".join(f"{k} speed-up" for k in keys)
-             + " | " + " | ".join(f"{k} tok/s (dense)" for k in keys) + " |",
+             + " | " + " | ".join(f"{k} ms (dense)" for k in keys) + " |",
              "|---|---|---|---|" + "---|" * (2 * len(keys))]
     for r in rows:
         lines.append(f"| `{r['dir']}` | {r['widths']} | {r['ratio_stored']:.3f} | {r['predicted']:.2f}× | "
-                     + " | ".join(f"{r['speedup'][k]:.2f}×" for k in keys) + " | "
-                     + " | ".join(f"{r['compressed'][k]:.0f} ({r['dense'][k]:.0f})" for k in keys) + " |")
+                     + " | ".join(f"{r['speedup_min'][k]:.2f}×" for k in keys) + " | "
+                     + " | ".join(f"{r['compressed_ms'][k]:.0f} ({r['dense_ms'][k]:.0f})" for k in keys) + " |")
     (DOCS / "structured_speed.md").write_text("\n".join(lines) + "\n")
 
 

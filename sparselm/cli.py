@@ -40,6 +40,9 @@ def _run(fn, as_json: bool, show) -> None:
         err.print("interrupted: no output was written (compress: rerun with --resume to continue from the last "
                   "finished block)")
         raise typer.Exit(130)
+    from . import dist
+    if dist.rank() != 0:  # several processes (torchrun): rank 0 reports for all
+        return
     if as_json:
         print(json.dumps(result, default=str))
     else:

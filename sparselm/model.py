@@ -88,6 +88,27 @@ def load_tokenizer(src: str | Path, trust_remote_code: bool = False):
                         "the directory needs the tokenizer files save_pretrained writes")
 
 
+def resolve(name: str | Path | None, trust_remote_code: bool = False) -> tuple[str | Path, Any]:
+    """The model's source (``None``: the bundled tiny model) and its config, checked: a local directory must be
+    a plain HF model with safetensors; encoder-decoder models are refused."""
+    src = BUNDLED if name is None else name
+    if Path(src).exists():
+        _check_dir(Path(src))
+    elif Path(str(src)).is_absolute() or str(src).startswith((".", "~")):
+        raise InputError(f"model directory {str(src)!r} does not exist", "check the path")
+    config = read_config(src, trust_remote_code)
+    if getattr(config, "is_encoder_decoder", False):
+        raise InputError(f"{str(src)!r} is an encoder-decoder model ({type(config).__name__})",
+                         "sparselm compresses decoder-only causal LMs and encoders")
+    return src, config
+
+
+def auto_class(config):
+    """The transformers auto class that builds this config's model (causal LM head, or the bare encoder)."""
+    from transformers import AutoModel, AutoModelForCausalLM
+    return AutoModelForCausalLM if _is_causal(config) else AutoModel
+
+
 @dataclass
 class Loaded:
     model: nn.Module
@@ -100,20 +121,10 @@ def load_hf(name: str | Path | None = None, dtype: torch.dtype | None = torch.fl
             trust_remote_code: bool = False) -> Loaded:
     """Load a local directory or hub id (``None``: the bundled tiny model) to compute in ``dtype`` (``None``:
     the checkpoint's own dtype, as `sparselm.load` and ``from_pretrained`` do)."""
-    from transformers import AutoModel, AutoModelForCausalLM
-
-    src = BUNDLED if name is None else name
-    if Path(src).exists():
-        _check_dir(Path(src))
-    elif Path(str(src)).is_absolute() or str(src).startswith((".", "~")):
-        raise InputError(f"model directory {str(src)!r} does not exist", "check the path")
-    config = read_config(src, trust_remote_code)
-    if getattr(config, "is_encoder_decoder", False):
-        raise InputError(f"{str(src)!r} is an encoder-decoder model ({type(config).__name__})",
-                         "sparselm compresses decoder-only causal LMs and encoders")
+    src, config = resolve(name, trust_remote_code)
     saved = _dtype_of(config) or dtype or torch.float32
     dtype = dtype or saved
-    cls = AutoModelForCausalLM if _is_causal(config) else AutoModel
+    cls = auto_class(config)
     try:
         model, info = cls.from_pretrained(src, dtype=dtype, use_safetensors=True, trust_remote_code=trust_remote_code,
                                           output_loading_info=True)

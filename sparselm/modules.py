@@ -68,9 +68,8 @@ class CompressedLinear(nn.Module):
         raise NotImplementedError
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self._dense is None and kernels.usable(x, self.kernel_path):
-            return self.fast_forward(x)
-        return self.reference_forward(x)
+        path = kernels.fast_path(x, self.kernel_path) if self._dense is None else None
+        return self.reference_forward(x) if path is None else self.fast_forward(x, path)
 
     def reference_forward(self, x: torch.Tensor) -> torch.Tensor:
         """The plain forward: rebuild the dense weight, one ``F.linear`` (the fast paths' twin)."""
@@ -78,7 +77,8 @@ class CompressedLinear(nn.Module):
         W = self._dense if self._dense is not None else self.dense_weight()  # (out, in)
         return F.linear(x, W.to(x.dtype), b)
 
-    def fast_forward(self, x: torch.Tensor) -> torch.Tensor:
+    def fast_forward(self, x: torch.Tensor, path: str | None = None) -> torch.Tensor:
+        """The kernel forward; ``path``: the resolved `kernels.fast_path` (None: this module's ``kernel_path``)."""
         return self.reference_forward(x)
 
     def build_runtime(self):
@@ -87,11 +87,14 @@ class CompressedLinear(nn.Module):
 
     def runtime(self):
         """The runtime form, rebuilt whenever a buffer was replaced or written since it was built."""
-        key = tuple((t.data_ptr(), t._version, t.device) for t in self.buffers())
+        key = self._buffer_key()
         if key != self._runtime_key:
             self._runtime = self.build_runtime()
-            self._runtime_key = tuple((t.data_ptr(), t._version, t.device) for t in self.buffers())
+            self._runtime_key = self._buffer_key()
         return self._runtime
+
+    def _buffer_key(self) -> tuple:  # changes when a buffer is replaced, written in place or moved
+        return tuple((t.data_ptr(), t._version, t.is_cpu) for t in self._buffers.values() if t is not None)
 
     def resident_bytes(self) -> int:
         """Bytes held in memory: the stored buffers + what the runtime form adds (offsets, N:M bitmask)."""
@@ -268,8 +271,8 @@ class SparseLinear(CompressedLinear):
         pos = unpack_bits(self.indices, index_bits(m), out_f * in_f * n // m).view(out_f, in_f // m, n)
         return kernels.from_nm(self.values, pos, n, m)
 
-    def fast_forward(self, x: torch.Tensor) -> torch.Tensor:
-        return kernels.masked_linear(x, self.runtime(), self.bias, self.kernel_path)
+    def fast_forward(self, x: torch.Tensor, path: str | None = None) -> torch.Tensor:
+        return kernels.masked_linear(x, self.runtime(), self.bias, path or self.kernel_path)
 
 
 class LowRankLinear(CompressedLinear):
@@ -308,9 +311,9 @@ class LowRankLinear(CompressedLinear):
         self.U, self.V = kernels.colmajor(self.U), kernels.colmajor(self.V)  # same values, same bytes
         return True
 
-    def fast_forward(self, x: torch.Tensor) -> torch.Tensor:
+    def fast_forward(self, x: torch.Tensor, path: str | None = None) -> torch.Tensor:
         self.runtime()
-        return kernels.lowrank_linear(x, self.U, self.V, self.bias, self.kernel_path)
+        return kernels.lowrank_linear(x, self.U, self.V, self.bias, path or self.kernel_path)
 
 
 class SparseDictLinear(CompressedLinear):
@@ -364,8 +367,8 @@ class SparseDictLinear(CompressedLinear):
         self.D = kernels.colmajor(self.D)  # same values, same bytes; a shared D stays shared
         return kernels.from_bitmask(masked_buffers(self, self.coef_storage), self.out_features, self.k)
 
-    def fast_forward(self, x: torch.Tensor) -> torch.Tensor:
-        return kernels.dict_linear(x, self.D, self.runtime(), self.bias, self.kernel_path)
+    def fast_forward(self, x: torch.Tensor, path: str | None = None) -> torch.Tensor:
+        return kernels.dict_linear(x, self.D, self.runtime(), self.bias, path or self.kernel_path)
 
 
 # --- structured pruning: plain narrower nn.Linear layers --------------------------------------------------

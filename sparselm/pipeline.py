@@ -14,18 +14,18 @@ import fnmatch
 import math
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Protocol
 
 import torch
 from torch import nn
 
-from . import model as adapter
+from . import dist, model as adapter
 from .budget import Allocation, Plan, plan_knapsack
 from .capture import LinearStats, record
 from .config import Allocate, CoSpaDiSpec, MethodSpec, Ratio, Recipe, StructuredSpec
 from .errors import InputError
 from .methods import Factored, Pruned, Result, SparseDict, compress_group
-from .modules import CompressedLinear, LowRankLinear, SparseDictLinear, SparseLinear, dense_cache
+from .modules import MODULE_CLASSES, CompressedLinear, LowRankLinear, SparseDictLinear, SparseLinear, dense_cache
 from .profile import profile_layer, relative_error
 
 FORMATS: dict[type, type[CompressedLinear]] = {Pruned: SparseLinear, Factored: LowRankLinear,
@@ -119,8 +119,10 @@ def capture_inputs(model: nn.Module, blocks: nn.ModuleList, calib: torch.Tensor,
         if i == len(blocks) - 1:
             raise _Stop  # the final norm and head are not needed
 
+    starts = range(0, len(calib), batch_size)
+    dist.check_batches(len(starts))
     with adapter.stand_ins(blocks, seen):
-        for start in range(0, len(calib), batch_size):
+        for start in (starts[b] for b in dist.mine(len(starts))):  # one process: every batch
             ids = calib[start:start + batch_size].to(_device_of(model))
             memo.clear()
             try:
@@ -137,6 +139,25 @@ def run_block(block: nn.Module, hidden: list[torch.Tensor], kwargs: list[dict]) 
         return [adapter.block_output(block(h, **kw)) for h, kw in zip(hidden, kwargs)]
 
 
+@torch.no_grad()
+def record_block(block: nn.Module, hidden: list[torch.Tensor], kwargs: list[dict], modules: dict[str, nn.Module],
+                 stats: dict[str, LinearStats], batches: int) -> list[torch.Tensor]:
+    """`run_block` recording the inputs of ``modules`` into ``stats``. Several processes: batch by batch, each
+    round's statistics merged across them in one process's batch order (`dist.merge_step`)."""
+    if not dist.active():
+        with record(modules, stats):
+            return run_block(block, hidden, kwargs)
+    outs = []
+    with dense_cache(block):
+        for step in range(dist.steps(batches)):
+            pending: dict[str, LinearStats] = {}
+            if step < len(hidden):
+                with record(modules, pending):
+                    outs.append(adapter.block_output(block(hidden[step], **kwargs[step])))
+            dist.merge_step(stats, pending, list(modules), step, batches)
+    return outs
+
+
 @dataclass
 class Window:
     """Consecutive blocks ``first..end-1``, the qualified names of their targeted linears, and the statistics
@@ -148,12 +169,23 @@ class Window:
     changed: bool = False  # set by the caller when it swapped layers: the outputs are then computed again
 
 
+class BlockSource(Protocol):
+    """Where the blocks' weights come from when they are not all in memory (`lazy.LazyBlocks`)."""
+    def load(self, index: int) -> None: ...
+    def release(self, indices: list[int], finished: bool) -> None: ...
+
+
 def walk(model: nn.Module, calib: torch.Tensor, names: list[list[str]], device: torch.device, batch_size: int,
-         window: int = 1, start: int = 0) -> Iterator[Window]:
+         window: int = 1, start: int = 0, source: BlockSource | None = None, finished: bool = False
+         ) -> Iterator[Window]:
     """The one block walk: windows of ``window`` blocks from block ``start`` on (the blocks before it are only
-    run, to rebuild the inputs: a resumed run); ``names[i]``: the targeted linears of block ``i``."""
+    run, to rebuild the inputs: a resumed run); ``names[i]``: the targeted linears of block ``i``.
+
+    ``source``: the blocks' weights are read when their window starts and released when it ends (``finished``:
+    the blocks are final, as in the compress walk: the source writes them before dropping them)."""
     _, blocks = adapter.find_blocks(model)
     inputs = capture_inputs(model, blocks, calib, batch_size, device)
+    batches = -(-len(calib) // batch_size)
     hidden = inputs.hidden
 
     def run(idx: list[int], x: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -163,6 +195,9 @@ def walk(model: nn.Module, calib: torch.Tensor, names: list[list[str]], device: 
 
     for first in range(0, len(blocks), window):
         idx = list(range(first, min(first + window, len(blocks))))
+        for i in idx if source else ():
+            source.load(i)
+            adapter.check_finite(model, names[i])
         homes = [_device_of(blocks[i]) for i in idx]
         for i in idx:
             blocks[i].to(device)
@@ -171,12 +206,14 @@ def walk(model: nn.Module, calib: torch.Tensor, names: list[list[str]], device: 
         else:
             win, x = Window(first, idx[-1] + 1, [n for i in idx for n in names[i]], {}), hidden
             for i in idx:
-                with record({n: adapter.get_module(model, n) for n in names[i]}, win.stats):
-                    x = run_block(blocks[i], x, inputs.kwargs[i])
+                x = record_block(blocks[i], x, inputs.kwargs[i], {n: adapter.get_module(model, n) for n in names[i]},
+                                 win.stats, batches)
             yield win
             hidden = run(idx, hidden) if win.changed and win.end < len(blocks) else x
         for i, home in zip(idx, homes):
             blocks[i].to(home)
+        if source:
+            source.release(idx, finished)
 
 
 # --- planning ------------------------------------------------------------------------------------------
@@ -226,10 +263,11 @@ def _shares(spec: MethodSpec, rel: str, window: int) -> bool:
 
 @torch.no_grad()
 def profile_options(model: nn.Module, calib: torch.Tensor, names: list[list[str]], specs: list[MethodSpec],
-                    device: torch.device, dtype: torch.dtype, batch_size: int, cache: dict | None):
+                    device: torch.device, dtype: torch.dtype, batch_size: int, cache: dict | None,
+                    source: BlockSource | None = None):
     """Every targeted layer's knapsack options, on dense-propagated inputs; and the dense shapes."""
     options, shapes = {}, {}
-    for win in walk(model, calib, names, device, batch_size):
+    for win in walk(model, calib, names, device, batch_size, source=source):
         for name in win.names:
             W = adapter.linear_weight(adapter.get_module(model, name)).detach().to(device, torch.float32)
             options[name] = profile_layer(W, win.stats[name], specs, dtype=dtype, cache=cache, key=name)
@@ -238,11 +276,13 @@ def profile_options(model: nn.Module, calib: torch.Tensor, names: list[list[str]
 
 
 def make_plan(model: nn.Module, calib: torch.Tensor, recipe: Recipe, device: torch.device, dtype: torch.dtype,
-              batch_size: int = 8, cache: dict | None = None) -> Plan:
+              batch_size: int = 8, cache: dict | None = None, source: BlockSource | None = None) -> Plan:
     """Uniform: every targeted layer gets the recipe's spec. Knapsack: profile every targeted layer
-    (`profile.profile_layer`; ``cache``, see `compress`) and let `budget.plan_knapsack` choose."""
+    (`profile.profile_layer`; ``cache``, see `compress`) and let `budget.plan_knapsack` choose.
+    (With a ``source`` the blocks' weights are checked as the walk reads them.)"""
     names = targets(model, recipe)
-    adapter.check_finite(model, [n for block in names for n in block])
+    if source is None:
+        adapter.check_finite(model, [n for block in names for n in block])
     rows = None
     if recipe.allocate is Allocate.KNAPSACK:
         target = recipe.methods[0].target
@@ -250,7 +290,7 @@ def make_plan(model: nn.Module, calib: torch.Tensor, recipe: Recipe, device: tor
             raise InputError("knapsack allocation needs one --ratio budget shared by all methods",
                              "pass --ratio R (not --sparsity/--pattern) with --allocate knapsack")
         grid = [s.with_target(target) for s in recipe.methods]
-        options, shapes = profile_options(model, calib, names, grid, device, dtype, batch_size, cache)
+        options, shapes = profile_options(model, calib, names, grid, device, dtype, batch_size, cache, source)
         dense = sum(o.size for opts in options.values() for o in opts if o.payload is None)
         rows = plan_knapsack(options, shapes, target.value, (1 - target.value) * dense)
         specs = {a.layer: a.spec for a in rows if not a.kept_dense}
@@ -290,6 +330,39 @@ def _compress_set(model, names: tuple[str, ...], plan: Plan, stats, device, dtyp
     return out
 
 
+def _compress_window(model, sets: list[tuple[str, ...]], plan: Plan, stats, device, dtype) -> list[LayerResult]:
+    """Compress a window's layer sets in order. Several processes: set ``j`` by rank ``j mod N``, then sent to
+    the others (`_shared`), so that every process holds the whole compressed window."""
+    if not dist.active():
+        return [la for names in sets for la in _compress_set(model, names, plan, stats, device, dtype)]
+    own = {j: _compress_set(model, names, plan, stats, device, dtype) for j, names in enumerate(sets)
+           if j % dist.size() == dist.rank()}
+    return [la for j, names in enumerate(sets) for la in _shared(model, own.get(j), j % dist.size(), device)]
+
+
+def _shared(model, layers: list[LayerResult] | None, owner: int, device) -> list[LayerResult]:
+    """The layers rank ``owner`` compressed, on every rank: its modules rebuilt from their buffers and swapped in
+    (a shared dictionary tied again)."""
+    sent = dist.broadcast(None if layers is None else [
+        (la.name, type(la.module).__name__, la.module.meta(), {b: t.cpu() for b, t in la.module.state_dict().items()},
+         la.module.original, la.module.spec, la.module.info, la.module.group, la.rel_error, la.predicted_error)
+        for la in layers], owner)
+    if layers is not None:
+        return layers
+    out = []
+    for name, cls, meta, state, original, spec, info, group, err, predicted in sent:
+        module = MODULE_CLASSES[cls].empty(meta, {b: [list(t.shape), str(t.dtype).removeprefix("torch.")]
+                                                  for b, t in state.items()})
+        module.load_state_dict(state)
+        module = module.to(device)
+        module.original, module.spec, module.info, module.group = original, spec, info, group
+        adapter.swap(model, name, module)
+        out.append(LayerResult(name, module, err, predicted))
+    if len(out) > 1 and out[0].group:
+        tie_group([la.module for la in out])
+    return out
+
+
 def _check_finite(name: str, module: CompressedLinear, err: float, dtype: torch.dtype) -> None:
     """A compressed layer with inf/NaN (e.g. coefficients beyond float16's range) is an error, never saved."""
     bad = [b for b, t in module.named_buffers() if t.is_floating_point() and not torch.isfinite(t).all()]
@@ -307,7 +380,7 @@ Checkpoint = Callable[[int, list[LayerResult], Plan], None]
 def compress(model: nn.Module, calib: torch.Tensor, recipe: Recipe, device: torch.device, dtype: torch.dtype,
              batch_size: int = 8, progress: Progress | None = None, done: list[LayerResult] | None = None,
              start_block: int = 0, checkpoint: Checkpoint | None = None, profile_cache: dict | None = None,
-             plan: Plan | None = None) -> CompressReport:
+             plan: Plan | None = None, source: BlockSource | None = None) -> CompressReport:
     """Compress ``model`` in place, block by block; ``dtype`` is the dense storage dtype budgets refer to.
 
     ``profile_cache``: a dict that keeps the knapsack's per-layer option tables between calls on the SAME
@@ -315,22 +388,28 @@ def compress(model: nn.Module, calib: torch.Tensor, recipe: Recipe, device: torc
 
     Resuming: the first ``start_block`` blocks are already compressed (their modules swapped in, their
     records in ``done``) by a run that followed ``plan``; they are only run to rebuild the next block's
-    inputs. ``checkpoint(blocks_done, layers, plan)`` is called after every window but the last.
+    inputs. ``source``: the blocks' weights are read block by block (`BlockSource`; a lazily loaded model).
+    ``checkpoint(blocks_done, window_layers, plan)`` is called after every window but the last, with the
+    layers compressed in that window.
     """
     if isinstance(recipe.methods[0], StructuredSpec):  # whole heads and channels: its own flow
+        if source is not None:
+            raise InputError("structured pruning chooses every block's widths after seeing them all",
+                             "load the model in memory (no lazy loading) for flap / ziplm")
         from .structured import compress_structured
         return compress_structured(model, calib, recipe, device, dtype, batch_size, progress)
     t0 = time.perf_counter()
-    plan = plan or make_plan(model, calib, recipe, device, dtype, batch_size, profile_cache)
+    plan = plan or make_plan(model, calib, recipe, device, dtype, batch_size, profile_cache, source)
     prefix, blocks = adapter.find_blocks(model)
     names = [[n for n in plan.specs if n.startswith(adapter.block_prefix(prefix, i))] for i in range(len(blocks))]
     layers: list[LayerResult] = list(done or [])
-    for win in walk(model, calib, names, device, batch_size, window_size(plan.specs.values()), start_block):
-        for group in (s for s in plan.sets if s[0] in win.stats):
-            layers += _compress_set(model, group, plan, win.stats, device, dtype)
-            win.changed = True
+    for win in walk(model, calib, names, device, batch_size, window_size(plan.specs.values()), start_block, source,
+                    finished=True):
+        new = _compress_window(model, [s for s in plan.sets if s[0] in win.stats], plan, win.stats, device, dtype)
+        win.changed = win.changed or bool(new)
+        layers += new
         if checkpoint and win.end < len(blocks):
-            checkpoint(win.end, layers, plan)
+            checkpoint(win.end, new, plan)
         if progress:
             progress(win.end, len(blocks))
     return CompressReport(layers, time.perf_counter() - t0, plan)

@@ -94,11 +94,12 @@ def test_method_rocket_alone_is_the_default_run():
     assert api.build_recipe("rocket", 0.3, None, None, "uniform").allocate is Allocate.UNIFORM
 
 
-def test_package_names_the_evaluate_module_and_the_perplexity_function():
+def test_package_evaluate_is_the_function_and_metrics_the_module():
     import types
     import sparselm
-    import sparselm.evaluate
-    assert isinstance(sparselm.evaluate, types.ModuleType) and sparselm.perplexity is sparselm.evaluate.perplexity
+    import sparselm.metrics
+    assert callable(sparselm.evaluate) and isinstance(sparselm.metrics, types.ModuleType)
+    assert sparselm.perplexity is sparselm.metrics.perplexity
 
 
 def test_structured_and_refined_runs(tiny_llama_dir, tmp_path):
