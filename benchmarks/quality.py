@@ -17,7 +17,8 @@ Examples:
 
 Knapsack runs in one invocation share the per-layer option tables (they do not depend on the budget).
 
-A run is ``METHOD[+METHOD...]:KNOB[@knapsack]`` with KNOB ``rX`` (ratio), ``sX`` (sparsity) or ``N:M``.
+A run is ``METHOD[+METHOD...]:KNOB[@knapsack]`` with KNOB ``rX`` (ratio), ``sX`` (sparsity) or ``N:M``; a
+method may set fields of its own for that run only: ``wanda.refine=dsnot:s0.6``, ``flap.structure=uniform:r0.3``.
 """
 from __future__ import annotations
 
@@ -52,8 +53,12 @@ def parse_run(text: str, overrides: dict) -> Recipe:
         target = Sparsity(float(knob[1:]))
     else:
         target = Pattern.parse(knob)
-    specs = tuple(spec_from_dict({"method": m, **overrides.get(m, {})}).with_target(target) for m in methods.split("+"))
-    return Recipe(methods=specs, allocate=Allocate(alloc or "uniform"))
+    specs = []
+    for text_m in methods.split("+"):
+        m, *fields = text_m.split(".")
+        own = dict(f.split("=", 1) for f in fields)
+        specs.append(spec_from_dict({"method": m, **overrides.get(m, {}), **own}).with_target(target))
+    return Recipe(methods=tuple(specs), allocate=Allocate(alloc or "uniform"))
 
 
 def docstrings(split: str, limit: int) -> list[str]:
@@ -138,7 +143,7 @@ def reusable_rows(paths: list[str], testbed: str, overrides: dict) -> dict[str, 
         if src["testbed"] != testbed:
             continue
         for row in src["rows"]:
-            methods = row["run"].split(":")[0].split("+")
+            methods = [m.split(".")[0] for m in row["run"].split(":")[0].split("+")]
             if all(src.get("override", {}).get(m) == overrides.get(m) for m in methods):
                 found[row["run"]] = {**row, "reused_from": Path(path).name}
     return found

@@ -26,7 +26,7 @@ from torch import nn
 from . import dist, fidelity, model as adapter
 from .budget import Allocation, Plan, method_errors, plan_knapsack, rescale
 from .capture import LinearStats, activation_store, record
-from .config import Allocate, CoSpaDiSpec, MethodSpec, Ratio, Recipe
+from .config import Allocate, CoSpaDiSpec, MethodSpec, Ratio, Recipe, StructuredSpec
 from .errors import InputError
 from .metrics import perplexity
 from .methods import Factored, Pruned, Result, SparseDict, compress_group
@@ -497,6 +497,12 @@ def compress(model: nn.Module, calib: torch.Tensor, recipe: Recipe, device: torc
     ``checkpoint(blocks_done, window_layers, plan)`` is called after every window but the last, with the
     layers compressed in that window.
     """
+    if isinstance(recipe.methods[0], StructuredSpec):  # whole heads and channels: its own flow
+        if source is not None:
+            raise InputError("structured pruning chooses every block's widths after seeing them all",
+                             "load the model in memory (no lazy loading) for flap / ziplm")
+        from .structured import compress_structured
+        return compress_structured(model, calib, recipe, device, dtype, batch_size, progress)
     t0 = time.perf_counter()
     plan = plan or make_plan(model, calib, recipe, device, dtype, batch_size, profile_cache, source, spill)
     prefix, blocks = adapter.find_blocks(model)
