@@ -35,6 +35,13 @@ chain() {
   $q --name allocation --override "$CO" --reuse $docs/quality_$1_factorization.json $docs/quality_$1_allocation_runs.json \
      --runs $(runs rocket:rR rocket:rR@knapsack cospadi:rR cospadi:rR@knapsack svd-llm:rR svd-llm:rR@knapsack \
                    rocket+svd-llm+wanda:rR@knapsack rocket+svd-llm+wanda+cospadi:rR@knapsack)
+  # structured pruning (FLAP, ZipLM-style; adaptive and uniform widths) beside SVD-LLM and ROCKET at equal bytes
+  $q --name structured --override "$CO" --reuse $docs/quality_$1_allocation.json \
+     --runs $(runs flap:rR flap.structure=uniform:rR ziplm.structure=uniform:rR svd-llm:rR rocket:rR@knapsack) \
+            $(runs ziplm.structure=adaptive:rR)
+  # DSnoT on Wanda and SparseGPT masks (refine=dsnot: exact-error acceptance; dsnot-mean: the paper's test alone)
+  $q --name dsnot --runs $(for k in s0.5 s0.6 s0.7 2:4; do for m in wanda sparsegpt; do
+       printf '%s ' $m:$k $m.refine=dsnot:$k $m.refine=dsnot-mean:$k; done; done)
 }
 
 if [ $# -gt 0 ]; then chain "$1"; exit; fi

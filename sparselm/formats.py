@@ -8,6 +8,9 @@ number. Bias bytes are never included (they are the same for every option of a l
   * `sparse_bytes`      `SparseLinear`:     values in the model dtype + 1-bit mask over ``out·in``,
                                             or N:M: values ``(out, in·n/m)`` + ``ceil(log2 m)``-bit positions.
   * `lowrank_bytes`     `LowRankLinear`:    ``U`` ``(in, r)`` + ``V`` ``(r, out)`` in the model dtype.
+  * `narrow_bytes`      a structurally pruned plain ``nn.Linear`` ``(out', in')`` in the model dtype, plus the
+                                            bias structured pruning *added* (FLAP's compensation): unlike a
+                                            model's own bias, it is storage the method spends.
   * `dict_bytes`        `SparseDictLinear`: ``D`` ``(in, k)`` in the model dtype (`dictionary_bytes`) + the
                                             coefficients (`coefficient_bytes`): a 1-bit mask over ``out·k``,
                                             the values at ``value_bits(storage)``, fp16 per-output scales (int8).
@@ -50,6 +53,12 @@ def density_for_ratio(ratio: float, dtype: torch.dtype) -> float:
     if density <= 0:
         raise ValueError(f"ratio {ratio} leaves no room for values beside the bitmask")
     return density
+
+
+# --- narrower dense nn.Linear (structured pruning) ------------------------------------------------
+def narrow_bytes(out_f: int, in_f: int, dtype: torch.dtype, bias_added: bool = False) -> int:
+    """A kept ``(out, in)`` dense weight, and the ``out`` bias values when the method added the bias."""
+    return (out_f * in_f + (out_f if bias_added else 0)) * dtype_bytes(dtype)
 
 
 # --- LowRankLinear ---------------------------------------------------------------------------------

@@ -23,6 +23,7 @@ copy); ``reference_forward`` is the plain twin, also taken for gradients, other 
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass, field
 from typing import Iterator
 
 import torch
@@ -368,3 +369,29 @@ class SparseDictLinear(CompressedLinear):
 
     def fast_forward(self, x: torch.Tensor, path: str | None = None) -> torch.Tensor:
         return kernels.dict_linear(x, self.D, self.runtime(), self.bias, path or self.kernel_path)
+
+
+# --- structured pruning: plain narrower nn.Linear layers --------------------------------------------------
+NARROWED = "sparselm_narrowed"  # the attribute of a plain nn.Linear that structured pruning narrowed
+
+
+@dataclass
+class Narrowed:
+    """What structured pruning made of a plain ``nn.Linear`` (kept on it as ``NARROWED``): the dense shape it
+    had, the output ``rows`` / input ``cols`` it kept (None: all), whether the method added its bias, the spec
+    and the method's record. Its stored bytes: `formats.narrow_bytes` of the layer's shape."""
+    dense_shape: tuple[int, int]
+    rows: list[int] | None
+    cols: list[int] | None
+    bias_added: bool = False
+    spec: MethodSpec | None = None
+    info: dict = field(default_factory=dict)
+
+
+def narrowed_of(module: nn.Module) -> Narrowed | None:
+    return getattr(module, NARROWED, None) if isinstance(module, nn.Linear) else None
+
+
+def mark_narrowed(module: nn.Linear, record: Narrowed) -> nn.Linear:
+    setattr(module, NARROWED, record)
+    return module

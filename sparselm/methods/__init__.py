@@ -18,7 +18,7 @@ import torch
 
 from .. import formats
 from ..capture import LinearStats
-from ..config import CoefStorage, MethodSpec, Pattern
+from ..config import CoefStorage, MethodSpec, Pattern, PruneSpec, Refine
 
 
 @dataclass
@@ -90,8 +90,18 @@ def compress_group(spec: MethodSpec, weights: list[torch.Tensor], stats: list[Li
     if kind in _GROUPED:
         return _GROUPED[kind](weights, stats, spec, dtype)
     if kind in _PER_LAYER:
-        return [_PER_LAYER[kind](w, s, spec, dtype) for w, s in zip(weights, stats)]
+        results = [_PER_LAYER[kind](w, s, spec, dtype) for w, s in zip(weights, stats)]
+        if isinstance(spec, PruneSpec) and spec.refine is not Refine.NONE:
+            exact = spec.refine is Refine.DSNOT
+            results = [refine_dsnot(w, r, s, exact) for w, r, s in zip(weights, results, stats)]
+        return results
     raise KeyError(f"no implementation registered for {kind.__name__}")
+
+
+def refine_dsnot(W: torch.Tensor, result: Pruned, stats: LinearStats | None, exact: bool = True) -> Pruned:
+    """A pruning result with its mask refined by DSnoT (same nonzeros per row, same pattern)."""
+    weight, mask, info = dsnot.dsnot(W, result.weight, result.mask, stats, result.pattern, exact=exact)
+    return Pruned(weight, mask, result.pattern, {**result.info, **info})
 
 
 def compress_weight(spec: MethodSpec, W: torch.Tensor, stats: LinearStats | None, dtype: torch.dtype) -> Result:
@@ -99,4 +109,4 @@ def compress_weight(spec: MethodSpec, W: torch.Tensor, stats: LinearStats | None
     return compress_group(spec, [W], [stats], dtype)[0]
 
 
-from . import cospadi, lowrank, magnitude, rocket, sparsegpt, wanda  # noqa: E402,F401  (they register themselves)
+from . import cospadi, dsnot, lowrank, magnitude, rocket, sparsegpt, wanda  # noqa: E402,F401  (they register themselves)
