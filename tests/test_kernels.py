@@ -73,7 +73,7 @@ def test_low_rank_fast_forward_matches_reference_and_keeps_bytes(dtype, tokens):
     m = LowRankLinear(U, V, torch.randn(31), dtype)
     before = {k: v.clone() for k, v in m.state_dict().items()}
     _check(m, _inputs(48, dtype, tokens), None, dtype)
-    assert m.U.t().is_contiguous()  # re-laid out column-major for torch.mv
+    assert m.U.t().is_contiguous()  # re-laid out column-major: Uᵀ is the row-major matrix the GEMV streams
     for k, v in m.state_dict().items():
         assert torch.equal(v, before[k]) and v.numel() * v.element_size() == before[k].numel() * v.element_size()
 
