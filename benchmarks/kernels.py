@@ -318,7 +318,7 @@ def summary(rows: list[dict]) -> list[str]:
         sel = [r for r in rows if r["kind"] == kind and r["tokens"] == t and r["threads"] == 2]
         if not sel:
             continue
-        miss = [f"{r['model'][-4:]} {r['proj']} {r['vs_best_dense']:g}" for r in sel if not r["met"]]
+        miss = [f"{r['model'].replace('Llama-', '')} {r['proj']} {r['vs_best_dense']:g}" for r in sel if not r["met"]]
         ratios = sorted(r["vs_best_dense"] for r in sel)
         best = f"{sum(bool(r.get('met_min')) for r in sel)}/{len(sel)}" if "met_min" in sel[0] else ""
         lines.append(f"| {kind} | {t} | {sel[0]['target']:g} | {sum(r['met'] for r in sel)}/{len(sel)} | {best} | "
