@@ -12,11 +12,11 @@ from pathlib import Path
 
 import torch
 
-from . import data, device as devices, fidelity as fidelity_mod, harness, io, outdir, pipeline
+from . import config, data, device as devices, fidelity as fidelity_mod, harness, io, outdir, pipeline
 from .budget import Allocation, Plan
 from .evaluate import dense_accounting, perplexity
 from . import model as adapter
-from .config import (DEFAULT_METHOD, SPECS, Allocate, Calibration, Pattern, Ratio, Recipe, Sparsity,
+from .config import (DEFAULT_METHOD, SPECS, Allocate, CoefStorage, Calibration, Pattern, Ratio, Recipe, Sparsity,
                      load_recipe, recipe_to_dict, spec_to_dict)
 from .errors import InputError, check_count
 
@@ -26,7 +26,8 @@ LARGE_CALIB = {"nsamples": 128, "seqlen": 2048}
 
 
 def build_recipe(method: str | None, ratio: float | None, sparsity: float | None, pattern: str | None,
-                 allocate: str | None = None, recipe_file: str | None = None) -> Recipe:
+                 allocate: str | None = None, recipe_file: str | None = None, storage: str | None = None,
+                 quant_group: int | None = None) -> Recipe:
     """A recipe from command-line knobs (exactly one of ratio / sparsity / pattern, or the defaults).
 
     No method: the default, ROCKET; each method's default budget is its spec's (ROCKET: ratio 0.2) and its
@@ -34,9 +35,9 @@ def build_recipe(method: str | None, ratio: float | None, sparsity: float | None
     ``--method rocket`` alone is the default run.
     """
     if recipe_file:
-        if any(v is not None for v in (method, ratio, sparsity, pattern)):
-            raise InputError("--recipe was given together with --method/--ratio/--sparsity/--pattern",
-                             "put everything in the recipe file, or drop --recipe")
+        if any(v is not None for v in (method, ratio, sparsity, pattern, storage, quant_group)):
+            raise InputError("--recipe was given together with --method/--ratio/--sparsity/--pattern/--storage/"
+                             "--quant-group", "put everything in the recipe file (storage, quant_group), or drop --recipe")
         return load_recipe(recipe_file)
     given = [v for v in (ratio, sparsity, pattern) if v is not None]
     if len(given) > 1:
@@ -52,7 +53,12 @@ def build_recipe(method: str | None, ratio: float | None, sparsity: float | None
         alloc = Allocate.default_for(name) if allocate is None else Allocate(allocate)
     except ValueError:
         raise InputError(f"--allocate {allocate!r} is not valid", "use uniform or knapsack") from None
-    return Recipe(methods=(SPECS[name](target=target),), allocate=alloc)
+    values = {}
+    if storage is not None:
+        values["storage"] = config._coerce("--storage", storage, CoefStorage)
+    if quant_group is not None:
+        values["quant_group"] = quant_group
+    return Recipe(methods=(SPECS[name](target=target, **values),), allocate=alloc)
 
 
 def _clamp_seqlen(seqlen: int, max_pos: int, name: str) -> int:
@@ -66,6 +72,8 @@ def _default_out(model: str | None, recipe: Recipe) -> Path:
     spec = recipe.methods[0]
     t = spec.target
     knob = f"r{t.value:g}" if isinstance(t, Ratio) else f"s{t.value:g}" if isinstance(t, Sparsity) else f"{t.n}of{t.m}"
+    if spec.store != type(spec)().store:  # e.g. -int4-g128: another storage is another output
+        knob += "-" + str(spec.store).replace("/", "-")
     return Path("compressed") / f"{name}-{'mixed' if len(recipe.methods) > 1 else spec.name}-{knob}"
 
 

@@ -120,7 +120,7 @@ def dense_twin(compressed: nn.Module, manifest: dict, path: str,
 
 
 def _signature(m: CompressedLinear) -> str:
-    extra = getattr(m, "pattern", None) or getattr(getattr(m, "coef_storage", None), "value", "")
+    extra = getattr(m, "pattern", None) or (str(m.store) if m.storage.value != "dtype" else "")
     return f"{type(m).__name__}{f' {extra}' if extra else ''} {m.in_features}->{m.out_features}"
 
 

@@ -296,7 +296,7 @@ def _check_finite(name: str, module: CompressedLinear, err: float, dtype: torch.
     if bad or not math.isfinite(err):
         raise InputError(f"layer {name}: the compressed layer is not finite ({', '.join(bad) or 'its error'} has "
                          f"inf/NaN; values beyond the range of {str(dtype).removeprefix('torch.')}?)",
-                         "store coefficients as bf16 (recipe coef_storage: bf16) or float32, compress a bf16/float32 "
+                         "store values as bf16 (recipe storage: bf16, --storage bf16) or float32, compress a bf16/float32 "
                          "copy of the checkpoint, or exclude the layer with an ignore pattern")
 
 

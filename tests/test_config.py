@@ -24,7 +24,7 @@ def test_pattern_parse():
 
 
 def test_recipe_round_trip(tmp_path):
-    recipe = Recipe(methods=(CoSpaDiSpec(target=Ratio(0.3), coef_storage=CoefStorage.INT8, group_size=2),
+    recipe = Recipe(methods=(CoSpaDiSpec(target=Ratio(0.3), storage=CoefStorage.INT8, group_size=2),
                              WandaSpec(target=Pattern(2, 4))), allocate=Allocate.KNAPSACK, ignore=("*lm_head*",))
     assert recipe_from_dict(recipe_to_dict(recipe)) == recipe
     import yaml
@@ -53,7 +53,7 @@ def test_recipe_errors(bad, message):
     ({"method": "cospadi", "shared": [3]}, "cospadi.shared[0]"),
     ({"method": "svd", "target": {"ratio": "abc"}}, "svd.target.ratio"),
     ({"method": "svd", "target": {"ratio": [0.3]}}, "svd.target.ratio"),
-    ({"method": "rocket", "coef_storage": 8}, "rocket.coef_storage"),
+    ({"method": "rocket", "coef_storage": 8}, "rocket.storage"),
 ])
 def test_recipe_values_are_checked_against_their_declared_types(bad, key):
     with pytest.raises(InputError) as e:
