@@ -15,7 +15,8 @@ Examples:
 
 Knapsack runs in one invocation share the per-layer option tables (they do not depend on the budget).
 
-A run is ``METHOD[+METHOD...]:KNOB[@knapsack]`` with KNOB ``rX`` (ratio), ``sX`` (sparsity) or ``N:M``.
+A run is ``METHOD[+METHOD...]:KNOB[@knapsack]`` with KNOB ``rX`` (ratio), ``sX`` (sparsity) or ``N:M``; a method may
+name its value storage, ``METHOD/STORAGE[gG]`` (``sparsegpt/int4g128:2:4``: int4 values, one scale per 128 inputs).
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ import argparse
 import ast
 import copy
 import json
+import re
 import sys
 import time
 from pathlib import Path
@@ -50,8 +52,18 @@ def parse_run(text: str, overrides: dict) -> Recipe:
         target = Sparsity(float(knob[1:]))
     else:
         target = Pattern.parse(knob)
-    specs = tuple(spec_from_dict({"method": m, **overrides.get(m, {})}).with_target(target) for m in methods.split("+"))
+    specs = tuple(spec_from_dict({**method_entry(m), **overrides.get(m.partition("/")[0], {})}).with_target(target)
+                  for m in methods.split("+"))
     return Recipe(methods=specs, allocate=Allocate(alloc or "uniform"))
+
+
+def method_entry(text: str) -> dict:
+    """``METHOD`` or ``METHOD/STORAGE`` with an optional group: ``sparsegpt/int4g128``, ``cospadi/bf16-14bit``."""
+    name, _, storage = text.partition("/")
+    if not storage:
+        return {"method": name}
+    kind, group = re.fullmatch(r"(.*?)(?:g(\d+))?", storage).groups()
+    return {"method": name, "storage": kind, **({"quant_group": int(group)} if group else {})}
 
 
 def docstrings(split: str, limit: int) -> list[str]:
@@ -122,7 +134,7 @@ def reusable_rows(paths: list[str], testbed: str, overrides: dict) -> dict[str, 
         if src["testbed"] != testbed:
             continue
         for row in src["rows"]:
-            methods = row["run"].split(":")[0].split("+")
+            methods = [m.partition("/")[0] for m in row["run"].split(":")[0].split("+")]
             if all(src.get("override", {}).get(m) == overrides.get(m) for m in methods):
                 found[row["run"]] = {**row, "reused_from": Path(path).name}
     return found

@@ -26,6 +26,9 @@ RESUMED = {
     "svd-llm": lambda: api.build_recipe("svd-llm", 0.3, None, None),
     "rocket-uniform": lambda: api.build_recipe("rocket", 0.3, None, None, "uniform"),
     "cospadi": lambda: Recipe(methods=(CoSpaDiSpec(target=Ratio(0.3), iters=2),)),
+    "gqsa": lambda: api.build_recipe("gqsa", None, 0.5, None, storage="int4", quant_group=8),
+    "svd-int4-groups": lambda: api.build_recipe("svd", 0.3, None, None, storage="int4", quant_group=8),
+    "sparsegpt-2:4-int8": lambda: api.build_recipe("sparsegpt", None, None, "2:4", storage="int8"),
     "mixed-knapsack": lambda: Recipe(methods=(SVDLLMSpec(target=Ratio(0.3)), WandaSpec(target=Ratio(0.3))),
                                      allocate=Allocate.KNAPSACK),
 }

@@ -78,3 +78,25 @@ def test_wrong_recipe_type_exits_2_naming_the_key(tmp_path):
     path.write_text("methods:\n  - {method: cospadi, iters: abc}\n")
     r = CliRunner().invoke(app, ["compress", "--recipe", str(path), "--out", str(tmp_path / "o")])
     assert r.exit_code == 2 and "cospadi.iters" in r.output and not (tmp_path / "o").exists()
+
+
+def test_every_method_has_the_same_storage_keys_and_the_old_name_still_reads():
+    """One storage rule: ``storage`` + ``quant_group`` on every spec, the model dtype by default (gqsa / gptq:
+    int4 groups); ``coef_storage`` (the key's name before) is read as ``storage``, both together are an error."""
+    from sparselm.config import SPECS, GPTQSpec, GQSASpec, Storage
+    for name, cls in SPECS.items():
+        default = Storage(CoefStorage.INT4, {"gqsa": 16, "gptq": 128}[name]) if name in ("gqsa", "gptq") else Storage()
+        assert cls().store == default, name
+        spec = recipe_from_dict({"methods": [{"method": name, "storage": "int8", "quant_group": 64}]}).methods[0]
+        assert spec.store == Storage(CoefStorage.INT8, 64)
+    old = recipe_from_dict({"methods": [{"method": "cospadi", "coef_storage": "bf16-14bit"}]}).methods[0]
+    assert old.storage is CoefStorage.BF16_14BIT and "coef_storage" not in recipe_to_dict(Recipe((old,)))["methods"][0]
+    with pytest.raises(InputError, match="both"):
+        recipe_from_dict({"methods": [{"method": "rocket", "coef_storage": "int8", "storage": "int8"}]})
+    with pytest.raises(InputError, match="has no scales"):
+        WandaSpec(storage=CoefStorage.BF16, quant_group=16)
+    with pytest.raises(InputError, match=">= 0"):
+        WandaSpec(storage=CoefStorage.INT4, quant_group=-1)
+    with pytest.raises(InputError, match="int4 or int8"):
+        GQSASpec(storage=CoefStorage.DTYPE, quant_group=0)
+    assert GPTQSpec().accepts == (Ratio,)
