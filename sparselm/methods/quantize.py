@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from ..config import Storage
+from ..config import CoefStorage, Storage
 from ..packing import QParams, dequantize_codes, fit_params, groups_per_row, quantize_codes, round_values
 
 
@@ -36,15 +36,16 @@ class ColumnQuantizer:
     @classmethod
     def of(cls, store: Storage, dtype: torch.dtype, out_f: int, in_f: int) -> "ColumnQuantizer | None":
         """None when the values are stored in the model dtype (nothing to round in the sweep)."""
-        return None if store.kind.value == "dtype" else cls(store, dtype, out_f, in_f)
+        return None if store.kind is CoefStorage.DTYPE else cls(store, dtype, out_f, in_f)
 
     def fit(self, W: torch.Tensor, keep: torch.Tensor) -> None:
         """Every group's parameters, round-to-nearest from the kept entries (``keep`` bool) of ``W`` ``(out, in)``."""
         if not self.store.kind.quantized:
             return
-        pos = keep.nonzero().cpu()  # (n, 2)
+        pos = keep.nonzero()  # (n, 2)
         groups = pos[:, 0] * self.per_row + torch.div(pos[:, 1], self.g, rounding_mode="floor")
-        p = fit_params(W[keep].cpu(), groups, self.out_f * self.per_row, self.store.kind)
+        p = fit_params(W[keep], groups, self.out_f * self.per_row, self.store.kind)
+        self.rows = torch.arange(self.out_f, device=W.device)
         self.scale = p.scale.view(self.out_f, self.per_row)
         if p.zero is not None:
             self.zero = p.zero.view(self.out_f, self.per_row)
@@ -55,7 +56,7 @@ class ColumnQuantizer:
             return round_values(w, self.store.kind, self.dtype).to(w)
         j = col // self.g
         p = QParams(self.scale[:, j], self.zero[:, j])
-        codes = quantize_codes(w.cpu(), self.rows, p, self.store.kind)
+        codes = quantize_codes(w, self.rows, p, self.store.kind)
         return dequantize_codes(codes, self.rows, p, self.store.kind).to(w)
 
     def params(self, blocks: torch.Tensor | None = None) -> QParams | None:
@@ -63,5 +64,5 @@ class ColumnQuantizer:
         the kept 1×g blocks'). None for float storages."""
         if not self.store.kind.quantized:
             return None
-        sel = (lambda t: t.reshape(-1)) if blocks is None else (lambda t: t[blocks.cpu()])
-        return QParams(sel(self.scale), sel(self.zero) if self.store.kind.value == "int4" else None)
+        sel = (lambda t: t.reshape(-1)) if blocks is None else (lambda t: t[blocks.to(t.device)])
+        return QParams(sel(self.scale), sel(self.zero) if self.store.kind is CoefStorage.INT4 else None)
