@@ -40,6 +40,8 @@ from sparselm.config import Allocate, Pattern, Ratio, Recipe, Sparsity, spec_fro
 from sparselm.evaluate import embedding_fidelity, perplexity, sentence_embeddings  # noqa: E402
 
 DOCS = ROOT / "docs" / "benchmarks"
+STORAGE_RULE = "value_storage"  # tables written since every format stores values in the model dtype by default
+DEFAULT_STORAGE_CHANGED = {"cospadi"}  # its default was 14-bit coefficients before that rule
 CPU = torch.device("cpu")
 
 
@@ -134,7 +136,12 @@ def reusable_rows(paths: list[str], testbed: str, overrides: dict) -> dict[str, 
         if src["testbed"] != testbed:
             continue
         for row in src["rows"]:
-            methods = [m.partition("/")[0] for m in row["run"].split(":")[0].split("+")]
+            entries = [method_entry(m) for m in row["run"].split(":")[0].split("+")]
+            methods = [e["method"] for e in entries]
+            if not src.get(STORAGE_RULE) and any(e["method"] in DEFAULT_STORAGE_CHANGED and "storage" not in e
+                                                 and "storage" not in overrides.get(e["method"], {})
+                                                 for e in entries):
+                continue  # measured with the old default storage (CoSpaDi: 14-bit coefficients)
             if all(src.get("override", {}).get(m) == overrides.get(m) for m in methods):
                 found[row["run"]] = {**row, "reused_from": Path(path).name}
     return found
@@ -144,7 +151,8 @@ def write(bed, name: str, dense: float, rows: list[dict], overrides: dict) -> No
     DOCS.mkdir(parents=True, exist_ok=True)
     stem = DOCS / f"quality_{bed.name}_{name}"
     payload = {"testbed": bed.name, "metric": bed.metric, "dense": dense, "torch": torch.__version__,
-               "threads": torch.get_num_threads(), "override": overrides, "rows": rows}
+               "threads": torch.get_num_threads(), "override": overrides, "rows": rows,
+               STORAGE_RULE: "model dtype unless a storage is given"}
     stem.with_suffix(".json").write_text(json.dumps(payload, indent=1))
     lines = [f"# {bed.name}: {bed.metric} vs compression ({name})", "",
              f"Dense model: **{dense:.4f}**. {'Higher' if bed.higher_is_better else 'Lower'} is better. "

@@ -326,8 +326,10 @@ class SparseLinear(CompressedLinear):
         return self.nnz
 
     def paper_params(self, users: int = 1) -> float:
-        meta_bits = (index_bits(self.pattern.m) * self.nnz if self.pattern else
-                     self.in_features * self.out_features // (self.quant_group if self.block else 1))
+        if self.block:
+            meta_bits = 0 if getattr(self, "mask", None) is None else self.mask.numel() * 8
+        else:
+            meta_bits = index_bits(self.pattern.m) * self.nnz if self.pattern else self.in_features * self.out_features
         return self.nnz + meta_bits / 16
 
     def _enc(self) -> dict[str, torch.Tensor]:
