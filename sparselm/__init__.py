@@ -9,21 +9,21 @@ Public API, in flow order::
     report = sparselm.compress(loaded.model, calib, recipe, torch.device("cpu"), loaded.storage_dtype)
     sparselm.save(loaded.model, loaded.tokenizer, "pruned/", {}, loaded.storage_dtype)
     model = sparselm.load("pruned/")                                 # a working transformers model
-    sparselm.perplexity(model, sparselm.data.evaluation_windows(loaded.tokenizer, "stdlib", 256, 16))
+    sparselm.evaluate(model, loaded.tokenizer, seqlen=256, max_windows=16)  # perplexity; tasks=, reference=
 
-``sparselm.evaluate`` is the evaluation module (perplexity, accounting); ``sparselm.perplexity`` its main
-function.
+``docs/api.md`` walks through it with examples the tests run.
 """
 from .version import __version__  # noqa: E402,F401
 
-from .config import (ASVDSpec, CoSpaDiSpec, MagnitudeSpec, Pattern, Ratio, Recipe, RocketSpec,  # noqa: E402
+from .config import (Allocate, ASVDSpec, CoSpaDiSpec, MagnitudeSpec, Pattern, Ratio, Recipe, RocketSpec,  # noqa: E402
                      SparseGPTSpec, Sparsity, SVDLLMSpec, SVDSpec, WandaSpec)
 from .model import load_hf as load_model  # noqa: E402
 from .data import calibration_data  # noqa: E402
 from .pipeline import compress  # noqa: E402
 from .io import save, load, export  # noqa: E402
-from .evaluate import perplexity  # noqa: E402
+from .metrics import perplexity  # noqa: E402
+from .api import evaluate  # noqa: E402
 
-__all__ = ["load_model", "calibration_data", "compress", "save", "load", "export", "perplexity", "Recipe", "Ratio",
-           "Sparsity", "Pattern", "MagnitudeSpec", "WandaSpec", "SparseGPTSpec", "SVDSpec", "ASVDSpec", "SVDLLMSpec",
+__all__ = ["load_model", "calibration_data", "compress", "save", "load", "export", "evaluate", "perplexity", "Recipe",
+           "Allocate", "Ratio", "Sparsity", "Pattern", "MagnitudeSpec", "WandaSpec", "SparseGPTSpec", "SVDSpec", "ASVDSpec", "SVDLLMSpec",
            "CoSpaDiSpec", "RocketSpec", "__version__"]

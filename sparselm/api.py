@@ -4,20 +4,24 @@ Each returns a plain dict (what ``--json`` prints); nothing here prints.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch import nn
 
-from . import config, data, device as devices, fidelity as fidelity_mod, harness, io, outdir, pipeline
+from . import config, data, device as devices, dist, fidelity as fidelity_mod, harness, io, lazy, outdir, pipeline
+from . import resume as resume_mod
 from .budget import Allocation, Plan
-from .evaluate import dense_accounting, perplexity
+from .metrics import dense_accounting, perplexity
 from . import model as adapter
-from .config import (DEFAULT_METHOD, SPECS, Allocate, CoefStorage, Calibration, Pattern, Ratio, Recipe, Sparsity,
-                     load_recipe, recipe_to_dict, spec_to_dict)
+from .config import (DEFAULT_METHOD, SPECS, Allocate, Calibration, CoefStorage, Pattern, PruneSpec, Ratio, Recipe,
+                     Refine, Sparsity, StructuredSpec, load_recipe, recipe_to_dict, spec_to_dict)
 from .errors import InputError, check_count
 
 log = logging.getLogger(__name__)
@@ -26,8 +30,8 @@ LARGE_CALIB = {"nsamples": 128, "seqlen": 2048}
 
 
 def build_recipe(method: str | None, ratio: float | None, sparsity: float | None, pattern: str | None,
-                 allocate: str | None = None, recipe_file: str | None = None, storage: str | None = None,
-                 quant_group: int | None = None) -> Recipe:
+                 allocate: str | None = None, recipe_file: str | None = None, refine: str | None = None,
+                 storage: str | None = None, quant_group: int | None = None) -> Recipe:
     """A recipe from command-line knobs (exactly one of ratio / sparsity / pattern, or the defaults).
 
     No method: the default, ROCKET; each method's default budget is its spec's (ROCKET: ratio 0.2) and its
@@ -35,9 +39,10 @@ def build_recipe(method: str | None, ratio: float | None, sparsity: float | None
     ``--method rocket`` alone is the default run.
     """
     if recipe_file:
-        if any(v is not None for v in (method, ratio, sparsity, pattern, storage, quant_group)):
-            raise InputError("--recipe was given together with --method/--ratio/--sparsity/--pattern/--storage/"
-                             "--quant-group", "put everything in the recipe file (storage, quant_group), or drop --recipe")
+        if any(v is not None for v in (method, ratio, sparsity, pattern, refine, storage, quant_group)):
+            raise InputError("--recipe was given together with --method/--ratio/--sparsity/--pattern/--refine/"
+                             "--storage/--quant-group",
+                             "put everything in the recipe file (refine, storage, quant_group), or drop --recipe")
         return load_recipe(recipe_file)
     given = [v for v in (ratio, sparsity, pattern) if v is not None]
     if len(given) > 1:
@@ -53,12 +58,20 @@ def build_recipe(method: str | None, ratio: float | None, sparsity: float | None
         alloc = Allocate.default_for(name) if allocate is None else Allocate(allocate)
     except ValueError:
         raise InputError(f"--allocate {allocate!r} is not valid", "use uniform or knapsack") from None
-    values = {}
+    extra = {}
+    if refine is not None:
+        if not issubclass(SPECS[name], PruneSpec):
+            raise InputError(f"--refine {refine} refines pruning masks; method {name!r} does not prune weights",
+                             "use --refine with magnitude, wanda or sparsegpt, or drop it")
+        try:
+            extra["refine"] = Refine(refine)
+        except ValueError:
+            raise InputError(f"--refine {refine!r} is not valid", f"use one of {[r.value for r in Refine]}") from None
     if storage is not None:
-        values["storage"] = config._coerce("--storage", storage, CoefStorage)
+        extra["storage"] = config._coerce("--storage", storage, CoefStorage)
     if quant_group is not None:
-        values["quant_group"] = quant_group
-    return Recipe(methods=(SPECS[name](target=target, **values),), allocate=alloc)
+        extra["quant_group"] = quant_group
+    return Recipe(methods=(SPECS[name](target=target, **extra),), allocate=alloc)
 
 
 def _clamp_seqlen(seqlen: int, max_pos: int, name: str) -> int:
@@ -77,22 +90,42 @@ def _default_out(model: str | None, recipe: Recipe) -> Path:
     return Path("compressed") / f"{name}-{'mixed' if len(recipe.methods) > 1 else spec.name}-{knob}"
 
 
-def compress_model(model: str | None = None, recipe: Recipe | None = None, calib: str | None = None,
-                   nsamples: int | None = None, seqlen: int | None = None, out: str | None = None,
-                   overwrite: bool = False, device: str | None = None, evaluate_ppl: bool | None = None,
-                   eval_dataset: str = "stdlib", eval_seqlen: int | None = None, max_windows: int = 64,
-                   batch_size: int | None = None, seed: int | None = None, trust_remote_code: bool = False,
-                   progress=None, resume: bool = False, tasks: str | list[str] | None = None,
-                   num_fewshot: int | None = None, limit: float | None = None) -> dict:
-    """Load, (evaluate), compress layer by layer, (evaluate), save. Returns the summary.
+@dataclass(frozen=True)
+class CompressJob:
+    """A compression run whose arguments are checked (`check_job`): what `run_job` does, nothing read yet."""
+    model: str | None
+    recipe: Recipe
+    out: Path
+    calib: str
+    nsamples: int | None
+    seqlen: int | None
+    seed: int
+    batch_size: int
+    overwrite: bool = False
+    device: str | None = None
+    evaluate_ppl: bool = False
+    eval_dataset: str = "stdlib"
+    eval_seqlen: int | None = None
+    max_windows: int = 64
+    tasks: list[str] | None = None
+    num_fewshot: int | None = None
+    limit: float | None = None
+    trust_remote_code: bool = False
+    resume: bool = False
+    lazy: bool = False  # read the model block by block and write it window by window (`lazy`, `io.StreamedSave`)
+    spill: str | None = None  # a folder for the calibration activations between blocks (`capture.Spilled`)
 
-    Calibration settings left None come from the recipe's ``calibration:`` section, else the defaults
-    (stdlib, seed 0, batch 8; nsamples / seqlen by model). ``tasks``: lm-eval task scores before and after.
-    The output holds ``recipe.yaml`` (every setting explicit: it reproduces the run), ``report.html`` and a
-    model card ``README.md``, written in the same atomic step as the model.
 
-    Everything that depends only on the arguments (counts, the output path, an earlier run's leftovers) is
-    checked before the model is read; the output is locked for the whole run (one writer per ``out``)."""
+def check_job(model: str | None = None, recipe: Recipe | None = None, calib: str | None = None,
+              nsamples: int | None = None, seqlen: int | None = None, out: str | None = None,
+              overwrite: bool = False, device: str | None = None, evaluate_ppl: bool | None = None,
+              eval_dataset: str = "stdlib", eval_seqlen: int | None = None, max_windows: int = 64,
+              batch_size: int | None = None, seed: int | None = None, trust_remote_code: bool = False,
+              resume: bool = False, tasks: str | list[str] | None = None, num_fewshot: int | None = None,
+              limit: float | None = None, lazy_load: bool | None = None,
+              offload_activations: str | None = None) -> CompressJob:
+    """Everything that depends only on the arguments (counts, the output path, an earlier run's leftovers,
+    whether the model can be streamed), checked before the model is read. See `compress_model`."""
     recipe = recipe or build_recipe(None, None, None, None)
     calib, nsamples, seqlen, seed, batch_size = _calibration(recipe, calib, nsamples, seqlen, seed, batch_size)
     task_list = harness.requested(tasks)
@@ -101,66 +134,133 @@ def compress_model(model: str | None = None, recipe: Recipe | None = None, calib
                                ("--max-windows", max_windows, 1), ("eval seqlen", eval_seqlen, 2)):
         check_count(name, value, least)
     outdir.check_out(out_dir, "compress", overwrite, sources=(model,))
-    dev = devices.pick(device)
-    with outdir.locked(out_dir):
+    evaluate_ppl = (model is None) if evaluate_ppl is None else evaluate_ppl
+    return CompressJob(model, recipe, out_dir, calib, nsamples, seqlen, seed, batch_size, overwrite, device,
+                       evaluate_ppl, eval_dataset, eval_seqlen, max_windows, task_list, num_fewshot, limit,
+                       trust_remote_code, resume, _streams(model, evaluate_ppl, task_list, lazy_load, recipe),
+                       offload_activations)
+
+
+def _streams(model: str | None, evaluate_ppl: bool, task_list, lazy_load: bool | None, recipe: Recipe) -> bool:
+    """Whether the model is read block by block and written window by window: by default for a local directory
+    when nothing needs the whole model in memory (no perplexity, no lm-eval tasks, no mixed knapsack menu, whose
+    candidate plans are compressed on copies of the model: `pipeline.select_plan`, no structured pruning, which
+    chooses every block's widths after seeing them all); ``lazy_load`` forces it."""
+    mixed = recipe.allocate is Allocate.KNAPSACK and len({m.name for m in recipe.methods}) > 1
+    structured = isinstance(recipe.methods[0], StructuredSpec)
+    possible = model is not None and Path(model).is_dir() and not evaluate_ppl and not task_list and not structured
+    if lazy_load is None and mixed:
+        return False
+    if lazy_load and not possible:
+        raise InputError("lazy loading needs a local model directory, no evaluation in the run and a method that is "
+                         "not structured pruning", "pass --no-eval and no tasks; evaluate the output afterwards "
+                         "with `sparselm eval`; structured pruning (flap, ziplm) holds the whole model")
+    return possible if lazy_load is None else lazy_load
+
+
+def compress_model(model: str | None = None, recipe: Recipe | None = None, calib: str | None = None,
+                   nsamples: int | None = None, seqlen: int | None = None, out: str | None = None,
+                   overwrite: bool = False, device: str | None = None, evaluate_ppl: bool | None = None,
+                   eval_dataset: str = "stdlib", eval_seqlen: int | None = None, max_windows: int = 64,
+                   batch_size: int | None = None, seed: int | None = None, trust_remote_code: bool = False,
+                   progress=None, resume: bool = False, tasks: str | list[str] | None = None,
+                   num_fewshot: int | None = None, limit: float | None = None,
+                   lazy_load: bool | None = None, offload_activations: str | None = None) -> dict:
+    """Load, (evaluate), compress layer by layer, (evaluate), save. Returns the summary.
+
+    Calibration settings left None come from the recipe's ``calibration:`` section, else the defaults
+    (stdlib, seed 0, batch 8; nsamples / seqlen by model). ``tasks``: lm-eval task scores before and after.
+    The output holds ``recipe.yaml`` (every setting explicit: it reproduces the run), ``report.html`` and a
+    model card ``README.md``, written in the same atomic step as the model. ``lazy_load`` (default: whenever
+    possible, see `_streams`): the model is read block by block from its safetensors and written window by
+    window, so host memory is about one block, not the model (`lazy`); the output is the same either way.
+    ``offload_activations``: a folder where the calibration activations are kept between blocks (one batch in
+    memory at a time; the same output).
+
+    Everything that depends only on the arguments is checked before the model is read (`check_job`); the
+    output is locked for the whole run (one writer per ``out``)."""
+    job = check_job(model, recipe, calib, nsamples, seqlen, out, overwrite, device, evaluate_ppl, eval_dataset,
+                    eval_seqlen, max_windows, batch_size, seed, trust_remote_code, resume, tasks, num_fewshot, limit,
+                    lazy_load, offload_activations)
+    return run_job(job, progress)
+
+
+def run_job(job: CompressJob, progress=None) -> dict:
+    """Run a checked `CompressJob` under the output's lock; the summary (what ``--json`` prints)."""
+    dev = dist.init_from_env(devices.pick(job.device))
+    writes = dist.rank() == 0  # several processes (torchrun): rank 0 alone writes
+    with outdir.locked(job.out) if writes else contextlib.nullcontext():
         t0 = time.perf_counter()
-        ckpt = io.checkpoint_dir(out_dir)
-        if not resume and ckpt.exists():
+        ckpt = outdir.checkpoint_dir(job.out)
+        if writes and not job.resume and ckpt.exists():
             log.warning("discarding the checkpoint of an earlier interrupted run at %s (pass --resume to continue it "
                         "instead)", ckpt)
             shutil.rmtree(ckpt)
-        loaded = adapter.load_hf(model, trust_remote_code=trust_remote_code)
+        streamed = lazy.load_lazy(job.model, trust_remote_code=job.trust_remote_code) if job.lazy else None
+        loaded = streamed[0] if streamed else adapter.load_hf(job.model, trust_remote_code=job.trust_remote_code)
         net, tok = loaded.model, loaded.tokenizer
-        causal = adapter._is_causal(net.config)
-        evaluate_ppl = (model is None) if evaluate_ppl is None else evaluate_ppl
-        if evaluate_ppl and not causal:
+        if job.evaluate_ppl and not adapter._is_causal(net.config):
             raise InputError("perplexity evaluation needs a causal LM; this model is an encoder", "pass --no-eval")
-        defaults = BUNDLED_CALIB if model is None else LARGE_CALIB
+        defaults = BUNDLED_CALIB if job.model is None else LARGE_CALIB
         max_pos = getattr(net.config, "max_position_embeddings", None) or 2048
-        seqlen = _clamp_seqlen(seqlen or defaults["seqlen"], max_pos, "--seqlen")
-        windows = data.calibration_data(tok, calib, nsamples or defaults["nsamples"], seqlen, seed)
-        summary: dict = {"out": str(out_dir), "model": loaded.source, "device": str(dev)}
-        if evaluate_ppl:
-            eval_windows = data.evaluation_windows(tok, eval_dataset, _clamp_seqlen(eval_seqlen or seqlen, max_pos,
-                                                                                     "eval seqlen"), max_windows)
-            before = perplexity(net.to(dev), eval_windows, batch_size)
+        seqlen = _clamp_seqlen(job.seqlen or defaults["seqlen"], max_pos, "--seqlen")
+        windows = data.calibration_data(tok, job.calib, job.nsamples or defaults["nsamples"], seqlen, job.seed)
+        summary: dict = {"out": str(job.out), "model": loaded.source, "device": str(dev)}
+        before = eval_windows = None
+        if job.evaluate_ppl:
+            eval_windows = data.evaluation_windows(tok, job.eval_dataset, _clamp_seqlen(
+                job.eval_seqlen or seqlen, max_pos, "eval seqlen"), job.max_windows)
+            before = perplexity(net.to(dev), eval_windows, job.batch_size)
             summary["perplexity_before"] = before["perplexity"]
-        lm_before = _task_scores(net, tok, dev, task_list, num_fewshot, limit, batch_size)
-        key = {"model": loaded.source, "recipe": recipe_to_dict(recipe), "calib": calib, "nsamples": int(windows.shape[0]),
-               "seqlen": int(windows.shape[1]), "seed": seed}
-        start, done, plan = _restore(net, ckpt, key) if resume else (0, [], None)
-        report = pipeline.compress(net, windows, recipe, dev, loaded.storage_dtype, batch_size, progress, done, start,
-                                   checkpoint=lambda n, layers, p: _checkpoint(ckpt, key, n, layers, p), plan=plan)
-        net.to("cpu")
-        run = run_manifest(loaded, report, recipe, calib, windows, seed)
-        totals = run["totals"]
-        summary.update(method="mixed" if len(recipe.methods) > 1 else recipe.methods[0].name,
-                       allocate=recipe.allocate.value, **{k: totals[k] for k in ("ratio_stored", "ratio_params",
-                                                                               "ratio_paper")},
-                       compress_seconds=round(report.seconds, 2))
-        if evaluate_ppl:
-            after = perplexity(net.to(dev), eval_windows, batch_size)
-            net.to("cpu")
-            summary["perplexity_after"] = after["perplexity"]
-            run["evaluation"] = {"dataset": eval_dataset, "split": "validation", **{k: before[k] for k in (
-                "tokens", "windows", "seqlen", "metric")}, "perplexity_before": before["perplexity"],
-                "perplexity_after": after["perplexity"]}
-        if task_list:
-            _add_tasks(run, summary, lm_before, _task_scores(net, tok, dev, task_list, num_fewshot, limit,
-                                                            batch_size))
-            net.to("cpu")
-        run["versions"] = versions()
-        used = dataclasses.replace(recipe, calibration=Calibration(calib, *windows.shape, seed, batch_size))
-        io.save(net, tok, out_dir, run, loaded.storage_dtype, overwrite,
-                extras=lambda full: run_files(full, used, out_dir.name))
-        shutil.rmtree(ckpt, ignore_errors=True)
+        lm_before = _task_scores(net, tok, dev, job)
+        key = {"model": loaded.source, "recipe": recipe_to_dict(job.recipe), "calib": job.calib,
+               "nsamples": int(windows.shape[0]), "seqlen": int(windows.shape[1]), "seed": job.seed}
+        start, done, plan = _restore(net, ckpt, key) if job.resume else (0, [], None)
+        writer = io.StreamedSave(job.out, loaded.storage_dtype, job.overwrite) if streamed and writes else None
+        with writer or contextlib.nullcontext():
+            if writer:
+                streamed[1].write = lambda blocks: writer.add(net, blocks)
+            report = pipeline.compress(net, windows, job.recipe, dev, loaded.storage_dtype, job.batch_size, progress,
+                                       done, start, checkpoint=lambda n, layers, p: writes and _checkpoint(
+                                           ckpt, key, n, layers, p), plan=plan, source=streamed[1] if streamed else None,
+                                       spill=job.spill)
+            if not streamed:
+                net.to("cpu")
+            run = run_manifest(loaded, report, job.recipe, job.calib, windows, job.seed)
+            totals = run["totals"]
+            summary.update(method="mixed" if len(job.recipe.methods) > 1 else job.recipe.methods[0].name,
+                           allocate=job.recipe.allocate.value, **{k: totals[k] for k in ("ratio_stored",
+                                                                                       "ratio_params", "ratio_paper")},
+                           compress_seconds=round(report.seconds, 2), processes=dist.size())
+            if before:
+                after = perplexity(net.to(dev), eval_windows, job.batch_size)
+                net.to("cpu")
+                summary["perplexity_after"] = after["perplexity"]
+                run["evaluation"] = {"dataset": job.eval_dataset, "split": "validation", **{k: before[k] for k in (
+                    "tokens", "windows", "seqlen", "metric")}, "perplexity_before": before["perplexity"],
+                    "perplexity_after": after["perplexity"]}
+            if job.tasks:
+                _add_tasks(run, summary, lm_before, _task_scores(net, tok, dev, job))
+                net.to("cpu")
+            run["versions"] = versions()
+            used = dataclasses.replace(job.recipe, calibration=Calibration(job.calib, *windows.shape, job.seed,
+                                                                           job.batch_size))
+            extras = lambda full: run_files(full, used, job.out.name)  # noqa: E731
+            if writer:
+                writer.finish(net, tok, run, extras)
+            elif writes:
+                io.save(net, tok, job.out, run, loaded.storage_dtype, job.overwrite, extras=extras)
+        if writes:
+            shutil.rmtree(ckpt, ignore_errors=True)
+        dist.barrier()  # the others end once the output is in place
         summary["seconds"] = round(time.perf_counter() - t0, 2)
         return summary
 
 
-def _task_scores(net, tok, dev, task_list, num_fewshot, limit, batch_size) -> dict | None:
+def _task_scores(net, tok, dev, job: CompressJob) -> dict | None:
     """lm-eval scores of ``net`` on ``dev`` (left there), or None when no tasks were asked for."""
-    return task_list and harness.run_tasks(net.to(dev), tok, task_list, num_fewshot, limit, batch_size, str(dev))
+    return job.tasks and harness.run_tasks(net.to(dev), tok, job.tasks, job.num_fewshot, job.limit, job.batch_size,
+                                           str(dev))
 
 
 def _add_tasks(manifest: dict, summary: dict, before: dict, after: dict) -> None:
@@ -217,13 +317,13 @@ def _record(layer: pipeline.LayerResult) -> dict:
 
 
 def _checkpoint(ckpt: Path, key: dict, blocks_done: int, layers: list[pipeline.LayerResult], plan: Plan) -> None:
-    io.save_checkpoint(ckpt, key, blocks_done, {la.name: _record(la) for la in layers},
+    resume_mod.save_checkpoint(ckpt, key, blocks_done, {la.name: _record(la) for la in layers},
                        {la.name: la.module for la in layers}, plan.to_dict())
 
 
 def _restore(net, ckpt: Path, key: dict) -> tuple[int, list[pipeline.LayerResult], Plan | None]:
     """Swap in the layers an interrupted run finished; (blocks done, their records, the plan it followed)."""
-    found = io.load_checkpoint(ckpt, key)
+    found = resume_mod.load_checkpoint(ckpt, key)
     if found is None:
         log.warning("--resume: no interrupted run found at %s; starting from the first block", ckpt)
         return 0, [], None
@@ -257,28 +357,55 @@ def run_manifest(loaded, report: pipeline.CompressReport, recipe: Recipe, calib:
             "compress_seconds": report.seconds, "torch_version": torch.__version__}
 
 
+def evaluate(model: nn.Module, tokenizer, *, dataset: str = "stdlib", seqlen: int = 512,
+             max_windows: int | None = 64, batch_size: int = 8, device: str | None = None,
+             tasks: str | list[str] | None = None, num_fewshot: int | None = None, limit: float | None = None,
+             include_path: str | None = None, reference: nn.Module | None = None) -> dict:
+    """What `sparselm eval` measures, on model objects (a loaded compressed model needs no export): token-level
+    perplexity with the pinned protocol (causal LMs); with ``tasks``, lm-eval task scores in process; with
+    ``reference`` (the dense model), label-free fidelity. Returns a JSON-able dict with the library versions."""
+    check_count("seqlen", seqlen, 2)
+    check_count("max_windows", max_windows, 1)
+    check_count("batch_size", batch_size, 1)
+    check_count("num_fewshot", num_fewshot, 0)
+    task_list = harness.requested(tasks)
+    causal = adapter._is_causal(model.config)
+    if not causal and reference is None:
+        raise InputError("the model is an encoder: perplexity needs a causal LM",
+                         "evaluate a causal LM, or pass the dense model as reference= (fidelity)")
+    dev = devices.pick(device)
+    seqlen = _clamp_seqlen(seqlen, getattr(model.config, "max_position_embeddings", None) or seqlen, "seqlen")
+    windows = data.evaluation_windows(tokenizer, dataset, seqlen, max_windows)
+    result = {"dataset": dataset}
+    if causal:
+        result.update(perplexity(model.to(dev), windows, batch_size))
+    if reference is not None:
+        result["fidelity"] = fidelity_mod.compare(reference.to(dev), model.to(dev), windows, batch_size)
+        reference.to("cpu")
+    if task_list is not None:
+        result["lm_eval"] = harness.run_tasks(model.to(dev), tokenizer, task_list, num_fewshot, limit, batch_size,
+                                              str(dev), include_path=include_path)
+    result["versions"] = versions()
+    return result
+
+
 def evaluate_model(path: str | None, dataset: str = "stdlib", seqlen: int = 512, max_windows: int | None = 64,
                    device: str | None = None, batch_size: int = 8, trust_remote_code: bool = False,
                    tasks: str | list[str] | None = None, num_fewshot: int | None = None, limit: float | None = None,
                    include_path: str | None = None, fidelity: bool = False, record: bool = False) -> dict:
-    """Perplexity of a dense model (dir or hub id) or of a sparselm output directory; with ``tasks``, also
-    lm-eval task scores (in process); with ``fidelity``, agreement with the manifest's dense base model;
-    with ``record``, the result is added to the directory's manifest and its report and model card rebuilt."""
+    """`sparselm eval`: `evaluate` on a dense model (dir or hub id) or a sparselm output directory; with
+    ``fidelity``, against the manifest's dense base model; with ``record``, the result is added to the
+    directory's manifest and its report and model card rebuilt."""
     check_count("--seqlen", seqlen, 2)
     check_count("--max-windows", max_windows, 1)
     check_count("--batch-size", batch_size, 1)
     check_count("--num-fewshot", num_fewshot, 0)
-    task_list = harness.requested(tasks)
-    dev = devices.pick(device)
+    harness.requested(tasks)
+    devices.pick(device)
     net, tok, manifest = _load_any(path, trust_remote_code, need_manifest=fidelity or record)
-    causal = adapter._is_causal(net.config)
-    if not causal and not fidelity:
+    if not adapter._is_causal(net.config) and not fidelity:
         raise InputError(f"{path!r} is an encoder: perplexity needs a causal LM", "evaluate a causal LM")
-    seqlen = _clamp_seqlen(seqlen, getattr(net.config, "max_position_embeddings", None) or seqlen, "--seqlen")
-    windows = data.evaluation_windows(tok, dataset, seqlen, max_windows)
-    result = {"model": path or "bundled", "dataset": dataset}
-    if causal:
-        result.update(perplexity(net.to(dev), windows, batch_size))
+    reference = None
     if fidelity:
         if not manifest.get("base_model"):
             raise InputError(f"--fidelity: {io.MANIFEST} of {path!r} names no base_model to compare with",
@@ -286,13 +413,12 @@ def evaluate_model(path: str | None, dataset: str = "stdlib", seqlen: int = 512,
                              "directory whose manifest has base_model")
         reference = adapter.load_hf(manifest["base_model"], dtype=getattr(net, "dtype", torch.float32),
                                     trust_remote_code=trust_remote_code).model  # the compressed model's dtype
-        result["fidelity"] = fidelity_mod.compare(reference.to(dev), net.to(dev), windows, batch_size)
+    result = {"model": path or "bundled",
+              **evaluate(net, tok, dataset=dataset, seqlen=seqlen, max_windows=max_windows, batch_size=batch_size,
+                         device=device, tasks=tasks, num_fewshot=num_fewshot, limit=limit,
+                         include_path=include_path, reference=reference)}
+    if fidelity:
         result["fidelity"]["base_model"] = manifest.get("base_model")
-        reference.to("cpu")
-    if task_list is not None:
-        result["lm_eval"] = harness.run_tasks(net.to(dev), tok, task_list, num_fewshot, limit, batch_size, str(dev),
-                                              include_path=include_path)
-    result["versions"] = versions()
     if record:
         stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         io.record_evaluation(path, {"date": stamp, "max_windows": max_windows, "batch_size": batch_size, **result},
@@ -329,6 +455,10 @@ def _inspect_rows(path: str, manifest: dict) -> dict:
              "target": entry["spec"].get("target"), "k": entry["info"].get("k"), "s": _nonzeros_per_channel(entry),
              **entry["accounting"], "rel_error": entry.get("rel_error"), "predicted_error": entry.get("predicted_error")}
             for name, entry in manifest["layers"].items()]
+    for name, entry in io.structured_entries(manifest):
+        rows.append({"layer": name, "class": "Linear (narrowed)", "method": entry["spec"].get("method"),
+                     "target": entry["spec"].get("target"), "k": None, "s": None, **entry["accounting"],
+                     "rel_error": None, "predicted_error": None})
     for row in manifest.get("allocation") or []:
         if Allocation.kept_dense_row(row):
             rows.append({"layer": row["layer"], "class": "Linear", "method": "dense (knapsack)", "target": None,

@@ -1,15 +1,21 @@
 """Calibration statistics of linear inputs, and hooks to record them that are always removed.
 
 `LinearStats` is what every data-aware method sees: the input Gram ``G = XᵀX`` (batches summed in float64),
-the token count, and the squared column norms (``diag G``, what Wanda needs).
+the token count, the squared column norms (``diag G``, what Wanda needs) and the per-channel sum ``Σx`` (its
+mean and variance: what FLAP's fluctuation metric and bias, and DSnoT's expected error need).
 """
 from __future__ import annotations
 
 import contextlib
+import shutil
+import tempfile
+import weakref
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Iterator
 
 import torch
+from safetensors.torch import load_file, save_file
 
 from .errors import InputError
 
@@ -18,14 +24,17 @@ from .errors import InputError
 class LinearStats:
     """Running statistics of one linear layer's inputs X ``(tokens, in)``.
 
-    Buffers: ``gram`` ``(in, in)`` float64 = Σ xᵀx; ``count`` = number of tokens seen.
+    Buffers: ``gram`` ``(in, in)`` float64 = Σ xᵀx; ``count`` = number of tokens seen; ``total`` ``(in,)``
+    float64 = Σ x (None when built from a Gram alone: then `mean` is an error).
     """
     gram: torch.Tensor
     count: int = 0
+    total: torch.Tensor | None = None
 
     @classmethod
     def empty(cls, in_features: int, device: torch.device | str = "cpu") -> "LinearStats":
-        return cls(torch.zeros(in_features, in_features, dtype=torch.float64, device=device))
+        return cls(torch.zeros(in_features, in_features, dtype=torch.float64, device=device), 0,
+                   torch.zeros(in_features, dtype=torch.float64, device=device))
 
     @classmethod
     def from_inputs(cls, x: torch.Tensor) -> "LinearStats":
@@ -43,6 +52,8 @@ class LinearStats:
         x = x.reshape(-1, x.shape[-1])  # (tokens, in)
         x = x.to(torch.float64 if x.dtype == torch.float64 else torch.float32)
         self.gram += (x.T @ x).to(torch.float64)
+        if self.total is not None:
+            self.total += x.sum(0, dtype=torch.float64)
         self.count += x.shape[0]
         # diag G = Σ x_j²: non-finite exactly when some activation is (no float64 overflow from float32 inputs)
         if not torch.isfinite(self.gram.diagonal()).all():
@@ -55,13 +66,27 @@ class LinearStats:
         return self.gram.diagonal()
 
     @property
+    def mean(self) -> torch.Tensor:
+        """Mean of each input feature over the tokens, ``(in,)`` float64."""
+        if self.total is None or self.count == 0:
+            raise InputError("these calibration statistics have no per-channel sums (built from a Gram alone)",
+                             "record them with `capture.record` or build them with `LinearStats.from_inputs`")
+        return self.total / self.count
+
+    @property
+    def variance(self) -> torch.Tensor:
+        """Population variance of each input feature over the tokens, ``diag G / N − μ²``, ``(in,)`` float64."""
+        return (self.sq_norms / self.count - self.mean ** 2).clamp_min(0)
+
+    @property
     def in_features(self) -> int:
         return self.gram.shape[0]
 
     @staticmethod
     def average(stats: list["LinearStats"]) -> "LinearStats":
         """Shared metric of a group of layers (CoSpaDi §3.3): Ḡ = (1/|g|) Σ G_ℓ."""
-        return LinearStats(sum(s.gram for s in stats) / len(stats), stats[0].count)
+        totals = None if any(s.total is None for s in stats) else sum(s.total for s in stats) / len(stats)
+        return LinearStats(sum(s.gram for s in stats) / len(stats), stats[0].count, totals)
 
 
 @contextlib.contextmanager
@@ -95,3 +120,33 @@ def record(modules: dict[str, torch.nn.Module], stats: dict[str, LinearStats],
         last.clear()
         for h in handles:
             h.remove()
+
+
+class Spilled:
+    """A list of activation tensors kept on disk (one safetensors file per item, in a private directory under
+    ``folder``), read back one at a time onto the device they came from: calibration activations that do not fit
+    in memory. The files go when the list does."""
+
+    def __init__(self, folder: str | Path):
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        self.dir = Path(tempfile.mkdtemp(prefix="sparselm-activations-", dir=folder))
+        self._cleanup = weakref.finalize(self, shutil.rmtree, self.dir, True)
+        self.devices: list[torch.device] = []
+
+    def append(self, t: torch.Tensor) -> None:
+        save_file({"x": t.detach().contiguous().cpu()}, str(self.dir / f"{len(self.devices)}.safetensors"))
+        self.devices.append(t.device)
+
+    def __len__(self) -> int:
+        return len(self.devices)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return load_file(str(self.dir / f"{i}.safetensors"))["x"].to(self.devices[i])
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        return (self[i] for i in range(len(self)))
+
+
+def activation_store(folder: str | Path | None) -> Callable[[], list]:
+    """A factory of activation lists: in memory (``folder`` None), else `Spilled` under ``folder``."""
+    return list if folder is None else (lambda: Spilled(folder))

@@ -40,6 +40,9 @@ def _run(fn, as_json: bool, show) -> None:
         err.print("interrupted: no output was written (compress: rerun with --resume to continue from the last "
                   "finished block)")
         raise typer.Exit(130)
+    from . import dist
+    if dist.rank() != 0:  # several processes (torchrun): rank 0 reports for all
+        return
     if as_json:
         print(json.dumps(result, default=str))
     else:
@@ -52,6 +55,9 @@ def _progress_bar():
     task = {}
 
     def update(done: int, total: int):
+        from . import dist
+        if dist.rank() != 0:  # several processes: one bar
+            return
         if not task:
             bar.start()
             task["id"] = bar.add_task("blocks", total=total)
@@ -64,12 +70,14 @@ def _progress_bar():
 @app.command()
 def compress(
     model: Optional[str] = typer.Argument(None, help="hub id or local HF directory; omitted: the bundled tiny model"),
-    method: Optional[str] = typer.Option(None, help="magnitude|wanda|sparsegpt|gqsa|gptq|svd|asvd|svd-llm|cospadi|rocket "
+    method: Optional[str] = typer.Option(None, help="magnitude|wanda|sparsegpt|gqsa|gptq|svd|asvd|svd-llm|cospadi|"
+                                                   "rocket|flap|ziplm "
                                                    "(default: rocket; rocket runs with knapsack allocation and "
                                                    "--ratio 0.2 unless told otherwise)"),
     ratio: Optional[float] = typer.Option(None, help="fraction of the targeted layers' stored bytes removed"),
     sparsity: Optional[float] = typer.Option(None, help="pruning: fraction of weights set to zero"),
     pattern: Optional[str] = typer.Option(None, help="pruning: N:M semi-structured pattern, e.g. 2:4"),
+    refine: Optional[str] = typer.Option(None, help="pruning: refine the mask, dsnot (DSnoT swaps; default none)"),
     storage: Optional[str] = typer.Option(None, help="how the values are stored, every format: dtype (the model's, "
                                                      "default) | bf16 | fp16 | bf16-14bit | int8 | int4 (counted in "
                                                      "--ratio with their scales)"),
@@ -109,7 +117,7 @@ def compress(
     from . import api
 
     def work():
-        r = api.build_recipe(method, ratio, sparsity, pattern, allocate, recipe, storage, quant_group)
+        r = api.build_recipe(method, ratio, sparsity, pattern, allocate, recipe, refine, storage, quant_group)
         return api.compress_model(model, r, calib, nsamples, seqlen, out, overwrite, device, eval, eval_dataset,
                                   batch_size=batch_size, seed=seed, trust_remote_code=trust_remote_code,
                                   progress=None if as_json else _progress_bar(), resume=resume, tasks=tasks,

@@ -122,6 +122,19 @@ class DictUpdateRule(enum.Enum):
     MOD = "mod"    # method of optimal directions: one least-squares solve, atoms renormalized
 
 
+class Refine(enum.Enum):
+    """A mask refinement run after a pruning method (its spec's ``refine``)."""
+    NONE = "none"
+    DSNOT = "dsnot"            # DSnoT prune-and-grow swaps, each also lowering the exact row error (methods/dsnot.py)
+    DSNOT_MEAN = "dsnot-mean"  # the paper's test alone: a swap only has to lower the expected (mean) error
+
+
+class Structure(enum.Enum):
+    """How structured pruning spreads its budget over blocks (FLAP's ``--structure``)."""
+    ADAPTIVE = "adaptive"  # one global ranking of every head group and channel (FLAP's AL-AM; ZipLM: knapsack)
+    UNIFORM = "uniform"    # every block keeps the same numbers (a standard HF config can describe the model)
+
+
 # --- method specs -------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class MethodSpec:
@@ -151,6 +164,7 @@ class MethodSpec:
 class PruneSpec(MethodSpec):
     accepts: ClassVar[tuple[type, ...]] = (Ratio, Sparsity, Pattern)
     target: Target = Sparsity(0.5)
+    refine: Refine = Refine.NONE  # dsnot: DSnoT swaps on the method's mask (same nonzeros per row / N:M)
 
 
 @dataclass(frozen=True)
@@ -267,9 +281,45 @@ class RocketSpec(MethodSpec):
                              "use ks >= 1, lam >= 0, 0 <= beta, refill < 1")
 
 
+@dataclass(frozen=True)
+class StructuredSpec(MethodSpec):
+    """Structured pruning: whole attention head groups (a KV head and its query heads) and MLP channels go;
+    the model keeps plain, narrower dense layers. The target is the fraction of the targeted layers' stored
+    bytes removed, biases the method adds included (methods/structured.py)."""
+    target: Target = Ratio(0.2)
+    structure: Structure = Structure.ADAPTIVE
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.store != Storage():
+            raise InputError(f"{self.name}: storage {self.store} given, but structured pruning keeps plain dense "
+                             "layers in the model dtype", "drop storage / quant_group for this method")
+
+
+@dataclass(frozen=True)
+class FlapSpec(StructuredSpec):
+    """FLAP (An et al., AAAI 2024): fluctuation metric, standardized global ranking, bias compensation."""
+    name: ClassVar[str] = "flap"
+
+
+@dataclass(frozen=True)
+class ZipLMSpec(StructuredSpec):
+    """ZipLM-style one-shot structured OBS (Kurtic et al., NeurIPS 2023): greedy removal with inverse-Hessian
+    updates of the remaining columns."""
+    name: ClassVar[str] = "ziplm"
+    # uniform by default: measured better than the knapsack over per-part OBS errors (docs/methods.md)
+    structure: Structure = Structure.UNIFORM
+    percdamp: float = 0.01  # dampening: fraction of the mean Hessian diagonal added to it
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not 0.0 <= self.percdamp < 1.0:
+            raise InputError(f"ziplm percdamp={self.percdamp}", "use 0 <= percdamp < 1")
+
+
 SPECS: dict[str, type[MethodSpec]] = {c.name: c for c in (MagnitudeSpec, WandaSpec, SparseGPTSpec, GQSASpec,
                                                           GPTQSpec, SVDSpec, ASVDSpec, SVDLLMSpec, CoSpaDiSpec,
-                                                          RocketSpec)}
+                                                          RocketSpec, FlapSpec, ZipLMSpec)}
 RENAMED_KEYS = {"coef_storage": "storage"}  # older recipes and manifests: read under the new name
 DEFAULT_METHOD = "rocket"  # with knapsack allocation: near the best we measured (mixed), and fast (docs/benchmarks)
 DEFAULT_RATIO = 0.2
@@ -326,6 +376,11 @@ class Recipe:
         if len(self.methods) > 1 and self.allocate is not Allocate.KNAPSACK:
             raise InputError("several methods need knapsack allocation to choose between them",
                              "set allocate: knapsack")
+        if any(isinstance(s, StructuredSpec) for s in self.methods) and (
+                len(self.methods) > 1 or self.allocate is not Allocate.UNIFORM):
+            raise InputError(f"structured pruning ({self.methods[0].name}) spreads its budget itself and runs alone",
+                             "use it as the only method with allocate: uniform (its `structure` field chooses "
+                             "adaptive or uniform widths)")
 
 
 # --- dict / YAML round-trip -------------------------------------------------------------------------

@@ -41,3 +41,19 @@ def reset_peak_memory(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
 
+
+
+def for_rank(device: torch.device, local_rank: int) -> torch.device:
+    """The device of one process of several on a node: its own GPU (``cuda:LOCAL_RANK``), or the CPU."""
+    if device.type == "cuda":
+        if local_rank >= torch.cuda.device_count():
+            raise InputError(f"process {local_rank} of this node has no GPU ({torch.cuda.device_count()} found)",
+                             "start at most one process per GPU (torchrun --nproc-per-node)")
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank)
+    return device
+
+
+def dist_backend(device: torch.device) -> str:
+    """The torch.distributed backend for processes computing on ``device``: NCCL between GPUs, else gloo."""
+    return "nccl" if device.type == "cuda" else "gloo"

@@ -17,6 +17,9 @@ along ``r``. Dictionaries ``D`` are stored in the model dtype.
                                             the ``out·in/g`` blocks (none when every block is kept) + the kept
                                             blocks' values, one scale (+ zero) per kept block.
   * `lowrank_bytes`     `LowRankLinear`:    ``U`` ``(in, r)`` + ``V`` ``(r, out)``.
+  * `narrow_bytes`      a structurally pruned plain ``nn.Linear`` ``(out', in')`` in the model dtype, plus the
+                                            bias structured pruning *added* (FLAP's compensation): unlike a
+                                            model's own bias, it is storage the method spends.
   * `dict_bytes`        `SparseDictLinear`: ``D`` ``(in, k)`` in the model dtype (`dictionary_bytes`) + the
                                             coefficients (`coefficient_bytes`): a 1-bit mask over ``out·k``
                                             and the values.
@@ -103,6 +106,12 @@ def most_kept_blocks(ratio: float, out_f: int, in_f: int, dtype: torch.dtype, st
         return blocks
     fits = lambda n: block_sparse_bytes(out_f, in_f, n, dtype, store) <= budget  # noqa: E731
     return largest(fits, blocks - 1) if fits(0) else None
+
+
+# --- narrower dense nn.Linear (structured pruning) ------------------------------------------------
+def narrow_bytes(out_f: int, in_f: int, dtype: torch.dtype, bias_added: bool = False) -> int:
+    """A kept ``(out, in)`` dense weight, and the ``out`` bias values when the method added the bias."""
+    return (out_f * in_f + (out_f if bias_added else 0)) * dtype_bytes(dtype)
 
 
 # --- LowRankLinear ---------------------------------------------------------------------------------

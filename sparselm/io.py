@@ -15,6 +15,7 @@ import json
 import os
 import shutil
 from pathlib import Path
+from typing import Callable
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -23,11 +24,11 @@ from torch import nn
 
 from .version import __version__
 from . import model as adapter, outdir
-from .budget import Allocation, Plan
+from .budget import Allocation
 from .config import spec_from_dict, spec_to_dict
 from .errors import InputError
-from .evaluate import dense_accounting, layer_accounting, totals
-from .modules import MODULE_CLASSES, CompressedLinear
+from .metrics import dense_accounting, layer_accounting, narrow_accounting, totals
+from .modules import MODULE_CLASSES, CompressedLinear, Narrowed, mark_narrowed, narrowed_of
 
 MANIFEST = outdir.MARKERS["compress"]
 EXPORT_MARKER = outdir.MARKERS["export"]
@@ -58,11 +59,15 @@ def cast_dense(model: nn.Module, dtype: torch.dtype) -> nn.Module:
     return model
 
 
-def _state_for_save(model: nn.Module, dtype: torch.dtype) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """State dict with dense tensors in ``dtype`` and tied tensors stored once (aliases returned)."""
+def _state_for_save(model: nn.Module, dtype: torch.dtype, keep: Callable[[str], bool] = lambda name: True
+                    ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """State dict (the names ``keep`` accepts) with dense tensors in ``dtype`` and tied tensors stored once
+    (aliases returned)."""
     inside = {f"{n}.{b}" for n, m in compressed_modules(model).items() for b, _ in m.named_buffers()}
     state, aliases, seen = {}, {}, {}
     for name, t in model.state_dict().items():
+        if not keep(name):
+            continue
         key = (t.data_ptr(), t.dtype, tuple(t.shape), t.stride()) if t.numel() else None
         if key is not None and key in seen:
             aliases[name] = seen[key]
@@ -86,13 +91,33 @@ def layer_entry(module: CompressedLinear, dtype: torch.dtype) -> dict:
             "group": list(module.group)}
 
 
+def narrowed_modules(model: nn.Module) -> dict[str, nn.Linear]:
+    """The plain layers structured pruning narrowed (they carry a `modules.Narrowed` record)."""
+    return {n: m for n, m in model.named_modules() if narrowed_of(m) is not None}
+
+
+def narrowed_entry(module: nn.Linear, dtype: torch.dtype) -> dict:
+    """A narrowed layer's manifest entry (the ``structured`` table): kept shape, dense shape, the rows / columns
+    it kept, its bias, spec, accounting and the method's info."""
+    rec = narrowed_of(module)
+    shape = (module.out_features, module.in_features)
+    return {"shape": list(shape), "dense_shape": list(rec.dense_shape), "rows": rec.rows, "cols": rec.cols,
+            "bias": module.bias is not None, "bias_added": rec.bias_added,
+            "spec": spec_to_dict(rec.spec) if rec.spec is not None else {"method": None},
+            "accounting": narrow_accounting(shape, rec.dense_shape, rec.bias_added, dtype), "info": dict(rec.info)}
+
+
 def describe(model: nn.Module, dtype: torch.dtype, allocation: list[Allocation] | None = None) -> dict:
-    """The model's part of a manifest: every compressed layer's `layer_entry`, and the three ratios over them
-    and over the targeted layers a knapsack ``allocation`` kept dense (they count at full size)."""
+    """The model's part of a manifest: every compressed layer's `layer_entry`, every structurally narrowed
+    layer's `narrowed_entry` (``structured``), and the three ratios over them and over the targeted layers a
+    knapsack ``allocation`` kept dense (they count at full size)."""
     layers = {n: layer_entry(m, dtype) for n, m in compressed_modules(model).items()}
+    narrowed = {n: narrowed_entry(m, dtype) for n, m in narrowed_modules(model).items()}
     kept = [a for a in allocation or [] if a.kept_dense]
-    rows = [e["accounting"] for e in layers.values()] + [dense_accounting(*a.shape, dtype) for a in kept]
-    return {"layers": layers, "kept_dense": [a.layer for a in kept], "totals": totals(rows) if rows else None}
+    rows = ([e["accounting"] for e in layers.values()] + [e["accounting"] for e in narrowed.values()]
+            + [dense_accounting(*a.shape, dtype) for a in kept])
+    return {"layers": layers, "structured": narrowed, "kept_dense": [a.layer for a in kept],
+            "totals": totals(rows) if rows else None}
 
 
 @contextlib.contextmanager
@@ -116,23 +141,111 @@ def save(model: nn.Module, tokenizer, out_dir: str | Path, manifest: dict, dtype
     outdir.check_out(out, "compress", overwrite)
     with outdir.locked(out), _writing(out), outdir.atomic_dir(out) as tmp:
         state, aliases = _state_for_save(model, dtype)
-        config = model.config
-        config.dtype = dtype
-        config.architectures = [type(model).__name__]
-        config.save_pretrained(tmp)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
         # one metadata key: safetensors writes its metadata map in random order (the version is in the manifest)
         save_file(state, str(tmp / WEIGHTS), metadata={"format": "pt"})
-        own = describe(model, dtype)
-        layers = {n: {**e, **manifest.get("layers", {}).get(n, {})} for n, e in own["layers"].items()}
-        full = {"format": "sparselm", "format_version": FORMAT_VERSION, "sparselm_version": __version__,
-                "storage_dtype": _dtype_name(dtype), "tied": aliases, **own, **manifest, "layers": layers,
-                "file_bytes": _file_bytes(tmp / WEIGHTS, compressed_modules(model))}
-        (tmp / MANIFEST).write_text(json.dumps(full, indent=1, default=str))
-        for name, text in (extras(json.loads((tmp / MANIFEST).read_text())) if extras else {}).items():
-            (tmp / Path(name).name).write_text(text, encoding="utf-8")
+        _complete(tmp, model, tokenizer, manifest, dtype, aliases, extras)
     return out
+
+
+def _complete(tmp: Path, model: nn.Module, tokenizer, manifest: dict, dtype: torch.dtype, aliases: dict,
+              extras) -> None:
+    """Everything of an output directory but its weights (already in ``tmp / WEIGHTS``): config, tokenizer,
+    the manifest completed from the model, the extra files."""
+    config = model.config
+    config.dtype = dtype
+    config.architectures = [type(model).__name__]
+    config.save_pretrained(tmp)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(tmp)
+    own = describe(model, dtype)
+    layers = {n: {**e, **manifest.get("layers", {}).get(n, {})} for n, e in own["layers"].items()}
+    full = {"format": "sparselm", "format_version": FORMAT_VERSION, "sparselm_version": __version__,
+            "storage_dtype": _dtype_name(dtype), "tied": aliases, **own, **manifest, "layers": layers,
+            "file_bytes": _file_bytes(tmp / WEIGHTS, compressed_modules(model))}
+    (tmp / MANIFEST).write_text(json.dumps(full, indent=1, default=str))
+    for name, text in (extras(json.loads((tmp / MANIFEST).read_text())) if extras else {}).items():
+        (tmp / Path(name).name).write_text(text, encoding="utf-8")
+
+
+class StreamedSave:
+    """Write an output directory while the model is being compressed, without its whole state in memory:
+    `add` writes each finished window of blocks into a part file (while its tensors still exist), `finish`
+    writes the rest (embeddings, norms, head), joins the parts into one ``model.safetensors`` by copying their
+    bytes (`join_safetensors`: constant memory) and completes the directory as `save` does. The directory is
+    atomic as with `save`: ``with StreamedSave(...) as s:`` — nothing is left if the block fails."""
+
+    def __init__(self, out: str | Path, dtype: torch.dtype, overwrite: bool = False):
+        self.out, self.dtype, self.overwrite = Path(out), dtype, overwrite
+        self.parts: list[Path] = []
+        self.aliases: dict[str, str] = {}
+        self.written: list[str] = []  # block prefixes already in a part
+
+    def __enter__(self) -> "StreamedSave":
+        outdir.check_out(self.out, "compress", self.overwrite)
+        self._stack = contextlib.ExitStack()
+        self._stack.enter_context(outdir.locked(self.out))
+        self._stack.enter_context(_writing(self.out))
+        self.tmp = self._stack.enter_context(outdir.atomic_dir(self.out))
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        return self._stack.__exit__(*exc)
+
+    def _part(self, model: nn.Module, keep: Callable[[str], bool]) -> None:
+        state, aliases = _state_for_save(model, self.dtype, keep)
+        path = self.tmp / f".part-{len(self.parts):05d}.safetensors"
+        with _writing(self.out):
+            save_file(state, str(path))
+        self.parts.append(path)
+        self.aliases.update(aliases)
+
+    def add(self, model: nn.Module, blocks: list[int]) -> None:
+        """Write these blocks' tensors (a window: tensors shared inside it are stored once)."""
+        root, _ = adapter.find_blocks(model)
+        prefixes = tuple(adapter.block_prefix(root, i) for i in blocks)
+        self._part(model, lambda name: name.startswith(prefixes))
+        self.written += prefixes
+
+    def finish(self, model: nn.Module, tokenizer, manifest: dict, extras=None) -> Path:
+        root, blocks = adapter.find_blocks(model)
+        if len(self.written) != len(blocks):
+            raise RuntimeError(f"StreamedSave: {len(self.written)} of {len(blocks)} blocks were written")
+        self._part(model, lambda name: not name.startswith(f"{root}."))
+        with _writing(self.out):
+            join_safetensors(self.parts, self.tmp / WEIGHTS)
+            for p in self.parts:
+                p.unlink()
+            _complete(self.tmp, model, tokenizer, manifest, self.dtype, self.aliases, extras)
+        return self.out
+
+
+def _header(path: Path) -> tuple[int, dict]:
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        return n, json.loads(f.read(n))
+
+
+def join_safetensors(parts: list[Path], dest: Path, chunk: int = 1 << 24) -> None:
+    """One safetensors file holding every tensor of ``parts`` (names distinct), written by copying each part's
+    data bytes behind one merged header: memory is one ``chunk``, whatever the files' sizes."""
+    header, offset, sizes = {"__metadata__": {"format": "pt"}}, 0, []
+    for p in parts:
+        n, h = _header(p)
+        h.pop("__metadata__", None)
+        for name, e in sorted(h.items(), key=lambda kv: kv[1]["data_offsets"]):
+            a, b = e["data_offsets"]
+            header[name] = {**e, "data_offsets": [a + offset, b + offset]}
+        sizes.append((n, p.stat().st_size - 8 - n))
+        offset += sizes[-1][1]
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # the data starts 8-byte aligned, as safetensors writes it
+    with open(dest, "wb") as out:
+        out.write(len(text).to_bytes(8, "little"))
+        out.write(text)
+        for p, (n, _) in zip(parts, sizes):
+            with open(p, "rb") as f:
+                f.seek(8 + n)
+                shutil.copyfileobj(f, out, chunk)
 
 
 def _file_bytes(weights: Path, compressed: dict) -> dict:
@@ -189,9 +302,7 @@ def record_evaluation(path: str | Path, record: dict, extras=None) -> None:
 
 def tensor_names_and_bytes(path: str | Path) -> dict[str, int]:
     """Every tensor's byte size in a safetensors file, from its header (nothing else is read)."""
-    with open(path, "rb") as f:
-        n = int.from_bytes(f.read(8), "little")
-        header = json.loads(f.read(n))
+    _, header = _header(Path(path))
     return {k: v["data_offsets"][1] - v["data_offsets"][0] for k, v in header.items() if k != "__metadata__"}
 
 
@@ -225,7 +336,35 @@ def _build_empty(path: Path, manifest: dict, trust_remote_code: bool) -> nn.Modu
                              "the manifest is corrupt; compress again") from None
         restore_record(module, entry)
         adapter.swap(model, name, module)
+    for name, entry in structured_entries(manifest):
+        adapter.swap(model, name, rebuild_narrowed(entry, dtype))
     return model.to_empty(device="cpu")
+
+
+def structured_entries(manifest: dict) -> list[tuple[str, dict]]:
+    """The manifest's ``structured`` table (layers narrowed by structured pruning), checked."""
+    table = manifest.get("structured") or {}
+    ok = isinstance(table, dict)
+    for name, e in (table.items() if ok else []):
+        ok = ok and isinstance(e, dict) and all(
+            isinstance(e.get(k), list) and len(e[k]) == 2 and all(isinstance(d, int) and d > 0 for d in e[k])
+            for k in ("shape", "dense_shape")) and isinstance(e.get("bias"), bool)
+    if not ok:
+        raise InputError(f"{MANIFEST}: the 'structured' table lacks or garbles a layer's shape or bias",
+                         "the manifest is corrupt; compress again")
+    return list(table.items())
+
+
+def rebuild_narrowed(entry: dict, dtype: torch.dtype) -> nn.Linear:
+    """An empty (meta) narrowed ``nn.Linear`` of its entry's shape, with its `Narrowed` record."""
+    (out_f, in_f), spec = entry["shape"], entry.get("spec") or {}
+    try:
+        spec = spec_from_dict(spec) if spec.get("method") else None
+    except InputError:
+        spec = None
+    layer = nn.Linear(in_f, out_f, bias=entry["bias"], device="meta", dtype=dtype)
+    return mark_narrowed(layer, Narrowed(tuple(entry["dense_shape"]), entry.get("rows"), entry.get("cols"),
+                                         bool(entry.get("bias_added")), spec, dict(entry.get("info") or {})))
 
 
 def restore_record(module: CompressedLinear, entry: dict) -> None:
@@ -346,6 +485,7 @@ def export(path: str | Path, out: str | Path, overwrite: bool = False, trust_rem
         for name, module in compressed_modules(model).items():
             W = module.dense_weight().to(dtype)  # (out, in)
             adapter.swap(model, name, adapter.dense_like(module.original, W, module.bias))
+        model, widths = standard_model(model, dtype)
         with _writing(out), outdir.atomic_dir(out) as tmp:
             model.save_pretrained(tmp, safe_serialization=True)
             for f in Path(path).iterdir():  # tokenizer and generation files, as they were
@@ -353,55 +493,49 @@ def export(path: str | Path, out: str | Path, overwrite: bool = False, trust_rem
                 if f.is_file() and f.name not in skip and not (tmp / f.name).exists():
                     shutil.copy2(f, tmp / f.name)
             (tmp / EXPORT_MARKER).write_text(json.dumps({"exported_from": str(Path(path).resolve()),
-                                                         "sparselm_version": __version__}, indent=1))
-    return {"out": str(out), "layers": len(manifest["layers"]), "dtype": manifest["storage_dtype"]}
+                                                         "sparselm_version": __version__, "widths": widths},
+                                                        indent=1))
+    return {"out": str(out), "layers": len(manifest["layers"]) + len(manifest.get("structured") or {}),
+            "dtype": manifest["storage_dtype"], "widths": widths}
 
 
-# --- resumable runs ------------------------------------------------------------------------------------
-def checkpoint_dir(out: str | Path) -> Path:
-    return outdir.checkpoint_dir(Path(out))
+def standard_model(model: nn.Module, dtype: torch.dtype) -> tuple[nn.Module, str | None]:
+    """``model`` as a standard HF model of its class, and how its structurally pruned widths were written:
+    None (nothing narrowed), ``"narrow"`` (every block has the same widths: a config with smaller head counts
+    / ``intermediate_size``) or ``"padded"`` (widths differ per block: the removed rows and columns are put
+    back as zeros, same logits at the dense size). Bias flags are turned on where FLAP's compensation needs
+    them (the biases the architecture would then add are zeros)."""
+    narrowed = narrowed_modules(model)
+    if not narrowed:
+        return model, None
+    widths = adapter.block_widths(model)
+    if all(w == widths[0] for w in widths):
+        fresh = _fit(model, adapter.export_configs(model, widths[0]), dtype)
+        if fresh is not None:
+            return fresh, "narrow"
+    for name, m in narrowed.items():
+        rec = narrowed_of(m)
+        adapter.swap(model, name, adapter.padded_linear(m, rec.dense_shape, rec.rows, rec.cols))
+    fresh = _fit(model, adapter.export_configs(model, None), dtype)
+    if fresh is None:
+        raise InputError(f"{type(model).__name__}: no standard config describes this structurally pruned model "
+                         "(its compensation biases have no config flag)",
+                         "load the compressed directory with sparselm.load instead of exporting it")
+    return fresh, "padded"
 
 
-def save_checkpoint(ckpt: Path, key: dict, blocks_done: int, records: dict[str, dict],
-                    modules: dict[str, CompressedLinear], plan: dict) -> None:
-    """Write the compressed layers done so far and the plan they follow (atomically replacing the previous
-    checkpoint)."""
-    with _writing(ckpt), outdir.atomic_dir(ckpt) as tmp:
-        state = {f"{n}.{b}": t.detach().cpu().contiguous().clone() for n, m in modules.items()
-                 for b, t in m.state_dict().items()}
-        save_file(state, str(tmp / "layers.safetensors"))
-        layers = {n: {"class": type(m).__name__, "meta": m.meta(), "record": records[n],
-                      "buffers": {b: [list(t.shape), _dtype_name(t.dtype)] for b, t in m.named_buffers()}}
-                  for n, m in modules.items()}
-        (tmp / "progress.json").write_text(json.dumps({"key": key, "blocks_done": blocks_done, "layers": layers,
-                                                       "plan": plan}, default=str))
-
-
-def load_checkpoint(ckpt: Path, key: dict) -> tuple[int, dict[str, tuple[CompressedLinear, dict]], Plan] | None:
-    """(blocks done, {layer: (module, record)}, plan) of an interrupted run with the same settings, else None."""
-    if not (ckpt / "progress.json").is_file():
-        return None
-    try:
-        progress = json.loads((ckpt / "progress.json").read_text())
-        same = progress["key"] == json.loads(json.dumps(key, default=str))
-    except (ValueError, KeyError, TypeError, OSError) as e:
-        raise _corrupt_checkpoint(ckpt, e) from None
-    if not same:
-        raise InputError(f"the interrupted run in {str(ckpt)!r} used other settings",
-                         "rerun with the same model, method, budget and calibration, or without --resume")
-    out = {}
-    try:
-        entries = layer_entries(progress)
-        with safe_open(str(ckpt / "layers.safetensors"), framework="pt") as f:
-            for name, entry in entries:
-                module = MODULE_CLASSES[entry["class"]].empty(entry["meta"], entry["buffers"])
-                module.load_state_dict({b: f.get_tensor(f"{name}.{b}") for b in entry["buffers"]})
-                out[name] = (module, entry["record"])
-        return int(progress["blocks_done"]), out, Plan.from_dict(progress["plan"])
-    except (InputError, OSError, RuntimeError, SafetensorError, KeyError, TypeError, ValueError) as e:
-        raise _corrupt_checkpoint(ckpt, e) from None
-
-
-def _corrupt_checkpoint(ckpt: Path, e: Exception) -> InputError:
-    return InputError(f"the checkpoint of the interrupted run in {str(ckpt)!r} is corrupt ({type(e).__name__}: "
-                      f"{str(e)[:200]})", "rerun without --resume to start over (that replaces the checkpoint)")
+def _fit(model: nn.Module, configs, dtype: torch.dtype) -> nn.Module | None:
+    """A fresh model of ``model``'s class from the first config whose tensors all have ``model``'s shapes (the
+    extra tensors it has must be biases: they are set to zero), holding ``model``'s tensors; else None."""
+    state = model.state_dict()
+    for config in configs:
+        with torch.device("meta"):
+            probe = type(model)(config)
+        target = probe.state_dict()
+        if all(k in target and target[k].shape == v.shape for k, v in state.items()) and all(
+                k in state or k.endswith(".bias") for k in target):
+            fresh = type(model)(config).to(dtype)
+            full = {k: state[k] if k in state else torch.zeros_like(fresh.state_dict()[k]) for k in target}
+            fresh.load_state_dict(full)
+            return fresh.eval()
+    return None

@@ -23,6 +23,7 @@ copy); ``reference_forward`` is the plain twin, also taken for gradients, other 
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass, field
 from typing import Iterator
 
 import torch
@@ -70,9 +71,8 @@ class CompressedLinear(nn.Module):
         raise NotImplementedError
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self._dense is None and kernels.usable(x, self.kernel_path):
-            return self.fast_forward(x)
-        return self.reference_forward(x)
+        path = kernels.fast_path(x, self.kernel_path) if self._dense is None else None
+        return self.reference_forward(x) if path is None else self.fast_forward(x, path)
 
     def reference_forward(self, x: torch.Tensor) -> torch.Tensor:
         """The plain forward: rebuild the dense weight, one ``F.linear`` (the fast paths' twin)."""
@@ -80,7 +80,8 @@ class CompressedLinear(nn.Module):
         W = self._dense if self._dense is not None else self.dense_weight()  # (out, in)
         return F.linear(x, W.to(x.dtype), b)
 
-    def fast_forward(self, x: torch.Tensor) -> torch.Tensor:
+    def fast_forward(self, x: torch.Tensor, path: str | None = None) -> torch.Tensor:
+        """The kernel forward; ``path``: the resolved `kernels.fast_path` (None: this module's ``kernel_path``)."""
         return self.reference_forward(x)
 
     def build_runtime(self):
@@ -89,11 +90,14 @@ class CompressedLinear(nn.Module):
 
     def runtime(self):
         """The runtime form, rebuilt whenever a buffer was replaced or written since it was built."""
-        key = tuple((t.data_ptr(), t._version, t.device) for t in self.buffers())
+        key = self._buffer_key()
         if key != self._runtime_key:
             self._runtime = self.build_runtime()
-            self._runtime_key = tuple((t.data_ptr(), t._version, t.device) for t in self.buffers())
+            self._runtime_key = self._buffer_key()
         return self._runtime
+
+    def _buffer_key(self) -> tuple:  # changes when a buffer is replaced, written in place or moved
+        return tuple((t.data_ptr(), t._version, t.is_cpu) for t in self._buffers.values() if t is not None)
 
     def resident_bytes(self) -> int:
         """Bytes held in memory: the stored buffers + what the runtime form adds (offsets, N:M bitmask)."""
@@ -374,10 +378,10 @@ class SparseLinear(CompressedLinear):
         pos = unpack_bits(self.indices, index_bits(m), out_f * in_f * n // m).view(out_f, in_f // m, n)
         return kernels.from_nm(self.values, pos, n, m)
 
-    def fast_forward(self, x: torch.Tensor) -> torch.Tensor:
+    def fast_forward(self, x: torch.Tensor, path: str | None = None) -> torch.Tensor:
         if not self.kernel_native():
             return self.reference_forward(x)
-        return kernels.masked_linear(x, self.runtime(), self.bias, self.kernel_path)
+        return kernels.masked_linear(x, self.runtime(), self.bias, path or self.kernel_path)
 
 
 class LowRankLinear(CompressedLinear):
@@ -440,11 +444,11 @@ class LowRankLinear(CompressedLinear):
             self.U, self.V = kernels.colmajor(self.U), kernels.colmajor(self.V)  # same values, same bytes
         return True
 
-    def fast_forward(self, x: torch.Tensor) -> torch.Tensor:
+    def fast_forward(self, x: torch.Tensor, path: str | None = None) -> torch.Tensor:
         if self.storage is not CoefStorage.DTYPE:
             return self.reference_forward(x)
         self.runtime()
-        return kernels.lowrank_linear(x, self.U, self.V, self.bias, self.kernel_path)
+        return kernels.lowrank_linear(x, self.U, self.V, self.bias, path or self.kernel_path)
 
 
 class SparseDictLinear(CompressedLinear):
@@ -506,7 +510,33 @@ class SparseDictLinear(CompressedLinear):
             return None
         return kernels.from_bitmask(masked_buffers(self, self.storage), self.out_features, self.k)
 
-    def fast_forward(self, x: torch.Tensor) -> torch.Tensor:
+    def fast_forward(self, x: torch.Tensor, path: str | None = None) -> torch.Tensor:
         if not self.kernel_native():
             return self.reference_forward(x)
-        return kernels.dict_linear(x, self.D, self.runtime(), self.bias, self.kernel_path)
+        return kernels.dict_linear(x, self.D, self.runtime(), self.bias, path or self.kernel_path)
+
+
+# --- structured pruning: plain narrower nn.Linear layers --------------------------------------------------
+NARROWED = "sparselm_narrowed"  # the attribute of a plain nn.Linear that structured pruning narrowed
+
+
+@dataclass
+class Narrowed:
+    """What structured pruning made of a plain ``nn.Linear`` (kept on it as ``NARROWED``): the dense shape it
+    had, the output ``rows`` / input ``cols`` it kept (None: all), whether the method added its bias, the spec
+    and the method's record. Its stored bytes: `formats.narrow_bytes` of the layer's shape."""
+    dense_shape: tuple[int, int]
+    rows: list[int] | None
+    cols: list[int] | None
+    bias_added: bool = False
+    spec: MethodSpec | None = None
+    info: dict = field(default_factory=dict)
+
+
+def narrowed_of(module: nn.Module) -> Narrowed | None:
+    return getattr(module, NARROWED, None) if isinstance(module, nn.Linear) else None
+
+
+def mark_narrowed(module: nn.Linear, record: Narrowed) -> nn.Linear:
+    setattr(module, NARROWED, record)
+    return module

@@ -10,24 +10,30 @@ inputs of the current window (one tensor per calibration batch) plus the statist
 """
 from __future__ import annotations
 
+import copy
+import dataclasses
 import fnmatch
+import logging
 import math
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator
+from pathlib import Path
+from typing import Any, Callable, Iterator, Protocol
 
 import torch
 from torch import nn
 
-from . import model as adapter
-from .budget import Allocation, Plan, plan_knapsack
-from .capture import LinearStats, record
-from .config import Allocate, CoSpaDiSpec, MethodSpec, Ratio, Recipe
+from . import dist, fidelity, model as adapter
+from .budget import Allocation, Plan, method_errors, plan_knapsack, rescale
+from .capture import LinearStats, activation_store, record
+from .config import Allocate, CoSpaDiSpec, MethodSpec, Ratio, Recipe, StructuredSpec
 from .errors import InputError
+from .metrics import perplexity
 from .methods import Factored, Pruned, Result, SparseDict, compress_group
-from .modules import CompressedLinear, LowRankLinear, SparseDictLinear, SparseLinear, dense_cache
+from .modules import MODULE_CLASSES, CompressedLinear, LowRankLinear, SparseDictLinear, SparseLinear, dense_cache
 from .profile import profile_layer, relative_error
 
+log = logging.getLogger(__name__)
 FORMATS: dict[type, type[CompressedLinear]] = {Pruned: SparseLinear, Factored: LowRankLinear,
                                                SparseDict: SparseDictLinear}  # method result -> its format
 
@@ -106,10 +112,10 @@ def _device_of(model: nn.Module) -> torch.device:
 
 @torch.no_grad()
 def capture_inputs(model: nn.Module, blocks: nn.ModuleList, calib: torch.Tensor, batch_size: int,
-                   device: torch.device) -> BlockInputs:
+                   device: torch.device, store: Callable[[], list] = list) -> BlockInputs:
     """Block 0's hidden states and every block's own keyword arguments, per calibration batch: the model runs
     with stand-ins for its blocks (`model.stand_ins`), so only the embeddings are computed."""
-    inputs = BlockInputs([], [[] for _ in blocks])
+    inputs = BlockInputs(store(), [[] for _ in blocks])
     memo: dict = {}
 
     def seen(i: int, hidden: torch.Tensor, kwargs: dict):
@@ -119,8 +125,10 @@ def capture_inputs(model: nn.Module, blocks: nn.ModuleList, calib: torch.Tensor,
         if i == len(blocks) - 1:
             raise _Stop  # the final norm and head are not needed
 
+    starts = range(0, len(calib), batch_size)
+    dist.check_batches(len(starts))
     with adapter.stand_ins(blocks, seen):
-        for start in range(0, len(calib), batch_size):
+        for start in (starts[b] for b in dist.mine(len(starts))):  # one process: every batch
             ids = calib[start:start + batch_size].to(_device_of(model))
             memo.clear()
             try:
@@ -131,10 +139,34 @@ def capture_inputs(model: nn.Module, blocks: nn.ModuleList, calib: torch.Tensor,
 
 
 @torch.no_grad()
-def run_block(block: nn.Module, hidden: list[torch.Tensor], kwargs: list[dict]) -> list[torch.Tensor]:
-    """The block's outputs per batch (compressed layers rebuild their weight once for all batches)."""
+def run_block(block: nn.Module, hidden: list[torch.Tensor], kwargs: list[dict], out: list | None = None
+              ) -> list[torch.Tensor]:
+    """The block's outputs per batch, appended to ``out`` (a new list by default; `capture.Spilled` keeps them
+    on disk). Compressed layers rebuild their weight once for all batches."""
+    out = [] if out is None else out
     with dense_cache(block):
-        return [adapter.block_output(block(h, **kw)) for h, kw in zip(hidden, kwargs)]
+        for h, kw in zip(hidden, kwargs):
+            out.append(adapter.block_output(block(h, **kw)))
+    return out
+
+
+@torch.no_grad()
+def record_block(block: nn.Module, hidden: list[torch.Tensor], kwargs: list[dict], modules: dict[str, nn.Module],
+                 stats: dict[str, LinearStats], batches: int, out: list | None = None) -> list[torch.Tensor]:
+    """`run_block` recording the inputs of ``modules`` into ``stats``. Several processes: batch by batch, each
+    round's statistics merged across them in one process's batch order (`dist.merge_step`)."""
+    if not dist.active():
+        with record(modules, stats):
+            return run_block(block, hidden, kwargs, out)
+    outs = [] if out is None else out
+    with dense_cache(block):
+        for step in range(dist.steps(batches)):
+            pending: dict[str, LinearStats] = {}
+            if step < len(hidden):
+                with record(modules, pending):
+                    outs.append(adapter.block_output(block(hidden[step], **kwargs[step])))
+            dist.merge_step(stats, pending, list(modules), step, batches)
+    return outs
 
 
 @dataclass
@@ -148,21 +180,38 @@ class Window:
     changed: bool = False  # set by the caller when it swapped layers: the outputs are then computed again
 
 
+class BlockSource(Protocol):
+    """Where the blocks' weights come from when they are not all in memory (`lazy.LazyBlocks`)."""
+    def load(self, index: int) -> None: ...
+    def release(self, indices: list[int], finished: bool) -> None: ...
+
+
 def walk(model: nn.Module, calib: torch.Tensor, names: list[list[str]], device: torch.device, batch_size: int,
-         window: int = 1, start: int = 0) -> Iterator[Window]:
+         window: int = 1, start: int = 0, source: BlockSource | None = None, finished: bool = False,
+         spill: str | Path | None = None) -> Iterator[Window]:
     """The one block walk: windows of ``window`` blocks from block ``start`` on (the blocks before it are only
-    run, to rebuild the inputs: a resumed run); ``names[i]``: the targeted linears of block ``i``."""
+    run, to rebuild the inputs: a resumed run); ``names[i]``: the targeted linears of block ``i``.
+
+    ``source``: the blocks' weights are read when their window starts and released when it ends (``finished``:
+    the blocks are final, as in the compress walk: the source writes them before dropping them). ``spill``: a
+    folder where the calibration activations are kept between blocks instead of memory (`capture.Spilled`)."""
     _, blocks = adapter.find_blocks(model)
-    inputs = capture_inputs(model, blocks, calib, batch_size, device)
+    store = activation_store(spill)
+    inputs = capture_inputs(model, blocks, calib, batch_size, device, store)
+    batches = -(-len(calib) // batch_size)
     hidden = inputs.hidden
 
     def run(idx: list[int], x: list[torch.Tensor]) -> list[torch.Tensor]:
         for i in idx:
-            x = run_block(blocks[i], x, inputs.kwargs[i])
+            x = run_block(blocks[i], x, inputs.kwargs[i], store())
         return x
 
     for first in range(0, len(blocks), window):
         idx = list(range(first, min(first + window, len(blocks))))
+        for i in idx if source else ():
+            source.load(i)
+            if first >= start:  # to be compressed now (a resumed run's earlier blocks are compressed already)
+                adapter.check_finite(model, names[i])
         homes = [_device_of(blocks[i]) for i in idx]
         for i in idx:
             blocks[i].to(device)
@@ -171,12 +220,14 @@ def walk(model: nn.Module, calib: torch.Tensor, names: list[list[str]], device: 
         else:
             win, x = Window(first, idx[-1] + 1, [n for i in idx for n in names[i]], {}), hidden
             for i in idx:
-                with record({n: adapter.get_module(model, n) for n in names[i]}, win.stats):
-                    x = run_block(blocks[i], x, inputs.kwargs[i])
+                x = record_block(blocks[i], x, inputs.kwargs[i], {n: adapter.get_module(model, n) for n in names[i]},
+                                 win.stats, batches, store())
             yield win
             hidden = run(idx, hidden) if win.changed and win.end < len(blocks) else x
         for i, home in zip(idx, homes):
             blocks[i].to(home)
+        if source:
+            source.release(idx, finished)
 
 
 # --- planning ------------------------------------------------------------------------------------------
@@ -226,10 +277,11 @@ def _shares(spec: MethodSpec, rel: str, window: int) -> bool:
 
 @torch.no_grad()
 def profile_options(model: nn.Module, calib: torch.Tensor, names: list[list[str]], specs: list[MethodSpec],
-                    device: torch.device, dtype: torch.dtype, batch_size: int, cache: dict | None):
+                    device: torch.device, dtype: torch.dtype, batch_size: int, cache: dict | None,
+                    source: BlockSource | None = None, spill: str | Path | None = None):
     """Every targeted layer's knapsack options, on dense-propagated inputs; and the dense shapes."""
     options, shapes = {}, {}
-    for win in walk(model, calib, names, device, batch_size):
+    for win in walk(model, calib, names, device, batch_size, source=source, spill=spill):
         for name in win.names:
             W = adapter.linear_weight(adapter.get_module(model, name)).detach().to(device, torch.float32)
             options[name] = profile_layer(W, win.stats[name], specs, dtype=dtype, cache=cache, key=name)
@@ -238,26 +290,117 @@ def profile_options(model: nn.Module, calib: torch.Tensor, names: list[list[str]
 
 
 def make_plan(model: nn.Module, calib: torch.Tensor, recipe: Recipe, device: torch.device, dtype: torch.dtype,
-              batch_size: int = 8, cache: dict | None = None) -> Plan:
+              batch_size: int = 8, cache: dict | None = None, source: BlockSource | None = None,
+              spill: str | Path | None = None) -> Plan:
     """Uniform: every targeted layer gets the recipe's spec. Knapsack: profile every targeted layer
-    (`profile.profile_layer`; ``cache``, see `compress`) and let `budget.plan_knapsack` choose."""
+    (`profile.profile_layer`; ``cache``, see `compress`) and let `budget.plan_knapsack` choose; with several
+    methods, `select_plan` then keeps the best of that plan and the others it scores end to end (the model in
+    memory only). (With a ``source`` the blocks' weights are checked as the walk reads them.)"""
     names = targets(model, recipe)
-    adapter.check_finite(model, [n for block in names for n in block])
-    rows = None
+    if source is None:
+        adapter.check_finite(model, [n for block in names for n in block])
     if recipe.allocate is Allocate.KNAPSACK:
         target = recipe.methods[0].target
         if not isinstance(target, Ratio) or any(s.target != target for s in recipe.methods):
             raise InputError("knapsack allocation needs one --ratio budget shared by all methods",
                              "pass --ratio R (not --sparsity/--pattern) with --allocate knapsack")
         grid = [s.with_target(target) for s in recipe.methods]
-        options, shapes = profile_options(model, calib, names, grid, device, dtype, batch_size, cache)
+        options, shapes = profile_options(model, calib, names, grid, device, dtype, batch_size, cache, source,
+                                          spill)
         dense = sum(o.size for opts in options.values() for o in opts if o.payload is None)
-        rows = plan_knapsack(options, shapes, target.value, (1 - target.value) * dense)
+        budget = (1 - target.value) * dense
+        plan = _plan(model, names, rows=plan_knapsack(options, shapes, target.value, budget))
+        if len({s.name for s in grid}) > 1 and source is not None:
+            log.warning("mixed menu on a lazily loaded model: its candidate plans need the whole model in memory and "
+                        "are not scored; the knapsack plan is used as it is (load the model in memory to compare)")
+        elif len({s.name for s in grid}) > 1:  # a mixed menu: never worse than the best of its methods alone
+            plan = select_plan(model, calib, names, grid, plan, options, shapes, budget, device, dtype, batch_size)
+        return plan
+    return _plan(model, names, specs={n: recipe.methods[0] for block in names for n in block})
+
+
+def _plan(model: nn.Module, names: list[list[str]], specs: dict[str, MethodSpec] | None = None,
+          rows: list[Allocation] | None = None) -> Plan:
+    """The plan of ``specs`` (uniform) or of a knapsack's ``rows`` (layers kept dense are left out)."""
+    if rows is not None:
         specs = {a.layer: a.spec for a in rows if not a.kept_dense}
-    else:
-        specs = {n: recipe.methods[0] for block in names for n in block}
     prefix, _ = adapter.find_blocks(model)
     return Plan(specs, share_sets(specs, names, prefix, window_size(specs.values())), rows)
+
+
+# --- mixed menus: candidate plans scored end to end ---------------------------------------------------
+SELECT_HELD_OUT = 4  # 1/4 of the calibration sequences (at most SELECT_SEQUENCES) score the candidate plans ...
+SELECT_SEQUENCES = 32  # ... which are compressed on the rest: scored out of sample
+
+
+@torch.no_grad()
+def plan_score(reference: nn.Module, compressed: nn.Module, windows: torch.Tensor) -> float:
+    """How good ``compressed`` is end to end on token ``windows`` (lower is better): a causal LM's next-token
+    loss (nats per token: the log of `metrics.perplexity`, what its users measure), an encoder's 1 − cosine of
+    mean-pooled window embeddings to ``reference``'s (`fidelity.compare`)."""
+    if compressed.get_output_embeddings() is not None:
+        return math.log(perplexity(compressed, windows, batch_size=4)["perplexity"])
+    return 1.0 - fidelity.compare(reference, compressed, windows, batch_size=4)["embedding_cosine"]
+
+
+def select_plan(model: nn.Module, calib: torch.Tensor, names: list[list[str]], grid: list[MethodSpec],
+                knapsack: Plan, options, shapes, budget: float, device: torch.device, dtype: torch.dtype,
+                batch_size: int) -> Plan:
+    """The best of several plans for a mixed menu, each applied to a copy of the model and scored end to end
+    (`plan_score` against the dense model on the last quarter of the calibration sequences, at most
+    `SELECT_SEQUENCES`; the candidates are compressed on the other sequences, so the score is out of sample:
+    on the sequences it was fitted to, a method that fits its calibration data closely looks better than it is):
+
+    * the knapsack over every method's options (per-layer errors on dense-propagated inputs);
+    * every method of the menu alone, uniform at the target ratio — so the result is never scored worse than
+      the best single method: the per-layer errors do not see what a method recovers downstream (SparseGPT's
+      sequential compensation, the averaging of pruning errors), and can rank a factorization ahead of
+      pruning where the whole model says the opposite;
+    * the knapsack again with each method's errors multiplied by (its uniform plan's score) / (its uniform
+      plan's summed per-layer errors): per-layer errors converted to each method's measured end-to-end effect.
+
+    Costs one compression per candidate (methods + 2) before the chosen plan is compressed for good; ties keep
+    the earlier candidate (the knapsack first). The plan returned records every candidate's score."""
+    target = grid[0].target.value
+    held = min(SELECT_SEQUENCES, len(calib) // SELECT_HELD_OUT)
+    if held < 1:
+        raise InputError(f"a mixed menu needs at least {SELECT_HELD_OUT} calibration sequences (got {len(calib)})",
+                         "pass more calibration samples (--nsamples)")
+    calib, windows = calib[:-held], calib[-held:]
+
+    def scored(plan: Plan) -> tuple[Plan, float]:
+        """``plan`` applied to a copy of the model and scored; a uniform plan gets allocation rows from what
+        was compressed (real bytes, measured errors). inf when a method cannot compress some layer."""
+        trial = copy.deepcopy(model)
+        try:
+            report = compress(trial, calib, Recipe(methods=(grid[0],)), device, dtype, batch_size, plan=plan)
+        except InputError as e:
+            log.info("mixed menu: a candidate plan does not apply (%s)", e)
+            return plan, math.inf
+        if plan.allocation is None:
+            plan = Plan(plan.specs, plan.sets, [
+                Allocation(la.name, la.spec, float(la.module.weight_bytes(max(len(la.group), 1))), la.rel_error,
+                           la.dense_shape, None) for la in report.layers])
+        return plan, plan_score(model, trial, windows)
+
+    candidates = {"knapsack": scored(knapsack)}
+    for s in grid:
+        candidates[f"uniform {s.name}"] = scored(_plan(model, names, specs={n: s for block in names for n in block}))
+    predicted = method_errors(options, target)
+    scale = {s.name: candidates[f"uniform {s.name}"][1] / predicted[s.name]
+             if 0 < predicted.get(s.name, 0) and math.isfinite(candidates[f"uniform {s.name}"][1]) else 1.0
+             for s in grid}
+    rows = plan_knapsack(rescale(options, scale), shapes, target, budget)
+    rows = [dataclasses.replace(a, predicted_error=a.predicted_error / scale[a.spec.name]) if a.spec else a
+            for a in rows]  # the rows keep the knapsack's unit
+    candidates["knapsack, calibrated"] = scored(_plan(model, names, rows=rows))
+    best = min(candidates, key=lambda label: candidates[label][1])
+    log.info("mixed menu: candidate scores %s; chosen: %s",
+             {label: round(score, 6) for label, (_, score) in candidates.items()}, best)
+    plan = candidates[best][0]
+    plan.selection = [{"candidate": label, "score": score, "chosen": label == best}
+                      for label, (_, score) in candidates.items()]
+    return plan
 
 
 # --- compression ---------------------------------------------------------------------------------------
@@ -290,6 +433,39 @@ def _compress_set(model, names: tuple[str, ...], plan: Plan, stats, device, dtyp
     return out
 
 
+def _compress_window(model, sets: list[tuple[str, ...]], plan: Plan, stats, device, dtype) -> list[LayerResult]:
+    """Compress a window's layer sets in order. Several processes: set ``j`` by rank ``j mod N``, then sent to
+    the others (`_shared`), so that every process holds the whole compressed window."""
+    if not dist.active():
+        return [la for names in sets for la in _compress_set(model, names, plan, stats, device, dtype)]
+    own = {j: _compress_set(model, names, plan, stats, device, dtype) for j, names in enumerate(sets)
+           if j % dist.size() == dist.rank()}
+    return [la for j, names in enumerate(sets) for la in _shared(model, own.get(j), j % dist.size(), device)]
+
+
+def _shared(model, layers: list[LayerResult] | None, owner: int, device) -> list[LayerResult]:
+    """The layers rank ``owner`` compressed, on every rank: its modules rebuilt from their buffers and swapped in
+    (a shared dictionary tied again)."""
+    sent = dist.broadcast(None if layers is None else [
+        (la.name, type(la.module).__name__, la.module.meta(), {b: t.cpu() for b, t in la.module.state_dict().items()},
+         la.module.original, la.module.spec, la.module.info, la.module.group, la.rel_error, la.predicted_error)
+        for la in layers], owner)
+    if layers is not None:
+        return layers
+    out = []
+    for name, cls, meta, state, original, spec, info, group, err, predicted in sent:
+        module = MODULE_CLASSES[cls].empty(meta, {b: [list(t.shape), str(t.dtype).removeprefix("torch.")]
+                                                  for b, t in state.items()})
+        module.load_state_dict(state)
+        module = module.to(device)
+        module.original, module.spec, module.info, module.group = original, spec, info, group
+        adapter.swap(model, name, module)
+        out.append(LayerResult(name, module, err, predicted))
+    if len(out) > 1 and out[0].group:
+        tie_group([la.module for la in out])
+    return out
+
+
 def _check_finite(name: str, module: CompressedLinear, err: float, dtype: torch.dtype) -> None:
     """A compressed layer with inf/NaN (e.g. coefficients beyond float16's range) is an error, never saved."""
     bad = [b for b, t in module.named_buffers() if t.is_floating_point() and not torch.isfinite(t).all()]
@@ -307,7 +483,8 @@ Checkpoint = Callable[[int, list[LayerResult], Plan], None]
 def compress(model: nn.Module, calib: torch.Tensor, recipe: Recipe, device: torch.device, dtype: torch.dtype,
              batch_size: int = 8, progress: Progress | None = None, done: list[LayerResult] | None = None,
              start_block: int = 0, checkpoint: Checkpoint | None = None, profile_cache: dict | None = None,
-             plan: Plan | None = None) -> CompressReport:
+             plan: Plan | None = None, source: BlockSource | None = None,
+             spill: str | Path | None = None) -> CompressReport:
     """Compress ``model`` in place, block by block; ``dtype`` is the dense storage dtype budgets refer to.
 
     ``profile_cache``: a dict that keeps the knapsack's per-layer option tables between calls on the SAME
@@ -315,19 +492,29 @@ def compress(model: nn.Module, calib: torch.Tensor, recipe: Recipe, device: torc
 
     Resuming: the first ``start_block`` blocks are already compressed (their modules swapped in, their
     records in ``done``) by a run that followed ``plan``; they are only run to rebuild the next block's
-    inputs. ``checkpoint(blocks_done, layers, plan)`` is called after every window but the last.
+    inputs. ``source``: the blocks' weights are read block by block (`BlockSource`; a lazily loaded model).
+    ``spill``: a folder that holds the calibration activations between blocks (`capture.Spilled`).
+    ``checkpoint(blocks_done, window_layers, plan)`` is called after every window but the last, with the
+    layers compressed in that window.
     """
+    if isinstance(recipe.methods[0], StructuredSpec):  # whole heads and channels: its own flow
+        if source is not None:
+            raise InputError("structured pruning chooses every block's widths after seeing them all",
+                             "load the model in memory (no lazy loading) for flap / ziplm")
+        from .structured import compress_structured
+        return compress_structured(model, calib, recipe, device, dtype, batch_size, progress)
     t0 = time.perf_counter()
-    plan = plan or make_plan(model, calib, recipe, device, dtype, batch_size, profile_cache)
+    plan = plan or make_plan(model, calib, recipe, device, dtype, batch_size, profile_cache, source, spill)
     prefix, blocks = adapter.find_blocks(model)
     names = [[n for n in plan.specs if n.startswith(adapter.block_prefix(prefix, i))] for i in range(len(blocks))]
     layers: list[LayerResult] = list(done or [])
-    for win in walk(model, calib, names, device, batch_size, window_size(plan.specs.values()), start_block):
-        for group in (s for s in plan.sets if s[0] in win.stats):
-            layers += _compress_set(model, group, plan, win.stats, device, dtype)
-            win.changed = True
+    for win in walk(model, calib, names, device, batch_size, window_size(plan.specs.values()), start_block, source,
+                    finished=True, spill=spill):
+        new = _compress_window(model, [s for s in plan.sets if s[0] in win.stats], plan, win.stats, device, dtype)
+        win.changed = win.changed or bool(new)
+        layers += new
         if checkpoint and win.end < len(blocks):
-            checkpoint(win.end, layers, plan)
+            checkpoint(win.end, new, plan)
         if progress:
             progress(win.end, len(blocks))
     return CompressReport(layers, time.perf_counter() - t0, plan)

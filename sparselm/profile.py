@@ -172,13 +172,17 @@ class _Table:
         energy = float((svd.sigma ** 2).sum())
         opts = []
         for r in ratios:
-            found = []  # (clipped, error, size, spec)
+            sized = []  # (spec, size) of every ks that fits
             for ks in ks_grid:
                 sp = dataclasses.replace(spec, target=Ratio(r), ks=ks)
                 try:
-                    size = rocket_size(r, ks, in_f, out_f, sp.store, self.dtype)
+                    sized.append((sp, rocket_size(r, ks, in_f, out_f, sp.store, self.dtype)))
                 except InputError:
                     continue
+            if any(not size.clipped for _, size in sized):  # a clipped ks is kept only when every ks is clipped:
+                sized = [(sp, size) for sp, size in sized if not size.clipped]  # do not factorize the others
+            found = []  # (clipped, error, size, spec)
+            for sp, size in sized:
                 keep, refill = keep_counts(size, out_f, sp)
                 fac = factorize(svd, size.k, keep, refill, sp.lam)
                 nbytes = formats.dict_bytes(in_f, out_f, size.k, keep * out_f + refill, sp.store, self.dtype)

@@ -23,7 +23,7 @@ _NAME = re.compile(r"^(?P<prefix>.*?)\.(?P<block>\d+)\.(?P<proj>.+)$")
 CSS = ("body{font-family:system-ui,sans-serif;margin:2em;max-width:1200px;color:#222}"
        "table{border-collapse:collapse;margin:1em 0;font-size:13px}td,th{border:1px solid #ccc;padding:3px 8px}"
        "th{background:#f3f3f3;text-align:left}td.n{text-align:right;font-variant-numeric:tabular-nums}"
-       "img{max-width:100%;margin:.5em 0}h2{border-bottom:1px solid #ddd;padding-bottom:.2em}")
+       "div.t{overflow-x:auto}img{max-width:100%;margin:.5em 0}h2{border-bottom:1px solid #ddd;padding-bottom:.2em}")
 
 
 # --- data from the manifest ----------------------------------------------------------------------------
@@ -44,6 +44,12 @@ def layer_rows(manifest: dict) -> list[dict]:
                      "ratio_stored": acc.get("ratio_stored"), "dense_bytes": acc.get("dense_bytes", 0),
                      "stored_bytes": acc.get("stored_bytes", 0), "rel_error": e.get("rel_error"),
                      "predicted_error": e.get("predicted_error"),
+                     "target": _target((e.get("spec") or {}).get("target"))})
+    for name, e in (manifest.get("structured") or {}).items():  # plain layers narrowed by structured pruning
+        acc = e.get("accounting") or {}
+        rows.append({"layer": name, "method": (e.get("spec") or {}).get("method"), "class": "Linear (narrowed)",
+                     "ratio_stored": acc.get("ratio_stored"), "dense_bytes": acc.get("dense_bytes", 0),
+                     "stored_bytes": acc.get("stored_bytes", 0), "rel_error": None, "predicted_error": None,
                      "target": _target((e.get("spec") or {}).get("target"))})
     for a in manifest.get("allocation") or []:
         if a.get("method") == "dense":
@@ -236,7 +242,7 @@ def _cell(v) -> str:
 def table(header: list[str], rows: list[list]) -> str:
     head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
     body = "".join("<tr>" + "".join(_cell(v) for v in row) + "</tr>" for row in rows)
-    return f"<table><tr>{head}</tr>{body}</table>"
+    return f'<div class="t"><table><tr>{head}</tr>{body}</table></div>'
 
 
 def _page(title: str, body: str) -> str:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sparselm import api, io
+from sparselm import api, io, outdir
 from sparselm.config import Allocate, CoSpaDiSpec, Ratio, Recipe, SVDLLMSpec, WandaSpec
 
 
@@ -43,9 +43,9 @@ def test_resume_continues_an_interrupted_run(tiny_llama_dir, tmp_path, name):
     with pytest.raises(Interrupt):
         api.compress_model(str(tiny_llama_dir), recipe, out=str(tmp_path / "cut"), progress=_stop_after_first_block,
                            **common)
-    assert not (tmp_path / "cut").exists() and io.checkpoint_dir(tmp_path / "cut").is_dir()
+    assert not (tmp_path / "cut").exists() and outdir.checkpoint_dir(tmp_path / "cut").is_dir()
     api.compress_model(str(tiny_llama_dir), recipe, out=str(tmp_path / "cut"), resume=True, **common)
-    assert not io.checkpoint_dir(tmp_path / "cut").exists()
+    assert not outdir.checkpoint_dir(tmp_path / "cut").exists()
     ids = torch.randint(0, 300, (2, 32))
     with torch.no_grad():
         a = io.load(tmp_path / "full")(input_ids=ids).logits

@@ -9,7 +9,7 @@ import torch
 from sparselm import api, data, io, pipeline
 from sparselm import model as adapter
 from sparselm.config import DEFAULT_RATIO, MagnitudeSpec, Recipe, SparseGPTSpec, Sparsity
-from sparselm.evaluate import perplexity
+from sparselm.metrics import perplexity
 
 pytestmark = pytest.mark.slow
 CPU = torch.device("cpu")

@@ -83,8 +83,13 @@ def test_wrong_recipe_type_exits_2_naming_the_key(tmp_path):
 def test_every_method_has_the_same_storage_keys_and_the_old_name_still_reads():
     """One storage rule: ``storage`` + ``quant_group`` on every spec, the model dtype by default (gqsa / gptq:
     int4 groups); ``coef_storage`` (the key's name before) is read as ``storage``, both together are an error."""
-    from sparselm.config import SPECS, GPTQSpec, GQSASpec, Storage
+    from sparselm.config import SPECS, GPTQSpec, GQSASpec, Storage, StructuredSpec
     for name, cls in SPECS.items():
+        if issubclass(cls, StructuredSpec):  # plain narrower dense layers: no values to store otherwise
+            assert cls().store == Storage()
+            with pytest.raises(InputError, match="structured pruning keeps plain dense"):
+                cls(storage=CoefStorage.INT8)
+            continue
         default = Storage(CoefStorage.INT4, {"gqsa": 16, "gptq": 128}[name]) if name in ("gqsa", "gptq") else Storage()
         assert cls().store == default, name
         spec = recipe_from_dict({"methods": [{"method": name, "storage": "int8", "quant_group": 64}]}).methods[0]

@@ -88,7 +88,7 @@ def test_scalar_and_simd_gemv_agree(storage):
     h = torch.randn(4, 53)
     ref = h @ mod.coefficients().float()
     for simd in (True, False):
-        torch.testing.assert_close(masked.matmul_gemv(h, rt, simd), ref, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(masked.matmul_gemv(h, rt, simd=simd), ref, rtol=1e-4, atol=1e-4)
 
 
 def test_runtime_follows_buffer_writes():
@@ -150,12 +150,12 @@ def test_gradients_take_the_reference_forward():
 
 
 def test_relaid_factors_save_like_the_originals(tmp_path):
-    from sparselm import io
+    from sparselm import resume
     m = LowRankLinear(torch.randn(8, 3), torch.randn(3, 5))
     m(torch.randn(1, 8))
     from sparselm.budget import Plan
-    io.save_checkpoint(tmp_path / "ck", {"k": 1}, 1, {"l": {}}, {"l": m}, Plan({}, []).to_dict())
-    _, out, _ = io.load_checkpoint(tmp_path / "ck", {"k": 1})
+    resume.save_checkpoint(tmp_path / "ck", {"k": 1}, 1, {"l": {}}, {"l": m}, Plan({}, []).to_dict())
+    _, out, _ = resume.load_checkpoint(tmp_path / "ck", {"k": 1})
     for k, v in m.state_dict().items():
         assert torch.equal(out["l"][0].state_dict()[k], v)
 

@@ -77,7 +77,7 @@ def test_fourteen_bit_values_lose_two_mantissa_bits_only():
 
 
 def test_shared_dictionary_is_charged_once_across_its_users():
-    from sparselm.evaluate import layer_accounting
+    from sparselm.metrics import layer_accounting
     D, S = torch.randn(32, 12), torch.randn(12, 20)
     mask = torch.zeros(12, 20, dtype=torch.bool)
     mask[:6] = True  # 6 of 12 atoms per column

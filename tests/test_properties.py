@@ -19,7 +19,7 @@ from sparselm.capture import LinearStats
 from sparselm.config import (ASVDSpec, CoefStorage, CoSpaDiSpec, MagnitudeSpec, Pattern, Ratio, RocketSpec,
                              SparseGPTSpec, Sparsity, Storage, SVDLLMSpec, SVDSpec, WandaSpec)
 from sparselm.errors import InputError
-from sparselm.evaluate import layer_accounting, totals
+from sparselm.metrics import layer_accounting, totals
 from sparselm.methods import compress_weight
 from sparselm.methods.masks import check_pattern, keep_mask
 from sparselm.methods.omp import omp

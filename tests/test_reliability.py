@@ -350,7 +350,7 @@ def test_leftovers_of_killed_runs_are_removed(ws, tmp_path):
 
 def test_a_stale_checkpoint_is_discarded_without_resume_and_a_corrupt_one_is_refused_with_it(ws, tmp_path):
     out = tmp_path / "o"
-    ckpt = io.checkpoint_dir(out)
+    ckpt = outdir.checkpoint_dir(out)
     ckpt.mkdir()
     (ckpt / "progress.json").write_text("{broken")
     args = ["compress", ws["model"], "--method", "magnitude", "--sparsity", "0.3", "--nsamples", "2", "--seqlen",

@@ -3,7 +3,8 @@
 Each function has the module's plain reference forward as its twin (``module.reference_forward``) and a
 test comparing them (tests/test_kernels.py). Paths and overrides: `policy`. Runtime forms: `masked`.
   * `masked_linear`  Y = X Wᵀ + b for a bitmask-packed W (pruned layers; N:M converted at load).
-  * `lowrank_linear` Y = (X U) V + b; U, V held column-major (`colmajor`) so ``torch.mv`` streams them.
+  * `lowrank_linear` Y = (X U) V + b; U, V held column-major (`colmajor`) so that each factor is a row-major
+    ``(out, in)`` matrix the C++ bf16 GEMV (few tokens) or one GEMM streams.
   * `dict_linear`    Y = (X D) S + b; X·D dense, S through `masked_linear`'s paths.
 CPU only: other devices take the reference forward (`usable`).
 """
@@ -14,28 +15,35 @@ import weakref
 import torch
 import torch.nn.functional as F
 
-from . import masked, policy
+from . import _build, masked, policy
 from ._build import available as extension_available
 from .masked import Masked, from_bitmask, from_nm, scratch_bytes
 
-__all__ = ["Masked", "colmajor", "dict_linear", "extension_available", "from_bitmask", "from_nm",
+__all__ = ["Masked", "colmajor", "dict_linear", "extension_available", "fast_path", "from_bitmask", "from_nm",
            "lowrank_linear", "masked_linear", "policy", "scratch_bytes", "usable"]
 
 
+def fast_path(x: torch.Tensor, module_path: str | None) -> str | None:
+    """The requested path (`policy.requested`) if the fast forwards apply: a CPU input, no gradient wanted
+    through it (the C++ products have no backward) and no request for the reference forward; else None.
+    Modules resolve it once per call and pass it down (the functions below take it as ``module_path``)."""
+    if not x.is_cpu or (x.requires_grad and torch.is_grad_enabled()):
+        return None
+    path = policy.requested(module_path)
+    return None if path == "reference" else path
+
+
 def usable(x: torch.Tensor, module_path: str | None) -> bool:
-    """Whether the fast forwards apply: a CPU input, no gradient wanted through it (the C++ products have no
-    backward) and no request for the reference forward."""
-    if x.device.type != "cpu" or (x.requires_grad and torch.is_grad_enabled()):
-        return False
-    return policy.requested(module_path) != "reference"
+    """Whether the fast forwards apply (see `fast_path`)."""
+    return fast_path(x, module_path) is not None
 
 
-def _product(x2: torch.Tensor, mm: Masked, module_path: str | None) -> torch.Tensor:
-    """``x2 (T, cols) -> (T, rows)`` in x's dtype."""
+def _product(x2: torch.Tensor, mm: Masked, bias: torch.Tensor | None, module_path: str | None) -> torch.Tensor:
+    """``x2 (T, cols) -> (T, rows)`` (+ bias) in x's dtype."""
     path = policy.masked_path(x2.shape[0], module_path)
     if path == "gemv":
-        return masked.matmul_gemv(x2, mm).to(x2.dtype)
-    return masked.matmul_panels(x2, mm, policy.PANEL_ROWS, use_ext=path == "panel").to(x2.dtype)
+        return masked.matmul_gemv(x2, mm, bias)
+    return _bias(masked.matmul_panels(x2, mm, policy.PANEL_ROWS, use_ext=path == "panel").to(x2.dtype), bias)
 
 
 def _bias(y: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -45,34 +53,37 @@ def _bias(y: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
 def masked_linear(x: torch.Tensor, mm: Masked, bias: torch.Tensor | None = None,
                   module_path: str | None = None) -> torch.Tensor:
     """``x (..., in) -> (..., out)`` for W ``(out, in)`` in runtime form ``mm``."""
-    y = _product(x.reshape(-1, mm.cols), mm, module_path)
-    return _bias(y, bias).reshape(*x.shape[:-1], mm.rows)
+    y = _product(x.reshape(-1, mm.cols), mm, bias, module_path)
+    return y.reshape(*x.shape[:-1], mm.rows)
 
 
-def _matvecs(x2: torch.Tensor, At: torch.Tensor) -> torch.Tensor:
-    """``x2 (T, n) @ At.T`` for a contiguous ``At (m, n)``: torch.mv per row when T is tiny, else one GEMM."""
-    if x2.shape[0] == 1 and policy.MV_MAX_TOKENS >= 1:
-        return torch.mv(At, x2[0]).unsqueeze(0)
-    if x2.shape[0] <= policy.MV_MAX_TOKENS:
-        return torch.stack([torch.mv(At, row) for row in x2])
-    return F.linear(x2, At)
+def _dense(x2: torch.Tensor, At: torch.Tensor, bias: torch.Tensor | None, module_path: str | None) -> torch.Tensor:
+    """``x2 (T, n) @ At.T (+ bias)`` for a contiguous ``At (m, n)``: the C++ bf16 GEMV for few tokens, else
+    ``torch.mv`` per token up to `policy.MV_MAX_TOKENS`, else one GEMM."""
+    At = At if At.dtype == x2.dtype else At.to(x2.dtype)
+    if policy.dense_path(x2, At, module_path) == "gemv":
+        return _build.loaded().dense_gemv(x2, At, bias)
+    T = x2.shape[0]
+    if T <= policy.MV_MAX_TOKENS:
+        y = torch.stack([torch.mv(At, row) for row in x2]) if T > 1 else torch.mv(At, x2[0]).unsqueeze(0)
+        return _bias(y, bias)
+    return F.linear(x2, At, None if bias is None else bias.to(x2.dtype))
 
 
 def lowrank_linear(x: torch.Tensor, U: torch.Tensor, V: torch.Tensor, bias: torch.Tensor | None = None,
                    module_path: str | None = None) -> torch.Tensor:
     """``x (..., in) -> (..., out)`` = (x U) V + b, ``U (in, r)``, ``V (r, out)`` (best column-major)."""
-    x2 = x.reshape(-1, U.shape[0])
-    h = _matvecs(x2, (U if U.dtype == x.dtype else U.to(x.dtype)).t())  # (T, r)
-    y = _matvecs(h, (V if V.dtype == x.dtype else V.to(x.dtype)).t())   # (T, out)
-    return _bias(y, bias).reshape(*x.shape[:-1], V.shape[1])
+    h = _dense(x.reshape(-1, U.shape[0]), U.t(), None, module_path)  # (T, r)
+    y = _dense(h, V.t(), bias, module_path)                           # (T, out)
+    return y.reshape(*x.shape[:-1], V.shape[1])
 
 
 def dict_linear(x: torch.Tensor, D: torch.Tensor, mm: Masked, bias: torch.Tensor | None = None,
                 module_path: str | None = None) -> torch.Tensor:
     """``x (..., in) -> (..., out)`` = (x D) S + b, ``D (in, k)``, S given as Sᵀ ``(out, k)`` in form ``mm``."""
-    h = _matvecs(x.reshape(-1, D.shape[0]), (D if D.dtype == x.dtype else D.to(x.dtype)).t())  # (T, k)
-    y = _product(h, mm, module_path)
-    return _bias(y, bias).reshape(*x.shape[:-1], mm.rows)
+    h = _dense(x.reshape(-1, D.shape[0]), D.t(), None, module_path)  # (T, k)
+    y = _product(h, mm, bias, module_path)
+    return y.reshape(*x.shape[:-1], mm.rows)
 
 
 _relaid: dict[int, tuple[weakref.ref, weakref.ref]] = {}

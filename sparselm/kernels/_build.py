@@ -25,22 +25,41 @@ def cache_dir() -> Path:
     return Path(root) / "kernels"
 
 
+# -fopenmp: ATen's parallel_for is a header template that runs serially unless the extension itself is built
+# with OpenMP; the library it links (libgomp.so.1) is the one torch has already loaded (same soname).
+_FLAGS = ["-O3", "-fopenmp"]
+
+
 def _build():
     from torch.utils import cpp_extension
-    digest = hashlib.sha256(_SOURCE.read_bytes() + torch.__version__.encode()).hexdigest()[:12]
+    digest = hashlib.sha256(_SOURCE.read_bytes() + torch.__version__.encode() + " ".join(_FLAGS).encode()
+                            ).hexdigest()[:12]
     name = f"sparselm_masked_{digest}"
     where = cache_dir() / name
     where.mkdir(parents=True, exist_ok=True)
     if not any(where.glob(f"{name}*.so")):
         log.warning("building the sparselm C++ kernels once (about 30 s) into %s", where)
     return cpp_extension.load(name=name, sources=[str(_SOURCE)], build_directory=str(where),
-                              extra_cflags=["-O3"], verbose=False)
+                              extra_cflags=_FLAGS, extra_ldflags=["-fopenmp"],
+                              verbose=False)
+
+
+_UNSET = object()
 
 
 def extension():
     """The compiled module, or None when it cannot be used here (then the torch fallback runs)."""
     if os.environ.get("SPARSELM_KERNELS", "").lower() == "torch":
         return None
+    return loaded()
+
+
+def loaded():
+    """`extension` without reading ``SPARSELM_KERNELS`` (for callers that resolved the path already): the hot
+    path of every fast forward, so no lock once the build was tried."""
+    ext = _state.get("ext", _UNSET)
+    if ext is not _UNSET:
+        return ext
     with _lock:
         if "ext" not in _state:
             try:
@@ -54,3 +73,11 @@ def extension():
 
 def available() -> bool:
     return extension() is not None
+
+
+def simd() -> bool:
+    """Whether the extension's AVX-512 (VBMI2 + BF16) paths run on this CPU (the dense bf16 GEMV needs them)."""
+    if "simd" not in _state:
+        ext = loaded()
+        _state["simd"] = ext is not None and bool(ext.has_avx512())
+    return _state["simd"]

@@ -9,7 +9,8 @@ little-endian within bytes) + the nonzero values in row-major order, as bf16/fp1
 the bitmask built from N:M indices (1 bit per weight) and a float32 copy of an int8 scale.
 
 Three ways to compute the product, all exact up to float rounding:
-  * ``gemv``  C++ (AVX-512 expand-load + FMA, or scalar): reads the compressed bytes once; for few tokens.
+  * ``gemv``  C++ (AVX-512 expand-load + VDPBF16PS/FMA with software prefetch, or scalar): reads the
+    compressed bytes once, rows split over the threads; for few tokens.
   * ``panel`` C++: each thread unpacks cache-sized row panels into its own reused scratch buffer and runs a
     single-threaded dense GEMM on each (one parallel region per call).
   * ``torch`` panels unpacked with torch ops, one GEMM each: the fallback when the extension cannot be built.
@@ -132,7 +133,7 @@ def panel_rows(mm: Masked, rows: int) -> int:
 
 def matmul_panels(x: torch.Tensor, mm: Masked, rows: int, use_ext: bool = True) -> torch.Tensor:
     """``x (T, cols) -> (T, rows)``: unpack row panels, one dense GEMM each (output written in place)."""
-    ext = _build.extension() if use_ext else None
+    ext = _build.loaded() if use_ext else None
     dtype = x.dtype if x.dtype in KIND else torch.float32
     p = panel_rows(mm, rows)
     if ext is not None:
@@ -148,8 +149,7 @@ def matmul_panels(x: torch.Tensor, mm: Masked, rows: int, use_ext: bool = True) 
     return yT.t()
 
 
-def matmul_gemv(x: torch.Tensor, mm: Masked, simd: bool = True) -> torch.Tensor:
-    """``x (T, cols) -> (T, rows)`` float32 through the C++ GEMV (the extension must be available)."""
-    ext = _build.extension()
-    return ext.masked_gemv(x.contiguous() if x.dtype == torch.bfloat16 else x.float().contiguous(), mm.mask, mm.offsets, mm.values, mm.kind, mm.scale,
-                           mm.rows, mm.cols, simd)
+def matmul_gemv(x: torch.Tensor, mm: Masked, bias: torch.Tensor | None = None, simd: bool = True) -> torch.Tensor:
+    """``x (T, cols) -> (T, rows)`` (+ bias) in x's dtype through the C++ GEMV (the extension must be available)."""
+    return _build.loaded().masked_gemv(x, mm.mask, mm.offsets, mm.values, mm.kind, mm.scale, bias, mm.rows,
+                                          mm.cols, simd)

@@ -1,6 +1,6 @@
 """Which path a compressed layer's forward takes, from the token count and measured thresholds.
 
-Paths: ``gemv`` (C++ bitmask GEMV, reads the compressed bytes once), ``panel`` (C++ unpack into cache-sized
+Paths: ``gemv`` (C++ bitmask GEMV, reads the compressed bytes once; for dense factors a C++ bf16 GEMV), ``panel`` (C++ unpack into cache-sized
 panels + dense GEMM), ``torch`` (the same panels unpacked with torch ops; no compiler needed) and
 ``reference`` (the module's plain forward: rebuilds the dense weight).
 
@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import os
 
+import torch
+
 from . import _build
 from ..errors import InputError
 
@@ -19,8 +21,12 @@ PATHS = ("auto", "gemv", "panel", "torch", "reference")
 # up to this many tokens the GEMV beats unpack + GEMM (crossover in docs/benchmarks/kernels.md: 4-8 tokens
 # at 2048x8192 and 4096x14336, bf16, 1-2 threads)
 GEMV_MAX_TOKENS = 6
-# low rank: torch.mv per token beats one GEMM up to this many tokens (bf16 GEMM at M=1..2 is slow)
-MV_MAX_TOKENS = 1
+# dense factors (low rank, dictionaries) in bf16: the C++ GEMV beats torch.mv and F.linear up to this many
+# tokens (docs/benchmarks/kernels.md, "dense factors")
+DENSE_GEMV_MAX_TOKENS = 4
+# without the C++ GEMV: torch.mv per token instead of one GEMM up to this many tokens (0: F.linear always;
+# on the AMD EPYC measured last, F.linear at M=1 streams bf16 ~2-3x faster than torch.mv)
+MV_MAX_TOKENS = 0
 # rows per unpacked panel (each feeds one GEMM of M = rows): 256 measured best at 2048..14336 inputs, 512
 # tokens (64-row panels were 1.7-2.6x slower, 512 rows lost the cache); fewer when a layer has few rows
 # so that every thread gets a panel
@@ -28,6 +34,7 @@ PANEL_ROWS = 256
 
 
 def requested(module_path: str | None) -> str:
+    """The requested path: ``module_path`` (a module's ``kernel_path``) if set, else ``SPARSELM_KERNELS``."""
     path = module_path or os.environ.get("SPARSELM_KERNELS", "auto").lower() or "auto"
     if path not in PATHS:
         raise InputError(f"kernel path {path!r} (module kernel_path or SPARSELM_KERNELS)",
@@ -35,13 +42,20 @@ def requested(module_path: str | None) -> str:
     return path
 
 
+def dense_path(x2: torch.Tensor, weight: torch.Tensor, module_path: str | None = None) -> str:
+    """``gemv`` (C++ bf16 GEMV) or ``torch`` for a dense factor product ``x2 (T, n) @ weight.T``."""
+    if requested(module_path) == "torch" or not (x2.dtype == weight.dtype == torch.bfloat16):
+        return "torch"
+    if x2.shape[0] > DENSE_GEMV_MAX_TOKENS or not weight.is_contiguous() or not _build.simd():
+        return "torch"
+    return "gemv"
+
+
 def masked_path(tokens: int, module_path: str | None = None) -> str:
     """The path for a bitmask product over ``tokens`` rows of input."""
     path = requested(module_path)
-    if path in ("gemv", "panel") and not _build.available():
+    if path == "torch" or _build.loaded() is None:
         return "torch"
     if path != "auto":
         return path
-    if not _build.available():
-        return "torch"
     return "gemv" if tokens <= GEMV_MAX_TOKENS else "panel"

@@ -18,7 +18,7 @@ import torch
 
 from .. import formats
 from ..capture import LinearStats
-from ..config import CoefStorage, MethodSpec, Pattern, Storage
+from ..config import CoefStorage, MethodSpec, Pattern, PruneSpec, Refine, Storage
 from ..packing import QParams, block_groups, masked_groups, round_grouped
 
 
@@ -137,8 +137,19 @@ def compress_group(spec: MethodSpec, weights: list[torch.Tensor], stats: list[Li
     if kind in _GROUPED:
         return _GROUPED[kind](weights, stats, spec, dtype)
     if kind in _PER_LAYER:
-        return [_PER_LAYER[kind](w, s, spec, dtype) for w, s in zip(weights, stats)]
+        results = [_PER_LAYER[kind](w, s, spec, dtype) for w, s in zip(weights, stats)]
+        if isinstance(spec, PruneSpec) and spec.refine is not Refine.NONE:
+            exact = spec.refine is Refine.DSNOT
+            results = [refine_dsnot(w, r, s, exact) for w, r, s in zip(weights, results, stats)]
+        return results
     raise KeyError(f"no implementation registered for {kind.__name__}")
+
+
+def refine_dsnot(W: torch.Tensor, result: Pruned, stats: LinearStats | None, exact: bool = True) -> Pruned:
+    """A pruning result with its mask refined by DSnoT (same nonzeros per row, same pattern), in the same storage
+    (values a method had rounded in its sweep are rounded to nearest again: the swaps changed them)."""
+    weight, mask, info = dsnot.dsnot(W, result.weight, result.mask, stats, result.pattern, exact=exact)
+    return Pruned(weight, mask, result.pattern, {**result.info, **info}, result.store)
 
 
 def compress_weight(spec: MethodSpec, W: torch.Tensor, stats: LinearStats | None, dtype: torch.dtype) -> Result:
@@ -146,4 +157,4 @@ def compress_weight(spec: MethodSpec, W: torch.Tensor, stats: LinearStats | None
     return compress_group(spec, [W], [stats], dtype)[0]
 
 
-from . import cospadi, gqsa, lowrank, magnitude, rocket, sparsegpt, wanda  # noqa: E402,F401  (they register themselves)
+from . import cospadi, dsnot, gqsa, lowrank, magnitude, rocket, sparsegpt, wanda  # noqa: E402,F401  (they register themselves)

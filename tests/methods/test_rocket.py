@@ -63,6 +63,17 @@ def test_two_stage_mask_hand_example():
     assert mask.tolist() == [[False, False], [False, True], [True, True]]
 
 
+@pytest.mark.parametrize("lam", [0.0, 0.5])
+def test_mask_from_the_one_order_equals_topk(lam):
+    _, W, stats = correlated()
+    svd = whitened_svd(W, stats)  # m = 24
+    for k, keep, refill in ((24, 12, 3), (17, 8, 0), (9, 1, 5), (5, 5, 0)):
+        C, norms = svd.coeffs[:k], svd.atom_norms(k)
+        fast = sparse_mask(C, norms, keep, refill, lam, svd.order(lam))
+        assert torch.equal(fast, sparse_mask(C, norms, keep, refill, lam))
+        assert int(fast.sum()) == keep * C.shape[1] + refill
+
+
 def test_result_shapes_and_info():
     X, W, stats = correlated()
     res = compress_weight(RocketSpec(Ratio(0.4), ks=2.0), W, stats, torch.float32)
@@ -106,8 +117,12 @@ def test_refit_never_worse_than_basis(seed):
         assert torch.equal(with_refit.mask, without.mask)
         assert with_refit.error <= without.error
         # closed form of the no-refit error = direct evaluation
-        direct = float((svd.WL - without.D @ without.C).pow(2).sum())
-        assert without.error == pytest.approx(direct, rel=1e-9)
+        direct = float((svd.WL - without.D @ without.C.double()).pow(2).sum())
+        assert without.error == pytest.approx(direct, rel=1e-6)  # C_s in float32 (rocket.WORK)
+        # closed form of the refit's residual (no (in, k) x (k, out) product) = direct evaluation
+        if with_refit.refit:
+            direct = float((svd.WL - with_refit.D.double() @ with_refit.C.double()).pow(2).sum())
+            assert with_refit.error == pytest.approx(direct, rel=1e-5)
         if ks > 1:
             assert with_refit.refit and with_refit.error < 0.99 * without.error
 

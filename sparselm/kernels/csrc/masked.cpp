@@ -5,7 +5,8 @@
 // i.e. the index of row r's first value. Value kinds: 0 bf16, 1 fp16, 2 fp32, 3 int8 (times a per-row
 // scale), 4 bf16 packed in 14 bits (the saved `values14` buffer, decoded in registers).
 //
-//   masked_gemv(x (T, cols) f32, ...)        -> (T, rows) f32    Y = X Mᵀ, decode (T small)
+//   masked_gemv(x (T, cols), ..., bias)     -> (T, rows) x's dtype   Y = X Mᵀ + b, decode (T small)
+//   dense_gemv(x (T, cols) bf16, W, bias)   -> (T, rows) bf16        Y = X Wᵀ + b, dense factors at decode
 //   masked_unpack(..., r0, r1, out (r1-r0, cols) bf16|f16|f32)   dense rows of M, for prefill panels
 //
 // Each has an AVX-512 path (VBMI2 expand-load of the values under 32 mask bits at a time, fp32 FMA)
@@ -66,21 +67,16 @@ inline float value_at(const Masked& m, int64_t i) {
 }
 
 // ---- scalar ------------------------------------------------------------------------------------
-void gemv_rows_scalar(const Masked& m, const float* x, int64_t T, float* y, int64_t r0, int64_t r1) {
-  std::vector<float> acc(T);
-  for (int64_t r = r0; r < r1; r++) {
-    std::fill(acc.begin(), acc.end(), 0.f);
-    int64_t idx = m.offsets[r], bit = r * m.cols;
-    for (int64_t c = 0; c < m.cols; c += 32) {
-      int n = int(std::min<int64_t>(32, m.cols - c));
-      for (uint32_t w = read_bits(m, bit + c, n); w; w &= w - 1) {
-        int64_t col = c + __builtin_ctz(w);
-        float v = value_at(m, idx++);
-        for (int64_t t = 0; t < T; t++) acc[t] += v * x[t * m.cols + col];
-      }
+void gemv_rows_scalar(const Masked& m, const float* x, int64_t T, float* acc, int64_t r) {
+  std::fill(acc, acc + T, 0.f);
+  int64_t idx = m.offsets[r], bit = r * m.cols;
+  for (int64_t c = 0; c < m.cols; c += 32) {
+    int n = int(std::min<int64_t>(32, m.cols - c));
+    for (uint32_t w = read_bits(m, bit + c, n); w; w &= w - 1) {
+      int64_t col = c + __builtin_ctz(w);
+      float v = value_at(m, idx++);
+      for (int64_t t = 0; t < T; t++) acc[t] += v * x[t * m.cols + col];
     }
-    float s = m.scale ? m.scale[r] : 1.f;
-    for (int64_t t = 0; t < T; t++) y[t * m.rows + r] = acc[t] * s;
   }
 }
 
@@ -135,105 +131,138 @@ SPARSELM_AVX512 inline __m512i p14_load32(const Masked& m, int64_t i) {
   return _mm512_slli_epi16(_mm512_and_si512(v, _mm512_set1_epi16(0x3FFF)), 2);
 }
 
-// the 32 weights of columns c..c+31 under mask word w (zeros where unset), as two fp32 vectors
+// the 32 weights of columns c..c+31 under mask word w (zeros where unset), as two fp32 vectors. K is the
+// value kind as a compile-time constant: a run-time switch here let the compiler hoist the other kinds'
+// loads out of their branches (an extra stream at the wrong addresses: 10x slower decode, measured).
+template <int K>
+SPARSELM_AVX512 inline void decode32_k(const Masked& m, int64_t idx, uint32_t w, __m512& lo, __m512& hi) {
+  if constexpr (K == BF16 || K == FP16) {
+    __m512i v = _mm512_maskz_expandloadu_epi16(w, static_cast<const uint16_t*>(m.values) + idx);
+    __m256i a = _mm512_castsi512_si256(v), b = _mm512_extracti64x4_epi64(v, 1);
+    if constexpr (K == BF16) { lo = bf16x16_to_ps(a); hi = bf16x16_to_ps(b); }
+    else { lo = _mm512_cvtph_ps(a); hi = _mm512_cvtph_ps(b); }
+  } else if constexpr (K == FP32) {
+    const float* f = static_cast<const float*>(m.values) + idx;
+    lo = _mm512_maskz_expandloadu_ps(__mmask16(w), f);
+    hi = _mm512_maskz_expandloadu_ps(__mmask16(w >> 16), f + _mm_popcnt_u32(w & 0xFFFF));
+  } else if constexpr (K == INT8) {
+    __m256i b = _mm256_maskz_expandloadu_epi8(w, static_cast<const int8_t*>(m.values) + idx);
+    lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(b)));
+    hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_extracti128_si256(b, 1)));
+  } else {
+    __m512i v = _mm512_maskz_expand_epi16(w, p14_load32(m, idx));
+    lo = bf16x16_to_ps(_mm512_castsi512_si256(v)); hi = bf16x16_to_ps(_mm512_extracti64x4_epi64(v, 1));
+  }
+}
+
 SPARSELM_AVX512 inline void decode32(const Masked& m, int64_t idx, uint32_t w, __m512& lo, __m512& hi) {
   switch (m.kind) {
-    case BF16: case FP16: {
-      __m512i v = _mm512_maskz_expandloadu_epi16(w, static_cast<const uint16_t*>(m.values) + idx);
-      __m256i a = _mm512_castsi512_si256(v), b = _mm512_extracti64x4_epi64(v, 1);
-      if (m.kind == BF16) { lo = bf16x16_to_ps(a); hi = bf16x16_to_ps(b); }
-      else { lo = _mm512_cvtph_ps(a); hi = _mm512_cvtph_ps(b); }
-      break;
-    }
-    case FP32: {
-      const float* f = static_cast<const float*>(m.values) + idx;
-      lo = _mm512_maskz_expandloadu_ps(__mmask16(w), f);
-      hi = _mm512_maskz_expandloadu_ps(__mmask16(w >> 16), f + _mm_popcnt_u32(w & 0xFFFF));
-      break;
-    }
-    case INT8: {
-      __m256i b = _mm256_maskz_expandloadu_epi8(w, static_cast<const int8_t*>(m.values) + idx);
-      lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(b)));
-      hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_extracti128_si256(b, 1)));
-      break;
-    }
-    default: {
-      __m512i v = _mm512_maskz_expand_epi16(w, p14_load32(m, idx));
-      lo = bf16x16_to_ps(_mm512_castsi512_si256(v)); hi = bf16x16_to_ps(_mm512_extracti64x4_epi64(v, 1));
-    }
+    case BF16: decode32_k<BF16>(m, idx, w, lo, hi); break;
+    case FP16: decode32_k<FP16>(m, idx, w, lo, hi); break;
+    case FP32: decode32_k<FP32>(m, idx, w, lo, hi); break;
+    case INT8: decode32_k<INT8>(m, idx, w, lo, hi); break;
+    default: decode32_k<P14>(m, idx, w, lo, hi);
   }
 }
 
-template <int TT>
-SPARSELM_AVX512 void gemv_rows_avx(const Masked& m, const float* x, float* y, int64_t r0, int64_t r1) {
-  for (int64_t r = r0; r < r1; r++) {
-    __m512 acc[TT];
-    for (int t = 0; t < TT; t++) acc[t] = _mm512_setzero_ps();
-    int64_t idx = m.offsets[r], bit = r * m.cols;
-    for (int64_t c = 0; c < m.cols; c += 32) {
-      int n = int(std::min<int64_t>(32, m.cols - c));
-      uint32_t w = read_bits(m, bit + c, n);
+// Decode reads each row's mask and values once, front to back. The hardware prefetcher does not keep up
+// with these data-dependent streams (a value address is known only after the mask word's popcount), so
+// each chunk prefetches its row's values and mask a few KiB ahead; measured on the project's CPU this
+// doubles the bytes/s (docs/benchmarks/kernels.md).
+constexpr int64_t kPrefetchBytes = 4096;
+
+template <int K> constexpr int64_t value_byte(int64_t i) {
+  return K == FP32 ? 4 * i : (K == INT8 ? i : (K == P14 ? (14 * i) >> 3 : 2 * i));
+}
+
+// a prefetch hint at base + off (never faults, so no bounds check; integer arithmetic, no pointer past the end)
+inline void prefetch_at(const void* base, int64_t off) {
+  __builtin_prefetch(reinterpret_cast<const void*>(reinterpret_cast<uintptr_t>(base) + uintptr_t(off)), 0, 3);
+}
+
+// One row of Y = X Mᵀ for TT tokens: U chunks of 32 columns in flight (independent accumulators hide the
+// FMA / dot-product latency). DP: bf16 values (plain or 14-bit) against bf16 x with VDPBF16PS; otherwise
+// the values are decoded to fp32 and FMA'd against fp32 x. Any cols (the last chunk is masked).
+template <int U, int TT, int K, bool DP>
+SPARSELM_AVX512 inline void gemv_row(const Masked& m, const void* xv, int64_t r, float (&out)[TT]) {
+  const int64_t nchunks = (m.cols + 31) / 32;
+  const bool aligned = m.cols % 32 == 0;
+  int64_t idx = m.offsets[r];
+  const int64_t bit = r * m.cols;
+  __m512 acc[U][TT];
+  for (int u = 0; u < U; u++) for (int t = 0; t < TT; t++) acc[u][t] = _mm512_setzero_ps();
+  for (int64_t c0 = 0; c0 < nchunks; c0 += U) {
+    for (int u = 0; u < U; u++) {
+      const int64_t c = c0 + u;
+      if (c >= nchunks) break;
+      const int64_t col = 32 * c;
+      const int n = int(std::min<int64_t>(32, m.cols - col));
+      uint32_t w;
+      if (aligned) std::memcpy(&w, m.mask + ((bit + col) >> 3), 4);
+      else w = read_bits(m, bit + col, n);
+      prefetch_at(m.values, value_byte<K>(idx) + kPrefetchBytes);  // this row's values, 4 KiB ahead
+      if (u == 0) prefetch_at(m.mask, ((bit + col) >> 3) + 512);   // its mask (one line per U chunks)
       if (!w) continue;
-      __m512 lo, hi;
-      decode32(m, idx, w, lo, hi);
+      if constexpr (DP) {
+        const uint16_t* x = static_cast<const uint16_t*>(xv);
+        __m512i v;
+        if constexpr (K == P14) v = _mm512_maskz_expand_epi16(w, p14_load32(m, idx));
+        else v = _mm512_maskz_expandloadu_epi16(w, static_cast<const uint16_t*>(m.values) + idx);
+        __mmask32 k = n >= 32 ? ~__mmask32(0) : __mmask32((1u << n) - 1);
+        for (int t = 0; t < TT; t++) {
+          __m512i xt = _mm512_maskz_loadu_epi16(k, x + t * m.cols + col);
+          acc[u][t] = _mm512_dpbf16_ps(acc[u][t], (__m512bh)v, (__m512bh)xt);
+        }
+      } else {
+        const float* x = static_cast<const float*>(xv);
+        __m512 lo, hi;
+        decode32_k<K>(m, idx, w, lo, hi);
+        __mmask16 klo = n >= 16 ? 0xFFFF : __mmask16((1u << n) - 1);
+        __mmask16 khi = n >= 32 ? 0xFFFF : (n <= 16 ? 0 : __mmask16((1u << (n - 16)) - 1));
+        for (int t = 0; t < TT; t++) {
+          const float* xt = x + t * m.cols + col;
+          acc[u][t] = _mm512_fmadd_ps(lo, _mm512_maskz_loadu_ps(klo, xt), acc[u][t]);
+          acc[u][t] = _mm512_fmadd_ps(hi, _mm512_maskz_loadu_ps(khi, xt + 16), acc[u][t]);
+        }
+      }
       idx += _mm_popcnt_u32(w);
-      __mmask16 klo = n >= 16 ? 0xFFFF : __mmask16((1u << n) - 1);
-      __mmask16 khi = n >= 32 ? 0xFFFF : (n <= 16 ? 0 : __mmask16((1u << (n - 16)) - 1));
+    }
+  }
+  for (int t = 0; t < TT; t++) {
+    __m512 s = acc[0][t];
+    for (int u = 1; u < U; u++) s = _mm512_add_ps(s, acc[u][t]);
+    out[t] = _mm512_reduce_add_ps(s);
+  }
+}
+
+// Dense rows: W (rows, cols) row-major bf16 against bf16 x, U chunks in flight, prefetching the row ahead.
+template <int U, int TT>
+SPARSELM_AVX512 inline void dense_row(const uint16_t* W, int64_t cols, const uint16_t* x, int64_t r,
+                                      float (&out)[TT]) {
+  const uint16_t* w = W + r * cols;
+  __m512 acc[U][TT];
+  for (int u = 0; u < U; u++) for (int t = 0; t < TT; t++) acc[u][t] = _mm512_setzero_ps();
+  const int64_t nchunks = (cols + 31) / 32;
+  for (int64_t c0 = 0; c0 < nchunks; c0 += U) {
+    for (int u = 0; u < U; u++) {
+      const int64_t c = c0 + u;
+      if (c >= nchunks) break;
+      const int64_t col = 32 * c;
+      const int n = int(std::min<int64_t>(32, cols - col));
+      if (u % 2 == 0) prefetch_at(w, 2 * col + kPrefetchBytes);
+      __mmask32 k = n >= 32 ? ~__mmask32(0) : __mmask32((1u << n) - 1);
+      __m512i v = _mm512_maskz_loadu_epi16(k, w + col);
       for (int t = 0; t < TT; t++) {
-        const float* xt = x + t * m.cols + c;
-        acc[t] = _mm512_fmadd_ps(lo, _mm512_maskz_loadu_ps(klo, xt), acc[t]);
-        acc[t] = _mm512_fmadd_ps(hi, _mm512_maskz_loadu_ps(khi, xt + 16), acc[t]);
+        __m512i xt = _mm512_maskz_loadu_epi16(k, x + t * cols + col);
+        acc[u][t] = _mm512_dpbf16_ps(acc[u][t], (__m512bh)v, (__m512bh)xt);
       }
     }
-    float s = m.scale ? m.scale[r] : 1.f;
-    for (int t = 0; t < TT; t++) y[t * m.rows + r] = _mm512_reduce_add_ps(acc[t]) * s;
   }
-}
-
-// bf16 values (plain or 14-bit) against bf16 x: VDPBF16PS on the expanded values. NR rows at once
-// (compile-time, so accumulators and value cursors stay in registers) so that their popcount chains and
-// dot-product latencies overlap. Rows need not start on a mask word (any cols); the tail chunk is masked.
-template <int NR, int TT>
-SPARSELM_AVX512 inline void dp_chunk(const Masked& m, const uint16_t* x, int64_t c, int n, bool aligned,
-                                     const int64_t (&rowbit)[NR], int64_t (&idx)[NR], __m512 (&acc)[NR][TT]) {
-  __mmask32 k = n >= 32 ? ~__mmask32(0) : __mmask32((1u << n) - 1);
-  __m512i xv[TT];
-  for (int t = 0; t < TT; t++)
-    xv[t] = n == 32 ? _mm512_loadu_si512(x + t * m.cols + c) : _mm512_maskz_loadu_epi16(k, x + t * m.cols + c);
-  for (int j = 0; j < NR; j++) {
-    uint32_t w;
-    if (aligned) std::memcpy(&w, m.mask + ((rowbit[j] + c) >> 3), 4);
-    else w = read_bits(m, rowbit[j] + c, n);
-    __m512i v = m.kind == P14 ? _mm512_maskz_expand_epi16(w, p14_load32(m, idx[j]))
-                              : _mm512_maskz_expandloadu_epi16(w, static_cast<const uint16_t*>(m.values) + idx[j]);
-    idx[j] += _mm_popcnt_u32(w);
-    for (int t = 0; t < TT; t++) acc[j][t] = _mm512_dpbf16_ps(acc[j][t], (__m512bh)v, (__m512bh)xv[t]);
+  for (int t = 0; t < TT; t++) {
+    __m512 s = acc[0][t];
+    for (int u = 1; u < U; u++) s = _mm512_add_ps(s, acc[u][t]);
+    out[t] = _mm512_reduce_add_ps(s);
   }
-}
-
-template <int NR, int TT>
-SPARSELM_AVX512 inline void dpbf16_block(const Masked& m, const uint16_t* x, float* y, int64_t r) {
-  const int64_t full = m.cols / 32;
-  const int tail = int(m.cols % 32);
-  const bool aligned = tail == 0;
-  __m512 acc[NR][TT];
-  int64_t idx[NR], rowbit[NR];
-  for (int j = 0; j < NR; j++) {
-    for (int t = 0; t < TT; t++) acc[j][t] = _mm512_setzero_ps();
-    idx[j] = m.offsets[r + j]; rowbit[j] = (r + j) * m.cols;
-  }
-  for (int64_t c = 0; c < full; c++) dp_chunk<NR, TT>(m, x, 32 * c, 32, aligned, rowbit, idx, acc);
-  if (tail) dp_chunk<NR, TT>(m, x, 32 * full, tail, false, rowbit, idx, acc);
-  for (int j = 0; j < NR; j++)
-    for (int t = 0; t < TT; t++) y[t * m.rows + r + j] = _mm512_reduce_add_ps(acc[j][t]);
-}
-
-template <int TT>
-SPARSELM_AVX512 void gemv_rows_dpbf16(const Masked& m, const uint16_t* x, float* y, int64_t r0, int64_t r1) {
-  constexpr int NR = TT <= 2 ? 4 : 2;
-  int64_t r = r0;
-  for (; r + NR <= r1; r += NR) dpbf16_block<NR, TT>(m, x, y, r);
-  for (; r < r1; r++) dpbf16_block<1, TT>(m, x, y, r);
 }
 
 template <typename OutT>
@@ -315,31 +344,113 @@ void token_blocks(int64_t T, F&& f) {  // f(t0, std::integral_constant<int, tt>)
   }
 }
 
+// chunks in flight per row for a block of TT tokens (TT·U accumulators stay in registers)
+template <int TT> constexpr int unroll() { return TT == 1 ? 4 : (TT == 2 ? 2 : 1); }
+
+// Below this many weight bytes one thread does the whole product: waking the second thread costs more
+// than it saves (k/v projections at decode; docs/benchmarks/kernels.md).
+constexpr int64_t kSerialBytes = 192 * 1024;
+
+// writes row r's results for tokens t0..t0+TT-1 into y (T, rows) of dtype `st`: acc·scale + bias
+struct Store {
+  void* y; torch::ScalarType st; int64_t rows; const float* bias;
+  void operator()(int64_t t, int64_t r, float v, float scale) const {
+    v = v * scale + (bias ? bias[r] : 0.f);
+    int64_t i = t * rows + r;
+    if (st == torch::kBFloat16) static_cast<c10::BFloat16*>(y)[i] = c10::BFloat16(v);
+    else if (st == torch::kHalf) static_cast<c10::Half*>(y)[i] = c10::Half(v);
+    else static_cast<float*>(y)[i] = v;
+  }
+};
+
+torch::Tensor out_like(const torch::Tensor& x, int64_t T, int64_t rows) {
+  return torch::empty({T, rows}, x.options());
+}
+
+c10::optional<torch::Tensor> float_bias(const c10::optional<torch::Tensor>& bias, int64_t rows) {
+  if (!bias.has_value()) return c10::nullopt;
+  TORCH_CHECK(bias->numel() == rows, "bias: (rows,)");
+  return bias->to(torch::kFloat32).contiguous();
+}
+
+// Y = X Mᵀ (+ bias) in x's dtype for few tokens: each row's compressed bytes are read once.
 torch::Tensor masked_gemv(torch::Tensor x, torch::Tensor mask, torch::Tensor offsets, torch::Tensor values,
-                          int64_t kind, c10::optional<torch::Tensor> scale, int64_t rows, int64_t cols,
-                          bool simd) {
-  TORCH_CHECK(x.dim() == 2 && x.size(1) == cols && x.is_contiguous(), "x: contiguous (T, cols)");
+                          int64_t kind, c10::optional<torch::Tensor> scale, c10::optional<torch::Tensor> bias,
+                          int64_t rows, int64_t cols, bool simd) {
+  TORCH_CHECK(x.dim() == 2 && x.size(1) == cols, "x: (T, cols)");
+  auto st = x.scalar_type();
+  TORCH_CHECK(st == torch::kFloat32 || st == torch::kBFloat16 || st == torch::kHalf, "x dtype");
   Masked m = view(mask, offsets, values, kind, scale, rows, cols);
-  int64_t T = x.size(0);
-  bool avx = simd && cpu_has_avx512();
-  bool dp = avx && x.scalar_type() == torch::kBFloat16 && (kind == BF16 || kind == P14);
-  if (!dp) x = x.to(torch::kFloat32);
-  auto y = torch::empty({T, rows}, x.options().dtype(torch::kFloat32));
-  float* yp = y.data_ptr<float>();
-  at::parallel_for(0, rows, 16, [&](int64_t b, int64_t e) {
-    if (dp) {
-      auto xp = reinterpret_cast<const uint16_t*>(x.data_ptr<c10::BFloat16>());
-      token_blocks(T, [&](int64_t t0, auto tt) {
-        gemv_rows_dpbf16<decltype(tt)::value>(m, xp + t0 * cols, yp + t0 * rows, b, e);
-      });
-    } else if (avx) {
-      const float* xp = x.data_ptr<float>();
-      token_blocks(T, [&](int64_t t0, auto tt) {
-        gemv_rows_avx<decltype(tt)::value>(m, xp + t0 * cols, yp + t0 * rows, b, e);
-      });
-    } else {
-      gemv_rows_scalar(m, x.data_ptr<float>(), T, yp, b, e);
+  const int64_t T = x.size(0);
+  const bool avx = simd && cpu_has_avx512();
+  const bool dp = avx && st == torch::kBFloat16 && (kind == BF16 || kind == P14);
+  auto xin = dp ? x.contiguous() : x.to(torch::kFloat32).contiguous();
+  auto y = out_like(x, T, rows);
+  auto b = float_bias(bias, rows);
+  Store store{y.data_ptr(), st, rows, b.has_value() ? b->data_ptr<float>() : nullptr};
+  const int64_t grain = m.mask_bytes + m.value_bytes < kSerialBytes ? rows : 16;
+  at::parallel_for(0, rows, grain, [&](int64_t r0, int64_t r1) {
+    if (!avx) {
+      std::vector<float> acc(T);
+      const float* xp = xin.data_ptr<float>();
+      for (int64_t r = r0; r < r1; r++) {
+        gemv_rows_scalar(m, xp, T, acc.data(), r);
+        for (int64_t t = 0; t < T; t++) store(t, r, acc[t], m.scale ? m.scale[r] : 1.f);
+      }
+      return;
     }
+    token_blocks(T, [&](int64_t t0, auto tt) {
+      constexpr int TT = decltype(tt)::value;
+      auto rows_of = [&](auto k, auto dpc) {
+        constexpr int K = decltype(k)::value;
+        constexpr bool DP = decltype(dpc)::value;
+        const void* xp = DP ? static_cast<const void*>(xin.data_ptr<c10::BFloat16>() + t0 * cols)
+                            : static_cast<const void*>(xin.data_ptr<float>() + t0 * cols);
+        float out[TT];
+        for (int64_t r = r0; r < r1; r++) {
+          gemv_row<unroll<TT>(), TT, K, DP>(m, xp, r, out);
+          const float s = m.scale ? m.scale[r] : 1.f;
+          for (int t = 0; t < TT; t++) store(t0 + t, r, out[t], s);
+        }
+      };
+      using F = std::false_type;
+      using Tr = std::true_type;
+      switch (kind) {
+        case BF16: if (dp) rows_of(std::integral_constant<int, BF16>(), Tr()); else rows_of(std::integral_constant<int, BF16>(), F()); break;
+        case P14: if (dp) rows_of(std::integral_constant<int, P14>(), Tr()); else rows_of(std::integral_constant<int, P14>(), F()); break;
+        case FP16: rows_of(std::integral_constant<int, FP16>(), F()); break;
+        case FP32: rows_of(std::integral_constant<int, FP32>(), F()); break;
+        default: rows_of(std::integral_constant<int, INT8>(), F());
+      }
+    });
+  });
+  return y;
+}
+
+// Y = X Wᵀ (+ bias) for a dense row-major bf16 W (rows, cols) and few bf16 tokens: the low-rank factors and
+// dictionaries at decode (faster here than torch.mv and F.linear at M = 1..4 in bf16).
+torch::Tensor dense_gemv(torch::Tensor x, torch::Tensor W, c10::optional<torch::Tensor> bias) {
+  TORCH_CHECK(cpu_has_avx512(), "dense_gemv needs AVX-512 BF16");
+  TORCH_CHECK(x.dim() == 2 && W.dim() == 2 && x.size(1) == W.size(1), "x (T, cols), W (rows, cols)");
+  TORCH_CHECK(x.scalar_type() == torch::kBFloat16 && W.scalar_type() == torch::kBFloat16 && W.is_contiguous(),
+              "bf16 x and contiguous bf16 W");
+  auto xc = x.contiguous();
+  const int64_t T = x.size(0), rows = W.size(0), cols = W.size(1);
+  auto y = out_like(x, T, rows);
+  auto b = float_bias(bias, rows);
+  Store store{y.data_ptr(), torch::kBFloat16, rows, b.has_value() ? b->data_ptr<float>() : nullptr};
+  const uint16_t* wp = reinterpret_cast<const uint16_t*>(W.data_ptr<c10::BFloat16>());
+  const uint16_t* xp = reinterpret_cast<const uint16_t*>(xc.data_ptr<c10::BFloat16>());
+  const int64_t grain = rows * cols * 2 < kSerialBytes ? rows : 16;
+  at::parallel_for(0, rows, grain, [&](int64_t r0, int64_t r1) {
+    token_blocks(T, [&](int64_t t0, auto tt) {
+      constexpr int TT = decltype(tt)::value;
+      float out[TT];
+      for (int64_t r = r0; r < r1; r++) {
+        dense_row<unroll<TT>(), TT>(wp, cols, xp + t0 * cols, r, out);
+        for (int t = 0; t < TT; t++) store(t0 + t, r, out[t], 1.f);
+      }
+    });
   });
   return y;
 }
@@ -402,7 +513,8 @@ torch::Tensor masked_panels_mm(torch::Tensor x, torch::Tensor mask, torch::Tenso
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
   mod.def("has_avx512", &has_avx512, "whether the AVX-512 (VBMI2 + BF16) paths run on this CPU");
-  mod.def("masked_gemv", &masked_gemv, "Y = X M^T for a bitmask-packed matrix M");
+  mod.def("masked_gemv", &masked_gemv, "Y = X M^T (+ bias) for a bitmask-packed matrix M, in x's dtype");
+  mod.def("dense_gemv", &dense_gemv, "Y = X W^T (+ bias) for a dense bf16 W, few bf16 tokens");
   mod.def("masked_panels_mm", &masked_panels_mm, "Y^T = M X^T through per-thread unpacked panels + GEMM");
   mod.def("masked_unpack", &masked_unpack, "dense rows r0..r1 of a bitmask-packed matrix into out");
 }
