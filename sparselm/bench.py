@@ -116,6 +116,9 @@ def dense_twin(compressed: nn.Module, manifest: dict, path: str,
         if m.bias is not None:
             dense.bias.data = m.bias.to(compressed.dtype).clone()
         adapter.swap(model, name, dense)
+    for name, m in io.narrowed_modules(model).items():  # structurally pruned: back at the dense widths (zeros)
+        rec = io.narrowed_of(m)
+        adapter.swap(model, name, adapter.padded_linear(m, rec.dense_shape, rec.rows, rec.cols))
     return model, "rebuilt from the factors"
 
 
