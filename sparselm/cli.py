@@ -77,7 +77,8 @@ def compress(
     ratio: Optional[float] = typer.Option(None, help="fraction of the targeted layers' stored bytes removed"),
     sparsity: Optional[float] = typer.Option(None, help="pruning: fraction of weights set to zero"),
     pattern: Optional[str] = typer.Option(None, help="pruning: N:M semi-structured pattern, e.g. 2:4"),
-    refine: Optional[str] = typer.Option(None, help="pruning: refine the mask: dsnot (DSnoT swaps, each lowering the exact error) or dsnot-mean (the paper's test); default none"),
+    refine: Optional[str] = typer.Option(None, help="pruning: refine the mask: dsnot (DSnoT swaps, each lowering the "
+                                                   "exact error) or dsnot-mean (the paper's test); default none"),
     calib: Optional[str] = typer.Option(None, help="stdlib | FILE.txt | FILE.jsonl | wikitext2 | c4 (default: "
                                                    "the recipe's calibration.source, else stdlib)"),
     nsamples: Optional[int] = typer.Option(None, help="calibration windows (default 64 bundled, 128 otherwise)"),
