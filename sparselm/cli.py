@@ -77,7 +77,8 @@ def compress(
     ratio: Optional[float] = typer.Option(None, help="fraction of the targeted layers' stored bytes removed"),
     sparsity: Optional[float] = typer.Option(None, help="pruning: fraction of weights set to zero"),
     pattern: Optional[str] = typer.Option(None, help="pruning: N:M semi-structured pattern, e.g. 2:4"),
-    refine: Optional[str] = typer.Option(None, help="pruning: refine the mask, dsnot (DSnoT swaps; default none)"),
+    refine: Optional[str] = typer.Option(None, help="pruning: refine the mask: dsnot (DSnoT swaps, each lowering the "
+                                                   "exact error) or dsnot-mean (the paper's test); default none"),
     storage: Optional[str] = typer.Option(None, help="how the values are stored, every format: dtype (the model's, "
                                                      "default) | bf16 | fp16 | bf16-14bit | int8 | int4 (counted in "
                                                      "--ratio with their scales)"),
