@@ -11,7 +11,10 @@ R="0.2 0.3 0.4 0.5"
 # model dtype unless told otherwise; the bundled tables below were made when CoSpaDi's default was 14-bit
 # coefficients (the paper's Eq. 11), so they pin storage bf16-14bit to reproduce them; MiniLM's (float32) were made
 # with float32 values. Equal-storage comparisons: the storage_rule and w4_sparsity tables at the end of a chain.
-declare -A COSPADI=([bundled]='"iters": 20, "storage": "bf16-14bit"' [minilm]='"iters": 20, "storage": "dtype"')
+# SmolLM2 (`chain smollm2`: needs /tmp/smollm2 from scripts/smollm2_to_hf.py, weights dequantized from Q4_1) is
+# float32 like MiniLM; its chain is many hours on one core.
+declare -A COSPADI=([bundled]='"iters": 20, "storage": "bf16-14bit"' [minilm]='"iters": 20, "storage": "dtype"'
+                    [smollm2]='"iters": 20, "storage": "dtype"')
 runs() { for r in $R; do for m in "$@"; do printf '%s ' "${m/R/$r}"; done; done; }
 
 chain() {
@@ -31,6 +34,8 @@ chain() {
   $q --name allocation_runs --override "$CO" \
      --runs $(runs rocket:rR rocket:rR@knapsack svd-llm:rR svd-llm:rR@knapsack rocket+svd-llm+wanda:rR@knapsack) \
             $(runs cospadi:rR@knapsack) $(runs rocket+svd-llm+wanda+cospadi:rR@knapsack)
+  # mixed menus scored end to end against their methods alone (pipeline.select_plan), with SparseGPT in the menu too
+  $q --name mixed_sparsegpt_runs --runs $(runs rocket+svd-llm+sparsegpt:rR@knapsack)
   # the allocation table: every row copied from the two tables above (nothing is recomputed)
   $q --name allocation --override "$CO" --reuse $docs/quality_$1_factorization.json $docs/quality_$1_allocation_runs.json \
      --runs $(runs rocket:rR rocket:rR@knapsack cospadi:rR cospadi:rR@knapsack svd-llm:rR svd-llm:rR@knapsack \
