@@ -87,11 +87,11 @@ def sparse_dict(in_f: int, out_f: int, ratio: float, storage: CoefStorage = Coef
     maskT = torch.zeros(out_f, k, dtype=torch.bool).scatter_(1, cols, True)  # Sᵀ pattern
     m = SparseDictLinear.__new__(SparseDictLinear)
     CompressedLinear.__init__(m, in_f, out_f)
-    m.k, m.coef_storage = k, storage
+    m.k, m.storage = k, storage
     values = torch.randn(int(maskT.sum()), generator=_gen(6)).mul_(0.05)
     rows = torch.arange(out_f).repeat_interleave(s)
     m._set(D=torch.randn(in_f, k, generator=_gen(7)).mul_(0.05).to(DT), mask=kmasked.pack_mask(maskT),
-           **encode_values(values, storage, DT, rows, n_rows=out_f))
+           **encode_values(values, storage, DT, rows, out_f))
     return m
 
 

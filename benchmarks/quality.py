@@ -18,7 +18,9 @@ Examples:
 Knapsack runs in one invocation share the per-layer option tables (they do not depend on the budget).
 
 A run is ``METHOD[+METHOD...]:KNOB[@knapsack]`` with KNOB ``rX`` (ratio), ``sX`` (sparsity) or ``N:M``; a
-method may set fields of its own for that run only: ``wanda.refine=dsnot:s0.6``, ``flap.structure=uniform:r0.3``.
+method may set fields of its own for that run only: ``wanda.refine=dsnot:s0.6``, ``flap.structure=uniform:r0.3``,
+and name its value storage, ``METHOD/STORAGE[gG]`` (``sparsegpt/int4g128:2:4``: int4 values, one scale per 128
+inputs; the same as ``sparsegpt.storage=int4.quant_group=128:2:4``).
 """
 from __future__ import annotations
 
@@ -26,6 +28,7 @@ import argparse
 import ast
 import copy
 import json
+import re
 import sys
 import time
 from pathlib import Path
@@ -41,6 +44,8 @@ from sparselm.config import Allocate, Pattern, Ratio, Recipe, Sparsity, spec_fro
 from sparselm.metrics import embedding_fidelity, perplexity, sentence_embeddings  # noqa: E402
 
 DOCS = ROOT / "docs" / "benchmarks"
+STORAGE_RULE = "value_storage"  # tables written since every format stores values in the model dtype by default
+DEFAULT_STORAGE_CHANGED = {"cospadi"}  # its default was 14-bit coefficients before that rule
 CPU = torch.device("cpu")
 
 
@@ -55,10 +60,22 @@ def parse_run(text: str, overrides: dict) -> Recipe:
         target = Pattern.parse(knob)
     specs = []
     for text_m in methods.split("+"):
-        m, *fields = text_m.split(".")
-        own = dict(f.split("=", 1) for f in fields)
-        specs.append(spec_from_dict({"method": m, **overrides.get(m, {}), **own}).with_target(target))
+        own = method_entry(text_m)
+        specs.append(spec_from_dict({"method": own["method"], **overrides.get(own["method"], {}), **own})
+                     .with_target(target))
     return Recipe(methods=tuple(specs), allocate=Allocate(alloc or "uniform"))
+
+
+def method_entry(text: str) -> dict:
+    """A run's method with its own fields: ``wanda.refine=dsnot``, ``sparsegpt/int4g128`` (storage int4, one scale
+    per 128 inputs), ``cospadi/bf16-14bit``."""
+    head, *fields = text.split(".")
+    name, _, storage = head.partition("/")
+    entry = {"method": name, **dict(f.split("=", 1) for f in fields)}
+    if storage:
+        kind, group = re.fullmatch(r"(.*?)(?:g(\d+))?", storage).groups()
+        entry.update(storage=kind, **({"quant_group": int(group)} if group else {}))
+    return entry
 
 
 def docstrings(split: str, limit: int) -> list[str]:
@@ -143,7 +160,12 @@ def reusable_rows(paths: list[str], testbed: str, overrides: dict) -> dict[str, 
         if src["testbed"] != testbed:
             continue
         for row in src["rows"]:
-            methods = [m.split(".")[0] for m in row["run"].split(":")[0].split("+")]
+            entries = [method_entry(m) for m in row["run"].split(":")[0].split("+")]
+            methods = [e["method"] for e in entries]
+            if not src.get(STORAGE_RULE) and any(e["method"] in DEFAULT_STORAGE_CHANGED and "storage" not in e
+                                                 and "storage" not in overrides.get(e["method"], {})
+                                                 for e in entries):
+                continue  # measured with the old default storage (CoSpaDi: 14-bit coefficients)
             if all(src.get("override", {}).get(m) == overrides.get(m) for m in methods):
                 found[row["run"]] = {**row, "reused_from": Path(path).name}
     return found
@@ -153,7 +175,8 @@ def write(bed, name: str, dense: float, rows: list[dict], overrides: dict) -> No
     DOCS.mkdir(parents=True, exist_ok=True)
     stem = DOCS / f"quality_{bed.name}_{name}"
     payload = {"testbed": bed.name, "metric": bed.metric, "dense": dense, "torch": torch.__version__,
-               "threads": torch.get_num_threads(), "override": overrides, "rows": rows}
+               "threads": torch.get_num_threads(), "override": overrides, "rows": rows,
+               STORAGE_RULE: "model dtype unless a storage is given"}
     stem.with_suffix(".json").write_text(json.dumps(payload, indent=1))
     lines = [f"# {bed.name}: {bed.metric} vs compression ({name})", "",
              f"Dense model: **{dense:.4f}**. {'Higher' if bed.higher_is_better else 'Lower'} is better. "

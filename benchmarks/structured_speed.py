@@ -45,17 +45,20 @@ def main() -> None:
     rows = []
     for d in args.dirs:
         manifest = io.read_manifest(d)
-        r = bench.run(d, repeats=args.repeats, layer_tokens=(1,), prefill_tokens=tuple(map(int, args.prefill.split(","))),
+        r = bench.run(d, repeats=args.repeats, layer_tokens=(1, 512), prefill_tokens=tuple(map(int, args.prefill.split(","))),
                       batch_sizes=(1, 8), new_tokens=args.new_tokens, threads=1)
         totals = manifest["totals"]
         timed = [k for k, v in r["compressed"].items() if isinstance(v, dict) and "tokens_per_s" in v]
-        rows.append({"dir": Path(d).name, "model": manifest.get("base_model"), "method": manifest["recipe"]["methods"][0],
+        rows.append({"dir": f"{Path(str(manifest.get('base_model'))).name}/{Path(d).name}", "model": manifest.get("base_model"), "method": manifest["recipe"]["methods"][0],
                      "widths": widths(manifest), "ratio_stored": totals["ratio_stored"],
                      "predicted": 1 / (1 - totals["ratio_stored"]),
                      "speedup_min": {k: r["dense"][k]["min_ms"] / r["compressed"][k]["min_ms"] for k in timed},
                      "speedup_median": r["speedup"],
                      "compressed_ms": {k: r["compressed"][k]["min_ms"] for k in timed},
                      "dense_ms": {k: r["dense"][k]["min_ms"] for k in timed}, "threads": r["threads"],
+                     "layers": [{"layer": x["layer"], "tokens": x["tokens"],
+                                 "speedup_min": x["spread"]["dense_linear"]["min_ms"] / x["spread"]["compressed"]["min_ms"]}
+                                for x in r["layers"] if "dense_linear" in x["spread"]],
                      "repeats": args.repeats})
         print(json.dumps(rows[-1]), flush=True)
     DOCS.mkdir(parents=True, exist_ok=True)
@@ -75,6 +78,11 @@ def main() -> None:
         lines.append(f"| `{r['dir']}` | {r['widths']} | {r['ratio_stored']:.3f} | {r['predicted']:.2f}× | "
                      + " | ".join(f"{r['speedup_min'][k]:.2f}×" for k in keys) + " | "
                      + " | ".join(f"{r['compressed_ms'][k]:.0f} ({r['dense_ms'][k]:.0f})" for k in keys) + " |")
+    lines += ["", "Per layer (`sparselm bench`'s layer rows: one narrowed layer against the dense layer it replaced, "
+              "fastest run of each):", "", "| run | layer | tokens | speed-up |", "|---|---|---|---|"]
+    for r in rows:
+        for x in r["layers"]:
+            lines.append(f"| `{r['dir']}` | {x['layer']} | {x['tokens']} | {x['speedup_min']:.2f}× |")
     (DOCS / "structured_speed.md").write_text("\n".join(lines) + "\n")
 
 

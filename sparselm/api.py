@@ -15,13 +15,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from . import data, device as devices, dist, fidelity as fidelity_mod, harness, io, lazy, outdir, pipeline
+from . import config, data, device as devices, dist, fidelity as fidelity_mod, harness, io, lazy, outdir, pipeline
 from . import resume as resume_mod
 from .budget import Allocation, Plan
 from .metrics import dense_accounting, perplexity
 from . import model as adapter
-from .config import (DEFAULT_METHOD, SPECS, Allocate, Calibration, Pattern, PruneSpec, Ratio, Recipe, Refine,
-                     Sparsity, StructuredSpec, load_recipe, recipe_to_dict, spec_to_dict)
+from .config import (DEFAULT_METHOD, SPECS, Allocate, Calibration, CoefStorage, Pattern, PruneSpec, Ratio, Recipe,
+                     Refine, Sparsity, StructuredSpec, load_recipe, recipe_to_dict, spec_to_dict)
 from .errors import InputError, check_count
 
 log = logging.getLogger(__name__)
@@ -30,7 +30,8 @@ LARGE_CALIB = {"nsamples": 128, "seqlen": 2048}
 
 
 def build_recipe(method: str | None, ratio: float | None, sparsity: float | None, pattern: str | None,
-                 allocate: str | None = None, recipe_file: str | None = None, refine: str | None = None) -> Recipe:
+                 allocate: str | None = None, recipe_file: str | None = None, refine: str | None = None,
+                 storage: str | None = None, quant_group: int | None = None) -> Recipe:
     """A recipe from command-line knobs (exactly one of ratio / sparsity / pattern, or the defaults).
 
     No method: the default, ROCKET; each method's default budget is its spec's (ROCKET: ratio 0.2) and its
@@ -38,9 +39,10 @@ def build_recipe(method: str | None, ratio: float | None, sparsity: float | None
     ``--method rocket`` alone is the default run.
     """
     if recipe_file:
-        if any(v is not None for v in (method, ratio, sparsity, pattern, refine)):
-            raise InputError("--recipe was given together with --method/--ratio/--sparsity/--pattern/--refine",
-                             "put everything in the recipe file, or drop --recipe")
+        if any(v is not None for v in (method, ratio, sparsity, pattern, refine, storage, quant_group)):
+            raise InputError("--recipe was given together with --method/--ratio/--sparsity/--pattern/--refine/"
+                             "--storage/--quant-group",
+                             "put everything in the recipe file (refine, storage, quant_group), or drop --recipe")
         return load_recipe(recipe_file)
     given = [v for v in (ratio, sparsity, pattern) if v is not None]
     if len(given) > 1:
@@ -65,6 +67,10 @@ def build_recipe(method: str | None, ratio: float | None, sparsity: float | None
             extra["refine"] = Refine(refine)
         except ValueError:
             raise InputError(f"--refine {refine!r} is not valid", f"use one of {[r.value for r in Refine]}") from None
+    if storage is not None:
+        extra["storage"] = config._coerce("--storage", storage, CoefStorage)
+    if quant_group is not None:
+        extra["quant_group"] = quant_group
     return Recipe(methods=(SPECS[name](target=target, **extra),), allocate=alloc)
 
 
@@ -79,6 +85,8 @@ def _default_out(model: str | None, recipe: Recipe) -> Path:
     spec = recipe.methods[0]
     t = spec.target
     knob = f"r{t.value:g}" if isinstance(t, Ratio) else f"s{t.value:g}" if isinstance(t, Sparsity) else f"{t.n}of{t.m}"
+    if spec.store != type(spec)().store:  # e.g. -int4-g128: another storage is another output
+        knob += "-" + str(spec.store).replace("/", "-")
     return Path("compressed") / f"{name}-{'mixed' if len(recipe.methods) > 1 else spec.name}-{knob}"
 
 

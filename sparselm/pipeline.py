@@ -314,7 +314,8 @@ def make_plan(model: nn.Module, calib: torch.Tensor, recipe: Recipe, device: tor
             log.warning("mixed menu on a lazily loaded model: its candidate plans need the whole model in memory and "
                         "are not scored; the knapsack plan is used as it is (load the model in memory to compare)")
         elif len({s.name for s in grid}) > 1:  # a mixed menu: never worse than the best of its methods alone
-            plan = select_plan(model, calib, names, grid, plan, options, shapes, budget, device, dtype, batch_size)
+            plan = select_plan(model, calib, names, grid, plan, options, shapes, budget, device, dtype, batch_size,
+                               spill)
         return plan
     return _plan(model, names, specs={n: recipe.methods[0] for block in names for n in block})
 
@@ -345,7 +346,7 @@ def plan_score(reference: nn.Module, compressed: nn.Module, windows: torch.Tenso
 
 def select_plan(model: nn.Module, calib: torch.Tensor, names: list[list[str]], grid: list[MethodSpec],
                 knapsack: Plan, options, shapes, budget: float, device: torch.device, dtype: torch.dtype,
-                batch_size: int) -> Plan:
+                batch_size: int, spill: str | Path | None = None) -> Plan:
     """The best of several plans for a mixed menu, each applied to a copy of the model and scored end to end
     (`plan_score` against the dense model on the last quarter of the calibration sequences, at most
     `SELECT_SEQUENCES`; the candidates are compressed on the other sequences, so the score is out of sample:
@@ -373,7 +374,8 @@ def select_plan(model: nn.Module, calib: torch.Tensor, names: list[list[str]], g
         was compressed (real bytes, measured errors). inf when a method cannot compress some layer."""
         trial = copy.deepcopy(model)
         try:
-            report = compress(trial, calib, Recipe(methods=(grid[0],)), device, dtype, batch_size, plan=plan)
+            report = compress(trial, calib, Recipe(methods=(grid[0],)), device, dtype, batch_size, plan=plan,
+                              spill=spill)
         except InputError as e:
             log.info("mixed menu: a candidate plan does not apply (%s)", e)
             return plan, math.inf
@@ -472,7 +474,7 @@ def _check_finite(name: str, module: CompressedLinear, err: float, dtype: torch.
     if bad or not math.isfinite(err):
         raise InputError(f"layer {name}: the compressed layer is not finite ({', '.join(bad) or 'its error'} has "
                          f"inf/NaN; values beyond the range of {str(dtype).removeprefix('torch.')}?)",
-                         "store coefficients as bf16 (recipe coef_storage: bf16) or float32, compress a bf16/float32 "
+                         "store values as bf16 (recipe storage: bf16, --storage bf16) or float32, compress a bf16/float32 "
                          "copy of the checkpoint, or exclude the layer with an ignore pattern")
 
 

@@ -197,7 +197,7 @@ def test_every_layer_of_a_shared_set_follows_its_own_planned_spec(calib_ids):
     for layer in report.layers:
         assert layer.spec == specs[layer.name], layer.name
     gate = model.model.layers[1].mlp.gate_proj
-    assert gate.k == sizes_for_ratio(0.4, 64, 128, 2.0, torch.float32, base.coef_storage)[0] and not gate.group
+    assert gate.k == sizes_for_ratio(0.4, 64, 128, 2.0, torch.float32, base.store)[0] and not gate.group
     q0, q1 = model.model.layers[0].self_attn.q_proj, model.model.layers[1].self_attn.q_proj
     assert q0.D is q1.D and q0.group == q1.group == ("model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.q_proj")
 

@@ -129,3 +129,18 @@ def test_export_without_a_bias_flag_is_a_clear_error(tmp_path):
         io.export(tmp_path / "c", tmp_path / "d")
     assert not (tmp_path / "d" / "config.json").exists()
     torch.testing.assert_close(out(io.load(tmp_path / "c")), out(model), rtol=0, atol=0)
+
+
+@torch.no_grad()
+def test_bench_times_narrowed_layers_against_their_dense_shape(tmp_path):
+    from sparselm import bench
+    model = tiny()
+    run(model, FlapSpec(target=Ratio(0.3), structure=Structure.UNIFORM))
+    io.save(model, None, tmp_path / "c", {"base_model": str(tmp_path / "gone")}, torch.float32)
+    loaded = io.load(tmp_path / "c")
+    dense, source = bench.dense_twin(loaded, io.read_manifest(tmp_path / "c"), str(tmp_path / "c"))
+    assert source == "rebuilt from the factors"  # padded back to the dense widths: the same logits
+    torch.testing.assert_close(out(dense), out(loaded), rtol=1e-5, atol=1e-5)
+    assert dense.model.layers[0].mlp.down_proj.in_features == 96
+    rows = bench.layer_rows(loaded, dense, [1], 1, CPU)
+    assert rows and all(r["layer"].startswith("Linear (narrowed)") and "dense_linear_ms" in r for r in rows)
