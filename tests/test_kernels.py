@@ -199,3 +199,19 @@ def test_low_rank_dense_paths_match_reference(mv_tokens, path, monkeypatch):
     x = _inputs(70, torch.bfloat16, (2,))
     expect = "gemv" if path is None and _build.simd() else "torch"
     assert kernels.policy.dense_path(x, m.U.t().contiguous(), path) == expect
+
+
+@pytest.mark.skipif(not kernels.extension_available(), reason="needs the built C++ extension")
+def test_a_build_lock_left_by_a_killed_build_does_not_hang_the_next_one(tmp_path):
+    """torch's FileBaton `lock` file outlives a process killed mid-build; the next build must not wait on it."""
+    import shutil
+    import subprocess
+    import sys
+    built = _build.build_dir()
+    cache = tmp_path / "cache"
+    shutil.copytree(built, cache / "kernels" / built.name)
+    (cache / "kernels" / built.name / "lock").write_text("")  # what a SIGKILLed build leaves behind
+    env = {**__import__("os").environ, "SPARSELM_CACHE": str(cache)}
+    code = "from sparselm.kernels import _build; assert _build._build() is not None"
+    subprocess.run([sys.executable, "-c", code], env=env, check=True, timeout=300)
+    assert not (cache / "kernels" / built.name / "lock").exists()

@@ -6,6 +6,7 @@ paths. ``SPARSELM_KERNELS=torch`` skips the extension entirely.
 """
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import logging
 import os
@@ -30,18 +31,28 @@ def cache_dir() -> Path:
 _FLAGS = ["-O3", "-fopenmp"]
 
 
-def _build():
-    from torch.utils import cpp_extension
+def build_dir() -> Path:
+    """Where this source, torch version and flags are built (a new name whenever one of them changes)."""
     digest = hashlib.sha256(_SOURCE.read_bytes() + torch.__version__.encode() + " ".join(_FLAGS).encode()
                             ).hexdigest()[:12]
-    name = f"sparselm_masked_{digest}"
-    where = cache_dir() / name
+    return cache_dir() / f"sparselm_masked_{digest}"
+
+
+def _build():
+    from torch.utils import cpp_extension
+    where = build_dir()
+    name = where.name
     where.mkdir(parents=True, exist_ok=True)
-    if not any(where.glob(f"{name}*.so")):
-        log.warning("building the sparselm C++ kernels once (about 30 s) into %s", where)
-    return cpp_extension.load(name=name, sources=[str(_SOURCE)], build_directory=str(where),
-                              extra_cflags=_FLAGS, extra_ldflags=["-fopenmp"],
-                              verbose=False)
+    # torch's own build lock (a `lock` file, FileBaton) is left behind by a process killed mid-build, and then
+    # every later build waits on it forever. An flock is released by the OS when its holder dies: holding one
+    # while torch builds, a `lock` file found under it can only be such a leftover.
+    with open(where / ".sparselm-build.lock", "w") as guard:
+        fcntl.flock(guard, fcntl.LOCK_EX)
+        (where / "lock").unlink(missing_ok=True)
+        if not any(where.glob(f"{name}*.so")):
+            log.warning("building the sparselm C++ kernels once (about 30 s) into %s", where)
+        return cpp_extension.load(name=name, sources=[str(_SOURCE)], build_directory=str(where),
+                                  extra_cflags=_FLAGS, extra_ldflags=["-fopenmp"], verbose=False)
 
 
 _UNSET = object()
