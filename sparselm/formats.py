@@ -5,12 +5,24 @@ factorization to a byte budget before building anything) and `profile` (knapsack
 so the bytes a method aims at, the bytes a profile promises and the bytes `io.save` writes are the same
 number. Bias bytes are never included (they are the same for every option of a layer).
 
-  * `sparse_bytes`      `SparseLinear`:     values in the model dtype + 1-bit mask over ``out·in``,
-                                            or N:M: values ``(out, in·n/m)`` + ``ceil(log2 m)``-bit positions.
-  * `lowrank_bytes`     `LowRankLinear`:    ``U`` ``(in, r)`` + ``V`` ``(r, out)`` in the model dtype.
+One value-storage rule for every format (`config.Storage`): values are stored in the model dtype unless the
+spec asks for bf16 / fp16 / 14-bit bf16 / int8 / int4; int8 and int4 add one fp16 scale (int4: + one 4-bit zero
+point) per row, or per group of ``group`` consecutive inputs of a row (`value_bytes`). Every matrix is
+quantized along the input dimension of the product it takes part in: pruned ``W`` ``(out, in)`` along ``in``,
+coefficients ``Sᵀ`` ``(out, k)`` along ``k``, low-rank ``Uᵀ`` ``(r, in)`` along ``in`` and ``Vᵀ`` ``(out, r)``
+along ``r``. Dictionaries ``D`` are stored in the model dtype.
+
+  * `sparse_bytes`      `SparseLinear`:     values + 1-bit mask over ``out·in``; N:M: values ``(out, in·n/m)`` +
+                                            ``ceil(log2 m)``-bit positions; 1×g blocks (GQSA): a 1-bit mask over
+                                            the ``out·in/g`` blocks (none when every block is kept) + the kept
+                                            blocks' values, one scale (+ zero) per kept block.
+  * `lowrank_bytes`     `LowRankLinear`:    ``U`` ``(in, r)`` + ``V`` ``(r, out)``.
+  * `narrow_bytes`      a structurally pruned plain ``nn.Linear`` ``(out', in')`` in the model dtype, plus the
+                                            bias structured pruning *added* (FLAP's compensation): unlike a
+                                            model's own bias, it is storage the method spends.
   * `dict_bytes`        `SparseDictLinear`: ``D`` ``(in, k)`` in the model dtype (`dictionary_bytes`) + the
-                                            coefficients (`coefficient_bytes`): a 1-bit mask over ``out·k``,
-                                            the values at ``value_bits(storage)``, fp16 per-output scales (int8).
+                                            coefficients (`coefficient_bytes`): a 1-bit mask over ``out·k``
+                                            and the values.
 """
 from __future__ import annotations
 
@@ -19,11 +31,11 @@ from typing import Callable, Sequence
 
 import torch
 
-from .config import CoefStorage, Pattern
-from .packing import index_bits, value_bits
+from .config import CoefStorage, Pattern, Storage
+from .packing import SCALE_BITS, ZERO_BITS, groups_per_row, index_bits, value_bits
 
 MASK_BITS = 1      # one bit per position of a bitmask
-SCALE_BYTES = 2    # int8 values: one fp16 scale per output channel
+MODEL_DTYPE = Storage()
 
 
 def dtype_bytes(dtype: torch.dtype) -> int:
@@ -35,31 +47,86 @@ def dense_bytes(out_f: int, in_f: int, dtype: torch.dtype) -> int:
     return out_f * in_f * dtype_bytes(dtype)
 
 
+def value_bytes(count: int, n_groups: int, store: Storage, dtype: torch.dtype) -> int:
+    """``count`` values in ``store`` (each packed buffer rounded up to a byte) + the parameters of
+    ``n_groups`` quantization groups (int8: fp16 scales; int4: fp16 scales + 4-bit zero points)."""
+    store = Storage.of(store)
+    values = math.ceil(count * value_bits(store.kind, dtype) / 8)
+    if not store.kind.quantized:
+        return values
+    zeros = math.ceil(n_groups * ZERO_BITS / 8) if store.kind is CoefStorage.INT4 else 0
+    return values + n_groups * SCALE_BITS // 8 + zeros
+
+
+def matrix_groups(rows: int, cols: int, store: Storage) -> int:
+    """Quantization groups of a ``(rows, cols)`` matrix quantized along ``cols``."""
+    return rows * groups_per_row(cols, Storage.of(store).group)
+
+
 # --- SparseLinear ----------------------------------------------------------------------------------
-def sparse_bytes(out_f: int, in_f: int, nnz: int, dtype: torch.dtype, pattern: Pattern | None = None) -> int:
+def sparse_bytes(out_f: int, in_f: int, nnz: int, dtype: torch.dtype, pattern: Pattern | None = None,
+                 store: Storage = MODEL_DTYPE) -> int:
     """Stored bytes of a pruned ``(out, in)`` weight keeping ``nnz`` values (N:M: ``nnz = out·in·n/m``)."""
+    values = value_bytes(nnz, matrix_groups(out_f, in_f, store), store, dtype)
     if pattern is None:
-        return math.ceil(out_f * in_f * MASK_BITS / 8) + nnz * dtype_bytes(dtype)
-    return nnz * dtype_bytes(dtype) + math.ceil(nnz * index_bits(pattern.m) / 8)
+        return math.ceil(out_f * in_f * MASK_BITS / 8) + values
+    return values + math.ceil(nnz * index_bits(pattern.m) / 8)
 
 
-def density_for_ratio(ratio: float, dtype: torch.dtype) -> float:
-    """The inverse of unstructured `sparse_bytes`: fraction of weights kept so that values + mask are
-    ``1 − ratio`` of the dense bytes (the mask costs ``1/bits`` of a value per position)."""
-    density = (1 - ratio) - MASK_BITS / torch.finfo(dtype).bits
-    if density <= 0:
-        raise ValueError(f"ratio {ratio} leaves no room for values beside the bitmask")
-    return density
+def block_sparse_bytes(out_f: int, in_f: int, kept_blocks: int, dtype: torch.dtype, store: Storage) -> int:
+    """1×g group-structured sparsity (GQSA, ``g = store.group`` dividing ``in``): a bitmask over the blocks
+    (omitted when all are kept: plain group quantization), ``g`` values and one group's parameters per kept block."""
+    g = Storage.of(store).group
+    blocks = out_f * in_f // g
+    mask = 0 if kept_blocks == blocks else math.ceil(blocks * MASK_BITS / 8)
+    return mask + value_bytes(kept_blocks * g, kept_blocks, store, dtype)
+
+
+def most_kept(ratio: float, out_f: int, in_f: int, dtype: torch.dtype, store: Storage = MODEL_DTYPE,
+              per_row: bool = False) -> int | None:
+    """The inverse of unstructured `sparse_bytes`: most values kept (per row when ``per_row``, the same count in
+    every row; else over the whole layer) with the stored bytes ``≤ (1 − ratio)`` of dense. None: not even an
+    empty layer (the mask and scales alone) fits."""
+    budget = (1 - ratio) * dense_bytes(out_f, in_f, dtype)
+    rows = out_f if per_row else 1
+
+    def fits(n: int) -> bool:
+        return sparse_bytes(out_f, in_f, rows * n, dtype, None, store) <= budget
+
+    if not fits(0):
+        return None
+    return largest(fits, in_f if per_row else out_f * in_f)
+
+
+def most_kept_blocks(ratio: float, out_f: int, in_f: int, dtype: torch.dtype, store: Storage) -> int | None:
+    """The inverse of `block_sparse_bytes`: most 1×g blocks kept within ``(1 − ratio)`` of dense (None: none fits)."""
+    budget = (1 - ratio) * dense_bytes(out_f, in_f, dtype)
+    blocks = out_f * in_f // Storage.of(store).group
+    if block_sparse_bytes(out_f, in_f, blocks, dtype, store) <= budget:
+        return blocks
+    fits = lambda n: block_sparse_bytes(out_f, in_f, n, dtype, store) <= budget  # noqa: E731
+    return largest(fits, blocks - 1) if fits(0) else None
+
+
+# --- narrower dense nn.Linear (structured pruning) ------------------------------------------------
+def narrow_bytes(out_f: int, in_f: int, dtype: torch.dtype, bias_added: bool = False) -> int:
+    """A kept ``(out, in)`` dense weight, and the ``out`` bias values when the method added the bias."""
+    return (out_f * in_f + (out_f if bias_added else 0)) * dtype_bytes(dtype)
 
 
 # --- LowRankLinear ---------------------------------------------------------------------------------
-def lowrank_bytes(in_f: int, out_f: int, rank: int, dtype: torch.dtype) -> int:
-    return (in_f + out_f) * rank * dtype_bytes(dtype)
+def lowrank_bytes(in_f: int, out_f: int, rank: int, dtype: torch.dtype, store: Storage = MODEL_DTYPE) -> int:
+    """``Uᵀ`` ``(r, in)`` and ``Vᵀ`` ``(out, r)``, each quantized along its input dimension."""
+    return (value_bytes(in_f * rank, matrix_groups(rank, in_f, store), store, dtype)
+            + value_bytes(rank * out_f, matrix_groups(out_f, rank, store), store, dtype))
 
 
-def rank_for_ratio(ratio: float, in_f: int, out_f: int) -> int:
-    """The inverse of `lowrank_bytes`: the largest rank whose factors are ``≤ 1 − ratio`` of dense (≥ 1)."""
-    return max(1, int((1 - ratio) * in_f * out_f / (in_f + out_f)))
+def rank_for_ratio(ratio: float, in_f: int, out_f: int, dtype: torch.dtype = torch.float16,
+                   store: Storage = MODEL_DTYPE) -> int:
+    """The inverse of `lowrank_bytes`: the largest rank ``≤ min(in, out)`` whose factors are ``≤ 1 − ratio`` of
+    dense; 0 when not even rank 1 fits (the caller refuses the ratio)."""
+    budget = (1 - ratio) * dense_bytes(out_f, in_f, dtype)
+    return largest(lambda r: lowrank_bytes(in_f, out_f, r, dtype, store) <= budget, min(in_f, out_f))
 
 
 # --- SparseDictLinear ------------------------------------------------------------------------------
@@ -67,22 +134,20 @@ def dictionary_bytes(in_f: int, k: int, dtype: torch.dtype) -> int:
     return in_f * k * dtype_bytes(dtype)
 
 
-def coefficient_bytes(out_f: int, k: int, nnz: int, storage: CoefStorage, dtype: torch.dtype) -> int:
-    """Column-sparse ``S`` ``(k, out)``: bitmask of ``Sᵀ``, ``nnz`` packed values, int8 scales."""
-    values = math.ceil(nnz * value_bits(storage, dtype) / 8)
-    scales = SCALE_BYTES * out_f if storage is CoefStorage.INT8 else 0
-    return math.ceil(out_f * k * MASK_BITS / 8) + values + scales
+def coefficient_bytes(out_f: int, k: int, nnz: int, store: Storage, dtype: torch.dtype) -> int:
+    """Column-sparse ``S`` ``(k, out)``: bitmask of ``Sᵀ``, ``nnz`` packed values, their groups' parameters."""
+    return math.ceil(out_f * k * MASK_BITS / 8) + value_bytes(nnz, matrix_groups(out_f, k, store), store, dtype)
 
 
-def dict_bytes(in_f: int, out_f: int, k: int, nnz: int, storage: CoefStorage, dtype: torch.dtype) -> int:
+def dict_bytes(in_f: int, out_f: int, k: int, nnz: int, store: Storage, dtype: torch.dtype) -> int:
     """One `SparseDictLinear` with its own dictionary."""
-    return dictionary_bytes(in_f, k, dtype) + coefficient_bytes(out_f, k, nnz, storage, dtype)
+    return dictionary_bytes(in_f, k, dtype) + coefficient_bytes(out_f, k, nnz, store, dtype)
 
 
-def group_dict_bytes(in_f: int, outs: Sequence[int], k: int, nnz: Sequence[int], storage: CoefStorage,
+def group_dict_bytes(in_f: int, outs: Sequence[int], k: int, nnz: Sequence[int], store: Storage,
                      dtype: torch.dtype) -> int:
     """Layers sharing one dictionary ``(in, k)``: ``D`` once, each layer's coefficients."""
-    return dictionary_bytes(in_f, k, dtype) + sum(coefficient_bytes(o, k, n, storage, dtype)
+    return dictionary_bytes(in_f, k, dtype) + sum(coefficient_bytes(o, k, n, store, dtype)
                                                   for o, n in zip(outs, nnz))
 
 

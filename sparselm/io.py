@@ -27,8 +27,8 @@ from . import model as adapter, outdir
 from .budget import Allocation
 from .config import spec_from_dict, spec_to_dict
 from .errors import InputError
-from .metrics import dense_accounting, layer_accounting, totals
-from .modules import MODULE_CLASSES, CompressedLinear
+from .metrics import dense_accounting, layer_accounting, narrow_accounting, totals
+from .modules import MODULE_CLASSES, CompressedLinear, Narrowed, mark_narrowed, narrowed_of
 
 MANIFEST = outdir.MARKERS["compress"]
 EXPORT_MARKER = outdir.MARKERS["export"]
@@ -91,13 +91,33 @@ def layer_entry(module: CompressedLinear, dtype: torch.dtype) -> dict:
             "group": list(module.group)}
 
 
+def narrowed_modules(model: nn.Module) -> dict[str, nn.Linear]:
+    """The plain layers structured pruning narrowed (they carry a `modules.Narrowed` record)."""
+    return {n: m for n, m in model.named_modules() if narrowed_of(m) is not None}
+
+
+def narrowed_entry(module: nn.Linear, dtype: torch.dtype) -> dict:
+    """A narrowed layer's manifest entry (the ``structured`` table): kept shape, dense shape, the rows / columns
+    it kept, its bias, spec, accounting and the method's info."""
+    rec = narrowed_of(module)
+    shape = (module.out_features, module.in_features)
+    return {"shape": list(shape), "dense_shape": list(rec.dense_shape), "rows": rec.rows, "cols": rec.cols,
+            "bias": module.bias is not None, "bias_added": rec.bias_added,
+            "spec": spec_to_dict(rec.spec) if rec.spec is not None else {"method": None},
+            "accounting": narrow_accounting(shape, rec.dense_shape, rec.bias_added, dtype), "info": dict(rec.info)}
+
+
 def describe(model: nn.Module, dtype: torch.dtype, allocation: list[Allocation] | None = None) -> dict:
-    """The model's part of a manifest: every compressed layer's `layer_entry`, and the three ratios over them
-    and over the targeted layers a knapsack ``allocation`` kept dense (they count at full size)."""
+    """The model's part of a manifest: every compressed layer's `layer_entry`, every structurally narrowed
+    layer's `narrowed_entry` (``structured``), and the three ratios over them and over the targeted layers a
+    knapsack ``allocation`` kept dense (they count at full size)."""
     layers = {n: layer_entry(m, dtype) for n, m in compressed_modules(model).items()}
+    narrowed = {n: narrowed_entry(m, dtype) for n, m in narrowed_modules(model).items()}
     kept = [a for a in allocation or [] if a.kept_dense]
-    rows = [e["accounting"] for e in layers.values()] + [dense_accounting(*a.shape, dtype) for a in kept]
-    return {"layers": layers, "kept_dense": [a.layer for a in kept], "totals": totals(rows) if rows else None}
+    rows = ([e["accounting"] for e in layers.values()] + [e["accounting"] for e in narrowed.values()]
+            + [dense_accounting(*a.shape, dtype) for a in kept])
+    return {"layers": layers, "structured": narrowed, "kept_dense": [a.layer for a in kept],
+            "totals": totals(rows) if rows else None}
 
 
 @contextlib.contextmanager
@@ -316,7 +336,35 @@ def _build_empty(path: Path, manifest: dict, trust_remote_code: bool) -> nn.Modu
                              "the manifest is corrupt; compress again") from None
         restore_record(module, entry)
         adapter.swap(model, name, module)
+    for name, entry in structured_entries(manifest):
+        adapter.swap(model, name, rebuild_narrowed(entry, dtype))
     return model.to_empty(device="cpu")
+
+
+def structured_entries(manifest: dict) -> list[tuple[str, dict]]:
+    """The manifest's ``structured`` table (layers narrowed by structured pruning), checked."""
+    table = manifest.get("structured") or {}
+    ok = isinstance(table, dict)
+    for name, e in (table.items() if ok else []):
+        ok = ok and isinstance(e, dict) and all(
+            isinstance(e.get(k), list) and len(e[k]) == 2 and all(isinstance(d, int) and d > 0 for d in e[k])
+            for k in ("shape", "dense_shape")) and isinstance(e.get("bias"), bool)
+    if not ok:
+        raise InputError(f"{MANIFEST}: the 'structured' table lacks or garbles a layer's shape or bias",
+                         "the manifest is corrupt; compress again")
+    return list(table.items())
+
+
+def rebuild_narrowed(entry: dict, dtype: torch.dtype) -> nn.Linear:
+    """An empty (meta) narrowed ``nn.Linear`` of its entry's shape, with its `Narrowed` record."""
+    (out_f, in_f), spec = entry["shape"], entry.get("spec") or {}
+    try:
+        spec = spec_from_dict(spec) if spec.get("method") else None
+    except InputError:
+        spec = None
+    layer = nn.Linear(in_f, out_f, bias=entry["bias"], device="meta", dtype=dtype)
+    return mark_narrowed(layer, Narrowed(tuple(entry["dense_shape"]), entry.get("rows"), entry.get("cols"),
+                                         bool(entry.get("bias_added")), spec, dict(entry.get("info") or {})))
 
 
 def restore_record(module: CompressedLinear, entry: dict) -> None:
@@ -437,6 +485,7 @@ def export(path: str | Path, out: str | Path, overwrite: bool = False, trust_rem
         for name, module in compressed_modules(model).items():
             W = module.dense_weight().to(dtype)  # (out, in)
             adapter.swap(model, name, adapter.dense_like(module.original, W, module.bias))
+        model, widths = standard_model(model, dtype)
         with _writing(out), outdir.atomic_dir(out) as tmp:
             model.save_pretrained(tmp, safe_serialization=True)
             for f in Path(path).iterdir():  # tokenizer and generation files, as they were
@@ -444,5 +493,49 @@ def export(path: str | Path, out: str | Path, overwrite: bool = False, trust_rem
                 if f.is_file() and f.name not in skip and not (tmp / f.name).exists():
                     shutil.copy2(f, tmp / f.name)
             (tmp / EXPORT_MARKER).write_text(json.dumps({"exported_from": str(Path(path).resolve()),
-                                                         "sparselm_version": __version__}, indent=1))
-    return {"out": str(out), "layers": len(manifest["layers"]), "dtype": manifest["storage_dtype"]}
+                                                         "sparselm_version": __version__, "widths": widths},
+                                                        indent=1))
+    return {"out": str(out), "layers": len(manifest["layers"]) + len(manifest.get("structured") or {}),
+            "dtype": manifest["storage_dtype"], "widths": widths}
+
+
+def standard_model(model: nn.Module, dtype: torch.dtype) -> tuple[nn.Module, str | None]:
+    """``model`` as a standard HF model of its class, and how its structurally pruned widths were written:
+    None (nothing narrowed), ``"narrow"`` (every block has the same widths: a config with smaller head counts
+    / ``intermediate_size``) or ``"padded"`` (widths differ per block: the removed rows and columns are put
+    back as zeros, same logits at the dense size). Bias flags are turned on where FLAP's compensation needs
+    them (the biases the architecture would then add are zeros)."""
+    narrowed = narrowed_modules(model)
+    if not narrowed:
+        return model, None
+    widths = adapter.block_widths(model)
+    if all(w == widths[0] for w in widths):
+        fresh = _fit(model, adapter.export_configs(model, widths[0]), dtype)
+        if fresh is not None:
+            return fresh, "narrow"
+    for name, m in narrowed.items():
+        rec = narrowed_of(m)
+        adapter.swap(model, name, adapter.padded_linear(m, rec.dense_shape, rec.rows, rec.cols))
+    fresh = _fit(model, adapter.export_configs(model, None), dtype)
+    if fresh is None:
+        raise InputError(f"{type(model).__name__}: no standard config describes this structurally pruned model "
+                         "(its compensation biases have no config flag)",
+                         "load the compressed directory with sparselm.load instead of exporting it")
+    return fresh, "padded"
+
+
+def _fit(model: nn.Module, configs, dtype: torch.dtype) -> nn.Module | None:
+    """A fresh model of ``model``'s class from the first config whose tensors all have ``model``'s shapes (the
+    extra tensors it has must be biases: they are set to zero), holding ``model``'s tensors; else None."""
+    state = model.state_dict()
+    for config in configs:
+        with torch.device("meta"):
+            probe = type(model)(config)
+        target = probe.state_dict()
+        if all(k in target and target[k].shape == v.shape for k, v in state.items()) and all(
+                k in state or k.endswith(".bias") for k in target):
+            fresh = type(model)(config).to(dtype)
+            full = {k: state[k] if k in state else torch.zeros_like(fresh.state_dict()[k]) for k in target}
+            fresh.load_state_dict(full)
+            return fresh.eval()
+    return None

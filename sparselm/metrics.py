@@ -81,6 +81,18 @@ def dense_accounting(out_features: int, in_features: int, dtype: torch.dtype) ->
             "ratio_stored": 0.0, "ratio_params": 0.0, "ratio_paper": 0.0}
 
 
+def narrow_accounting(shape: tuple[int, int], dense_shape: tuple[int, int], bias_added: bool,
+                      dtype: torch.dtype) -> dict:
+    """A structurally pruned plain layer ``shape`` = (out', in') against its dense ``dense_shape``; a bias the
+    method added counts (stored bytes and parameters: it is what the method spends to compensate)."""
+    (out_f, in_f), (d_out, d_in) = shape, dense_shape
+    dense_b, dense_p = formats.dense_bytes(d_out, d_in, dtype), d_out * d_in
+    stored, params = formats.narrow_bytes(out_f, in_f, dtype, bias_added), out_f * in_f + (out_f if bias_added else 0)
+    return {"shape": [d_out, d_in], "kept_shape": [out_f, in_f], "dense_bytes": dense_b, "stored_bytes": stored,
+            "params": params, "dense_params": dense_p, "ratio_stored": 1 - stored / dense_b,
+            "ratio_params": 1 - params / dense_p, "ratio_paper": 1 - params / dense_p}
+
+
 def totals(rows: list[dict]) -> dict:
     """The three ratios over all compressed layers (byte- and parameter-weighted)."""
     dense_b = sum(r["dense_bytes"] for r in rows)

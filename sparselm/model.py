@@ -284,3 +284,137 @@ def check_finite(model: nn.Module, names: list[str]) -> None:
         if not torch.isfinite(w).all():
             raise InputError(f"layer {name} has non-finite weights", "the checkpoint is corrupt or overflowed; "
                              "reload it in float32 or exclude the layer with an ignore pattern")
+
+
+# --- structured pruning: a block's prunable parts -------------------------------------------------------
+# fnmatch patterns on a linear's name inside its block. Attention: the projections whose output rows are the
+# heads, and the one that reads the heads (its input columns); MLP likewise for the hidden channels.
+ATTENTION_IN = ("*q_proj", "*k_proj", "*v_proj", "attention.self.query", "attention.self.key", "attention.self.value")
+ATTENTION_OUT = ("*o_proj", "*out_proj", "attention.output.dense")
+MLP_IN = ("*gate_proj", "*up_proj", "*fc1", "intermediate.dense")
+MLP_OUT = ("*down_proj", "*fc2", "output.dense")
+QUERY = ("*q_proj", "attention.self.query")
+
+
+@dataclass
+class Part:
+    """The attention or the MLP of one block, as structured pruning sees it: ``units`` prunable units (a
+    KV-head group with its query heads, or an MLP channel). Unit ``u`` is the input columns
+    ``cols[u]`` ``(width,)`` of the ``output`` linear and the output rows ``rows[name][u]`` of each linear in
+    ``inputs`` (q/k/v or gate/up)."""
+    kind: str                     # "attention" | "mlp"
+    inputs: list[str]             # qualified names
+    output: str
+    cols: torch.Tensor            # (units, width) long
+    rows: dict[str, torch.Tensor]  # name -> (units, rows per unit) long
+
+    @property
+    def units(self) -> int:
+        return self.cols.shape[0]
+
+
+def _heads(config) -> tuple[int, int, int]:
+    """(query heads, key/value heads, head dim) from the (text) config."""
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    n_h = config.num_attention_heads
+    n_kv = getattr(config, "num_key_value_heads", None) or n_h
+    d_h = getattr(config, "head_dim", None) or config.hidden_size // n_h
+    return n_h, n_kv, d_h
+
+
+def _units(n: int, width: int) -> torch.Tensor:
+    return torch.arange(n * width).view(n, width)  # (n, width): unit u = [u*width, (u+1)*width)
+
+
+def block_parts(model: nn.Module, block: nn.Module, prefix: str) -> list[Part]:
+    """The prunable parts of a block (nn.Linear projections found by name; GPT-2's fused Conv1D has none).
+    Attention units are whole KV groups (HF's ``repeat_kv``: query head ``h`` reads KV head ``h // g``)."""
+    rel = {n: m for n, m in block.named_modules() if n and isinstance(m, nn.Linear)}
+
+    def pick(patterns):
+        return [n for n in rel if any(fnmatch.fnmatch(n, p) for p in patterns)]
+
+    parts = []
+    a_in, a_out = pick(ATTENTION_IN), pick(ATTENTION_OUT)
+    if len(a_in) == 3 and len(a_out) == 1:
+        n_h, n_kv, d_h = _heads(model.config)
+        g = n_h // n_kv
+        if rel[a_out[0]].in_features == n_h * d_h and all(
+                rel[n].out_features == (n_h if n in pick(QUERY) else n_kv) * d_h for n in a_in):
+            rows = {prefix + n: _units(n_kv, (g if n in pick(QUERY) else 1) * d_h) for n in a_in}
+            parts.append(Part("attention", [prefix + n for n in a_in], prefix + a_out[0], _units(n_kv, g * d_h), rows))
+    m_in, m_out = pick(MLP_IN), [n for n in pick(MLP_OUT) if n not in a_out]
+    if m_in and len(m_out) == 1 and all(rel[n].out_features == rel[m_out[0]].in_features for n in m_in):
+        width = rel[m_out[0]].in_features
+        parts.append(Part("mlp", [prefix + n for n in m_in], prefix + m_out[0], _units(width, 1),
+                          {prefix + n: _units(width, 1) for n in m_in}))
+    return parts
+
+
+def narrow_linear(layer: nn.Linear, rows: torch.Tensor | None = None, cols: torch.Tensor | None = None,
+                  weight: torch.Tensor | None = None, bias: torch.Tensor | None = None) -> nn.Linear:
+    """A plain ``nn.Linear`` keeping output ``rows`` / input ``cols`` of ``layer`` (None: all), with its weight
+    taken from ``weight`` ``(out, in)`` (default: the layer's) and ``bias`` (default: the layer's, narrowed)."""
+    W = layer.weight.detach() if weight is None else weight.to(layer.weight.dtype)
+    W = W if rows is None else W[rows]
+    W = W if cols is None else W[:, cols]
+    if bias is None and layer.bias is not None:
+        bias = layer.bias.detach() if rows is None else layer.bias.detach()[rows]
+    new = nn.Linear(W.shape[1], W.shape[0], bias=bias is not None, device=W.device, dtype=layer.weight.dtype)
+    new.weight.data.copy_(W)
+    if bias is not None:
+        new.bias.data.copy_(bias.to(new.bias.dtype))
+    return new
+
+
+def block_widths(model: nn.Module) -> list[dict[str, int]]:
+    """Each block's attention and MLP widths as config fields (after structured pruning they may differ from
+    the config): query / key-value heads from the q and k projections' rows, ``head_dim``, ``intermediate_size``."""
+    _, blocks = find_blocks(model)
+    n_h, n_kv, d_h = _heads(model.config)
+    out = []
+    for block in blocks:
+        rel = {n: m for n, m in block.named_modules() if n and isinstance(m, nn.Linear)}
+        w = {"head_dim": d_h}
+        for n, m in rel.items():
+            if any(fnmatch.fnmatch(n, p) for p in QUERY):
+                w["num_attention_heads"] = m.out_features // d_h
+            elif any(fnmatch.fnmatch(n, p) for p in ATTENTION_IN) and n.endswith(("k_proj", "key")):
+                w["num_key_value_heads"] = m.out_features // d_h
+            elif any(fnmatch.fnmatch(n, p) for p in MLP_IN):
+                w["intermediate_size"] = m.out_features
+        out.append(w)
+    return out
+
+
+def export_configs(model: nn.Module, widths: dict[str, int] | None) -> Iterator[Any]:
+    """Candidate standard configs for an exported structurally pruned model, simplest first: ``widths`` set
+    (None: the original widths, for a model padded back to them), then with the config's bias flags on
+    (``attention_bias``, ``mlp_bias``: FLAP's compensation needs o_proj / down_proj biases). The caller keeps
+    the first whose freshly built model has every tensor of the right shape."""
+    import copy
+    flags = [f for f in ("attention_bias", "mlp_bias") if getattr(model.config, f, None) is False]
+    for on in [(), *((f,) for f in flags)] + ([tuple(flags)] if len(flags) > 1 else []):
+        config = copy.deepcopy(model.config)
+        for k, v in (widths or {}).items():
+            if k != "num_key_value_heads" or hasattr(config, k):
+                setattr(config, k, v)
+        for f in on:
+            setattr(config, f, True)
+        yield config
+
+
+def padded_linear(layer: nn.Linear, dense_shape: tuple[int, int], rows: list[int] | None,
+                  cols: list[int] | None) -> nn.Linear:
+    """A narrowed layer put back at its dense shape: the removed rows / columns are zeros (so are their biases)."""
+    W = torch.zeros(dense_shape, dtype=layer.weight.dtype)
+    r = torch.arange(dense_shape[0]) if rows is None else torch.tensor(rows)
+    c = torch.arange(dense_shape[1]) if cols is None else torch.tensor(cols)
+    W[r.unsqueeze(1), c.unsqueeze(0)] = layer.weight.detach()
+    new = nn.Linear(dense_shape[1], dense_shape[0], bias=layer.bias is not None, dtype=layer.weight.dtype)
+    new.weight.data.copy_(W)
+    if layer.bias is not None:
+        b = torch.zeros(dense_shape[0], dtype=layer.bias.dtype)
+        b[r] = layer.bias.detach()
+        new.bias.data.copy_(b)
+    return new

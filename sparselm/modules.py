@@ -23,6 +23,7 @@ copy); ``reference_forward`` is the plain twin, also taken for gradients, other 
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass, field
 from typing import Iterator
 
 import torch
@@ -30,9 +31,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import formats, kernels
-from .config import CoefStorage, MethodSpec, Pattern
-from .packing import SCALE_BUFFER, VALUE_BUFFER, decode_values, encode_values, index_bits, pack_bits, \
-    unpack_bits, value_count
+from .config import CoefStorage, MethodSpec, Pattern, Storage
+from .packing import SCALE_BUFFER, VALUE_BUFFER, ZERO_BUFFER, QParams, block_groups, decode_values, \
+    encode_values, index_bits, masked_groups, pack_bits, unpack_bits, value_count
 
 MODULE_CLASSES: dict[str, type["CompressedLinear"]] = {}
 
@@ -44,6 +45,9 @@ class CompressedLinear(nn.Module):
     spec: MethodSpec | None = None      # what made it (None: unknown, e.g. built by hand)
     info: dict = {}                     # the method's record (replaced per instance, never mutated)
     group: tuple[str, ...] = ()         # layers sharing its dictionary (itself included); () = none
+    storage: CoefStorage = CoefStorage.DTYPE  # how its values are stored (`config.Storage`) ...
+    quant_group: int = 0                      # ... and int8/int4's group along the input dimension
+    count: int | None = None                  # stored values (recorded: int4 byte lengths leave it open)
     kernel_path: str | None = None  # None: `sparselm.kernels.policy` chooses; "reference": the plain forward
     _runtime = None  # the runtime form its kernel reads (built on first fast forward; see `runtime`)
     _runtime_key: tuple | None = None
@@ -121,9 +125,24 @@ class CompressedLinear(nn.Module):
         """Everything `io.save` writes for this layer (bias included)."""
         return self.weight_bytes() + self.bias_bytes()
 
+    @property
+    def store(self) -> Storage:
+        return Storage(self.storage, self.quant_group)
+
+    def kernel_native(self) -> bool:
+        """Whether the kernels read this value storage (model dtype / bf16 / fp16 / 14-bit / per-row int8);
+        other storages (int4, grouped int8) run the reference forward."""
+        return not (self.storage is CoefStorage.INT4 or (self.storage is CoefStorage.INT8 and self.quant_group))
+
+    def _value_dtype(self) -> torch.dtype:
+        """The dtype a model-dtype storage holds (what `formats` needs for ``storage: dtype``)."""
+        t = getattr(self, "values", None)
+        return t.dtype if t is not None and t.is_floating_point() else torch.float32
+
     def meta(self) -> dict:
         """Constructor arguments that, with the buffers' shapes, rebuild an empty module (see `empty`)."""
-        return {"in_features": self.in_features, "out_features": self.out_features, "original": self.original}
+        return {"in_features": self.in_features, "out_features": self.out_features, "original": self.original,
+                "storage": self.storage.value, "quant_group": self.quant_group, "count": self.count}
 
     @classmethod
     def empty(cls, meta: dict, shapes: dict[str, tuple[list[int], str]]) -> "CompressedLinear":
@@ -131,6 +150,7 @@ class CompressedLinear(nn.Module):
         module = cls.__new__(cls)
         CompressedLinear.__init__(module, meta["in_features"], meta["out_features"])
         for key, value in meta.items():
+            key = {"coef_storage": "storage"}.get(key, key)  # saved before the one storage rule
             setattr(module, key, _meta_value(key, value))
         for name, (shape, dtype) in shapes.items():
             module.register_buffer(name, torch.zeros(shape, dtype=getattr(torch, dtype)))
@@ -171,55 +191,97 @@ def dense_cache(module: nn.Module) -> Iterator[None]:
 def _meta_value(key: str, value):
     if key == "pattern" and value is not None:
         return Pattern.parse(value)
-    if key == "coef_storage":
+    if key == "storage":
         return CoefStorage(value)
     return value
 
 
 # --- values + bitmask for a (rows, cols) matrix -------------------------------------------------------
-def encode_masked(matrix: torch.Tensor, mask: torch.Tensor, storage: CoefStorage, dtype: torch.dtype) -> dict:
-    """Nonzero values (row-major order of ``mask``) + a packed 1-bit mask of ``matrix`` ``(rows, cols)``."""
-    rows = mask.nonzero()[:, 0]
-    enc = encode_values(matrix[mask], storage, dtype, rows, n_rows=mask.shape[0])
+def encode_masked(matrix: torch.Tensor, mask: torch.Tensor, store: Storage, dtype: torch.dtype,
+                  params: QParams | None = None) -> dict:
+    """Nonzero values (row-major order of ``mask``) + a packed 1-bit mask of ``matrix`` ``(rows, cols)``;
+    int8/int4: one group per row or per ``store.group`` columns of a row (``params``: given, else fitted)."""
+    groups, n = masked_groups(mask, store.group)
+    enc = encode_values(matrix[mask], store.kind, dtype, groups, n, params)
     return {"mask": pack_bits(mask, 1), **enc}
 
 
 def masked_buffers(module: nn.Module, storage: CoefStorage) -> dict[str, torch.Tensor]:
     """A values + bitmask layer's buffers by saved name: ``mask``, the values of ``storage`` (``values``,
-    ``values14`` or ``values_int8``) and, for int8, ``scale`` (what a kernel's runtime form reads)."""
-    names = ("mask", VALUE_BUFFER[storage], SCALE_BUFFER)
+    ``values14``, ``values_int8`` or ``values_int4``) and ``scale`` / ``zero`` when it has them (what a
+    kernel's runtime form reads)."""
+    names = ("mask", VALUE_BUFFER[storage], SCALE_BUFFER, ZERO_BUFFER)
     return {name: getattr(module, name) for name in names if getattr(module, name, None) is not None}
 
 
-def decode_masked(module: nn.Module, rows: int, cols: int, storage: CoefStorage) -> torch.Tensor:
-    """Inverse of `encode_masked`, from ``module``'s ``mask`` and value buffers of ``storage``."""
-    enc = masked_buffers(module, storage)
+def decode_masked(module: nn.Module, rows: int, cols: int, store: Storage) -> torch.Tensor:
+    """Inverse of `encode_masked`, from ``module``'s ``mask`` and value buffers of ``store``."""
+    enc = masked_buffers(module, store.kind)
     mask = unpack_bits(enc.pop("mask"), 1, rows * cols).view(rows, cols).bool()  # (rows, cols)
-    nnz = int(mask.sum())
-    values = decode_values(enc, storage, nnz, mask.nonzero()[:, 0] if storage is CoefStorage.INT8 else None)
+    groups = masked_groups(mask, store.group)[0] if store.kind.quantized else None
+    values = decode_values(enc, store.kind, int(mask.sum()), groups)
     out = torch.zeros(rows, cols, dtype=values.dtype if values.is_floating_point() else torch.float32)
     out[mask] = values.to(out.dtype)
     return out
 
 
+def encode_dense(name: str, M: torch.Tensor, store: Storage, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """A dense factor ``M`` ``(rows, cols)`` (quantized along ``cols``) as buffers named after ``name``:
+    ``name`` (float storages), ``name14``, ``name_int8`` / ``name_int4`` + ``name_scale`` (+ ``name_zero``)."""
+    ones = torch.ones_like(M, dtype=torch.bool)
+    groups, n = masked_groups(ones, store.group)
+    enc = encode_values(M.reshape(-1), store.kind, dtype, groups, n)
+    return {_dense_name(name, key): t for key, t in enc.items()}
+
+
+def decode_dense(module: nn.Module, name: str, rows: int, cols: int, store: Storage) -> torch.Tensor:
+    """Inverse of `encode_dense`: ``(rows, cols)``."""
+    keys = (VALUE_BUFFER[store.kind], SCALE_BUFFER, ZERO_BUFFER)
+    enc = {k: getattr(module, _dense_name(name, k)) for k in keys if getattr(module, _dense_name(name, k), None)
+           is not None}
+    groups = masked_groups(torch.ones(rows, cols, dtype=torch.bool), store.group)[0] if store.kind.quantized else None
+    return decode_values(enc, store.kind, rows * cols, groups).view(rows, cols)
+
+
+def _dense_name(name: str, key: str) -> str:
+    return name + {"values": "", "values14": "14"}.get(key, "_" + key.removeprefix("values_"))
+
+
 class SparseLinear(CompressedLinear):
-    """A pruned linear layer.
+    """A pruned linear layer. Values are stored as ``store`` says (`formats`: model dtype by default).
 
     Buffers (unstructured): ``mask`` uint8 ``(ceil(out·in/8),)`` packed bitmask of nonzeros (row-major);
-    ``values`` ``(nnz,)`` the kept weights in row-major order.
-    Buffers (N:M, ``pattern`` set): ``values`` ``(out, in·n/m)`` the kept weights of each group in order;
-    ``indices`` uint8 packed positions inside each group, ``ceil(log2 m)`` bits each.
+    the kept weights in row-major order as ``values`` (a float dtype), ``values14``, ``values_int8`` or
+    ``values_int4`` (+ ``scale`` fp16 and, int4, packed 4-bit ``zero``: one per row, or per ``quant_group`` inputs).
+    Buffers (N:M, ``pattern`` set): the kept weights of each group in order (model dtype: ``values``
+    ``(out, in·n/m)``; other storages flat, as above); ``indices`` uint8 packed positions inside each group,
+    ``ceil(log2 m)`` bits each.
+    Buffers (1×g blocks, ``block`` set, GQSA): ``mask`` packed over the ``(out, in/g)`` blocks (absent when every
+    block is kept), the kept blocks' values in row-major order, one ``scale`` (+ ``zero``) per kept block.
     ``bias`` ``(out,)`` when the original layer had one.
     """
+    block: bool = False
 
     def __init__(self, weight: torch.Tensor, mask: torch.Tensor, bias: torch.Tensor | None = None,
-                 pattern: Pattern | None = None, dtype: torch.dtype | None = None):
+                 pattern: Pattern | None = None, dtype: torch.dtype | None = None,
+                 store: Storage = formats.MODEL_DTYPE, qparams: QParams | None = None, block: bool = False):
         out_f, in_f = weight.shape
         super().__init__(in_f, out_f)
         dtype = dtype or weight.dtype
-        self.pattern = pattern
-        if pattern is None:
-            self._set(**encode_masked(weight, mask.bool(), CoefStorage.DTYPE, dtype))
+        mask, store = mask.bool(), Storage.of(store)
+        self.pattern, self.storage, self.quant_group, self.block = pattern, store.kind, store.group, block
+        self.count = int(mask.sum())
+        if block:
+            g = store.group
+            blocks = mask.view(out_f, in_f // g, g).any(-1)  # (out, in/g)
+            groups, n = block_groups(blocks, g)
+            values = weight.view(out_f, in_f // g, g)[blocks].reshape(-1)  # (kept*g,)
+            self.count = values.numel()
+            self._set(**encode_values(values, store.kind, dtype, groups, n, qparams))
+            if not bool(blocks.all()):
+                self._set(mask=pack_bits(blocks, 1))
+        elif pattern is None:
+            self._set(**encode_masked(weight, mask, store, dtype, qparams))
         else:
             n, m = pattern.n, pattern.m
             groups = mask.view(out_f, in_f // m, m)
@@ -227,90 +289,164 @@ class SparseLinear(CompressedLinear):
                 raise ValueError(f"mask is not exactly {pattern} (every group of {m} must keep {n})")
             pos = groups.nonzero()[:, 2].view(out_f, in_f // m, n)  # (out, groups, n) sorted positions
             values = weight.view(out_f, in_f // m, m).gather(2, pos).reshape(out_f, -1)  # (out, in*n/m)
-            self._set(values=values.to(dtype), indices=pack_bits(pos, index_bits(m)))
+            if store.kind is CoefStorage.DTYPE:
+                enc = {"values": values.to(dtype)}
+            else:  # flat, row-major: the same order as the mask's nonzeros
+                vgroups, n_groups = masked_groups(mask, store.group)
+                enc = encode_values(values.reshape(-1), store.kind, dtype, vgroups, n_groups, qparams)
+            self._set(**enc, indices=pack_bits(pos, index_bits(m)))
         self._set(bias=None if bias is None else bias.detach().to(dtype))
 
     @classmethod
     def from_result(cls, result, bias: torch.Tensor | None, dtype: torch.dtype) -> "SparseLinear":
-        """From `methods.Pruned` (``weight``, ``mask``, ``pattern``)."""
-        return cls(result.weight, result.mask, bias, result.pattern, dtype)
+        """From `methods.Pruned` (``weight``, ``mask``, ``pattern``, ``store``, ``qparams``, ``block``)."""
+        return cls(result.weight, result.mask, bias, result.pattern, dtype, result.store, result.qparams,
+                   result.block)
 
     def meta(self) -> dict:
-        return {**super().meta(), "pattern": None if self.pattern is None else str(self.pattern)}
+        return {**super().meta(), "pattern": None if self.pattern is None else str(self.pattern),
+                "block": self.block}
 
     @property
     def nnz(self) -> int:
-        return self.values.numel()
+        if self.count is not None:
+            return self.count
+        return value_count(getattr(self, VALUE_BUFFER[self.storage]), self.storage)
+
+    def _blocks(self) -> torch.Tensor:  # (out, in/g) bool
+        shape = (self.out_features, self.in_features // self.quant_group)
+        if getattr(self, "mask", None) is None:
+            return torch.ones(shape, dtype=torch.bool, device=self.scale.device)
+        return unpack_bits(self.mask, 1, shape[0] * shape[1]).view(shape).bool()
 
     def weight_bytes(self, users: int = 1) -> int:
-        return formats.sparse_bytes(self.out_features, self.in_features, self.nnz, self.values.dtype, self.pattern)
+        if self.block:
+            return formats.block_sparse_bytes(self.out_features, self.in_features, self.nnz // self.quant_group,
+                                              self._value_dtype(), self.store)
+        return formats.sparse_bytes(self.out_features, self.in_features, self.nnz, self._value_dtype(),
+                                    self.pattern, self.store)
 
     def params(self, users: int = 1) -> float:
         return self.nnz
 
     def paper_params(self, users: int = 1) -> float:
-        meta_bits = index_bits(self.pattern.m) * self.nnz if self.pattern else self.in_features * self.out_features
+        if self.block:
+            meta_bits = 0 if getattr(self, "mask", None) is None else self.mask.numel() * 8
+        else:
+            meta_bits = index_bits(self.pattern.m) * self.nnz if self.pattern else self.in_features * self.out_features
         return self.nnz + meta_bits / 16
+
+    def _enc(self) -> dict[str, torch.Tensor]:
+        names = (VALUE_BUFFER[self.storage], SCALE_BUFFER, ZERO_BUFFER)
+        return {k: getattr(self, k) for k in names if getattr(self, k, None) is not None}
 
     def dense_weight(self) -> torch.Tensor:
         out_f, in_f = self.out_features, self.in_features
+        if self.block:
+            g, blocks = self.quant_group, self._blocks()
+            groups, _ = block_groups(blocks, g)
+            values = decode_values(self._enc(), self.storage, self.nnz, groups)
+            w = torch.zeros(out_f, in_f // g, g, dtype=values.dtype, device=values.device)
+            w[blocks] = values.view(-1, g)
+            return w.view(out_f, in_f)
         if self.pattern is None:
-            return decode_masked(self, out_f, in_f, CoefStorage.DTYPE)
+            return decode_masked(self, out_f, in_f, self.store)
         n, m = self.pattern.n, self.pattern.m
         pos = unpack_bits(self.indices, index_bits(m), out_f * in_f * n // m).view(out_f, in_f // m, n)
-        w = torch.zeros(out_f, in_f // m, m, dtype=self.values.dtype, device=self.values.device)
-        w.scatter_(2, pos.to(w.device), self.values.view(out_f, in_f // m, n))
+        if self.storage is CoefStorage.DTYPE:
+            values = self.values
+        else:
+            mask = torch.zeros(out_f, in_f // m, m, dtype=torch.bool, device=pos.device)
+            mask.scatter_(2, pos, True)
+            groups = masked_groups(mask.view(out_f, in_f), self.quant_group)[0] if self.store.kind.quantized else None
+            values = decode_values(self._enc(), self.storage, self.nnz, groups)
+        w = torch.zeros(out_f, in_f // m, m, dtype=values.dtype, device=values.device)
+        w.scatter_(2, pos.to(w.device), values.reshape(out_f, in_f // m, n))
         return w.view(out_f, in_f)
 
-    def build_runtime(self) -> kernels.Masked:
+    def kernel_native(self) -> bool:
+        return super().kernel_native() and not self.block and (self.pattern is None
+                                                               or self.storage is CoefStorage.DTYPE)
+
+    def build_runtime(self) -> kernels.Masked | None:
+        if not self.kernel_native():
+            return None
         out_f, in_f = self.out_features, self.in_features
         if self.pattern is None:
-            return kernels.from_bitmask(masked_buffers(self, CoefStorage.DTYPE), out_f, in_f)
+            return kernels.from_bitmask(masked_buffers(self, self.storage), out_f, in_f)
         n, m = self.pattern.n, self.pattern.m
         pos = unpack_bits(self.indices, index_bits(m), out_f * in_f * n // m).view(out_f, in_f // m, n)
         return kernels.from_nm(self.values, pos, n, m)
 
     def fast_forward(self, x: torch.Tensor, path: str | None = None) -> torch.Tensor:
+        if not self.kernel_native():
+            return self.reference_forward(x)
         return kernels.masked_linear(x, self.runtime(), self.bias, path or self.kernel_path)
 
 
 class LowRankLinear(CompressedLinear):
-    """Wᵀ ≈ U V. Buffers: ``U`` ``(in, r)``, ``V`` ``(r, out)``, optional ``bias`` ``(out,)``.
+    """Wᵀ ≈ U V. Buffers (model dtype): ``U`` ``(in, r)``, ``V`` ``(r, out)``; other storages: ``Uᵀ`` ``(r, in)``
+    and ``Vᵀ`` ``(out, r)`` row-major as ``U14`` / ``U_int8`` / ``U_int4`` + ``U_scale`` (+ ``U_zero``), same for
+    ``V`` (`encode_dense`; bf16/fp16: ``U``, ``V`` flat); optional ``bias`` ``(out,)``.
     Forward: ``(X U) V + b``, two dense products."""
+    stored_rank: int = 0
 
     def __init__(self, U: torch.Tensor, V: torch.Tensor, bias: torch.Tensor | None = None,
-                 dtype: torch.dtype | None = None):
+                 dtype: torch.dtype | None = None, store: Storage = formats.MODEL_DTYPE):
         super().__init__(U.shape[0], V.shape[1])
         dtype = dtype or U.dtype
-        self._set(U=U.to(dtype), V=V.to(dtype), bias=None if bias is None else bias.detach().to(dtype))
+        store = Storage.of(store)
+        self.storage, self.quant_group, self.stored_rank = store.kind, store.group, U.shape[1]
+        if store.kind is CoefStorage.DTYPE:
+            self._set(U=U.to(dtype), V=V.to(dtype))
+        else:
+            self._set(**encode_dense("U", U.T, store, dtype), **encode_dense("V", V.T, store, dtype))
+        self._set(bias=None if bias is None else bias.detach().to(dtype))
 
     @classmethod
     def from_result(cls, result, bias: torch.Tensor | None, dtype: torch.dtype) -> "LowRankLinear":
-        """From `methods.Factored` (``U``, ``V``)."""
-        return cls(result.U, result.V, bias, dtype)
+        """From `methods.Factored` (``U``, ``V``, ``store``)."""
+        return cls(result.U, result.V, bias, dtype, result.store)
+
+    def meta(self) -> dict:
+        return {**super().meta(), "stored_rank": self.stored_rank}
 
     @property
     def rank(self) -> int:
-        return self.U.shape[1]
+        return self.U.shape[1] if self.storage is CoefStorage.DTYPE else self.stored_rank
+
+    def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``U`` ``(in, r)``, ``V`` ``(r, out)`` as stored (decoded for storages other than the model dtype)."""
+        if self.storage is CoefStorage.DTYPE:
+            return self.U, self.V
+        r = self.rank
+        return (decode_dense(self, "U", r, self.in_features, self.store).T,
+                decode_dense(self, "V", self.out_features, r, self.store).T)
 
     def weight_bytes(self, users: int = 1) -> int:
-        return formats.lowrank_bytes(self.in_features, self.out_features, self.rank, self.U.dtype)
+        dtype = self.U.dtype if self.storage is CoefStorage.DTYPE else torch.float32
+        return formats.lowrank_bytes(self.in_features, self.out_features, self.rank, dtype, self.store)
 
     def params(self, users: int = 1) -> float:
         return (self.in_features + self.out_features) * self.rank
 
     def dense_weight(self) -> torch.Tensor:
-        return (self.U.float() @ self.V.float()).T  # (out, in)
+        U, V = self.factors()
+        return (U.float() @ V.float()).T  # (out, in)
 
     def reference_forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = (x @ self.U.to(x.dtype)) @ self.V.to(x.dtype)  # (..., in) -> (..., r) -> (..., out)
+        U, V = self.factors()
+        y = (x @ U.to(x.dtype)) @ V.to(x.dtype)  # (..., in) -> (..., r) -> (..., out)
         return y if self.bias is None else y + self.bias.to(x.dtype)
 
     def build_runtime(self) -> bool:
-        self.U, self.V = kernels.colmajor(self.U), kernels.colmajor(self.V)  # same values, same bytes
+        if self.storage is CoefStorage.DTYPE:
+            self.U, self.V = kernels.colmajor(self.U), kernels.colmajor(self.V)  # same values, same bytes
         return True
 
     def fast_forward(self, x: torch.Tensor, path: str | None = None) -> torch.Tensor:
+        if self.storage is not CoefStorage.DTYPE:
+            return self.reference_forward(x)
         self.runtime()
         return kernels.lowrank_linear(x, self.U, self.V, self.bias, path or self.kernel_path)
 
@@ -318,42 +454,48 @@ class LowRankLinear(CompressedLinear):
 class SparseDictLinear(CompressedLinear):
     """Wᵀ ≈ D S with S column-sparse (each output channel uses a few atoms).
 
-    Buffers: ``D`` ``(in, k)`` dense dictionary; ``mask`` packed bitmask of Sᵀ ``(out, k)``; the nonzero
-    coefficients of Sᵀ in row-major order as ``values`` (bf16/fp16/model dtype), ``values14`` (14-bit
-    packed bf16) or ``values_int8`` + ``scale`` ``(out,)`` (per output channel); optional ``bias``.
+    Buffers: ``D`` ``(in, k)`` dense dictionary (model dtype); ``mask`` packed bitmask of Sᵀ ``(out, k)``; the
+    nonzero coefficients of Sᵀ in row-major order, stored as ``store`` says: ``values`` (a float dtype),
+    ``values14`` (14-bit packed bf16), ``values_int8`` or ``values_int4`` + ``scale`` (+ ``zero``), one per output
+    channel or per ``quant_group`` atoms; optional ``bias``.
     Forward: ``(X D) S + b``. Layers of a ``group`` hold the very same ``D`` tensor (`io.save` writes it once).
     """
 
     def __init__(self, D: torch.Tensor, S: torch.Tensor, mask: torch.Tensor, bias: torch.Tensor | None = None,
-                 coef_storage: CoefStorage = CoefStorage.DTYPE, dtype: torch.dtype | None = None):
+                 store: Storage = formats.MODEL_DTYPE, dtype: torch.dtype | None = None,
+                 qparams: QParams | None = None):
         super().__init__(D.shape[0], S.shape[1])
         dtype = dtype or D.dtype
-        self.k, self.coef_storage = D.shape[1], coef_storage
-        self._set(D=D.to(dtype), **encode_masked(S.T, mask.T.bool(), coef_storage, dtype),
+        store = Storage.of(store)
+        self.k, self.storage, self.quant_group = D.shape[1], store.kind, store.group
+        self.count = int(mask.sum())
+        self._set(D=D.to(dtype), **encode_masked(S.T, mask.T.bool(), store, dtype, qparams),
                   bias=None if bias is None else bias.detach().to(dtype))
 
     @classmethod
     def from_result(cls, result, bias: torch.Tensor | None, dtype: torch.dtype) -> "SparseDictLinear":
-        """From `methods.SparseDict` (``D``, ``S``, ``mask``, ``coef_storage``)."""
-        return cls(result.D, result.S, result.mask, bias, result.coef_storage, dtype)
+        """From `methods.SparseDict` (``D``, ``S``, ``mask``, ``store``, ``qparams``)."""
+        return cls(result.D, result.S, result.mask, bias, result.store, dtype, result.qparams)
 
     def meta(self) -> dict:
-        return {**super().meta(), "k": self.k, "coef_storage": self.coef_storage.value}
+        return {**super().meta(), "k": self.k}
 
     @property
     def nnz(self) -> int:
-        return value_count(getattr(self, VALUE_BUFFER[self.coef_storage]), self.coef_storage)
+        if self.count is not None:
+            return self.count
+        return value_count(getattr(self, VALUE_BUFFER[self.storage]), self.storage)
 
     def weight_bytes(self, users: int = 1) -> int:
         d = formats.dictionary_bytes(self.in_features, self.k, self.D.dtype)
-        own = formats.coefficient_bytes(self.out_features, self.k, self.nnz, self.coef_storage, self.D.dtype)
+        own = formats.coefficient_bytes(self.out_features, self.k, self.nnz, self.store, self.D.dtype)
         return own + d - d * (users - 1) // users  # the other users carry the rest of D
 
     def params(self, users: int = 1) -> float:
         return self.in_features * self.k / users + self.nnz
 
     def coefficients(self) -> torch.Tensor:  # (k, out)
-        return decode_masked(self, self.out_features, self.k, self.coef_storage).T
+        return decode_masked(self, self.out_features, self.k, self.store).T
 
     def dense_weight(self) -> torch.Tensor:
         return (self.D.float() @ self.coefficients().float()).T  # (out, in)
@@ -362,9 +504,39 @@ class SparseDictLinear(CompressedLinear):
         y = (x @ self.D.to(x.dtype)) @ self.coefficients().to(x.dtype)  # (..., in) -> (..., k) -> (..., out)
         return y if self.bias is None else y + self.bias.to(x.dtype)
 
-    def build_runtime(self) -> kernels.Masked:
+    def build_runtime(self) -> kernels.Masked | None:
         self.D = kernels.colmajor(self.D)  # same values, same bytes; a shared D stays shared
-        return kernels.from_bitmask(masked_buffers(self, self.coef_storage), self.out_features, self.k)
+        if not self.kernel_native():
+            return None
+        return kernels.from_bitmask(masked_buffers(self, self.storage), self.out_features, self.k)
 
     def fast_forward(self, x: torch.Tensor, path: str | None = None) -> torch.Tensor:
+        if not self.kernel_native():
+            return self.reference_forward(x)
         return kernels.dict_linear(x, self.D, self.runtime(), self.bias, path or self.kernel_path)
+
+
+# --- structured pruning: plain narrower nn.Linear layers --------------------------------------------------
+NARROWED = "sparselm_narrowed"  # the attribute of a plain nn.Linear that structured pruning narrowed
+
+
+@dataclass
+class Narrowed:
+    """What structured pruning made of a plain ``nn.Linear`` (kept on it as ``NARROWED``): the dense shape it
+    had, the output ``rows`` / input ``cols`` it kept (None: all), whether the method added its bias, the spec
+    and the method's record. Its stored bytes: `formats.narrow_bytes` of the layer's shape."""
+    dense_shape: tuple[int, int]
+    rows: list[int] | None
+    cols: list[int] | None
+    bias_added: bool = False
+    spec: MethodSpec | None = None
+    info: dict = field(default_factory=dict)
+
+
+def narrowed_of(module: nn.Module) -> Narrowed | None:
+    return getattr(module, NARROWED, None) if isinstance(module, nn.Linear) else None
+
+
+def mark_narrowed(module: nn.Linear, record: Narrowed) -> nn.Linear:
+    setattr(module, NARROWED, record)
+    return module

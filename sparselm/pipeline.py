@@ -10,7 +10,10 @@ inputs of the current window (one tensor per calibration batch) plus the statist
 """
 from __future__ import annotations
 
+import copy
+import dataclasses
 import fnmatch
+import logging
 import math
 import time
 from dataclasses import dataclass
@@ -20,15 +23,17 @@ from typing import Any, Callable, Iterator, Protocol
 import torch
 from torch import nn
 
-from . import dist, model as adapter
-from .budget import Allocation, Plan, plan_knapsack
+from . import dist, fidelity, model as adapter
+from .budget import Allocation, Plan, method_errors, plan_knapsack, rescale
 from .capture import LinearStats, activation_store, record
-from .config import Allocate, CoSpaDiSpec, MethodSpec, Ratio, Recipe
+from .config import Allocate, CoSpaDiSpec, MethodSpec, Ratio, Recipe, StructuredSpec
 from .errors import InputError
+from .metrics import perplexity
 from .methods import Factored, Pruned, Result, SparseDict, compress_group
 from .modules import MODULE_CLASSES, CompressedLinear, LowRankLinear, SparseDictLinear, SparseLinear, dense_cache
 from .profile import profile_layer, relative_error
 
+log = logging.getLogger(__name__)
 FORMATS: dict[type, type[CompressedLinear]] = {Pruned: SparseLinear, Factored: LowRankLinear,
                                                SparseDict: SparseDictLinear}  # method result -> its format
 
@@ -288,12 +293,12 @@ def make_plan(model: nn.Module, calib: torch.Tensor, recipe: Recipe, device: tor
               batch_size: int = 8, cache: dict | None = None, source: BlockSource | None = None,
               spill: str | Path | None = None) -> Plan:
     """Uniform: every targeted layer gets the recipe's spec. Knapsack: profile every targeted layer
-    (`profile.profile_layer`; ``cache``, see `compress`) and let `budget.plan_knapsack` choose.
-    (With a ``source`` the blocks' weights are checked as the walk reads them.)"""
+    (`profile.profile_layer`; ``cache``, see `compress`) and let `budget.plan_knapsack` choose; with several
+    methods, `select_plan` then keeps the best of that plan and the others it scores end to end (the model in
+    memory only). (With a ``source`` the blocks' weights are checked as the walk reads them.)"""
     names = targets(model, recipe)
     if source is None:
         adapter.check_finite(model, [n for block in names for n in block])
-    rows = None
     if recipe.allocate is Allocate.KNAPSACK:
         target = recipe.methods[0].target
         if not isinstance(target, Ratio) or any(s.target != target for s in recipe.methods):
@@ -303,12 +308,101 @@ def make_plan(model: nn.Module, calib: torch.Tensor, recipe: Recipe, device: tor
         options, shapes = profile_options(model, calib, names, grid, device, dtype, batch_size, cache, source,
                                           spill)
         dense = sum(o.size for opts in options.values() for o in opts if o.payload is None)
-        rows = plan_knapsack(options, shapes, target.value, (1 - target.value) * dense)
+        budget = (1 - target.value) * dense
+        plan = _plan(model, names, rows=plan_knapsack(options, shapes, target.value, budget))
+        if len({s.name for s in grid}) > 1 and source is not None:
+            log.warning("mixed menu on a lazily loaded model: its candidate plans need the whole model in memory and "
+                        "are not scored; the knapsack plan is used as it is (load the model in memory to compare)")
+        elif len({s.name for s in grid}) > 1:  # a mixed menu: never worse than the best of its methods alone
+            plan = select_plan(model, calib, names, grid, plan, options, shapes, budget, device, dtype, batch_size,
+                               spill)
+        return plan
+    return _plan(model, names, specs={n: recipe.methods[0] for block in names for n in block})
+
+
+def _plan(model: nn.Module, names: list[list[str]], specs: dict[str, MethodSpec] | None = None,
+          rows: list[Allocation] | None = None) -> Plan:
+    """The plan of ``specs`` (uniform) or of a knapsack's ``rows`` (layers kept dense are left out)."""
+    if rows is not None:
         specs = {a.layer: a.spec for a in rows if not a.kept_dense}
-    else:
-        specs = {n: recipe.methods[0] for block in names for n in block}
     prefix, _ = adapter.find_blocks(model)
     return Plan(specs, share_sets(specs, names, prefix, window_size(specs.values())), rows)
+
+
+# --- mixed menus: candidate plans scored end to end ---------------------------------------------------
+SELECT_HELD_OUT = 4  # 1/4 of the calibration sequences (at most SELECT_SEQUENCES) score the candidate plans ...
+SELECT_SEQUENCES = 32  # ... which are compressed on the rest: scored out of sample
+
+
+@torch.no_grad()
+def plan_score(reference: nn.Module, compressed: nn.Module, windows: torch.Tensor) -> float:
+    """How good ``compressed`` is end to end on token ``windows`` (lower is better): a causal LM's next-token
+    loss (nats per token: the log of `metrics.perplexity`, what its users measure), an encoder's 1 − cosine of
+    mean-pooled window embeddings to ``reference``'s (`fidelity.compare`)."""
+    if compressed.get_output_embeddings() is not None:
+        return math.log(perplexity(compressed, windows, batch_size=4)["perplexity"])
+    return 1.0 - fidelity.compare(reference, compressed, windows, batch_size=4)["embedding_cosine"]
+
+
+def select_plan(model: nn.Module, calib: torch.Tensor, names: list[list[str]], grid: list[MethodSpec],
+                knapsack: Plan, options, shapes, budget: float, device: torch.device, dtype: torch.dtype,
+                batch_size: int, spill: str | Path | None = None) -> Plan:
+    """The best of several plans for a mixed menu, each applied to a copy of the model and scored end to end
+    (`plan_score` against the dense model on the last quarter of the calibration sequences, at most
+    `SELECT_SEQUENCES`; the candidates are compressed on the other sequences, so the score is out of sample:
+    on the sequences it was fitted to, a method that fits its calibration data closely looks better than it is):
+
+    * the knapsack over every method's options (per-layer errors on dense-propagated inputs);
+    * every method of the menu alone, uniform at the target ratio — so the result is never scored worse than
+      the best single method: the per-layer errors do not see what a method recovers downstream (SparseGPT's
+      sequential compensation, the averaging of pruning errors), and can rank a factorization ahead of
+      pruning where the whole model says the opposite;
+    * the knapsack again with each method's errors multiplied by (its uniform plan's score) / (its uniform
+      plan's summed per-layer errors): per-layer errors converted to each method's measured end-to-end effect.
+
+    Costs one compression per candidate (methods + 2) before the chosen plan is compressed for good; ties keep
+    the earlier candidate (the knapsack first). The plan returned records every candidate's score."""
+    target = grid[0].target.value
+    held = min(SELECT_SEQUENCES, len(calib) // SELECT_HELD_OUT)
+    if held < 1:
+        raise InputError(f"a mixed menu needs at least {SELECT_HELD_OUT} calibration sequences (got {len(calib)})",
+                         "pass more calibration samples (--nsamples)")
+    calib, windows = calib[:-held], calib[-held:]
+
+    def scored(plan: Plan) -> tuple[Plan, float]:
+        """``plan`` applied to a copy of the model and scored; a uniform plan gets allocation rows from what
+        was compressed (real bytes, measured errors). inf when a method cannot compress some layer."""
+        trial = copy.deepcopy(model)
+        try:
+            report = compress(trial, calib, Recipe(methods=(grid[0],)), device, dtype, batch_size, plan=plan,
+                              spill=spill)
+        except InputError as e:
+            log.info("mixed menu: a candidate plan does not apply (%s)", e)
+            return plan, math.inf
+        if plan.allocation is None:
+            plan = Plan(plan.specs, plan.sets, [
+                Allocation(la.name, la.spec, float(la.module.weight_bytes(max(len(la.group), 1))), la.rel_error,
+                           la.dense_shape, None) for la in report.layers])
+        return plan, plan_score(model, trial, windows)
+
+    candidates = {"knapsack": scored(knapsack)}
+    for s in grid:
+        candidates[f"uniform {s.name}"] = scored(_plan(model, names, specs={n: s for block in names for n in block}))
+    predicted = method_errors(options, target)
+    scale = {s.name: candidates[f"uniform {s.name}"][1] / predicted[s.name]
+             if 0 < predicted.get(s.name, 0) and math.isfinite(candidates[f"uniform {s.name}"][1]) else 1.0
+             for s in grid}
+    rows = plan_knapsack(rescale(options, scale), shapes, target, budget)
+    rows = [dataclasses.replace(a, predicted_error=a.predicted_error / scale[a.spec.name]) if a.spec else a
+            for a in rows]  # the rows keep the knapsack's unit
+    candidates["knapsack, calibrated"] = scored(_plan(model, names, rows=rows))
+    best = min(candidates, key=lambda label: candidates[label][1])
+    log.info("mixed menu: candidate scores %s; chosen: %s",
+             {label: round(score, 6) for label, (_, score) in candidates.items()}, best)
+    plan = candidates[best][0]
+    plan.selection = [{"candidate": label, "score": score, "chosen": label == best}
+                      for label, (_, score) in candidates.items()]
+    return plan
 
 
 # --- compression ---------------------------------------------------------------------------------------
@@ -380,7 +474,7 @@ def _check_finite(name: str, module: CompressedLinear, err: float, dtype: torch.
     if bad or not math.isfinite(err):
         raise InputError(f"layer {name}: the compressed layer is not finite ({', '.join(bad) or 'its error'} has "
                          f"inf/NaN; values beyond the range of {str(dtype).removeprefix('torch.')}?)",
-                         "store coefficients as bf16 (recipe coef_storage: bf16) or float32, compress a bf16/float32 "
+                         "store values as bf16 (recipe storage: bf16, --storage bf16) or float32, compress a bf16/float32 "
                          "copy of the checkpoint, or exclude the layer with an ignore pattern")
 
 
@@ -405,6 +499,12 @@ def compress(model: nn.Module, calib: torch.Tensor, recipe: Recipe, device: torc
     ``checkpoint(blocks_done, window_layers, plan)`` is called after every window but the last, with the
     layers compressed in that window.
     """
+    if isinstance(recipe.methods[0], StructuredSpec):  # whole heads and channels: its own flow
+        if source is not None:
+            raise InputError("structured pruning chooses every block's widths after seeing them all",
+                             "load the model in memory (no lazy loading) for flap / ziplm")
+        from .structured import compress_structured
+        return compress_structured(model, calib, recipe, device, dtype, batch_size, progress)
     t0 = time.perf_counter()
     plan = plan or make_plan(model, calib, recipe, device, dtype, batch_size, profile_cache, source, spill)
     prefix, blocks = adapter.find_blocks(model)

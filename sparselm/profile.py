@@ -22,7 +22,10 @@ Fast paths (each with a twin test against `compress_weight`): SVD-LLM and ROCKET
 per layer — SVD-LLM's error at rank r is the tail sum of σ², ROCKET runs `rocket.factorize` for every
 ratio × ks and keeps the best ks per ratio (skipping ks whose k would exceed min(in, out), as the ROCKET
 profiler does, unless none is left); magnitude and Wanda rank the scores once and cut the ranking per ratio.
-Every other method goes through `compress_weight` + the result's `stored_bytes` (its format's formula); CoSpaDi runs
+Every other method, and every spec whose values are rounded to a storage the fast path does not model (pruning and
+SVD-LLM: any storage but the model dtype; ROCKET: int8/int4), goes through `compress_weight` + the result's
+`stored_bytes` (its format's formula) and error after rounding; the knapsack chooses among storages by listing a
+method once per storage (e.g. ``rocket`` and ``rocket`` with ``storage: int8``) like any other option. CoSpaDi runs
 there with ``COSPADI_PROBE_ITERS`` iterations on a grid thinned by ``COSPADI_GRID_STRIDE`` — every grid point is a
 whole dictionary learning, so this keeps CoSpaDi's profiling near 1.5 full runs instead of 6 (its error only
 falls with more iterations, so the profiled error is an
@@ -41,7 +44,7 @@ import torch
 from . import formats
 from .budget import Option
 from .capture import LinearStats
-from .config import CoSpaDiSpec, MagnitudeSpec, MethodSpec, Ratio, RocketSpec, SVDLLMSpec, WandaSpec
+from .config import CoefStorage, CoSpaDiSpec, MagnitudeSpec, MethodSpec, Ratio, RocketSpec, SVDLLMSpec, WandaSpec
 from .errors import InputError
 from .methods import compress_weight
 from .methods.masks import kept_count
@@ -102,11 +105,11 @@ def profile_layer(W: torch.Tensor, stats: LinearStats | None, specs: Sequence[Me
         if cache is not None and entry in cache:
             opts += cache[entry]
             continue
-        if isinstance(spec, SVDLLMSpec):
+        if isinstance(spec, SVDLLMSpec) and spec.storage is CoefStorage.DTYPE:
             found = table.svdllm(spec, ratios)
-        elif isinstance(spec, RocketSpec):
+        elif isinstance(spec, RocketSpec) and not spec.storage.quantized:
             found = table.rocket(spec, ratios, ks_grid)
-        elif isinstance(spec, (MagnitudeSpec, WandaSpec)):
+        elif isinstance(spec, (MagnitudeSpec, WandaSpec)) and spec.storage is CoefStorage.DTYPE:
             found = table.pruning(spec, ratios)
         elif isinstance(spec, CoSpaDiSpec):  # K-SVD converges slowly: profile a short run (an upper bound)
             grid = ratios[1::COSPADI_GRID_STRIDE] if len(ratios) > 8 else ratios
@@ -154,7 +157,9 @@ class _Table:
         energy = float(sq.sum())
         opts = []
         for r in ratios:
-            rank = min(formats.rank_for_ratio(r, in_f, out_f), sq.numel())
+            rank = min(formats.rank_for_ratio(r, in_f, out_f, self.dtype), sq.numel())
+            if rank < 1:
+                continue
             err = float(tail[rank]) if rank < sq.numel() else 0.0
             opts.append(Option(float(formats.lowrank_bytes(in_f, out_f, rank, self.dtype)), self._error(err, energy),
                                spec.with_target(Ratio(r))))
@@ -167,16 +172,20 @@ class _Table:
         energy = float((svd.sigma ** 2).sum())
         opts = []
         for r in ratios:
-            found = []  # (clipped, error, size, spec)
+            sized = []  # (spec, size) of every ks that fits
             for ks in ks_grid:
                 sp = dataclasses.replace(spec, target=Ratio(r), ks=ks)
                 try:
-                    size = rocket_size(r, ks, in_f, out_f, sp.coef_storage, self.dtype)
+                    sized.append((sp, rocket_size(r, ks, in_f, out_f, sp.store, self.dtype)))
                 except InputError:
                     continue
+            if any(not size.clipped for _, size in sized):  # a clipped ks is kept only when every ks is clipped:
+                sized = [(sp, size) for sp, size in sized if not size.clipped]  # do not factorize the others
+            found = []  # (clipped, error, size, spec)
+            for sp, size in sized:
                 keep, refill = keep_counts(size, out_f, sp)
                 fac = factorize(svd, size.k, keep, refill, sp.lam)
-                nbytes = formats.dict_bytes(in_f, out_f, size.k, keep * out_f + refill, sp.coef_storage, self.dtype)
+                nbytes = formats.dict_bytes(in_f, out_f, size.k, keep * out_f + refill, sp.store, self.dtype)
                 found.append((size.clipped, fac.error, nbytes, sp))
             if found:
                 _, err, nbytes, sp = min(found, key=lambda f: (f[0], f[1]))
@@ -198,7 +207,7 @@ class _Table:
         opts = []
         for r in ratios:
             try:
-                kept = kept_count(Ratio(r), flat.shape[1], self.dtype)
+                kept = kept_count(Ratio(r), out_f, in_f, self.dtype, spec.store, per_row)
             except InputError:
                 continue
             dW = W * (rank >= kept)  # (out, in) the pruned part

@@ -45,6 +45,12 @@ def layer_rows(manifest: dict) -> list[dict]:
                      "stored_bytes": acc.get("stored_bytes", 0), "rel_error": e.get("rel_error"),
                      "predicted_error": e.get("predicted_error"),
                      "target": _target((e.get("spec") or {}).get("target"))})
+    for name, e in (manifest.get("structured") or {}).items():  # plain layers narrowed by structured pruning
+        acc = e.get("accounting") or {}
+        rows.append({"layer": name, "method": (e.get("spec") or {}).get("method"), "class": "Linear (narrowed)",
+                     "ratio_stored": acc.get("ratio_stored"), "dense_bytes": acc.get("dense_bytes", 0),
+                     "stored_bytes": acc.get("stored_bytes", 0), "rel_error": None, "predicted_error": None,
+                     "target": _target((e.get("spec") or {}).get("target"))})
     for a in manifest.get("allocation") or []:
         if a.get("method") == "dense":
             dense = int(a["shape"][0] * a["shape"][1] * (4 if manifest.get("storage_dtype") == "float32" else 2))

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from sparselm import api, io, outdir
-from sparselm.config import Allocate, CoSpaDiSpec, Ratio, Recipe, SVDLLMSpec, WandaSpec
+from sparselm.config import Allocate, CoefStorage, CoSpaDiSpec, Ratio, Recipe, RocketSpec, SVDLLMSpec, WandaSpec
 
 
 class Interrupt(Exception):
@@ -26,6 +26,12 @@ RESUMED = {
     "svd-llm": lambda: api.build_recipe("svd-llm", 0.3, None, None),
     "rocket-uniform": lambda: api.build_recipe("rocket", 0.3, None, None, "uniform"),
     "cospadi": lambda: Recipe(methods=(CoSpaDiSpec(target=Ratio(0.3), iters=2),)),
+    "gqsa": lambda: api.build_recipe("gqsa", None, 0.5, None, storage="int4", quant_group=8),
+    "svd-int4-groups": lambda: api.build_recipe("svd", 0.3, None, None, storage="int4", quant_group=8),
+    "sparsegpt-2:4-int8": lambda: api.build_recipe("sparsegpt", None, None, "2:4", storage="int8"),
+    "knapsack-over-storages": lambda: Recipe(methods=(RocketSpec(target=Ratio(0.4)),
+                                                      RocketSpec(target=Ratio(0.4), storage=CoefStorage.INT8)),
+                                             allocate=Allocate.KNAPSACK),
     "mixed-knapsack": lambda: Recipe(methods=(SVDLLMSpec(target=Ratio(0.3)), WandaSpec(target=Ratio(0.3))),
                                      allocate=Allocate.KNAPSACK),
 }

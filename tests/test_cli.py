@@ -56,6 +56,10 @@ def test_existing_output_is_refused_without_overwrite(tiny_llama_dir, tmp_path):
     (["--method", "wanda", "--ratio", "0.3", "--sparsity", "0.5"], "more than one"),
     (["--calib", "missing.txt"], "no such file"),
     (["--calib", "EMPTY"], "fewer than one window"),
+    (["--method", "svd-llm", "--refine", "dsnot"], "does not prune weights"),
+    (["--method", "wanda", "--refine", "grow"], "is not valid"),
+    (["--method", "flap", "--sparsity", "0.5"], "does not take a sparsity"),
+    (["--method", "flap", "--ratio", "0.3", "--allocate", "knapsack"], "runs alone"),
 ])
 def test_bad_input_exits_2_without_output(tiny_llama_dir, tmp_path, args, message):
     empty = tmp_path / "empty.txt"
@@ -98,3 +102,17 @@ def test_package_evaluate_is_the_function_and_metrics_the_module():
     assert sparselm.perplexity is sparselm.metrics.perplexity
 
 
+def test_structured_and_refined_runs(tiny_llama_dir, tmp_path):
+    """`--method flap` writes narrower layers counted in the ratio; `--refine dsnot` keeps the base method's bytes."""
+    r = run("compress", tiny_llama_dir, "--method", "flap", "--ratio", "0.3", "--nsamples", "4", "--seqlen", "32",
+            "--out", tmp_path / "f", "--json")
+    assert r.exit_code == 0, r.output
+    assert last_json(r)["ratio_stored"] >= 0.3
+    i = last_json(run("inspect", tmp_path / "f", "--json"))
+    assert len(i["layers"]) == 14 and {row["class"] for row in i["layers"]} == {"Linear (narrowed)"}
+    plain, refined = (last_json(run("compress", tiny_llama_dir, "--method", "wanda", "--sparsity", "0.5", *extra,
+                                    "--nsamples", "4", "--seqlen", "32", "--out", tmp_path / name, "--json"))
+                      for name, extra in (("w", ()), ("wd", ("--refine", "dsnot"))))
+    assert refined["ratio_stored"] == plain["ratio_stored"]
+    recipe = (tmp_path / "wd" / "recipe.yaml").read_text()
+    assert "refine: dsnot" in recipe

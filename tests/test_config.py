@@ -24,7 +24,7 @@ def test_pattern_parse():
 
 
 def test_recipe_round_trip(tmp_path):
-    recipe = Recipe(methods=(CoSpaDiSpec(target=Ratio(0.3), coef_storage=CoefStorage.INT8, group_size=2),
+    recipe = Recipe(methods=(CoSpaDiSpec(target=Ratio(0.3), storage=CoefStorage.INT8, group_size=2),
                              WandaSpec(target=Pattern(2, 4))), allocate=Allocate.KNAPSACK, ignore=("*lm_head*",))
     assert recipe_from_dict(recipe_to_dict(recipe)) == recipe
     import yaml
@@ -53,7 +53,7 @@ def test_recipe_errors(bad, message):
     ({"method": "cospadi", "shared": [3]}, "cospadi.shared[0]"),
     ({"method": "svd", "target": {"ratio": "abc"}}, "svd.target.ratio"),
     ({"method": "svd", "target": {"ratio": [0.3]}}, "svd.target.ratio"),
-    ({"method": "rocket", "coef_storage": 8}, "rocket.coef_storage"),
+    ({"method": "rocket", "coef_storage": 8}, "rocket.storage"),
 ])
 def test_recipe_values_are_checked_against_their_declared_types(bad, key):
     with pytest.raises(InputError) as e:
@@ -78,3 +78,30 @@ def test_wrong_recipe_type_exits_2_naming_the_key(tmp_path):
     path.write_text("methods:\n  - {method: cospadi, iters: abc}\n")
     r = CliRunner().invoke(app, ["compress", "--recipe", str(path), "--out", str(tmp_path / "o")])
     assert r.exit_code == 2 and "cospadi.iters" in r.output and not (tmp_path / "o").exists()
+
+
+def test_every_method_has_the_same_storage_keys_and_the_old_name_still_reads():
+    """One storage rule: ``storage`` + ``quant_group`` on every spec, the model dtype by default (gqsa / gptq:
+    int4 groups); ``coef_storage`` (the key's name before) is read as ``storage``, both together are an error."""
+    from sparselm.config import SPECS, GPTQSpec, GQSASpec, Storage, StructuredSpec
+    for name, cls in SPECS.items():
+        if issubclass(cls, StructuredSpec):  # plain narrower dense layers: no values to store otherwise
+            assert cls().store == Storage()
+            with pytest.raises(InputError, match="structured pruning keeps plain dense"):
+                cls(storage=CoefStorage.INT8)
+            continue
+        default = Storage(CoefStorage.INT4, {"gqsa": 16, "gptq": 128}[name]) if name in ("gqsa", "gptq") else Storage()
+        assert cls().store == default, name
+        spec = recipe_from_dict({"methods": [{"method": name, "storage": "int8", "quant_group": 64}]}).methods[0]
+        assert spec.store == Storage(CoefStorage.INT8, 64)
+    old = recipe_from_dict({"methods": [{"method": "cospadi", "coef_storage": "bf16-14bit"}]}).methods[0]
+    assert old.storage is CoefStorage.BF16_14BIT and "coef_storage" not in recipe_to_dict(Recipe((old,)))["methods"][0]
+    with pytest.raises(InputError, match="both"):
+        recipe_from_dict({"methods": [{"method": "rocket", "coef_storage": "int8", "storage": "int8"}]})
+    with pytest.raises(InputError, match="has no scales"):
+        WandaSpec(storage=CoefStorage.BF16, quant_group=16)
+    with pytest.raises(InputError, match=">= 0"):
+        WandaSpec(storage=CoefStorage.INT4, quant_group=-1)
+    with pytest.raises(InputError, match="int4 or int8"):
+        GQSASpec(storage=CoefStorage.DTYPE, quant_group=0)
+    assert GPTQSpec().accepts == (Ratio,)

@@ -22,7 +22,7 @@ RECIPES = {
     "default": lambda: api.build_recipe(None, None, None, None),  # ROCKET + knapsack: profiling, allocation
     "sparsegpt-2:4": lambda: api.build_recipe("sparsegpt", None, None, "2:4"),
     "cospadi-int8": lambda: Recipe(methods=(CoSpaDiSpec(target=Ratio(0.3), iters=3,
-                                                        coef_storage=CoefStorage.INT8),)),
+                                                        storage=CoefStorage.INT8),)),
 }
 
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from sparselm import formats
-from sparselm.config import CoefStorage, Pattern
+from sparselm.config import CoefStorage, Pattern, Storage
 from sparselm.methods import Factored, Pruned, SparseDict
 from sparselm.modules import LowRankLinear, SparseDictLinear, SparseLinear
 from sparselm.pipeline import build_module
@@ -63,13 +63,23 @@ def test_shared_dictionary_group_counts_d_once():
     assert sum(alone) - group == 2 * formats.dictionary_bytes(16, k, torch.bfloat16)
 
 
-def test_density_and_rank_invert_their_formulas():
+def test_kept_count_and_rank_invert_their_formulas():
     for ratio in (0.1, 0.5, 0.9):
-        d = formats.density_for_ratio(ratio, torch.float16)
-        assert formats.sparse_bytes(64, 64, int(d * 64 * 64), torch.float16) <= (1 - ratio) * 64 * 64 * 2 + 1
+        budget = (1 - ratio) * 64 * 64 * 2
+        for store in (Storage(), Storage(CoefStorage.INT4, 16)):
+            n = formats.most_kept(ratio, 64, 64, torch.float16, store)
+            if n is None:  # int4 at 0.9: the mask (512 B) + 256 scales and zeros (640 B) exceed 819 B
+                assert formats.sparse_bytes(64, 64, 0, torch.float16, None, store) > budget
+                continue
+            assert formats.sparse_bytes(64, 64, n, torch.float16, None, store) <= budget
+            assert n == 64 * 64 or formats.sparse_bytes(64, 64, n + 1, torch.float16, None, store) > budget
+            per_row = formats.most_kept(ratio, 64, 64, torch.float16, store, per_row=True)
+            assert formats.sparse_bytes(64, 64, 64 * per_row, torch.float16, None, store) <= budget
+            assert per_row == 64 or formats.sparse_bytes(64, 64, 64 * (per_row + 1), torch.float16, None, store) > budget
         r = formats.rank_for_ratio(ratio, 64, 32)
-        assert formats.lowrank_bytes(64, 32, r, torch.float16) <= (1 - ratio) * 64 * 32 * 2 or r == 1
+        assert formats.lowrank_bytes(64, 32, r, torch.float16) <= (1 - ratio) * 64 * 32 * 2
         assert formats.lowrank_bytes(64, 32, r + 1, torch.float16) > (1 - ratio) * 64 * 32 * 2
-    with pytest.raises(ValueError):
-        formats.density_for_ratio(0.95, torch.float16)
+    # 0.95 of fp16 bytes is 0.8 bit per weight: not even the 1-bit mask fits; rank 1 needs 96 > 0.05*4096 bytes
+    assert formats.most_kept(0.95, 64, 64, torch.float16) is None
+    assert formats.rank_for_ratio(0.99, 64, 32) == 0
     assert formats.largest(lambda k: k * 3 <= 10, 100) == 3 and formats.largest(lambda k: False, 5) == 0

@@ -73,7 +73,7 @@ def test_low_rank_fast_forward_matches_reference_and_keeps_bytes(dtype, tokens):
     m = LowRankLinear(U, V, torch.randn(31), dtype)
     before = {k: v.clone() for k, v in m.state_dict().items()}
     _check(m, _inputs(48, dtype, tokens), None, dtype)
-    assert m.U.t().is_contiguous()  # re-laid out column-major for torch.mv
+    assert m.U.t().is_contiguous()  # re-laid out column-major: Uᵀ is the row-major matrix the GEMV streams
     for k, v in m.state_dict().items():
         assert torch.equal(v, before[k]) and v.numel() * v.element_size() == before[k].numel() * v.element_size()
 
@@ -170,3 +170,32 @@ def test_many_small_panels_match_reference(path, monkeypatch):
     _check(mod, _inputs(30, torch.bfloat16, (40,)), path, torch.bfloat16)
     W, m2 = torch.randn(23, 45), torch.rand(23, 45) < 0.5
     _check(SparseLinear(W, m2, None, None, torch.float32), _inputs(45, torch.float32, (40,)), path, torch.float32)
+
+
+@pytest.mark.skipif(not (kernels.extension_available() and _build.simd()), reason="needs the AVX-512 BF16 kernels")
+@pytest.mark.parametrize("rows, cols", [(37, 45), (64, 96), (5, 613), (300, 33)])
+@pytest.mark.parametrize("tokens", [1, 3, 4, 11])
+@pytest.mark.parametrize("bias", [True, False])
+def test_dense_gemv_matches_float_product(rows, cols, tokens, bias):
+    g = torch.Generator().manual_seed(rows * cols + tokens)
+    W = torch.randn(rows, cols, generator=g).to(torch.bfloat16)
+    x = torch.randn(tokens, cols, generator=g).to(torch.bfloat16)
+    b = torch.randn(rows, generator=g).to(torch.bfloat16) if bias else None
+    got = _build.loaded().dense_gemv(x, W, b)
+    ref = x.float() @ W.float().T + (0 if b is None else b.float())
+    assert got.dtype == torch.bfloat16 and got.shape == (tokens, rows)
+    torch.testing.assert_close(got.float(), ref, rtol=1e-2, atol=1e-2 * ref.abs().max().item())
+
+
+@pytest.mark.parametrize("mv_tokens", [0, 2])
+@pytest.mark.parametrize("path", [None, "torch"])
+def test_low_rank_dense_paths_match_reference(mv_tokens, path, monkeypatch):
+    """The C++ GEMV (auto, bf16, few tokens), torch.mv per token and F.linear all agree with the reference."""
+    monkeypatch.setattr(kernels.policy, "MV_MAX_TOKENS", mv_tokens)
+    U, V = torch.randn(70, 9), torch.randn(9, 33)
+    m = LowRankLinear(U, V, torch.randn(33), torch.bfloat16)
+    for tokens in [(1,), (2,), (3, 5)]:
+        _check(m, _inputs(70, torch.bfloat16, tokens), path, torch.bfloat16)
+    x = _inputs(70, torch.bfloat16, (2,))
+    expect = "gemv" if path is None and _build.simd() else "torch"
+    assert kernels.policy.dense_path(x, m.U.t().contiguous(), path) == expect

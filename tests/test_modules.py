@@ -87,3 +87,18 @@ def test_shared_dictionary_is_charged_once_across_its_users():
     assert alone["stored_bytes"] - shared["stored_bytes"] == 32 * 12 * 2 * 3 // 4  # three quarters of D's bytes
     assert alone["params"] - shared["params"] == 32 * 12 * 3 / 4
     assert shared["ratio_paper"] == 1 - shared["params"] / (32 * 20)
+
+
+def test_a_layer_saved_before_the_storage_rule_still_loads():
+    """Manifests written before the one storage rule have ``coef_storage`` and no ``count`` in a layer's meta."""
+    from sparselm.config import Storage
+    D, S = torch.randn(16, 6), torch.randn(6, 8)
+    mask = torch.rand(6, 8, generator=torch.Generator().manual_seed(0)) < 0.5
+    m = SparseDictLinear(D, S * mask, mask, None, CoefStorage.BF16_14BIT, torch.bfloat16)
+    meta = {k: v for k, v in m.meta().items() if k not in ("storage", "quant_group", "count")}
+    meta["coef_storage"] = "bf16-14bit"
+    shapes = {b: (list(t.shape), str(t.dtype).removeprefix("torch.")) for b, t in m.named_buffers()}
+    old = SparseDictLinear.empty(meta, shapes)
+    old.load_state_dict(m.state_dict())
+    assert old.store == Storage(CoefStorage.BF16_14BIT) and old.nnz == m.nnz == int(mask.sum())
+    assert torch.equal(old.dense_weight(), m.dense_weight()) and old.weight_bytes() == m.weight_bytes()

@@ -197,7 +197,7 @@ def test_every_layer_of_a_shared_set_follows_its_own_planned_spec(calib_ids):
     for layer in report.layers:
         assert layer.spec == specs[layer.name], layer.name
     gate = model.model.layers[1].mlp.gate_proj
-    assert gate.k == sizes_for_ratio(0.4, 64, 128, 2.0, torch.float32, base.coef_storage)[0] and not gate.group
+    assert gate.k == sizes_for_ratio(0.4, 64, 128, 2.0, torch.float32, base.store)[0] and not gate.group
     q0, q1 = model.model.layers[0].self_attn.q_proj, model.model.layers[1].self_attn.q_proj
     assert q0.D is q1.D and q0.group == q1.group == ("model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.q_proj")
 
@@ -225,3 +225,37 @@ def test_plan_survives_a_round_trip_through_json():
     assert rows[1].kept_dense and Allocation.kept_dense_row(rows[1].to_dict())
     with pytest.raises(ValueError, match="different specs"):
         Plan({"b": specs["b"], "c": specs["b"].with_target(Ratio(0.4))}, [("b", "c")])
+
+
+def test_mixed_menu_keeps_the_best_scored_of_the_knapsack_and_each_method_alone(calib_ids):
+    """A mixed menu's plan is scored end to end against every method of the menu alone (uniform): the plan
+    returned is the best scored one, and the scores are the real ones (twin: a uniform run scored by hand)."""
+    from sparselm.config import Allocate
+    specs = (RocketSpec(target=Ratio(0.3)), SVDLLMSpec(target=Ratio(0.3)), WandaSpec(target=Ratio(0.3)))
+    model = tiny_model("llama")
+    report = pipeline.compress(model, calib_ids, Recipe(methods=specs, allocate=Allocate.KNAPSACK), CPU, torch.float32)
+    sel = {row["candidate"]: row for row in report.plan.selection}
+    assert list(sel) == ["knapsack", "uniform rocket", "uniform svd-llm", "uniform wanda", "knapsack, calibrated"]
+    chosen = [row for row in sel.values() if row["chosen"]]
+    assert len(chosen) == 1 and chosen[0]["score"] == min(row["score"] for row in sel.values())
+    held = min(pipeline.SELECT_SEQUENCES, len(calib_ids) // pipeline.SELECT_HELD_OUT)
+    alone = tiny_model("llama")
+    pipeline.compress(alone, calib_ids[:-held], Recipe(methods=(specs[2],)), CPU, torch.float32)
+    by_hand = pipeline.plan_score(tiny_model("llama"), alone, calib_ids[-held:])
+    assert sel["uniform wanda"]["score"] == pytest.approx(by_hand, rel=1e-9)
+    # the chosen plan was applied: every layer got its planned spec, and the rows cover every layer
+    planned = {a.layer: a.spec for a in report.allocation}
+    assert {la.name: la.spec for la in report.layers} == {n: s for n, s in planned.items() if s is not None}
+    assert len(planned) == 14
+
+
+def test_method_errors_and_rescale_by_hand():
+    from sparselm.budget import Option, method_errors, rescale
+    r, s = RocketSpec(target=Ratio(0.3)), WandaSpec(target=Ratio(0.3))
+    opts = {"a": [Option(8, 0.0, None), Option(4, 0.2, r), Option(5, 0.1, r.with_target(Ratio(0.25))),
+                  Option(4, 0.5, s)],
+            "b": [Option(8, 0.0, None), Option(4, 0.4, r), Option(4, 0.3, s)]}
+    assert method_errors(opts, 0.3) == pytest.approx({"rocket": 0.2 + 0.4, "wanda": 0.5 + 0.3})
+    scaled = rescale(opts, {"rocket": 2.0, "wanda": 0.5})
+    assert [o.error for o in scaled["a"]] == pytest.approx([0.0, 0.4, 0.2, 0.25])
+    assert [o.size for o in scaled["b"]] == [8, 4, 4] and scaled["b"][2].payload == s

@@ -8,7 +8,7 @@ import torch
 
 from sparselm.budget import Option, allocate
 from sparselm.capture import LinearStats
-from sparselm.config import MagnitudeSpec, MethodSpec, Ratio, RocketSpec, SVDLLMSpec, WandaSpec
+from sparselm.config import CoefStorage, MagnitudeSpec, MethodSpec, Ratio, RocketSpec, SVDLLMSpec, WandaSpec
 from sparselm.methods import Factored, compress_weight, register
 from sparselm.pipeline import build_module
 from sparselm.profile import (DEFAULT_RATIOS, functional_error, output_energy, output_importance,
@@ -96,6 +96,32 @@ def test_generic_path_measures_module_bytes_and_error():
         assert opt.payload.target == Ratio(r)
         assert opt.size == written(build_module(res, None, torch.float32))
         assert opt.error == pytest.approx(rel_error(W, stats, res), rel=1e-6)
+
+
+@pytest.mark.parametrize("spec", [RocketSpec(storage=CoefStorage.INT8), WandaSpec(storage=CoefStorage.INT4, quant_group=8),
+                                  SVDLLMSpec(storage=CoefStorage.BF16_14BIT)])
+def test_options_of_another_storage_are_its_modules_bytes_and_rounded_error(spec):
+    """A storage the fast paths do not model goes through compress_weight: the option's size is the module's
+    bytes (scales included) and its error the one after rounding."""
+    W, stats = layer(4)
+    opts = profile_layer(W, stats, [spec], RATIOS, torch.float32, dense=False, ks_grid=(2.0,))
+    assert opts and all(o.payload.store == spec.store for o in opts)
+    for opt in opts:
+        res = compress_weight(opt.payload, W, stats, torch.float32)
+        assert opt.size == written(build_module(res, None, torch.float32)) <= (1 - opt.payload.target.value) * W.numel() * 4
+        assert opt.error == pytest.approx(rel_error(W, stats, res), rel=1e-5)
+
+
+def test_knapsack_chooses_storage_like_any_other_option():
+    """The same method at two storages is two option lists: under a tight budget the int8 options (about 4× the
+    coefficients per byte of float32 ones) are chosen."""
+    W, stats = layer(5)
+    opts = profile_layer(W, stats, [RocketSpec(), RocketSpec(storage=CoefStorage.INT8)], RATIOS, torch.float32,
+                         ks_grid=(2.0,))
+    kinds = {o.payload.storage for o in opts if o.payload is not None}
+    assert kinds == {CoefStorage.DTYPE, CoefStorage.INT8}
+    choice = allocate({"l": opts}, 0.35 * W.numel() * 4, solver="dp")
+    assert opts[choice["l"]].payload.storage is CoefStorage.INT8
 
 
 def sizes_chosen(tables: dict[str, list[Option]], keep: float) -> dict[str, float]:

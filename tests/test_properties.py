@@ -10,14 +10,14 @@ import math
 
 import pytest
 import torch
-from hypothesis import HealthCheck, assume, event, example, given, settings, strategies as st
+from hypothesis import HealthCheck, event, example, given, settings, strategies as st
 from safetensors.torch import save as safetensors_bytes
 
 from sparselm import formats
 from sparselm.budget import Option, allocate, lower_hull, search_alpha, total
 from sparselm.capture import LinearStats
 from sparselm.config import (ASVDSpec, CoefStorage, CoSpaDiSpec, MagnitudeSpec, Pattern, Ratio, RocketSpec,
-                             SparseGPTSpec, Sparsity, SVDLLMSpec, SVDSpec, WandaSpec)
+                             SparseGPTSpec, Sparsity, Storage, SVDLLMSpec, SVDSpec, WandaSpec)
 from sparselm.errors import InputError
 from sparselm.metrics import layer_accounting, totals
 from sparselm.methods import compress_weight
@@ -119,31 +119,32 @@ def test_int8_values_within_half_a_step_of_their_row_scale(seed, n_rows, per_row
 
 @FAST
 @given(seed=seeds, k=st.integers(1, 8), out_f=st.integers(1, 10), density=st.floats(0, 1),
-       storage=st.sampled_from(list(CoefStorage)), dtype=dtypes, chunk=st.integers(1, 64))
+       storage=st.sampled_from(list(CoefStorage)), dtype=dtypes, chunk=st.integers(1, 64),
+       group=st.sampled_from([0, 1, 3, 8]))
 def test_coefficients_rounded_at_compression_are_what_the_module_reads_back(seed, k, out_f, density, storage,
-                                                                           dtype, chunk):
+                                                                           dtype, chunk, group):
     """CoSpaDi reports its error after `round_coefficients`: that must be exactly what `SparseDictLinear`
     stores and reads back, for every storage, also when the rounding runs in chunks of output channels."""
     from sparselm.methods.cospadi import round_coefficients
     gen = torch.Generator().manual_seed(seed)
     mask = torch.rand(k, out_f, generator=gen) < density
     S = randn(seed, k, out_f) * torch.logspace(-4, 2, out_f) * mask  # channels of very different scales
-    rounded = round_coefficients(S, mask, storage, dtype, chunk=chunk)
-    module = SparseDictLinear(randn(seed + 1, 5, k), S, mask, None, storage, dtype)
+    store = Storage(storage, group if storage.quantized else 0)
+    rounded, params = round_coefficients(S, mask, store, dtype, chunk=chunk)
+    module = SparseDictLinear(randn(seed + 1, 5, k), S, mask, None, store, dtype, params)
     assert torch.equal(module.coefficients().float(), rounded.float())
     assert torch.equal(rounded != 0, (rounded != 0) & mask)  # nothing outside the support
 
 
-@pytest.mark.xfail(strict=True, reason="int8 codec: a row with absmax > 127·65504 ≈ 8.3e6 gets an fp16 scale "
-                   "of inf and reads back NaN (0·inf) without an error: values [1e7, -3.0] in one row decode "
-                   "to [nan, nan]")
-def test_int8_row_beyond_fp16_scale_is_refused_or_finite():
-    v, rows = torch.tensor([1e7, -3.0]), torch.tensor([0, 0])
-    try:
-        enc = encode_values(v, CoefStorage.INT8, torch.float32, rows)
-    except (InputError, ValueError):
-        return
-    assert torch.isfinite(decode_values(enc, CoefStorage.INT8, 2, rows)).all()
+@pytest.mark.parametrize("storage, span", [(CoefStorage.INT8, 1e7), (CoefStorage.INT4, 1e6)])
+def test_row_beyond_fp16_scale_is_refused(storage, span):
+    """A group whose scale would exceed fp16 (int8: absmax > 127·65504 ≈ 8.3e6; int4: range > 15·65504) is
+    refused with an error naming the fix, never stored as an inf scale that reads back NaN."""
+    v, rows = torch.tensor([span, -3.0]), torch.tensor([0, 0])
+    with pytest.raises(InputError, match="storage: dtype"):
+        encode_values(v, storage, torch.float32, rows)
+    ok = torch.tensor([span / 20, -3.0])
+    assert torch.isfinite(decode_values(encode_values(ok, storage, torch.float32, rows), storage, 2, rows)).all()
 
 
 # --- masks --------------------------------------------------------------------------------------------
@@ -181,16 +182,22 @@ def test_sparsity_mask_keeps_the_exact_count_even_with_ties(score, s, per_row, d
 
 @FAST
 @given(score=scores(), r=st.floats(0.01, 0.9), per_row=st.booleans(), dtype=dtypes)
-def test_ratio_mask_keeps_floor_of_the_density(score, r, per_row, dtype):
-    density = formats.density_for_ratio(r, dtype) if (1 - r) > 1 / torch.finfo(dtype).bits else None
-    if density is None:
+def test_ratio_mask_keeps_the_most_that_fit(score, r, per_row, dtype):
+    """Each comparison group keeps the same count: the most whose bytes (values + the byte-padded mask) fit."""
+    out_f, in_f = score.shape
+    budget = (1 - r) * dense_bytes(out_f, in_f, dtype)
+    rows = out_f if per_row else 1
+    if formats.sparse_bytes(out_f, in_f, 0, dtype) > budget:
         with pytest.raises(InputError, match="no bytes for weight values"):
             keep_mask(score, Ratio(r), dtype, per_row)
         return
     mask = keep_mask(score, Ratio(r), dtype, per_row)
-    group = score.shape[1] if per_row else score.numel()
     kept = mask.sum(1) if per_row else mask.sum().reshape(1)
-    assert (kept == min(group, math.floor(density * group))).all()
+    n = int(kept[0])
+    assert (kept == n).all()
+    assert formats.sparse_bytes(out_f, in_f, rows * n, dtype) <= budget
+    assert n == (in_f if per_row else out_f * in_f) or \
+        formats.sparse_bytes(out_f, in_f, rows * (n + 1), dtype) > budget
     flat = (score, mask) if per_row else (score.reshape(-1), mask.reshape(-1))
     assert _kept_scores_dominate(*flat)
 
@@ -252,29 +259,40 @@ def _reloaded(module):
 @st.composite
 def compressed_modules(draw):
     """(module, dtype, independent params count) for a random shape and a random kind of layer."""
-    kind = draw(st.sampled_from(["sparse", "nm", "lowrank", "dict"]))
+    kind = draw(st.sampled_from(["sparse", "nm", "lowrank", "dict", "blocks"]))
     out_f, in_f = draw(st.integers(1, 12)), draw(st.integers(1, 12))
     dtype, seed = draw(dtypes), draw(seeds)
     gen = torch.Generator().manual_seed(seed)
     bias = randn(seed + 1, out_f) if draw(st.booleans()) else None
+    kind_of_values = draw(st.sampled_from(list(CoefStorage)))
+    store = Storage(kind_of_values, draw(st.sampled_from([0, 1, 3, 8])) if kind_of_values.quantized else 0)
+    if kind == "blocks":  # 1×g blocks (GQSA): whole groups of g inputs kept or pruned
+        g = draw(st.sampled_from([1, 2, 4]))
+        in_f = g * draw(st.integers(1, 3))
+        blocks = torch.rand(out_f, in_f // g, generator=gen) < draw(st.floats(0, 1))
+        mask = blocks.repeat_interleave(g, dim=1)
+        store = Storage(draw(st.sampled_from([CoefStorage.INT8, CoefStorage.INT4])), g)
+        return (SparseLinear(randn(seed, out_f, in_f), mask, bias, None, dtype, store, block=True), dtype,
+                int(mask.sum()))
     if kind == "nm":
         m = draw(st.sampled_from([2, 4, 8]))
         n = draw(st.integers(1, m - 1))
         in_f = m * draw(st.integers(1, 3))
         idx = torch.rand(out_f, in_f // m, m, generator=gen).argsort(-1)[..., :n]
         mask = torch.zeros(out_f, in_f // m, m, dtype=torch.bool).scatter_(2, idx, True).view(out_f, in_f)
-        return SparseLinear(randn(seed, out_f, in_f), mask, bias, Pattern(n, m), dtype), dtype, int(mask.sum())
+        return (SparseLinear(randn(seed, out_f, in_f), mask, bias, Pattern(n, m), dtype, store), dtype,
+                int(mask.sum()))
     if kind == "sparse":
         mask = torch.rand(out_f, in_f, generator=gen) < draw(st.floats(0, 1))
-        return SparseLinear(randn(seed, out_f, in_f), mask, bias, None, dtype), dtype, int(mask.sum())
+        return SparseLinear(randn(seed, out_f, in_f), mask, bias, None, dtype, store), dtype, int(mask.sum())
     if kind == "lowrank":
         r = draw(st.integers(1, min(in_f, out_f)))
-        return LowRankLinear(randn(seed, in_f, r), randn(seed + 2, r, out_f), bias, dtype), dtype, r * (in_f + out_f)
+        return (LowRankLinear(randn(seed, in_f, r), randn(seed + 2, r, out_f), bias, dtype, store), dtype,
+                r * (in_f + out_f))
     k = draw(st.integers(1, 10))
-    storage = draw(st.sampled_from(list(CoefStorage)))
     mask = torch.rand(k, out_f, generator=gen) < draw(st.floats(0, 1))
     S = randn(seed + 3, k, out_f) * mask
-    return SparseDictLinear(randn(seed, in_f, k), S, mask, bias, storage, dtype), dtype, in_f * k + int(mask.sum())
+    return SparseDictLinear(randn(seed, in_f, k), S, mask, bias, store, dtype), dtype, in_f * k + int(mask.sum())
 
 
 @FAST
@@ -523,10 +541,13 @@ def test_omp_engines_agree(problem):
 def _specs(r: float) -> dict[str, object]:
     specs = {"magnitude": MagnitudeSpec(target=Ratio(r)), "wanda": WandaSpec(target=Ratio(r)),
              "sparsegpt": SparseGPTSpec(target=Ratio(r)), "svd": SVDSpec(target=Ratio(r)),
-             "asvd": ASVDSpec(target=Ratio(r)), "svd-llm": SVDLLMSpec(target=Ratio(r))}
+             "asvd": ASVDSpec(target=Ratio(r)), "svd-llm": SVDLLMSpec(target=Ratio(r)),
+             "magnitude-int4": MagnitudeSpec(target=Ratio(r), storage=CoefStorage.INT4, quant_group=4),
+             "sparsegpt-int8": SparseGPTSpec(target=Ratio(r), storage=CoefStorage.INT8),
+             "svd-int4": SVDSpec(target=Ratio(r), storage=CoefStorage.INT4, quant_group=3)}
     for c in CoefStorage:
-        specs[f"cospadi-{c.value}"] = CoSpaDiSpec(target=Ratio(r), iters=1, coef_storage=c)
-        specs[f"rocket-{c.value}"] = RocketSpec(target=Ratio(r), coef_storage=c)
+        specs[f"cospadi-{c.value}"] = CoSpaDiSpec(target=Ratio(r), iters=1, storage=c)
+        specs[f"rocket-{c.value}"] = RocketSpec(target=Ratio(r), storage=c)
     return specs
 
 
@@ -537,35 +558,22 @@ def granularity(name: str, module, out_f: int, in_f: int, dtype: torch.dtype) ->
     """Bytes of one more unit of the method's size knob: a weight (per layer) or a weight per row for
     pruning, a rank for low rank, an atom with its share of coefficients (and one per column) for dictionaries."""
     db = torch.finfo(dtype).bits / 8
-    if name in ("magnitude", "sparsegpt"):
-        return db
+    vb = {CoefStorage.DTYPE: db, CoefStorage.BF16: 2, CoefStorage.FP16: 2, CoefStorage.BF16_14BIT: 14 / 8,
+          CoefStorage.INT8: 1, CoefStorage.INT4: 0.5}[module.storage]
+    if name.startswith(("magnitude", "sparsegpt")):
+        return vb + 1  # + the byte that packing int4 / 14-bit values may add
     if name == "wanda":
         return out_f * db
-    if isinstance(module, LowRankLinear):
-        return (in_f + out_f) * db
-    vb = {CoefStorage.DTYPE: db, CoefStorage.BF16: 2, CoefStorage.FP16: 2, CoefStorage.BF16_14BIT: 14 / 8,
-          CoefStorage.INT8: 1}[module.coef_storage]
-    scales = 2 * out_f if module.coef_storage is CoefStorage.INT8 else 0  # fp16 row scales, absent without values
+    if isinstance(module, LowRankLinear):  # one more row of Uᵀ and column of Vᵀ, and their groups' scales
+        return (in_f + out_f) * vb + (2.5 * (in_f + out_f) + 2 if module.storage.quantized else 0)
+    scales = 2 * out_f if module.storage.quantized else 0  # fp16 row scales
     return in_f * db + out_f / 8 + 2 * out_f * vb + scales + 2
-
-
-def _fits_mask_padding(name: str, out_f: int, in_f: int) -> bool:
-    """Unstructured pruning sizes its values by ``(1 − r − 1/bits)`` of the weights, which leaves the
-    mask's byte padding unpaid: only layers whose ``out·in`` is a multiple of 8 are exactly within budget
-    (see `test_pruning_ratio_mask_padding_over_budget`)."""
-    return name not in ("magnitude", "wanda", "sparsegpt") or (out_f * in_f) % 8 == 0
-
-
-def _rank_one_fits(name: str, out_f: int, in_f: int, r: float) -> bool:
-    """Low rank keeps at least rank 1 (see `test_low_rank_rank_one_over_budget`)."""
-    return name not in ("svd", "asvd", "svd-llm") or (1 - r) * in_f * out_f >= in_f + out_f
 
 
 @settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(name=st.sampled_from(METHODS), out_f=st.integers(1, 16), in_f=st.integers(1, 16), r=st.floats(0.02, 0.85),
        dtype=dtypes, seed=seeds)
 def test_ratio_target_is_met_within_one_unit(name, out_f, in_f, r, dtype, seed):
-    assume(_fits_mask_padding(name, out_f, in_f) and _rank_one_fits(name, out_f, in_f, r))
     W = randn(seed, out_f, in_f)
     stats = LinearStats.from_inputs(randn(seed + 1, 3 * in_f + 4, in_f))
     try:
@@ -580,46 +588,45 @@ def test_ratio_target_is_met_within_one_unit(name, out_f, in_f, r, dtype, seed):
     budget = (1 - r) * dense_bytes(out_f, in_f, dtype)
     assert module.stored_bytes() == row["stored_bytes"] <= budget
     assert r <= row["ratio_stored"] + 1e-12 and 0 <= row["ratio_stored"] < 1
-    if not result.info.get("k_clipped"):  # ROCKET's k clipped at min(in, out) is below target by design
+    full = (isinstance(module, SparseLinear) and module.nnz == out_f * in_f
+            or isinstance(module, LowRankLinear) and module.rank == min(out_f, in_f))  # nothing more to keep
+    if not result.info.get("k_clipped") and not full:  # ROCKET's k clipped at min(in, out): below target by design
         assert budget - row["stored_bytes"] < granularity(name, module, out_f, in_f, dtype)
 
 
-@pytest.mark.xfail(strict=True, reason="unstructured Ratio pruning sizes values by density 1 - r - 1/bits, "
-                   "so the whole-layer mask's padding to a byte (up to 7 bits) is unpaid: 4x3 fp16 at r=0.767 "
-                   "keeps 2 values (4 B) + a 2-byte mask = 6 B > 5.59 B; 3x3 fp32 wanda at r=0.95 keeps no value "
-                   "but the 2-byte mask alone exceeds 1.81 B")
 @pytest.mark.parametrize("name, out_f, in_f, r, dtype", [("magnitude", 4, 3, 0.767, torch.float16),
                                                          ("sparsegpt", 4, 3, 0.767, torch.float16),
                                                          ("wanda", 3, 3, 0.95, torch.float32)])
-def test_pruning_ratio_mask_padding_over_budget(name, out_f, in_f, r, dtype):
+def test_pruning_ratio_pays_the_mask_padding(name, out_f, in_f, r, dtype):
+    """The mask's padding to a whole byte is paid from the budget: 4x3 fp16 at r=0.767 has 5.59 B, the 2-byte
+    mask leaves room for one fp16 value (not two); 3x3 fp32 at r=0.95 (1.8 B) cannot hold the 2-byte mask."""
     W = randn(0, out_f, in_f)
     stats = LinearStats.from_inputs(randn(1, 16, in_f))
+    if formats.sparse_bytes(out_f, in_f, 0, dtype) > (1 - r) * dense_bytes(out_f, in_f, dtype):
+        with pytest.raises(InputError, match="no bytes for weight values"):
+            compress_weight(_specs(r)[name], W, stats, dtype)
+        return
     module = build_module(compress_weight(_specs(r)[name], W, stats, dtype), None, dtype)
     assert module.stored_bytes() <= (1 - r) * dense_bytes(out_f, in_f, dtype)
+    assert module.nnz == 1  # 2 B mask + 2 B value = 4 B <= 5.59 B
 
 
-@pytest.mark.xfail(strict=True, reason="formats.rank_for_ratio floors the rank at 1, so a ratio whose "
-                   "budget (1-r)·in·out is below one rank's in+out entries is silently exceeded: 6x2 fp16 at "
-                   "r=0.732 stores rank 1 = 16 B > 6.43 B; 64x64 at r=0.99 stores rank 1 (ratio 0.969)")
 @pytest.mark.parametrize("name", ["svd", "asvd", "svd-llm"])
 @pytest.mark.parametrize("out_f, in_f, r", [(6, 2, 0.732), (64, 64, 0.99)])
-def test_low_rank_rank_one_over_budget(name, out_f, in_f, r):
+def test_low_rank_refuses_a_ratio_below_rank_one(name, out_f, in_f, r):
+    """6x2 fp16 at r=0.732 has 6.43 B, rank 1 needs 16 B; 64x64 at r=0.99 has 82 B, rank 1 needs 256 B:
+    refused with an error naming the ratio (rank 1 used to be kept silently, over budget)."""
     W = randn(0, out_f, in_f)
     stats = LinearStats.from_inputs(randn(1, 4 * in_f, in_f))
-    try:
-        module = build_module(compress_weight(_specs(r)[name], W, stats, torch.float16), None, torch.float16)
-    except InputError:
-        return  # refusing the ratio is a correct answer too
-    assert module.stored_bytes() <= (1 - r) * dense_bytes(out_f, in_f, torch.float16)
+    with pytest.raises(InputError, match="leaves no room for one rank"):
+        compress_weight(_specs(r)[name], W, stats, torch.float16)
 
 
-@pytest.mark.xfail(strict=True, reason="ROCKET keeps floor(k·(1/ks − β)) coefficients per column and refills "
-                   "round(refill·k·out): at k < 1/(1/ks − β) (k = 2 for ks = 2) both are 0, so S is all zero and "
-                   "the layer is replaced by nothing although the budget holds ⌊k·out/ks⌋ = 16 coefficients: "
-                   "16x8 fp32 at r=0.7 gives k=2, nnz=0, relative error 1.0")
 def test_rocket_small_dictionary_keeps_coefficients():
+    """16x8 fp32 at r=0.7 gives k=2, ks=2: ⌊k(1/ks − β)⌋ = 0 per column used to leave S empty (relative error
+    1.0); a tiny dictionary drops β and keeps ⌊k/ks⌋ = 1 per column, the ⌊k·out/ks⌋ = 16 the budget holds."""
     W = randn(0, 16, 8)
     stats = LinearStats.from_inputs(randn(1, 40, 8))
     result = compress_weight(RocketSpec(target=Ratio(0.7)), W, stats, torch.float32)
     assert result.info["k"] == 2
-    assert int(result.mask.sum()) > 0
+    assert (result.mask.sum(0) == 1).all() and int(result.mask.sum()) == 16

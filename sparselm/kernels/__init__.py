@@ -90,7 +90,7 @@ _relaid: dict[int, tuple[weakref.ref, weakref.ref]] = {}
 
 
 def colmajor(t: torch.Tensor) -> torch.Tensor:
-    """The same matrix with column-major storage (``t.t()`` contiguous), same bytes: ``torch.mv(t.t(), x)``
+    """The same matrix with column-major storage (``t.t()`` contiguous), same bytes: the GEMV over ``t.t()``
     then streams it. One tensor object shared by several modules maps to one new tensor (stays shared)."""
     if t.dim() != 2 or t.t().is_contiguous():
         return t

@@ -18,11 +18,14 @@ from . import _build
 from ..errors import InputError
 
 PATHS = ("auto", "gemv", "panel", "torch", "reference")
-# up to this many tokens the GEMV beats unpack + GEMM (crossover in docs/benchmarks/kernels.md: 4-8 tokens
-# at 2048x8192 and 4096x14336, bf16, 1-2 threads)
-GEMV_MAX_TOKENS = 6
-# dense factors (low rank, dictionaries) in bf16: the C++ GEMV beats torch.mv and F.linear up to this many
-# tokens (docs/benchmarks/kernels.md, "dense factors")
+# up to this many tokens the GEMV beats unpack + GEMM (docs/benchmarks/kernels.md, "GEMV vs panels": at
+# 2048x8192 and 4096x14336, bf16, 1-2 threads, the GEMV was faster at 1-8 tokens in all four sweeps and
+# slower at 16 tokens in three of four)
+GEMV_MAX_TOKENS = 8
+# dense factors (low rank, dictionaries) in bf16: the C++ GEMV beats F.linear (and torch.mv) up to this many
+# tokens (sweep of the 0.4 low-rank factors of 2048x8192 at 1-8 tokens, docs/benchmarks/README.md "Kernels":
+# fastest runs 0.7-1.0 ms vs 2.0-2.2 ms at 1-4 tokens on the 8192x1228 factor, even on the 1228x2048 one;
+# at 8 tokens the medians favoured F.linear)
 DENSE_GEMV_MAX_TOKENS = 4
 # without the C++ GEMV: torch.mv per token instead of one GEMM up to this many tokens (0: F.linear always;
 # on the AMD EPYC measured last, F.linear at M=1 streams bf16 ~2-3x faster than torch.mv)

@@ -9,11 +9,12 @@ MOD; `ksvd`) for ``spec.iters`` iterations, stopping early when the relative imp
 ``spec.tol``; the best pair seen is kept. Then ``D = L⁻¹ D_L`` (triangular solve).
 
 Sizing (``ρ = k/s``): the largest ``k`` whose *stored bytes* fit ``(1 − ratio)·in·out·bytes(dtype)``:
-``D`` in the model dtype + ``s·out`` coefficient values at ``value_bits(coef_storage)`` (+ fp16 per-output
-scales for int8) + the ``k·out`` bitmask, with ``s = round(k/ρ)``: `formats.group_dict_bytes`, the formula
+``D`` in the model dtype + ``s·out`` coefficient values in ``spec.storage`` (+ fp16 scales per output
+channel or per ``quant_group`` atoms for int8/int4, + int4 zero points) + the ``k·out`` bitmask, with ``s = round(k/ρ)``: `formats.group_dict_bytes`, the formula
 `SparseDictLinear` counts itself by.
 `paper_sizes` is the paper's Eq. 11 (``k = (1−γ)·d1·d2/(d1 + d2/ρ)``, ``s = k/ρ``); for bf16 with 14-bit
-coefficients and ρ = 2 the two agree.
+coefficients and ρ = 2 the two agree. The paper stores coefficients at 14 bits; sparselm's default is the model
+dtype (the one storage rule of every format; ``storage: bf16-14bit`` is the paper's).
 
 Coefficients are rounded to their storage format once, at the end (no refit after rounding); the reported
 ``rel_error`` is measured after rounding, with ``D`` in the model dtype.
@@ -33,9 +34,9 @@ import torch
 
 from .. import formats
 from ..capture import LinearStats
-from ..config import CoefStorage, CoSpaDiSpec, DictUpdateRule, Init, SparseCoder
+from ..config import CoSpaDiSpec, DictUpdateRule, Init, SparseCoder, Storage
 from ..errors import InputError
-from ..packing import round_values
+from ..packing import QParams, groups_per_row, masked_groups, round_grouped
 from . import SparseDict, register
 from .htp import CG_STEPS, ROUNDS, htp
 from .ksvd import ksvd_update, mod_update, refit_coefficients
@@ -55,14 +56,14 @@ def s_for(k: int, rho: float) -> int:
 
 
 def sizes_for_ratio(ratio: float, d_in: int, d_outs: int | Sequence[int], rho: float, dtype: torch.dtype,
-                    storage: CoefStorage) -> tuple[int, int]:
+                    store: Storage) -> tuple[int, int]:
     """Largest ``(k, s = round(k/ρ))`` whose stored bytes fit ``(1 − ratio)`` of the dense layers."""
     d_outs = [d_outs] if isinstance(d_outs, int) else list(d_outs)
     budget = (1 - ratio) * formats.dense_bytes(sum(d_outs), d_in, dtype)
 
     def fits(k: int) -> bool:
         nnz = [s_for(k, rho) * out for out in d_outs]
-        return formats.group_dict_bytes(d_in, d_outs, k, nnz, storage, dtype) <= budget
+        return formats.group_dict_bytes(d_in, d_outs, k, nnz, store, dtype) <= budget
 
     k = formats.largest(fits, int(budget // formats.dictionary_bytes(d_in, 1, dtype)))
     if k < 1:
@@ -214,17 +215,27 @@ def choose_coder(n: int, k: int, s: int, cols: int, device: torch.device | None 
 
 
 # --- the method --------------------------------------------------------------------------------------
-def round_coefficients(S: torch.Tensor, mask: torch.Tensor, storage: CoefStorage, dtype: torch.dtype,
-                       chunk: int = 1 << 22) -> torch.Tensor:
-    """``S`` ``(k, out)`` as it reads back from `SparseDictLinear` (values of ``Sᵀ`` by output channel)."""
+def round_coefficients(S: torch.Tensor, mask: torch.Tensor, store: Storage, dtype: torch.dtype,
+                       chunk: int = 1 << 22) -> tuple[torch.Tensor, QParams | None]:
+    """``S`` ``(k, out)`` as it reads back from `SparseDictLinear` (values of ``Sᵀ`` by output channel, grouped
+    along ``k``), and the int8/int4 parameters used (None for float storages). Chunks of whole rows of ``Sᵀ``."""
     St, Mt = S.T.contiguous(), mask.T  # (out, k)
     out = torch.zeros_like(St)
+    per_group = groups_per_row(Mt.shape[1], store.group)
     per_row = max(1, chunk // max(1, int(Mt[0].sum()) if Mt.numel() else 1))
+    scales, zeros = [], []
     for a in range(0, St.shape[0], per_row):
         m = Mt[a : a + per_row]
-        rows = m.nonzero()[:, 0]
-        out[a : a + per_row][m] = round_values(St[a : a + per_row][m], storage, dtype, rows).to(St)
-    return out.T
+        groups, n = masked_groups(m, store.group)
+        vals, params = round_grouped(St[a : a + per_row][m], groups, n, store.kind, dtype)
+        out[a : a + per_row][m] = vals.to(St)
+        if params is not None:
+            scales.append(params.scale)
+            zeros.append(params.zero)
+    assert not scales or sum(s.numel() for s in scales) == St.shape[0] * per_group
+    if not scales:
+        return out.T, None
+    return out.T, QParams(torch.cat(scales), None if zeros[0] is None else torch.cat(zeros))
 
 
 def _whitening(stats: list[LinearStats | None], d_in: int, device: torch.device) -> Whitening:
@@ -246,7 +257,7 @@ def factorize_group(weights: list[torch.Tensor], stats: list[LinearStats | None]
                          "share dictionaries only between projections of the same input size")
     device = weights[0].device
     outs = [W.shape[0] for W in weights]
-    k, s = sizes_for_ratio(spec.target.value, d_in, outs, spec.rho, dtype, spec.coef_storage)
+    k, s = sizes_for_ratio(spec.target.value, d_in, outs, spec.rho, dtype, spec.store)
     wh = _whitening(stats, d_in, device)
     Y64 = wh.apply(torch.cat([W.T for W in weights], 1))  # (in, Σout) float64
     Y = Y64.float()
@@ -267,10 +278,10 @@ def factorize_group(weights: list[torch.Tensor], stats: list[LinearStats | None]
               "error_history": [round(h ** 0.5, 6) for h in learned.history]}
     for out in outs:
         S_l, M_l = learned.S[:, start : start + out], learned.mask[:, start : start + out]  # (k, out)
-        S_l = round_coefficients(S_l, M_l, spec.coef_storage, dtype)
+        S_l, params = round_coefficients(S_l, M_l, spec.store, dtype)
         Y_l = Y64[:, start : start + out]  # (in, out)
         err = float((Y_l - D_stored.double() @ S_l.double()).norm() / Y_l.norm().clamp_min(1e-300))
-        results.append(SparseDict(D, S_l, M_l.clone(), spec.coef_storage, {**common, "rel_error": err}))
+        results.append(SparseDict(D, S_l, M_l.clone(), spec.store, {**common, "rel_error": err}, params))
         start += out
     return results
 

@@ -1,7 +1,9 @@
 """Low-rank factorization: truncated SVD, ASVD (Yuan et al. 2023) and SVD-LLM (Wang et al. 2024).
 
 All three return ``Wᵀ ≈ U V`` with ``U`` ``(in, r)`` and ``V`` ``(r, out)`` (`Factored`), ``r`` sized by
-`formats.rank_for_ratio` so the stored bytes of the two factors are ``1 − ratio`` of the dense weight.
+`formats.rank_for_ratio` so the stored bytes of the two factors (in ``spec.storage``) are ``≤ 1 − ratio`` of
+the dense weight (a ratio that leaves no room for rank 1 is refused). The factors are rounded to their storage
+when stored (round to nearest; the reported errors are before rounding).
 Singular values are split symmetrically (``√σ`` to each factor) so both factors are equally scaled.
 
 * ``svd``: data-free, min ``‖W − Ŵ‖_F``: truncated SVD of ``Wᵀ``.
@@ -26,9 +28,14 @@ from .whiten import whiten
 MAG_FLOOR = 1e-6  # ASVD: channel magnitudes below this fraction of the largest are raised to it
 
 
-def _rank(spec, W: torch.Tensor) -> int:
+def _rank(spec, W: torch.Tensor, dtype: torch.dtype) -> int:
     out_f, in_f = W.shape
-    return min(formats.rank_for_ratio(spec.target.value, in_f, out_f), in_f, out_f)
+    r = formats.rank_for_ratio(spec.target.value, in_f, out_f, dtype, spec.store)
+    if r < 1:
+        raise InputError(f"{spec.name}: ratio {spec.target.value} leaves no room for one rank of a {out_f}x{in_f} "
+                         f"layer ({formats.lowrank_bytes(in_f, out_f, 1, dtype, spec.store)} bytes in {dtype}, "
+                         f"{spec.store} values)", "use a smaller --ratio, or exclude the layer (ignore pattern)")
+    return r
 
 
 def truncated_factors(A: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -48,10 +55,10 @@ def _need_stats(stats: LinearStats | None, method: str) -> LinearStats:
 @register(SVDSpec)
 def svd(W: torch.Tensor, stats: LinearStats | None, spec: SVDSpec, dtype: torch.dtype) -> Factored:
     """Data-free truncated SVD of ``Wᵀ``: min ``‖W − Ŵ‖_F`` at rank ``r``."""
-    r = _rank(spec, W)
+    r = _rank(spec, W, dtype)
     P, Q, sig = truncated_factors(W.T, r)
     err = float(sig[r:].square().sum().sqrt() / sig.square().sum().sqrt().clamp_min(1e-300))
-    return Factored(P.float(), Q.float(), {"rank": r, "rel_error": err})
+    return Factored(P.float(), Q.float(), {"rank": r, "rel_error": err}, spec.store)
 
 
 def channel_scale(stats: LinearStats, alpha: float) -> tuple[torch.Tensor, float]:
@@ -72,20 +79,20 @@ def channel_scale(stats: LinearStats, alpha: float) -> tuple[torch.Tensor, float
 def asvd(W: torch.Tensor, stats: LinearStats | None, spec: ASVDSpec, dtype: torch.dtype) -> Factored:
     """Activation-aware SVD: SVD of ``S Wᵀ`` (``S`` = channel scale), ``U = S⁻¹ U_r √Σ_r``."""
     stats = _need_stats(stats, "asvd")
-    r = _rank(spec, W)
+    r = _rank(spec, W, dtype)
     scale, floor = channel_scale(stats, spec.alpha)  # (in,)
     scale = scale.to(W.device)
     P, Q, _ = truncated_factors(scale[:, None] * W.T.to(torch.float64), r)  # (in, r), (r, out)
     U = P / scale[:, None]  # (in, r)
     return Factored(U.float(), Q.float(), {"rank": r, "alpha": spec.alpha, "magnitude_floor": floor,
-                                           "channel_magnitude": "rms"})
+                                           "channel_magnitude": "rms"}, spec.store)
 
 
 @register(SVDLLMSpec)
 def svd_llm(W: torch.Tensor, stats: LinearStats | None, spec: SVDLLMSpec, dtype: torch.dtype) -> Factored:
     """SVD-LLM: truncated SVD of the whitened ``L Wᵀ``, mapped back by ``L⁻¹`` (triangular solve)."""
     stats = _need_stats(stats, "svd-llm")
-    r = _rank(spec, W)
+    r = _rank(spec, W, dtype)
     wh = whiten(stats)
     wh.L = wh.L.to(W.device)
     P, Q, sig = truncated_factors(wh.apply(W.T), r)  # (in, r), (r, out)
@@ -94,4 +101,4 @@ def svd_llm(W: torch.Tensor, stats: LinearStats | None, spec: SVDLLMSpec, dtype:
     discarded = float(sig[r:].square().sum())
     rel = (discarded / total) ** 0.5 if total > 0 else 0.0
     return Factored(U.float(), Q.float(), {"rank": r, "whitening_shift": wh.shift,
-                                           "discarded_energy": discarded, "rel_error": rel})
+                                           "discarded_energy": discarded, "rel_error": rel}, spec.store)

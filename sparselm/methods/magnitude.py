@@ -17,5 +17,5 @@ from .masks import keep_mask, pattern_of
 def magnitude(W: torch.Tensor, stats: LinearStats | None, spec: MagnitudeSpec, dtype: torch.dtype) -> Pruned:
     """Keep the largest ``|W|`` of ``W`` ``(out, in)``; ``stats`` is ignored (may be None)."""
     W = W.float()
-    mask = keep_mask(W.abs(), spec.target, dtype, per_row=False)  # (out, in)
-    return Pruned(W * mask, mask, pattern_of(spec.target), {"grouping": "layer"})
+    mask = keep_mask(W.abs(), spec.target, dtype, per_row=False, store=spec.store)  # (out, in)
+    return Pruned(W * mask, mask, pattern_of(spec.target), {"grouping": "layer"}, spec.store)

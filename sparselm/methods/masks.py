@@ -4,37 +4,31 @@ Shared by magnitude, Wanda and SparseGPT. Objective: keep the highest-scoring we
 target *exactly* (ties are broken by `torch.topk`, never by a threshold that could keep more):
 
 * `Sparsity(s)`: each comparison group (a row, or the whole layer) keeps ``size - round(s·size)``.
-* `Ratio(r)`:    density ``d = formats.density_for_ratio(r, dtype)`` (values + 1-bit mask ≤ 1 - r
-                 of the dense bytes); each group keeps ``floor(d·size)``, so the budget is never exceeded.
+* `Ratio(r)`:    the most values whose stored bytes (`formats.most_kept`: values in the spec's storage + the
+                 1-bit mask, padded to a byte, + scales) are ≤ 1 - r of the dense bytes; per row, every row
+                 keeps the same count. The budget is never exceeded.
 * `Pattern(n, m)`: in every ``m`` consecutive inputs of every row exactly ``n`` are kept (N:M).
 """
 from __future__ import annotations
 
-import math
-
 import torch
 
 from .. import formats
-from ..config import Pattern, Ratio, Sparsity, Target
+from ..config import Pattern, Ratio, Sparsity, Storage, Target
 from ..errors import InputError
 
 
-def kept_fraction(target: Ratio | Sparsity, dtype: torch.dtype) -> float:
-    """Fraction of weights kept for an unstructured target (stored dtype matters for `Ratio`)."""
-    if isinstance(target, Sparsity):
-        return 1.0 - target.value
-    try:
-        return formats.density_for_ratio(target.value, dtype)
-    except ValueError:
-        raise InputError(f"ratio {target.value} leaves no bytes for weight values beside the 1-bit mask "
-                         f"in {dtype}", f"use --ratio below {1 - 1 / torch.finfo(dtype).bits:.3f}") from None
-
-
-def kept_count(target: Ratio | Sparsity, size: int, dtype: torch.dtype) -> int:
-    """How many of ``size`` weights one comparison group keeps (see the module docstring)."""
+def kept_count(target: Ratio | Sparsity, out_f: int, in_f: int, dtype: torch.dtype,
+               store: Storage = formats.MODEL_DTYPE, per_row: bool = False) -> int:
+    """How many weights one comparison group (a row when ``per_row``, else the whole ``(out, in)`` layer) keeps."""
+    size = in_f if per_row else out_f * in_f
     if isinstance(target, Sparsity):
         return size - round(target.value * size)
-    return min(size, math.floor(kept_fraction(target, dtype) * size))
+    kept = formats.most_kept(target.value, out_f, in_f, dtype, store, per_row)
+    if kept is None:
+        raise InputError(f"ratio {target.value} leaves no bytes for weight values beside the 1-bit mask "
+                         f"of a {out_f}x{in_f} layer in {dtype} ({store} values)", "use a smaller --ratio")
+    return kept
 
 
 def check_pattern(shape: tuple[int, ...], pattern: Pattern) -> None:
@@ -65,7 +59,8 @@ def nm_mask(score: torch.Tensor, pattern: Pattern) -> torch.Tensor:
     return topk_mask(groups, pattern.n).reshape(out_f, in_f)  # (out, in)
 
 
-def keep_mask(score: torch.Tensor, target: Target, dtype: torch.dtype, per_row: bool) -> torch.Tensor:
+def keep_mask(score: torch.Tensor, target: Target, dtype: torch.dtype, per_row: bool,
+              store: Storage = formats.MODEL_DTYPE) -> torch.Tensor:
     """Bool keep-mask ``(out, in)`` for ``score`` ``(out, in)``: higher score = more worth keeping.
 
     ``per_row``: unstructured targets are met in every output row (Wanda); else over the whole layer
@@ -73,10 +68,10 @@ def keep_mask(score: torch.Tensor, target: Target, dtype: torch.dtype, per_row: 
     """
     if isinstance(target, Pattern):
         return nm_mask(score, target)
+    kept = kept_count(target, *score.shape, dtype, store, per_row)
     if per_row:
-        return topk_mask(score, kept_count(target, score.shape[1], dtype))
-    flat = score.reshape(-1)  # (out*in,)
-    return topk_mask(flat, kept_count(target, flat.numel(), dtype)).view_as(score)
+        return topk_mask(score, kept)
+    return topk_mask(score.reshape(-1), kept).view_as(score)  # over the (out*in,) flat scores
 
 
 def pattern_of(target: Target) -> Pattern | None:

@@ -4,7 +4,8 @@ Objective: ``min ‖X(W − Ŵ)ᵀ‖_F = ‖L(Wᵀ − U S)‖_F`` with ``Wᵀ 
 ``S`` ``(k, out)`` with about ``s = k/ks`` nonzeros per column, at a stored-bytes budget. No iterations:
   1. whiten: ``W_L = L Wᵀ`` ``(in, out)``; one SVD of ``W_L`` (the paper's eigh of ``W_L W_Lᵀ`` gives the
      same basis, App. B.3); basis ``B`` = top-k left singular vectors, coefficients ``C = Bᵀ W_L``;
-  2. importance ``|c_ij|·‖L⁻¹ b_i‖^λ``; keep the top ``⌊k(1/ks − β)⌋`` per column, then re-activate the
+  2. importance ``|c_ij|·‖L⁻¹ b_i‖^λ``; keep the top ``⌊k(1/ks − β)⌋`` per column (``⌊k/ks⌋`` when that
+     is 0: a tiny dictionary), then re-activate the
      ``refill·k·out`` masked entries of largest ``|c_ij|·‖L⁻¹ b_i‖`` over the whole matrix;
   3. ridge refit of the dictionary: ``D = argmin ‖W_L − D C_s‖² + µ‖D‖²``, ``µ = max(1e-6, 1e-3·tr(C_sC_sᵀ)/k)``
      (Cholesky); map back ``U = L⁻¹ D`` by a triangular solve. Solved as ``D = U Z`` in the coordinates of
@@ -14,8 +15,7 @@ Objective: ``min ‖X(W − Ŵ)ᵀ‖_F = ‖L(Wᵀ − U S)‖_F`` with ``Wᵀ 
      (SmolLM2 block 3, interleaved A/B; option errors within 1e-4 relative, the same spec chosen at every ratio).
 
 Sizing (`rocket_size`): ``k`` is the largest dictionary size whose *real* stored bytes (`formats.dict_bytes`) — ``D`` in the model
-dtype, the values at ``value_bits(coef_storage)``, a 1-bit mask over ``k·out``, fp16 per-row scales for
-int8 — fit ``(1 − ratio)`` of the dense bytes with ``nnz ≤ ⌊k·out/ks⌋``. ``k`` is clipped to
+dtype, the values in ``spec.storage`` (+ their scales for int8/int4), a 1-bit mask over ``k·out`` — fit ``(1 − ratio)`` of the dense bytes with ``nnz ≤ ⌊k·out/ks⌋``. ``k`` is clipped to
 ``min(in, out)`` as in the paper (no overcomplete dictionary); a clipped layer is stored *below* its target
 (``info['k_clipped']``). The refill is capped so that ``nnz`` never exceeds ``⌊k·out/ks⌋`` (with
 ``beta == refill`` the β over-sparsification pays for it, as in the paper), so the bytes never exceed the target.
@@ -39,7 +39,7 @@ import torch
 
 from .. import formats
 from ..capture import LinearStats
-from ..config import CoefStorage, RocketSpec
+from ..config import RocketSpec, Storage
 from ..errors import InputError
 from . import SparseDict, register
 from .whiten import Whitening, whiten
@@ -59,7 +59,7 @@ class RocketSize:
     clipped: bool   # k was limited by min(in, out): the layer is stored below its target
 
 
-def rocket_size(ratio: float, ks: float, in_f: int, out_f: int, storage: CoefStorage,
+def rocket_size(ratio: float, ks: float, in_f: int, out_f: int, store: Storage,
                 dtype: torch.dtype) -> RocketSize:
     """Largest ``k`` (and its ``nnz``) whose stored bytes are ≤ ``(1 − ratio)`` of the dense bytes."""
     target = (1 - ratio) * formats.dense_bytes(out_f, in_f, dtype)
@@ -67,7 +67,7 @@ def rocket_size(ratio: float, ks: float, in_f: int, out_f: int, storage: CoefSto
     def nnz(k: int) -> int:
         return math.floor(k * out_f / ks + 1e-9)
 
-    free = formats.largest(lambda k: formats.dict_bytes(in_f, out_f, k, nnz(k), storage, dtype) <= target,
+    free = formats.largest(lambda k: formats.dict_bytes(in_f, out_f, k, nnz(k), store, dtype) <= target,
                            int(target // formats.dictionary_bytes(in_f, 1, dtype)))  # unclipped k
     k = min(free, in_f, out_f)
     if k < 1:
@@ -80,6 +80,8 @@ def keep_counts(size: RocketSize, out_f: int, spec: RocketSpec) -> tuple[int, in
     """(entries kept per column, entries refilled over the matrix); their total never exceeds ``size.nnz``."""
     k = size.k
     keep = math.floor(k * (1.0 / spec.ks - spec.beta) + 1e-9)
+    if keep == 0:  # a tiny dictionary: β's over-sparsification would leave every column empty
+        keep = math.floor(k / spec.ks + 1e-9)
     keep = max(0, min(keep, k, size.nnz // out_f))
     refill = min(round(spec.refill * k * out_f), size.nnz - keep * out_f, (k - keep) * out_f)
     return keep, max(0, refill)
@@ -112,14 +114,14 @@ class WhitenedSVD:
         return self._coeffs
 
     def order(self, lam: float) -> torch.Tensor:
-        """Per column, the atoms of ``R`` by decreasing importance ``|r|·n^λ``, ``(m, out)`` (one sort, cached).
+        """Per column of ``R``, its atoms by decreasing importance ``|r|·n^λ``, ``(out, m)`` (one sort, cached).
 
         The importances of ``C = R[:k]`` are the first ``k`` rows of those of ``R`` (the norms do not depend on
         ``k``), so this one order gives the per-column top entries at every ``k`` (`sparse_mask`)."""
         if lam not in self._orders:
             m = self.sigma.numel()
             imp = self.coeffs.abs() * self.atom_norms(m).to(WORK).unsqueeze(1) ** lam  # (m, out)
-            self._orders[lam] = imp.argsort(dim=0, descending=True, stable=True)
+            self._orders[lam] = imp.T.argsort(dim=1, descending=True, stable=True)  # (out, m): rows contiguous
         return self._orders[lam]
 
 
@@ -152,16 +154,16 @@ def sparse_mask(C: torch.Tensor, norms: torch.Tensor, keep: int, refill: int, la
                 order: torch.Tensor | None = None) -> torch.Tensor:
     """Two-stage mask of ``C`` ``(k, out)``: top ``keep`` per column by ``|c|·n^λ``, then ``refill`` by ``|c|·n``.
 
-    ``order`` (`WhitenedSVD.order`, ``(m, out)``, m ≥ k): the per-column ranking of a taller ``R`` whose first ``k``
-    rows are ``C``; the first ``keep`` entries of each column with an atom below ``k`` are the top ``keep`` (no
-    sort or top-k per call; a twin test checks it against the top-k)."""
+    ``order`` (`WhitenedSVD.order`, ``(out, m)``, m ≥ k): per column, the ranking of a taller ``R`` whose first
+    ``k`` rows are ``C``; the first ``keep`` entries of each column with an atom below ``k`` are the top ``keep``
+    (no sort or top-k per call; a twin test checks it against the top-k)."""
     k = C.shape[0]
     norms = norms.to(C.dtype)
     if keep > 0 and order is not None:
-        inside = order < k  # (m, out)
-        chosen = inside & (inside.cumsum(0) <= keep)
-        mask = torch.zeros(order.shape, dtype=torch.bool, device=C.device).scatter_(0, order, chosen)[:k]
-        mask = mask.contiguous()
+        inside = order < k  # (out, m)
+        chosen = inside & (inside.to(torch.int32).cumsum(1, dtype=torch.int32) <= keep)
+        mask = torch.zeros(order.shape, dtype=torch.bool, device=C.device).scatter_(1, order, chosen)
+        mask = mask[:, :k].T.contiguous()  # (k, out)
     else:
         mask = torch.zeros(C.shape, dtype=torch.bool, device=C.device)  # (k, out), contiguous
         if keep > 0:
@@ -215,7 +217,7 @@ def to_result(svd: WhitenedSVD, fac: Factorization, spec: RocketSpec, size: Rock
     info = {"whitening_shift": svd.wh.shift, "k": size.k, "ks": spec.ks, "nnz": int(fac.mask.sum()),
             "k_clipped": size.clipped, "refit": fac.refit, "mu": fac.mu,
             "whitened_rel_error": fac.error / max(float((svd.sigma ** 2).sum()), 1e-300)}
-    return SparseDict(U, fac.C.float(), fac.mask, spec.coef_storage, info)
+    return SparseDict(U, fac.C.float(), fac.mask, spec.store, info)
 
 
 @register(RocketSpec)
@@ -225,7 +227,7 @@ def rocket(W: torch.Tensor, stats: LinearStats | None, spec: RocketSpec, dtype: 
         raise InputError("method 'rocket' got no calibration statistics for this layer",
                          "run it with calibration data (--calib)")
     out_f, in_f = W.shape
-    size = rocket_size(spec.target.value, spec.ks, in_f, out_f, spec.coef_storage, dtype)
+    size = rocket_size(spec.target.value, spec.ks, in_f, out_f, spec.store, dtype)
     svd = whitened_svd(W, stats)
     keep, refill = keep_counts(size, out_f, spec)
     return to_result(svd, factorize(svd, size.k, keep, refill, spec.lam), spec, size)

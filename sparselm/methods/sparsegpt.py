@@ -23,10 +23,17 @@ Compared with the reference (IST-DASLab/sparsegpt, ``sparsegpt.py``, ``SparseGPT
     ``info`` (the reference would raise). The blocksize is rounded down to a multiple of m for N:M so
     groups never straddle blocks (the reference assumes this).
   * H / Hinv are formed in float64; the sweep runs in float32 (as the reference, without TF32 changes).
+  * Storage other than the model dtype (``storage``, e.g. int4 per group of 128 inputs): kept weights are
+    quantized as each column is fixed and the OBS update spreads the rounding error too (the SparseGPT paper's
+    joint sparsification + GPTQ quantization, §3.5), in a second sweep (`joint_sweep`): the first prunes as
+    above, the groups' parameters are fitted on its result, the second keeps its mask and rounds. (Fitting each
+    group when the sweep reaches it, as the reference does, measured worse than pruning then rounding on
+    correlated inputs: the updates after the fit push kept values out of the fitted range.)
 """
 from __future__ import annotations
 
 import logging
+from typing import Callable
 
 import torch
 
@@ -35,6 +42,7 @@ from ..config import Pattern, SparseGPTSpec
 from ..errors import InputError
 from . import Pruned, register
 from .masks import check_pattern, kept_count, pattern_of, topk_mask
+from .quantize import ColumnQuantizer
 
 log = logging.getLogger(__name__)
 MAX_DAMP_RETRIES = 8
@@ -81,9 +89,12 @@ def block_prune_counts(total: int, bounds: list[int]) -> list[int]:
 
 
 def sweep_block(W1: torch.Tensor, Hinv1: torch.Tensor, prune1: torch.Tensor,
-                pattern: Pattern | None) -> tuple[torch.Tensor, torch.Tensor]:
+                pattern: Pattern | None, quant: "ColumnQuantizer | None" = None,
+                col0: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Prune and OBS-update one block ``W1`` ``(out, B)`` in place of ``prune1`` (bool, True = pruned;
-    filled per m-group when ``pattern``). Returns the pruned block ``Q1`` and scaled errors ``Err1``."""
+    filled per m-group when ``pattern``). Returns the pruned block ``Q1`` and scaled errors ``Err1``.
+    ``quant`` (`quantize.ColumnQuantizer`): kept weights are also rounded to their storage as each column is
+    fixed (GPTQ; ``col0 + i`` is the column's index in the whole weight)."""
     Q1, Err1 = torch.zeros_like(W1), torch.zeros_like(W1)  # (out, B) each
     d = Hinv1.diagonal()  # (B,)
     for i in range(W1.shape[1]):
@@ -92,7 +103,9 @@ def sweep_block(W1: torch.Tensor, Hinv1: torch.Tensor, prune1: torch.Tensor,
             score = W1[:, j] ** 2 / d[j].unsqueeze(0) ** 2  # (out, m)
             prune1[:, j] = ~topk_mask(score, pattern.n)
         w = W1[:, i]  # (out,)
-        q = w.masked_fill(prune1[:, i], 0.0)
+        if quant is not None:
+            w_q = quant.round(col0 + i, w)
+        q = (w if quant is None else w_q).masked_fill(prune1[:, i], 0.0)
         Q1[:, i] = q
         err = (w - q) / d[i]
         W1[:, i:] -= err.unsqueeze(1) * Hinv1[i, i:].unsqueeze(0)  # (out, 1) x (1, B-i)
@@ -105,6 +118,41 @@ def unstructured_block_mask(W1: torch.Tensor, Hinv1: torch.Tensor, n_prune: int)
     score = W1 ** 2 / Hinv1.diagonal().unsqueeze(0) ** 2  # (out, B)
     keep = topk_mask(score.reshape(-1), score.numel() - n_prune)  # (out*B,)
     return ~keep.view_as(score)
+
+
+BlockMask = Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor | None]  # (b, W1, Hinv1) -> pruned or None
+
+
+def obs_sweep(W: torch.Tensor, Hinv: torch.Tensor, bounds: list[int], choose: BlockMask, pattern: Pattern | None,
+              quant: "ColumnQuantizer | None" = None) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """One left-to-right sweep over ``W`` ``(out, in)`` (updated in place) in column blocks ``bounds``:
+    ``choose`` gives each block's pruned mask at its start (None: N:M, chosen per m-group in the sweep).
+    Returns the swept weights, the pruned mask and Σ err² (the OBS loss)."""
+    pruned = torch.zeros_like(W, dtype=torch.bool)  # (out, in)
+    loss = 0.0
+    for b, (i1, i2) in enumerate(zip(bounds[:-1], bounds[1:])):
+        W1, Hinv1 = W[:, i1:i2].clone(), Hinv[i1:i2, i1:i2]  # (out, B), (B, B)
+        chosen = choose(b, W1, Hinv1)
+        if chosen is not None:
+            pruned[:, i1:i2] = chosen
+        Q1, Err1 = sweep_block(W1, Hinv1, pruned[:, i1:i2], pattern if chosen is None else None, quant, i1)
+        W[:, i1:i2] = Q1
+        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]  # (out, B) @ (B, in-i2)
+        loss += float((Err1 ** 2).sum())  # Σ (w-q)²/U_ii²: increase of ‖X(W−Ŵ)ᵀ‖²/count
+    return W, pruned, loss
+
+
+def joint_sweep(W: torch.Tensor, Hinv: torch.Tensor, bounds: list[int], choose: BlockMask, pattern: Pattern | None,
+                quant: "ColumnQuantizer | None") -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Prune (and, with ``quant``, quantize) ``W``: a first sweep prunes; with a quantizer, its groups'
+    parameters are fitted on that sweep's result and a second sweep from the original ``W`` keeps the mask and
+    rounds every kept value as its column is fixed, the OBS update spreading the rounding error as well."""
+    W0 = W.clone() if quant is not None else W
+    W1, pruned, loss = obs_sweep(W, Hinv, bounds, choose, pattern, None)
+    if quant is None:
+        return W1, pruned, loss
+    quant.fit(W1, ~pruned)
+    return obs_sweep(W0, Hinv, bounds, lambda b, *_: pruned[:, bounds[b]:bounds[b + 1]], None, quant)
 
 
 @register(SparseGPTSpec)
@@ -123,18 +171,15 @@ def sparsegpt(W: torch.Tensor, stats: LinearStats | None, spec: SparseGPTSpec, d
     Hinv, info = inverse_hessian_factor(W, stats, spec.percdamp)  # (in, in)
     bounds = list(range(0, in_f, bs)) + [in_f]
     counts = None if pattern else block_prune_counts(
-        out_f * in_f - kept_count(spec.target, out_f * in_f, dtype), bounds)
-    pruned = torch.zeros_like(W, dtype=torch.bool)  # (out, in)
-    loss = 0.0
-    for b, (i1, i2) in enumerate(zip(bounds[:-1], bounds[1:])):
-        W1, Hinv1 = W[:, i1:i2].clone(), Hinv[i1:i2, i1:i2]  # (out, B), (B, B)
-        if counts is not None:
-            pruned[:, i1:i2] = unstructured_block_mask(W1, Hinv1, counts[b])
-        prune1 = pruned[:, i1:i2]  # a view: sweep_block fills it for N:M
-        Q1, Err1 = sweep_block(W1, Hinv1, prune1, pattern)
-        W[:, i1:i2] = Q1
-        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]  # (out, B) @ (B, in-i2)
-        loss += float((Err1 ** 2).sum())  # Σ (w-q)²/U_ii²: increase of ‖X(W−Ŵ)ᵀ‖²/count
+        out_f * in_f - kept_count(spec.target, out_f, in_f, dtype, spec.store), bounds)
+
+    def choose(b: int, W1: torch.Tensor, Hinv1: torch.Tensor) -> torch.Tensor | None:
+        return None if counts is None else unstructured_block_mask(W1, Hinv1, counts[b])
+
+    quant = ColumnQuantizer.of(spec.store, dtype, out_f, in_f)
+    W, pruned, loss = joint_sweep(W, Hinv, bounds, choose, pattern, quant)
     info.update(blocksize=bs, obs_loss=loss)  # ≈ ‖X(W−Ŵ)ᵀ‖²/count (with damping; reference reports half)
     mask = ~pruned
-    return Pruned(W * mask, mask, pattern, info)
+    if quant is not None:
+        info["joint_quantization"] = str(spec.store)
+    return Pruned(W * mask, mask, pattern, info, spec.store, None if quant is None else quant.params())

@@ -29,5 +29,5 @@ def wanda(W: torch.Tensor, stats: LinearStats | None, spec: WandaSpec, dtype: to
         raise InputError("method 'wanda' got no calibration statistics for this layer",
                          "run it with calibration data (--calib), or use --method magnitude")
     W = W.float()
-    mask = keep_mask(wanda_score(W, stats.sq_norms), spec.target, dtype, per_row=True)  # (out, in)
-    return Pruned(W * mask, mask, pattern_of(spec.target), {"grouping": "row"})
+    mask = keep_mask(wanda_score(W, stats.sq_norms), spec.target, dtype, per_row=True, store=spec.store)  # (out, in)
+    return Pruned(W * mask, mask, pattern_of(spec.target), {"grouping": "row"}, spec.store)

@@ -181,11 +181,11 @@ def test_stored_sizing_fits_the_budget_and_agrees_with_eq11_for_bf16_14bit():
 @pytest.mark.parametrize("storage", [CoefStorage.BF16_14BIT, CoefStorage.INT8])
 def test_cospadi_layer_rounds_like_the_module_and_fits_its_budget(storage):
     W, stats, X = _layer()
-    spec = CoSpaDiSpec(target=Ratio(0.3), iters=4, coef_storage=storage)
+    spec = CoSpaDiSpec(target=Ratio(0.3), iters=4, storage=storage)
     res, = compress_group(spec, [W], [stats], torch.bfloat16)
     assert isinstance(res, SparseDict) and res.D.shape == (32, res.info["k"]) and res.S.shape == (res.info["k"], 48)
     assert (res.mask.sum(0) == res.info["s"]).all() and not (res.S * ~res.mask).any()
-    module = SparseDictLinear(res.D, res.S, res.mask, coef_storage=storage, dtype=torch.bfloat16)
+    module = SparseDictLinear(res.D, res.S, res.mask, store=storage, dtype=torch.bfloat16)
     assert torch.equal(module.coefficients().float(), res.S)  # rounded once, exactly as stored
     assert module.stored_bytes() <= 0.7 * W.numel() * 2
     # reported error = functional error of what is stored (whitening identity)
@@ -207,7 +207,7 @@ def test_cospadi_survives_rank_deficient_and_zero_activations(tokens):
 
 def test_grouped_cospadi_shares_one_dictionary_and_reconstructs_each_layer():
     layers = [_layer(out=out, seed=i) for i, out in enumerate([48, 24, 48])]
-    spec = CoSpaDiSpec(target=Ratio(0.2), iters=6, group_size=3, coef_storage=CoefStorage.FP16)
+    spec = CoSpaDiSpec(target=Ratio(0.2), iters=6, group_size=3, storage=CoefStorage.FP16)
     results = cospadi([w for w, _, _ in layers], [st for _, st, _ in layers], spec, torch.float32)
     assert len(results) == 3 and all(r.D is results[0].D for r in results)
     for (W, stats, X), r in zip(layers, results):

@@ -30,7 +30,7 @@ def test_stored_bytes_within_target(dtype, storage):
     X, W, stats = correlated()
     dense = W.numel() * (torch.finfo(dtype).bits // 8)
     for ratio, ks in ((0.1, 3.0), (0.4, 1.0), (0.4, 2.5), (0.7, 1.5)):
-        res = compress_weight(RocketSpec(Ratio(ratio), ks=ks, coef_storage=storage), W, stats, dtype)
+        res = compress_weight(RocketSpec(Ratio(ratio), ks=ks, storage=storage), W, stats, dtype)
         module = build_module(res, None, dtype)
         written = sum(b.numel() * b.element_size() for b in module.buffers())
         assert written == module.stored_bytes() == res.stored_bytes(dtype) <= (1 - ratio) * dense
@@ -110,7 +110,7 @@ def test_refit_never_worse_than_basis(seed):
     svd = whitened_svd(W, stats)
     for ratio, ks in ((0.2, 1.0), (0.4, 2.0), (0.6, 3.0)):
         spec = RocketSpec(Ratio(ratio), ks=ks)
-        size = rocket_size(ratio, ks, 32, 24, spec.coef_storage, torch.float32)
+        size = rocket_size(ratio, ks, 32, 24, spec.store, torch.float32)
         keep, refill = keep_counts(size, 24, spec)
         with_refit = factorize(svd, size.k, keep, refill, spec.lam)
         without = factorize(svd, size.k, keep, refill, spec.lam, refit=False)
@@ -133,7 +133,7 @@ def test_refill_beyond_beta_stays_within_bytes():
     for beta, refill in ((0.0, 0.3), (0.2, 0.0), (0.0, 0.0)):
         spec = RocketSpec(Ratio(0.4), ks=2.0, beta=beta, refill=refill)
         res = compress_weight(spec, W, stats, torch.float16)
-        size = rocket_size(0.4, 2.0, 32, 24, spec.coef_storage, torch.float16)
+        size = rocket_size(0.4, 2.0, 32, 24, spec.store, torch.float16)
         assert res.info["nnz"] <= size.nnz
         assert build_module(res, None, torch.float16).stored_bytes() <= 0.6 * dense
 

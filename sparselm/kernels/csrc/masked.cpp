@@ -132,8 +132,7 @@ SPARSELM_AVX512 inline __m512i p14_load32(const Masked& m, int64_t i) {
 }
 
 // the 32 weights of columns c..c+31 under mask word w (zeros where unset), as two fp32 vectors. K is the
-// value kind as a compile-time constant: a run-time switch here let the compiler hoist the other kinds'
-// loads out of their branches (an extra stream at the wrong addresses: 10x slower decode, measured).
+// value kind as a compile-time constant (no per-chunk switch in the hot loops).
 template <int K>
 SPARSELM_AVX512 inline void decode32_k(const Masked& m, int64_t idx, uint32_t w, __m512& lo, __m512& hi) {
   if constexpr (K == BF16 || K == FP16) {
@@ -155,20 +154,10 @@ SPARSELM_AVX512 inline void decode32_k(const Masked& m, int64_t idx, uint32_t w,
   }
 }
 
-SPARSELM_AVX512 inline void decode32(const Masked& m, int64_t idx, uint32_t w, __m512& lo, __m512& hi) {
-  switch (m.kind) {
-    case BF16: decode32_k<BF16>(m, idx, w, lo, hi); break;
-    case FP16: decode32_k<FP16>(m, idx, w, lo, hi); break;
-    case FP32: decode32_k<FP32>(m, idx, w, lo, hi); break;
-    case INT8: decode32_k<INT8>(m, idx, w, lo, hi); break;
-    default: decode32_k<P14>(m, idx, w, lo, hi);
-  }
-}
-
 // Decode reads each row's mask and values once, front to back. The hardware prefetcher does not keep up
 // with these data-dependent streams (a value address is known only after the mask word's popcount), so
 // each chunk prefetches its row's values and mask a few KiB ahead; measured on the project's CPU this
-// doubles the bytes/s (docs/benchmarks/kernels.md).
+// takes a row from 5-17 ns to ~1.9 ns per 32 inputs (docs/benchmarks/README.md, "Kernels").
 constexpr int64_t kPrefetchBytes = 4096;
 
 template <int K> constexpr int64_t value_byte(int64_t i) {
@@ -265,8 +254,8 @@ SPARSELM_AVX512 inline void dense_row(const uint16_t* W, int64_t cols, const uin
   }
 }
 
-template <typename OutT>
-SPARSELM_AVX512 void unpack_rows_avx(const Masked& m, int64_t r0, int64_t r1, OutT* out) {
+template <typename OutT, int K>
+SPARSELM_AVX512 void unpack_rows_k(const Masked& m, int64_t r0, int64_t r1, OutT* out) {
   for (int64_t r = r0; r < r1; r++) {
     OutT* o = out + r * m.cols;
     int64_t idx = m.offsets[r], bit = r * m.cols;
@@ -274,13 +263,15 @@ SPARSELM_AVX512 void unpack_rows_avx(const Masked& m, int64_t r0, int64_t r1, Ou
     for (int64_t c = 0; c < m.cols; c += 32) {
       int n = int(std::min<int64_t>(32, m.cols - c));
       uint32_t w = read_bits(m, bit + c, n);
+      prefetch_at(m.values, value_byte<K>(idx) + kPrefetchBytes);
+      if ((c & 511) == 0) prefetch_at(m.mask, ((bit + c) >> 3) + 512);
       __mmask32 k = n >= 32 ? ~__mmask32(0) : __mmask32((1u << n) - 1);
-      if (m.kind == BF16 && std::is_same<OutT, c10::BFloat16>::value) {  // copy the bits, no rounding
+      if constexpr (K == BF16 && std::is_same<OutT, c10::BFloat16>::value) {  // copy the bits, no rounding
         __m512i v = _mm512_maskz_expandloadu_epi16(w, static_cast<const uint16_t*>(m.values) + idx);
         _mm512_mask_storeu_epi16(o + c, k, v);
       } else {
         __m512 lo, hi;
-        decode32(m, idx, w, lo, hi);
+        decode32_k<K>(m, idx, w, lo, hi);
         if (m.scale) { lo = _mm512_mul_ps(lo, s); hi = _mm512_mul_ps(hi, s); }
         if constexpr (std::is_same<OutT, float>::value) {
           _mm512_mask_storeu_ps(o + c, __mmask16(k), lo);
@@ -299,6 +290,17 @@ SPARSELM_AVX512 void unpack_rows_avx(const Masked& m, int64_t r0, int64_t r1, Ou
       }
       idx += _mm_popcnt_u32(w);
     }
+  }
+}
+
+template <typename OutT>
+void unpack_rows_avx(const Masked& m, int64_t r0, int64_t r1, OutT* out) {  // the kind as a constant (decode32_k)
+  switch (m.kind) {
+    case BF16: unpack_rows_k<OutT, BF16>(m, r0, r1, out); break;
+    case FP16: unpack_rows_k<OutT, FP16>(m, r0, r1, out); break;
+    case FP32: unpack_rows_k<OutT, FP32>(m, r0, r1, out); break;
+    case INT8: unpack_rows_k<OutT, INT8>(m, r0, r1, out); break;
+    default: unpack_rows_k<OutT, P14>(m, r0, r1, out);
   }
 }
 

@@ -1,0 +1,103 @@
+"""ROCKET + knapsack profiling speed: the per-layer option table (14 ratios × 5 ks = 70 factorizations) on
+SmolLM2-135M-Instruct layers (weights dequantized from the Q4_1 GGUF, `scripts/smollm2_to_hf.py`), the current
+code against an earlier revision's `sparselm/methods/rocket.py`, interleaved A/B in one process (CPU time of
+this process, one thread: robust to a shared machine's load, not immune to it).
+
+    python benchmarks/rocket_speed.py --baseline 532d3de --blocks 3 15 27
+
+Writes docs/benchmarks/rocket_speed.{md,json}: seconds per layer for both, the speedup, and how far the option
+tables differ (largest relative error difference; how many ratios chose the same spec).
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from sparselm import data, pipeline, profile  # noqa: E402
+from sparselm import model as adapter  # noqa: E402
+from sparselm.config import Allocate, Ratio, Recipe, RocketSpec  # noqa: E402
+from sparselm.methods import rocket as current  # noqa: E402
+
+DOCS = ROOT / "docs" / "benchmarks"
+
+
+def baseline_module(rev: str):
+    """``sparselm/methods/rocket.py`` as of git revision ``rev``, imported as a package sibling of the current one."""
+    source = subprocess.run(["git", "-C", str(ROOT), "show", f"{rev}:sparselm/methods/rocket.py"], check=True,
+                            capture_output=True, text=True).stdout
+    path = Path(tempfile.mkdtemp()) / "rocket_baseline.py"
+    path.write_text(source.replace("@register(RocketSpec)\n", ""))  # do not re-register the method
+    spec = importlib.util.spec_from_file_location("sparselm.methods.rocket_baseline", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+def table(impl, W, stats, dtype):
+    profile.factorize, profile.whitened_svd = impl.factorize, impl.whitened_svd
+    t = time.process_time()
+    opts = profile.profile_layer(W, stats, [RocketSpec(target=Ratio(0.3))], dtype=dtype)
+    return time.process_time() - t, opts
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="/tmp/smollm2", help="SmolLM2 directory from scripts/smollm2_to_hf.py")
+    ap.add_argument("--baseline", required=True, help="git revision whose rocket.py is the baseline")
+    ap.add_argument("--blocks", type=int, nargs="+", default=[3])
+    ap.add_argument("--nsamples", type=int, default=16)
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    old = baseline_module(args.baseline)
+    loaded = adapter.load_hf(args.model)
+    calib = data.calibration_data(loaded.tokenizer, "stdlib", args.nsamples, 256, seed=0)
+    names = pipeline.targets(loaded.model, Recipe(methods=(RocketSpec(target=Ratio(0.3)),), allocate=Allocate.KNAPSACK))
+    names = [n if i in args.blocks else [] for i, n in enumerate(names)]
+    rows = []
+    for win in pipeline.walk(loaded.model, calib, names, torch.device("cpu"), 8):
+        for name in win.names:
+            W = adapter.linear_weight(adapter.get_module(loaded.model, name)).detach().float()
+            secs = {"baseline": 0.0, "current": 0.0}
+            opts = {}
+            for label, impl in (("baseline", old), ("current", current)) * 2:  # interleaved, twice each
+                dt, opts[label] = table(impl, W, win.stats[name], loaded.storage_dtype)
+                secs[label] += dt / 2
+            diff = max(abs(a.error - b.error) / max(a.error, 1e-12) for a, b in zip(opts["baseline"], opts["current"]))
+            same = sum(a.payload == b.payload for a, b in zip(opts["baseline"], opts["current"]))
+            rows.append({"layer": name, "shape": list(W.shape), "baseline_s": round(secs["baseline"], 3),
+                         "current_s": round(secs["current"], 3), "max_rel_error_diff": diff,
+                         "same_spec": f"{same}/{len(opts['current'])}"})
+            print(json.dumps(rows[-1]), flush=True)
+    total = {k: sum(r[f"{k}_s"] for r in rows) for k in ("baseline", "current")}
+    payload = {"model": "SmolLM2-135M-Instruct, weights dequantized from Q4_1 GGUF", "baseline": args.baseline,
+               "blocks": args.blocks, "torch": torch.__version__, "rows": rows, "total_s": total,
+               "speedup": total["baseline"] / total["current"]}
+    DOCS.mkdir(parents=True, exist_ok=True)
+    (DOCS / "rocket_speed.json").write_text(json.dumps(payload, indent=1))
+    lines = ["# ROCKET + knapsack profiling: current code vs " + args.baseline, "",
+             "Per layer, the option table of `profile_layer` for ROCKET (14 ratios × 5 ks = 70 factorizations), "
+             "CPU seconds of one thread, interleaved A/B (two runs each, mean), on SmolLM2-135M-Instruct "
+             f"(weights dequantized from Q4_1 GGUF), blocks {args.blocks}, {args.nsamples}×256 calibration tokens. "
+             f"torch {torch.__version__}. Written by `benchmarks/rocket_speed.py`.", "",
+             "| layer | shape | baseline s | current s | speedup | max rel. error diff | same spec |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['layer']} | {r['shape'][0]}×{r['shape'][1]} | {r['baseline_s']:.2f} | {r['current_s']:.2f} | "
+                     f"{r['baseline_s'] / r['current_s']:.2f}× | {r['max_rel_error_diff']:.1e} | {r['same_spec']} |")
+    lines.append(f"| **total** | | {total['baseline']:.2f} | {total['current']:.2f} | **{payload['speedup']:.2f}×** | | |")
+    (DOCS / "rocket_speed.md").write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
