@@ -106,6 +106,10 @@ def compress(
                                                    "task directories, comma-separated; needs .[eval])"),
     num_fewshot: Optional[int] = typer.Option(None, help="lm-eval few-shot examples (default: each task's own)"),
     limit: Optional[float] = typer.Option(None, help="lm-eval: first N examples per task (< 1: a fraction)"),
+    offload_activations: Optional[str] = typer.Option(None, help="keep the calibration activations between "
+                                                                 "blocks on disk in a private folder under DIR "
+                                                                 "(removed after the run): for models whose "
+                                                                 "activations do not fit in memory"),
     as_json: bool = typer.Option(False, "--json", help="print one JSON object as the last line"),
 ):
     """Compress a model layer by layer and save it (with recipe.yaml, report.html and a model card README.md).
@@ -122,7 +126,8 @@ def compress(
         return api.compress_model(model, r, calib, nsamples, seqlen, out, overwrite, device, eval, eval_dataset,
                                   batch_size=batch_size, seed=seed, trust_remote_code=trust_remote_code,
                                   progress=None if as_json else _progress_bar(), resume=resume, tasks=tasks,
-                                  num_fewshot=num_fewshot, limit=_limit(limit))
+                                  num_fewshot=num_fewshot, limit=_limit(limit),
+                                  offload_activations=offload_activations)
 
     def show(s):
         console.print(f"compressed {s['model']} with {s['method']} ({s['allocate']}) in {s['compress_seconds']:.1f}s "

@@ -116,3 +116,17 @@ def test_structured_and_refined_runs(tiny_llama_dir, tmp_path):
     assert refined["ratio_stored"] == plain["ratio_stored"]
     recipe = (tmp_path / "wd" / "recipe.yaml").read_text()
     assert "refine: dsnot" in recipe
+
+
+def test_offload_activations_flag_writes_the_same_tensors_and_leaves_nothing_behind(tiny_llama_dir, tmp_path):
+    import torch
+    from safetensors.torch import load_file
+    base = ["compress", str(tiny_llama_dir), "--method", "wanda", "--sparsity", "0.5", "--nsamples", "4",
+            "--seqlen", "32", "--no-eval"]
+    acts = tmp_path / "acts"
+    for out, extra in (("plain", []), ("spilled", ["--offload-activations", str(acts)])):
+        result = runner.invoke(app, base + ["--out", str(tmp_path / out)] + extra)
+        assert result.exit_code == 0, result.output
+    plain, spilled = (load_file(tmp_path / d / "model.safetensors") for d in ("plain", "spilled"))
+    assert plain.keys() == spilled.keys() and all(torch.equal(plain[k], spilled[k]) for k in plain)
+    assert acts.is_dir() and not any(acts.iterdir())  # the private folder under it is gone
