@@ -24,7 +24,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from sparselm import data, pipeline, profile  # noqa: E402
+from sparselm import blocks, data, pipeline, profile  # noqa: E402
 from sparselm import model as adapter  # noqa: E402
 from sparselm.config import Allocate, Ratio, Recipe, RocketSpec  # noqa: E402
 from sparselm.methods import rocket as current  # noqa: E402
@@ -66,7 +66,7 @@ def main() -> None:
     names = pipeline.targets(loaded.model, Recipe(methods=(RocketSpec(target=Ratio(0.3)),), allocate=Allocate.KNAPSACK))
     names = [n if i in args.blocks else [] for i, n in enumerate(names)]
     rows = []
-    for win in pipeline.walk(loaded.model, calib, names, torch.device("cpu"), 8):
+    for win in blocks.walk(loaded.model, calib, names, torch.device("cpu"), 8):
         for name in win.names:
             W = adapter.linear_weight(adapter.get_module(loaded.model, name)).detach().float()
             secs = {"baseline": 0.0, "current": 0.0}

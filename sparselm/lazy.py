@@ -3,7 +3,7 @@
 `open_lazy` builds the model's skeleton with its parameters on the meta device (accelerate's
 ``init_empty_weights``: buffers the model computes itself, such as rotary frequencies, stay real) and reads
 only the tensors outside the repeated blocks (embeddings, final norm, head) from the checkpoint's safetensors
-shards. `LazyBlocks` is what the block walk (`pipeline.walk`) asks for a block's weights: ``load(i)`` reads
+shards. `LazyBlocks` is what the block walk (`blocks.walk`) asks for a block's weights: ``load(i)`` reads
 block ``i``'s tensors from the shards (one ``safe_open`` per shard and block, so no file stays mapped), and
 ``release(indices, finished)`` hands finished blocks to ``write`` (the output is written window by window)
 and puts their tensors back on the meta device. Host memory is then about one window of blocks + the

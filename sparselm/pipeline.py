@@ -1,12 +1,8 @@
 """compress(): capture -> plan (profile -> allocate) -> per window of blocks: record, compress, swap, propagate.
 
 The only module that knows blocks, methods and swaps together. Every pass over the model is the one block
-walk, `walk`: it captures each block's own call arguments once (`capture_inputs`), then yields the blocks in
-windows with the statistics of their targeted linears recorded on the window's inputs, and after the
-caller's work propagates the window's outputs (the *compressed* outputs when the caller swapped layers in)
-to the next window. Profiling for the knapsack, compression and resuming are the same walk. A window is one
-block unless a method shares factors across blocks (CoSpaDi's ``group_size``). Memory beyond the model: the
-inputs of the current window (one tensor per calibration batch) plus the statistics of its linears.
+walk (`blocks.walk`): profiling for the knapsack, compression and resuming are the same walk; structured
+pruning (`structured`) has its own flow over the same walk.
 """
 from __future__ import annotations
 
@@ -16,21 +12,20 @@ import fnmatch
 import logging
 import math
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Protocol
+from typing import Callable
 
 import torch
 from torch import nn
 
-from . import dist, fidelity, model as adapter
+from . import dist, fidelity, model as adapter, structured
 from .budget import Allocation, Plan, method_errors, plan_knapsack, rescale
-from .capture import LinearStats, activation_store, record
+from .blocks import BlockSource, CompressReport, LayerResult, walk
 from .config import Allocate, CoSpaDiSpec, MethodSpec, Ratio, Recipe, StructuredSpec
 from .errors import InputError
 from .metrics import perplexity
 from .methods import Factored, Pruned, Result, SparseDict, compress_group
-from .modules import MODULE_CLASSES, CompressedLinear, LowRankLinear, SparseDictLinear, SparseLinear, dense_cache
+from .modules import MODULE_CLASSES, CompressedLinear, LowRankLinear, SparseDictLinear, SparseLinear
 from .profile import profile_layer, relative_error
 
 log = logging.getLogger(__name__)
@@ -41,193 +36,6 @@ FORMATS: dict[type, type[CompressedLinear]] = {Pruned: SparseLinear, Factored: L
 def build_module(result: Result, bias: torch.Tensor | None, dtype: torch.dtype) -> CompressedLinear:
     """The compressed layer holding a method's result (its format builds itself from it)."""
     return FORMATS[type(result)].from_result(result, bias, dtype)
-
-
-class _Stop(Exception):
-    pass
-
-
-@dataclass
-class BlockInputs:
-    """What the blocks are called with, per calibration batch: block 0's hidden states, and every block's
-    own keyword arguments (``kwargs[block][batch]``: hybrid models give sliding/full-attention layers other
-    masks and rotary embeddings)."""
-    hidden: list[torch.Tensor]
-    kwargs: list[list[dict[str, Any]]]
-
-
-@dataclass
-class LayerResult:
-    """One compressed layer: the module (which carries its spec, info and group) and its measured error."""
-    name: str
-    module: CompressedLinear
-    rel_error: float            # ‖X(W−Ŵ)ᵀ‖² / ‖XWᵀ‖² on this layer's calibration inputs
-    predicted_error: float | None = None
-
-    @property
-    def spec(self) -> MethodSpec:
-        return self.module.spec
-
-    @property
-    def info(self) -> dict:
-        return self.module.info
-
-    @property
-    def group(self) -> tuple[str, ...]:
-        """The layers sharing this one's dictionary (itself included); () when it owns it alone."""
-        return self.module.group
-
-    @property
-    def dense_shape(self) -> tuple[int, int]:
-        return self.module.out_features, self.module.in_features
-
-
-@dataclass
-class CompressReport:
-    layers: list[LayerResult]
-    seconds: float
-    plan: Plan
-
-    @property
-    def allocation(self) -> list[Allocation] | None:
-        return self.plan.allocation
-
-
-def _to(obj, device, memo: dict):
-    """``obj`` on ``device``; a tensor seen before in this batch (``memo``, by identity) is moved once."""
-    if isinstance(obj, torch.Tensor):
-        if id(obj) not in memo:
-            memo[id(obj)] = (obj, obj.to(device))  # the source is kept so that its id stays unique
-        return memo[id(obj)][1]
-    if isinstance(obj, (tuple, list)):
-        return type(obj)(_to(o, device, memo) for o in obj)
-    if isinstance(obj, dict):
-        return {k: _to(v, device, memo) for k, v in obj.items()}
-    return obj
-
-
-def _device_of(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
-
-
-@torch.no_grad()
-def capture_inputs(model: nn.Module, blocks: nn.ModuleList, calib: torch.Tensor, batch_size: int,
-                   device: torch.device, store: Callable[[], list] = list) -> BlockInputs:
-    """Block 0's hidden states and every block's own keyword arguments, per calibration batch: the model runs
-    with stand-ins for its blocks (`model.stand_ins`), so only the embeddings are computed."""
-    inputs = BlockInputs(store(), [[] for _ in blocks])
-    memo: dict = {}
-
-    def seen(i: int, hidden: torch.Tensor, kwargs: dict):
-        if i == 0:
-            inputs.hidden.append(hidden.to(device))
-        inputs.kwargs[i].append(_to(kwargs, device, memo))
-        if i == len(blocks) - 1:
-            raise _Stop  # the final norm and head are not needed
-
-    starts = range(0, len(calib), batch_size)
-    dist.check_batches(len(starts))
-    with adapter.stand_ins(blocks, seen):
-        for start in (starts[b] for b in dist.mine(len(starts))):  # one process: every batch
-            ids = calib[start:start + batch_size].to(_device_of(model))
-            memo.clear()
-            try:
-                model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False)
-            except _Stop:
-                pass
-    return inputs
-
-
-@torch.no_grad()
-def run_block(block: nn.Module, hidden: list[torch.Tensor], kwargs: list[dict], out: list | None = None
-              ) -> list[torch.Tensor]:
-    """The block's outputs per batch, appended to ``out`` (a new list by default; `capture.Spilled` keeps them
-    on disk). Compressed layers rebuild their weight once for all batches."""
-    out = [] if out is None else out
-    with dense_cache(block):
-        for h, kw in zip(hidden, kwargs):
-            out.append(adapter.block_output(block(h, **kw)))
-    return out
-
-
-@torch.no_grad()
-def record_block(block: nn.Module, hidden: list[torch.Tensor], kwargs: list[dict], modules: dict[str, nn.Module],
-                 stats: dict[str, LinearStats], batches: int, out: list | None = None) -> list[torch.Tensor]:
-    """`run_block` recording the inputs of ``modules`` into ``stats``. Several processes: batch by batch, each
-    round's statistics merged across them in one process's batch order (`dist.merge_step`)."""
-    if not dist.active():
-        with record(modules, stats):
-            return run_block(block, hidden, kwargs, out)
-    outs = [] if out is None else out
-    with dense_cache(block):
-        for step in range(dist.steps(batches)):
-            pending: dict[str, LinearStats] = {}
-            if step < len(hidden):
-                with record(modules, pending):
-                    outs.append(adapter.block_output(block(hidden[step], **kwargs[step])))
-            dist.merge_step(stats, pending, list(modules), step, batches)
-    return outs
-
-
-@dataclass
-class Window:
-    """Consecutive blocks ``first..end-1``, the qualified names of their targeted linears, and the statistics
-    of those linears on the window's inputs (block by block, each on the previous one's outputs)."""
-    first: int
-    end: int
-    names: list[str]
-    stats: dict[str, LinearStats]
-    changed: bool = False  # set by the caller when it swapped layers: the outputs are then computed again
-
-
-class BlockSource(Protocol):
-    """Where the blocks' weights come from when they are not all in memory (`lazy.LazyBlocks`)."""
-    def load(self, index: int) -> None: ...
-    def release(self, indices: list[int], finished: bool) -> None: ...
-
-
-def walk(model: nn.Module, calib: torch.Tensor, names: list[list[str]], device: torch.device, batch_size: int,
-         window: int = 1, start: int = 0, source: BlockSource | None = None, finished: bool = False,
-         spill: str | Path | None = None) -> Iterator[Window]:
-    """The one block walk: windows of ``window`` blocks from block ``start`` on (the blocks before it are only
-    run, to rebuild the inputs: a resumed run); ``names[i]``: the targeted linears of block ``i``.
-
-    ``source``: the blocks' weights are read when their window starts and released when it ends (``finished``:
-    the blocks are final, as in the compress walk: the source writes them before dropping them). ``spill``: a
-    folder where the calibration activations are kept between blocks instead of memory (`capture.Spilled`)."""
-    _, blocks = adapter.find_blocks(model)
-    store = activation_store(spill)
-    inputs = capture_inputs(model, blocks, calib, batch_size, device, store)
-    batches = -(-len(calib) // batch_size)
-    hidden = inputs.hidden
-
-    def run(idx: list[int], x: list[torch.Tensor]) -> list[torch.Tensor]:
-        for i in idx:
-            x = run_block(blocks[i], x, inputs.kwargs[i], store())
-        return x
-
-    for first in range(0, len(blocks), window):
-        idx = list(range(first, min(first + window, len(blocks))))
-        for i in idx if source else ():
-            source.load(i)
-            if first >= start:  # to be compressed now (a resumed run's earlier blocks are compressed already)
-                adapter.check_finite(model, names[i])
-        homes = [_device_of(blocks[i]) for i in idx]
-        for i in idx:
-            blocks[i].to(device)
-        if first < start:  # compressed already (a resumed run): only rebuild the next window's inputs
-            hidden = run(idx, hidden)
-        else:
-            win, x = Window(first, idx[-1] + 1, [n for i in idx for n in names[i]], {}), hidden
-            for i in idx:
-                x = record_block(blocks[i], x, inputs.kwargs[i], {n: adapter.get_module(model, n) for n in names[i]},
-                                 win.stats, batches, store())
-            yield win
-            hidden = run(idx, hidden) if win.changed and win.end < len(blocks) else x
-        for i, home in zip(idx, homes):
-            blocks[i].to(home)
-        if source:
-            source.release(idx, finished)
 
 
 # --- planning ------------------------------------------------------------------------------------------
@@ -503,8 +311,7 @@ def compress(model: nn.Module, calib: torch.Tensor, recipe: Recipe, device: torc
         if source is not None:
             raise InputError("structured pruning chooses every block's widths after seeing them all",
                              "load the model in memory (no lazy loading) for flap / ziplm")
-        from .structured import compress_structured
-        return compress_structured(model, calib, recipe, device, dtype, batch_size, progress)
+        return structured.compress_structured(model, calib, recipe, device, dtype, batch_size, progress)
     t0 = time.perf_counter()
     plan = plan or make_plan(model, calib, recipe, device, dtype, batch_size, profile_cache, source, spill)
     prefix, blocks = adapter.find_blocks(model)

@@ -18,6 +18,7 @@ from torch import nn
 
 from . import formats
 from . import model as adapter
+from .blocks import CompressReport, walk
 from .budget import Plan
 from .config import FlapSpec, Recipe, Structure, StructuredSpec, ZipLMSpec
 from .errors import InputError
@@ -61,9 +62,8 @@ def dense_bytes(model: nn.Module, parts: list[adapter.Part], dtype: torch.dtype)
 @torch.no_grad()
 def compress_structured(model: nn.Module, calib: torch.Tensor, recipe: Recipe, device: torch.device,
                         dtype: torch.dtype, batch_size: int = 8, progress=None):
-    """Prune ``model`` in place with the recipe's structured spec; a `pipeline.CompressReport` (no per-layer
+    """Prune ``model`` in place with the recipe's structured spec; a `blocks.CompressReport` (no per-layer
     compressed modules: the narrowed layers carry their `Narrowed` records)."""
-    from .pipeline import CompressReport, walk
     t0 = time.perf_counter()
     spec = recipe.methods[0]
     assert isinstance(spec, StructuredSpec)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sparselm import io, pipeline
+from sparselm import blocks as blocks_mod, io, pipeline
 from sparselm import model as adapter
 from sparselm.config import (CoSpaDiSpec, MagnitudeSpec, Pattern, Ratio, Recipe, RocketSpec, SparseGPTSpec,
                              Sparsity, SVDLLMSpec, SVDSpec, ASVDSpec, WandaSpec)
@@ -66,13 +66,13 @@ def test_compressed_outputs_are_propagated(calib_ids):
     seen = []
     handle = blocks[1].register_forward_pre_hook(lambda m, a, kw: seen.append(a[0] if a else kw["hidden_states"]),
                                                  with_kwargs=True)
-    inputs = pipeline.capture_inputs(model, blocks, calib_ids, 8, CPU)
-    dense_in = pipeline.run_block(blocks[0], inputs.hidden, inputs.kwargs[0])[0]
+    inputs = blocks_mod.capture_inputs(model, blocks, calib_ids, 8, CPU)
+    dense_in = blocks_mod.run_block(blocks[0], inputs.hidden, inputs.kwargs[0])[0]
     seen.clear()
     pipeline.compress(model, calib_ids, Recipe(methods=(MagnitudeSpec(target=Sparsity(0.7)),)), CPU, torch.float32)
     handle.remove()
-    inputs = pipeline.capture_inputs(model, blocks, calib_ids, 8, CPU)
-    compressed_in = pipeline.run_block(blocks[0], inputs.hidden, inputs.kwargs[0])[0]
+    inputs = blocks_mod.capture_inputs(model, blocks, calib_ids, 8, CPU)
+    compressed_in = blocks_mod.run_block(blocks[0], inputs.hidden, inputs.kwargs[0])[0]
     # the statistics pass of block 1 saw block 0's compressed outputs, not the dense ones
     assert torch.allclose(seen[0], compressed_in, atol=1e-5)
     assert not torch.allclose(seen[0], dense_in, atol=1e-3)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from sparselm import model as adapter
-from sparselm import pipeline
+from sparselm import blocks as blocks_mod
 
 from .conftest import VOCAB
 from .test_architectures import ARCHS, tiny
@@ -53,7 +53,7 @@ def test_walk_gives_every_block_its_own_inputs(arch):
         want = [list(calls) for calls in seen]
         for calls in seen:
             calls.clear()
-        for _ in pipeline.walk(model, ids, [[] for _ in blocks], CPU, batch_size=2):
+        for _ in blocks_mod.walk(model, ids, [[] for _ in blocks], CPU, batch_size=2):
             pass  # a no-op compression: nothing swapped
     finally:
         for h in handles:
@@ -71,6 +71,6 @@ def test_capture_holds_back_block_hooks_and_restores_forward():
     _, blocks = adapter.find_blocks(model)
     calls = []
     blocks[1].register_forward_pre_hook(lambda m, a: calls.append(1))
-    inputs = pipeline.capture_inputs(model, blocks, torch.randint(0, VOCAB, (2, 16)), 2, CPU)
+    inputs = blocks_mod.capture_inputs(model, blocks, torch.randint(0, VOCAB, (2, 16)), 2, CPU)
     assert not calls and "forward" not in blocks[0].__dict__ and len(inputs.kwargs) == 2
     assert inputs.kwargs[0][0]["attention_mask"] is not inputs.kwargs[1][0]["attention_mask"]
