@@ -21,9 +21,10 @@ from torch import nn
 from . import dist, fidelity, model as adapter, structured
 from .budget import Allocation, Plan, method_errors, plan_knapsack, rescale
 from .blocks import BlockSource, CompressReport, LayerResult, walk
-from .config import Allocate, CoSpaDiSpec, MethodSpec, Ratio, Recipe, StructuredSpec
+from .config import Allocate, CoSpaDiSpec, GQSASpec, MethodSpec, Ratio, Recipe, StructuredSpec
 from .errors import InputError
 from .metrics import perplexity
+from .methods import gqsa
 from .methods import Factored, Pruned, Result, SparseDict, compress_group
 from .modules import MODULE_CLASSES, CompressedLinear, LowRankLinear, SparseDictLinear, SparseLinear
 from .profile import profile_layer, relative_error
@@ -97,6 +98,15 @@ def profile_options(model: nn.Module, calib: torch.Tensor, names: list[list[str]
     return options, shapes
 
 
+def _check_shapes(model: nn.Module, names: list[list[str]], specs) -> None:
+    """Shape constraints of the methods, checked on every targeted layer before any calibration pass (the
+    skeleton's shapes suffice: a lazily loaded model is checked too)."""
+    for spec in (s for s in specs if isinstance(s, GQSASpec)):
+        for name in (n for block in names for n in block):
+            gqsa.check_width(adapter.linear_weight(adapter.get_module(model, name)).shape[1], spec.quant_group,
+                             f"{spec.name} on {name}")
+
+
 def make_plan(model: nn.Module, calib: torch.Tensor, recipe: Recipe, device: torch.device, dtype: torch.dtype,
               batch_size: int = 8, cache: dict | None = None, source: BlockSource | None = None,
               spill: str | Path | None = None) -> Plan:
@@ -105,6 +115,7 @@ def make_plan(model: nn.Module, calib: torch.Tensor, recipe: Recipe, device: tor
     methods, `select_plan` then keeps the best of that plan and the others it scores end to end (the model in
     memory only). (With a ``source`` the blocks' weights are checked as the walk reads them.)"""
     names = targets(model, recipe)
+    _check_shapes(model, names, recipe.methods)
     if source is None:
         adapter.check_finite(model, [n for block in names for n in block])
     if recipe.allocate is Allocate.KNAPSACK:

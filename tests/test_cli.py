@@ -130,3 +130,16 @@ def test_offload_activations_flag_writes_the_same_tensors_and_leaves_nothing_beh
     plain, spilled = (load_file(tmp_path / d / "model.safetensors") for d in ("plain", "spilled"))
     assert plain.keys() == spilled.keys() and all(torch.equal(plain[k], spilled[k]) for k in plain)
     assert acts.is_dir() and not any(acts.iterdir())  # the private folder under it is gone
+
+
+def test_gqsa_group_that_does_not_tile_a_layer_is_refused_before_any_calibration_pass(tmp_path, monkeypatch):
+    from sparselm import blocks
+
+    def no_walk(*a, **k):
+        raise AssertionError("the calibration walk started before the shape check")
+    monkeypatch.setattr(blocks, "capture_inputs", no_walk)
+    result = runner.invoke(app, ["compress", "--method", "gqsa", "--sparsity", "0.5", "--storage", "int4",
+                                 "--quant-group", "48", "--out", str(tmp_path / "o"), "--no-eval"])
+    assert result.exit_code == 2, result.output
+    assert "in_features 256 is not a multiple of quant_group 48" in result.output and "fix:" in result.output
+    assert not (tmp_path / "o").exists()

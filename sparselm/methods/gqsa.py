@@ -55,7 +55,8 @@ def kept_blocks(spec: GQSASpec, out_f: int, in_f: int, dtype: torch.dtype) -> in
     return kept
 
 
-def _check_width(in_f: int, g: int, name: str) -> None:
+def check_width(in_f: int, g: int, name: str) -> None:
+    """GQSA's 1×g blocks must tile every row: ``g`` divides ``in_f`` (checked before calibration too)."""
     if in_f % g:
         fits = [d for d in (8, 16, 32, 64, 128, 256) if in_f % d == 0]
         raise InputError(f"{name}: in_features {in_f} is not a multiple of quant_group {g}",
@@ -70,7 +71,7 @@ def group_sweep(W: torch.Tensor, stats: LinearStats | None, spec: GQSASpec, dtyp
     W = W.detach().float().clone()
     out_f, in_f = W.shape
     g = spec.quant_group
-    _check_width(in_f, g, spec.name)
+    check_width(in_f, g, spec.name)
     keep = kept_blocks(spec, out_f, in_f, dtype)
     Hinv, info = inverse_hessian_factor(W, stats, spec.percdamp)  # (in, in)
     bs = max(g, spec.blocksize // g * g)  # column blocks hold whole 1×g groups
