@@ -4,7 +4,6 @@ import pytest
 import torch
 
 from sparselm import formats
-from sparselm.capture import LinearStats
 from sparselm.config import (CoefStorage, GPTQSpec, GQSASpec, MagnitudeSpec,
                              Pattern, Ratio, RocketSpec, SparseGPTSpec, Sparsity, Storage, SVDSpec)
 from sparselm.errors import InputError
@@ -12,16 +11,9 @@ from sparselm.methods import compress_weight
 from sparselm.modules import LowRankLinear, SparseLinear
 from sparselm.packing import decode_values, encode_values, fit_params, masked_groups
 from sparselm.pipeline import build_module
+from tests.methods.data import correlated
 
 INT4 = CoefStorage.INT4
-
-
-def correlated(seed: int = 0, tokens: int = 256, in_f: int = 32, out_f: int = 16):
-    g = torch.Generator().manual_seed(seed)
-    Z = torch.randn(tokens, 8, generator=g)  # (tokens, 8) a few latent factors: strongly correlated inputs
-    X = Z @ torch.randn(8, in_f, generator=g) + 0.1 * torch.randn(tokens, in_f, generator=g)  # (tokens, in)
-    W = torch.randn(out_f, in_f, generator=g)  # (out, in)
-    return X, W, LinearStats.from_inputs(X)
 
 
 def functional(X, W, W_hat) -> float:

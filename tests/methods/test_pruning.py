@@ -4,7 +4,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sparselm import formats
 from sparselm.capture import LinearStats
 from sparselm.config import MagnitudeSpec, Pattern, Ratio, SparseGPTSpec, Sparsity, WandaSpec
 from sparselm.errors import InputError
@@ -13,20 +12,13 @@ from sparselm.methods.magnitude import magnitude
 from sparselm.methods.sparsegpt import block_prune_counts, sparsegpt
 from sparselm.methods.wanda import wanda
 from sparselm.modules import SparseLinear
+from tests.methods.data import correlated
 
 METHODS = [(magnitude, MagnitudeSpec), (wanda, WandaSpec), (sparsegpt, SparseGPTSpec)]
 
 
 def diag_stats(sq_norms: list[float], count: int = 10) -> LinearStats:
     return LinearStats(torch.diag(torch.tensor(sq_norms, dtype=torch.float64)), count)
-
-
-def correlated(seed: int = 0, tokens: int = 256, in_f: int = 32, out_f: int = 16):
-    g = torch.Generator().manual_seed(seed)
-    Z = torch.randn(tokens, 8, generator=g)  # (tokens, 8) a few latent factors: strongly correlated inputs
-    X = Z @ torch.randn(8, in_f, generator=g) + 0.1 * torch.randn(tokens, in_f, generator=g)  # (tokens, in)
-    W = torch.randn(out_f, in_f, generator=g)  # (out, in)
-    return X, W, LinearStats.from_inputs(X)
 
 
 def functional_error(X: torch.Tensor, W: torch.Tensor, res: Pruned) -> float:
