@@ -17,6 +17,7 @@ from torch import nn
 
 from . import config, data, device as devices, dist, fidelity as fidelity_mod, harness, io, lazy, outdir, pipeline
 from . import resume as resume_mod
+from .streamed import StreamedSave
 from .budget import Allocation, Plan
 from .metrics import dense_accounting, perplexity
 from . import model as adapter
@@ -112,7 +113,7 @@ class CompressJob:
     limit: float | None = None
     trust_remote_code: bool = False
     resume: bool = False
-    lazy: bool = False  # read the model block by block and write it window by window (`lazy`, `io.StreamedSave`)
+    lazy: bool = False  # read the model block by block and write it window by window (`lazy`, `streamed.StreamedSave`)
     spill: str | None = None  # a folder for the calibration activations between blocks (`capture.Spilled`)
 
 
@@ -216,7 +217,7 @@ def run_job(job: CompressJob, progress=None) -> dict:
         key = {"model": loaded.source, "recipe": recipe_to_dict(job.recipe), "calib": job.calib,
                "nsamples": int(windows.shape[0]), "seqlen": int(windows.shape[1]), "seed": job.seed}
         start, done, plan = _restore(net, ckpt, key) if job.resume else (0, [], None)
-        writer = io.StreamedSave(job.out, loaded.storage_dtype, job.overwrite) if streamed and writes else None
+        writer = StreamedSave(job.out, loaded.storage_dtype, job.overwrite) if streamed and writes else None
         with writer or contextlib.nullcontext():
             if writer:
                 streamed[1].write = lambda blocks: writer.add(net, blocks)

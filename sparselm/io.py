@@ -59,7 +59,7 @@ def cast_dense(model: nn.Module, dtype: torch.dtype) -> nn.Module:
     return model
 
 
-def _state_for_save(model: nn.Module, dtype: torch.dtype, keep: Callable[[str], bool] = lambda name: True
+def state_for_save(model: nn.Module, dtype: torch.dtype, keep: Callable[[str], bool] = lambda name: True
                     ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """State dict (the names ``keep`` accepts) with dense tensors in ``dtype`` and tied tensors stored once
     (aliases returned)."""
@@ -121,7 +121,7 @@ def describe(model: nn.Module, dtype: torch.dtype, allocation: list[Allocation] 
 
 
 @contextlib.contextmanager
-def _writing(out: Path):
+def writing(out: Path):
     """Errors of the file system while writing ``out`` (disk full, read-only) become input errors (exit 2)."""
     try:
         yield
@@ -139,15 +139,15 @@ def save(model: nn.Module, tokenizer, out_dir: str | Path, manifest: dict, dtype
     manifest and written in the same atomic step, so an incomplete run never leaves one."""
     out = Path(out_dir)
     outdir.check_out(out, "compress", overwrite)
-    with outdir.locked(out), _writing(out), outdir.atomic_dir(out) as tmp:
-        state, aliases = _state_for_save(model, dtype)
+    with outdir.locked(out), writing(out), outdir.atomic_dir(out) as tmp:
+        state, aliases = state_for_save(model, dtype)
         # one metadata key: safetensors writes its metadata map in random order (the version is in the manifest)
         save_file(state, str(tmp / WEIGHTS), metadata={"format": "pt"})
-        _complete(tmp, model, tokenizer, manifest, dtype, aliases, extras)
+        complete_dir(tmp, model, tokenizer, manifest, dtype, aliases, extras)
     return out
 
 
-def _complete(tmp: Path, model: nn.Module, tokenizer, manifest: dict, dtype: torch.dtype, aliases: dict,
+def complete_dir(tmp: Path, model: nn.Module, tokenizer, manifest: dict, dtype: torch.dtype, aliases: dict,
               extras) -> None:
     """Everything of an output directory but its weights (already in ``tmp / WEIGHTS``): config, tokenizer,
     the manifest completed from the model, the extra files."""
@@ -167,85 +167,10 @@ def _complete(tmp: Path, model: nn.Module, tokenizer, manifest: dict, dtype: tor
         (tmp / Path(name).name).write_text(text, encoding="utf-8")
 
 
-class StreamedSave:
-    """Write an output directory while the model is being compressed, without its whole state in memory:
-    `add` writes each finished window of blocks into a part file (while its tensors still exist), `finish`
-    writes the rest (embeddings, norms, head), joins the parts into one ``model.safetensors`` by copying their
-    bytes (`join_safetensors`: constant memory) and completes the directory as `save` does. The directory is
-    atomic as with `save`: ``with StreamedSave(...) as s:`` — nothing is left if the block fails."""
-
-    def __init__(self, out: str | Path, dtype: torch.dtype, overwrite: bool = False):
-        self.out, self.dtype, self.overwrite = Path(out), dtype, overwrite
-        self.parts: list[Path] = []
-        self.aliases: dict[str, str] = {}
-        self.written: list[str] = []  # block prefixes already in a part
-
-    def __enter__(self) -> "StreamedSave":
-        outdir.check_out(self.out, "compress", self.overwrite)
-        self._stack = contextlib.ExitStack()
-        self._stack.enter_context(outdir.locked(self.out))
-        self._stack.enter_context(_writing(self.out))
-        self.tmp = self._stack.enter_context(outdir.atomic_dir(self.out))
-        return self
-
-    def __exit__(self, *exc) -> bool:
-        return self._stack.__exit__(*exc)
-
-    def _part(self, model: nn.Module, keep: Callable[[str], bool]) -> None:
-        state, aliases = _state_for_save(model, self.dtype, keep)
-        path = self.tmp / f".part-{len(self.parts):05d}.safetensors"
-        with _writing(self.out):
-            save_file(state, str(path))
-        self.parts.append(path)
-        self.aliases.update(aliases)
-
-    def add(self, model: nn.Module, blocks: list[int]) -> None:
-        """Write these blocks' tensors (a window: tensors shared inside it are stored once)."""
-        root, _ = adapter.find_blocks(model)
-        prefixes = tuple(adapter.block_prefix(root, i) for i in blocks)
-        self._part(model, lambda name: name.startswith(prefixes))
-        self.written += prefixes
-
-    def finish(self, model: nn.Module, tokenizer, manifest: dict, extras=None) -> Path:
-        root, blocks = adapter.find_blocks(model)
-        if len(self.written) != len(blocks):
-            raise RuntimeError(f"StreamedSave: {len(self.written)} of {len(blocks)} blocks were written")
-        self._part(model, lambda name: not name.startswith(f"{root}."))
-        with _writing(self.out):
-            join_safetensors(self.parts, self.tmp / WEIGHTS)
-            for p in self.parts:
-                p.unlink()
-            _complete(self.tmp, model, tokenizer, manifest, self.dtype, self.aliases, extras)
-        return self.out
-
-
-def _header(path: Path) -> tuple[int, dict]:
+def safetensors_header(path: Path) -> tuple[int, dict]:
     with open(path, "rb") as f:
         n = int.from_bytes(f.read(8), "little")
         return n, json.loads(f.read(n))
-
-
-def join_safetensors(parts: list[Path], dest: Path, chunk: int = 1 << 24) -> None:
-    """One safetensors file holding every tensor of ``parts`` (names distinct), written by copying each part's
-    data bytes behind one merged header: memory is one ``chunk``, whatever the files' sizes."""
-    header, offset, sizes = {"__metadata__": {"format": "pt"}}, 0, []
-    for p in parts:
-        n, h = _header(p)
-        h.pop("__metadata__", None)
-        for name, e in sorted(h.items(), key=lambda kv: kv[1]["data_offsets"]):
-            a, b = e["data_offsets"]
-            header[name] = {**e, "data_offsets": [a + offset, b + offset]}
-        sizes.append((n, p.stat().st_size - 8 - n))
-        offset += sizes[-1][1]
-    text = json.dumps(header, separators=(",", ":")).encode()
-    text += b" " * (-len(text) % 8)  # the data starts 8-byte aligned, as safetensors writes it
-    with open(dest, "wb") as out:
-        out.write(len(text).to_bytes(8, "little"))
-        out.write(text)
-        for p, (n, _) in zip(parts, sizes):
-            with open(p, "rb") as f:
-                f.seek(8 + n)
-                shutil.copyfileobj(f, out, chunk)
 
 
 def _file_bytes(weights: Path, compressed: dict) -> dict:
@@ -271,7 +196,7 @@ def write_report(path: str | Path, text: str, marker: str) -> Path:
                                  "refusing to replace it; choose another --out")
     if not path.parent.is_dir():
         raise InputError(f"--out {str(path)!r}: directory {str(path.parent)!r} does not exist", "create it first")
-    with _writing(path):
+    with writing(path):
         _replace_file(path, text)
     return path
 
@@ -291,7 +216,7 @@ def record_evaluation(path: str | Path, record: dict, extras=None) -> None:
     rewrite ``extras(manifest)``'s files (report, model card). Each file is replaced atomically, under the
     directory's lock; the model files are not touched."""
     path = Path(path)
-    with outdir.locked(path), _writing(path):
+    with outdir.locked(path), writing(path):
         manifest = read_manifest(path)
         manifest.setdefault("evaluations", []).append(record)
         files = {MANIFEST: json.dumps(manifest, indent=1, default=str)}
@@ -302,7 +227,7 @@ def record_evaluation(path: str | Path, record: dict, extras=None) -> None:
 
 def tensor_names_and_bytes(path: str | Path) -> dict[str, int]:
     """Every tensor's byte size in a safetensors file, from its header (nothing else is read)."""
-    _, header = _header(Path(path))
+    _, header = safetensors_header(Path(path))
     return {k: v["data_offsets"][1] - v["data_offsets"][0] for k, v in header.items() if k != "__metadata__"}
 
 
@@ -486,7 +411,7 @@ def export(path: str | Path, out: str | Path, overwrite: bool = False, trust_rem
             W = module.dense_weight().to(dtype)  # (out, in)
             adapter.swap(model, name, adapter.dense_like(module.original, W, module.bias))
         model, widths = standard_model(model, dtype)
-        with _writing(out), outdir.atomic_dir(out) as tmp:
+        with writing(out), outdir.atomic_dir(out) as tmp:
             model.save_pretrained(tmp, safe_serialization=True)
             for f in Path(path).iterdir():  # tokenizer and generation files, as they were
                 skip = (WEIGHTS, MANIFEST, "config.json", *RUN_FILES)

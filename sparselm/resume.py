@@ -17,7 +17,6 @@ import shutil
 from pathlib import Path
 
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
 from . import io
 from .budget import Plan
@@ -44,7 +43,7 @@ def save_checkpoint(ckpt: Path, key: dict, blocks_done: int, records: dict[str, 
     A write that fails leaves the checkpoint as it was (and no directory if it held nothing yet)."""
     fresh = not ckpt.exists()
     try:
-        with io._writing(ckpt):
+        with io.writing(ckpt):
             ckpt.mkdir(parents=True, exist_ok=True)
             if not (ckpt / PROGRESS).is_file():
                 _write(ckpt / PROGRESS, lambda p: p.write_text(json.dumps({"key": key, "plan": plan}, default=str)))

@@ -14,6 +14,7 @@ import transformers as tf
 from safetensors.torch import load_file, save_file
 
 from sparselm import api, io, lazy, outdir
+from sparselm.streamed import join_safetensors
 from sparselm.config import CoSpaDiSpec, Ratio, Recipe
 
 MIB = 2 ** 20
@@ -154,7 +155,7 @@ def test_join_safetensors_keeps_every_tensor(tmp_path):
     for i, names in enumerate((["a", "b"], ["c", "d"], ["e"])):
         parts.append(tmp_path / f"p{i}.safetensors")
         save_file({n: tensors[n] for n in names}, str(parts[-1]))
-    io.join_safetensors(parts, tmp_path / "joined.safetensors", chunk=3)
+    join_safetensors(parts, tmp_path / "joined.safetensors", chunk=3)
     back = load_file(tmp_path / "joined.safetensors")
     assert back.keys() == tensors.keys()
     assert all(torch.equal(back[k], v) and back[k].dtype == v.dtype for k, v in tensors.items())
