@@ -20,23 +20,27 @@ from .errors import InputError
 
 # --- targets: how much to remove -------------------------------------------------------------------
 @dataclass(frozen=True)
-class Ratio:
-    """Fraction of the layer's stored bytes removed (the `--ratio` knob, same meaning for every method)."""
+class _Fraction:
     value: float
+    EXAMPLE: ClassVar[float]
 
     def __post_init__(self):
         if not 0.0 < self.value < 1.0:
-            raise InputError(f"ratio {self.value} is outside (0, 1)", "pass --ratio between 0 and 1, e.g. 0.3")
+            knob = type(self).__name__.lower()
+            raise InputError(f"{knob} {self.value} is outside (0, 1)",
+                             f"pass --{knob} between 0 and 1, e.g. {self.EXAMPLE}")
 
 
 @dataclass(frozen=True)
-class Sparsity:
-    """Fraction of weights set to zero (pruning only)."""
-    value: float
+class Ratio(_Fraction):
+    """Fraction of the layer's stored bytes removed (the `--ratio` knob, same meaning for every method)."""
+    EXAMPLE: ClassVar[float] = 0.3
 
-    def __post_init__(self):
-        if not 0.0 < self.value < 1.0:
-            raise InputError(f"sparsity {self.value} is outside (0, 1)", "pass --sparsity between 0 and 1, e.g. 0.5")
+
+@dataclass(frozen=True)
+class Sparsity(_Fraction):
+    """Fraction of weights set to zero (pruning only)."""
+    EXAMPLE: ClassVar[float] = 0.5
 
 
 @dataclass(frozen=True)
