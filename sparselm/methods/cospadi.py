@@ -38,7 +38,7 @@ from ..config import CoSpaDiSpec, DictUpdateRule, Init, SparseCoder, Storage
 from ..errors import InputError
 from ..packing import QParams, groups_per_row, masked_groups, round_grouped
 from . import SparseDict, register
-from .htp import CG_STEPS, ROUNDS, htp
+from .htp import CG_STEPS, ROUNDS, htp_dense
 from .ksvd import ksvd_update, mod_update, refit_coefficients
 from .omp import omp
 from .whiten import Whitening, whiten
@@ -164,9 +164,8 @@ def learn_dictionary(Y: torch.Tensor, D: torch.Tensor, s: int, iters: int, power
 
     def code(D):
         if coder is SparseCoder.HTP:
-            codes = htp(D, Y, s, warm=state["warm"])
-        else:
-            codes = omp(D, Y, s)
+            return htp_dense(D, Y, s, warm=state["warm"])
+        codes = omp(D, Y, s)
         return codes.dense(k).to(Y.dtype), codes.mask(k)
 
     def update(D, S, mask):
