@@ -31,8 +31,11 @@ from functools import partial
 
 from .omp import Codes
 
-ROUNDS = 4      # support-changing rounds after the start (measured: docs/methods.md, Speed)
+ROUNDS = 4      # support-changing rounds after the start, one pass on its own (measured: docs/methods.md, Speed)
 CG_STEPS = 8    # conjugate-gradient steps per refit
+# Inside CoSpaDi's alternation (a cold pass every iteration, the values refit exactly at the end) fewer are
+# enough: measured over whole 60-iteration runs, (2, 4) ends at or below (4, 8)'s error (docs/methods.md, Speed).
+ALTERNATION_ROUNDS, ALTERNATION_CG_STEPS = 2, 4
 CG_DTYPE = torch.bfloat16  # the CG steps' products for float32 inputs (measured: docs/methods.md, Speed)
 POLISH_STEPS = 2  # float32 CG steps on the best support at the end, after low-precision CG steps
 STEPS = (2.0, 1.0)  # gradient step sizes, alternating by round (unit-norm atoms; measured, see docs)
