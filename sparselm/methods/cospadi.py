@@ -38,7 +38,7 @@ from ..config import CoSpaDiSpec, DictUpdateRule, Init, SparseCoder, Storage
 from ..errors import InputError
 from ..packing import QParams, groups_per_row, masked_groups, round_grouped
 from . import SparseDict, register
-from .htp import CG_STEPS, ROUNDS, htp
+from .htp import ALTERNATION_CG_STEPS, ALTERNATION_ROUNDS, htp_dense
 from .ksvd import ksvd_update, mod_update, refit_coefficients
 from .omp import omp
 from .whiten import Whitening, whiten
@@ -110,7 +110,8 @@ class Learned:
 
 
 Coder = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]  # D -> (S, mask)
-Updater = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+# (D, S, mask) -> (D, S, ‖Y − DS‖² or None): an update that measured its objective exactly saves a product
+Updater = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor, float | None]]
 Finisher = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]  # (D, S, mask) -> S
 
 
@@ -131,8 +132,8 @@ def alternate(Y: torch.Tensor, D: torch.Tensor, iters: int, tol: float | None, c
     ran = stale = 0
     for it in range(iters):
         prev = min(history)
-        D, S = update(D, S, mask)
-        history.append(rel(D, S))
+        D, S, obj = update(D, S, mask)
+        history.append(rel(D, S) if obj is None else obj / y2)
         ran += 1
         if history[-1] < prev:
             best = (D, S, mask)
@@ -163,19 +164,19 @@ def learn_dictionary(Y: torch.Tensor, D: torch.Tensor, s: int, iters: int, power
     state: dict = {"warm": None}
 
     def code(D):
-        if coder is SparseCoder.HTP:
-            codes = htp(D, Y, s, warm=state["warm"])
-        else:
-            codes = omp(D, Y, s)
+        if coder is SparseCoder.HTP:  # no float32 polish: the final exact refit (finish) sets the values
+            return htp_dense(D, Y, s, ALTERNATION_ROUNDS, ALTERNATION_CG_STEPS, state["warm"], polish=0)
+        codes = omp(D, Y, s)
         return codes.dense(k).to(Y.dtype), codes.mask(k)
 
     def update(D, S, mask):
-        if dict_update is DictUpdateRule.MOD:
+        if dict_update is DictUpdateRule.MOD:  # MOD measures ‖Y − DS‖² after its step directly
             u = mod_update(Y, D, S, mask)
-        else:
-            u = ksvd_update(Y, D, S, mask, power_iters, block_size)
+            obj = u.objective_after
+        else:  # K-SVD tracks it from the accepted steps' changes: measured again here
+            u, obj = ksvd_update(Y, D, S, mask, power_iters, block_size), None
         state["warm"] = (u.S, mask) if warm_start else None
-        return u.D, u.S
+        return u.D, u.S, obj
 
     def finish(D, S, mask):
         return refit_coefficients(Y, D, S, mask)
@@ -186,20 +187,34 @@ def learn_dictionary(Y: torch.Tensor, D: torch.Tensor, s: int, iters: int, power
 HTP_PATIENCE = 3  # iterations without progress before HTP's alternation stops (measured: docs/methods.md, Speed)
 
 
-# Cost model of one sparse-coding pass, in seconds per multiply-add, measured on this project's CPU (one
-# core, float32, shared machine; docs/methods.md, Speed): exact OMP streams ``cols·k·s²/2`` multiply-adds at
-# memory speed (4 G/s compiled at k = 460, less once a column's factor leaves L2), HTP runs
-# ``(1 + CG_STEPS)·(ROUNDS + 1)`` dense ``k²·cols`` products at matrix-multiply speed (15–35 G/s) plus one
-# ``k³/3`` Cholesky. On GPUs the gap only widens (batched GEMM against batched GEMV).
+# Cost model of one sparse-coding pass inside the alternation, in seconds per multiply-add, measured on this
+# project's CPU (one core; docs/methods.md, Speed): exact OMP streams ``cols·k·s²/2`` multiply-adds at memory
+# speed (4 G/s compiled at k = 460, less once a column's factor leaves L2); HTP's float32 products (``DᵀD``,
+# ``DᵀY``, the start, ``G x`` before and after each of ``ROUNDS + 1`` refits) at matrix-multiply speed
+# (15–35 G/s), its CG steps' products in bf16 (`htp.CG_DTYPE`; 100–230 G/s on this CPU's AVX-512 BF16). On
+# GPUs the gap only widens (batched GEMM against batched GEMV).
 OMP_SECONDS_PER_MAC = 1 / 4e9
 GEMM_SECONDS_PER_MAC = 1 / 25e9
+LOW_GEMM_SECONDS_PER_MAC = 1 / 150e9
+HTP_SECONDS_PER_PASS = 3e-3  # its ~70 tensor operations' fixed cost (measured 4 ms at k = 32, 100 columns)
+
+
+def coder_macs(n: int, k: int, s: int, cols: int, rounds: int = ALTERNATION_ROUNDS,
+               cg_steps: int = ALTERNATION_CG_STEPS) -> dict[str, float]:
+    """Multiply-adds of one coding pass: ``omp`` (Batch-OMP's reads of its factor, and ``DᵀY``); HTP's float32
+    products ``htp`` and its CG steps' low-precision products ``htp_low`` (`htp.htp_rows`, no polish)."""
+    refits = rounds + 1
+    return {"omp": cols * k * (s * s / 2 + n),
+            "htp": k * k * n + n * k * cols + k ** 3 + k * k * cols * (1 + 2 * refits),
+            "htp_low": k * k * cols * cg_steps * refits}
 
 
 def coder_cost(n: int, k: int, s: int, cols: int) -> dict[SparseCoder, float]:
-    """Estimated seconds of one coding pass by each coder (both also pay ``DᵀY``, ``n·k·cols``)."""
-    omp_macs = cols * k * (s * s / 2 + n)
-    htp_macs = cols * k * (k * (1 + CG_STEPS) * (ROUNDS + 1) + 2 * k + n) + k ** 3 / 3
-    return {SparseCoder.OMP: omp_macs * OMP_SECONDS_PER_MAC, SparseCoder.HTP: htp_macs * GEMM_SECONDS_PER_MAC}
+    """Estimated seconds of one coding pass by each coder (`coder_macs` at the rates above)."""
+    m = coder_macs(n, k, s, cols)
+    return {SparseCoder.OMP: m["omp"] * OMP_SECONDS_PER_MAC,
+            SparseCoder.HTP: HTP_SECONDS_PER_PASS + m["htp"] * GEMM_SECONDS_PER_MAC
+            + m["htp_low"] * LOW_GEMM_SECONDS_PER_MAC}
 
 
 def choose_coder(n: int, k: int, s: int, cols: int, device: torch.device | None = None,
