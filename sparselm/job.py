@@ -17,7 +17,7 @@ import torch
 from . import config, data, device as devices, dist, harness, io, lazy, outdir, pipeline
 from . import model as adapter
 from . import resume as resume_mod
-from .budget import Plan
+from .budget import Plan, menu_label
 from .config import (DEFAULT_METHOD, SPECS, Allocate, Calibration, CoefStorage, Pattern, PruneSpec, Ratio, Recipe,
                      Refine, Sparsity, StructuredSpec, load_recipe, recipe_to_dict, spec_to_dict)
 from .errors import InputError, check_count
@@ -146,8 +146,8 @@ def _streams(model: str | None, evaluate_ppl: bool, task_list, lazy_load: bool |
     when nothing needs the whole model in memory (no perplexity, no lm-eval tasks, no mixed knapsack menu, whose
     candidate plans are compressed on copies of the model: `pipeline.select_plan`, no structured pruning, which
     chooses every block's widths after seeing them all); ``lazy_load`` forces it."""
-    mixed = recipe.allocate is Allocate.KNAPSACK and len({m.name for m in recipe.methods}) > 1
-    structured = isinstance(recipe.methods[0], StructuredSpec)
+    mixed = recipe.allocate is Allocate.KNAPSACK and len({menu_label(m) for m in recipe.methods}) > 1
+    structured = isinstance(recipe.methods[0], StructuredSpec) and not mixed
     possible = model is not None and Path(model).is_dir() and not evaluate_ppl and not task_list and not structured
     if lazy_load is None and mixed:
         return False
