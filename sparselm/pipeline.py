@@ -228,7 +228,7 @@ def select_plan(model: nn.Module, calib: torch.Tensor, names: list[list[str]], g
 def tie_group(modules: list[CompressedLinear]) -> None:
     """The layers of one shared set (``module.group``) hold the very same ``D``: it is stored once."""
     for m in modules[1:]:
-        m.D = modules[0].D
+        m.share_dictionary(modules[0])
 
 
 @torch.no_grad()
