@@ -316,3 +316,7 @@ def _show_bench(r: dict) -> None:
                    str(row.get("dense_linear_ms", "")), str(row.get("dense_mv_ms", "")),
                    str(row.get("vs_linear", "")), str(row.get("vs_best_dense", "")))
     console.print(lt)
+
+
+if __name__ == "__main__":  # python -m sparselm.cli ... (same as python -m sparselm ...)
+    app(prog_name="sparselm")
