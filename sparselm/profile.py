@@ -22,7 +22,8 @@ Fast paths (each with a twin test against `compress_weight`): SVD-LLM and ROCKET
 per layer — SVD-LLM's error at rank r is the tail sum of σ², ROCKET runs `rocket.factorize` for every
 ratio × ks and keeps the best ks per ratio (skipping ks whose k would exceed min(in, out), as the ROCKET
 profiler does, unless none is left); magnitude and Wanda rank the scores once and cut the ranking per ratio.
-Every other method, and every spec whose values are rounded to a storage the fast path does not model (pruning and
+GPTQ (quantization alone) is compressed once, at the grid's smallest ratio: its size is set by its storage, the
+ratio is only a floor. Every other method, and every spec whose values are rounded to a storage the fast path does not model (pruning and
 SVD-LLM: any storage but the model dtype; ROCKET: int8/int4), goes through `compress_weight` + the result's
 `stored_bytes` (its format's formula) and error after rounding; the knapsack chooses among storages by listing a
 method once per storage (e.g. ``rocket`` and ``rocket`` with ``storage: int8``) like any other option. CoSpaDi runs
@@ -44,7 +45,7 @@ import torch
 from . import formats
 from .budget import Option
 from .capture import LinearStats
-from .config import CoefStorage, CoSpaDiSpec, MagnitudeSpec, MethodSpec, Ratio, RocketSpec, SVDLLMSpec, WandaSpec
+from .config import CoefStorage, CoSpaDiSpec, GPTQSpec, MagnitudeSpec, MethodSpec, Ratio, RocketSpec, SVDLLMSpec, WandaSpec
 from .errors import InputError
 from .methods import compress_weight
 from .methods.masks import kept_count
@@ -112,6 +113,8 @@ def profile_layer(W: torch.Tensor, stats: LinearStats | None, specs: Sequence[Me
             found = table.rocket(spec, ratios, ks_grid)
         elif isinstance(spec, (MagnitudeSpec, WandaSpec)) and spec.storage is CoefStorage.DTYPE:
             found = table.pruning(spec, ratios)
+        elif isinstance(spec, GPTQSpec):  # its size is set by its storage, not by the ratio: one option
+            found = table.generic(spec, ratios[:1])
         elif isinstance(spec, CoSpaDiSpec):  # K-SVD converges slowly: profile a short run (an upper bound)
             grid = ratios[1::COSPADI_GRID_STRIDE] if len(ratios) > 8 else ratios
             found = table.generic(spec, grid, dataclasses.replace(spec, iters=min(spec.iters, COSPADI_PROBE_ITERS)))

@@ -202,3 +202,16 @@ def test_cache_hit_builds_nothing(monkeypatch):
     first = profile_layer(W, stats, [SVDLLMSpec(target=Ratio(0.3))], RATIOS, cache=cache, key="layer")
     monkeypatch.setattr(profile, "output_energy", lambda *a: pytest.fail("energy recomputed on a cache hit"))
     assert profile_layer(W, stats, [SVDLLMSpec(target=Ratio(0.5))], RATIOS, cache=cache, key="layer") == first
+
+
+def test_gptq_is_one_option_whatever_the_grid():
+    """GPTQ's size is set by its storage (int8, one fp16 scale per 8 inputs: 1 + 2/8 bytes a weight), not by the
+    ratio: one option, the module GPTQ builds at the grid's smallest ratio, whatever the grid."""
+    from sparselm.config import GPTQSpec
+    W, stats = layer(5)
+    spec = GPTQSpec(storage=CoefStorage.INT8, quant_group=8)
+    opts = profile_layer(W, stats, [spec], RATIOS, torch.float32, dense=False)
+    assert len(opts) == 1 and opts[0].payload.target == Ratio(RATIOS[0])
+    res = compress_weight(opts[0].payload, W, stats, torch.float32)
+    assert opts[0].size == written(build_module(res, None, torch.float32)) == W.numel() * (1 + 2 / 8)
+    assert opts[0].error == pytest.approx(rel_error(W, stats, res), rel=1e-5)

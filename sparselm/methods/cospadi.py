@@ -9,7 +9,7 @@ MOD; `ksvd`) for ``spec.iters`` iterations, stopping early when the relative imp
 ``spec.tol``; the best pair seen is kept. Then ``D = L⁻¹ D_L`` (triangular solve).
 
 Sizing (``ρ = k/s``): the largest ``k`` whose *stored bytes* fit ``(1 − ratio)·in·out·bytes(dtype)``:
-``D`` in the model dtype + ``s·out`` coefficient values in ``spec.storage`` (+ fp16 scales per output
+``D`` in ``spec.dict_storage`` (the model dtype by default) + ``s·out`` coefficient values in ``spec.storage`` (+ fp16 scales per output
 channel or per ``quant_group`` atoms for int8/int4, + int4 zero points) + the ``k·out`` bitmask, with ``s = round(k/ρ)``: `formats.group_dict_bytes`, the formula
 `SparseDictLinear` counts itself by.
 `paper_sizes` is the paper's Eq. 11 (``k = (1−γ)·d1·d2/(d1 + d2/ρ)``, ``s = k/ρ``); for bf16 with 14-bit
@@ -17,7 +17,10 @@ coefficients and ρ = 2 the two agree. The paper stores coefficients at 14 bits;
 dtype (the one storage rule of every format; ``storage: bf16-14bit`` is the paper's).
 
 Coefficients are rounded to their storage format once, at the end (no refit after rounding); the reported
-``rel_error`` is measured after rounding, with ``D`` in the model dtype.
+``rel_error`` is measured after rounding, with ``D`` as stored. ``D`` is stored in the model dtype unless
+``spec.dict_storage`` says otherwise (the same choices as ``storage``; ``Dᵀ`` rows quantized along the inputs,
+round to nearest, its bytes in the budget); then the coefficient values are first refit on their support to the
+rounded ``D`` (`ksvd.refit_coefficients`, in the whitened space).
 
 Grouped (cross-layer) sharing, §2.6: layers with the same ``in`` share one dictionary learned on
 ``[W_1ᵀ … W_mᵀ]`` whitened by the averaged Gram; each layer keeps its own slice of ``S``. The budget counts
@@ -34,10 +37,10 @@ import torch
 
 from .. import formats
 from ..capture import LinearStats
-from ..config import CoSpaDiSpec, DictUpdateRule, Init, SparseCoder, Storage
+from ..config import CoefStorage, CoSpaDiSpec, DictUpdateRule, Init, SparseCoder, Storage
 from ..errors import InputError
 from ..packing import QParams, groups_per_row, masked_groups, round_grouped
-from . import SparseDict, register
+from . import SparseDict, register, round_dense
 from .htp import ALTERNATION_CG_STEPS, ALTERNATION_ROUNDS, htp_dense
 from .ksvd import ksvd_update, mod_update, refit_coefficients
 from .omp import omp
@@ -56,16 +59,16 @@ def s_for(k: int, rho: float) -> int:
 
 
 def sizes_for_ratio(ratio: float, d_in: int, d_outs: int | Sequence[int], rho: float, dtype: torch.dtype,
-                    store: Storage) -> tuple[int, int]:
+                    store: Storage, dict_store: Storage = formats.MODEL_DTYPE) -> tuple[int, int]:
     """Largest ``(k, s = round(k/ρ))`` whose stored bytes fit ``(1 − ratio)`` of the dense layers."""
     d_outs = [d_outs] if isinstance(d_outs, int) else list(d_outs)
     budget = (1 - ratio) * formats.dense_bytes(sum(d_outs), d_in, dtype)
 
     def fits(k: int) -> bool:
         nnz = [s_for(k, rho) * out for out in d_outs]
-        return formats.group_dict_bytes(d_in, d_outs, k, nnz, store, dtype) <= budget
+        return formats.group_dict_bytes(d_in, d_outs, k, nnz, store, dtype, dict_store) <= budget
 
-    k = formats.largest(fits, int(budget // formats.dictionary_bytes(d_in, 1, dtype)))
+    k = formats.largest(fits, int(budget // formats.dictionary_bytes(d_in, 1, dtype, dict_store)))
     if k < 1:
         raise InputError(f"cospadi ratio {ratio} leaves no room for even one atom ({d_in}x{sum(d_outs)})",
                          "use a smaller --ratio")
@@ -253,6 +256,14 @@ def round_coefficients(S: torch.Tensor, mask: torch.Tensor, store: Storage, dtyp
     return out.T, QParams(torch.cat(scales), None if zeros[0] is None else torch.cat(zeros))
 
 
+def stored_dictionary(D: torch.Tensor, dict_store: Storage, dtype: torch.dtype) -> torch.Tensor:
+    """``D`` ``(in, k)`` as `SparseDictLinear` reads it back: in the model dtype, or ``Dᵀ`` rows rounded to
+    ``dict_store`` (round to nearest, one scale per atom or per group of its inputs)."""
+    if dict_store.kind is CoefStorage.DTYPE:
+        return D.to(dtype).float()
+    return round_dense(D.T, dict_store).T.float()
+
+
 def _whitening(stats: list[LinearStats | None], d_in: int, device: torch.device) -> Whitening:
     if any(s is None for s in stats):
         if not all(s is None for s in stats):
@@ -272,7 +283,7 @@ def factorize_group(weights: list[torch.Tensor], stats: list[LinearStats | None]
                          "share dictionaries only between projections of the same input size")
     device = weights[0].device
     outs = [W.shape[0] for W in weights]
-    k, s = sizes_for_ratio(spec.target.value, d_in, outs, spec.rho, dtype, spec.store)
+    k, s = sizes_for_ratio(spec.target.value, d_in, outs, spec.rho, dtype, spec.store, spec.dict_store)
     wh = _whitening(stats, d_in, device)
     Y64 = wh.apply(torch.cat([W.T for W in weights], 1))  # (in, Σout) float64
     Y = Y64.float()
@@ -284,19 +295,24 @@ def factorize_group(weights: list[torch.Tensor], stats: list[LinearStats | None]
         learner = partial(learn_dictionary, coder=coder, dict_update=spec.dict_update)
     learned = learner(Y, D0, s, spec.iters, spec.power_iters, spec.tol)
     D = wh.unapply(learned.D).float()  # (in, k)
-    D_stored = (wh.L @ D.to(dtype).double()).float()  # (in, k): L·D as stored, for the reported error
+    D_read = stored_dictionary(D, spec.dict_store, dtype)  # (in, k): D as it reads back
+    D_stored = (wh.L @ D_read.double()).float()  # (in, k): L·D as stored, for the reported error
+    S_all = learned.S
+    if spec.dict_store.kind is not CoefStorage.DTYPE:  # the values refit on their support to the rounded D
+        S_all = refit_coefficients(Y, D_stored, learned.S, learned.mask)
     results, start = [], 0
     common = {"whitening_shift": wh.shift, "data_free": stats[0] is None, "k": k, "s": s, "rho": spec.rho,
               "iterations": learned.iterations, "group_rel_error": learned.rel_error, "group_size": len(weights),
               "shared_dictionary": len(weights) > 1, "init": spec.init.value,
               "coder": coder.value, "dict_update": spec.dict_update.value,
-              "error_history": [round(h ** 0.5, 6) for h in learned.history]}
+              "error_history": [round(h ** 0.5, 6) for h in learned.history], "dict_storage": str(spec.dict_store)}
     for out in outs:
-        S_l, M_l = learned.S[:, start : start + out], learned.mask[:, start : start + out]  # (k, out)
+        S_l, M_l = S_all[:, start : start + out], learned.mask[:, start : start + out]  # (k, out)
         S_l, params = round_coefficients(S_l, M_l, spec.store, dtype)
         Y_l = Y64[:, start : start + out]  # (in, out)
         err = float((Y_l - D_stored.double() @ S_l.double()).norm() / Y_l.norm().clamp_min(1e-300))
-        results.append(SparseDict(D, S_l, M_l.clone(), spec.store, {**common, "rel_error": err}, params))
+        results.append(SparseDict(D, S_l, M_l.clone(), spec.store, {**common, "rel_error": err}, params,
+                                  spec.dict_store))
         start += out
     return results
 
