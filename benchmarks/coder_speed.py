@@ -192,6 +192,10 @@ def markdown(res: dict) -> str:
         lines.append(f"| {m['model']} | {m['blocks_measured']} of {m['blocks']} | {m.get('cpu_time', False)} | "
                      f"{_fmt(m['omp+ksvd_model_s'])} | "
                      + " | ".join(f"{_fmt(m[v + '_model_s'])} ({m[v + '_speedup']:.1f}×)" for v in others) + " |")
+    if res.get("previous_round"):
+        lines += ["", f"The previous round's tables ({res['previous_round'].get('date')}, HTP at (4, 8) in float32, "
+                  "every variant, MiniLM included) are kept in the JSON under `coder.previous_round`; shapes and "
+                  "models missing above were not measured this round."]
     return "\n".join(lines) + "\n"
 
 

@@ -7,12 +7,18 @@ this process, one thread: robust to a shared machine's load, not immune to it).
 
 Writes docs/benchmarks/rocket_speed.{md,json}: seconds per layer for both, the speedup, and how far the option
 tables differ (largest relative error difference; how many ratios chose the same spec).
+
+``--whole N`` instead times the whole ROCKET + knapsack run (`pipeline.compress`: profile walk, knapsack,
+compression walk) on the model cut to its first N blocks, the baseline revision's whole ``sparselm`` package
+(``git archive``) against the working tree, each in its own one-thread subprocess, alternating, CPU seconds;
+it checks that both chose the same spec for every layer and writes docs/benchmarks/rocket_whole.{md,json}.
 """
 from __future__ import annotations
 
 import argparse
 import importlib.util
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -52,13 +58,78 @@ def table(impl, W, stats, dtype):
     return time.process_time() - t, opts
 
 
+WHOLE = r"""
+import json, sys, time, torch
+sys.path.insert(0, sys.argv[1])
+from sparselm import pipeline, data, model as adapter
+from sparselm.config import Allocate, Ratio, Recipe, RocketSpec
+torch.set_num_threads(1)
+n = int(sys.argv[3])
+loaded = adapter.load_hf(sys.argv[2])
+net = loaded.model
+prefix, blocks = adapter.find_blocks(net)
+del blocks[n:]
+net.config.num_hidden_layers = n
+calib = data.calibration_data(loaded.tokenizer, "stdlib", int(sys.argv[4]), 256, seed=0)
+recipe = Recipe(methods=(RocketSpec(target=Ratio(float(sys.argv[5]))),), allocate=Allocate.KNAPSACK)
+t = time.process_time()
+rep = pipeline.compress(net, calib, recipe, torch.device("cpu"), loaded.storage_dtype)
+cpu = time.process_time() - t
+print(json.dumps({"cpu_s": cpu, "specs": {l.name: [l.module.spec.ks, l.module.spec.target.value] for l in rep.layers},
+                  "errors": {l.name: l.rel_error for l in rep.layers}}))
+"""
+
+
+def whole(args) -> None:
+    """``--whole``: the whole run, baseline package vs working tree (see the module docstring)."""
+    base = Path(tempfile.mkdtemp())
+    archive = subprocess.run(["git", "-C", str(ROOT), "archive", args.baseline, "sparselm"], check=True,
+                             capture_output=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(base)], input=archive, check=True)
+    runs = {"baseline": [], "current": []}
+    for label, tree in (("baseline", base), ("current", ROOT)) * args.repeats:
+        out = subprocess.run([sys.executable, "-c", WHOLE, str(tree), args.model, str(args.whole), str(args.nsamples),
+                              str(args.ratio)], check=True, capture_output=True, text=True,
+                             env={**os.environ, "PYTHONPATH": str(tree)}).stdout
+        runs[label].append(json.loads(out.strip().splitlines()[-1]))
+        print(label, runs[label][-1]["cpu_s"], flush=True)
+    secs = {k: min(r["cpu_s"] for r in v) for k, v in runs.items()}
+    a, b = runs["baseline"][0], runs["current"][0]
+    same = sum(a["specs"].get(n) == sp for n, sp in b["specs"].items())
+    worst = max(abs(b["errors"][n] - a["errors"][n]) / max(a["errors"][n], 1e-12) for n in b["errors"] if n in a["errors"])
+    payload = {"model": "SmolLM2-135M-Instruct, weights dequantized from Q4_1 GGUF", "baseline": args.baseline,
+               "blocks": args.whole, "nsamples": args.nsamples, "ratio": args.ratio, "torch": torch.__version__,
+               "cpu_s": secs, "runs": {k: [r["cpu_s"] for r in v] for k, v in runs.items()},
+               "speedup": secs["baseline"] / secs["current"], "same_spec": f"{same}/{len(b['specs'])}",
+               "layers_compressed": [len(a["specs"]), len(b["specs"])], "max_rel_error_diff": worst}
+    (DOCS / "rocket_whole.json").write_text(json.dumps(payload, indent=1))
+    (DOCS / "rocket_whole.md").write_text("\n".join([
+        f"# ROCKET + knapsack, whole run: current code vs {args.baseline}", "",
+        f"`pipeline.compress` (profile walk, knapsack, compression walk) with ROCKET at ratio {args.ratio}, knapsack "
+        f"allocation, on SmolLM2-135M-Instruct (**weights dequantized from Q4_1 GGUF**) cut to its first "
+        f"{args.whole} blocks, {args.nsamples} × 256 stdlib calibration tokens; CPU seconds of a one-thread "
+        f"subprocess, baseline and current alternating ({args.repeats}× each, the minimum). torch {torch.__version__}. "
+        "Written by `benchmarks/rocket_speed.py --whole`.", "",
+        "| code | CPU s (runs) | speedup |", "|---|---|---|",
+        f"| {args.baseline} | {secs['baseline']:.1f} ({', '.join(f'{x:.1f}' for x in payload['runs']['baseline'])}) | 1.00× |",
+        f"| current | {secs['current']:.1f} ({', '.join(f'{x:.1f}' for x in payload['runs']['current'])}) | "
+        f"**{payload['speedup']:.2f}×** |", "",
+        f"Same spec (ks, ratio) chosen for {payload['same_spec']} compressed layers; measured per-layer errors differ "
+        f"by at most {worst:.1e} relative."]) + "\n")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="/tmp/smollm2", help="SmolLM2 directory from scripts/smollm2_to_hf.py")
     ap.add_argument("--baseline", required=True, help="git revision whose rocket.py is the baseline")
     ap.add_argument("--blocks", type=int, nargs="+", default=[3])
     ap.add_argument("--nsamples", type=int, default=16)
+    ap.add_argument("--whole", type=int, default=0, help="time the whole run on the first N blocks instead")
+    ap.add_argument("--ratio", type=float, default=0.3)
+    ap.add_argument("--repeats", type=int, default=1)
     args = ap.parse_args()
+    if args.whole:
+        return whole(args)
     torch.set_num_threads(1)
     old = baseline_module(args.baseline)
     loaded = adapter.load_hf(args.model)
