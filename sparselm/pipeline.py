@@ -296,7 +296,7 @@ def choose(candidates: dict[str, tuple[Plan, torch.Tensor]], singles: list[str])
 def tie_group(modules: list[CompressedLinear]) -> None:
     """The layers of one shared set (``module.group``) hold the very same ``D``: it is stored once."""
     for m in modules[1:]:
-        m.D = modules[0].D
+        m.share_dictionary(modules[0])
 
 
 @torch.no_grad()

@@ -215,3 +215,21 @@ def test_a_build_lock_left_by_a_killed_build_does_not_hang_the_next_one(tmp_path
     code = "from sparselm.kernels import _build; assert _build._build() is not None"
     subprocess.run([sys.executable, "-c", code], env=env, check=True, timeout=300)
     assert not (cache / "kernels" / built.name / "lock").exists()
+
+
+def test_checkouts_of_the_same_source_share_one_build_command(tmp_path, monkeypatch):
+    """ninja rebuilds when the command changes: two checkouts (worktrees) of one source must hand torch the
+    same source path, the copy inside the content-addressed build directory."""
+    from torch.utils import cpp_extension
+    calls = []
+    monkeypatch.setattr(cpp_extension, "load", lambda **kw: calls.append(kw) or "ext")
+    monkeypatch.setenv("SPARSELM_CACHE", str(tmp_path / "cache"))
+    for checkout in ("a", "b"):
+        src = tmp_path / checkout / "masked.cpp"
+        src.parent.mkdir()
+        src.write_bytes(_build._SOURCE.read_bytes())
+        monkeypatch.setattr(_build, "_SOURCE", src)
+        assert _build._build() == "ext"
+    assert calls[0] == calls[1]
+    (source,) = calls[0]["sources"]
+    assert source.startswith(calls[0]["build_directory"]) and open(source, "rb").read() == src.read_bytes()

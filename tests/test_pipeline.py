@@ -123,22 +123,28 @@ def test_export_is_a_plain_dense_model(arch, calib_ids, tmp_path):
     torch.testing.assert_close(_outputs(dense, ids), want, rtol=1e-5, atol=1e-5)
 
 
-def test_grouped_cospadi_shares_one_dictionary_stored_once(calib_ids, tmp_path):
+@pytest.mark.parametrize("dict_storage, key", [("dtype", "D"), ("int8", "Dt_int8")])
+def test_grouped_cospadi_shares_one_dictionary_stored_once(calib_ids, tmp_path, dict_storage, key):
+    """Also with an int8 dictionary (`dict_storage`): its codes and scales are shared and stored once."""
     from sparselm.io import tensor_names_and_bytes
+    from sparselm.config import spec_from_dict
     model = tiny_model("llama")
-    spec = CoSpaDiSpec(target=Ratio(0.3), iters=3, group_size=2)
-    report = pipeline.compress(model, calib_ids, Recipe(methods=(spec,)), CPU, torch.float32)
+    spec = spec_from_dict({"method": "cospadi", "iters": 3, "group_size": 2, "dict_storage": dict_storage})
+    report = pipeline.compress(model, calib_ids, Recipe(methods=(spec.with_target(Ratio(0.3)),)), CPU, torch.float32)
     layers = model.model.layers
-    assert layers[0].self_attn.q_proj.D is layers[1].self_attn.q_proj.D          # shared
-    assert layers[0].self_attn.o_proj.D is not layers[1].self_attn.o_proj.D      # private
+    q0, q1 = layers[0].self_attn.q_proj, layers[1].self_attn.q_proj
+    assert all(getattr(q0, b) is getattr(q1, b) for b in q0.dictionary_buffers()) and key in q0.dictionary_buffers()
+    assert getattr(layers[0].self_attn.o_proj, key) is not getattr(layers[1].self_attn.o_proj, key)  # private
     assert all(r.info.get("shared_dictionary") == ("o_proj" not in r.name and "down_proj" not in r.name)
                for r in report.layers)
     ids = calib_ids[:2, :16]
     want = _outputs(model, ids)
     io.save(model, None, tmp_path / "g", {}, torch.float32)
     names = tensor_names_and_bytes(tmp_path / "g" / io.WEIGHTS)
-    assert "model.layers.0.self_attn.q_proj.D" in names and "model.layers.1.self_attn.q_proj.D" not in names
-    torch.testing.assert_close(_outputs(io.load(tmp_path / "g"), ids), want, rtol=0, atol=0)
+    assert f"model.layers.0.self_attn.q_proj.{key}" in names and f"model.layers.1.self_attn.q_proj.{key}" not in names
+    loaded = io.load(tmp_path / "g")
+    assert loaded.model.layers[1].self_attn.q_proj.dict_store == spec.dict_store
+    torch.testing.assert_close(_outputs(loaded, ids), want, rtol=0, atol=0)
 
 
 def test_knapsack_profile_cache_gives_the_same_plan(calib_ids, monkeypatch):

@@ -65,6 +65,27 @@ def test_rocket_fast_path_equals_compress_weight():
             assert opt.error <= rel_error(W, stats, other) * (1 + 1e-6)
 
 
+def test_rocket_rank_bound_pruning_skips_factorizations_and_keeps_the_same_options(monkeypatch):
+    import sparselm.profile as prof
+    W, stats = layer(3, in_f=48, out_f=40)
+    calls = []
+
+    def counted(*a, **k):
+        calls.append(a[1])
+        return prof_factorize(*a, **k)
+
+    prof_factorize = prof.factorize
+    monkeypatch.setattr(prof, "factorize", counted)
+    pruned = profile_layer(W, stats, [RocketSpec()], dtype=torch.bfloat16, dense=False)
+    n_pruned = len(calls)
+    monkeypatch.setattr(prof, "ROCKET_PRUNE_MARGIN", float("inf"))  # the bound never prunes: every ks factorized
+    calls.clear()
+    full = profile_layer(W, stats, [RocketSpec()], dtype=torch.bfloat16, dense=False)
+    assert n_pruned < len(calls)  # something was skipped ...
+    assert [(o.payload, o.size) for o in pruned] == [(o.payload, o.size) for o in full]  # ... and nothing changed
+    assert [o.error for o in pruned] == pytest.approx([o.error for o in full], rel=1e-12)
+
+
 @pytest.mark.parametrize("spec", [MagnitudeSpec(), WandaSpec()])
 def test_pruning_fast_path_equals_compress_weight(spec):
     W, stats = layer(2)

@@ -29,12 +29,13 @@ def cache_dir() -> Path:
 # -fopenmp: ATen's parallel_for is a header template that runs serially unless the extension itself is built
 # with OpenMP; the library it links (libgomp.so.1) is the one torch has already loaded (same soname).
 _FLAGS = ["-O3", "-fopenmp"]
+_LAYOUT = b"source copied into the build dir"  # in the digest: never share a directory with older layouts
 
 
 def build_dir() -> Path:
     """Where this source, torch version and flags are built (a new name whenever one of them changes)."""
     digest = hashlib.sha256(_SOURCE.read_bytes() + torch.__version__.encode() + " ".join(_FLAGS).encode()
-                            ).hexdigest()[:12]
+                            + _LAYOUT).hexdigest()[:12]
     return cache_dir() / f"sparselm_masked_{digest}"
 
 
@@ -49,9 +50,15 @@ def _build():
     with open(where / ".sparselm-build.lock", "w") as guard:
         fcntl.flock(guard, fcntl.LOCK_EX)
         (where / "lock").unlink(missing_ok=True)
+        # Build from a copy inside the (content-addressed) build directory: ninja rebuilds whenever the
+        # command changes, and a command naming this checkout's path differed between checkouts of the same
+        # source (worktrees), so each one rebuilt the shared directory in turn (about 2 min under load).
+        source = where / _SOURCE.name
+        if not source.is_file() or source.read_bytes() != _SOURCE.read_bytes():
+            source.write_bytes(_SOURCE.read_bytes())
         if not any(where.glob(f"{name}*.so")):
             log.warning("building the sparselm C++ kernels once (about 30 s) into %s", where)
-        return cpp_extension.load(name=name, sources=[str(_SOURCE)], build_directory=str(where),
+        return cpp_extension.load(name=name, sources=[str(source)], build_directory=str(where),
                                   extra_cflags=_FLAGS, extra_ldflags=["-fopenmp"], verbose=False)
 
 
