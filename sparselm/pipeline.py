@@ -206,9 +206,9 @@ def select_plan(model: nn.Module, calib: torch.Tensor, names: list[list[str]], r
       plan's summed per-layer errors): per-layer errors converted to each entry's measured end-to-end effect.
 
     `choose` keeps the best scored single entry unless a mixed plan beats it by more than the score's noise.
-    Costs one compression per candidate before the chosen plan is compressed for good. ``cache`` (`compress`'s ``profile_cache``: same weights and calibration)
-    keeps the single-entry candidates' scores, which do not depend on the rest of the menu. The plan returned
-    records every candidate's score."""
+    Costs one compression per candidate before the chosen plan is compressed for good. ``cache`` (`compress`'s
+    ``profile_cache``: same weights and calibration) keeps the single-entry candidates' scores, which do not
+    depend on the rest of the menu. The plan returned records every candidate's score."""
     target = grid[0].target.value
     held = min(SELECT_SEQUENCES, len(calib) // SELECT_HELD_OUT)
     if held < 1:
