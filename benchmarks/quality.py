@@ -148,11 +148,11 @@ class MiniLM:
 
 def run_one(bed, recipe: Recipe, profile_cache: dict) -> dict:
     model = copy.deepcopy(bed.loaded.model)
-    known = len(profile_cache)
+    known = len(profile_cache.keys() - {"select_plan"})  # option tables (a mixed menu also keeps its scores there)
     t0 = time.perf_counter()
     report = pipeline.compress(model, bed.calib, recipe, CPU, bed.loaded.storage_dtype, profile_cache=profile_cache)
     seconds = time.perf_counter() - t0
-    reused = recipe.allocate is Allocate.KNAPSACK and len(profile_cache) == known  # tables from an earlier row
+    reused = recipe.allocate is Allocate.KNAPSACK and len(profile_cache.keys() - {"select_plan"}) == known  # earlier row's
     totals = io.describe(model, bed.loaded.storage_dtype, report.allocation)["totals"]
     row = {"seconds": round(seconds, 2), "profile_reused": reused, "score": bed.score(model),
            **{k: round(totals[k], 4) for k in ("ratio_stored", "ratio_params", "ratio_paper")}}

@@ -43,6 +43,9 @@ chain() {
             $(runs cospadi:rR@knapsack) $(runs rocket+svd-llm+wanda+cospadi:rR@knapsack)
   # mixed menus scored end to end against their methods alone (pipeline.select_plan), with SparseGPT in the menu too
   $q --name mixed_sparsegpt_runs --runs $(runs rocket+svd-llm+sparsegpt:rR@knapsack)
+  # issue 14's menu: structured pruning (a whole-model candidate), pruning, low rank, sparse dictionary, int8 GPTQ
+  $q --name mixed_toolbox_runs --runs $(R="0.3 0.5" runs flap+rocket+svd-llm+sparsegpt+gptq/int8g64:rR@knapsack) \
+     gptq/int8g64:r0.3
   # the allocation table: every row copied from the two tables above (nothing is recomputed)
   $q --name allocation --override "$CO" --reuse $docs/quality_$1_factorization.json $docs/quality_$1_allocation_runs.json \
      --runs $(runs rocket:rR rocket:rR@knapsack cospadi:rR cospadi:rR@knapsack svd-llm:rR svd-llm:rR@knapsack \

@@ -206,9 +206,9 @@ def select_plan(model: nn.Module, calib: torch.Tensor, names: list[list[str]], r
       plan's summed per-layer errors): per-layer errors converted to each entry's measured end-to-end effect.
 
     `choose` keeps the best scored single entry unless a mixed plan beats it by more than the score's noise.
-    Costs one compression per candidate before the chosen plan is compressed for good. ``cache`` (`compress`'s ``profile_cache``: same weights and calibration)
-    keeps the single-entry candidates' scores, which do not depend on the rest of the menu. The plan returned
-    records every candidate's score."""
+    Costs one compression per candidate before the chosen plan is compressed for good. ``cache`` (`compress`'s
+    ``profile_cache``: same weights and calibration) keeps the single-entry candidates' scores, which do not
+    depend on the rest of the menu. The plan returned records every candidate's score."""
     target = grid[0].target.value
     held = min(SELECT_SEQUENCES, len(calib) // SELECT_HELD_OUT)
     if held < 1:
@@ -221,9 +221,9 @@ def select_plan(model: nn.Module, calib: torch.Tensor, names: list[list[str]], r
         """``plan`` applied to a copy of the model and scored; a uniform plan gets allocation rows from what
         was compressed (real bytes, measured errors). inf when a method cannot compress some layer. ``single``:
         the menu entry the plan applies alone (its score is kept in ``cache``)."""
-        key = ("select_plan", single, held)
-        if cache is not None and single is not None and key in cache:
-            return cache[key]
+        memo = None if cache is None or single is None else cache.setdefault("select_plan", {})
+        if memo is not None and (single, held) in memo:
+            return memo[single, held]
         trial = copy.deepcopy(model)
         try:
             if plan.structured is not None:
@@ -240,8 +240,8 @@ def select_plan(model: nn.Module, calib: torch.Tensor, names: list[list[str]], r
                 Allocation(la.name, la.spec, float(la.module.weight_bytes(max(len(la.group), 1))), la.rel_error,
                            la.dense_shape, None) for la in report.layers])
         found = plan, window_scores(model, trial, windows)
-        if cache is not None and single is not None:
-            cache[key] = found
+        if memo is not None:
+            memo[single, held] = found
         return found
 
     candidates = {"knapsack": scored(knapsack)}

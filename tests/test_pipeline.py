@@ -344,3 +344,21 @@ def test_choose_keeps_the_best_method_alone_unless_a_mixed_plan_wins_beyond_the_
     assert pipeline.choose(cands, ["uniform a", "uniform b"])[0] == "knapsack, calibrated"
     inf = t(math.inf)  # every single entry failed to apply: the best finite plan
     assert pipeline.choose({"knapsack": (None, noisy), "uniform a": (None, inf)}, ["uniform a"])[0] == "knapsack"
+
+
+def test_menus_at_one_ratio_share_their_single_entries_scores(calib_ids, monkeypatch):
+    """With one profile cache, a second menu at the same ratio reuses the first one's score of an entry both
+    list (wanda alone), and scores only what is new (its knapsack plans and svd-llm alone)."""
+    from sparselm.config import Allocate
+    real, calls = pipeline.window_scores, []
+    monkeypatch.setattr(pipeline, "window_scores", lambda *a: calls.append(1) or real(*a))
+    cache: dict = {}
+    wanda, mag, svd = (WandaSpec(target=Ratio(0.3)), MagnitudeSpec(target=Ratio(0.3)), SVDLLMSpec(target=Ratio(0.3)))
+    first = pipeline.make_plan(tiny_model("llama"), calib_ids, Recipe(methods=(wanda, mag), allocate=Allocate.KNAPSACK),
+                               CPU, torch.float32, cache=cache)
+    assert len(calls) == 4  # knapsack, wanda, magnitude, calibrated
+    second = pipeline.make_plan(tiny_model("llama"), calib_ids, Recipe(methods=(wanda, svd), allocate=Allocate.KNAPSACK),
+                                CPU, torch.float32, cache=cache)
+    assert len(calls) == 4 + 3  # wanda alone was not compressed again
+    score = {r["candidate"]: r["score"] for r in first.selection}["uniform wanda"]
+    assert {r["candidate"]: r["score"] for r in second.selection}["uniform wanda"] == score
