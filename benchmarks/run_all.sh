@@ -62,10 +62,10 @@ chain() {
   [ "$1" = bundled ] && $q --name w4_sparsity --runs sparsegpt:2:4 gptq:r0.7 gqsa:r0.74 sparsegpt/int4g16:2:4 \
      sparsegpt/int4g16:r0.74 gqsa:s0.5 gqsa:r0.8 sparsegpt/int4g128:2:4 sparsegpt/int4g128:r0.832
   [ "$1" != bundled ] && $q --name w4_sparsity --reuse $docs/quality_$1_pruning.json --runs $W4_FP32
-  # CoSpaDi's dictionary storage (dict_storage) at equal bytes: float32 / bf16 / int8 / int4-per-64 D
-  [ "$1" = minilm ] && $q --name dict_storage --override "$CO" --runs cospadi:r0.3 cospadi.dict_storage=bf16:r0.3 \
-     cospadi.dict_storage=int8:r0.3 cospadi/int8.dict_storage=int8:r0.3 cospadi.dict_storage=int4.dict_quant_group=64:r0.3 \
-     cospadi:r0.5 cospadi.dict_storage=int8:r0.5
+  # CoSpaDi's dictionary storage (dict_storage) at equal bytes: float32 / bf16 / int8 D, pruning rows for scale
+  [ "$1" = minilm ] && $q --name dict_storage --override "$CO" --reuse $docs/quality_minilm_factorization.json \
+     --runs cospadi:r0.3 cospadi.dict_storage=bf16:r0.3 cospadi.dict_storage=int8:r0.3 sparsegpt:r0.3 wanda:r0.3 \
+     cospadi.dict_storage=int8:r0.5 cospadi:r0.5
   true
 }
 
