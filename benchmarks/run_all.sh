@@ -82,7 +82,7 @@ smollm2_round() {
   $q --name w4_sparsity --reuse $docs/quality_smollm2_pruning.json --runs sparsegpt:2:4 gptq/int4g64:r0.85 gqsa:s0.5
   $q --name factorization --runs svd:r0.2 $(runs sparsegpt:rR wanda:rR svd-llm:rR) asvd:r0.3 magnitude:r0.3
   $q --name structured --reuse $docs/quality_smollm2_factorization.json \
-     --runs flap.structure=uniform:r0.3 svd-llm:r0.3 sparsegpt:r0.3 svd-llm:r0.5 sparsegpt:r0.5
+     --runs flap.structure=uniform:r0.3 flap.structure=uniform:r0.5 svd-llm:r0.3 sparsegpt:r0.3 svd-llm:r0.5 sparsegpt:r0.5
   $q --name knapsack_runs --runs svd-llm:r0.3@knapsack svd-llm:r0.5@knapsack
   python benchmarks/peer_llmcompressor.py --model /tmp/smollm2 --nsamples 32 --windows 32 --runs sparsegpt:0:0 \
      wanda:0:0 --no-peer-as-is --repeats 1 --work /tmp/cmp/smol --name peer_llmcompressor_smollm2
