@@ -22,6 +22,9 @@ declare -A PROTOCOL=([smollm2]="--nsamples 32 --seqlen 256 --windows 32")
 # W4S50 (gqsa 50 % of 1x16 blocks) ~0.916, sparsegpt 2:4 + int4/g16 ~0.867
 W4_FP32="sparsegpt:2:4 gptq:r0.85 sparsegpt/int4g16:2:4 gqsa:r0.87 sparsegpt/int4g16:r0.87 gqsa:s0.5
          sparsegpt/int4g128:2:4 sparsegpt/int4g128:r0.916"
+# SmolLM2's 576 inputs are not a multiple of 128: gptq and sparsegpt quantize per 64 inputs there
+W4_SMOLLM2="sparsegpt:2:4 gptq/int4g64:r0.85 sparsegpt/int4g16:2:4 gqsa:r0.87 sparsegpt/int4g16:r0.87 gqsa:s0.5
+            sparsegpt/int4g64:2:4 sparsegpt/int4g64:r0.916"
 runs() { for r in $R; do for m in "$@"; do printf '%s ' "${m/R/$r}"; done; done; }
 
 chain() {
@@ -64,11 +67,12 @@ chain() {
   # sparsity + int4 (GQSA-lite) against 2:4 and 4-bit-only (GPTQ) at equal bytes
   [ "$1" = bundled ] && $q --name w4_sparsity --runs sparsegpt:2:4 gptq:r0.7 gqsa:r0.74 sparsegpt/int4g16:2:4 \
      sparsegpt/int4g16:r0.74 gqsa:s0.5 gqsa:r0.8 sparsegpt/int4g128:2:4 sparsegpt/int4g128:r0.832
-  [ "$1" != bundled ] && $q --name w4_sparsity --reuse $docs/quality_$1_pruning.json --runs $W4_FP32
-  # CoSpaDi's dictionary storage (dict_storage) at equal bytes: float32 / bf16 / int8 / int4-per-64 D
-  [ "$1" = minilm ] && $q --name dict_storage --override "$CO" --runs cospadi:r0.3 cospadi.dict_storage=bf16:r0.3 \
-     cospadi.dict_storage=int8:r0.3 cospadi/int8.dict_storage=int8:r0.3 cospadi.dict_storage=int4.dict_quant_group=64:r0.3 \
-     cospadi:r0.5 cospadi.dict_storage=int8:r0.5
+  [ "$1" = minilm ] && $q --name w4_sparsity --reuse $docs/quality_$1_pruning.json --runs $W4_FP32
+  [ "$1" = smollm2 ] && $q --name w4_sparsity --reuse $docs/quality_$1_pruning.json --runs $W4_SMOLLM2
+  # CoSpaDi's dictionary storage (dict_storage) at equal bytes: float32 / bf16 / int8 D, pruning rows for scale
+  [ "$1" = minilm ] && $q --name dict_storage --override "$CO" --reuse $docs/quality_minilm_factorization.json \
+     --runs cospadi:r0.3 cospadi.dict_storage=bf16:r0.3 cospadi.dict_storage=int8:r0.3 sparsegpt:r0.3 wanda:r0.3 \
+     cospadi.dict_storage=int8:r0.5 cospadi:r0.5
   true
 }
 
@@ -76,13 +80,13 @@ chain() {
 smollm2_round() {
   local q="python benchmarks/quality.py --testbed smollm2 ${PROTOCOL[smollm2]}" docs=docs/benchmarks R="0.3 0.5"
   $q --name pruning --runs magnitude:s0.5 wanda:s0.5 sparsegpt:s0.5 magnitude:2:4 wanda:2:4 sparsegpt:2:4
-  $q --name dsnot --reuse $docs/quality_smollm2_pruning.json --runs $(for k in s0.5 s0.6 s0.7 2:4; do
+  $q --name dsnot --reuse $docs/quality_smollm2_pruning.json --runs $(for k in s0.5 2:4; do
        for m in wanda sparsegpt; do printf '%s ' $m:$k $m.refine=dsnot:$k; done; done)
-  $q --name w4_sparsity --reuse $docs/quality_smollm2_pruning.json --runs $W4_FP32
+  $q --name w4_sparsity --reuse $docs/quality_smollm2_pruning.json --runs sparsegpt:2:4 gptq/int4g64:r0.85 gqsa:s0.5
   $q --name factorization --runs svd:r0.2 $(runs sparsegpt:rR wanda:rR svd-llm:rR) asvd:r0.3 magnitude:r0.3
   $q --name structured --reuse $docs/quality_smollm2_factorization.json \
-     --runs $(runs flap.structure=uniform:rR flap:rR svd-llm:rR sparsegpt:rR)
-  $q --name knapsack_runs --runs svd-llm:r0.3@knapsack svd-llm:r0.5@knapsack rocket:r0.3 rocket:r0.3@knapsack
+     --runs flap.structure=uniform:r0.3 flap.structure=uniform:r0.5 svd-llm:r0.3 sparsegpt:r0.3 svd-llm:r0.5 sparsegpt:r0.5
+  $q --name knapsack_runs --runs svd-llm:r0.3@knapsack svd-llm:r0.5@knapsack
   python benchmarks/peer_llmcompressor.py --model /tmp/smollm2 --nsamples 32 --windows 32 --runs sparsegpt:0:0 \
      wanda:0:0 --no-peer-as-is --repeats 1 --work /tmp/cmp/smol --name peer_llmcompressor_smollm2
 }
