@@ -214,12 +214,13 @@ def test_many_small_panels_match_reference(path, monkeypatch):
 @pytest.mark.parametrize("rows, cols", [(37, 45), (64, 96), (5, 613), (300, 33)])
 @pytest.mark.parametrize("tokens", [1, 3, 4, 11])
 @pytest.mark.parametrize("bias", [True, False])
-def test_dense_gemv_matches_float_product(rows, cols, tokens, bias):
+@pytest.mark.parametrize("serial_bytes", [0, 1 << 40])  # rows split over the threads, or one thread
+def test_dense_gemv_matches_float_product(rows, cols, tokens, bias, serial_bytes):
     g = torch.Generator().manual_seed(rows * cols + tokens)
     W = torch.randn(rows, cols, generator=g).to(torch.bfloat16)
     x = torch.randn(tokens, cols, generator=g).to(torch.bfloat16)
     b = torch.randn(rows, generator=g).to(torch.bfloat16) if bias else None
-    got = _build.loaded().dense_gemv(x, W, b)
+    got = _build.loaded().dense_gemv(x, W, b, serial_bytes)
     ref = x.float() @ W.float().T + (0 if b is None else b.float())
     assert got.dtype == torch.bfloat16 and got.shape == (tokens, rows)
     torch.testing.assert_close(got.float(), ref, rtol=1e-2, atol=1e-2 * ref.abs().max().item())

@@ -173,7 +173,9 @@ def matmul_panels(x: torch.Tensor, mm: Masked, rows: int, use_ext: bool = True) 
     return yT.t()
 
 
-def matmul_gemv(x: torch.Tensor, mm: Masked, bias: torch.Tensor | None = None, simd: bool = True) -> torch.Tensor:
-    """``x (T, cols) -> (T, rows)`` (+ bias) in x's dtype through the C++ GEMV (the extension must be available)."""
+def matmul_gemv(x: torch.Tensor, mm: Masked, bias: torch.Tensor | None = None, simd: bool = True,
+                serial_bytes: int = 0) -> torch.Tensor:
+    """``x (T, cols) -> (T, rows)`` (+ bias) in x's dtype through the C++ GEMV (the extension must be available);
+    one thread below ``serial_bytes`` of weight bytes."""
     return _build.loaded().masked_gemv(x, mm.mask, mm.offsets, mm.values, mm.kind, mm.scale, mm.zero, mm.group,
-                                       bias, mm.rows, mm.cols, simd)
+                                       bias, mm.rows, mm.cols, simd, serial_bytes)

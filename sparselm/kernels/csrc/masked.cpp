@@ -418,9 +418,8 @@ template <int TT> constexpr int unroll() { return TT == 1 ? 4 : (TT == 2 ? 2 : 1
 // dense rows walked side by side for a block of TT tokens (2·R·TT accumulators)
 template <int TT> constexpr int rows_at_once() { return TT == 1 ? 4 : (TT <= 3 ? 2 : 1); }
 
-// Below this many weight bytes one thread does the whole product: waking the second thread costs more
-// than it saves (k/v projections at decode; docs/benchmarks/kernels.md).
-constexpr int64_t kSerialBytes = 192 * 1024;
+// Below `serial_bytes` of weight bytes one thread does the whole product (`policy.SERIAL_BYTES`: waking a
+// second thread cost more than it saved on the project's CPU).
 
 // writes row r's results for tokens t0..t0+TT-1 into y (T, rows) of dtype `st`: acc·scale + bias
 struct Store {
@@ -447,7 +446,8 @@ c10::optional<torch::Tensor> float_bias(const c10::optional<torch::Tensor>& bias
 // Y = X Mᵀ (+ bias) in x's dtype for few tokens: each row's compressed bytes are read once.
 torch::Tensor masked_gemv(torch::Tensor x, torch::Tensor mask, torch::Tensor offsets, torch::Tensor values,
                           int64_t kind, c10::optional<torch::Tensor> scale, c10::optional<torch::Tensor> zero,
-                          int64_t group, c10::optional<torch::Tensor> bias, int64_t rows, int64_t cols, bool simd) {
+                          int64_t group, c10::optional<torch::Tensor> bias, int64_t rows, int64_t cols, bool simd,
+                          int64_t serial_bytes) {
   TORCH_CHECK(x.dim() == 2 && x.size(1) == cols, "x: (T, cols)");
   auto st = x.scalar_type();
   TORCH_CHECK(st == torch::kFloat32 || st == torch::kBFloat16 || st == torch::kHalf, "x dtype");
@@ -459,7 +459,7 @@ torch::Tensor masked_gemv(torch::Tensor x, torch::Tensor mask, torch::Tensor off
   auto y = out_like(x, T, rows);
   auto b = float_bias(bias, rows);
   Store store{y.data_ptr(), st, rows, b.has_value() ? b->data_ptr<float>() : nullptr};
-  const int64_t grain = m.mask_bytes + m.value_bytes < kSerialBytes ? rows : 16;
+  const int64_t grain = m.mask_bytes + m.value_bytes < serial_bytes ? rows : 16;
   at::parallel_for(0, rows, grain, [&](int64_t r0, int64_t r1) {
     if (!avx) {
       std::vector<float> acc(T);
@@ -502,7 +502,7 @@ torch::Tensor masked_gemv(torch::Tensor x, torch::Tensor mask, torch::Tensor off
 
 // Y = X Wᵀ (+ bias) for a dense row-major bf16 W (rows, cols) and few bf16 tokens: the low-rank factors and
 // dictionaries at decode (faster here than torch.mv and F.linear at M = 1..4 in bf16).
-torch::Tensor dense_gemv(torch::Tensor x, torch::Tensor W, c10::optional<torch::Tensor> bias) {
+torch::Tensor dense_gemv(torch::Tensor x, torch::Tensor W, c10::optional<torch::Tensor> bias, int64_t serial_bytes) {
   TORCH_CHECK(cpu_has_avx512(), "dense_gemv needs AVX-512 BF16");
   TORCH_CHECK(x.dim() == 2 && W.dim() == 2 && x.size(1) == W.size(1), "x (T, cols), W (rows, cols)");
   TORCH_CHECK(x.scalar_type() == torch::kBFloat16 && W.scalar_type() == torch::kBFloat16 && W.is_contiguous(),
@@ -514,7 +514,7 @@ torch::Tensor dense_gemv(torch::Tensor x, torch::Tensor W, c10::optional<torch::
   Store store{y.data_ptr(), torch::kBFloat16, rows, b.has_value() ? b->data_ptr<float>() : nullptr};
   const uint16_t* wp = reinterpret_cast<const uint16_t*>(W.data_ptr<c10::BFloat16>());
   const uint16_t* xp = reinterpret_cast<const uint16_t*>(xc.data_ptr<c10::BFloat16>());
-  const int64_t grain = rows * cols * 2 < kSerialBytes ? rows : 16;
+  const int64_t grain = rows * cols * 2 < serial_bytes ? rows : 16;
   at::parallel_for(0, rows, grain, [&](int64_t r0, int64_t r1) {
     token_blocks(T, [&](int64_t t0, auto tt) {
       constexpr int TT = decltype(tt)::value;
