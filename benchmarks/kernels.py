@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from sparselm import formats, kernels  # noqa: E402
-from sparselm.config import CoefStorage  # noqa: E402
+from sparselm.config import CoefStorage, Storage  # noqa: E402
 from sparselm.kernels import masked as kmasked  # noqa: E402
 from sparselm.config import Pattern  # noqa: E402
 from sparselm.modules import CompressedLinear, LowRankLinear, SparseDictLinear, SparseLinear  # noqa: E402
@@ -75,7 +75,7 @@ def lowrank(in_f: int, out_f: int, ratio: float) -> LowRankLinear:
 
 def dict_sizes(in_f: int, out_f: int, ratio: float, storage: CoefStorage) -> tuple[int, int]:
     """Atoms k and nonzeros per output s = k/2 so that D (bf16) + S (storage) + mask store ``1 - ratio``."""
-    vbits = {CoefStorage.BF16: 16, CoefStorage.BF16_14BIT: 14, CoefStorage.INT8: 8}[storage]
+    vbits = {CoefStorage.BF16: 16, CoefStorage.BF16_14BIT: 14, CoefStorage.INT8: 8, CoefStorage.INT4: 4}[storage]
     bits_per_atom = 16 * in_f + out_f * (vbits / 2 + 1)
     k = int((1 - ratio) * 16 * in_f * out_f / bits_per_atom)
     return k, k // 2
@@ -96,12 +96,18 @@ def sparse_dict(in_f: int, out_f: int, ratio: float, storage: CoefStorage = Coef
 
 
 def build(kind: str, in_f: int, out_f: int, ratio: float) -> nn.Module:
-    """``ratio``: stored ratio for low rank and dictionaries, the sparsity for unstructured pruning."""
+    """``ratio``: stored ratio for low rank and dictionaries, the sparsity for unstructured pruning;
+    ``unstructured-int4`` / ``unstructured-int8g``: int4 / int8 values with a scale per 128 inputs."""
     if kind == "lowrank":
         return lowrank(in_f, out_f, ratio)
     if kind.startswith("dict"):
-        storage = {"dict": CoefStorage.BF16, "dict-14bit": CoefStorage.BF16_14BIT, "dict-int8": CoefStorage.INT8}[kind]
+        storage = {"dict": CoefStorage.BF16, "dict-14bit": CoefStorage.BF16_14BIT, "dict-int8": CoefStorage.INT8,
+                   "dict-int4": CoefStorage.INT4}[kind]
         return sparse_dict(in_f, out_f, ratio, storage)
+    if kind in ("unstructured-int4", "unstructured-int8g"):
+        W = torch.randn(out_f, in_f, generator=_gen(1)).mul_(0.02)
+        store = Storage(CoefStorage.INT4 if kind.endswith("int4") else CoefStorage.INT8, 128)
+        return SparseLinear(W, torch.rand(out_f, in_f, generator=_gen(2)) >= ratio, None, None, DT, store)
     return pruned(in_f, out_f, ratio, nm=kind == "2:4")
 
 

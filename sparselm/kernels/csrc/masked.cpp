@@ -198,12 +198,21 @@ template <int K> constexpr int64_t value_byte(int64_t i) {
 
 // grouped kinds: the decoded codes of chunk (r, col) under mask word w become (code - zero)·scale (a chunk of
 // 32 columns lies in one group: the caller runs the scalar path unless group % 32 == 0)
-template <int K>
-SPARSELM_AVX512 inline void dequant_chunk(const Masked& m, int64_t r, int64_t col, uint32_t w, __m512& lo, __m512& hi) {
-  if constexpr (K == INT8G || K == INT4) {
-    float s, z;
+// the group parameters along one row, looked up once per group (not per chunk)
+struct GroupCursor {
+  const Masked& m; int64_t r; int64_t next = 0; float s = 1.f, z = 0.f;
+  void at(int64_t col) {
+    if (col < next) return;
     group_params(m, r, col, s, z);
-    const __m512 sv = _mm512_set1_ps(s), zv = _mm512_set1_ps(z);
+    next = m.group ? (col / m.group + 1) * m.group : INT64_MAX;
+  }
+};
+
+template <int K>
+SPARSELM_AVX512 inline void dequant_chunk(GroupCursor& gc, int64_t col, uint32_t w, __m512& lo, __m512& hi) {
+  if constexpr (K == INT8G || K == INT4) {
+    gc.at(col);
+    const __m512 sv = _mm512_set1_ps(gc.s), zv = _mm512_set1_ps(gc.z);
     lo = _mm512_mul_ps(_mm512_maskz_sub_ps(__mmask16(w), lo, zv), sv);
     hi = _mm512_mul_ps(_mm512_maskz_sub_ps(__mmask16(w >> 16), hi, zv), sv);
   }
@@ -223,6 +232,7 @@ SPARSELM_AVX512 inline void gemv_row(const Masked& m, const void* xv, int64_t r,
   const bool aligned = m.cols % 32 == 0;
   int64_t idx = m.offsets[r];
   const int64_t bit = r * m.cols;
+  GroupCursor gc{m, r};
   __m512 acc[U][TT];
   for (int u = 0; u < U; u++) for (int t = 0; t < TT; t++) acc[u][t] = _mm512_setzero_ps();
   for (int64_t c0 = 0; c0 < nchunks; c0 += U) {
@@ -251,7 +261,7 @@ SPARSELM_AVX512 inline void gemv_row(const Masked& m, const void* xv, int64_t r,
         const float* x = static_cast<const float*>(xv);
         __m512 lo, hi;
         decode32_k<K>(m, idx, w, lo, hi);
-        dequant_chunk<K>(m, r, col, w, lo, hi);
+        dequant_chunk<K>(gc, col, w, lo, hi);
         __mmask16 klo = n >= 16 ? 0xFFFF : __mmask16((1u << n) - 1);
         __mmask16 khi = n >= 32 ? 0xFFFF : (n <= 16 ? 0 : __mmask16((1u << (n - 16)) - 1));
         for (int t = 0; t < TT; t++) {
@@ -303,6 +313,7 @@ SPARSELM_AVX512 void unpack_rows_k(const Masked& m, int64_t r0, int64_t r1, OutT
   for (int64_t r = r0; r < r1; r++) {
     OutT* o = out + r * m.cols;
     int64_t idx = m.offsets[r], bit = r * m.cols;
+    GroupCursor gc{m, r};
     __m512 s = _mm512_set1_ps(m.scale ? m.scale[r] : 1.f);
     for (int64_t c = 0; c < m.cols; c += 32) {
       int n = int(std::min<int64_t>(32, m.cols - c));
@@ -316,7 +327,7 @@ SPARSELM_AVX512 void unpack_rows_k(const Masked& m, int64_t r0, int64_t r1, OutT
       } else {
         __m512 lo, hi;
         decode32_k<K>(m, idx, w, lo, hi);
-        dequant_chunk<K>(m, r, c, w, lo, hi);
+        dequant_chunk<K>(gc, c, w, lo, hi);
         if (m.scale) { lo = _mm512_mul_ps(lo, s); hi = _mm512_mul_ps(hi, s); }
         if constexpr (std::is_same<OutT, float>::value) {
           _mm512_mask_storeu_ps(o + c, __mmask16(k), lo);
