@@ -236,6 +236,9 @@ def main(argv=None) -> None:
     p.add_argument("--blocks", type=int, nargs="*", default=[3], help="blocks of the real models to run")
     p.add_argument("--nsamples", type=int, default=32, help="calibration windows for the real models")
     p.add_argument("--seqlen", type=int, default=256)
+    p.add_argument("--variants", nargs="+", default=["omp+ksvd", "htp+ksvd", "htp+mod"],
+                   help="whole-run variants (coder+dict_update); omp+ksvd is the reference and must be first")
+    p.add_argument("--shapes", nargs="*", default=None, help="only these projection shapes of the config (--coder)")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -269,10 +272,16 @@ def merge_coder(args, device, shapes) -> None:
     """The GEMM-coder section (`coder_speed`), written into the existing JSON (key ``coder``) and markdown."""
     import coder_speed
 
+    if args.shapes is not None:  # `--shapes` alone: no coding-pass rows, only the real runs
+        shapes = [sh for sh in shapes if sh.name in args.shapes]
     res = coder_speed.run(args, device, shapes, synthetic_layer, lambda: synchronize(device))
     res["config"] = str(Path(args.config).name)
     out = Path(args.out)
     old = json.loads(out.with_suffix(".json").read_text()) if out.with_suffix(".json").exists() else {}
+    kept = old.get("coder", {})
+    for part in ("passes", "real", "real_models"):  # a section this run did not measure keeps its last table
+        if not res[part] and kept.get(part):
+            res[part], res.setdefault("kept_from", {})[part] = kept[part], kept.get("date")
     old["coder"] = res
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(old, indent=1))

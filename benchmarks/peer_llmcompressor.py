@@ -218,13 +218,15 @@ def quality_phase(args, work: Path) -> tuple[dict, list[dict]]:
 
     # peer script variants
     src = Path(args.peer_script).read_text()
-    if PEER_IGNORE not in src:
-        raise SystemExit(f"{args.peer_script} no longer contains {PEER_IGNORE}; update this benchmark")
+    already_fixed = PEER_IGNORE_FIXED in src  # the shared script now ignores lm_head itself: run it unchanged
+    if not already_fixed and PEER_IGNORE not in src:
+        raise SystemExit(f"{args.peer_script} contains neither {PEER_IGNORE} nor {PEER_IGNORE_FIXED}; "
+                         "update this benchmark")
     fixed_script, as_is_script = work / "llmc_prune_ignore_lm_head.py", work / "llmc_prune_as_is.py"
     fixed_script.write_text(src.replace(PEER_IGNORE, PEER_IGNORE_FIXED) + SAVE_HOOK)
     as_is_script.write_text(src + SAVE_HOOK)  # unchanged behaviour, only saves the pruned weights at the end
     variants = [("llm-compressor", fixed_script, "fixed")]
-    if not args.no_peer_as_is:
+    if not args.no_peer_as_is and not already_fixed:
         variants.append(("llm-compressor, script as is", as_is_script, "asis"))
 
     dense = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
@@ -339,10 +341,13 @@ def timing_phase(args, work: Path, rows: list[dict]) -> None:
 def render(r: dict) -> str:
     env, peer = r["environment"], r["environment"]["peer"]
     rows = r["rows"]
+    source = Path(r["model"]) / "SOURCE.json"  # written by scripts/smollm2_to_hf.py: what the weights are
+    said = json.loads(source.read_text()) if source.exists() else None
+    model_note = f" (**{said['weights']}**: {said['note']})" if said else ""
     lines = [
         "# SparseGPT / Wanda: sparselm vs llm-compressor (same model, calibration and evaluation, CPU)",
         "",
-        f"Model `{Path(r['model']).name}` (float32 compute); calibration: the first {r['nsamples']} consecutive "
+        f"Model `{Path(r['model']).name}`{model_note} (float32 compute); calibration: the first {r['nsamples']} consecutive "
         f"windows of {r['seqlen']} tokens of `{Path(r['calib']).name}` for both tools (token ids checked "
         f"identical: {r['calib_windows_identical']}); evaluation: token-level perplexity on the first "
         f"{r['eval_windows']} non-overlapping {r['seqlen']}-token windows of `{Path(r['val']).name}` (ids "
@@ -420,6 +425,8 @@ command differ by up to ~20 %, so differences below ~10 % are noise.
   this model `lm_head` is tied to the input embedding, so the script as written also zeroes half of the
   embedding (its `sparsity_measured` leaves lm_head out and does not show it). sparselm prunes only the linears
   of the decoder blocks. The like-for-like rows use `re:.*lm_head` (what llm-compressor's own warning advises).
+  The shared script has since been changed to pass `re:.*lm_head` itself; the benchmark then runs it unchanged
+  and there is no "script as is" row.
 * Wanda: the same score (|W| times the L2 norm of the input feature), the same comparison groups (per output row
   for unstructured, per group of 4 inputs for 2:4); masks may differ only at ties / float32 vs float64 rounding
   of the norms.

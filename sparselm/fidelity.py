@@ -101,3 +101,17 @@ def embedding_agreement(reference: torch.Tensor, compressed: torch.Tensor) -> di
     nn_ref = (reference @ reference.T).masked_fill(eye, -2).argmax(1)  # (n,)
     nn_got = (compressed @ compressed.T).masked_fill(eye, -2).argmax(1)
     return {"embedding_cosine": cosine, "nn_agreement": float((nn_ref == nn_got).float().mean())}
+
+
+@torch.no_grad()
+def pooled_cosines(reference: nn.Module, compressed: nn.Module, windows: torch.Tensor,
+                   batch_size: int = 8) -> torch.Tensor:
+    """Per window ``(n,)``: the cosine between both models' mean-pooled final hidden states (an encoder's
+    window embeddings; their mean is `compare`'s ``embedding_cosine``)."""
+    device = next(compressed.parameters()).device
+    out = []
+    for i in range(0, len(windows), batch_size):
+        ids = windows[i:i + batch_size].to(device)  # (b, seqlen)
+        ref, got = (_forward(m, ids)[1].mean(1) for m in (reference, compressed))  # (b, h)
+        out.append(F.cosine_similarity(ref, got, dim=-1).double().cpu())
+    return torch.cat(out)

@@ -10,7 +10,8 @@ spec asks for bf16 / fp16 / 14-bit bf16 / int8 / int4; int8 and int4 add one fp1
 point) per row, or per group of ``group`` consecutive inputs of a row (`value_bytes`). Every matrix is
 quantized along the input dimension of the product it takes part in: pruned ``W`` ``(out, in)`` along ``in``,
 coefficients ``Sᵀ`` ``(out, k)`` along ``k``, low-rank ``Uᵀ`` ``(r, in)`` along ``in`` and ``Vᵀ`` ``(out, r)``
-along ``r``. Dictionaries ``D`` are stored in the model dtype.
+along ``r``. Dictionaries ``D`` ``(in, k)`` follow their own storage (CoSpaDi's ``dict_storage``, model dtype by
+default): ``Dᵀ`` ``(k, in)`` quantized along ``in``, one scale per atom or per ``group`` inputs of an atom.
 
   * `sparse_bytes`      `SparseLinear`:     values + 1-bit mask over ``out·in``; N:M: values ``(out, in·n/m)`` +
                                             ``ceil(log2 m)``-bit positions; 1×g blocks (GQSA): a 1-bit mask over
@@ -20,7 +21,7 @@ along ``r``. Dictionaries ``D`` are stored in the model dtype.
   * `narrow_bytes`      a structurally pruned plain ``nn.Linear`` ``(out', in')`` in the model dtype, plus the
                                             bias structured pruning *added* (FLAP's compensation): unlike a
                                             model's own bias, it is storage the method spends.
-  * `dict_bytes`        `SparseDictLinear`: ``D`` ``(in, k)`` in the model dtype (`dictionary_bytes`) + the
+  * `dict_bytes`        `SparseDictLinear`: ``D`` ``(in, k)`` in its storage (`dictionary_bytes`) + the
                                             coefficients (`coefficient_bytes`): a 1-bit mask over ``out·k``
                                             and the values.
 """
@@ -130,8 +131,9 @@ def rank_for_ratio(ratio: float, in_f: int, out_f: int, dtype: torch.dtype = tor
 
 
 # --- SparseDictLinear ------------------------------------------------------------------------------
-def dictionary_bytes(in_f: int, k: int, dtype: torch.dtype) -> int:
-    return in_f * k * dtype_bytes(dtype)
+def dictionary_bytes(in_f: int, k: int, dtype: torch.dtype, store: Storage = MODEL_DTYPE) -> int:
+    """Dense ``D`` ``(in, k)`` stored as ``Dᵀ`` rows (one per atom) in ``store``, quantized along ``in``."""
+    return value_bytes(in_f * k, matrix_groups(k, in_f, store), store, dtype)
 
 
 def coefficient_bytes(out_f: int, k: int, nnz: int, store: Storage, dtype: torch.dtype) -> int:
@@ -139,16 +141,17 @@ def coefficient_bytes(out_f: int, k: int, nnz: int, store: Storage, dtype: torch
     return math.ceil(out_f * k * MASK_BITS / 8) + value_bytes(nnz, matrix_groups(out_f, k, store), store, dtype)
 
 
-def dict_bytes(in_f: int, out_f: int, k: int, nnz: int, store: Storage, dtype: torch.dtype) -> int:
-    """One `SparseDictLinear` with its own dictionary."""
-    return dictionary_bytes(in_f, k, dtype) + coefficient_bytes(out_f, k, nnz, store, dtype)
+def dict_bytes(in_f: int, out_f: int, k: int, nnz: int, store: Storage, dtype: torch.dtype,
+               dict_store: Storage = MODEL_DTYPE) -> int:
+    """One `SparseDictLinear` with its own dictionary (``D`` in ``dict_store``, coefficients in ``store``)."""
+    return dictionary_bytes(in_f, k, dtype, dict_store) + coefficient_bytes(out_f, k, nnz, store, dtype)
 
 
 def group_dict_bytes(in_f: int, outs: Sequence[int], k: int, nnz: Sequence[int], store: Storage,
-                     dtype: torch.dtype) -> int:
+                     dtype: torch.dtype, dict_store: Storage = MODEL_DTYPE) -> int:
     """Layers sharing one dictionary ``(in, k)``: ``D`` once, each layer's coefficients."""
-    return dictionary_bytes(in_f, k, dtype) + sum(coefficient_bytes(o, k, n, store, dtype)
-                                                  for o, n in zip(outs, nnz))
+    return dictionary_bytes(in_f, k, dtype, dict_store) + sum(coefficient_bytes(o, k, n, store, dtype)
+                                                              for o, n in zip(outs, nnz))
 
 
 # --- inverting a formula -----------------------------------------------------------------------------

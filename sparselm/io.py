@@ -249,7 +249,7 @@ def read_manifest(path: str | Path) -> dict:
 def _build_empty(path: Path, manifest: dict, trust_remote_code: bool) -> nn.Module:
     from transformers import AutoModel, AutoModelForCausalLM
     config = adapter.read_config(path, trust_remote_code)
-    cls = AutoModelForCausalLM if adapter._is_causal(config) else AutoModel
+    cls = AutoModelForCausalLM if adapter.is_causal(config) else AutoModel
     dtype = _manifest_dtype(manifest, "storage_dtype")
     with torch.device("meta"):
         model = cls.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)

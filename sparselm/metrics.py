@@ -20,19 +20,27 @@ from .modules import CompressedLinear
 @torch.no_grad()
 def perplexity(model: nn.Module, windows: torch.Tensor, batch_size: int = 8) -> dict:
     """Token-level perplexity of a causal LM on ``windows`` ``(n, seqlen)``."""
+    nll = window_nll(model, windows, batch_size)  # (n,)
+    count = windows[:, 1:].numel()
+    return {"perplexity": math.exp(float(nll.sum()) / count), "tokens": count, "windows": len(windows),
+            "seqlen": windows.shape[1], "metric": "token-level perplexity"}
+
+
+@torch.no_grad()
+def window_nll(model: nn.Module, windows: torch.Tensor, batch_size: int = 8) -> torch.Tensor:
+    """Each window's summed next-token negative log-likelihood in nats, ``(n,)`` float64 (`perplexity`'s loss)."""
     device = next(model.parameters()).device
-    nll, count = 0.0, 0
+    out = []
     for i in range(0, len(windows), batch_size):
         ids = windows[i:i + batch_size].to(device)  # (b, seqlen)
         logits = model(input_ids=ids, use_cache=False).logits.float()  # (b, seqlen, vocab)
-        loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum")
-        if not torch.isfinite(loss):
+        loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1),
+                               reduction="none").view(len(ids), -1).double().sum(1)  # (b,)
+        if not torch.isfinite(loss).all():
             raise InputError(f"non-finite loss in evaluation windows {i}..{i + len(ids) - 1}",
                              "the model produces inf/nan: evaluate in float32 or compress less")
-        nll += float(loss)
-        count += ids[:, 1:].numel()
-    return {"perplexity": math.exp(nll / count), "tokens": count, "windows": len(windows),
-            "seqlen": windows.shape[1], "metric": "token-level perplexity"}
+        out.append(loss.cpu())
+    return torch.cat(out)
 
 
 @torch.no_grad()

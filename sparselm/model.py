@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 BUNDLED = Path(__file__).parent / "bundled" / "tiny-llama"
 
 
-def _is_causal(config) -> bool:
+def is_causal(config) -> bool:
     archs = getattr(config, "architectures", None) or []
     return any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs) or bool(getattr(config, "is_decoder", False))
 
@@ -106,7 +106,7 @@ def resolve(name: str | Path | None, trust_remote_code: bool = False) -> tuple[s
 def auto_class(config):
     """The transformers auto class that builds this config's model (causal LM head, or the bare encoder)."""
     from transformers import AutoModel, AutoModelForCausalLM
-    return AutoModelForCausalLM if _is_causal(config) else AutoModel
+    return AutoModelForCausalLM if is_causal(config) else AutoModel
 
 
 @dataclass

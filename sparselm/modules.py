@@ -191,7 +191,7 @@ def dense_cache(module: nn.Module) -> Iterator[None]:
 def _meta_value(key: str, value):
     if key == "pattern" and value is not None:
         return Pattern.parse(value)
-    if key == "storage":
+    if key in ("storage", "dict_storage"):
         return CoefStorage(value)
     return value
 
@@ -453,31 +453,60 @@ class LowRankLinear(CompressedLinear):
 class SparseDictLinear(CompressedLinear):
     """Wᵀ ≈ D S with S column-sparse (each output channel uses a few atoms).
 
-    Buffers: ``D`` ``(in, k)`` dense dictionary (model dtype); ``mask`` packed bitmask of Sᵀ ``(out, k)``; the
-    nonzero coefficients of Sᵀ in row-major order, stored as ``store`` says: ``values`` (a float dtype),
-    ``values14`` (14-bit packed bf16), ``values_int8`` or ``values_int4`` + ``scale`` (+ ``zero``), one per output
-    channel or per ``quant_group`` atoms; optional ``bias``.
-    Forward: ``(X D) S + b``. Layers of a ``group`` hold the very same ``D`` tensor (`io.save` writes it once).
+    Buffers: the dense dictionary ``D`` ``(in, k)`` in the model dtype, or, with another ``dict_storage``, its
+    rows of ``Dᵀ`` ``(k, in)`` flat as ``Dt`` (bf16/fp16), ``Dt14``, ``Dt_int8`` / ``Dt_int4`` + ``Dt_scale`` (+
+    ``Dt_zero``), one scale per atom or per ``dict_quant_group`` inputs (`encode_dense`); ``mask`` packed bitmask
+    of Sᵀ ``(out, k)``; the nonzero coefficients of Sᵀ in row-major order, stored as ``store`` says: ``values`` (a
+    float dtype), ``values14`` (14-bit packed bf16), ``values_int8`` or ``values_int4`` + ``scale`` (+ ``zero``),
+    one per output channel or per ``quant_group`` atoms; optional ``bias``.
+    Forward: ``(X D) S + b``; an encoded ``D`` is decoded at each forward (transient, never kept: the resident
+    bytes stay the stored ones). Layers of a ``group`` hold the very same dictionary tensors (`share_dictionary`;
+    `io.save` writes them once).
     """
+    dict_storage: CoefStorage = CoefStorage.DTYPE  # how D is stored (`config.Storage`) ...
+    dict_quant_group: int = 0                      # ... and int8/int4's group along its inputs (0: per atom)
 
     def __init__(self, D: torch.Tensor, S: torch.Tensor, mask: torch.Tensor, bias: torch.Tensor | None = None,
                  store: Storage = formats.MODEL_DTYPE, dtype: torch.dtype | None = None,
-                 qparams: QParams | None = None):
+                 qparams: QParams | None = None, dict_store: Storage = formats.MODEL_DTYPE):
         super().__init__(D.shape[0], S.shape[1])
         dtype = dtype or D.dtype
-        store = Storage.of(store)
+        store, dict_store = Storage.of(store), Storage.of(dict_store)
         self.k, self.storage, self.quant_group = D.shape[1], store.kind, store.group
+        self.dict_storage, self.dict_quant_group = dict_store.kind, dict_store.group
         self.count = int(mask.sum())
-        self._set(D=D.to(dtype), **encode_masked(S.T, mask.T.bool(), store, dtype, qparams),
+        dictionary = ({"D": D.to(dtype)} if dict_store.kind is CoefStorage.DTYPE
+                      else encode_dense("Dt", D.T, dict_store, dtype))
+        self._set(**dictionary, **encode_masked(S.T, mask.T.bool(), store, dtype, qparams),
                   bias=None if bias is None else bias.detach().to(dtype))
 
     @classmethod
     def from_result(cls, result, bias: torch.Tensor | None, dtype: torch.dtype) -> "SparseDictLinear":
-        """From `methods.SparseDict` (``D``, ``S``, ``mask``, ``store``, ``qparams``)."""
-        return cls(result.D, result.S, result.mask, bias, result.store, dtype, result.qparams)
+        """From `methods.SparseDict` (``D``, ``S``, ``mask``, ``store``, ``qparams``, ``dict_store``)."""
+        return cls(result.D, result.S, result.mask, bias, result.store, dtype, result.qparams, result.dict_store)
 
     def meta(self) -> dict:
-        return {**super().meta(), "k": self.k}
+        return {**super().meta(), "k": self.k, "dict_storage": self.dict_storage.value,
+                "dict_quant_group": self.dict_quant_group}
+
+    @property
+    def dict_store(self) -> Storage:
+        return Storage(self.dict_storage, self.dict_quant_group)
+
+    def dictionary_buffers(self) -> list[str]:
+        """Names of the buffers that hold ``D`` (what layers sharing a dictionary share)."""
+        return [n for n in ("D", "Dt", "Dt14", "Dt_int8", "Dt_int4", "Dt_scale", "Dt_zero")
+                if getattr(self, n, None) is not None]
+
+    def share_dictionary(self, other: "SparseDictLinear") -> None:
+        """Hold the very same dictionary tensors as ``other`` (a shared ``D`` is stored once)."""
+        for name in other.dictionary_buffers():
+            setattr(self, name, getattr(other, name))
+
+    def dictionary(self) -> torch.Tensor:  # (in, k), as stored (decoded for storages other than the model dtype)
+        if self.dict_storage is CoefStorage.DTYPE:
+            return self.D
+        return decode_dense(self, "Dt", self.k, self.in_features, self.dict_store).T
 
     @property
     def nnz(self) -> int:
@@ -486,8 +515,9 @@ class SparseDictLinear(CompressedLinear):
         return value_count(getattr(self, VALUE_BUFFER[self.storage]), self.storage)
 
     def weight_bytes(self, users: int = 1) -> int:
-        d = formats.dictionary_bytes(self.in_features, self.k, self.D.dtype)
-        own = formats.coefficient_bytes(self.out_features, self.k, self.nnz, self.store, self.D.dtype)
+        d_dtype = self.D.dtype if self.dict_storage is CoefStorage.DTYPE else torch.float32  # unused if not dtype
+        d = formats.dictionary_bytes(self.in_features, self.k, d_dtype, self.dict_store)
+        own = formats.coefficient_bytes(self.out_features, self.k, self.nnz, self.store, self._value_dtype())
         return own + d - d * (users - 1) // users  # the other users carry the rest of D
 
     def params(self, users: int = 1) -> float:
@@ -497,14 +527,15 @@ class SparseDictLinear(CompressedLinear):
         return decode_masked(self, self.out_features, self.k, self.store).T
 
     def dense_weight(self) -> torch.Tensor:
-        return (self.D.float() @ self.coefficients().float()).T  # (out, in)
+        return (self.dictionary().float() @ self.coefficients().float()).T  # (out, in)
 
     def reference_forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = (x @ self.D.to(x.dtype)) @ self.coefficients().to(x.dtype)  # (..., in) -> (..., k) -> (..., out)
+        y = (x @ self.dictionary().to(x.dtype)) @ self.coefficients().to(x.dtype)  # (..., in) -> (..., k) -> (..., out)
         return y if self.bias is None else y + self.bias.to(x.dtype)
 
     def build_runtime(self) -> kernels.Masked | None:
-        self.D = kernels.colmajor(self.D)  # same values, same bytes; a shared D stays shared
+        if self.dict_storage is CoefStorage.DTYPE:
+            self.D = kernels.colmajor(self.D)  # same values, same bytes; a shared D stays shared
         if not self.kernel_native():
             return None
         return kernels.from_bitmask(masked_buffers(self, self.storage), self.out_features, self.k, self.quant_group)
@@ -512,7 +543,8 @@ class SparseDictLinear(CompressedLinear):
     def fast_forward(self, x: torch.Tensor, path: str | None = None) -> torch.Tensor:
         if not self.kernel_native():
             return self.reference_forward(x)
-        return kernels.dict_linear(x, self.D, self.runtime(), self.bias, path or self.kernel_path)
+        rt = self.runtime()
+        return kernels.dict_linear(x, self.dictionary(), rt, self.bias, path or self.kernel_path)
 
 
 # --- structured pruning: plain narrower nn.Linear layers --------------------------------------------------

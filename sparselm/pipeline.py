@@ -19,11 +19,11 @@ import torch
 from torch import nn
 
 from . import dist, fidelity, model as adapter, structured
-from .budget import Allocation, Plan, method_errors, plan_knapsack, rescale
+from .budget import Allocation, Plan, menu_label, method_errors, plan_knapsack, rescale
 from .blocks import BlockSource, CompressReport, LayerResult, walk
 from .config import Allocate, CoSpaDiSpec, GQSASpec, MethodSpec, Ratio, Recipe, StructuredSpec
 from .errors import InputError
-from .metrics import perplexity
+from .metrics import window_nll
 from .methods import gqsa
 from .methods import Factored, Pruned, Result, SparseDict, compress_group
 from .modules import MODULE_CLASSES, CompressedLinear, LowRankLinear, SparseDictLinear, SparseLinear
@@ -112,8 +112,10 @@ def make_plan(model: nn.Module, calib: torch.Tensor, recipe: Recipe, device: tor
               spill: str | Path | None = None) -> Plan:
     """Uniform: every targeted layer gets the recipe's spec. Knapsack: profile every targeted layer
     (`profile.profile_layer`; ``cache``, see `compress`) and let `budget.plan_knapsack` choose; with several
-    methods, `select_plan` then keeps the best of that plan and the others it scores end to end (the model in
-    memory only). (With a ``source`` the blocks' weights are checked as the walk reads them.)"""
+    entries in the menu (`budget.menu_label`: one method with two storages is two entries), `select_plan` then
+    keeps the best of that plan and the others it scores end to end (the model in memory only). Structured pruning
+    specs in a menu are not profiled per layer: they enter `select_plan` as whole-model candidates. (With a
+    ``source`` the blocks' weights are checked as the walk reads them.)"""
     names = targets(model, recipe)
     _check_shapes(model, names, recipe.methods)
     if source is None:
@@ -124,17 +126,18 @@ def make_plan(model: nn.Module, calib: torch.Tensor, recipe: Recipe, device: tor
             raise InputError("knapsack allocation needs one --ratio budget shared by all methods",
                              "pass --ratio R (not --sparsity/--pattern) with --allocate knapsack")
         grid = [s.with_target(target) for s in recipe.methods]
-        options, shapes = profile_options(model, calib, names, grid, device, dtype, batch_size, cache, source,
+        layered = [s for s in grid if not isinstance(s, StructuredSpec)]
+        options, shapes = profile_options(model, calib, names, layered, device, dtype, batch_size, cache, source,
                                           spill)
         dense = sum(o.size for opts in options.values() for o in opts if o.payload is None)
         budget = (1 - target.value) * dense
         plan = _plan(model, names, rows=plan_knapsack(options, shapes, target.value, budget))
-        if len({s.name for s in grid}) > 1 and source is not None:
+        if len({menu_label(s) for s in grid}) > 1 and source is not None:
             log.warning("mixed menu on a lazily loaded model: its candidate plans need the whole model in memory and "
                         "are not scored; the knapsack plan is used as it is (load the model in memory to compare)")
-        elif len({s.name for s in grid}) > 1:  # a mixed menu: never worse than the best of its methods alone
-            plan = select_plan(model, calib, names, grid, plan, options, shapes, budget, device, dtype, batch_size,
-                               spill)
+        elif len({menu_label(s) for s in grid}) > 1:  # a mixed menu: never worse than the best of its methods alone
+            plan = select_plan(model, calib, names, recipe, grid, plan, options, shapes, budget, device, dtype,
+                               batch_size, spill, cache)
         return plan
     return _plan(model, names, specs={n: recipe.methods[0] for block in names for n in block})
 
@@ -153,82 +156,147 @@ SELECT_HELD_OUT = 4  # 1/4 of the calibration sequences (at most SELECT_SEQUENCE
 SELECT_SEQUENCES = 32  # ... which are compressed on the rest: scored out of sample
 
 
+ENCODER_PIECE = 32  # an encoder's candidates are scored on sentence-length pieces of the held-out windows
+
+
 @torch.no_grad()
-def plan_score(reference: nn.Module, compressed: nn.Module, windows: torch.Tensor) -> float:
-    """How good ``compressed`` is end to end on token ``windows`` (lower is better): a causal LM's next-token
-    loss (nats per token: the log of `metrics.perplexity`, what its users measure), an encoder's 1 − cosine of
-    mean-pooled window embeddings to ``reference``'s (`fidelity.compare`)."""
+def window_scores(reference: nn.Module, compressed: nn.Module, windows: torch.Tensor) -> torch.Tensor:
+    """How good ``compressed`` is end to end, per held-out token window ``(n,)`` (lower is better): a causal LM's
+    next-token loss in nats per token (their mean is the log of `metrics.perplexity`, what its users measure);
+    an encoder's 1 − cosine to ``reference``'s mean-pooled embedding of each `ENCODER_PIECE`-token piece of the
+    windows (`encoder_pieces`, `fidelity.pooled_cosines`): sentence embeddings are what encoder users compare.
+    Measured on MiniLM at ratios 0.4 and 0.5 (docs/methods.md): the pieces rank the candidate plans as the
+    sentence-embedding evaluation does; whole 128-token windows, the final hidden states' relative error and the
+    per-token cosine do not."""
     if compressed.get_output_embeddings() is not None:
-        return math.log(perplexity(compressed, windows, batch_size=4)["perplexity"])
-    return 1.0 - fidelity.compare(reference, compressed, windows, batch_size=4)["embedding_cosine"]
+        return window_nll(compressed, windows, batch_size=4) / (windows.shape[1] - 1)
+    return 1.0 - fidelity.pooled_cosines(reference, compressed, encoder_pieces(windows), batch_size=16)
 
 
-def select_plan(model: nn.Module, calib: torch.Tensor, names: list[list[str]], grid: list[MethodSpec],
-                knapsack: Plan, options, shapes, budget: float, device: torch.device, dtype: torch.dtype,
-                batch_size: int, spill: str | Path | None = None) -> Plan:
+def plan_score(reference: nn.Module, compressed: nn.Module, windows: torch.Tensor) -> float:
+    """The mean of `window_scores`: one candidate plan's score."""
+    return float(window_scores(reference, compressed, windows).mean())
+
+
+def encoder_pieces(windows: torch.Tensor, length: int = ENCODER_PIECE) -> torch.Tensor:
+    """``(n, t)`` token windows cut into ``(n·⌊t/length⌋, length)`` pieces (a window's tail shorter than
+    ``length`` is dropped); windows of at most ``length`` tokens are returned as they are."""
+    n, t = windows.shape
+    if t <= length:
+        return windows
+    return windows[:, :t // length * length].reshape(-1, length)
+
+
+def select_plan(model: nn.Module, calib: torch.Tensor, names: list[list[str]], recipe: Recipe,
+                grid: list[MethodSpec], knapsack: Plan, options, shapes, budget: float, device: torch.device,
+                dtype: torch.dtype, batch_size: int, spill: str | Path | None = None,
+                cache: dict | None = None) -> Plan:
     """The best of several plans for a mixed menu, each applied to a copy of the model and scored end to end
-    (`plan_score` against the dense model on the last quarter of the calibration sequences, at most
+    (`window_scores` against the dense model on the last quarter of the calibration sequences, at most
     `SELECT_SEQUENCES`; the candidates are compressed on the other sequences, so the score is out of sample:
     on the sequences it was fitted to, a method that fits its calibration data closely looks better than it is):
 
-    * the knapsack over every method's options (per-layer errors on dense-propagated inputs);
-    * every method of the menu alone, uniform at the target ratio — so the result is never scored worse than
-      the best single method: the per-layer errors do not see what a method recovers downstream (SparseGPT's
-      sequential compensation, the averaging of pruning errors), and can rank a factorization ahead of
-      pruning where the whole model says the opposite;
-    * the knapsack again with each method's errors multiplied by (its uniform plan's score) / (its uniform
-      plan's summed per-layer errors): per-layer errors converted to each method's measured end-to-end effect.
+    * the knapsack over every per-layer entry's options (per-layer errors on dense-propagated inputs);
+    * every entry of the menu alone (`budget.menu_label`): a per-layer method uniform at the target ratio, a
+      structured pruning spec (``flap``, ``ziplm``) pruning the whole model at the target ratio with its own
+      widths — so the result is never scored worse than the best single entry: the per-layer errors do not see
+      what a method recovers downstream (SparseGPT's sequential compensation, the averaging of pruning errors),
+      and can rank a factorization ahead of pruning where the whole model says the opposite;
+    * the knapsack again with each entry's errors multiplied by (its uniform plan's score) / (its uniform
+      plan's summed per-layer errors): per-layer errors converted to each entry's measured end-to-end effect.
 
-    Costs one compression per candidate (methods + 2) before the chosen plan is compressed for good; ties keep
-    the earlier candidate (the knapsack first). The plan returned records every candidate's score."""
+    `choose` keeps the best scored single entry unless a mixed plan beats it by more than the score's noise.
+    Costs one compression per candidate before the chosen plan is compressed for good. ``cache`` (`compress`'s ``profile_cache``: same weights and calibration)
+    keeps the single-entry candidates' scores, which do not depend on the rest of the menu. The plan returned
+    records every candidate's score."""
     target = grid[0].target.value
     held = min(SELECT_SEQUENCES, len(calib) // SELECT_HELD_OUT)
     if held < 1:
         raise InputError(f"a mixed menu needs at least {SELECT_HELD_OUT} calibration sequences (got {len(calib)})",
                          "pass more calibration samples (--nsamples)")
     calib, windows = calib[:-held], calib[-held:]
+    layered = [s for s in grid if not isinstance(s, StructuredSpec)]
 
-    def scored(plan: Plan) -> tuple[Plan, float]:
+    def scored(plan: Plan, single: MethodSpec | None = None) -> tuple[Plan, float]:
         """``plan`` applied to a copy of the model and scored; a uniform plan gets allocation rows from what
-        was compressed (real bytes, measured errors). inf when a method cannot compress some layer."""
+        was compressed (real bytes, measured errors). inf when a method cannot compress some layer. ``single``:
+        the menu entry the plan applies alone (its score is kept in ``cache``)."""
+        key = ("select_plan", single, held)
+        if cache is not None and single is not None and key in cache:
+            return cache[key]
         trial = copy.deepcopy(model)
         try:
-            report = compress(trial, calib, Recipe(methods=(grid[0],)), device, dtype, batch_size, plan=plan,
-                              spill=spill)
+            if plan.structured is not None:
+                structured.compress_structured(trial, calib, dataclasses.replace(
+                    recipe, methods=(plan.structured,), allocate=Allocate.UNIFORM), device, dtype, batch_size)
+            else:
+                report = compress(trial, calib, Recipe(methods=(layered[0],)), device, dtype, batch_size, plan=plan,
+                                  spill=spill)
         except InputError as e:
             log.info("mixed menu: a candidate plan does not apply (%s)", e)
-            return plan, math.inf
-        if plan.allocation is None:
+            return plan, torch.full((1,), math.inf, dtype=torch.float64)
+        if plan.allocation is None and plan.structured is None:
             plan = Plan(plan.specs, plan.sets, [
                 Allocation(la.name, la.spec, float(la.module.weight_bytes(max(len(la.group), 1))), la.rel_error,
                            la.dense_shape, None) for la in report.layers])
-        return plan, plan_score(model, trial, windows)
+        found = plan, window_scores(model, trial, windows)
+        if cache is not None and single is not None:
+            cache[key] = found
+        return found
 
     candidates = {"knapsack": scored(knapsack)}
     for s in grid:
-        candidates[f"uniform {s.name}"] = scored(_plan(model, names, specs={n: s for block in names for n in block}))
+        if isinstance(s, StructuredSpec):
+            candidates[f"{menu_label(s)} alone"] = scored(Plan({}, [], structured=s), s)
+        else:
+            candidates[f"uniform {menu_label(s)}"] = scored(
+                _plan(model, names, specs={n: s for block in names for n in block}), s)
+        log.info("mixed menu: %s scored %.6f", list(candidates)[-1], float(candidates[list(candidates)[-1]][1].mean()))
     predicted = method_errors(options, target)
-    scale = {s.name: candidates[f"uniform {s.name}"][1] / predicted[s.name]
-             if 0 < predicted.get(s.name, 0) and math.isfinite(candidates[f"uniform {s.name}"][1]) else 1.0
-             for s in grid}
+    alone = {menu_label(s): float(candidates[f"uniform {menu_label(s)}"][1].mean()) for s in layered}
+    scale = {label: score / predicted[label] if 0 < predicted.get(label, 0) and math.isfinite(score) else 1.0
+             for label, score in alone.items()}
     rows = plan_knapsack(rescale(options, scale), shapes, target, budget)
-    rows = [dataclasses.replace(a, predicted_error=a.predicted_error / scale[a.spec.name]) if a.spec else a
+    rows = [dataclasses.replace(a, predicted_error=a.predicted_error / scale[menu_label(a.spec)]) if a.spec else a
             for a in rows]  # the rows keep the knapsack's unit
     candidates["knapsack, calibrated"] = scored(_plan(model, names, rows=rows))
-    best = min(candidates, key=lambda label: candidates[label][1])
+    singles = [label for label in candidates if label not in ("knapsack", "knapsack, calibrated")]
+    best, margins = choose(candidates, singles)
     log.info("mixed menu: candidate scores %s; chosen: %s",
-             {label: round(score, 6) for label, (_, score) in candidates.items()}, best)
-    plan = candidates[best][0]
-    plan.selection = [{"candidate": label, "score": score, "chosen": label == best}
-                      for label, (_, score) in candidates.items()]
-    return plan
+             {label: round(float(w.mean()), 6) for label, (_, w) in candidates.items()}, best)
+    return dataclasses.replace(candidates[best][0], selection=[
+        {"candidate": label, "score": float(w.mean()), "chosen": label == best,
+         **({"vs_best_single": margins[label]} if label in margins else {})}
+        for label, (_, w) in candidates.items()])
+
+
+def choose(candidates: dict[str, tuple[Plan, torch.Tensor]], singles: list[str]) -> tuple[str, dict]:
+    """The candidate kept: the best scored single entry (ties: the earlier), unless a mixed plan beats it by more
+    than the noise of the score — its mean per-window difference to that single entry plus one standard error of
+    that difference (paired over the same windows) is below 0; of several such plans the best scored (ties: the
+    earlier). So a mixed plan replaces the best method alone only on evidence, and otherwise the result is that
+    method's own compression. Also returns, per mixed plan, ``[mean difference, standard error]``."""
+    means = {label: float(w.mean()) for label, (_, w) in candidates.items()}
+    best = min(singles, key=lambda label: means[label]) if singles else min(means, key=means.get)
+    margins, chosen = {}, best
+    for label in (c for c in candidates if c not in singles):
+        if not math.isfinite(means[label]) or not math.isfinite(means[best]):
+            if means[label] < means[chosen]:
+                chosen = label
+            continue
+        d = candidates[label][1] - candidates[best][1]  # (n,) paired over the held-out windows
+        stderr = float(d.std() / math.sqrt(len(d))) if len(d) > 1 else math.inf
+        margins[label] = [float(d.mean()), stderr]
+        if float(d.mean()) + stderr < 0 and means[label] < means[chosen]:
+            chosen = label
+    return chosen, margins
 
 
 # --- compression ---------------------------------------------------------------------------------------
 def tie_group(modules: list[CompressedLinear]) -> None:
     """The layers of one shared set (``module.group``) hold the very same ``D``: it is stored once."""
     for m in modules[1:]:
-        m.D = modules[0].D
+        m.share_dictionary(modules[0])
 
 
 @torch.no_grad()
@@ -318,13 +386,17 @@ def compress(model: nn.Module, calib: torch.Tensor, recipe: Recipe, device: torc
     ``checkpoint(blocks_done, window_layers, plan)`` is called after every window but the last, with the
     layers compressed in that window.
     """
-    if isinstance(recipe.methods[0], StructuredSpec):  # whole heads and channels: its own flow
+    if isinstance(recipe.methods[0], StructuredSpec) and len(recipe.methods) == 1:  # heads and channels: own flow
         if source is not None:
             raise InputError("structured pruning chooses every block's widths after seeing them all",
                              "load the model in memory (no lazy loading) for flap / ziplm")
         return structured.compress_structured(model, calib, recipe, device, dtype, batch_size, progress)
     t0 = time.perf_counter()
     plan = plan or make_plan(model, calib, recipe, device, dtype, batch_size, profile_cache, source, spill)
+    if plan.structured is not None:  # a mixed menu kept structured pruning over every per-layer plan
+        pruned = structured.compress_structured(model, calib, dataclasses.replace(
+            recipe, methods=(plan.structured,), allocate=Allocate.UNIFORM), device, dtype, batch_size, progress)
+        return dataclasses.replace(pruned, seconds=time.perf_counter() - t0, plan=plan)
     prefix, blocks = adapter.find_blocks(model)
     names = [[n for n in plan.specs if n.startswith(adapter.block_prefix(prefix, i))] for i in range(len(blocks))]
     layers: list[LayerResult] = list(done or [])

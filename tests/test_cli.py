@@ -59,7 +59,7 @@ def test_existing_output_is_refused_without_overwrite(tiny_llama_dir, tmp_path):
     (["--method", "svd-llm", "--refine", "dsnot"], "does not prune weights"),
     (["--method", "wanda", "--refine", "grow"], "is not valid"),
     (["--method", "flap", "--sparsity", "0.5"], "does not take a sparsity"),
-    (["--method", "flap", "--ratio", "0.3", "--allocate", "knapsack"], "runs alone"),
+    (["--method", "flap", "--ratio", "0.3", "--allocate", "knapsack"], "spreads its budget itself"),
 ])
 def test_bad_input_exits_2_without_output(tiny_llama_dir, tmp_path, args, message):
     empty = tmp_path / "empty.txt"

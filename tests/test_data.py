@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import random
 
 import pytest
 
@@ -29,8 +30,23 @@ def test_calibration_is_deterministic_given_seed():
 
 def test_evaluation_windows_are_in_order_and_non_overlapping():
     w = data.evaluation_windows(TOK, "stdlib", seqlen=32, max_windows=5)
-    ids = data._encode(TOK, data.documents("stdlib", "validation"), 5 * 32)
+    ids, _ = data._encode(TOK, data.documents("stdlib", "validation"), 5 * 32)
     assert w.shape == (5, 32) and w.flatten().tolist() == ids[:160]
+
+
+def test_stdlib_calibration_reads_lazily_but_gives_the_eager_windows():
+    """The lazy reader must give exactly the windows of reading every file, shuffling and joining (recipes replay)."""
+    docs = [p.read_text(encoding="utf-8", errors="replace") for p in data.stdlib_files("train")]
+    random.Random(7).shuffle(docs)
+    ids = []
+    for d in docs:
+        if d.strip() and len(ids) < 6 * 64:
+            ids += TOK(d + "\n\n", add_special_tokens=False)["input_ids"]
+    rng = random.Random(7)
+    rng.shuffle(list(range(len(docs))))
+    starts = sorted(rng.sample([i * 64 for i in range(len(ids) // 64)], 6)) if len(ids) // 64 > 6 else None
+    w = data.calibration_data(TOK, "stdlib", nsamples=6, seqlen=64, seed=7)
+    assert starts is not None and w.tolist() == [ids[s:s + 64] for s in starts]
 
 
 def test_txt_and_jsonl_sources(tmp_path):

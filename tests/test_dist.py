@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from sparselm import api, io
+from sparselm import api, io, job
 from sparselm.config import CoSpaDiSpec, Ratio, Recipe
 
 RECIPES = {"sparsegpt": lambda: api.build_recipe("sparsegpt", None, 0.5, None),
@@ -26,9 +26,9 @@ RANK = """
 import json, sys
 import torch
 torch.set_num_threads(1)
-from sparselm import api, dist
+from sparselm import api, dist, job
 from tests.test_dist import CALIB, NO_REPORT, RECIPES
-api.run_files = NO_REPORT
+job.run_files = NO_REPORT
 src, out, calib = sys.argv[1:]
 for name, make in RECIPES.items():
     s = api.compress_model(src, make(), out=f"{out}/{name}", calib=calib, **CALIB)
@@ -46,7 +46,7 @@ def test_two_processes_write_the_tensors_of_one(tiny_llama_dir, tmp_path, monkey
     from sparselm.data import stdlib_files
     calib = tmp_path / "calib.txt"
     calib.write_text("".join(p.read_text(errors="ignore") for p in stdlib_files("train")[:2])[:50_000])
-    monkeypatch.setattr(api, "run_files", NO_REPORT)
+    monkeypatch.setattr(job, "run_files", NO_REPORT)
     env = {**os.environ, "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()),
            "PYTHONPATH": str(Path(__file__).parents[1]), "OMP_NUM_THREADS": "1"}
     ranks = [subprocess.Popen([sys.executable, "-c", RANK, str(tiny_llama_dir), str(tmp_path / "two"), str(calib)],

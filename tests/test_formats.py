@@ -55,6 +55,33 @@ def test_sparse_dict_counts_its_buffers_without_unpacking(dtype, storage, densit
         assert module.scale.shape == (11,)  # one scale per output channel, as documented
 
 
+def test_dictionary_bytes_by_hand():
+    """``D`` (16, 5): ``Dᵀ`` has 5 rows (atoms) of 16 inputs; int8/int4 add an fp16 scale (+ a 4-bit zero) per
+    atom, or per group of an atom's inputs."""
+    assert formats.dictionary_bytes(16, 5, torch.float32) == 16 * 5 * 4
+    assert formats.dictionary_bytes(16, 5, torch.float32, Storage(CoefStorage.BF16)) == 16 * 5 * 2
+    assert formats.dictionary_bytes(16, 5, torch.float32, Storage(CoefStorage.BF16_14BIT)) == 16 * 5 * 14 // 8
+    assert formats.dictionary_bytes(16, 5, torch.float32, Storage(CoefStorage.INT8)) == 80 + 5 * 2
+    assert formats.dictionary_bytes(16, 5, torch.float32, Storage(CoefStorage.INT8, 8)) == 80 + 10 * 2
+    assert formats.dictionary_bytes(16, 5, torch.float32, Storage(CoefStorage.INT4)) == 40 + 5 * 2 + 3  # 5 zeros: 20 bits
+    assert (formats.dict_bytes(16, 9, 5, 18, Storage(), torch.float32, Storage(CoefStorage.INT8))
+            == 90 + formats.coefficient_bytes(9, 5, 18, Storage(), torch.float32))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dict_store", [Storage(k) for k in CoefStorage] + [Storage(CoefStorage.INT4, 8)])
+def test_sparse_dict_with_a_stored_dictionary_counts_its_buffers(dtype, dict_store):
+    D, S = torch.randn(16, 7), torch.randn(7, 11)
+    mask = torch.rand(7, 11) < 0.4
+    res = SparseDict(D, S * mask, mask, Storage(CoefStorage.INT8), dict_store=dict_store)
+    module = build_module(res, None, dtype)
+    assert written(module) == module.weight_bytes() == res.stored_bytes(dtype)
+    assert module.weight_bytes() - formats.coefficient_bytes(11, 7, int(mask.sum()), Storage(CoefStorage.INT8), dtype) \
+        == formats.dictionary_bytes(16, 7, dtype, dict_store)
+    if dict_store.kind is not CoefStorage.DTYPE:  # the method sees D as it is stored (model dtype: as given)
+        torch.testing.assert_close(module.dense_weight(), res.reconstruct())
+
+
 def test_shared_dictionary_group_counts_d_once():
     outs, k = [9, 13, 6], 5
     nnz = [2 * o for o in outs]

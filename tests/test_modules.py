@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from sparselm import formats
-from sparselm.config import CoefStorage, Pattern
-from sparselm.modules import LowRankLinear, SparseDictLinear, SparseLinear
+from sparselm.config import CoefStorage, Pattern, Storage
+from sparselm.modules import LowRankLinear, SparseDictLinear, SparseLinear, reference_forwards
 from sparselm.packing import pack_bits, round_values, unpack_bits
 
 
@@ -70,6 +70,26 @@ def test_sparse_dict_forward_matches_rounded_coefficients(storage):
     torch.testing.assert_close(m(x), x @ D @ St.T, rtol=1e-5, atol=1e-5)
 
 
+def test_int8_dictionary_forward_decodes_d_and_keeps_no_dense_copy():
+    """``dict_storage: int8``: ``Dᵀ`` rows absmax-quantized, one fp16 scale per atom; the forward equals
+    ``x D̂ S`` with ``D̂`` the rounded dictionary, and the resident bytes stay within 1.15× the stored ones (no
+    dequantized ``D`` is kept)."""
+    g = torch.Generator().manual_seed(0)
+    D, S = torch.randn(64, 24, generator=g), torch.randn(24, 40, generator=g)
+    mask = torch.rand(24, 40, generator=g) < 0.5
+    m = SparseDictLinear(D, S * mask, mask, None, dict_store=Storage(CoefStorage.INT8))
+    scale = (D.abs().amax(0) / 127).half().float()  # (k,): one per atom
+    D_hat = (D / scale).round().clamp(-127, 127) * scale
+    torch.testing.assert_close(m.dictionary(), D_hat)
+    assert m.Dt_int8.dtype == torch.int8 and m.Dt_scale.shape == (24,) and getattr(m, "D", None) is None
+    x = torch.randn(5, 64, generator=g)
+    want = x @ D_hat @ (S * mask)
+    torch.testing.assert_close(m(x), want, rtol=1e-4, atol=1e-4)
+    with reference_forwards(m):
+        torch.testing.assert_close(m(x), want, rtol=1e-4, atol=1e-4)
+    assert m.resident_bytes() <= 1.15 * m.stored_bytes()
+
+
 def test_fourteen_bit_values_lose_two_mantissa_bits_only():
     v = torch.randn(10000)
     r = round_values(v, CoefStorage.BF16_14BIT, torch.float32)
@@ -102,3 +122,4 @@ def test_a_layer_saved_before_the_storage_rule_still_loads():
     old.load_state_dict(m.state_dict())
     assert old.store == Storage(CoefStorage.BF16_14BIT) and old.nnz == m.nnz == int(mask.sum())
     assert torch.equal(old.dense_weight(), m.dense_weight()) and old.weight_bytes() == m.weight_bytes()
+    assert old.dict_store == Storage()  # no dict_storage in the meta: D in the model dtype, as then

@@ -1,6 +1,8 @@
 """The layer-by-layer pipeline on tiny random models of every supported architecture."""
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -121,22 +123,28 @@ def test_export_is_a_plain_dense_model(arch, calib_ids, tmp_path):
     torch.testing.assert_close(_outputs(dense, ids), want, rtol=1e-5, atol=1e-5)
 
 
-def test_grouped_cospadi_shares_one_dictionary_stored_once(calib_ids, tmp_path):
+@pytest.mark.parametrize("dict_storage, key", [("dtype", "D"), ("int8", "Dt_int8")])
+def test_grouped_cospadi_shares_one_dictionary_stored_once(calib_ids, tmp_path, dict_storage, key):
+    """Also with an int8 dictionary (`dict_storage`): its codes and scales are shared and stored once."""
     from sparselm.io import tensor_names_and_bytes
+    from sparselm.config import spec_from_dict
     model = tiny_model("llama")
-    spec = CoSpaDiSpec(target=Ratio(0.3), iters=3, group_size=2)
-    report = pipeline.compress(model, calib_ids, Recipe(methods=(spec,)), CPU, torch.float32)
+    spec = spec_from_dict({"method": "cospadi", "iters": 3, "group_size": 2, "dict_storage": dict_storage})
+    report = pipeline.compress(model, calib_ids, Recipe(methods=(spec.with_target(Ratio(0.3)),)), CPU, torch.float32)
     layers = model.model.layers
-    assert layers[0].self_attn.q_proj.D is layers[1].self_attn.q_proj.D          # shared
-    assert layers[0].self_attn.o_proj.D is not layers[1].self_attn.o_proj.D      # private
+    q0, q1 = layers[0].self_attn.q_proj, layers[1].self_attn.q_proj
+    assert all(getattr(q0, b) is getattr(q1, b) for b in q0.dictionary_buffers()) and key in q0.dictionary_buffers()
+    assert getattr(layers[0].self_attn.o_proj, key) is not getattr(layers[1].self_attn.o_proj, key)  # private
     assert all(r.info.get("shared_dictionary") == ("o_proj" not in r.name and "down_proj" not in r.name)
                for r in report.layers)
     ids = calib_ids[:2, :16]
     want = _outputs(model, ids)
     io.save(model, None, tmp_path / "g", {}, torch.float32)
     names = tensor_names_and_bytes(tmp_path / "g" / io.WEIGHTS)
-    assert "model.layers.0.self_attn.q_proj.D" in names and "model.layers.1.self_attn.q_proj.D" not in names
-    torch.testing.assert_close(_outputs(io.load(tmp_path / "g"), ids), want, rtol=0, atol=0)
+    assert f"model.layers.0.self_attn.q_proj.{key}" in names and f"model.layers.1.self_attn.q_proj.{key}" not in names
+    loaded = io.load(tmp_path / "g")
+    assert loaded.model.layers[1].self_attn.q_proj.dict_store == spec.dict_store
+    torch.testing.assert_close(_outputs(loaded, ids), want, rtol=0, atol=0)
 
 
 def test_knapsack_profile_cache_gives_the_same_plan(calib_ids, monkeypatch):
@@ -237,7 +245,10 @@ def test_mixed_menu_keeps_the_best_scored_of_the_knapsack_and_each_method_alone(
     sel = {row["candidate"]: row for row in report.plan.selection}
     assert list(sel) == ["knapsack", "uniform rocket", "uniform svd-llm", "uniform wanda", "knapsack, calibrated"]
     chosen = [row for row in sel.values() if row["chosen"]]
-    assert len(chosen) == 1 and chosen[0]["score"] == min(row["score"] for row in sel.values())
+    singles = [row["score"] for label, row in sel.items() if label.startswith("uniform")]
+    assert len(chosen) == 1 and chosen[0]["score"] <= min(singles)  # `choose`: never scored worse than one alone
+    if not chosen[0]["candidate"].startswith("uniform"):  # a mixed plan is kept only on evidence
+        assert sum(sel[chosen[0]["candidate"]]["vs_best_single"]) < 0
     held = min(pipeline.SELECT_SEQUENCES, len(calib_ids) // pipeline.SELECT_HELD_OUT)
     alone = tiny_model("llama")
     pipeline.compress(alone, calib_ids[:-held], Recipe(methods=(specs[2],)), CPU, torch.float32)
@@ -259,3 +270,77 @@ def test_method_errors_and_rescale_by_hand():
     scaled = rescale(opts, {"rocket": 2.0, "wanda": 0.5})
     assert [o.error for o in scaled["a"]] == pytest.approx([0.0, 0.4, 0.2, 0.25])
     assert [o.size for o in scaled["b"]] == [8, 4, 4] and scaled["b"][2].payload == s
+
+
+def test_menu_labels_tell_storages_apart_and_make_a_mixed_menu(calib_ids):
+    """One method at two storages is two menu entries (`budget.menu_label`): the menu is mixed, each entry has its
+    own uniform candidate, and the two candidates are different compressions (int8 values round)."""
+    from sparselm.budget import menu_label
+    from sparselm.config import Allocate, CoefStorage
+    plain, int8 = SparseGPTSpec(target=Ratio(0.3)), SparseGPTSpec(target=Ratio(0.3), storage=CoefStorage.INT8)
+    assert (menu_label(plain), menu_label(int8)) == ("sparsegpt", "sparsegpt/int8")
+    assert menu_label(plain.with_target(Ratio(0.5))) == "sparsegpt"  # the target is not part of the entry
+    assert menu_label(RocketSpec(ks=2.5)) == "rocket"  # nor a field the profile varies
+    report = pipeline.compress(tiny_model("llama"), calib_ids, Recipe(methods=(plain, int8), allocate=Allocate.KNAPSACK),
+                               CPU, torch.float32)
+    sel = {row["candidate"]: row["score"] for row in report.plan.selection}
+    assert list(sel) == ["knapsack", "uniform sparsegpt", "uniform sparsegpt/int8", "knapsack, calibrated"]
+    assert sel["uniform sparsegpt"] != sel["uniform sparsegpt/int8"]
+
+
+def test_structured_pruning_in_a_mixed_menu_is_a_whole_model_candidate(calib_ids, monkeypatch):
+    """FLAP in a mixed menu is not profiled per layer: it is scored as one more candidate (pruning the whole model
+    at the target ratio); when it scores best, compress prunes the model exactly as FLAP alone does (twin), and the
+    plan (which records it) survives a round trip through a checkpoint's dict."""
+    from sparselm.budget import Plan
+    from sparselm.config import Allocate, FlapSpec
+    from sparselm.modules import Narrowed  # noqa: F401  (the records structured pruning leaves)
+    flap, wanda = FlapSpec(target=Ratio(0.3)), WandaSpec(target=Ratio(0.3))
+    real = pipeline.window_scores
+
+    def prefer_structured(reference, compressed, windows):  # the real scores, minus 100 for a structurally pruned model
+        narrowed = any(m.in_features < reference.get_submodule(n).in_features or
+                       m.out_features < reference.get_submodule(n).out_features
+                       for n, m in compressed.named_modules() if isinstance(m, torch.nn.Linear))
+        return real(reference, compressed, windows) - (100.0 if narrowed else 0.0)
+    monkeypatch.setattr(pipeline, "window_scores", prefer_structured)
+    model = tiny_model("llama")
+    report = pipeline.compress(model, calib_ids, Recipe(methods=(wanda, flap), allocate=Allocate.KNAPSACK), CPU,
+                               torch.float32)
+    sel = {row["candidate"]: row for row in report.plan.selection}
+    assert list(sel) == ["knapsack", "uniform wanda", "flap alone", "knapsack, calibrated"]
+    assert sel["flap alone"]["chosen"] and sel["flap alone"]["score"] < 0 < sel["uniform wanda"]["score"]
+    assert report.plan.structured == flap and not report.plan.specs and report.layers == []
+    twin = tiny_model("llama")
+    pipeline.compress(twin, calib_ids, Recipe(methods=(flap,)), CPU, torch.float32)
+    got, want = model.state_dict(), twin.state_dict()
+    assert got.keys() == want.keys()
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=0, atol=0)
+    again = Plan.from_dict(report.plan.to_dict())
+    assert again.structured == flap and again.selection == report.plan.selection
+
+
+def test_encoder_pieces_cut_windows_into_sentence_length_rows():
+    w = torch.arange(2 * 70).view(2, 70)
+    pieces = pipeline.encoder_pieces(w, 32)
+    assert pieces.shape == (4, 32)
+    assert pieces[1].tolist() == list(range(32, 64)) and pieces[2].tolist() == list(range(70, 102))
+    assert pipeline.encoder_pieces(w[:, :20], 32).shape == (2, 20)  # short windows stay whole
+
+
+def test_choose_keeps_the_best_method_alone_unless_a_mixed_plan_wins_beyond_the_noise():
+    """Hand-checked: paired differences to the best single entry ``b`` (mean 1.0). The knapsack is better on
+    average (mean difference -0.05) but its standard error (std 0.2309 / sqrt(4) = 0.1155) exceeds the gain; the
+    calibrated knapsack wins on every window (difference -0.2, standard error 0)."""
+    t = lambda *v: torch.tensor(v, dtype=torch.float64)
+    b, worse = t(1.0, 1.0, 1.0, 1.0), t(2.0, 2.0, 2.0, 2.0)
+    noisy = b + t(-0.25, 0.15, -0.25, 0.15)  # mean -0.05, std 0.2309, stderr 0.1155
+    cands = {"knapsack": (None, noisy), "uniform a": (None, worse), "uniform b": (None, b)}
+    chosen, margins = pipeline.choose(cands, ["uniform a", "uniform b"])
+    assert chosen == "uniform b"
+    assert margins["knapsack"] == pytest.approx([-0.05, 0.2309401 / 2])
+    cands["knapsack, calibrated"] = (None, b - 0.2)
+    assert pipeline.choose(cands, ["uniform a", "uniform b"])[0] == "knapsack, calibrated"
+    inf = t(math.inf)  # every single entry failed to apply: the best finite plan
+    assert pipeline.choose({"knapsack": (None, noisy), "uniform a": (None, inf)}, ["uniform a"])[0] == "knapsack"

@@ -65,6 +65,27 @@ def test_rocket_fast_path_equals_compress_weight():
             assert opt.error <= rel_error(W, stats, other) * (1 + 1e-6)
 
 
+def test_rocket_rank_bound_pruning_skips_factorizations_and_keeps_the_same_options(monkeypatch):
+    import sparselm.profile as prof
+    W, stats = layer(3, in_f=48, out_f=40)
+    calls = []
+
+    def counted(*a, **k):
+        calls.append(a[1])
+        return prof_factorize(*a, **k)
+
+    prof_factorize = prof.factorize
+    monkeypatch.setattr(prof, "factorize", counted)
+    pruned = profile_layer(W, stats, [RocketSpec()], dtype=torch.bfloat16, dense=False)
+    n_pruned = len(calls)
+    monkeypatch.setattr(prof, "ROCKET_PRUNE_MARGIN", float("inf"))  # the bound never prunes: every ks factorized
+    calls.clear()
+    full = profile_layer(W, stats, [RocketSpec()], dtype=torch.bfloat16, dense=False)
+    assert n_pruned < len(calls)  # something was skipped ...
+    assert [(o.payload, o.size) for o in pruned] == [(o.payload, o.size) for o in full]  # ... and nothing changed
+    assert [o.error for o in pruned] == pytest.approx([o.error for o in full], rel=1e-12)
+
+
 @pytest.mark.parametrize("spec", [MagnitudeSpec(), WandaSpec()])
 def test_pruning_fast_path_equals_compress_weight(spec):
     W, stats = layer(2)
@@ -181,3 +202,16 @@ def test_cache_hit_builds_nothing(monkeypatch):
     first = profile_layer(W, stats, [SVDLLMSpec(target=Ratio(0.3))], RATIOS, cache=cache, key="layer")
     monkeypatch.setattr(profile, "output_energy", lambda *a: pytest.fail("energy recomputed on a cache hit"))
     assert profile_layer(W, stats, [SVDLLMSpec(target=Ratio(0.5))], RATIOS, cache=cache, key="layer") == first
+
+
+def test_gptq_is_one_option_whatever_the_grid():
+    """GPTQ's size is set by its storage (int8, one fp16 scale per 8 inputs: 1 + 2/8 bytes a weight), not by the
+    ratio: one option, the module GPTQ builds at the grid's smallest ratio, whatever the grid."""
+    from sparselm.config import GPTQSpec
+    W, stats = layer(5)
+    spec = GPTQSpec(storage=CoefStorage.INT8, quant_group=8)
+    opts = profile_layer(W, stats, [spec], RATIOS, torch.float32, dense=False)
+    assert len(opts) == 1 and opts[0].payload.target == Ratio(RATIOS[0])
+    res = compress_weight(opts[0].payload, W, stats, torch.float32)
+    assert opts[0].size == written(build_module(res, None, torch.float32)) == W.numel() * (1 + 2 / 8)
+    assert opts[0].error == pytest.approx(rel_error(W, stats, res), rel=1e-5)

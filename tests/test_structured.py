@@ -114,8 +114,10 @@ def test_structured_refuses_fused_projections_and_mixing():
     gpt2 = tf.GPT2LMHeadModel(tf.GPT2Config(vocab_size=96, n_embd=32, n_layer=1, n_head=2, n_positions=64))
     with pytest.raises(InputError, match="no attention heads or MLP channels"):
         run(gpt2, FlapSpec(target=Ratio(0.3)))
-    with pytest.raises(InputError, match="runs alone"):
+    with pytest.raises(InputError, match="structured pruning alone"):
         Recipe(methods=(FlapSpec(), ZipLMSpec()), allocate=pipeline.Allocate.KNAPSACK)
+    with pytest.raises(InputError, match="spreads its budget itself"):
+        Recipe(methods=(FlapSpec(),), allocate=pipeline.Allocate.KNAPSACK)
 
 
 @torch.no_grad()

@@ -62,8 +62,8 @@ class Factored:
     store: Storage = formats.MODEL_DTYPE
 
     def reconstruct(self) -> torch.Tensor:
-        U = _round_dense(self.U.T, self.store).T  # (in, r)
-        V = _round_dense(self.V.T, self.store).T  # (r, out)
+        U = round_dense(self.U.T, self.store).T  # (in, r)
+        V = round_dense(self.V.T, self.store).T  # (r, out)
         return (U @ V).T
 
     def stored_bytes(self, dtype: torch.dtype) -> int:
@@ -73,28 +73,33 @@ class Factored:
 @dataclass
 class SparseDict:
     """Wᵀ ≈ D S: ``D`` ``(in, k)``, ``S`` ``(k, out)`` with zeros outside ``mask`` (bool, same shape); the
-    coefficients stored as ``store`` says (rows of ``Sᵀ``; ``qparams`` as for `Pruned`)."""
+    coefficients stored as ``store`` says (rows of ``Sᵀ``; ``qparams`` as for `Pruned`), ``D`` as ``dict_store``
+    says (rows of ``Dᵀ``, round to nearest)."""
     D: torch.Tensor
     S: torch.Tensor
     mask: torch.Tensor
     store: Storage = formats.MODEL_DTYPE
     info: dict = field(default_factory=dict)
     qparams: QParams | None = None
+    dict_store: Storage = formats.MODEL_DTYPE
 
     def __post_init__(self):
-        self.store = Storage.of(self.store)
+        self.store, self.dict_store = Storage.of(self.store), Storage.of(self.dict_store)
 
     def coefficients(self) -> torch.Tensor:  # (k, out), as they read back
         Mt = self.mask.T
         return _round_masked(self.S.T, Mt, self.store, self.qparams, lambda: masked_groups(Mt, self.store.group)).T
 
+    def dictionary(self) -> torch.Tensor:  # (in, k), as it reads back
+        return round_dense(self.D.T, self.dict_store).T
+
     def reconstruct(self) -> torch.Tensor:
-        return (self.D @ self.coefficients()).T
+        return (self.dictionary() @ self.coefficients()).T
 
     def stored_bytes(self, dtype: torch.dtype) -> int:
         """With its own dictionary (a shared one is counted once by `formats.group_dict_bytes`)."""
         (in_f, k), out_f = self.D.shape, self.S.shape[1]
-        return formats.dict_bytes(in_f, out_f, k, int(self.mask.sum()), self.store, dtype)
+        return formats.dict_bytes(in_f, out_f, k, int(self.mask.sum()), self.store, dtype, self.dict_store)
 
 
 def _round_masked(M: torch.Tensor, mask: torch.Tensor, store: Storage, params: QParams | None,
@@ -108,7 +113,7 @@ def _round_masked(M: torch.Tensor, mask: torch.Tensor, store: Storage, params: Q
     return out
 
 
-def _round_dense(M: torch.Tensor, store: Storage) -> torch.Tensor:
+def round_dense(M: torch.Tensor, store: Storage) -> torch.Tensor:
     """A dense ``(rows, cols)`` factor as it reads back in ``store`` (quantized along ``cols``)."""
     if store.kind is CoefStorage.DTYPE:
         return M

@@ -82,7 +82,7 @@ def learn_reference(Y: torch.Tensor, D: torch.Tensor, s: int, iters: int, power_
                     tol: float | None) -> Learned:
     """The same alternation as `cospadi.learn_dictionary`, with the reference engines."""
     return alternate(Y, D, iters, tol, lambda D: omp_reference(D, Y, s),
-                     lambda D, S, mask: ksvd_reference(Y, D, S, mask, power_iters))
+                     lambda D, S, mask: (*ksvd_reference(Y, D, S, mask, power_iters), None))
 
 
 def cospadi_reference(weights: list[torch.Tensor], stats: list[LinearStats | None], spec: CoSpaDiSpec,

@@ -9,7 +9,7 @@ MOD; `ksvd`) for ``spec.iters`` iterations, stopping early when the relative imp
 ``spec.tol``; the best pair seen is kept. Then ``D = L⁻¹ D_L`` (triangular solve).
 
 Sizing (``ρ = k/s``): the largest ``k`` whose *stored bytes* fit ``(1 − ratio)·in·out·bytes(dtype)``:
-``D`` in the model dtype + ``s·out`` coefficient values in ``spec.storage`` (+ fp16 scales per output
+``D`` in ``spec.dict_storage`` (the model dtype by default) + ``s·out`` coefficient values in ``spec.storage`` (+ fp16 scales per output
 channel or per ``quant_group`` atoms for int8/int4, + int4 zero points) + the ``k·out`` bitmask, with ``s = round(k/ρ)``: `formats.group_dict_bytes`, the formula
 `SparseDictLinear` counts itself by.
 `paper_sizes` is the paper's Eq. 11 (``k = (1−γ)·d1·d2/(d1 + d2/ρ)``, ``s = k/ρ``); for bf16 with 14-bit
@@ -17,7 +17,10 @@ coefficients and ρ = 2 the two agree. The paper stores coefficients at 14 bits;
 dtype (the one storage rule of every format; ``storage: bf16-14bit`` is the paper's).
 
 Coefficients are rounded to their storage format once, at the end (no refit after rounding); the reported
-``rel_error`` is measured after rounding, with ``D`` in the model dtype.
+``rel_error`` is measured after rounding, with ``D`` as stored. ``D`` is stored in the model dtype unless
+``spec.dict_storage`` says otherwise (the same choices as ``storage``; ``Dᵀ`` rows quantized along the inputs,
+round to nearest, its bytes in the budget); then the coefficient values are first refit on their support to the
+rounded ``D`` (`ksvd.refit_coefficients`, in the whitened space).
 
 Grouped (cross-layer) sharing, §2.6: layers with the same ``in`` share one dictionary learned on
 ``[W_1ᵀ … W_mᵀ]`` whitened by the averaged Gram; each layer keeps its own slice of ``S``. The budget counts
@@ -34,11 +37,11 @@ import torch
 
 from .. import formats
 from ..capture import LinearStats
-from ..config import CoSpaDiSpec, DictUpdateRule, Init, SparseCoder, Storage
+from ..config import CoefStorage, CoSpaDiSpec, DictUpdateRule, Init, SparseCoder, Storage
 from ..errors import InputError
 from ..packing import QParams, groups_per_row, masked_groups, round_grouped
-from . import SparseDict, register
-from .htp import CG_STEPS, ROUNDS, htp
+from . import SparseDict, register, round_dense
+from .htp import ALTERNATION_CG_STEPS, ALTERNATION_ROUNDS, htp_dense
 from .ksvd import ksvd_update, mod_update, refit_coefficients
 from .omp import omp
 from .whiten import Whitening, whiten
@@ -56,16 +59,16 @@ def s_for(k: int, rho: float) -> int:
 
 
 def sizes_for_ratio(ratio: float, d_in: int, d_outs: int | Sequence[int], rho: float, dtype: torch.dtype,
-                    store: Storage) -> tuple[int, int]:
+                    store: Storage, dict_store: Storage = formats.MODEL_DTYPE) -> tuple[int, int]:
     """Largest ``(k, s = round(k/ρ))`` whose stored bytes fit ``(1 − ratio)`` of the dense layers."""
     d_outs = [d_outs] if isinstance(d_outs, int) else list(d_outs)
     budget = (1 - ratio) * formats.dense_bytes(sum(d_outs), d_in, dtype)
 
     def fits(k: int) -> bool:
         nnz = [s_for(k, rho) * out for out in d_outs]
-        return formats.group_dict_bytes(d_in, d_outs, k, nnz, store, dtype) <= budget
+        return formats.group_dict_bytes(d_in, d_outs, k, nnz, store, dtype, dict_store) <= budget
 
-    k = formats.largest(fits, int(budget // formats.dictionary_bytes(d_in, 1, dtype)))
+    k = formats.largest(fits, int(budget // formats.dictionary_bytes(d_in, 1, dtype, dict_store)))
     if k < 1:
         raise InputError(f"cospadi ratio {ratio} leaves no room for even one atom ({d_in}x{sum(d_outs)})",
                          "use a smaller --ratio")
@@ -110,7 +113,8 @@ class Learned:
 
 
 Coder = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]  # D -> (S, mask)
-Updater = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+# (D, S, mask) -> (D, S, ‖Y − DS‖² or None): an update that measured its objective exactly saves a product
+Updater = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor, float | None]]
 Finisher = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]  # (D, S, mask) -> S
 
 
@@ -131,8 +135,8 @@ def alternate(Y: torch.Tensor, D: torch.Tensor, iters: int, tol: float | None, c
     ran = stale = 0
     for it in range(iters):
         prev = min(history)
-        D, S = update(D, S, mask)
-        history.append(rel(D, S))
+        D, S, obj = update(D, S, mask)
+        history.append(rel(D, S) if obj is None else obj / y2)
         ran += 1
         if history[-1] < prev:
             best = (D, S, mask)
@@ -163,19 +167,19 @@ def learn_dictionary(Y: torch.Tensor, D: torch.Tensor, s: int, iters: int, power
     state: dict = {"warm": None}
 
     def code(D):
-        if coder is SparseCoder.HTP:
-            codes = htp(D, Y, s, warm=state["warm"])
-        else:
-            codes = omp(D, Y, s)
+        if coder is SparseCoder.HTP:  # no float32 polish: the final exact refit (finish) sets the values
+            return htp_dense(D, Y, s, ALTERNATION_ROUNDS, ALTERNATION_CG_STEPS, state["warm"], polish=0)
+        codes = omp(D, Y, s)
         return codes.dense(k).to(Y.dtype), codes.mask(k)
 
     def update(D, S, mask):
-        if dict_update is DictUpdateRule.MOD:
+        if dict_update is DictUpdateRule.MOD:  # MOD measures ‖Y − DS‖² after its step directly
             u = mod_update(Y, D, S, mask)
-        else:
-            u = ksvd_update(Y, D, S, mask, power_iters, block_size)
+            obj = u.objective_after
+        else:  # K-SVD tracks it from the accepted steps' changes: measured again here
+            u, obj = ksvd_update(Y, D, S, mask, power_iters, block_size), None
         state["warm"] = (u.S, mask) if warm_start else None
-        return u.D, u.S
+        return u.D, u.S, obj
 
     def finish(D, S, mask):
         return refit_coefficients(Y, D, S, mask)
@@ -186,20 +190,34 @@ def learn_dictionary(Y: torch.Tensor, D: torch.Tensor, s: int, iters: int, power
 HTP_PATIENCE = 3  # iterations without progress before HTP's alternation stops (measured: docs/methods.md, Speed)
 
 
-# Cost model of one sparse-coding pass, in seconds per multiply-add, measured on this project's CPU (one
-# core, float32, shared machine; docs/methods.md, Speed): exact OMP streams ``cols·k·s²/2`` multiply-adds at
-# memory speed (4 G/s compiled at k = 460, less once a column's factor leaves L2), HTP runs
-# ``(1 + CG_STEPS)·(ROUNDS + 1)`` dense ``k²·cols`` products at matrix-multiply speed (15–35 G/s) plus one
-# ``k³/3`` Cholesky. On GPUs the gap only widens (batched GEMM against batched GEMV).
+# Cost model of one sparse-coding pass inside the alternation, in seconds per multiply-add, measured on this
+# project's CPU (one core; docs/methods.md, Speed): exact OMP streams ``cols·k·s²/2`` multiply-adds at memory
+# speed (4 G/s compiled at k = 460, less once a column's factor leaves L2); HTP's float32 products (``DᵀD``,
+# ``DᵀY``, the start, ``G x`` before and after each of ``ROUNDS + 1`` refits) at matrix-multiply speed
+# (15–35 G/s), its CG steps' products in bf16 (`htp.CG_DTYPE`; 100–230 G/s on this CPU's AVX-512 BF16). On
+# GPUs the gap only widens (batched GEMM against batched GEMV).
 OMP_SECONDS_PER_MAC = 1 / 4e9
 GEMM_SECONDS_PER_MAC = 1 / 25e9
+LOW_GEMM_SECONDS_PER_MAC = 1 / 150e9
+HTP_SECONDS_PER_PASS = 3e-3  # its ~70 tensor operations' fixed cost (measured 4 ms at k = 32, 100 columns)
+
+
+def coder_macs(n: int, k: int, s: int, cols: int, rounds: int = ALTERNATION_ROUNDS,
+               cg_steps: int = ALTERNATION_CG_STEPS) -> dict[str, float]:
+    """Multiply-adds of one coding pass: ``omp`` (Batch-OMP's reads of its factor, and ``DᵀY``); HTP's float32
+    products ``htp`` and its CG steps' low-precision products ``htp_low`` (`htp.htp_rows`, no polish)."""
+    refits = rounds + 1
+    return {"omp": cols * k * (s * s / 2 + n),
+            "htp": k * k * n + n * k * cols + k ** 3 + k * k * cols * (1 + 2 * refits),
+            "htp_low": k * k * cols * cg_steps * refits}
 
 
 def coder_cost(n: int, k: int, s: int, cols: int) -> dict[SparseCoder, float]:
-    """Estimated seconds of one coding pass by each coder (both also pay ``DᵀY``, ``n·k·cols``)."""
-    omp_macs = cols * k * (s * s / 2 + n)
-    htp_macs = cols * k * (k * (1 + CG_STEPS) * (ROUNDS + 1) + 2 * k + n) + k ** 3 / 3
-    return {SparseCoder.OMP: omp_macs * OMP_SECONDS_PER_MAC, SparseCoder.HTP: htp_macs * GEMM_SECONDS_PER_MAC}
+    """Estimated seconds of one coding pass by each coder (`coder_macs` at the rates above)."""
+    m = coder_macs(n, k, s, cols)
+    return {SparseCoder.OMP: m["omp"] * OMP_SECONDS_PER_MAC,
+            SparseCoder.HTP: HTP_SECONDS_PER_PASS + m["htp"] * GEMM_SECONDS_PER_MAC
+            + m["htp_low"] * LOW_GEMM_SECONDS_PER_MAC}
 
 
 def choose_coder(n: int, k: int, s: int, cols: int, device: torch.device | None = None,
@@ -238,6 +256,14 @@ def round_coefficients(S: torch.Tensor, mask: torch.Tensor, store: Storage, dtyp
     return out.T, QParams(torch.cat(scales), None if zeros[0] is None else torch.cat(zeros))
 
 
+def stored_dictionary(D: torch.Tensor, dict_store: Storage, dtype: torch.dtype) -> torch.Tensor:
+    """``D`` ``(in, k)`` as `SparseDictLinear` reads it back: in the model dtype, or ``Dᵀ`` rows rounded to
+    ``dict_store`` (round to nearest, one scale per atom or per group of its inputs)."""
+    if dict_store.kind is CoefStorage.DTYPE:
+        return D.to(dtype).float()
+    return round_dense(D.T, dict_store).T.float()
+
+
 def _whitening(stats: list[LinearStats | None], d_in: int, device: torch.device) -> Whitening:
     if any(s is None for s in stats):
         if not all(s is None for s in stats):
@@ -257,7 +283,7 @@ def factorize_group(weights: list[torch.Tensor], stats: list[LinearStats | None]
                          "share dictionaries only between projections of the same input size")
     device = weights[0].device
     outs = [W.shape[0] for W in weights]
-    k, s = sizes_for_ratio(spec.target.value, d_in, outs, spec.rho, dtype, spec.store)
+    k, s = sizes_for_ratio(spec.target.value, d_in, outs, spec.rho, dtype, spec.store, spec.dict_store)
     wh = _whitening(stats, d_in, device)
     Y64 = wh.apply(torch.cat([W.T for W in weights], 1))  # (in, Σout) float64
     Y = Y64.float()
@@ -269,19 +295,24 @@ def factorize_group(weights: list[torch.Tensor], stats: list[LinearStats | None]
         learner = partial(learn_dictionary, coder=coder, dict_update=spec.dict_update)
     learned = learner(Y, D0, s, spec.iters, spec.power_iters, spec.tol)
     D = wh.unapply(learned.D).float()  # (in, k)
-    D_stored = (wh.L @ D.to(dtype).double()).float()  # (in, k): L·D as stored, for the reported error
+    D_read = stored_dictionary(D, spec.dict_store, dtype)  # (in, k): D as it reads back
+    D_stored = (wh.L @ D_read.double()).float()  # (in, k): L·D as stored, for the reported error
+    S_all = learned.S
+    if spec.dict_store.kind is not CoefStorage.DTYPE:  # the values refit on their support to the rounded D
+        S_all = refit_coefficients(Y, D_stored, learned.S, learned.mask)
     results, start = [], 0
     common = {"whitening_shift": wh.shift, "data_free": stats[0] is None, "k": k, "s": s, "rho": spec.rho,
               "iterations": learned.iterations, "group_rel_error": learned.rel_error, "group_size": len(weights),
               "shared_dictionary": len(weights) > 1, "init": spec.init.value,
               "coder": coder.value, "dict_update": spec.dict_update.value,
-              "error_history": [round(h ** 0.5, 6) for h in learned.history]}
+              "error_history": [round(h ** 0.5, 6) for h in learned.history], "dict_storage": str(spec.dict_store)}
     for out in outs:
-        S_l, M_l = learned.S[:, start : start + out], learned.mask[:, start : start + out]  # (k, out)
+        S_l, M_l = S_all[:, start : start + out], learned.mask[:, start : start + out]  # (k, out)
         S_l, params = round_coefficients(S_l, M_l, spec.store, dtype)
         Y_l = Y64[:, start : start + out]  # (in, out)
         err = float((Y_l - D_stored.double() @ S_l.double()).norm() / Y_l.norm().clamp_min(1e-300))
-        results.append(SparseDict(D, S_l, M_l.clone(), spec.store, {**common, "rel_error": err}, params))
+        results.append(SparseDict(D, S_l, M_l.clone(), spec.store, {**common, "rel_error": err}, params,
+                                  spec.dict_store))
         start += out
     return results
 

@@ -5,6 +5,7 @@ import torch
 
 from sparselm.capture import LinearStats
 from sparselm.config import CoefStorage, CoSpaDiSpec, Init, Ratio
+from sparselm.errors import InputError
 from sparselm.methods import SparseDict, compress_group
 from sparselm.methods._reference import cospadi_reference, ksvd_reference, learn_reference, omp_column
 from sparselm.formats import group_dict_bytes
@@ -193,6 +194,24 @@ def test_cospadi_layer_rounds_like_the_module_and_fits_its_budget(storage):
     rel = (X.double() @ (W.double() - Wq).T).norm() / (X.double() @ W.double().T).norm()
     assert res.info["rel_error"] == pytest.approx(float(rel), rel=1e-3)
     assert res.info["whitening_shift"] == 0.0 and 1 <= res.info["iterations"] <= 4
+
+
+def test_an_int8_dictionary_buys_more_atoms_at_the_same_bytes_and_reports_its_stored_error():
+    """``dict_storage: int8`` (fp32 model): D costs 1 byte per entry + a scale per atom instead of 4 bytes, so the
+    same ratio affords more atoms; the coefficients are refit to the rounded D; ``rel_error`` is the stored layer's."""
+    W, stats, X = _layer()
+    plain, = cospadi([W], [stats], CoSpaDiSpec(target=Ratio(0.3), iters=4), torch.float32)
+    spec = CoSpaDiSpec(target=Ratio(0.3), iters=4, dict_storage=CoefStorage.INT8)
+    res, = cospadi([W], [stats], spec, torch.float32)
+    assert res.info["k"] > plain.info["k"] and res.info["dict_storage"] == "int8"
+    module = SparseDictLinear.from_result(res, None, torch.float32)
+    assert module.stored_bytes() == res.stored_bytes(torch.float32) <= 0.7 * W.numel() * 4
+    assert res.info["k"] == sizes_for_ratio(0.3, 32, 48, 2.0, torch.float32, spec.store, spec.dict_store)[0]
+    Wq = module.dense_weight().double()
+    rel = (X.double() @ (W.double() - Wq).T).norm() / (X.double() @ W.double().T).norm()
+    assert res.info["rel_error"] == pytest.approx(float(rel), rel=1e-3)
+    with pytest.raises(InputError, match="dict_quant_group"):
+        CoSpaDiSpec(dict_storage=CoefStorage.BF16, dict_quant_group=16)
 
 
 @pytest.mark.parametrize("tokens", [0, 4])
