@@ -365,7 +365,7 @@ class SparseLinear(CompressedLinear):
         return w.view(out_f, in_f)
 
     def kernel_native(self) -> bool:
-        return not self.block and (self.pattern is None or self.storage is CoefStorage.DTYPE)
+        return not self.block
 
     def build_runtime(self) -> kernels.Masked | None:
         if not self.kernel_native():
@@ -375,7 +375,7 @@ class SparseLinear(CompressedLinear):
             return kernels.from_bitmask(masked_buffers(self, self.storage), out_f, in_f, self.quant_group)
         n, m = self.pattern.n, self.pattern.m
         pos = unpack_bits(self.indices, index_bits(m), out_f * in_f * n // m).view(out_f, in_f // m, n)
-        return kernels.from_nm(self.values, pos, n, m)
+        return kernels.from_nm(masked_buffers(self, self.storage), pos, n, m, self.quant_group)
 
     def fast_forward(self, x: torch.Tensor, path: str | None = None) -> torch.Tensor:
         if not self.kernel_native():

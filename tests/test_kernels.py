@@ -43,15 +43,17 @@ def test_unstructured_paths_match_reference(path, dtype, tokens, shape, bias):
 @pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("n, m", [(2, 4), (4, 8)])
 @pytest.mark.parametrize("tokens", [(1,), (19,)])
-def test_nm_paths_match_reference(path, n, m, tokens):
+@pytest.mark.parametrize("store", [Storage(), Storage(CoefStorage.BF16_14BIT), Storage(CoefStorage.INT8),
+                                   Storage(CoefStorage.INT4, 32)], ids=str)
+def test_nm_paths_match_reference(path, n, m, tokens, store):
     torch.manual_seed(0)
     W = torch.randn(33, 64)
     idx = torch.rand(33, 64 // m, m).argsort(-1)[..., :n]
     mask = torch.zeros(33, 64 // m, m, dtype=torch.bool).scatter_(2, idx, True).view(33, 64)
-    mod = SparseLinear(W, mask, torch.randn(33), Pattern(n, m), torch.bfloat16)
+    mod = SparseLinear(W, mask, torch.randn(33), Pattern(n, m), torch.bfloat16, store)
     _check(mod, _inputs(64, torch.bfloat16, tokens), path, torch.bfloat16)
-    rt = mod.runtime()  # the N:M positions became the unstructured bitmask
-    assert torch.equal(masked.panel_torch(rt, 0, 33, torch.bfloat16), mod.dense_weight())
+    rt = mod.runtime()  # the N:M positions became the unstructured bitmask, the values read as stored
+    assert torch.equal(masked.panel_torch(rt, 0, 33, torch.float32), mod.dense_weight().float())
 
 
 @pytest.mark.parametrize("path", PATHS)

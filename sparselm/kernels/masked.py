@@ -76,31 +76,37 @@ def pack_mask(mask: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def _value_form(buffers: dict[str, torch.Tensor], group: int) -> dict:
+    """The `Masked` fields for the saved values (values|values14|values_int8|values_int4, scale, zero)."""
+    if "values14" in buffers:
+        return {"values": buffers["values14"], "kind": P14}
+    if "values_int4" in buffers:
+        return {"values": buffers["values_int4"], "kind": INT4, "scale": buffers["scale"], "zero": buffers["zero"],
+                "group": group}
+    if "values_int8" in buffers and group:
+        return {"values": buffers["values_int8"], "kind": INT8G, "scale": buffers["scale"], "group": group}
+    if "values_int8" in buffers:
+        return {"values": buffers["values_int8"], "kind": INT8, "scale": buffers["scale"].float()}
+    return {"values": buffers["values"].reshape(-1), "kind": KIND[buffers["values"].dtype]}
+
+
 def from_bitmask(buffers: dict[str, torch.Tensor], rows: int, cols: int, group: int = 0) -> Masked:
     """The runtime form of a saved mask + values (keys as in `modules`: mask, values|values14|values_int8|
     values_int4, scale, zero); ``group``: int8/int4's quantization group along a row (0: per row)."""
     mask = buffers["mask"]
     offsets = torch.zeros(rows + 1, dtype=torch.int64)
     torch.cumsum(row_counts(mask, rows, cols), 0, out=offsets[1:])
-    if "values14" in buffers:
-        return Masked(rows, cols, mask, offsets, buffers["values14"], P14)
-    if "values_int4" in buffers:
-        return Masked(rows, cols, mask, offsets, buffers["values_int4"], INT4, buffers["scale"], zero=buffers["zero"],
-                      group=group)
-    if "values_int8" in buffers and group:
-        return Masked(rows, cols, mask, offsets, buffers["values_int8"], INT8G, buffers["scale"], group=group)
-    if "values_int8" in buffers:
-        return Masked(rows, cols, mask, offsets, buffers["values_int8"], INT8, buffers["scale"].float())
-    return Masked(rows, cols, mask, offsets, buffers["values"].reshape(-1), KIND[buffers["values"].dtype])
+    return Masked(rows, cols, mask, offsets, **_value_form(buffers, group))
 
 
-def from_nm(values: torch.Tensor, positions: torch.Tensor, n: int, m: int) -> Masked:
-    """N:M weights (values ``(rows, cols·n/m)``, in-group positions ``(rows, cols/m, n)``) as a bitmask form."""
+def from_nm(buffers: dict[str, torch.Tensor], positions: torch.Tensor, n: int, m: int, group: int = 0) -> Masked:
+    """N:M weights (their values as in `from_bitmask`, in row-major order; in-group positions
+    ``(rows, cols/m, n)``) as a bitmask form."""
     rows, groups = positions.shape[0], positions.shape[1]
     bool_mask = torch.zeros(rows, groups, m, dtype=torch.bool).scatter_(2, positions, True)
     mask = pack_mask(bool_mask)
     offsets = torch.arange(rows + 1, dtype=torch.int64) * (groups * n)
-    return Masked(rows, groups * m, mask, offsets, values.reshape(-1), KIND[values.dtype], owned=mask.numel())
+    return Masked(rows, groups * m, mask, offsets, **_value_form(buffers, group), owned=mask.numel())
 
 
 # --- torch helpers: one panel of dense rows ------------------------------------------------------------
