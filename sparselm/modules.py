@@ -130,9 +130,9 @@ class CompressedLinear(nn.Module):
         return Storage(self.storage, self.quant_group)
 
     def kernel_native(self) -> bool:
-        """Whether the kernels read this value storage (model dtype / bf16 / fp16 / 14-bit / per-row int8);
-        other storages (int4, grouped int8) run the reference forward."""
-        return not (self.storage is CoefStorage.INT4 or (self.storage is CoefStorage.INT8 and self.quant_group))
+        """Whether the kernels read this layer's value storage (every storage of a bitmask's values: model
+        dtype, bf16, fp16, 14-bit, int8 and int4 per row or per group); subclasses narrow it."""
+        return True
 
     def _value_dtype(self) -> torch.dtype:
         """The dtype a model-dtype storage holds (what `formats` needs for ``storage: dtype``)."""
@@ -365,18 +365,17 @@ class SparseLinear(CompressedLinear):
         return w.view(out_f, in_f)
 
     def kernel_native(self) -> bool:
-        return super().kernel_native() and not self.block and (self.pattern is None
-                                                               or self.storage is CoefStorage.DTYPE)
+        return not self.block
 
     def build_runtime(self) -> kernels.Masked | None:
         if not self.kernel_native():
             return None
         out_f, in_f = self.out_features, self.in_features
         if self.pattern is None:
-            return kernels.from_bitmask(masked_buffers(self, self.storage), out_f, in_f)
+            return kernels.from_bitmask(masked_buffers(self, self.storage), out_f, in_f, self.quant_group)
         n, m = self.pattern.n, self.pattern.m
         pos = unpack_bits(self.indices, index_bits(m), out_f * in_f * n // m).view(out_f, in_f // m, n)
-        return kernels.from_nm(self.values, pos, n, m)
+        return kernels.from_nm(masked_buffers(self, self.storage), pos, n, m, self.quant_group)
 
     def fast_forward(self, x: torch.Tensor, path: str | None = None) -> torch.Tensor:
         if not self.kernel_native():
@@ -539,7 +538,7 @@ class SparseDictLinear(CompressedLinear):
             self.D = kernels.colmajor(self.D)  # same values, same bytes; a shared D stays shared
         if not self.kernel_native():
             return None
-        return kernels.from_bitmask(masked_buffers(self, self.storage), self.out_features, self.k)
+        return kernels.from_bitmask(masked_buffers(self, self.storage), self.out_features, self.k, self.quant_group)
 
     def fast_forward(self, x: torch.Tensor, path: str | None = None) -> torch.Tensor:
         if not self.kernel_native():

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from sparselm import kernels
-from sparselm.config import CoefStorage, Pattern
+from sparselm.config import CoefStorage, Pattern, Storage
 from sparselm.kernels import _build, masked
 from sparselm.modules import LowRankLinear, SparseDictLinear, SparseLinear, reference_forwards
 
@@ -43,15 +43,17 @@ def test_unstructured_paths_match_reference(path, dtype, tokens, shape, bias):
 @pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("n, m", [(2, 4), (4, 8)])
 @pytest.mark.parametrize("tokens", [(1,), (19,)])
-def test_nm_paths_match_reference(path, n, m, tokens):
+@pytest.mark.parametrize("store", [Storage(), Storage(CoefStorage.BF16_14BIT), Storage(CoefStorage.INT8),
+                                   Storage(CoefStorage.INT4, 32)], ids=str)
+def test_nm_paths_match_reference(path, n, m, tokens, store):
     torch.manual_seed(0)
     W = torch.randn(33, 64)
     idx = torch.rand(33, 64 // m, m).argsort(-1)[..., :n]
     mask = torch.zeros(33, 64 // m, m, dtype=torch.bool).scatter_(2, idx, True).view(33, 64)
-    mod = SparseLinear(W, mask, torch.randn(33), Pattern(n, m), torch.bfloat16)
+    mod = SparseLinear(W, mask, torch.randn(33), Pattern(n, m), torch.bfloat16, store)
     _check(mod, _inputs(64, torch.bfloat16, tokens), path, torch.bfloat16)
-    rt = mod.runtime()  # the N:M positions became the unstructured bitmask
-    assert torch.equal(masked.panel_torch(rt, 0, 33, torch.bfloat16), mod.dense_weight())
+    rt = mod.runtime()  # the N:M positions became the unstructured bitmask, the values read as stored
+    assert torch.equal(masked.panel_torch(rt, 0, 33, torch.float32), mod.dense_weight().float())
 
 
 @pytest.mark.parametrize("path", PATHS)
@@ -64,6 +66,42 @@ def test_sparse_dict_paths_match_reference(path, storage, dtype, tokens):
     mask = torch.rand(96, 37) < 0.4
     mod = SparseDictLinear(D, S * mask, mask, torch.randn(37), storage, dtype)
     _check(mod, _inputs(40, dtype, tokens), path, dtype)
+
+
+QUANT = [Storage(CoefStorage.INT4), Storage(CoefStorage.INT4, 32), Storage(CoefStorage.INT4, 64),
+         Storage(CoefStorage.INT4, 16), Storage(CoefStorage.INT8, 32), Storage(CoefStorage.INT8, 24)]
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("store", QUANT, ids=str)
+@pytest.mark.parametrize("tokens", [(1,), (2, 20)])
+def test_quantized_values_run_the_kernels_and_match_reference(path, store, tokens):
+    """int4 and grouped int8 values are decoded in the kernels ((code - zero)·scale per group; groups that
+    are not a multiple of 32 columns take the scalar loop); odd widths leave a partial last group."""
+    torch.manual_seed(0)
+    W, mask = torch.randn(45, 150), torch.rand(45, 150) < 0.5
+    m = SparseLinear(W, mask, torch.randn(45), None, torch.bfloat16, store)
+    assert m.kernel_native() and m.runtime() is not None
+    _check(m, _inputs(150, torch.bfloat16, tokens), path, torch.bfloat16)
+    D, S, smask = torch.randn(40, 96), torch.randn(96, 37), torch.rand(96, 37) < 0.4
+    d = SparseDictLinear(D, S * smask, smask, None, store, torch.float32)
+    _check(d, _inputs(40, torch.float32, tokens), path, torch.float32)
+
+
+@needs_ext
+@pytest.mark.parametrize("store", QUANT, ids=str)
+def test_quantized_unpack_is_the_stored_weight(store):
+    """The C++ unpack of a quantized bitmask matrix gives exactly the reference's dense weight (fp32)."""
+    torch.manual_seed(0)
+    W, mask = torch.randn(19, 130), torch.rand(19, 130) < 0.5
+    m = SparseLinear(W, mask, None, None, torch.float32, store)
+    rt = m.runtime()
+    for simd in (True, False):
+        out = torch.empty(19, 130)
+        _build.loaded().masked_unpack(rt.mask, rt.offsets, rt.values, rt.kind, rt.scale, rt.zero, rt.group,
+                                      rt.rows, rt.cols, 0, 19, out, simd)
+        torch.testing.assert_close(out, m.dense_weight(), rtol=1e-6, atol=1e-6)
+    assert torch.equal(masked.panel_torch(rt, 0, 19, torch.float32), m.dense_weight().float())
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -79,7 +117,9 @@ def test_low_rank_fast_forward_matches_reference_and_keeps_bytes(dtype, tokens):
 
 
 @needs_ext
-@pytest.mark.parametrize("storage", [CoefStorage.BF16, CoefStorage.BF16_14BIT, CoefStorage.INT8, CoefStorage.FP16])
+@pytest.mark.parametrize("storage", [CoefStorage.BF16, CoefStorage.BF16_14BIT, CoefStorage.INT8, CoefStorage.FP16,
+                                     CoefStorage.INT4, Storage(CoefStorage.INT4, 64), Storage(CoefStorage.INT8, 32)],
+                         ids=str)
 def test_scalar_and_simd_gemv_agree(storage):
     torch.manual_seed(0)
     mask = torch.rand(53, 77) < 0.5  # Sᵀ (out 77, k 53): rows not word-aligned
@@ -176,12 +216,13 @@ def test_many_small_panels_match_reference(path, monkeypatch):
 @pytest.mark.parametrize("rows, cols", [(37, 45), (64, 96), (5, 613), (300, 33)])
 @pytest.mark.parametrize("tokens", [1, 3, 4, 11])
 @pytest.mark.parametrize("bias", [True, False])
-def test_dense_gemv_matches_float_product(rows, cols, tokens, bias):
+@pytest.mark.parametrize("serial_bytes", [0, 1 << 40])  # rows split over the threads, or one thread
+def test_dense_gemv_matches_float_product(rows, cols, tokens, bias, serial_bytes):
     g = torch.Generator().manual_seed(rows * cols + tokens)
     W = torch.randn(rows, cols, generator=g).to(torch.bfloat16)
     x = torch.randn(tokens, cols, generator=g).to(torch.bfloat16)
     b = torch.randn(rows, generator=g).to(torch.bfloat16) if bias else None
-    got = _build.loaded().dense_gemv(x, W, b)
+    got = _build.loaded().dense_gemv(x, W, b, serial_bytes)
     ref = x.float() @ W.float().T + (0 if b is None else b.float())
     assert got.dtype == torch.bfloat16 and got.shape == (tokens, rows)
     torch.testing.assert_close(got.float(), ref, rtol=1e-2, atol=1e-2 * ref.abs().max().item())

@@ -42,7 +42,7 @@ def _product(x2: torch.Tensor, mm: Masked, bias: torch.Tensor | None, module_pat
     """``x2 (T, cols) -> (T, rows)`` (+ bias) in x's dtype."""
     path = policy.masked_path(x2.shape[0], module_path)
     if path == "gemv":
-        return masked.matmul_gemv(x2, mm, bias)
+        return masked.matmul_gemv(x2, mm, bias, serial_bytes=policy.SERIAL_BYTES)
     return _bias(masked.matmul_panels(x2, mm, policy.PANEL_ROWS, use_ext=path == "panel").to(x2.dtype), bias)
 
 
@@ -62,7 +62,7 @@ def _dense(x2: torch.Tensor, At: torch.Tensor, bias: torch.Tensor | None, module
     ``torch.mv`` per token up to `policy.MV_MAX_TOKENS`, else one GEMM."""
     At = At if At.dtype == x2.dtype else At.to(x2.dtype)
     if policy.dense_path(x2, At, module_path) == "gemv":
-        return _build.loaded().dense_gemv(x2, At, bias)
+        return _build.loaded().dense_gemv(x2, At, bias, policy.SERIAL_BYTES)
     T = x2.shape[0]
     if T <= policy.MV_MAX_TOKENS:
         y = torch.stack([torch.mv(At, row) for row in x2]) if T > 1 else torch.mv(At, x2[0]).unsqueeze(0)

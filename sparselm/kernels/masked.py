@@ -2,7 +2,8 @@
 
 The saved formats (`sparselm.packing`): a packed bitmask of M ``(rows, cols)`` (bit ``r·cols + c``,
 little-endian within bytes) + the nonzero values in row-major order, as bf16/fp16/fp32 ``values``,
-14-bit packed bf16 ``values14`` or ``values_int8`` × a per-row ``scale``. N:M weights (values
+14-bit packed bf16 ``values14``, ``values_int8`` × a per-row ``scale``, or grouped int8 / int4 (``values_int4``,
+``(code - zero)·scale``) with an fp16 ``scale`` (+ packed 4-bit ``zero``) per ``group`` columns of a row. N:M weights (values
 ``(rows, cols·n/m)`` + packed in-group positions) become the same form at load: 2:4 costs the same bits.
 
 `Masked` holds the saved tensors themselves (no copy) plus the popcount prefix ``offsets`` (8 B per row),
@@ -24,7 +25,7 @@ import torch
 from . import _build
 
 KIND = {torch.bfloat16: 0, torch.float16: 1, torch.float32: 2}
-INT8, P14 = 3, 4
+INT8, P14, INT8G, INT4 = 3, 4, 5, 6
 _BITS = (1 << torch.arange(8, dtype=torch.int16))  # (8,)
 _ROWS_PER_STEP = 1 << 22  # bits handled at once by the torch helpers (bounds their temporaries)
 
@@ -37,11 +38,13 @@ class Masked:
     offsets: torch.Tensor  # int64 (rows+1,): index of each row's first value
     values: torch.Tensor   # flat: bf16/fp16/fp32, int8, or uint8 (14-bit packed)
     kind: int
-    scale: torch.Tensor | None = None  # float32 (rows,) for int8
+    scale: torch.Tensor | None = None  # float32 (rows,) for int8; the saved fp16 (groups,) for INT8G / INT4
     owned: int = 0         # bytes this form adds beside the saved buffers
+    zero: torch.Tensor | None = None   # INT4: the saved packed 4-bit zero points, one per group
+    group: int = 0         # INT8G / INT4: columns per quantization group (0: one group per row)
 
     def __post_init__(self):
-        self.owned += self.offsets.numel() * 8 + (0 if self.scale is None else self.scale.numel() * 4)
+        self.owned += self.offsets.numel() * 8 + (self.scale.numel() * 4 if self.kind == INT8 else 0)
 
 
 def _bits(mask: torch.Tensor, start: int, stop: int) -> torch.Tensor:
@@ -73,25 +76,37 @@ def pack_mask(mask: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def from_bitmask(buffers: dict[str, torch.Tensor], rows: int, cols: int) -> Masked:
-    """The runtime form of a saved mask + values (keys as in `modules`: mask, values|values14|values_int8, scale)."""
+def _value_form(buffers: dict[str, torch.Tensor], group: int) -> dict:
+    """The `Masked` fields for the saved values (values|values14|values_int8|values_int4, scale, zero)."""
+    if "values14" in buffers:
+        return {"values": buffers["values14"], "kind": P14}
+    if "values_int4" in buffers:
+        return {"values": buffers["values_int4"], "kind": INT4, "scale": buffers["scale"], "zero": buffers["zero"],
+                "group": group}
+    if "values_int8" in buffers and group:
+        return {"values": buffers["values_int8"], "kind": INT8G, "scale": buffers["scale"], "group": group}
+    if "values_int8" in buffers:
+        return {"values": buffers["values_int8"], "kind": INT8, "scale": buffers["scale"].float()}
+    return {"values": buffers["values"].reshape(-1), "kind": KIND[buffers["values"].dtype]}
+
+
+def from_bitmask(buffers: dict[str, torch.Tensor], rows: int, cols: int, group: int = 0) -> Masked:
+    """The runtime form of a saved mask + values (keys as in `modules`: mask, values|values14|values_int8|
+    values_int4, scale, zero); ``group``: int8/int4's quantization group along a row (0: per row)."""
     mask = buffers["mask"]
     offsets = torch.zeros(rows + 1, dtype=torch.int64)
     torch.cumsum(row_counts(mask, rows, cols), 0, out=offsets[1:])
-    if "values14" in buffers:
-        return Masked(rows, cols, mask, offsets, buffers["values14"], P14)
-    if "values_int8" in buffers:
-        return Masked(rows, cols, mask, offsets, buffers["values_int8"], INT8, buffers["scale"].float())
-    return Masked(rows, cols, mask, offsets, buffers["values"].reshape(-1), KIND[buffers["values"].dtype])
+    return Masked(rows, cols, mask, offsets, **_value_form(buffers, group))
 
 
-def from_nm(values: torch.Tensor, positions: torch.Tensor, n: int, m: int) -> Masked:
-    """N:M weights (values ``(rows, cols·n/m)``, in-group positions ``(rows, cols/m, n)``) as a bitmask form."""
+def from_nm(buffers: dict[str, torch.Tensor], positions: torch.Tensor, n: int, m: int, group: int = 0) -> Masked:
+    """N:M weights (their values as in `from_bitmask`, in row-major order; in-group positions
+    ``(rows, cols/m, n)``) as a bitmask form."""
     rows, groups = positions.shape[0], positions.shape[1]
     bool_mask = torch.zeros(rows, groups, m, dtype=torch.bool).scatter_(2, positions, True)
     mask = pack_mask(bool_mask)
     offsets = torch.arange(rows + 1, dtype=torch.int64) * (groups * n)
-    return Masked(rows, groups * m, mask, offsets, values.reshape(-1), KIND[values.dtype], owned=mask.numel())
+    return Masked(rows, groups * m, mask, offsets, **_value_form(buffers, group), owned=mask.numel())
 
 
 # --- torch helpers: one panel of dense rows ------------------------------------------------------------
@@ -101,11 +116,26 @@ def _values14(packed: torch.Tensor, start: int, count: int) -> torch.Tensor:
     return raw.to(torch.int16).view(torch.bfloat16)
 
 
+def _nibbles(packed: torch.Tensor, start: int, count: int) -> torch.Tensor:
+    """4-bit codes ``start..start+count-1`` (low nibble first) as int64."""
+    b = packed[start // 2: -(-(start + count) // 2)].to(torch.int64)
+    return torch.stack([b & 15, b >> 4], 1).reshape(-1)[start % 2: start % 2 + count]
+
+
 def panel_torch(mm: Masked, r0: int, r1: int, dtype: torch.dtype) -> torch.Tensor:
     """Dense rows ``r0..r1-1`` of M in ``dtype`` (pure torch)."""
     keep = _bits(mm.mask, r0 * mm.cols, r1 * mm.cols).view(r1 - r0, mm.cols).bool()
     i0, i1 = int(mm.offsets[r0]), int(mm.offsets[r1])
-    if mm.kind == P14:
+    if mm.kind in (INT8G, INT4):
+        pos = keep.nonzero()  # (n, 2): the values' rows (from r0) and columns, in stored order
+        gpr = -(-mm.cols // mm.group) if mm.group else 1
+        g = (pos[:, 0] + r0) * gpr + (torch.div(pos[:, 1], mm.group, rounding_mode="floor") if mm.group else 0)
+        if mm.kind == INT4:
+            z = _nibbles(mm.zero, 0, mm.zero.numel() * 2)[g]
+            vals = (_nibbles(mm.values, i0, i1 - i0) - z).float() * mm.scale.float()[g]
+        else:
+            vals = mm.values[i0:i1].float() * mm.scale.float()[g]
+    elif mm.kind == P14:
         vals = _values14(mm.values, i0, i1 - i0)
     elif mm.kind == INT8:
         rows = torch.repeat_interleave(torch.arange(r0, r1), mm.offsets[r0 + 1:r1 + 1] - mm.offsets[r0:r1])
@@ -139,8 +169,8 @@ def matmul_panels(x: torch.Tensor, mm: Masked, rows: int, use_ext: bool = True) 
     if ext is not None:
         threads = min(torch.get_num_threads(), -(-mm.rows // p))
         _scratch["bytes"] = max(_scratch["bytes"], threads * p * mm.cols * torch.finfo(dtype).bits // 8)
-        return ext.masked_panels_mm(x.to(dtype), mm.mask, mm.offsets, mm.values, mm.kind, mm.scale, mm.rows,
-                                    mm.cols, p, True).t()
+        return ext.masked_panels_mm(x.to(dtype), mm.mask, mm.offsets, mm.values, mm.kind, mm.scale, mm.zero,
+                                    mm.group, mm.rows, mm.cols, p, True).t()
     yT = torch.empty(mm.rows, x.shape[0], dtype=dtype)  # (rows, T): each panel's rows are contiguous
     xT = x.to(dtype).t()
     for r0 in range(0, mm.rows, p):
@@ -149,7 +179,9 @@ def matmul_panels(x: torch.Tensor, mm: Masked, rows: int, use_ext: bool = True) 
     return yT.t()
 
 
-def matmul_gemv(x: torch.Tensor, mm: Masked, bias: torch.Tensor | None = None, simd: bool = True) -> torch.Tensor:
-    """``x (T, cols) -> (T, rows)`` (+ bias) in x's dtype through the C++ GEMV (the extension must be available)."""
-    return _build.loaded().masked_gemv(x, mm.mask, mm.offsets, mm.values, mm.kind, mm.scale, bias, mm.rows,
-                                          mm.cols, simd)
+def matmul_gemv(x: torch.Tensor, mm: Masked, bias: torch.Tensor | None = None, simd: bool = True,
+                serial_bytes: int = 0) -> torch.Tensor:
+    """``x (T, cols) -> (T, rows)`` (+ bias) in x's dtype through the C++ GEMV (the extension must be available);
+    one thread below ``serial_bytes`` of weight bytes."""
+    return _build.loaded().masked_gemv(x, mm.mask, mm.offsets, mm.values, mm.kind, mm.scale, mm.zero, mm.group,
+                                       bias, mm.rows, mm.cols, simd, serial_bytes)

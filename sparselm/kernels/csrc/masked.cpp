@@ -3,7 +3,9 @@
 // A "masked matrix" (rows, cols) is stored as a packed bitmask (bit r*cols+c, little-endian bits in
 // bytes) plus its nonzero values in row-major order; `offsets` (rows+1, int64) is the popcount prefix,
 // i.e. the index of row r's first value. Value kinds: 0 bf16, 1 fp16, 2 fp32, 3 int8 (times a per-row
-// scale), 4 bf16 packed in 14 bits (the saved `values14` buffer, decoded in registers).
+// scale), 4 bf16 packed in 14 bits (the saved `values14` buffer, decoded in registers), 5 int8 times an fp16
+// scale per group of `group` columns of a row, 6 int4 (two per byte, low nibble first) as (code - zero) ·
+// scale with an fp16 scale and a 4-bit zero point per group (group 0: one group per row).
 //
 //   masked_gemv(x (T, cols), ..., bias)     -> (T, rows) x's dtype   Y = X Mᵀ + b, decode (T small)
 //   dense_gemv(x (T, cols) bf16, W, bias)   -> (T, rows) bf16        Y = X Wᵀ + b, dense factors at decode
@@ -21,7 +23,7 @@
 
 namespace {
 
-enum Kind { BF16 = 0, FP16 = 1, FP32 = 2, INT8 = 3, P14 = 4 };
+enum Kind { BF16 = 0, FP16 = 1, FP32 = 2, INT8 = 3, P14 = 4, INT8G = 5, INT4 = 6 };
 
 struct Masked {
   const uint8_t* mask; int64_t mask_bytes;
@@ -29,7 +31,19 @@ struct Masked {
   const void* values; int64_t value_bytes; int kind;
   const float* scale;  // (rows,) for INT8, else nullptr
   int64_t rows, cols;
+  const c10::Half* gscale = nullptr;  // INT8G / INT4: one scale per group, row-major (rows, groups per row)
+  const uint8_t* zero = nullptr;      // INT4: 4-bit zero points, packed as the groups
+  int64_t group = 0, gpr = 1;         // columns per group (0: the whole row) and groups per row
 };
+
+inline bool grouped(int kind) { return kind == INT8G || kind == INT4; }
+
+// scale and zero point of the group holding (r, col)
+inline void group_params(const Masked& m, int64_t r, int64_t col, float& s, float& z) {
+  const int64_t g = r * m.gpr + (m.group ? col / m.group : 0);
+  s = float(m.gscale[g]);
+  z = m.zero ? float((m.zero[g >> 1] >> (4 * (g & 1))) & 0xF) : 0.f;
+}
 
 // n (<= 32) mask bits starting at bit `pos`, never reading past the buffer.
 inline uint32_t read_bits(const Masked& m, int64_t pos, int n) {
@@ -55,7 +69,8 @@ inline float value_at(const Masked& m, int64_t i) {
     case BF16: return bf16_bits_to_float(static_cast<const uint16_t*>(m.values)[i]);
     case FP16: return float(static_cast<const c10::Half*>(m.values)[i]);
     case FP32: return static_cast<const float*>(m.values)[i];
-    case INT8: return float(static_cast<const int8_t*>(m.values)[i]);
+    case INT8: case INT8G: return float(static_cast<const int8_t*>(m.values)[i]);
+    case INT4: return float((static_cast<const uint8_t*>(m.values)[i >> 1] >> (4 * (i & 1))) & 0xF);
     default: {  // P14: 14 bits at bit 14*i; the top bit is the sign, bf16 bits = v << 2
       const uint8_t* p = static_cast<const uint8_t*>(m.values);
       int64_t pos = 14 * i, byte = pos >> 3; int sh = int(pos & 7);
@@ -75,6 +90,7 @@ void gemv_rows_scalar(const Masked& m, const float* x, int64_t T, float* acc, in
     for (uint32_t w = read_bits(m, bit + c, n); w; w &= w - 1) {
       int64_t col = c + __builtin_ctz(w);
       float v = value_at(m, idx++);
+      if (grouped(m.kind)) { float s, z; group_params(m, r, col, s, z); v = (v - z) * s; }
       for (int64_t t = 0; t < T; t++) acc[t] += v * x[t * m.cols + col];
     }
   }
@@ -89,8 +105,12 @@ void unpack_rows_scalar(const Masked& m, int64_t r0, int64_t r1, OutT* out) {
     float s = m.scale ? m.scale[r] : 1.f;
     for (int64_t c = 0; c < m.cols; c += 32) {
       int n = int(std::min<int64_t>(32, m.cols - c));
-      for (uint32_t w = read_bits(m, bit + c, n); w; w &= w - 1)
-        o[c + __builtin_ctz(w)] = OutT(value_at(m, idx++) * s);
+      for (uint32_t w = read_bits(m, bit + c, n); w; w &= w - 1) {
+        const int64_t col = c + __builtin_ctz(w);
+        float v = value_at(m, idx++) * s;
+        if (grouped(m.kind)) { float gs, z; group_params(m, r, col, gs, z); v = (v - z) * gs; }
+        o[col] = OutT(v);
+      }
     }
   }
 }
@@ -117,6 +137,8 @@ constexpr Bytes64 p14_ctrl(int o) {  // 16-bit lane 4q+t: the bits at 2o+14t of 
   return t;
 }
 alignas(64) constexpr Bytes64 kP14Perm = p14_perm();
+constexpr Bytes64 next_byte() { Bytes64 t{}; for (int i = 0; i < 64; i++) t.b[i] = uint8_t(i < 63 ? i + 1 : 63); return t; }
+alignas(64) constexpr Bytes64 kNextByte = next_byte();  // byte i <- byte i+1 (an odd first nibble)
 alignas(64) constexpr Bytes64 kP14Ctrl[4] = {p14_ctrl(0), p14_ctrl(1), p14_ctrl(2), p14_ctrl(3)};
 
 // 32 consecutive 14-bit values starting at value index i, as bf16 bit patterns in 16-bit lanes.
@@ -144,10 +166,20 @@ SPARSELM_AVX512 inline void decode32_k(const Masked& m, int64_t idx, uint32_t w,
     const float* f = static_cast<const float*>(m.values) + idx;
     lo = _mm512_maskz_expandloadu_ps(__mmask16(w), f);
     hi = _mm512_maskz_expandloadu_ps(__mmask16(w >> 16), f + _mm_popcnt_u32(w & 0xFFFF));
-  } else if constexpr (K == INT8) {
+  } else if constexpr (K == INT8 || K == INT8G) {
     __m256i b = _mm256_maskz_expandloadu_epi8(w, static_cast<const int8_t*>(m.values) + idx);
     lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(b)));
     hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_extracti128_si256(b, 1)));
+  } else if constexpr (K == INT4) {  // 32 nibbles from value idx: bytes idx/2.., one nibble per byte, expanded
+    const int64_t byte = idx >> 1, avail = m.value_bytes - byte;
+    const __mmask32 kb = avail >= 32 ? ~__mmask32(0) : (avail <= 0 ? 0 : __mmask32((1ull << avail) - 1));
+    __m512i wds = _mm512_cvtepu8_epi16(_mm256_maskz_loadu_epi8(kb, static_cast<const uint8_t*>(m.values) + byte));
+    __m512i nib = _mm512_or_si512(_mm512_and_si512(wds, _mm512_set1_epi16(0x000F)),
+                                  _mm512_slli_epi16(_mm512_and_si512(wds, _mm512_set1_epi16(0x00F0)), 4));
+    if (idx & 1) nib = _mm512_permutexvar_epi8(_mm512_loadu_si512(kNextByte.b), nib);
+    __m256i q = _mm256_maskz_expand_epi8(w, _mm512_castsi512_si256(nib));
+    lo = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm256_castsi256_si128(q)));
+    hi = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm256_extracti128_si256(q, 1)));
   } else {
     __m512i v = _mm512_maskz_expand_epi16(w, p14_load32(m, idx));
     lo = bf16x16_to_ps(_mm512_castsi512_si256(v)); hi = bf16x16_to_ps(_mm512_extracti64x4_epi64(v, 1));
@@ -161,7 +193,29 @@ SPARSELM_AVX512 inline void decode32_k(const Masked& m, int64_t idx, uint32_t w,
 constexpr int64_t kPrefetchBytes = 4096;
 
 template <int K> constexpr int64_t value_byte(int64_t i) {
-  return K == FP32 ? 4 * i : (K == INT8 ? i : (K == P14 ? (14 * i) >> 3 : 2 * i));
+  return K == FP32 ? 4 * i : (K == INT8 || K == INT8G ? i : (K == P14 ? (14 * i) >> 3 : (K == INT4 ? i >> 1 : 2 * i)));
+}
+
+// grouped kinds: the decoded codes of chunk (r, col) under mask word w become (code - zero)·scale (a chunk of
+// 32 columns lies in one group: the caller runs the scalar path unless group % 32 == 0)
+// the group parameters along one row, looked up once per group (not per chunk)
+struct GroupCursor {
+  const Masked& m; int64_t r; int64_t next = 0; float s = 1.f, z = 0.f;
+  void at(int64_t col) {
+    if (col < next) return;
+    group_params(m, r, col, s, z);
+    next = m.group ? (col / m.group + 1) * m.group : INT64_MAX;
+  }
+};
+
+template <int K>
+SPARSELM_AVX512 inline void dequant_chunk(GroupCursor& gc, int64_t col, uint32_t w, __m512& lo, __m512& hi) {
+  if constexpr (K == INT8G || K == INT4) {
+    gc.at(col);
+    const __m512 sv = _mm512_set1_ps(gc.s), zv = _mm512_set1_ps(gc.z);
+    lo = _mm512_mul_ps(_mm512_maskz_sub_ps(__mmask16(w), lo, zv), sv);
+    hi = _mm512_mul_ps(_mm512_maskz_sub_ps(__mmask16(w >> 16), hi, zv), sv);
+  }
 }
 
 // a prefetch hint at base + off (never faults, so no bounds check; integer arithmetic, no pointer past the end)
@@ -178,6 +232,7 @@ SPARSELM_AVX512 inline void gemv_row(const Masked& m, const void* xv, int64_t r,
   const bool aligned = m.cols % 32 == 0;
   int64_t idx = m.offsets[r];
   const int64_t bit = r * m.cols;
+  GroupCursor gc{m, r};
   __m512 acc[U][TT];
   for (int u = 0; u < U; u++) for (int t = 0; t < TT; t++) acc[u][t] = _mm512_setzero_ps();
   for (int64_t c0 = 0; c0 < nchunks; c0 += U) {
@@ -206,6 +261,7 @@ SPARSELM_AVX512 inline void gemv_row(const Masked& m, const void* xv, int64_t r,
         const float* x = static_cast<const float*>(xv);
         __m512 lo, hi;
         decode32_k<K>(m, idx, w, lo, hi);
+        dequant_chunk<K>(gc, col, w, lo, hi);
         __mmask16 klo = n >= 16 ? 0xFFFF : __mmask16((1u << n) - 1);
         __mmask16 khi = n >= 32 ? 0xFFFF : (n <= 16 ? 0 : __mmask16((1u << (n - 16)) - 1));
         for (int t = 0; t < TT; t++) {
@@ -224,34 +280,32 @@ SPARSELM_AVX512 inline void gemv_row(const Masked& m, const void* xv, int64_t r,
   }
 }
 
-// Dense rows: W (rows, cols) row-major bf16 against bf16 x, U chunks in flight, prefetching the row ahead.
-template <int U, int TT>
-SPARSELM_AVX512 inline void dense_row(const uint16_t* W, int64_t cols, const uint16_t* x, int64_t r,
-                                      float (&out)[TT]) {
-  const uint16_t* w = W + r * cols;
-  __m512 acc[U][TT];
-  for (int u = 0; u < U; u++) for (int t = 0; t < TT; t++) acc[u][t] = _mm512_setzero_ps();
-  const int64_t nchunks = (cols + 31) / 32;
-  for (int64_t c0 = 0; c0 < nchunks; c0 += U) {
-    for (int u = 0; u < U; u++) {
-      const int64_t c = c0 + u;
-      if (c >= nchunks) break;
-      const int64_t col = 32 * c;
-      const int n = int(std::min<int64_t>(32, cols - col));
-      if (u % 2 == 0) prefetch_at(w, 2 * col + kPrefetchBytes);
-      __mmask32 k = n >= 32 ? ~__mmask32(0) : __mmask32((1u << n) - 1);
-      __m512i v = _mm512_maskz_loadu_epi16(k, w + col);
-      for (int t = 0; t < TT; t++) {
-        __m512i xt = _mm512_maskz_loadu_epi16(k, x + t * cols + col);
-        acc[u][t] = _mm512_dpbf16_ps(acc[u][t], (__m512bh)v, (__m512bh)xt);
+// R dense rows of W (rows, cols) row-major bf16 against bf16 x, walked side by side: two chunks of every row,
+// then the next two (R streams in flight, each prefetched 4 KiB ahead; one row at a time read 4 KiB rows at
+// 11-12 GB/s on one thread here, four side by side 28-40 GB/s; the masked rows above did not gain from it).
+template <int R, int TT>
+SPARSELM_AVX512 inline void dense_rows(const uint16_t* W, int64_t cols, const uint16_t* x, int64_t r,
+                                       float (&out)[R][TT]) {
+  __m512 acc[R][2][TT];
+  for (int i = 0; i < R; i++) for (int u = 0; u < 2; u++) for (int t = 0; t < TT; t++) acc[i][u][t] = _mm512_setzero_ps();
+  for (int64_t col = 0; col < cols; col += 64) {
+    for (int u = 0; u < 2; u++) {
+      const int64_t c = col + 32 * u;
+      if (c >= cols) break;
+      const int n = int(std::min<int64_t>(32, cols - c));
+      const __mmask32 k = n >= 32 ? ~__mmask32(0) : __mmask32((1u << n) - 1);
+      __m512i xt[TT];
+      for (int t = 0; t < TT; t++) xt[t] = _mm512_maskz_loadu_epi16(k, x + t * cols + c);
+      for (int i = 0; i < R; i++) {
+        const uint16_t* w = W + (r + i) * cols;
+        if (u == 0) prefetch_at(w, 2 * c + kPrefetchBytes);
+        __m512i v = _mm512_maskz_loadu_epi16(k, w + c);
+        for (int t = 0; t < TT; t++) acc[i][u][t] = _mm512_dpbf16_ps(acc[i][u][t], (__m512bh)v, (__m512bh)xt[t]);
       }
     }
   }
-  for (int t = 0; t < TT; t++) {
-    __m512 s = acc[0][t];
-    for (int u = 1; u < U; u++) s = _mm512_add_ps(s, acc[u][t]);
-    out[t] = _mm512_reduce_add_ps(s);
-  }
+  for (int i = 0; i < R; i++) for (int t = 0; t < TT; t++)
+    out[i][t] = _mm512_reduce_add_ps(_mm512_add_ps(acc[i][0][t], acc[i][1][t]));
 }
 
 template <typename OutT, int K>
@@ -259,6 +313,7 @@ SPARSELM_AVX512 void unpack_rows_k(const Masked& m, int64_t r0, int64_t r1, OutT
   for (int64_t r = r0; r < r1; r++) {
     OutT* o = out + r * m.cols;
     int64_t idx = m.offsets[r], bit = r * m.cols;
+    GroupCursor gc{m, r};
     __m512 s = _mm512_set1_ps(m.scale ? m.scale[r] : 1.f);
     for (int64_t c = 0; c < m.cols; c += 32) {
       int n = int(std::min<int64_t>(32, m.cols - c));
@@ -272,6 +327,7 @@ SPARSELM_AVX512 void unpack_rows_k(const Masked& m, int64_t r0, int64_t r1, OutT
       } else {
         __m512 lo, hi;
         decode32_k<K>(m, idx, w, lo, hi);
+        dequant_chunk<K>(gc, c, w, lo, hi);
         if (m.scale) { lo = _mm512_mul_ps(lo, s); hi = _mm512_mul_ps(hi, s); }
         if constexpr (std::is_same<OutT, float>::value) {
           _mm512_mask_storeu_ps(o + c, __mmask16(k), lo);
@@ -300,6 +356,8 @@ void unpack_rows_avx(const Masked& m, int64_t r0, int64_t r1, OutT* out) {  // t
     case FP16: unpack_rows_k<OutT, FP16>(m, r0, r1, out); break;
     case FP32: unpack_rows_k<OutT, FP32>(m, r0, r1, out); break;
     case INT8: unpack_rows_k<OutT, INT8>(m, r0, r1, out); break;
+    case INT8G: unpack_rows_k<OutT, INT8G>(m, r0, r1, out); break;
+    case INT4: unpack_rows_k<OutT, INT4>(m, r0, r1, out); break;
     default: unpack_rows_k<OutT, P14>(m, r0, r1, out);
   }
 }
@@ -313,7 +371,8 @@ bool cpu_has_avx512() {
 }
 
 Masked view(const torch::Tensor& mask, const torch::Tensor& offsets, const torch::Tensor& values, int64_t kind,
-            const c10::optional<torch::Tensor>& scale, int64_t rows, int64_t cols) {
+            const c10::optional<torch::Tensor>& scale, int64_t rows, int64_t cols,
+            const c10::optional<torch::Tensor>& zero = c10::nullopt, int64_t group = 0) {
   TORCH_CHECK(mask.is_contiguous() && mask.scalar_type() == torch::kUInt8, "mask: contiguous uint8");
   TORCH_CHECK(offsets.is_contiguous() && offsets.scalar_type() == torch::kInt64 && offsets.numel() == rows + 1,
               "offsets: contiguous int64 (rows+1,)");
@@ -321,14 +380,33 @@ Masked view(const torch::Tensor& mask, const torch::Tensor& offsets, const torch
   TORCH_CHECK(mask.numel() * 8 >= rows * cols, "mask too short");
   TORCH_CHECK(kind != INT8 || (scale.has_value() && scale->scalar_type() == torch::kFloat32 &&
               scale->is_contiguous() && scale->numel() == rows), "int8 values need a float32 scale (rows,)");
-  return Masked{mask.data_ptr<uint8_t>(), mask.numel(), offsets.data_ptr<int64_t>(), values.data_ptr(),
-                int64_t(values.numel() * values.element_size()), int(kind),
-                kind == INT8 ? scale->data_ptr<float>() : nullptr, rows, cols};
+  TORCH_CHECK(0 <= kind && kind <= INT4, "value kind");
+  Masked m{mask.data_ptr<uint8_t>(), mask.numel(), offsets.data_ptr<int64_t>(), values.data_ptr(),
+           int64_t(values.numel() * values.element_size()), int(kind),
+           kind == INT8 ? scale->data_ptr<float>() : nullptr, rows, cols};
+  if (grouped(int(kind))) {
+    TORCH_CHECK(group >= 0, "group >= 0");
+    m.group = group; m.gpr = group ? (cols + group - 1) / group : 1;
+    TORCH_CHECK(scale.has_value() && scale->scalar_type() == torch::kHalf && scale->is_contiguous() &&
+                scale->numel() >= rows * m.gpr, "grouped values need an fp16 scale per group (rows * groups per row,)");
+    m.gscale = scale->data_ptr<c10::Half>();
+    if (kind == INT4) {
+      TORCH_CHECK(zero.has_value() && zero->scalar_type() == torch::kUInt8 && zero->is_contiguous() &&
+                  zero->numel() * 2 >= rows * m.gpr, "int4 values need packed 4-bit zero points per group");
+      m.zero = zero->data_ptr<uint8_t>();
+    }
+  }
+  return m;
 }
 
 }  // namespace
 
 bool has_avx512() { return cpu_has_avx512(); }
+
+// whether the AVX-512 paths can run this matrix (a 32-column chunk must lie in one quantization group)
+bool simd_ok(const Masked& m, bool simd) {
+  return simd && cpu_has_avx512() && (!grouped(m.kind) || m.group % 32 == 0);
+}
 
 template <typename F>
 void token_blocks(int64_t T, F&& f) {  // f(t0, std::integral_constant<int, tt>) for blocks of <= 8 tokens
@@ -346,12 +424,13 @@ void token_blocks(int64_t T, F&& f) {  // f(t0, std::integral_constant<int, tt>)
   }
 }
 
-// chunks in flight per row for a block of TT tokens (TT·U accumulators stay in registers)
+// chunks in flight per masked row for a block of TT tokens (TT·U accumulators stay in registers)
 template <int TT> constexpr int unroll() { return TT == 1 ? 4 : (TT == 2 ? 2 : 1); }
+// dense rows walked side by side for a block of TT tokens (2·R·TT accumulators)
+template <int TT> constexpr int rows_at_once() { return TT == 1 ? 4 : (TT <= 3 ? 2 : 1); }
 
-// Below this many weight bytes one thread does the whole product: waking the second thread costs more
-// than it saves (k/v projections at decode; docs/benchmarks/kernels.md).
-constexpr int64_t kSerialBytes = 192 * 1024;
+// Below `serial_bytes` of weight bytes one thread does the whole product (`policy.SERIAL_BYTES`: waking a
+// second thread cost more than it saved on the project's CPU).
 
 // writes row r's results for tokens t0..t0+TT-1 into y (T, rows) of dtype `st`: acc·scale + bias
 struct Store {
@@ -377,20 +456,21 @@ c10::optional<torch::Tensor> float_bias(const c10::optional<torch::Tensor>& bias
 
 // Y = X Mᵀ (+ bias) in x's dtype for few tokens: each row's compressed bytes are read once.
 torch::Tensor masked_gemv(torch::Tensor x, torch::Tensor mask, torch::Tensor offsets, torch::Tensor values,
-                          int64_t kind, c10::optional<torch::Tensor> scale, c10::optional<torch::Tensor> bias,
-                          int64_t rows, int64_t cols, bool simd) {
+                          int64_t kind, c10::optional<torch::Tensor> scale, c10::optional<torch::Tensor> zero,
+                          int64_t group, c10::optional<torch::Tensor> bias, int64_t rows, int64_t cols, bool simd,
+                          int64_t serial_bytes) {
   TORCH_CHECK(x.dim() == 2 && x.size(1) == cols, "x: (T, cols)");
   auto st = x.scalar_type();
   TORCH_CHECK(st == torch::kFloat32 || st == torch::kBFloat16 || st == torch::kHalf, "x dtype");
-  Masked m = view(mask, offsets, values, kind, scale, rows, cols);
+  Masked m = view(mask, offsets, values, kind, scale, rows, cols, zero, group);
   const int64_t T = x.size(0);
-  const bool avx = simd && cpu_has_avx512();
+  const bool avx = simd_ok(m, simd);
   const bool dp = avx && st == torch::kBFloat16 && (kind == BF16 || kind == P14);
   auto xin = dp ? x.contiguous() : x.to(torch::kFloat32).contiguous();
   auto y = out_like(x, T, rows);
   auto b = float_bias(bias, rows);
   Store store{y.data_ptr(), st, rows, b.has_value() ? b->data_ptr<float>() : nullptr};
-  const int64_t grain = m.mask_bytes + m.value_bytes < kSerialBytes ? rows : 16;
+  const int64_t grain = m.mask_bytes + m.value_bytes < serial_bytes ? rows : 16;
   at::parallel_for(0, rows, grain, [&](int64_t r0, int64_t r1) {
     if (!avx) {
       std::vector<float> acc(T);
@@ -422,6 +502,8 @@ torch::Tensor masked_gemv(torch::Tensor x, torch::Tensor mask, torch::Tensor off
         case P14: if (dp) rows_of(std::integral_constant<int, P14>(), Tr()); else rows_of(std::integral_constant<int, P14>(), F()); break;
         case FP16: rows_of(std::integral_constant<int, FP16>(), F()); break;
         case FP32: rows_of(std::integral_constant<int, FP32>(), F()); break;
+        case INT8G: rows_of(std::integral_constant<int, INT8G>(), F()); break;
+        case INT4: rows_of(std::integral_constant<int, INT4>(), F()); break;
         default: rows_of(std::integral_constant<int, INT8>(), F());
       }
     });
@@ -431,7 +513,7 @@ torch::Tensor masked_gemv(torch::Tensor x, torch::Tensor mask, torch::Tensor off
 
 // Y = X Wᵀ (+ bias) for a dense row-major bf16 W (rows, cols) and few bf16 tokens: the low-rank factors and
 // dictionaries at decode (faster here than torch.mv and F.linear at M = 1..4 in bf16).
-torch::Tensor dense_gemv(torch::Tensor x, torch::Tensor W, c10::optional<torch::Tensor> bias) {
+torch::Tensor dense_gemv(torch::Tensor x, torch::Tensor W, c10::optional<torch::Tensor> bias, int64_t serial_bytes) {
   TORCH_CHECK(cpu_has_avx512(), "dense_gemv needs AVX-512 BF16");
   TORCH_CHECK(x.dim() == 2 && W.dim() == 2 && x.size(1) == W.size(1), "x (T, cols), W (rows, cols)");
   TORCH_CHECK(x.scalar_type() == torch::kBFloat16 && W.scalar_type() == torch::kBFloat16 && W.is_contiguous(),
@@ -443,27 +525,33 @@ torch::Tensor dense_gemv(torch::Tensor x, torch::Tensor W, c10::optional<torch::
   Store store{y.data_ptr(), torch::kBFloat16, rows, b.has_value() ? b->data_ptr<float>() : nullptr};
   const uint16_t* wp = reinterpret_cast<const uint16_t*>(W.data_ptr<c10::BFloat16>());
   const uint16_t* xp = reinterpret_cast<const uint16_t*>(xc.data_ptr<c10::BFloat16>());
-  const int64_t grain = rows * cols * 2 < kSerialBytes ? rows : 16;
+  const int64_t grain = rows * cols * 2 < serial_bytes ? rows : 16;
   at::parallel_for(0, rows, grain, [&](int64_t r0, int64_t r1) {
     token_blocks(T, [&](int64_t t0, auto tt) {
       constexpr int TT = decltype(tt)::value;
-      float out[TT];
-      for (int64_t r = r0; r < r1; r++) {
-        dense_row<unroll<TT>(), TT>(wp, cols, xp + t0 * cols, r, out);
-        for (int t = 0; t < TT; t++) store(t0 + t, r, out[t], 1.f);
-      }
+      constexpr int R = rows_at_once<TT>();
+      int64_t r = r0;
+      auto emit = [&](auto rr) {
+        constexpr int RR = decltype(rr)::value;
+        float out[RR][TT];
+        dense_rows<RR, TT>(wp, cols, xp + t0 * cols, r, out);
+        for (int i = 0; i < RR; i++) for (int t = 0; t < TT; t++) store(t0 + t, r + i, out[i][t], 1.f);
+        r += RR;
+      };
+      while (r + R <= r1) emit(std::integral_constant<int, R>());
+      while (r < r1) emit(std::integral_constant<int, 1>());
     });
   });
   return y;
 }
 
 void masked_unpack(torch::Tensor mask, torch::Tensor offsets, torch::Tensor values, int64_t kind,
-                   c10::optional<torch::Tensor> scale, int64_t rows, int64_t cols, int64_t r0, int64_t r1,
-                   torch::Tensor out, bool simd) {
-  Masked m = view(mask, offsets, values, kind, scale, rows, cols);
+                   c10::optional<torch::Tensor> scale, c10::optional<torch::Tensor> zero, int64_t group,
+                   int64_t rows, int64_t cols, int64_t r0, int64_t r1, torch::Tensor out, bool simd) {
+  Masked m = view(mask, offsets, values, kind, scale, rows, cols, zero, group);
   TORCH_CHECK(0 <= r0 && r0 <= r1 && r1 <= rows, "row range");
   TORCH_CHECK(out.is_contiguous() && out.numel() >= (r1 - r0) * cols, "out: contiguous (r1-r0, cols)");
-  bool avx = simd && cpu_has_avx512();
+  bool avx = simd_ok(m, simd);
   auto st = out.scalar_type();
   TORCH_CHECK(st == torch::kFloat32 || st == torch::kBFloat16 || st == torch::kFloat16, "out dtype");
   at::parallel_for(r0, r1, 8, [&](int64_t b, int64_t e) {
@@ -481,13 +569,13 @@ void masked_unpack(torch::Tensor mask, torch::Tensor offsets, torch::Tensor valu
 // Y = X Mᵀ for many tokens: each thread unpacks its own row panels into a thread-local scratch and runs a
 // single-threaded dense GEMM on it (one parallel region per call; ATen ops inside it run sequentially).
 torch::Tensor masked_panels_mm(torch::Tensor x, torch::Tensor mask, torch::Tensor offsets, torch::Tensor values,
-                               int64_t kind, c10::optional<torch::Tensor> scale, int64_t rows, int64_t cols,
-                               int64_t panel_rows, bool simd) {
+                               int64_t kind, c10::optional<torch::Tensor> scale, c10::optional<torch::Tensor> zero,
+                               int64_t group, int64_t rows, int64_t cols, int64_t panel_rows, bool simd) {
   TORCH_CHECK(x.dim() == 2 && x.size(1) == cols, "x: (T, cols)");
   auto st = x.scalar_type();
   TORCH_CHECK(st == torch::kFloat32 || st == torch::kBFloat16 || st == torch::kFloat16, "x dtype");
-  Masked m = view(mask, offsets, values, kind, scale, rows, cols);
-  bool avx = simd && cpu_has_avx512();
+  Masked m = view(mask, offsets, values, kind, scale, rows, cols, zero, group);
+  bool avx = simd_ok(m, simd);
   auto xT = x.t();
   auto yT = torch::empty({rows, x.size(0)}, x.options());
   int64_t npanels = (rows + panel_rows - 1) / panel_rows;
