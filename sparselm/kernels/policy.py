@@ -30,13 +30,12 @@ DENSE_GEMV_MAX_TOKENS = 4
 # without the C++ GEMV: torch.mv per token instead of one GEMM up to this many tokens (0: F.linear always;
 # on the AMD EPYC measured last, F.linear at M=1 streams bf16 ~2-3x faster than torch.mv)
 MV_MAX_TOKENS = 0
-# below this many weight bytes a decode GEMV (masked or dense) runs on one thread. Measured (interleaved, 1
-# token, bf16, OMP_WAIT_POLICY=PASSIVE, 2 threads, the machine shared at load 12-14): one thread was faster by
-# median and by fastest run on every Llama-3.2-1B and -3-8B q/o, k/v, 2048x8192 and 4096x4096 layer of every
-# type (e.g. 2048x512 50 %: 0.17 vs 0.31 ms, 4096x4096 50 %: 2.0 vs 4.0 ms; docs/benchmarks/kernels.md): the
-# masked GEMV gained nothing from a second thread even at the start of the session (load < 2), the dense one
-# reads 28-40 GB/s on one thread. Larger layers keep both threads.
-SERIAL_BYTES = 16 << 20
+# below this many weight bytes a decode GEMV (masked or dense) runs on one thread (0: always both threads).
+# Under load (12-14 on the 2 cores, interleaved 1-token layer runs) one thread won every layer up to 4096x4096,
+# but on the quiet machine the end-to-end decode of the Llama-3.2-1B-shaped model (batch 1, 2 threads, medians,
+# docs/benchmarks/kernels.md "quiet recheck") was faster with both threads everywhere: low rank 0.4 1.26x vs
+# 1.10x dense, dictionary 0.4 1.27x vs 1.08x, 50 % 1.47x vs 1.42x with a 16 MiB threshold. Default: 0.
+SERIAL_BYTES = 0
 # rows per unpacked panel (each feeds one GEMM of M = rows): 256 measured best at 2048..14336 inputs, 512
 # tokens (64-row panels were 1.7-2.6x slower, 512 rows lost the cache); fewer when a layer has few rows
 # so that every thread gets a panel
