@@ -41,7 +41,7 @@ from ..config import CoefStorage, CoSpaDiSpec, DictUpdateRule, Init, SparseCoder
 from ..errors import InputError
 from ..packing import QParams, groups_per_row, masked_groups, round_grouped
 from . import SparseDict, register, round_dense
-from .htp import ALTERNATION_CG_STEPS, ALTERNATION_ROUNDS, htp_dense
+from .htp import ALTERNATION_CG_STEPS, ALTERNATION_ROUNDS, htp_dense, low_precision
 from .ksvd import ksvd_update, mod_update, refit_coefficients
 from .omp import omp
 from .whiten import Whitening, whiten
@@ -212,23 +212,23 @@ def coder_macs(n: int, k: int, s: int, cols: int, rounds: int = ALTERNATION_ROUN
             "htp_low": k * k * cols * cg_steps * refits}
 
 
-def coder_cost(n: int, k: int, s: int, cols: int) -> dict[SparseCoder, float]:
-    """Estimated seconds of one coding pass by each coder (`coder_macs` at the rates above)."""
+def coder_cost(n: int, k: int, s: int, cols: int, device: torch.device | None = None) -> dict[SparseCoder, float]:
+    """Estimated seconds of one coding pass by each coder (`coder_macs` at the rates above; the CG steps at the
+    float32 rate where ``device`` has no native bf16, `htp.low_precision`)."""
     m = coder_macs(n, k, s, cols)
+    low = LOW_GEMM_SECONDS_PER_MAC if low_precision(device or torch.device("cpu")) else GEMM_SECONDS_PER_MAC
     return {SparseCoder.OMP: m["omp"] * OMP_SECONDS_PER_MAC,
-            SparseCoder.HTP: HTP_SECONDS_PER_PASS + m["htp"] * GEMM_SECONDS_PER_MAC
-            + m["htp_low"] * LOW_GEMM_SECONDS_PER_MAC}
+            SparseCoder.HTP: HTP_SECONDS_PER_PASS + m["htp"] * GEMM_SECONDS_PER_MAC + m["htp_low"] * low}
 
 
 def choose_coder(n: int, k: int, s: int, cols: int, device: torch.device | None = None,
                  shifted: bool = False) -> SparseCoder:
     """The coder ``coder: auto`` runs for a layer: exact OMP when the whitening needed a diagonal shift
     (rank-deficient calibration: a near-singular ``L`` makes the dictionary too coherent for HTP's CG refits;
-    measured up to 1.8× OMP's error there), else the cheaper of `coder_cost` (``device`` is reserved for
-    per-device constants; today one rule)."""
+    measured up to 1.8× OMP's error there), else the cheaper of `coder_cost` on ``device``."""
     if shifted:
         return SparseCoder.OMP
-    cost = coder_cost(n, k, s, cols)
+    cost = coder_cost(n, k, s, cols, device)
     return SparseCoder.HTP if cost[SparseCoder.HTP] < cost[SparseCoder.OMP] else SparseCoder.OMP
 
 

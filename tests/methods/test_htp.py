@@ -155,3 +155,23 @@ def test_spec_coder_and_dict_update_round_trip_and_reach_the_result():
         res, = cospadi([W], [stats], CoSpaDiSpec(target=Ratio(0.3), iters=3, coder=coder), torch.float32)
         assert res.info["coder"] in ("omp", "htp") and res.info["dict_update"] == "mod"
         assert (res.mask.sum(0) == res.info["s"]).all() and res.info["rel_error"] < 0.6
+
+
+def test_low_precision_cg_only_where_the_cpu_has_native_bf16(monkeypatch):
+    """bf16 CG products run only where oneDNN multiplies bf16 natively (emulated bf16 GEMMs were 23x slower than
+    float32 on an AVX2-only CPU); "auto" is exactly that choice, and the cost model prices the CG steps by it."""
+    from sparselm.methods import cospadi as cmod, htp as hmod
+    native = torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    assert hmod.low_precision(torch.device("cpu")) == (torch.bfloat16 if native else None)
+    D = _dictionary(24, 48, seed=2)
+    Y = D @ _planted(D, 3, 40)
+    auto = hmod.htp_rows(D.T @ D, D.T @ Y, 3, cg_dtype="auto")
+    chosen = hmod.htp_rows(D.T @ D, D.T @ Y, 3, cg_dtype=hmod.low_precision(torch.device("cpu")))
+    assert torch.equal(auto[0], chosen[0]) and torch.equal(auto[1], chosen[1])
+    costs = {}
+    for dt in (torch.bfloat16, None):
+        monkeypatch.setattr(cmod, "low_precision", lambda device, dt=dt: dt)
+        costs[dt] = cmod.coder_cost(2048, 1911, 955, 8192)[SparseCoder.HTP]
+    low = cmod.coder_macs(2048, 1911, 955, 8192)["htp_low"]  # float32 CG steps: priced at the float32 rate
+    assert costs[None] - costs[torch.bfloat16] == pytest.approx(
+        low * (cmod.GEMM_SECONDS_PER_MAC - cmod.LOW_GEMM_SECONDS_PER_MAC))
