@@ -131,6 +131,55 @@ def test_scalar_and_simd_gemv_agree(storage):
         torch.testing.assert_close(masked.matmul_gemv(h, rt, simd=simd), ref, rtol=1e-4, atol=1e-4)
 
 
+@needs_ext
+@pytest.mark.parametrize("storage", [CoefStorage.BF16, CoefStorage.FP16, CoefStorage.INT8, "fp32"], ids=str)
+@pytest.mark.parametrize("cols", [7, 33, 45, 613])
+@pytest.mark.parametrize("bias", [True, False])
+def test_masked_gemv_runs_simd_on_odd_widths(storage, cols, bias):
+    """bf16 / fp16 / fp32 / per-row int8 values take a SIMD GEMV (AVX2 or AVX-512) on any CPU torch runs its
+    AVX2 kernels on, and match the stored weight's product at 1..9 tokens, widths not a multiple of 8 or 32."""
+    torch.manual_seed(cols)
+    W, mask = torch.randn(23, cols), torch.rand(23, cols) < 0.5
+    dtype = torch.float32 if storage == "fp32" else torch.bfloat16
+    m = SparseLinear(W, mask, torch.randn(23) if bias else None, None, dtype,
+                     Storage() if storage == "fp32" else Storage(storage))
+    rt = m.runtime()
+    assert _build.gemv_level(rt.kind, rt.group) in _cpu_levels()
+    dense = m.dense_weight().float()
+    b = None if m.bias is None else m.bias.float()
+    for tokens in range(1, 10):
+        x = torch.randn(tokens, cols)
+        ref = x @ dense.T + (0 if b is None else b)
+        for simd in (True, False):
+            got = masked.matmul_gemv(x, rt, b, simd=simd)
+            torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item())
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_bf16_products_run_in_float32_without_native_bf16(native, monkeypatch):
+    """Without native bf16 (oneDNN emulates it) the prefill products run one float32 GEMM, cast back, and the
+    dense GEMV takes more tokens; with it, bf16 as before. Both match the reference forwards."""
+    monkeypatch.setattr(kernels.policy, "native_bf16", lambda: native)
+    many, few = kernels.policy.FLOAT32_MIN_TOKENS, kernels.policy.FLOAT32_MIN_TOKENS - 1
+    assert kernels.policy.gemm_dtype(torch.bfloat16, many) == (torch.bfloat16 if native else torch.float32)
+    assert kernels.policy.gemm_dtype(torch.bfloat16, few) == torch.bfloat16
+    assert kernels.policy.gemm_dtype(torch.float16, many) == torch.float16
+    seen = []
+    panels = masked.matmul_panels
+    monkeypatch.setattr(masked, "matmul_panels", lambda x, *a, **k: seen.append(x.dtype) or panels(x, *a, **k))
+    torch.manual_seed(0)
+    W, mask = torch.randn(45, 70), torch.rand(45, 70) < 0.5
+    _check(SparseLinear(W, mask, torch.randn(45), None, torch.bfloat16), _inputs(70, torch.bfloat16, (many,)),
+           None, torch.bfloat16)
+    assert seen == [torch.bfloat16 if native else torch.float32]
+    lr = LowRankLinear(torch.randn(70, 9), torch.randn(9, 33), torch.randn(33), torch.bfloat16)
+    beyond_gemv = kernels.policy.DENSE_GEMV_MAX_TOKENS_EMULATED + 1  # one float32 GEMM where not native
+    _check(lr, _inputs(70, torch.bfloat16, (beyond_gemv,)), None, torch.bfloat16)
+    x = _inputs(70, torch.bfloat16, (kernels.policy.DENSE_GEMV_MAX_TOKENS_EMULATED,))
+    gemv = kernels.extension_available() and _build.dense_level() != "scalar"
+    assert kernels.policy.dense_path(x, lr.U.t().contiguous()) == ("gemv" if gemv and not native else "torch")
+
+
 def test_runtime_follows_buffer_writes():
     W, mask = torch.randn(16, 32), torch.rand(16, 32) < 0.5
     a, b = SparseLinear(W, mask), SparseLinear(torch.randn(16, 32), mask)
@@ -212,12 +261,21 @@ def test_many_small_panels_match_reference(path, monkeypatch):
     _check(SparseLinear(W, m2, None, None, torch.float32), _inputs(45, torch.float32, (40,)), path, torch.float32)
 
 
-@pytest.mark.skipif(not (kernels.extension_available() and _build.simd()), reason="needs the AVX-512 BF16 kernels")
-@pytest.mark.parametrize("rows, cols", [(37, 45), (64, 96), (5, 613), (300, 33)])
-@pytest.mark.parametrize("tokens", [1, 3, 4, 11])
+def _cpu_levels() -> set[str]:
+    """The kernel levels acceptable on this CPU, from torch's own cpuid probe (not the extension's): AVX2 or
+    better wherever torch runs its AVX2 kernels, so a dispatch that silently falls back to scalar fails."""
+    cap = torch.backends.cpu.get_cpu_capability()
+    return {"AVX2": {"avx2"}, "AVX512": {"avx2", "avx512"}}.get(cap, {"scalar"})
+
+
+@pytest.mark.skipif(not (kernels.extension_available() and _build.dense_level() != "scalar"),
+                    reason="needs the AVX-512 BF16 or AVX2 kernels")
+@pytest.mark.parametrize("rows, cols", [(37, 45), (64, 96), (5, 613), (300, 33), (9, 7), (6, 17), (11, 31)])
+@pytest.mark.parametrize("tokens", [1, 2, 3, 4, 5, 6, 7, 8, 9, 11])
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("serial_bytes", [0, 1 << 40])  # rows split over the threads, or one thread
 def test_dense_gemv_matches_float_product(rows, cols, tokens, bias, serial_bytes):
+    assert _build.dense_level() in _cpu_levels()
     g = torch.Generator().manual_seed(rows * cols + tokens)
     W = torch.randn(rows, cols, generator=g).to(torch.bfloat16)
     x = torch.randn(tokens, cols, generator=g).to(torch.bfloat16)
@@ -238,7 +296,7 @@ def test_low_rank_dense_paths_match_reference(mv_tokens, path, monkeypatch):
     for tokens in [(1,), (2,), (3, 5)]:
         _check(m, _inputs(70, torch.bfloat16, tokens), path, torch.bfloat16)
     x = _inputs(70, torch.bfloat16, (2,))
-    expect = "gemv" if path is None and _build.simd() else "torch"
+    expect = "gemv" if path is None and _build.dense_level() != "scalar" else "torch"
     assert kernels.policy.dense_path(x, m.U.t().contiguous(), path) == expect
 
 

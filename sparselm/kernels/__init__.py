@@ -43,7 +43,9 @@ def _product(x2: torch.Tensor, mm: Masked, bias: torch.Tensor | None, module_pat
     path = policy.masked_path(x2.shape[0], module_path)
     if path == "gemv":
         return masked.matmul_gemv(x2, mm, bias, serial_bytes=policy.SERIAL_BYTES)
-    return _bias(masked.matmul_panels(x2, mm, policy.PANEL_ROWS, use_ext=path == "panel").to(x2.dtype), bias)
+    dtype = policy.gemm_dtype(x2.dtype, x2.shape[0])
+    return _bias(masked.matmul_panels(x2.to(dtype), mm, policy.PANEL_ROWS, use_ext=path == "panel").to(x2.dtype),
+                 bias)
 
 
 def _bias(y: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -59,11 +61,14 @@ def masked_linear(x: torch.Tensor, mm: Masked, bias: torch.Tensor | None = None,
 
 def _dense(x2: torch.Tensor, At: torch.Tensor, bias: torch.Tensor | None, module_path: str | None) -> torch.Tensor:
     """``x2 (T, n) @ At.T (+ bias)`` for a contiguous ``At (m, n)``: the C++ bf16 GEMV for few tokens, else
-    ``torch.mv`` per token up to `policy.MV_MAX_TOKENS`, else one GEMM."""
+    ``torch.mv`` per token up to `policy.MV_MAX_TOKENS`, else one GEMM (in `policy.gemm_dtype`, cast back)."""
     At = At if At.dtype == x2.dtype else At.to(x2.dtype)
     if policy.dense_path(x2, At, module_path) == "gemv":
         return _build.loaded().dense_gemv(x2, At, bias, policy.SERIAL_BYTES)
     T = x2.shape[0]
+    dtype = policy.gemm_dtype(x2.dtype, T)
+    if dtype != x2.dtype:
+        return F.linear(x2.to(dtype), At.to(dtype), None if bias is None else bias.to(dtype)).to(x2.dtype)
     if T <= policy.MV_MAX_TOKENS:
         y = torch.stack([torch.mv(At, row) for row in x2]) if T > 1 else torch.mv(At, x2[0]).unsqueeze(0)
         return _bias(y, bias)

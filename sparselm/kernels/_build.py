@@ -94,8 +94,26 @@ def available() -> bool:
 
 
 def simd() -> bool:
-    """Whether the extension's AVX-512 (VBMI2 + BF16) paths run on this CPU (the dense bf16 GEMV needs them)."""
+    """Whether the extension's AVX-512 (VBMI2 + BF16) paths run on this CPU."""
     if "simd" not in _state:
         ext = loaded()
         _state["simd"] = ext is not None and bool(ext.has_avx512())
     return _state["simd"]
+
+
+LEVELS = ("scalar", "avx2", "avx512")  # the C++ side's level numbers 0, 1, 2
+
+
+def dense_level() -> str:
+    """The dense bf16 GEMV's path on this CPU: ``avx512`` (VDPBF16PS), ``avx2`` (AVX2 + FMA + F16C) or
+    ``scalar`` (none: the dense factors take F.linear)."""
+    if "dense" not in _state:
+        ext = loaded()
+        _state["dense"] = LEVELS[int(ext.dense_level())] if ext is not None else "scalar"
+    return _state["dense"]
+
+
+def gemv_level(kind: int, group: int = 0) -> str:
+    """The masked GEMV's path on this CPU for a value kind (`masked.KIND`, ...) and quantization group."""
+    ext = loaded()
+    return LEVELS[int(ext.gemv_level(kind, group, True))] if ext is not None else "scalar"

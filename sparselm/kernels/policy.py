@@ -27,6 +27,16 @@ GEMV_MAX_TOKENS = 8
 # fastest runs 0.7-1.0 ms vs 2.0-2.2 ms at 1-4 tokens on the 8192x1228 factor, even on the 1228x2048 one;
 # at 8 tokens the medians favoured F.linear)
 DENSE_GEMV_MAX_TOKENS = 4
+# the same on a CPU without native bf16 products (`native_bf16`; there F.linear in bf16 is emulated by oneDNN):
+# on the AVX2-only EPYC, 2 threads, the AVX2 GEMV of 1228x2048 / 2048x1228 bf16 factors took 0.18 / 1.0 / 7.9 /
+# 16 / 43 ms at 1 / 8 / 32 / 64 / 256 tokens against 0.41 / 8.0 / 20-28 / 50 / - ms for F.linear in bf16 and
+# 40 / 48 / 64 ms at 32 / 64 / 256 for a float32 GEMM with the conversions; at 512 the float32 GEMM won (72-80
+# vs 112 ms; one run each under a 2-core load from another job)
+DENSE_GEMV_MAX_TOKENS_EMULATED = 256
+# on a CPU without native bf16, bf16 products over at least this many tokens run as one float32 GEMM (operands
+# converted, output cast back): 1228x2048 bf16 F.linear 28 / 53 / 376 ms at 32 / 64 / 512 tokens vs 36 / 44 /
+# 80 ms in float32 with the weight conversion (AVX2-only EPYC, 2 threads)
+FLOAT32_MIN_TOKENS = 64
 # without the C++ GEMV: torch.mv per token instead of one GEMM up to this many tokens (0: F.linear always;
 # on the AMD EPYC measured last, F.linear at M=1 streams bf16 ~2-3x faster than torch.mv)
 MV_MAX_TOKENS = 0
@@ -51,11 +61,35 @@ def requested(module_path: str | None) -> str:
     return path
 
 
+_native: dict = {}
+
+
+def native_bf16() -> bool:
+    """Whether this CPU multiplies bf16 natively (oneDNN's AVX-512 BF16 / AMX kernels); elsewhere a bf16 GEMM
+    is emulated and several times slower than float32 (512x2048x2048: 322 ms vs 42 ms on the AVX2-only EPYC)."""
+    if "bf16" not in _native:
+        try:
+            _native["bf16"] = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        except (AttributeError, RuntimeError):
+            _native["bf16"] = False
+    return _native["bf16"]
+
+
+def gemm_dtype(dtype: torch.dtype, tokens: int) -> torch.dtype:
+    """The dtype a GEMM of ``tokens`` rows of ``dtype`` input runs in (prefill panels, dense factors): float32
+    for bf16 from `FLOAT32_MIN_TOKENS` tokens on a CPU without native bf16, else ``dtype`` itself."""
+    if dtype == torch.bfloat16 and tokens >= FLOAT32_MIN_TOKENS and not native_bf16():
+        return torch.float32
+    return dtype
+
+
 def dense_path(x2: torch.Tensor, weight: torch.Tensor, module_path: str | None = None) -> str:
-    """``gemv`` (C++ bf16 GEMV) or ``torch`` for a dense factor product ``x2 (T, n) @ weight.T``."""
+    """``gemv`` (C++ bf16 GEMV: AVX-512 BF16 or AVX2) or ``torch`` for a dense factor product
+    ``x2 (T, n) @ weight.T``."""
     if requested(module_path) == "torch" or not (x2.dtype == weight.dtype == torch.bfloat16):
         return "torch"
-    if x2.shape[0] > DENSE_GEMV_MAX_TOKENS or not weight.is_contiguous() or not _build.simd():
+    limit = DENSE_GEMV_MAX_TOKENS if native_bf16() else DENSE_GEMV_MAX_TOKENS_EMULATED
+    if x2.shape[0] > limit or not weight.is_contiguous() or _build.dense_level() == "scalar":
         return "torch"
     return "gemv"
 

@@ -12,7 +12,11 @@
 //   masked_unpack(..., r0, r1, out (r1-r0, cols) bf16|f16|f32)   dense rows of M, for prefill panels
 //
 // Each has an AVX-512 path (VBMI2 expand-load of the values under 32 mask bits at a time, fp32 FMA)
-// chosen at run time by cpuid, and a portable scalar path.
+// chosen at run time by cpuid, and a portable scalar path. On CPUs with AVX2 + FMA + F16C but not the
+// AVX-512 set (VBMI2 + BF16), the two GEMVs have an AVX2 path (gemv_level / dense_level say which runs):
+// dense bf16 rows widened to fp32 by shifts, and for bf16 / fp16 / fp32 / per-row int8 masked values a
+// 256-entry table of VPERMPS indices that spreads the next popcount(8 mask bits) values over their columns;
+// the other value kinds, and masked_unpack, keep the scalar loop there.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
@@ -362,6 +366,160 @@ void unpack_rows_avx(const Masked& m, int64_t r0, int64_t r1, OutT* out) {  // t
   }
 }
 
+// ---- AVX2 + FMA + F16C (CPUs without AVX-512) ------------------------------------------------------
+// No expand-load and no bf16 dot product here: 8 mask bits at a time, a 256-entry table gives each lane the
+// rank of its bit among the set ones (a VPERMPS index) and the next 8 stored values are spread over their
+// columns; bf16 becomes fp32 by a 16-bit shift, then FMA against fp32 x.
+#define SPARSELM_AVX2 __attribute__((target("avx2,fma,f16c,popcnt")))
+
+// kExpand8.t[b], nibble j: the index of the value lane j takes under mask bits b (the rank of bit j among
+// b's set bits), or 8 where bit j is unset (VPERMPS reads the low 3 bits; bit 3 marks the lane for zeroing)
+struct Expand8 { uint32_t t[256]; };
+constexpr Expand8 expand8() {
+  Expand8 e{};
+  for (int b = 0; b < 256; b++) {
+    uint32_t v = 0; int k = 0;
+    for (int j = 0; j < 8; j++) v |= uint32_t((b >> j) & 1 ? k++ : 8) << (4 * j);
+    e.t[b] = v;
+  }
+  return e;
+}
+alignas(64) constexpr Expand8 kExpand8 = expand8();
+
+template <int K> constexpr int64_t value_size() { return K == FP32 ? 4 : (K == INT8 ? 1 : 2); }
+
+// the 8 stored values from index idx as fp32 (no int8 scale), never reading past the buffer
+template <int K>
+SPARSELM_AVX2 inline __m256 load8_k(const Masked& m, int64_t idx) {
+  constexpr int64_t es = value_size<K>();
+  const uint8_t* p = static_cast<const uint8_t*>(m.values) + es * idx;
+  alignas(32) uint8_t tail[32];
+  if (es * (idx + 8) > m.value_bytes) {  // the last values of the matrix
+    std::memset(tail, 0, sizeof tail);
+    const int64_t n = m.value_bytes - es * idx;
+    if (n > 0) std::memcpy(tail, p, size_t(n));
+    p = tail;
+  }
+  if constexpr (K == BF16) {
+    const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+  } else if constexpr (K == FP16) {
+    return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  } else if constexpr (K == FP32) {
+    return _mm256_loadu_ps(reinterpret_cast<const float*>(p));
+  } else {
+    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+  }
+}
+
+SPARSELM_AVX2 inline float hsum8(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+
+// lanes 0..n-1 set (a VMASKMOVPS mask for the last, partial 8 columns of a row)
+SPARSELM_AVX2 inline __m256i first_lanes(int64_t n) {
+  return _mm256_cmpgt_epi32(_mm256_set1_epi32(int(n)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+}
+
+// One row of Y = X Mᵀ for TT tokens (fp32 x): 32 mask bits read at a time, 8 columns per step, U accumulators
+// per token in rotation (latency of the FMA chains). Any cols (the last, partial step loads x under a mask).
+template <int U, int TT, int K>
+SPARSELM_AVX2 inline void gemv_row_avx2(const Masked& m, const float* x, int64_t r, float (&out)[TT]) {
+  const bool aligned = m.cols % 32 == 0;
+  const __m256i shifts = _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28);
+  int64_t idx = m.offsets[r];
+  const int64_t bit = r * m.cols;
+  __m256 acc[U][TT];
+  for (int u = 0; u < U; u++) for (int t = 0; t < TT; t++) acc[u][t] = _mm256_setzero_ps();
+  for (int64_t c = 0; c < m.cols; c += 32) {
+    const int n = int(std::min<int64_t>(32, m.cols - c));
+    uint32_t w;
+    if (aligned) std::memcpy(&w, m.mask + ((bit + c) >> 3), 4);
+    else w = read_bits(m, bit + c, n);
+    prefetch_at(m.values, value_size<K>() * idx + kPrefetchBytes);  // this row's values, 4 KiB ahead
+    if ((c & 255) == 0) prefetch_at(m.mask, ((bit + c) >> 3) + 512);  // its mask (one line per 512 columns)
+    for (int j = 0; j < 4 && w; j++, w >>= 8) {
+      const uint32_t b = w & 0xFF;
+      if (!b) continue;
+      const int64_t col = c + 8 * j;
+      const __m256i sel = _mm256_srlv_epi32(_mm256_set1_epi32(int(kExpand8.t[b])), shifts);
+      __m256 v = _mm256_permutevar8x32_ps(load8_k<K>(m, idx), sel);
+      v = _mm256_blendv_ps(v, _mm256_setzero_ps(), _mm256_castsi256_ps(_mm256_slli_epi32(sel, 28)));
+      idx += _mm_popcnt_u32(b);
+      const bool full = col + 8 <= m.cols;
+      const __m256i k = full ? _mm256_set1_epi32(-1) : first_lanes(m.cols - col);
+      for (int t = 0; t < TT; t++) {
+        const float* xt = x + t * m.cols + col;
+        const __m256 xv = full ? _mm256_loadu_ps(xt) : _mm256_maskload_ps(xt, k);
+        acc[j % U][t] = _mm256_fmadd_ps(v, xv, acc[j % U][t]);
+      }
+    }
+  }
+  for (int t = 0; t < TT; t++) {
+    __m256 s = acc[0][t];
+    for (int u = 1; u < U; u++) s = _mm256_add_ps(s, acc[u][t]);
+    out[t] = hsum8(s);
+  }
+}
+
+// x (T, cols) bf16 as fp32 in the order dense_rows_avx2 reads W: within each full 16 columns the even
+// columns, then the odd ones (a 32-bit lane of W holds columns 2k, 2k+1); the last cols % 16 as they are
+void dense_x_avx2(const uint16_t* x, int64_t T, int64_t cols, float* out) {
+  const int64_t full = cols & ~int64_t(15);
+  for (int64_t t = 0; t < T; t++) {
+    const uint16_t* xt = x + t * cols;
+    float* o = out + t * cols;
+    for (int64_t c = 0; c < full; c += 16)
+      for (int k = 0; k < 8; k++) {
+        o[c + k] = bf16_bits_to_float(xt[c + 2 * k]);
+        o[c + 8 + k] = bf16_bits_to_float(xt[c + 2 * k + 1]);
+      }
+    for (int64_t c = full; c < cols; c++) o[c] = bf16_bits_to_float(xt[c]);
+  }
+}
+
+// R dense bf16 rows of W against TT tokens of x laid out by dense_x_avx2, side by side as dense_rows does:
+// 16 columns per step, the even ones by a 16-bit shift of each 32-bit lane, the odd ones by masking the low half.
+template <int R, int TT>
+SPARSELM_AVX2 inline void dense_rows_avx2(const uint16_t* W, int64_t cols, const float* x, int64_t r,
+                                          float (&out)[R][TT]) {
+  const int64_t full = cols & ~int64_t(15);
+  const __m256i high = _mm256_set1_epi32(int(0xFFFF0000u));
+  __m256 acc[R][TT];
+  for (int i = 0; i < R; i++) for (int t = 0; t < TT; t++) acc[i][t] = _mm256_setzero_ps();
+  for (int64_t c = 0; c < full; c += 16) {
+    __m256 xe[TT], xo[TT];
+    for (int t = 0; t < TT; t++) {
+      xe[t] = _mm256_loadu_ps(x + t * cols + c);
+      xo[t] = _mm256_loadu_ps(x + t * cols + c + 8);
+    }
+    for (int i = 0; i < R; i++) {
+      const uint16_t* w = W + (r + i) * cols;
+      if ((c & 31) == 0) prefetch_at(w, 2 * c + kPrefetchBytes);
+      const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + c));
+      const __m256 even = _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
+      const __m256 odd = _mm256_castsi256_ps(_mm256_and_si256(v, high));
+      for (int t = 0; t < TT; t++) {
+        acc[i][t] = _mm256_fmadd_ps(even, xe[t], acc[i][t]);
+        acc[i][t] = _mm256_fmadd_ps(odd, xo[t], acc[i][t]);
+      }
+    }
+  }
+  for (int i = 0; i < R; i++) for (int t = 0; t < TT; t++) {
+    float s = hsum8(acc[i][t]);
+    for (int64_t c = full; c < cols; c++) s += bf16_bits_to_float(W[(r + i) * cols + c]) * x[t * cols + c];
+    out[i][t] = s;
+  }
+}
+
+bool cpu_has_avx2() {
+  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+      __builtin_cpu_supports("f16c") && __builtin_cpu_supports("popcnt");
+  return ok;
+}
+
 bool cpu_has_avx512() {
   static const bool ok = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
       __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
@@ -402,11 +560,23 @@ Masked view(const torch::Tensor& mask, const torch::Tensor& offsets, const torch
 }  // namespace
 
 bool has_avx512() { return cpu_has_avx512(); }
+bool has_avx2() { return cpu_has_avx2(); }
 
 // whether the AVX-512 paths can run this matrix (a 32-column chunk must lie in one quantization group)
 bool simd_ok(const Masked& m, bool simd) {
   return simd && cpu_has_avx512() && (!grouped(m.kind) || m.group % 32 == 0);
 }
+
+// the decode GEMV a matrix of this value kind / group takes: 2 AVX-512, 1 AVX2 (bf16, fp16, fp32 and per-row
+// int8 values; the others keep the scalar loop there), 0 scalar
+int64_t gemv_level(int64_t kind, int64_t group, bool simd) {
+  Masked m{}; m.kind = int(kind); m.group = group;
+  if (simd_ok(m, simd)) return 2;
+  return simd && cpu_has_avx2() && (kind == BF16 || kind == FP16 || kind == FP32 || kind == INT8) ? 1 : 0;
+}
+
+// the dense bf16 GEMV's path: 2 AVX-512 BF16, 1 AVX2 + FMA, 0 none (then dense_gemv refuses)
+int64_t dense_level() { return cpu_has_avx512() ? 2 : (cpu_has_avx2() ? 1 : 0); }
 
 template <typename F>
 void token_blocks(int64_t T, F&& f) {  // f(t0, std::integral_constant<int, tt>) for blocks of <= 8 tokens
@@ -464,7 +634,8 @@ torch::Tensor masked_gemv(torch::Tensor x, torch::Tensor mask, torch::Tensor off
   TORCH_CHECK(st == torch::kFloat32 || st == torch::kBFloat16 || st == torch::kHalf, "x dtype");
   Masked m = view(mask, offsets, values, kind, scale, rows, cols, zero, group);
   const int64_t T = x.size(0);
-  const bool avx = simd_ok(m, simd);
+  const int64_t level = gemv_level(kind, group, simd);
+  const bool avx = level == 2;
   const bool dp = avx && st == torch::kBFloat16 && (kind == BF16 || kind == P14);
   auto xin = dp ? x.contiguous() : x.to(torch::kFloat32).contiguous();
   auto y = out_like(x, T, rows);
@@ -472,6 +643,28 @@ torch::Tensor masked_gemv(torch::Tensor x, torch::Tensor mask, torch::Tensor off
   Store store{y.data_ptr(), st, rows, b.has_value() ? b->data_ptr<float>() : nullptr};
   const int64_t grain = m.mask_bytes + m.value_bytes < serial_bytes ? rows : 16;
   at::parallel_for(0, rows, grain, [&](int64_t r0, int64_t r1) {
+    if (level == 1) {
+      const float* xp = xin.data_ptr<float>();
+      token_blocks(T, [&](int64_t t0, auto tt) {
+        constexpr int TT = decltype(tt)::value;
+        auto rows_of = [&](auto k) {
+          constexpr int K = decltype(k)::value;
+          float out[TT];
+          for (int64_t r = r0; r < r1; r++) {
+            gemv_row_avx2<unroll<TT>(), TT, K>(m, xp + t0 * cols, r, out);
+            const float s = m.scale ? m.scale[r] : 1.f;
+            for (int t = 0; t < TT; t++) store(t0 + t, r, out[t], s);
+          }
+        };
+        switch (kind) {
+          case BF16: rows_of(std::integral_constant<int, BF16>()); break;
+          case FP16: rows_of(std::integral_constant<int, FP16>()); break;
+          case FP32: rows_of(std::integral_constant<int, FP32>()); break;
+          default: rows_of(std::integral_constant<int, INT8>());
+        }
+      });
+      return;
+    }
     if (!avx) {
       std::vector<float> acc(T);
       const float* xp = xin.data_ptr<float>();
@@ -514,7 +707,8 @@ torch::Tensor masked_gemv(torch::Tensor x, torch::Tensor mask, torch::Tensor off
 // Y = X Wᵀ (+ bias) for a dense row-major bf16 W (rows, cols) and few bf16 tokens: the low-rank factors and
 // dictionaries at decode (faster here than torch.mv and F.linear at M = 1..4 in bf16).
 torch::Tensor dense_gemv(torch::Tensor x, torch::Tensor W, c10::optional<torch::Tensor> bias, int64_t serial_bytes) {
-  TORCH_CHECK(cpu_has_avx512(), "dense_gemv needs AVX-512 BF16");
+  const int64_t level = dense_level();
+  TORCH_CHECK(level > 0, "dense_gemv needs AVX-512 BF16 or AVX2 + FMA + F16C");
   TORCH_CHECK(x.dim() == 2 && W.dim() == 2 && x.size(1) == W.size(1), "x (T, cols), W (rows, cols)");
   TORCH_CHECK(x.scalar_type() == torch::kBFloat16 && W.scalar_type() == torch::kBFloat16 && W.is_contiguous(),
               "bf16 x and contiguous bf16 W");
@@ -525,6 +719,8 @@ torch::Tensor dense_gemv(torch::Tensor x, torch::Tensor W, c10::optional<torch::
   Store store{y.data_ptr(), torch::kBFloat16, rows, b.has_value() ? b->data_ptr<float>() : nullptr};
   const uint16_t* wp = reinterpret_cast<const uint16_t*>(W.data_ptr<c10::BFloat16>());
   const uint16_t* xp = reinterpret_cast<const uint16_t*>(xc.data_ptr<c10::BFloat16>());
+  std::vector<float> xf(level == 1 ? T * cols : 0);  // AVX2: x as fp32 in the order its rows are read
+  if (level == 1) dense_x_avx2(xp, T, cols, xf.data());
   const int64_t grain = rows * cols * 2 < serial_bytes ? rows : 16;
   at::parallel_for(0, rows, grain, [&](int64_t r0, int64_t r1) {
     token_blocks(T, [&](int64_t t0, auto tt) {
@@ -534,7 +730,8 @@ torch::Tensor dense_gemv(torch::Tensor x, torch::Tensor W, c10::optional<torch::
       auto emit = [&](auto rr) {
         constexpr int RR = decltype(rr)::value;
         float out[RR][TT];
-        dense_rows<RR, TT>(wp, cols, xp + t0 * cols, r, out);
+        if (level == 1) dense_rows_avx2<RR, TT>(wp, cols, xf.data() + t0 * cols, r, out);
+        else dense_rows<RR, TT>(wp, cols, xp + t0 * cols, r, out);
         for (int i = 0; i < RR; i++) for (int t = 0; t < TT; t++) store(t0 + t, r + i, out[i][t], 1.f);
         r += RR;
       };
@@ -603,6 +800,9 @@ torch::Tensor masked_panels_mm(torch::Tensor x, torch::Tensor mask, torch::Tenso
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
   mod.def("has_avx512", &has_avx512, "whether the AVX-512 (VBMI2 + BF16) paths run on this CPU");
+  mod.def("has_avx2", &has_avx2, "whether the AVX2 + FMA + F16C paths run on this CPU");
+  mod.def("gemv_level", &gemv_level, "masked_gemv's path for a value kind and group: 2 AVX-512, 1 AVX2, 0 scalar");
+  mod.def("dense_level", &dense_level, "dense_gemv's path: 2 AVX-512, 1 AVX2, 0 unavailable");
   mod.def("masked_gemv", &masked_gemv, "Y = X M^T (+ bias) for a bitmask-packed matrix M, in x's dtype");
   mod.def("dense_gemv", &dense_gemv, "Y = X W^T (+ bias) for a dense bf16 W, few bf16 tokens");
   mod.def("masked_panels_mm", &masked_panels_mm, "Y^T = M X^T through per-thread unpacked panels + GEMM");
