@@ -44,6 +44,7 @@ DT = torch.bfloat16
 TARGETS = {("lowrank", 1): 0.75, ("dict", 1): 0.75, ("unstructured", 1): 0.8, ("2:4", 1): 0.8,
            ("lowrank", 512): 0.7, ("dict", 512): 1.1, ("unstructured", 512): 1.2, ("2:4", 512): 1.2}
 OUT = ROOT / "docs" / "benchmarks"
+STEM = "kernels"  # docs/benchmarks/{STEM}.{md,json} (--out)
 
 
 # --- random compressed layers --------------------------------------------------------------------------
@@ -356,7 +357,7 @@ reference for the old code.
 
 def write(results: dict) -> None:
     OUT.mkdir(parents=True, exist_ok=True)
-    (OUT / "kernels.json").write_text(json.dumps(results, indent=1))
+    (OUT / f"{STEM}.json").write_text(json.dumps(results, indent=1))
     m = results["machine"]
     load = f" Load average (1 min) at start / end: {m['load']}." if m.get("load") else ""
     md = [f"# Compressed-layer kernels: speed on CPU\n",
@@ -385,7 +386,7 @@ def write(results: dict) -> None:
               "speedup", "speedup_best", "target", "met"])):
         if results.get(key):
             md += [f"## {name}\n", table(results[key], cols), ""]
-    (OUT / "kernels.md").write_text("\n".join(md) + "\n")
+    (OUT / f"{STEM}.md").write_text("\n".join(md) + "\n")
 
 
 def _cases(args):
@@ -417,13 +418,17 @@ def main() -> None:
     p.add_argument("--merge", action="store_true", help="keep the other parts' rows from the existing JSON")
     p.add_argument("--append", action="store_true", help="with --merge: add layer rows to the existing ones")
     p.add_argument("--render", action="store_true", help="only rewrite kernels.md from the existing kernels.json")
+    p.add_argument("--out", default="kernels", help="file stem under docs/benchmarks (e.g. kernels_avx2: rows of "
+                   "another CPU kept apart from kernels.{md,json})")
     args = p.parse_args()
+    global STEM
+    STEM = args.out
     if args.render:
-        write(json.loads((OUT / "kernels.json").read_text()))
+        write(json.loads((OUT / f"{STEM}.json").read_text()))
         return
     args.cases = [(c.rpartition(":")[0], float(c.rpartition(":")[2])) for c in args.cases]
     args.e2e = [(c.rpartition(":")[0], float(c.rpartition(":")[2])) for c in args.e2e]
-    old = json.loads((OUT / "kernels.json").read_text()) if args.merge and (OUT / "kernels.json").is_file() else {}
+    old = json.loads((OUT / f"{STEM}.json").read_text()) if args.merge and (OUT / f"{STEM}.json").is_file() else {}
     load0 = os.getloadavg()[0]
     results = {**old, "machine": {"when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "torch": torch.__version__,
                                   "cpu": _cpu(), "cycle_mb": args.cycle_mb,
