@@ -372,15 +372,14 @@ void unpack_rows_avx(const Masked& m, int64_t r0, int64_t r1, OutT* out) {  // t
 // columns; bf16 becomes fp32 by a 16-bit shift, then FMA against fp32 x.
 #define SPARSELM_AVX2 __attribute__((target("avx2,fma,f16c,popcnt")))
 
-// kExpand8.t[b], nibble j: the index of the value lane j takes under mask bits b (the rank of bit j among
-// b's set bits), or 8 where bit j is unset (VPERMPS reads the low 3 bits; bit 3 marks the lane for zeroing)
-struct Expand8 { uint32_t t[256]; };
+// kExpand8.t[b][j]: the index of the value lane j takes under mask bits b (the rank of bit j among b's set
+// bits), or the sign bit where bit j is unset (VPERMPS reads the low 3 bits, VBLENDVPS the sign: zeroed). 8 KiB.
+struct Expand8 { int32_t t[256][8]; };
 constexpr Expand8 expand8() {
   Expand8 e{};
   for (int b = 0; b < 256; b++) {
-    uint32_t v = 0; int k = 0;
-    for (int j = 0; j < 8; j++) v |= uint32_t((b >> j) & 1 ? k++ : 8) << (4 * j);
-    e.t[b] = v;
+    int k = 0;
+    for (int j = 0; j < 8; j++) e.t[b][j] = (b >> j) & 1 ? k++ : INT32_MIN;
   }
   return e;
 }
@@ -388,13 +387,14 @@ alignas(64) constexpr Expand8 kExpand8 = expand8();
 
 template <int K> constexpr int64_t value_size() { return K == FP32 ? 4 : (K == INT8 ? 1 : 2); }
 
-// the 8 stored values from index idx as fp32 (no int8 scale), never reading past the buffer
-template <int K>
+// the 8 stored values from index idx as fp32 (no int8 scale), never reading past the buffer (Checked: the
+// caller does not know that 8 values from idx lie in it)
+template <int K, bool Checked>
 SPARSELM_AVX2 inline __m256 load8_k(const Masked& m, int64_t idx) {
   constexpr int64_t es = value_size<K>();
   const uint8_t* p = static_cast<const uint8_t*>(m.values) + es * idx;
   alignas(32) uint8_t tail[32];
-  if (es * (idx + 8) > m.value_bytes) {  // the last values of the matrix
+  if (Checked && es * (idx + 8) > m.value_bytes) {  // the last values of the matrix
     std::memset(tail, 0, sizeof tail);
     const int64_t n = m.value_bytes - es * idx;
     if (n > 0) std::memcpy(tail, p, size_t(n));
@@ -423,12 +423,30 @@ SPARSELM_AVX2 inline __m256i first_lanes(int64_t n) {
   return _mm256_cmpgt_epi32(_mm256_set1_epi32(int(n)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
 }
 
+// 8 columns of one row: the values under mask bits b (from index idx, advanced) spread over their lanes, FMA'd
+// into acc against TT tokens of x at column col (the last, partial 8 columns of a row load x under a mask).
+// Checked: the general case; otherwise the caller knows cols % 8 == 0 and 8 values from idx are readable.
+template <int TT, int K, bool Checked>
+SPARSELM_AVX2 __attribute__((always_inline)) inline void expand_fma8(const Masked& m, int64_t& idx, uint32_t b,
+                                                                    int64_t col, const float* x, __m256 (&acc)[TT]) {
+  if (!b) return;
+  const __m256i sel = _mm256_load_si256(reinterpret_cast<const __m256i*>(kExpand8.t[b]));
+  __m256 v = _mm256_permutevar8x32_ps(load8_k<K, Checked>(m, idx), sel);
+  v = _mm256_blendv_ps(v, _mm256_setzero_ps(), _mm256_castsi256_ps(sel));
+  idx += _mm_popcnt_u32(b);
+  if (!Checked || col + 8 <= m.cols) {
+    for (int t = 0; t < TT; t++) acc[t] = _mm256_fmadd_ps(v, _mm256_loadu_ps(x + t * m.cols + col), acc[t]);
+  } else {
+    const __m256i k = first_lanes(m.cols - col);
+    for (int t = 0; t < TT; t++) acc[t] = _mm256_fmadd_ps(v, _mm256_maskload_ps(x + t * m.cols + col, k), acc[t]);
+  }
+}
+
 // One row of Y = X Mᵀ for TT tokens (fp32 x): 32 mask bits read at a time, 8 columns per step, U accumulators
-// per token in rotation (latency of the FMA chains). Any cols (the last, partial step loads x under a mask).
-template <int U, int TT, int K>
+// per token in rotation (latency of the FMA chains; the four steps written out keep them in registers).
+template <int U, int TT, int K, bool Checked>
 SPARSELM_AVX2 inline void gemv_row_avx2(const Masked& m, const float* x, int64_t r, float (&out)[TT]) {
   const bool aligned = m.cols % 32 == 0;
-  const __m256i shifts = _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28);
   int64_t idx = m.offsets[r];
   const int64_t bit = r * m.cols;
   __m256 acc[U][TT];
@@ -440,22 +458,11 @@ SPARSELM_AVX2 inline void gemv_row_avx2(const Masked& m, const float* x, int64_t
     else w = read_bits(m, bit + c, n);
     prefetch_at(m.values, value_size<K>() * idx + kPrefetchBytes);  // this row's values, 4 KiB ahead
     if ((c & 255) == 0) prefetch_at(m.mask, ((bit + c) >> 3) + 512);  // its mask (one line per 512 columns)
-    for (int j = 0; j < 4 && w; j++, w >>= 8) {
-      const uint32_t b = w & 0xFF;
-      if (!b) continue;
-      const int64_t col = c + 8 * j;
-      const __m256i sel = _mm256_srlv_epi32(_mm256_set1_epi32(int(kExpand8.t[b])), shifts);
-      __m256 v = _mm256_permutevar8x32_ps(load8_k<K>(m, idx), sel);
-      v = _mm256_blendv_ps(v, _mm256_setzero_ps(), _mm256_castsi256_ps(_mm256_slli_epi32(sel, 28)));
-      idx += _mm_popcnt_u32(b);
-      const bool full = col + 8 <= m.cols;
-      const __m256i k = full ? _mm256_set1_epi32(-1) : first_lanes(m.cols - col);
-      for (int t = 0; t < TT; t++) {
-        const float* xt = x + t * m.cols + col;
-        const __m256 xv = full ? _mm256_loadu_ps(xt) : _mm256_maskload_ps(xt, k);
-        acc[j % U][t] = _mm256_fmadd_ps(v, xv, acc[j % U][t]);
-      }
-    }
+    if (!w) continue;
+    expand_fma8<TT, K, Checked>(m, idx, w & 0xFF, c, x, acc[0]);
+    expand_fma8<TT, K, Checked>(m, idx, (w >> 8) & 0xFF, c + 8, x, acc[1 % U]);
+    expand_fma8<TT, K, Checked>(m, idx, (w >> 16) & 0xFF, c + 16, x, acc[2 % U]);
+    expand_fma8<TT, K, Checked>(m, idx, w >> 24, c + 24, x, acc[3 % U]);
   }
   for (int t = 0; t < TT; t++) {
     __m256 s = acc[0][t];
@@ -650,8 +657,13 @@ torch::Tensor masked_gemv(torch::Tensor x, torch::Tensor mask, torch::Tensor off
         auto rows_of = [&](auto k) {
           constexpr int K = decltype(k)::value;
           float out[TT];
+          // rows whose values can be read 8 past their last one skip the per-step bounds and tail checks
+          const int64_t nvals = m.value_bytes / value_size<K>();
           for (int64_t r = r0; r < r1; r++) {
-            gemv_row_avx2<unroll<TT>(), TT, K>(m, xp + t0 * cols, r, out);
+            if (cols % 8 == 0 && m.offsets[r + 1] + 8 <= nvals)
+              gemv_row_avx2<unroll<TT>(), TT, K, false>(m, xp + t0 * cols, r, out);
+            else
+              gemv_row_avx2<unroll<TT>(), TT, K, true>(m, xp + t0 * cols, r, out);
             const float s = m.scale ? m.scale[r] : 1.f;
             for (int t = 0; t < TT; t++) store(t0 + t, r, out[t], s);
           }
