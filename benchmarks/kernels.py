@@ -146,6 +146,10 @@ def layer_case(kind: str, in_f: int, out_f: int, ratio: float, tokens: list[int]
     comp = [proto] + [copy.deepcopy(proto) for _ in range(nc - 1)]
     Ws = [torch.randn(out_f, in_f, generator=_gen(8)).mul_(0.02).to(DT)] * 1
     Ws += [Ws[0].clone() for _ in range(nd - 1)]
+    # without native bf16 (oneDNN emulates bf16 GEMMs) the best dense prefill is a float32 layer: weights held
+    # in float32 (twice the bytes), input converted, output cast back
+    emulated = not kernels.policy.native_bf16()
+    Wf = [W.float() for W in Ws] if emulated and max(tokens) > 1 else []
     x1 = torch.randn(1, in_f).to(DT)
     for m in comp:
         m(x1)  # builds each copy's runtime form
@@ -155,7 +159,9 @@ def layer_case(kind: str, in_f: int, out_f: int, ratio: float, tokens: list[int]
         fns = {"compressed": lambda i: comp[i](x), "linear": lambda i: F.linear(x, Ws[i])}
         if t == 1:
             fns["mv"] = lambda i: torch.mv(Ws[i], x[0])
-        r = interleaved(fns, {"compressed": nc, "linear": nd, "mv": nd},
+        elif Wf:
+            fns["f32"] = lambda i: F.linear(x.float(), Wf[i]).to(DT)
+        r = interleaved(fns, {"compressed": nc, "linear": nd, "mv": nd, "f32": nd},
                         args.repeats if t <= 16 else args.prefill_repeats)
         best = min(v["median_ms"] for k, v in r.items() if k != "compressed")
         best_min = min(v["min_ms"] for k, v in r.items() if k != "compressed")
@@ -166,6 +172,7 @@ def layer_case(kind: str, in_f: int, out_f: int, ratio: float, tokens: list[int]
                      "resident_over_stored": round(proto.resident_bytes() / stored_bytes(proto), 4),
                      "compressed_ms": round(c, 4), "linear_ms": round(r["linear"]["median_ms"], 4),
                      "mv_ms": round(r["mv"]["median_ms"], 4) if "mv" in r else None,
+                     **({"f32_linear_ms": round(r["f32"]["median_ms"], 4)} if "f32" in r else {}),
                      "compressed_min_ms": round(c_min, 4), "linear_min_ms": round(r["linear"]["min_ms"], 4),
                      "mv_min_ms": round(r["mv"]["min_ms"], 4) if "mv" in r else None,
                      "vs_linear": round(c / r["linear"]["median_ms"], 3), "vs_best_dense": round(c / best, 3),
@@ -173,7 +180,7 @@ def layer_case(kind: str, in_f: int, out_f: int, ratio: float, tokens: list[int]
                      "spread_ms": [round(c_min, 3), round(r["compressed"]["max_ms"], 3)],
                      "target": target, "met": None if target is None else c / best <= target,
                      "met_min": None if target is None else c_min / best_min <= target})
-    del comp, Ws
+    del comp, Ws, Wf
     return rows
 
 
@@ -351,8 +358,42 @@ jobs at nice 5-19, this one at nice -10); under it a 2-thread dense `nn.Linear` 
 its second thread, so the very small decode ratios (below ~0.4) mostly measure that wait, which the
 one-thread GEMVs avoid: read them as "not slower", not as the speed-up on a quiet machine. The baseline run
 at the start of the session (`kernels_baseline.md`, load 0.4 rising to 7 during the run) is the cleaner
-reference for the old code.
+reference for the old code. CPUs without the AVX-512 set (VBMI2 + BF16) take AVX2 GEMVs instead: see the
+last section.
 """
+
+
+AVX2_NOTES = """\
+The same layers on an AVX2-only CPU (AMD EPYC, 2 cores: AVX2 + FMA + F16C, no AVX-512, and no native bf16:
+`torch.ops.mkldnn._is_mkldnn_bf16_supported()` is False, so oneDNN emulates bf16 GEMMs). `before`: main at
+18e8e83, where every decode GEMV took the scalar loop or the torch fallback (the fast paths were AVX-512
+only); `after`: the AVX2 GEMVs (`gemv_level` / `dense_level` 1: dense bf16 rows widened by shifts, four rows
+side by side; bf16 / fp16 / fp32 / int8 masked values spread over their columns by a 256x8 VPERMPS index
+table per 8 mask bits), the dense GEMV up to `policy.DENSE_GEMV_MAX_TOKENS_EMULATED` tokens there, and bf16
+products from `policy.FLOAT32_MIN_TOKENS` tokens run as one float32 GEMM (`policy.gemm_dtype`). At prefill
+the best dense baseline is then a float32 `nn.Linear` with float32 weights (`f32_linear_ms`, twice the
+weight bytes; the bf16 one is emulated and 7-8x slower): `vs best dense` after uses it, before (bf16 only)
+does not, so compare prefill by the times. Other jobs shared the 2 cores during both runs.
+"""
+
+
+def avx2_section(data: dict) -> list[str]:
+    """Before / after rows of the AVX2-only CPU (``kernels_avx2.json``: ``layers`` and ``layers_before``)."""
+    before = {(r["proj"], r["kind"], r["tokens"]): r for r in data.get("layers_before", []) if r["threads"] == 2}
+    rows = []
+    for r in data.get("layers", []):
+        b = before.get((r["proj"], r["kind"], r["tokens"]), {})
+        rows.append({"proj": r["proj"], "kind": r["kind"], "tokens": r["tokens"], "before_ms": b.get("compressed_ms"),
+                     "after_ms": r["compressed_ms"], "speedup": round(b["compressed_ms"] / r["compressed_ms"], 2)
+                     if b else None, "linear_ms": r["linear_ms"], "f32_linear_ms": r.get("f32_linear_ms"),
+                     "before_vs_best_dense": b.get("vs_best_dense"), "after_vs_best_dense": r["vs_best_dense"],
+                     "target": r["target"], "met": r["met"]})
+    m, mb = data.get("machine", {}), data.get("machine_before", {})
+    return ["## AVX2-only CPU (no AVX-512, no native bf16)\n", AVX2_NOTES,
+            f"Before: {mb.get('when', '?')}, load {mb.get('load', '?')}; after: {m.get('when', '?')}, load "
+            f"{m.get('load', '?')}. Llama-3.2-1B shapes, 2 threads, bf16; full rows in `kernels_avx2.md`.\n",
+            table(rows, ["proj", "kind", "tokens", "before_ms", "after_ms", "speedup", "linear_ms", "f32_linear_ms",
+                         "before_vs_best_dense", "after_vs_best_dense", "target", "met"]), ""]
 
 
 def write(results: dict) -> None:
@@ -374,7 +415,7 @@ def write(results: dict) -> None:
         md += ["## Targets at 2 threads\n", *summary(results["layers"]), ""]
     for name, key, cols in (
             ("Layers", "layers", ["model", "proj", "kind", "ratio", "ratio_stored", "threads", "tokens", "compressed_ms",
-                                  "linear_ms", "mv_ms", "vs_linear", "vs_best_dense", "target", "met",
+                                  "linear_ms", "mv_ms", "f32_linear_ms", "vs_linear", "vs_best_dense", "target", "met",
                                   "compressed_min_ms", "linear_min_ms", "mv_min_ms", "vs_best_dense_min", "met_min",
                                   "resident_over_stored"]),
             ("GEMV vs panels (sets `policy.GEMV_MAX_TOKENS`)", "crossover",
@@ -386,6 +427,10 @@ def write(results: dict) -> None:
               "speedup", "speedup_best", "target", "met"])):
         if results.get(key):
             md += [f"## {name}\n", table(results[key], cols), ""]
+    avx2 = results if STEM == "kernels_avx2" else (json.loads((OUT / "kernels_avx2.json").read_text())
+                                                   if (OUT / "kernels_avx2.json").is_file() else {})
+    if avx2.get("layers_before"):
+        md += avx2_section(avx2)
     (OUT / f"{STEM}.md").write_text("\n".join(md) + "\n")
 
 
