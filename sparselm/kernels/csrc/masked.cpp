@@ -15,7 +15,8 @@
 // chosen at run time by cpuid, and a portable scalar path. On CPUs with AVX2 + FMA + F16C but not the
 // AVX-512 set (VBMI2 + BF16), the two GEMVs have an AVX2 path (gemv_level / dense_level say which runs):
 // dense bf16 rows widened to fp32 by shifts, and for bf16 / fp16 / fp32 / per-row int8 masked values a
-// 256-entry table of VPERMPS indices that spreads the next popcount(8 mask bits) values over their columns;
+// 256-entry table (per 8 mask bits) that spreads the next popcount values over their columns (VPSHUFB
+// straight to fp32 bits for bf16, VPERMPS indices + a blend for the others);
 // the other value kinds, and masked_unpack, keep the scalar loop there.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
@@ -385,6 +386,27 @@ constexpr Expand8 expand8() {
 }
 alignas(64) constexpr Expand8 kExpand8 = expand8();
 
+// bf16 values in one VPSHUFB: with the next 8 values (16 bytes) in both 128-bit halves, kShufBf16.t[b] puts
+// value rank(j)'s two bytes in the high half of 32-bit lane j (the fp32 of that bf16) and zero bytes (0x80)
+// everywhere else, so unset lanes come out 0.0 without a blend. 8 KiB.
+struct ShufBf16 { uint8_t t[256][32]; };
+constexpr ShufBf16 shuf_bf16() {
+  ShufBf16 e{};
+  for (int b = 0; b < 256; b++) {
+    int k = 0;
+    for (int j = 0; j < 8; j++) {
+      const bool set = (b >> j) & 1;
+      uint8_t* lane = e.t[b] + 4 * j;  // lanes 0-3 in the low half, 4-7 in the high half: 4 j bytes either way
+      lane[0] = lane[1] = 0x80;
+      lane[2] = set ? uint8_t(2 * k) : 0x80;
+      lane[3] = set ? uint8_t(2 * k + 1) : 0x80;
+      k += set;
+    }
+  }
+  return e;
+}
+alignas(64) constexpr ShufBf16 kShufBf16 = shuf_bf16();
+
 template <int K> constexpr int64_t value_size() { return K == FP32 ? 4 : (K == INT8 ? 1 : 2); }
 
 // the 8 stored values from index idx as fp32 (no int8 scale), never reading past the buffer (Checked: the
@@ -394,10 +416,9 @@ SPARSELM_AVX2 inline __m256 load8_k(const Masked& m, int64_t idx) {
   constexpr int64_t es = value_size<K>();
   const uint8_t* p = static_cast<const uint8_t*>(m.values) + es * idx;
   alignas(32) uint8_t tail[32];
-  if (Checked && es * (idx + 8) > m.value_bytes) {  // the last values of the matrix
-    std::memset(tail, 0, sizeof tail);
-    const int64_t n = m.value_bytes - es * idx;
-    if (n > 0) std::memcpy(tail, p, size_t(n));
+  if (Checked && es * (idx + 8) > m.value_bytes) {  // the last values of the matrix (a byte loop, not a
+    const int64_t n = m.value_bytes - es * idx;     // memcpy call: a call in the row loop spills the sums)
+    for (int i = 0; i < int(8 * es); i++) tail[i] = i < n ? p[i] : 0;
     p = tail;
   }
   if constexpr (K == BF16) {
@@ -425,16 +446,30 @@ SPARSELM_AVX2 inline __m256i first_lanes(int64_t n) {
 
 // 8 columns of one row: the values under mask bits b (from index idx, advanced) spread over their lanes, FMA'd
 // into acc against TT tokens of x at column col (the last, partial 8 columns of a row load x under a mask).
-// Checked: the general case; otherwise the caller knows cols % 8 == 0 and 8 values from idx are readable.
+// Checked: the general case; otherwise the caller knows that 8 values from idx are readable.
 template <int TT, int K, bool Checked>
 SPARSELM_AVX2 __attribute__((always_inline)) inline void expand_fma8(const Masked& m, int64_t& idx, uint32_t b,
                                                                     int64_t col, const float* x, __m256 (&acc)[TT]) {
   if (!b) return;
-  const __m256i sel = _mm256_load_si256(reinterpret_cast<const __m256i*>(kExpand8.t[b]));
-  __m256 v = _mm256_permutevar8x32_ps(load8_k<K, Checked>(m, idx), sel);
-  v = _mm256_blendv_ps(v, _mm256_setzero_ps(), _mm256_castsi256_ps(sel));
+  __m256 v;
+  if constexpr (K == BF16) {
+    const uint8_t* p = static_cast<const uint8_t*>(m.values) + 2 * idx;
+    alignas(16) uint8_t tail[16];
+    if (Checked && 2 * (idx + 8) > m.value_bytes) {
+      const int64_t n = m.value_bytes - 2 * idx;
+      for (int i = 0; i < 16; i++) tail[i] = i < n ? p[i] : 0;
+      p = tail;
+    }
+    const __m256i raw = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+    const __m256i shuf = _mm256_load_si256(reinterpret_cast<const __m256i*>(kShufBf16.t[b]));
+    v = _mm256_castsi256_ps(_mm256_shuffle_epi8(raw, shuf));
+  } else {
+    const __m256i sel = _mm256_load_si256(reinterpret_cast<const __m256i*>(kExpand8.t[b]));
+    v = _mm256_permutevar8x32_ps(load8_k<K, Checked>(m, idx), sel);
+    v = _mm256_blendv_ps(v, _mm256_setzero_ps(), _mm256_castsi256_ps(sel));
+  }
   idx += _mm_popcnt_u32(b);
-  if (!Checked || col + 8 <= m.cols) {
+  if (col + 8 <= m.cols) {
     for (int t = 0; t < TT; t++) acc[t] = _mm256_fmadd_ps(v, _mm256_loadu_ps(x + t * m.cols + col), acc[t]);
   } else {
     const __m256i k = first_lanes(m.cols - col);
@@ -657,10 +692,10 @@ torch::Tensor masked_gemv(torch::Tensor x, torch::Tensor mask, torch::Tensor off
         auto rows_of = [&](auto k) {
           constexpr int K = decltype(k)::value;
           float out[TT];
-          // rows whose values can be read 8 past their last one skip the per-step bounds and tail checks
+          // rows whose values can be read 8 past their last one (all but the last few) skip the bounds check
           const int64_t nvals = m.value_bytes / value_size<K>();
           for (int64_t r = r0; r < r1; r++) {
-            if (cols % 8 == 0 && m.offsets[r + 1] + 8 <= nvals)
+            if (m.offsets[r + 1] + 8 <= nvals)
               gemv_row_avx2<unroll<TT>(), TT, K, false>(m, xp + t0 * cols, r, out);
             else
               gemv_row_avx2<unroll<TT>(), TT, K, true>(m, xp + t0 * cols, r, out);
