@@ -368,8 +368,8 @@ The same layers on an AVX2-only CPU (AMD EPYC, 2 cores: AVX2 + FMA + F16C, no AV
 `torch.ops.mkldnn._is_mkldnn_bf16_supported()` is False, so oneDNN emulates bf16 GEMMs). `before`: main at
 18e8e83, where every decode GEMV took the scalar loop or the torch fallback (the fast paths were AVX-512
 only); `after`: the AVX2 GEMVs (`gemv_level` / `dense_level` 1: dense bf16 rows widened by shifts, four rows
-side by side; bf16 / fp16 / fp32 / int8 masked values spread over their columns by a 256x8 VPERMPS index
-table per 8 mask bits), the dense GEMV up to `policy.DENSE_GEMV_MAX_TOKENS_EMULATED` tokens there, and bf16
+side by side; masked values spread over their columns by a 256-entry table per 8 mask bits: one VPSHUFB
+straight to fp32 bits for bf16, VPERMPS indices + a blend for fp16 / fp32 / int8), the dense GEMV up to `policy.DENSE_GEMV_MAX_TOKENS_EMULATED` tokens there, and bf16
 products from `policy.FLOAT32_MIN_TOKENS` tokens run as one float32 GEMM (`policy.gemm_dtype`). At prefill
 the best dense baseline is then a float32 `nn.Linear` with float32 weights (`f32_linear_ms`, twice the
 weight bytes; the bf16 one is emulated and 7-8x slower): `vs best dense` after uses it, before (bf16 only)
