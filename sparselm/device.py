@@ -57,3 +57,25 @@ def for_rank(device: torch.device, local_rank: int) -> torch.device:
 def dist_backend(device: torch.device) -> str:
     """The torch.distributed backend for processes computing on ``device``: NCCL between GPUs, else gloo."""
     return "nccl" if device.type == "cuda" else "gloo"
+
+
+_native: dict = {}
+
+
+def native_bf16_cpu() -> bool:
+    """Whether this CPU multiplies bf16 natively (oneDNN's AVX-512 BF16 / AMX kernels); elsewhere a bf16 GEMM
+    is emulated and several times slower than float32 (AVX2-only AMD EPYC: 512x2048x2048 322 ms vs 42 ms,
+    1536x460x460 237 ms vs 10.4 ms)."""
+    if "bf16" not in _native:
+        try:
+            _native["bf16"] = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        except (AttributeError, RuntimeError):
+            _native["bf16"] = False
+    return _native["bf16"]
+
+
+def low_precision(device: torch.device) -> torch.dtype | None:
+    """bf16 where ``device`` multiplies it natively (CUDA with bf16; a CPU with `native_bf16_cpu`), else None."""
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
+    return torch.bfloat16 if device.type == "cpu" and native_bf16_cpu() else None

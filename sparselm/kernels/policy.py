@@ -15,6 +15,7 @@ import os
 import torch
 
 from . import _build
+from ..device import native_bf16_cpu
 from ..errors import InputError
 
 PATHS = ("auto", "gemv", "panel", "torch", "reference")
@@ -61,18 +62,9 @@ def requested(module_path: str | None) -> str:
     return path
 
 
-_native: dict = {}
-
-
 def native_bf16() -> bool:
-    """Whether this CPU multiplies bf16 natively (oneDNN's AVX-512 BF16 / AMX kernels); elsewhere a bf16 GEMM
-    is emulated and several times slower than float32 (512x2048x2048: 322 ms vs 42 ms on the AVX2-only EPYC)."""
-    if "bf16" not in _native:
-        try:
-            _native["bf16"] = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-        except (AttributeError, RuntimeError):
-            _native["bf16"] = False
-    return _native["bf16"]
+    """Whether this CPU multiplies bf16 natively (`device.native_bf16_cpu`)."""
+    return native_bf16_cpu()
 
 
 def gemm_dtype(dtype: torch.dtype, tokens: int) -> torch.dtype:

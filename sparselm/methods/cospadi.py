@@ -41,7 +41,8 @@ from ..config import CoefStorage, CoSpaDiSpec, DictUpdateRule, Init, SparseCoder
 from ..errors import InputError
 from ..packing import QParams, groups_per_row, masked_groups, round_grouped
 from . import SparseDict, register, round_dense
-from .htp import ALTERNATION_CG_STEPS, ALTERNATION_ROUNDS, htp_dense, low_precision
+from ..device import low_precision
+from .htp import ALTERNATION_CG_STEPS, ALTERNATION_ROUNDS, htp_dense
 from .ksvd import ksvd_update, mod_update, refit_coefficients
 from .omp import omp
 from .whiten import Whitening, whiten
@@ -214,7 +215,7 @@ def coder_macs(n: int, k: int, s: int, cols: int, rounds: int = ALTERNATION_ROUN
 
 def coder_cost(n: int, k: int, s: int, cols: int, device: torch.device | None = None) -> dict[SparseCoder, float]:
     """Estimated seconds of one coding pass by each coder (`coder_macs` at the rates above; the CG steps at the
-    float32 rate where ``device`` has no native bf16, `htp.low_precision`)."""
+    float32 rate where ``device`` has no native bf16, `device.low_precision`)."""
     m = coder_macs(n, k, s, cols)
     low = LOW_GEMM_SECONDS_PER_MAC if low_precision(device or torch.device("cpu")) else GEMM_SECONDS_PER_MAC
     return {SparseCoder.OMP: m["omp"] * OMP_SECONDS_PER_MAC,

@@ -29,6 +29,7 @@ import torch
 
 from functools import partial
 
+from ..device import low_precision
 from .omp import Codes
 
 ROUNDS = 4      # support-changing rounds after the start, one pass on its own (measured: docs/methods.md, Speed)
@@ -36,20 +37,9 @@ CG_STEPS = 8    # conjugate-gradient steps per refit
 # Inside CoSpaDi's alternation (a cold pass every iteration, the values refit exactly at the end) fewer are
 # enough: measured over whole 60-iteration runs, (2, 4) ends at or below (4, 8)'s error (docs/methods.md, Speed).
 ALTERNATION_ROUNDS, ALTERNATION_CG_STEPS = 2, 4
-CG_DTYPE = "auto"  # the CG steps' products for float32 inputs: `low_precision` of the device (docs/methods.md, Speed)
+CG_DTYPE = "auto"  # the CG steps' products for float32 inputs: `device.low_precision` (docs/methods.md, Speed)
 POLISH_STEPS = 2  # float32 CG steps on the best support at the end, after low-precision CG steps
 STEPS = (2.0, 1.0)  # gradient step sizes, alternating by round (unit-norm atoms; measured, see docs)
-
-
-def low_precision(device: torch.device) -> torch.dtype | None:
-    """bf16 where ``device`` multiplies it natively (CUDA with bf16; a CPU whose oneDNN has bf16: AVX-512 BF16
-    or AMX), else None (float32 throughout). Without it a bf16 GEMM is emulated: on an AVX2-only AMD EPYC a
-    ``1536×460 · 460×460`` product took 237 ms in bf16 against 10.4 ms in float32 (2 threads)."""
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
-    if device.type == "cpu" and torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported():
-        return torch.bfloat16
-    return None
 
 
 def htp(D: torch.Tensor, Y: torch.Tensor, s: int, rounds: int = ROUNDS, cg_steps: int = CG_STEPS,

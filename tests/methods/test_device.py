@@ -11,7 +11,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from sparselm.capture import LinearStats
 from sparselm.config import CoSpaDiSpec, DictUpdateRule, Init, Ratio, RocketSpec, SparseCoder
 from sparselm.methods.cospadi import init_dictionary, learn_dictionary
-from sparselm.methods.htp import low_precision
+from sparselm.device import low_precision
 from sparselm.methods.rocket import factorize, keep_counts, rocket, rocket_size, whitened_svd
 from sparselm.profile import profile_layer
 
@@ -73,7 +73,7 @@ def test_recorder_sees_the_loops_products_on_cpu():
     ops = _learn("cpu")
     assert any(o[0] in PRODUCTS for o in ops) and {o[1] for o in ops} == {"cpu"}
     assert not _products_in_float32(ops)  # the dictionary-learning loop multiplies in float32 / bf16 only
-    # HTP's CG steps: bf16 exactly where this CPU multiplies it natively (htp.low_precision), else float32
+    # HTP's CG steps: bf16 exactly where this CPU multiplies it natively (device.low_precision), else float32
     native = low_precision(torch.device("cpu")) is torch.bfloat16
     assert any(o[0] in PRODUCTS and torch.bfloat16 in o[3] for o in ops) == native
     fac, _ = _rocket("cpu")
