@@ -1,6 +1,7 @@
 """The only place that names an accelerator: picks the device and says why."""
 from __future__ import annotations
 
+import functools
 import logging
 
 import torch
@@ -59,19 +60,15 @@ def dist_backend(device: torch.device) -> str:
     return "nccl" if device.type == "cuda" else "gloo"
 
 
-_native: dict = {}
-
-
+@functools.cache
 def native_bf16_cpu() -> bool:
     """Whether this CPU multiplies bf16 natively (oneDNN's AVX-512 BF16 / AMX kernels); elsewhere a bf16 GEMM
     is emulated and several times slower than float32 (AVX2-only AMD EPYC: 512x2048x2048 322 ms vs 42 ms,
     1536x460x460 237 ms vs 10.4 ms)."""
-    if "bf16" not in _native:
-        try:
-            _native["bf16"] = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-        except (AttributeError, RuntimeError):
-            _native["bf16"] = False
-    return _native["bf16"]
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
 
 
 def low_precision(device: torch.device) -> torch.dtype | None:

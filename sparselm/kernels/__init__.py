@@ -62,13 +62,13 @@ def masked_linear(x: torch.Tensor, mm: Masked, bias: torch.Tensor | None = None,
 def _dense(x2: torch.Tensor, At: torch.Tensor, bias: torch.Tensor | None, module_path: str | None) -> torch.Tensor:
     """``x2 (T, n) @ At.T (+ bias)`` for a contiguous ``At (m, n)``: the C++ bf16 GEMV for few tokens, else
     ``torch.mv`` per token up to `policy.MV_MAX_TOKENS`, else one GEMM (in `policy.gemm_dtype`, cast back)."""
-    At = At if At.dtype == x2.dtype else At.to(x2.dtype)
+    stored, At = At, At if At.dtype == x2.dtype else At.to(x2.dtype)
     if policy.dense_path(x2, At, module_path) == "gemv":
         return _build.loaded().dense_gemv(x2, At, bias, policy.SERIAL_BYTES)
     T = x2.shape[0]
     dtype = policy.gemm_dtype(x2.dtype, T)
-    if dtype != x2.dtype:
-        return F.linear(x2.to(dtype), At.to(dtype), None if bias is None else bias.to(dtype)).to(x2.dtype)
+    if dtype != x2.dtype:  # from the stored factor: one conversion, no rounding through x2's dtype
+        return F.linear(x2.to(dtype), stored.to(dtype), None if bias is None else bias.to(dtype)).to(x2.dtype)
     if T <= policy.MV_MAX_TOKENS:
         y = torch.stack([torch.mv(At, row) for row in x2]) if T > 1 else torch.mv(At, x2[0]).unsqueeze(0)
         return _bias(y, bias)

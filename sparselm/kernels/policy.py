@@ -15,7 +15,7 @@ import os
 import torch
 
 from . import _build
-from ..device import native_bf16_cpu
+from ..device import native_bf16_cpu as native_bf16  # a module name here: tests patch it
 from ..errors import InputError
 
 PATHS = ("auto", "gemv", "panel", "torch", "reference")
@@ -60,11 +60,6 @@ def requested(module_path: str | None) -> str:
         raise InputError(f"kernel path {path!r} (module kernel_path or SPARSELM_KERNELS)",
                          f"use one of {', '.join(PATHS)}")
     return path
-
-
-def native_bf16() -> bool:
-    """Whether this CPU multiplies bf16 natively (`device.native_bf16_cpu`)."""
-    return native_bf16_cpu()
 
 
 def gemm_dtype(dtype: torch.dtype, tokens: int) -> torch.dtype:

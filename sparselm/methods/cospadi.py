@@ -38,10 +38,10 @@ import torch
 from .. import formats
 from ..capture import LinearStats
 from ..config import CoefStorage, CoSpaDiSpec, DictUpdateRule, Init, SparseCoder, Storage
+from ..device import low_precision
 from ..errors import InputError
 from ..packing import QParams, groups_per_row, masked_groups, round_grouped
 from . import SparseDict, register, round_dense
-from ..device import low_precision
 from .htp import ALTERNATION_CG_STEPS, ALTERNATION_ROUNDS, htp_dense
 from .ksvd import ksvd_update, mod_update, refit_coefficients
 from .omp import omp
