@@ -100,9 +100,9 @@ class CompressedLinear(nn.Module):
         return tuple((t.data_ptr(), t._version, t.is_cpu) for t in self._buffers.values() if t is not None)
 
     def resident_bytes(self) -> int:
-        """Bytes held in memory: the stored buffers + what the runtime form adds (offsets, N:M bitmask)."""
+        """Bytes held in memory: the stored buffers + what the runtime forms add (offsets, N:M bitmask)."""
         rt = self.runtime()
-        return self.stored_bytes() + getattr(rt, "owned", 0)
+        return self.stored_bytes() + sum(getattr(f, "owned", 0) for f in (rt if isinstance(rt, tuple) else (rt,)))
 
     def weight_bytes(self, users: int = 1) -> int:
         """Stored bytes without the bias, by the format's formula; ``users``: layers sharing a dictionary
@@ -234,13 +234,18 @@ def encode_dense(name: str, M: torch.Tensor, store: Storage, dtype: torch.dtype)
     return {_dense_name(name, key): t for key, t in enc.items()}
 
 
+def dense_buffers(module: nn.Module, name: str, storage: CoefStorage) -> dict[str, torch.Tensor]:
+    """`encode_dense`'s buffers of ``name`` on ``module`` under the generic keys (``values``, ``values14``,
+    ``values_int8``, ``values_int4``, ``scale``, ``zero``: what `decode_values` and `kernels.from_dense` read)."""
+    keys = (VALUE_BUFFER[storage], SCALE_BUFFER, ZERO_BUFFER)
+    return {k: getattr(module, _dense_name(name, k)) for k in keys
+            if getattr(module, _dense_name(name, k), None) is not None}
+
+
 def decode_dense(module: nn.Module, name: str, rows: int, cols: int, store: Storage) -> torch.Tensor:
     """Inverse of `encode_dense`: ``(rows, cols)``."""
-    keys = (VALUE_BUFFER[store.kind], SCALE_BUFFER, ZERO_BUFFER)
-    enc = {k: getattr(module, _dense_name(name, k)) for k in keys if getattr(module, _dense_name(name, k), None)
-           is not None}
     groups = masked_groups(torch.ones(rows, cols, dtype=torch.bool), store.group)[0] if store.kind.quantized else None
-    return decode_values(enc, store.kind, rows * cols, groups).view(rows, cols)
+    return decode_values(dense_buffers(module, name, store.kind), store.kind, rows * cols, groups).view(rows, cols)
 
 
 def _dense_name(name: str, key: str) -> str:
@@ -438,16 +443,19 @@ class LowRankLinear(CompressedLinear):
         y = (x @ U.to(x.dtype)) @ V.to(x.dtype)  # (..., in) -> (..., r) -> (..., out)
         return y if self.bias is None else y + self.bias.to(x.dtype)
 
-    def build_runtime(self) -> bool:
+    def build_runtime(self) -> tuple:
+        """``(Uᵀ, Vᵀ)`` row-major: views of U, V re-laid out column-major (same values, same bytes), or an encoded
+        storage's buffers as mask-free `kernels.Masked` forms (read as stored, never decoded to a dense copy)."""
         if self.storage is CoefStorage.DTYPE:
-            self.U, self.V = kernels.colmajor(self.U), kernels.colmajor(self.V)  # same values, same bytes
-        return True
+            self.U, self.V = kernels.colmajor(self.U), kernels.colmajor(self.V)
+            return self.U.t(), self.V.t()
+        r, g = self.rank, self.quant_group
+        return (kernels.from_dense(dense_buffers(self, "U", self.storage), r, self.in_features, g),
+                kernels.from_dense(dense_buffers(self, "V", self.storage), self.out_features, r, g))
 
     def fast_forward(self, x: torch.Tensor, path: str | None = None) -> torch.Tensor:
-        if self.storage is not CoefStorage.DTYPE:
-            return self.reference_forward(x)
-        self.runtime()
-        return kernels.lowrank_linear(x, self.U, self.V, self.bias, path or self.kernel_path)
+        Ut, Vt = self.runtime()
+        return kernels.lowrank_linear(x, Ut, Vt, self.bias, path or self.kernel_path)
 
 
 class SparseDictLinear(CompressedLinear):
@@ -459,8 +467,8 @@ class SparseDictLinear(CompressedLinear):
     of Sᵀ ``(out, k)``; the nonzero coefficients of Sᵀ in row-major order, stored as ``store`` says: ``values`` (a
     float dtype), ``values14`` (14-bit packed bf16), ``values_int8`` or ``values_int4`` + ``scale`` (+ ``zero``),
     one per output channel or per ``quant_group`` atoms; optional ``bias``.
-    Forward: ``(X D) S + b``; an encoded ``D`` is decoded at each forward (transient, never kept: the resident
-    bytes stay the stored ones). Layers of a ``group`` hold the very same dictionary tensors (`share_dictionary`;
+    Forward: ``(X D) S + b``; the kernels read an encoded ``D`` as stored (the reference forward decodes it,
+    transiently: the resident bytes stay the stored ones). Layers of a ``group`` hold the very same dictionary tensors (`share_dictionary`;
     `io.save` writes them once).
     """
     dict_storage: CoefStorage = CoefStorage.DTYPE  # how D is stored (`config.Storage`) ...
@@ -533,18 +541,21 @@ class SparseDictLinear(CompressedLinear):
         y = (x @ self.dictionary().to(x.dtype)) @ self.coefficients().to(x.dtype)  # (..., in) -> (..., k) -> (..., out)
         return y if self.bias is None else y + self.bias.to(x.dtype)
 
-    def build_runtime(self) -> kernels.Masked | None:
+    def build_runtime(self) -> tuple:
+        """``(Dᵀ, Sᵀ)``: ``Dᵀ (k, in)`` a view of D re-laid out column-major (same values and bytes; a shared D
+        stays shared) or an encoded D's mask-free `kernels.Masked` form; Sᵀ's bitmask form."""
         if self.dict_storage is CoefStorage.DTYPE:
-            self.D = kernels.colmajor(self.D)  # same values, same bytes; a shared D stays shared
-        if not self.kernel_native():
-            return None
-        return kernels.from_bitmask(masked_buffers(self, self.storage), self.out_features, self.k, self.quant_group)
+            self.D = kernels.colmajor(self.D)
+            Dt = self.D.t()
+        else:
+            Dt = kernels.from_dense(dense_buffers(self, "Dt", self.dict_storage), self.k, self.in_features,
+                                    self.dict_quant_group)
+        S = kernels.from_bitmask(masked_buffers(self, self.storage), self.out_features, self.k, self.quant_group)
+        return Dt, S
 
     def fast_forward(self, x: torch.Tensor, path: str | None = None) -> torch.Tensor:
-        if not self.kernel_native():
-            return self.reference_forward(x)
-        rt = self.runtime()
-        return kernels.dict_linear(x, self.dictionary(), rt, self.bias, path or self.kernel_path)
+        Dt, S = self.runtime()
+        return kernels.dict_linear(x, Dt, S, self.bias, path or self.kernel_path)
 
 
 # --- structured pruning: plain narrower nn.Linear layers --------------------------------------------------

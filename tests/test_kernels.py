@@ -116,6 +116,63 @@ def test_low_rank_fast_forward_matches_reference_and_keeps_bytes(dtype, tokens):
         assert torch.equal(v, before[k]) and v.numel() * v.element_size() == before[k].numel() * v.element_size()
 
 
+ENCODED = [Storage(CoefStorage.BF16), Storage(CoefStorage.FP16), Storage(CoefStorage.BF16_14BIT),
+           Storage(CoefStorage.INT8), Storage(CoefStorage.INT8, 32), Storage(CoefStorage.INT4), Storage(CoefStorage.INT4, 16)]
+
+
+def _owned(form) -> int:  # what a mask-free form adds: the row offsets and an int8 per-row float32 scale
+    return 8 * (form.rows + 1) + (4 * form.rows if form.kind == masked.INT8 else 0)
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("store", ENCODED, ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("tokens", [(1,), (3,), (2, 20)])
+def test_encoded_low_rank_factors_run_the_kernels_as_stored(path, store, dtype, tokens):
+    """Low-rank factors stored 14-bit / int8 / int4 / in another float dtype are read by the kernels as they are
+    stored (mask-free forms: no dense copy, no mask bits) and match the reference, which decodes them."""
+    torch.manual_seed(0)
+    m = LowRankLinear(torch.randn(70, 9), torch.randn(9, 45), torch.randn(45), dtype, store)
+    _check(m, _inputs(70, dtype, tokens), path, dtype)
+    Ut, Vt = m.runtime()
+    assert isinstance(Ut, masked.Masked) and Ut.full and (Ut.rows, Ut.cols) == (9, 70)
+    assert Vt.full and (Vt.rows, Vt.cols) == (45, 9)
+    assert m.resident_bytes() == m.stored_bytes() + _owned(Ut) + _owned(Vt)
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("dict_store", ENCODED, ids=str)
+@pytest.mark.parametrize("tokens", [(1,), (2, 20)])
+def test_encoded_dictionary_runs_the_kernels_as_stored(path, dict_store, tokens):
+    """A dictionary stored 14-bit / int8 / int4 (`dict_storage`) is read as stored, shared or not."""
+    torch.manual_seed(0)
+    D, S, smask = torch.randn(40, 96), torch.randn(96, 37), torch.rand(96, 37) < 0.4
+    d = SparseDictLinear(D, S * smask, smask, torch.randn(37), Storage(CoefStorage.INT8), torch.bfloat16,
+                         dict_store=dict_store)
+    _check(d, _inputs(40, torch.bfloat16, tokens), path, torch.bfloat16)
+    Dt, St = d.runtime()
+    assert Dt.full and (Dt.rows, Dt.cols) == (96, 40) and not St.full
+    assert d.resident_bytes() == d.stored_bytes() + _owned(Dt) + St.owned
+
+
+@needs_ext
+@pytest.mark.parametrize("store", ENCODED, ids=str)
+def test_mask_free_forms_unpack_and_multiply_as_the_decoded_factor(store):
+    """The C++ unpack (SIMD and scalar) and GEMV of a mask-free form on odd widths equal the decoded factor's."""
+    torch.manual_seed(0)
+    m = LowRankLinear(torch.randn(77, 13), torch.randn(13, 5), None, torch.float32, store)
+    Ut = m.runtime()[0]                 # (13, 77): rows not word-aligned
+    dense = m.factors()[0].T.float()    # the decoded Uᵀ
+    for simd in (True, False):
+        out = torch.empty(13, 77)
+        _build.loaded().masked_unpack(Ut.mask, Ut.offsets, Ut.values, Ut.kind, Ut.scale, Ut.zero, Ut.group,
+                                      13, 77, 0, 13, out, simd)
+        torch.testing.assert_close(out, dense, rtol=1e-6, atol=1e-6)
+        h = torch.randn(3, 77)
+        torch.testing.assert_close(masked.matmul_gemv(h, Ut, simd=simd), h @ dense.T, rtol=1e-4, atol=1e-4)
+    assert torch.equal(masked.panel_torch(Ut, 0, 13, torch.float32), dense)
+
+
 @needs_ext
 @pytest.mark.parametrize("storage", [CoefStorage.BF16, CoefStorage.BF16_14BIT, CoefStorage.INT8, CoefStorage.FP16,
                                      CoefStorage.INT4, Storage(CoefStorage.INT4, 64), Storage(CoefStorage.INT8, 32)],
@@ -124,7 +181,7 @@ def test_scalar_and_simd_gemv_agree(storage):
     torch.manual_seed(0)
     mask = torch.rand(53, 77) < 0.5  # Sᵀ (out 77, k 53): rows not word-aligned
     mod = SparseDictLinear(torch.randn(8, 53), torch.randn(53, 77) * mask, mask, None, storage)
-    rt = mod.runtime()
+    rt = mod.runtime()[1]  # (Dᵀ, Sᵀ): the coefficients
     h = torch.randn(4, 53)
     ref = h @ mod.coefficients().float()
     for simd in (True, False):

@@ -70,19 +70,19 @@ def test_sparse_dict_forward_matches_rounded_coefficients(storage):
     torch.testing.assert_close(m(x), x @ D @ St.T, rtol=1e-5, atol=1e-5)
 
 
-def test_int8_dictionary_forward_decodes_d_and_keeps_no_dense_copy():
-    """``dict_storage: int8``: ``Dᵀ`` rows absmax-quantized, one fp16 scale per atom; the forward equals
-    ``x D̂ S`` with ``D̂`` the rounded dictionary, and the resident bytes stay within 1.15× the stored ones (no
-    dequantized ``D`` is kept)."""
+def test_int8_dictionary_forward_reads_d_as_stored_and_keeps_no_dense_copy():
+    """``dict_storage: int8``: ``Dᵀ`` rows absmax-quantized, one fp16 scale per atom; the forward (kernels and
+    reference) equals ``x D̂ S`` with ``D̂`` the rounded dictionary, and the resident bytes stay within 1.15× the
+    stored ones (no dequantized ``D`` is kept; the runtime forms add 8 bytes of offsets per row)."""
     g = torch.Generator().manual_seed(0)
-    D, S = torch.randn(64, 24, generator=g), torch.randn(24, 40, generator=g)
+    D, S = torch.randn(256, 24, generator=g), torch.randn(24, 40, generator=g)
     mask = torch.rand(24, 40, generator=g) < 0.5
     m = SparseDictLinear(D, S * mask, mask, None, dict_store=Storage(CoefStorage.INT8))
     scale = (D.abs().amax(0) / 127).half().float()  # (k,): one per atom
     D_hat = (D / scale).round().clamp(-127, 127) * scale
     torch.testing.assert_close(m.dictionary(), D_hat)
     assert m.Dt_int8.dtype == torch.int8 and m.Dt_scale.shape == (24,) and getattr(m, "D", None) is None
-    x = torch.randn(5, 64, generator=g)
+    x = torch.randn(5, 256, generator=g)
     want = x @ D_hat @ (S * mask)
     torch.testing.assert_close(m(x), want, rtol=1e-4, atol=1e-4)
     with reference_forwards(m):

@@ -3,9 +3,10 @@
 Each function has the module's plain reference forward as its twin (``module.reference_forward``) and a
 test comparing them (tests/test_kernels.py). Paths and overrides: `policy`. Runtime forms: `masked`.
   * `masked_linear`  Y = X Wᵀ + b for a bitmask-packed W (pruned layers; N:M converted at load).
-  * `lowrank_linear` Y = (X U) V + b; U, V held column-major (`colmajor`) so that each factor is a row-major
-    ``(out, in)`` matrix the C++ bf16 GEMV (few tokens) or one GEMM streams.
-  * `dict_linear`    Y = (X D) S + b; X·D dense, S through `masked_linear`'s paths.
+  * `lowrank_linear` Y = (X U) V + b from the row-major factors Uᵀ, Vᵀ: model-dtype U, V held column-major
+    (`colmajor`) so that the C++ bf16 GEMV (few tokens) or one GEMM streams them; encoded ones (14-bit, int8,
+    int4) as mask-free `Masked` forms (`from_dense`) through `masked_linear`'s paths.
+  * `dict_linear`    Y = (X D) S + b; X·D as a factor above, S through `masked_linear`'s paths.
 CPU only: other devices take the reference forward (`usable`).
 """
 from __future__ import annotations
@@ -17,9 +18,9 @@ import torch.nn.functional as F
 
 from . import _build, masked, policy
 from ._build import available as extension_available
-from .masked import Masked, from_bitmask, from_nm, scratch_bytes
+from .masked import Masked, from_bitmask, from_dense, from_nm, scratch_bytes
 
-__all__ = ["Masked", "colmajor", "dict_linear", "extension_available", "fast_path", "from_bitmask", "from_nm",
+__all__ = ["Masked", "colmajor", "dict_linear", "extension_available", "fast_path", "from_bitmask", "from_dense", "from_nm",
            "lowrank_linear", "masked_linear", "policy", "scratch_bytes", "usable"]
 
 
@@ -75,18 +76,25 @@ def _dense(x2: torch.Tensor, At: torch.Tensor, bias: torch.Tensor | None, module
     return F.linear(x2, At, None if bias is None else bias.to(x2.dtype))
 
 
-def lowrank_linear(x: torch.Tensor, U: torch.Tensor, V: torch.Tensor, bias: torch.Tensor | None = None,
-                   module_path: str | None = None) -> torch.Tensor:
-    """``x (..., in) -> (..., out)`` = (x U) V + b, ``U (in, r)``, ``V (r, out)`` (best column-major)."""
-    h = _dense(x.reshape(-1, U.shape[0]), U.t(), None, module_path)  # (T, r)
-    y = _dense(h, V.t(), bias, module_path)                           # (T, out)
-    return y.reshape(*x.shape[:-1], V.shape[1])
+def _factor(x2: torch.Tensor, f: torch.Tensor | Masked, bias: torch.Tensor | None,
+            module_path: str | None) -> torch.Tensor:
+    """``x2 (T, n) @ fᵀ (+ bias)`` for a row-major factor ``f (m, n)``: a contiguous tensor or a `Masked` form."""
+    return _product(x2, f, bias, module_path) if isinstance(f, Masked) else _dense(x2, f, bias, module_path)
 
 
-def dict_linear(x: torch.Tensor, D: torch.Tensor, mm: Masked, bias: torch.Tensor | None = None,
+def lowrank_linear(x: torch.Tensor, Ut: torch.Tensor | Masked, Vt: torch.Tensor | Masked,
+                   bias: torch.Tensor | None = None, module_path: str | None = None) -> torch.Tensor:
+    """``x (..., in) -> (..., out)`` = (x U) V + b from ``Uᵀ (r, in)``, ``Vᵀ (out, r)`` (`_factor`)."""
+    h = _factor(x.reshape(-1, Ut.shape[1]), Ut, None, module_path)  # (T, r)
+    y = _factor(h, Vt, bias, module_path)                            # (T, out)
+    return y.reshape(*x.shape[:-1], Vt.shape[0])
+
+
+def dict_linear(x: torch.Tensor, Dt: torch.Tensor | Masked, mm: Masked, bias: torch.Tensor | None = None,
                 module_path: str | None = None) -> torch.Tensor:
-    """``x (..., in) -> (..., out)`` = (x D) S + b, ``D (in, k)``, S given as Sᵀ ``(out, k)`` in form ``mm``."""
-    h = _dense(x.reshape(-1, D.shape[0]), D.t(), None, module_path)  # (T, k)
+    """``x (..., in) -> (..., out)`` = (x D) S + b, ``Dᵀ (k, in)`` (`_factor`), S given as Sᵀ ``(out, k)`` in
+    form ``mm``."""
+    h = _factor(x.reshape(-1, Dt.shape[1]), Dt, None, module_path)  # (T, k)
     y = _product(h, mm, bias, module_path)
     return y.reshape(*x.shape[:-1], mm.rows)
 

@@ -46,6 +46,15 @@ class Masked:
     def __post_init__(self):
         self.owned += self.offsets.numel() * 8 + (self.scale.numel() * 4 if self.kind == INT8 else 0)
 
+    @property
+    def shape(self) -> tuple[int, int]:  # as a dense factor's (`kernels.lowrank_linear` takes either)
+        return self.rows, self.cols
+
+    @property
+    def full(self) -> bool:
+        """No mask: every entry is kept (`from_dense`)."""
+        return self.mask.numel() == 0
+
 
 def _bits(mask: torch.Tensor, start: int, stop: int) -> torch.Tensor:
     """Bits ``start..stop-1`` of a packed mask as uint8 0/1 ``(stop-start,)``."""
@@ -99,6 +108,14 @@ def from_bitmask(buffers: dict[str, torch.Tensor], rows: int, cols: int, group: 
     return Masked(rows, cols, mask, offsets, **_value_form(buffers, group))
 
 
+def from_dense(buffers: dict[str, torch.Tensor], rows: int, cols: int, group: int = 0) -> Masked:
+    """A dense ``(rows, cols)`` factor in an encoded storage (`modules.encode_dense`: values|values14|values_int8|
+    values_int4, scale, zero, every entry stored in row-major order) as a form with an empty mask (all kept): the
+    kernels then read its bytes as they are, with no mask bits beside them."""
+    offsets = torch.arange(rows + 1, dtype=torch.int64) * cols
+    return Masked(rows, cols, torch.empty(0, dtype=torch.uint8), offsets, **_value_form(buffers, group))
+
+
 def from_nm(buffers: dict[str, torch.Tensor], positions: torch.Tensor, n: int, m: int, group: int = 0) -> Masked:
     """N:M weights (their values as in `from_bitmask`, in row-major order; in-group positions
     ``(rows, cols/m, n)``) as a bitmask form."""
@@ -124,7 +141,8 @@ def _nibbles(packed: torch.Tensor, start: int, count: int) -> torch.Tensor:
 
 def panel_torch(mm: Masked, r0: int, r1: int, dtype: torch.dtype) -> torch.Tensor:
     """Dense rows ``r0..r1-1`` of M in ``dtype`` (pure torch)."""
-    keep = _bits(mm.mask, r0 * mm.cols, r1 * mm.cols).view(r1 - r0, mm.cols).bool()
+    keep = (torch.ones(r1 - r0, mm.cols, dtype=torch.bool) if mm.full
+            else _bits(mm.mask, r0 * mm.cols, r1 * mm.cols).view(r1 - r0, mm.cols).bool())
     i0, i1 = int(mm.offsets[r0]), int(mm.offsets[r1])
     if mm.kind in (INT8G, INT4):
         pos = keep.nonzero()  # (n, 2): the values' rows (from r0) and columns, in stored order

@@ -6,6 +6,7 @@
 // scale), 4 bf16 packed in 14 bits (the saved `values14` buffer, decoded in registers), 5 int8 times an fp16
 // scale per group of `group` columns of a row, 6 int4 (two per byte, low nibble first) as (code - zero) ·
 // scale with an fp16 scale and a 4-bit zero point per group (group 0: one group per row).
+// An empty mask means every entry is kept: the dense factors of an encoded (14-bit, int8, int4) storage.
 //
 //   masked_gemv(x (T, cols), ..., bias)     -> (T, rows) x's dtype   Y = X Mᵀ + b, decode (T small)
 //   dense_gemv(x (T, cols) bf16, W, bias)   -> (T, rows) bf16        Y = X Wᵀ + b, dense factors at decode
@@ -31,7 +32,7 @@ namespace {
 enum Kind { BF16 = 0, FP16 = 1, FP32 = 2, INT8 = 3, P14 = 4, INT8G = 5, INT4 = 6 };
 
 struct Masked {
-  const uint8_t* mask; int64_t mask_bytes;
+  const uint8_t* mask; int64_t mask_bytes;  // nullptr: every entry kept (a dense encoded factor)
   const int64_t* offsets;
   const void* values; int64_t value_bytes; int kind;
   const float* scale;  // (rows,) for INT8, else nullptr
@@ -50,8 +51,9 @@ inline void group_params(const Masked& m, int64_t r, int64_t col, float& s, floa
   z = m.zero ? float((m.zero[g >> 1] >> (4 * (g & 1))) & 0xF) : 0.f;
 }
 
-// n (<= 32) mask bits starting at bit `pos`, never reading past the buffer.
+// n (<= 32) mask bits starting at bit `pos`, never reading past the buffer; all set without a mask.
 inline uint32_t read_bits(const Masked& m, int64_t pos, int n) {
+  if (!m.mask) return n == 32 ? ~0u : uint32_t((1ull << n) - 1);
   int64_t byte = pos >> 3; int sh = int(pos & 7);
   uint64_t w = 0;
   if (byte + 8 <= m.mask_bytes) {
@@ -234,7 +236,7 @@ inline void prefetch_at(const void* base, int64_t off) {
 template <int U, int TT, int K, bool DP>
 SPARSELM_AVX512 inline void gemv_row(const Masked& m, const void* xv, int64_t r, float (&out)[TT]) {
   const int64_t nchunks = (m.cols + 31) / 32;
-  const bool aligned = m.cols % 32 == 0;
+  const bool aligned = m.cols % 32 == 0 && m.mask;  // no mask: read_bits gives every bit
   int64_t idx = m.offsets[r];
   const int64_t bit = r * m.cols;
   GroupCursor gc{m, r};
@@ -481,7 +483,7 @@ SPARSELM_AVX2 __attribute__((always_inline)) inline void expand_fma8(const Maske
 // per token in rotation (latency of the FMA chains; the four steps written out keep them in registers).
 template <int U, int TT, int K, bool Checked>
 SPARSELM_AVX2 inline void gemv_row_avx2(const Masked& m, const float* x, int64_t r, float (&out)[TT]) {
-  const bool aligned = m.cols % 32 == 0;
+  const bool aligned = m.cols % 32 == 0 && m.mask;  // no mask: read_bits gives every bit
   int64_t idx = m.offsets[r];
   const int64_t bit = r * m.cols;
   __m256 acc[U][TT];
@@ -577,11 +579,11 @@ Masked view(const torch::Tensor& mask, const torch::Tensor& offsets, const torch
   TORCH_CHECK(offsets.is_contiguous() && offsets.scalar_type() == torch::kInt64 && offsets.numel() == rows + 1,
               "offsets: contiguous int64 (rows+1,)");
   TORCH_CHECK(values.is_contiguous(), "values: contiguous");
-  TORCH_CHECK(mask.numel() * 8 >= rows * cols, "mask too short");
+  TORCH_CHECK(mask.numel() == 0 || mask.numel() * 8 >= rows * cols, "mask too short");  // empty: all kept
   TORCH_CHECK(kind != INT8 || (scale.has_value() && scale->scalar_type() == torch::kFloat32 &&
               scale->is_contiguous() && scale->numel() == rows), "int8 values need a float32 scale (rows,)");
   TORCH_CHECK(0 <= kind && kind <= INT4, "value kind");
-  Masked m{mask.data_ptr<uint8_t>(), mask.numel(), offsets.data_ptr<int64_t>(), values.data_ptr(),
+  Masked m{mask.numel() ? mask.data_ptr<uint8_t>() : nullptr, mask.numel(), offsets.data_ptr<int64_t>(), values.data_ptr(),
            int64_t(values.numel() * values.element_size()), int(kind),
            kind == INT8 ? scale->data_ptr<float>() : nullptr, rows, cols};
   if (grouped(int(kind))) {
