@@ -370,12 +370,16 @@ class SparseLinear(CompressedLinear):
         return w.view(out_f, in_f)
 
     def kernel_native(self) -> bool:
-        return not self.block
+        """Not for GQSA's 1×g blocks with pruned blocks (their parameters follow the kept blocks); with every
+        block kept (``gptq``, no mask stored) they are a dense grouped matrix, read as stored."""
+        return not self.block or getattr(self, "mask", None) is None
 
     def build_runtime(self) -> kernels.Masked | None:
         if not self.kernel_native():
             return None
         out_f, in_f = self.out_features, self.in_features
+        if self.block:
+            return kernels.from_dense(masked_buffers(self, self.storage), out_f, in_f, self.quant_group)
         if self.pattern is None:
             return kernels.from_bitmask(masked_buffers(self, self.storage), out_f, in_f, self.quant_group)
         n, m = self.pattern.n, self.pattern.m

@@ -155,6 +155,25 @@ def test_encoded_dictionary_runs_the_kernels_as_stored(path, dict_store, tokens)
     assert d.resident_bytes() == d.stored_bytes() + _owned(Dt) + St.owned
 
 
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("store", [Storage(CoefStorage.INT4, 16), Storage(CoefStorage.INT4, 64),
+                                   Storage(CoefStorage.INT8, 32)], ids=str)
+@pytest.mark.parametrize("tokens", [(1,), (2, 20)])
+def test_blocks_all_kept_run_the_kernels_and_pruned_blocks_the_reference(path, store, tokens):
+    """GQSA's 1×g block format with every block kept (``gptq``: no block mask stored) is a dense grouped matrix,
+    read as stored; with pruned blocks (parameters per kept block) the layer keeps the reference forward."""
+    torch.manual_seed(0)
+    W = torch.randn(45, 128)
+    full = SparseLinear(W, torch.ones(45, 128, dtype=torch.bool), torch.randn(45), None, torch.bfloat16, store,
+                        block=True)
+    assert getattr(full, "mask", None) is None and full.kernel_native() and full.runtime().full
+    _check(full, _inputs(128, torch.bfloat16, tokens), path, torch.bfloat16)
+    blocks = (torch.rand(45, 128 // store.group) < 0.5).repeat_interleave(store.group, 1)
+    pruned = SparseLinear(W * blocks, blocks, None, None, torch.bfloat16, store, block=True)
+    assert not pruned.kernel_native() and pruned.runtime() is None
+    _check(pruned, _inputs(128, torch.bfloat16, tokens), path, torch.bfloat16)
+
+
 @needs_ext
 @pytest.mark.parametrize("store", ENCODED, ids=str)
 def test_mask_free_forms_unpack_and_multiply_as_the_decoded_factor(store):
