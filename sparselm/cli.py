@@ -30,6 +30,8 @@ def _run(fn, as_json: bool, show) -> None:
     transformers.utils.logging.set_verbosity_error()  # their load reports and progress bars are noise here
     transformers.utils.logging.disable_progress_bar()
     try:
+        from . import kernels
+        kernels.check_environment()  # every command runs compressed layers (or compresses): fail before the work
         result = fn()
     except InputError as e:
         err.print(f"[bold red]error:[/] {escape(e.what)}")

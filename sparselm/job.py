@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from . import config, data, device as devices, dist, harness, io, lazy, outdir, pipeline
+from . import config, data, device as devices, dist, harness, io, kernels, lazy, outdir, pipeline
 from . import model as adapter
 from . import resume as resume_mod
 from .budget import Plan, menu_label
@@ -129,6 +129,7 @@ def check_job(model: str | None = None, recipe: Recipe | None = None, calib: str
     recipe = recipe or build_recipe(None, None, None, None)
     calib, nsamples, seqlen, seed, batch_size = _calibration(recipe, calib, nsamples, seqlen, seed, batch_size)
     task_list = harness.requested(tasks)
+    kernels.check_environment()
     out_dir = Path(out) if out else _default_out(model, recipe)
     for name, value, least in (("--nsamples", nsamples, 1), ("--seqlen", seqlen, 2), ("--batch-size", batch_size, 1),
                                ("--max-windows", max_windows, 1), ("eval seqlen", eval_seqlen, 2)):

@@ -270,6 +270,20 @@ def test_api_refuses_the_same_inputs(ws, tmp_path):
     assert (ws["thesis"] / "thesis.tex").read_text() == THESIS
 
 
+@pytest.mark.parametrize("command", [[COMPRESS, "@model", "--out", "%never", "--nsamples", "2", "--seqlen", "32"],
+                                     ["eval", "@comp"], ["bench", "@comp"]], ids=lambda c: c[0])
+def test_a_bad_kernel_variable_is_refused_before_any_work(ws, command, monkeypatch):
+    """``SPARSELM_KERNELS`` is read by the first fast forward, which in a compression comes after every block:
+    every command checks it first (exit 2, nothing written)."""
+    monkeypatch.setenv("SPARSELM_KERNELS", "fastest")
+    before = _snapshot(ws["root"])
+    r = run(*_sub(ws, command))
+    assert r.exit_code == 2 and "SPARSELM_KERNELS" in r.output and "fix:" in r.output, r.output
+    assert "compressing block" not in r.output and _snapshot(ws["root"]) == before
+    with pytest.raises(InputError, match="SPARSELM_KERNELS"):
+        api.compress_model(str(ws["model"]), nsamples=2, seqlen=32, out=str(ws["root"] / "never2"))
+
+
 def test_export_overwrite_replaces_only_an_earlier_export(ws, tmp_path):
     out = tmp_path / "dense"
     assert run("export", ws["comp"], "--out", out).exit_code == 0
