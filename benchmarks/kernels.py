@@ -10,6 +10,7 @@ End to end (`--part e2e`): greedy decode tokens/s of a Llama-3.2-1B-shaped model
 every linear of every block compressed, against the same model dense.
 
     python benchmarks/kernels.py --part all      # writes docs/benchmarks/kernels.{md,json}
+    SPARSELM_ISA=avx2 python benchmarks/kernels.py --out kernels_isa_avx2 ...   # the AVX2 paths, kept apart
 """
 from __future__ import annotations
 
@@ -233,7 +234,7 @@ def unpack_cost(args) -> list[dict]:
                     for r0 in range(0, rt.rows, p):
                         r1 = min(rt.rows, r0 + p)
                         ext.masked_unpack(rt.mask, rt.offsets, rt.values, rt.kind, rt.scale, rt.zero, rt.group,
-                                          rt.rows, rt.cols, r0, r1, scratch, True)
+                                          rt.rows, rt.cols, r0, r1, scratch, kernels._build.isa())
                 for t in [t for t in args.tokens if t > 16]:
                     x = torch.randn(t, in_f, generator=_gen(9)).to(DT)
                     m.kernel_path = "panel"
@@ -358,8 +359,9 @@ jobs at nice 5-19, this one at nice -10); under it a 2-thread dense `nn.Linear` 
 its second thread, so the very small decode ratios (below ~0.4) mostly measure that wait, which the
 one-thread GEMVs avoid: read them as "not slower", not as the speed-up on a quiet machine. The baseline run
 at the start of the session (`kernels_baseline.md`, load 0.4 rising to 7 during the run) is the cleaner
-reference for the old code. CPUs without the AVX-512 set (VBMI2 + BF16) take AVX2 GEMVs instead: see the
-last section.
+reference for the old code. CPUs without the AVX-512 set (VBMI2 + BF16) take the AVX2 paths instead (both
+GEMVs and the panels' unpack, every value kind; grouped int8 / int4 whose groups are no multiple of 32 columns
+take them on AVX-512 CPUs too, and `SPARSELM_ISA=avx2` forces them): see the last section.
 """
 
 
@@ -477,7 +479,7 @@ def main() -> None:
     load0 = os.getloadavg()[0]
     results = {**old, "machine": {"when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "torch": torch.__version__,
                                   "cpu": _cpu(), "cycle_mb": args.cycle_mb,
-                                  "kernels": "C++ extension" if kernels.extension_available() else "torch fallback"}}
+                                  "kernels": _kernels()}}
     if args.part in ("layers", "all"):
         results["layers"] = old.get("layers", []) if args.append else []
         for model, proj, in_f, out_f, kind, ratio in _cases(args):
@@ -496,6 +498,15 @@ def main() -> None:
         results["e2e"] = end_to_end(args)
     results["machine"]["load"] = f"{load0:.1f} / {os.getloadavg()[0]:.1f}"
     write(results)
+
+
+def _kernels() -> str:
+    """Which kernels ran: the extension or the torch fallback, and the instruction set (capped by SPARSELM_ISA)."""
+    if not kernels.extension_available():
+        return "torch fallback"
+    cap = os.environ.get("SPARSELM_ISA")
+    where = f" (SPARSELM_ISA={cap} on a {kernels._build.cpu_level()} CPU)" if cap else ""
+    return f"C++ extension, {kernels._build.dense_level()} paths{where}"
 
 
 def _cpu() -> str:
