@@ -249,6 +249,46 @@ def unpack_cost(args) -> list[dict]:
     return out
 
 
+@torch.no_grad()
+def isa_levels(args) -> list[dict]:
+    """Each layer case at every kernel level this CPU runs (``SPARSELM_ISA`` set per call), timed interleaved
+    in one process beside the best dense layer: the AVX2 and scalar paths against the AVX-512 ones."""
+    levels = kernels._build.LEVELS[:kernels._build.LEVELS.index(kernels._build.cpu_level()) + 1]
+    saved = os.environ.get("SPARSELM_ISA")
+    out = []
+    try:
+        for model, proj, in_f, out_f, kind, ratio in _cases(args):
+            for threads in args.threads:
+                torch.set_num_threads(threads)
+                proto = build(kind, in_f, out_f, ratio)
+                nc, nd = copies_for(stored_bytes(proto), args.cycle_mb), copies_for(in_f * out_f * 2, args.cycle_mb)
+                comp = [proto] + [copy.deepcopy(proto) for _ in range(nc - 1)]
+                Ws = [torch.randn(out_f, in_f, generator=_gen(8)).mul_(0.02).to(DT) for _ in range(nd)]
+                for m in comp:
+                    m(torch.randn(1, in_f).to(DT))
+                for t in args.tokens:
+                    x = torch.randn(t, in_f, generator=_gen(9)).to(DT)
+                    fns = {lv: (lambda lv: lambda i: (os.environ.__setitem__("SPARSELM_ISA", lv), comp[i](x)))(lv)
+                           for lv in levels}
+                    fns["linear"] = lambda i: F.linear(x, Ws[i])
+                    r = interleaved(fns, {**{lv: nc for lv in levels}, "linear": nd},
+                                    args.repeats if t <= 16 else args.prefill_repeats)
+                    row = {"model": model, "proj": proj, "kind": kind, "ratio": ratio, "threads": threads, "tokens": t,
+                           **{f"{lv}_ms": round(r[lv]["median_ms"], 4) for lv in levels},
+                           "linear_ms": round(r["linear"]["median_ms"], 4)}
+                    for lv in levels[:-1]:
+                        row[f"{lv}_over_{levels[-1]}"] = round(r[lv]["median_ms"] / r[levels[-1]]["median_ms"], 3)
+                    out.append(row)
+                    print(row, flush=True)
+                del comp, Ws
+    finally:
+        if saved is None:
+            os.environ.pop("SPARSELM_ISA", None)
+        else:
+            os.environ["SPARSELM_ISA"] = saved
+    return out
+
+
 # --- end to end --------------------------------------------------------------------------------------
 def llama_1b(layers: int):
     import transformers as tf
@@ -361,7 +401,8 @@ one-thread GEMVs avoid: read them as "not slower", not as the speed-up on a quie
 at the start of the session (`kernels_baseline.md`, load 0.4 rising to 7 during the run) is the cleaner
 reference for the old code. CPUs without the AVX-512 set (VBMI2 + BF16) take the AVX2 paths instead (both
 GEMVs and the panels' unpack, every value kind; grouped int8 / int4 whose groups are no multiple of 32 columns
-take them on AVX-512 CPUs too, and `SPARSELM_ISA=avx2` forces them): see the last section.
+take them on AVX-512 CPUs too, and `SPARSELM_ISA=avx2` forces them: `kernels_isa.md` times them against
+the AVX-512 paths on this CPU): see the last section.
 """
 
 
@@ -424,6 +465,9 @@ def write(results: dict) -> None:
              ["in", "out", "threads", "tokens", "gemv_ms", "panel_ms"]),
             ("Prefill: unpack alone vs the whole panel product (50 % unstructured)", "unpack",
              ["model", "proj", "threads", "tokens", "unpack_ms", "panel_product_ms", "unpack_share"]),
+            ("Instruction-set levels (`SPARSELM_ISA`), interleaved", "isa",
+             ["model", "proj", "kind", "ratio", "threads", "tokens", "avx512_ms", "avx2_ms", "scalar_ms", "linear_ms",
+              "avx2_over_avx512", "scalar_over_avx512"]),
             ("End to end: greedy decode, Llama-3.2-1B-shaped model", "e2e",
              ["kind", "ratio", "layers", "threads", "batch", "dense_tokens_per_s", "compressed_tokens_per_s",
               "speedup", "speedup_best", "target", "met"])):
@@ -431,7 +475,7 @@ def write(results: dict) -> None:
             md += [f"## {name}\n", table(results[key], cols), ""]
     avx2 = results if STEM == "kernels_avx2" else (json.loads((OUT / "kernels_avx2.json").read_text())
                                                    if (OUT / "kernels_avx2.json").is_file() else {})
-    if avx2.get("layers_before"):
+    if avx2.get("layers_before") and STEM in ("kernels", "kernels_avx2"):  # not into other stems' files
         md += avx2_section(avx2)
     (OUT / f"{STEM}.md").write_text("\n".join(md) + "\n")
 
@@ -447,7 +491,8 @@ def _cases(args):
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--part", default="all", choices=["layers", "crossover", "unpack", "e2e", "all"])
+    p.add_argument("--part", default="all", choices=["layers", "crossover", "unpack", "isa", "e2e", "all"],
+                   help="isa (not in all): every layer case at each SPARSELM_ISA level this CPU runs, interleaved")
     p.add_argument("--models", nargs="+", default=list(SHAPES))
     p.add_argument("--cases", nargs="+", default=["lowrank:0.4", "dict:0.4", "unstructured:0.5", "2:4:0",
                                                   "lowrank:0.2", "dict:0.2", "unstructured:0.3", "dict-14bit:0.4",
@@ -493,6 +538,9 @@ def main() -> None:
         write(results)
     if args.part in ("unpack", "all"):
         results["unpack"] = unpack_cost(args)
+        write(results)
+    if args.part == "isa":
+        results["isa"] = isa_levels(args)
         write(results)
     if args.part in ("e2e", "all"):
         results["e2e"] = end_to_end(args)
