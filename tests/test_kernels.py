@@ -373,8 +373,8 @@ def test_isa_cap_sets_the_reported_levels(isa):
     assert _build.cpu_level() in _cpu_levels()
     assert _build.dense_level() == isa
     expect = {(masked.KIND[torch.bfloat16], 0): isa, (masked.P14, 0): isa, (masked.INT8, 0): isa,
-              (masked.INT8G, 64): isa, (masked.INT4, 0): isa, (masked.INT4, 24): "scalar" if isa == "scalar" else "avx2",
-              (masked.INT8G, 12): "scalar"}
+              (masked.INT8G, 64): isa, (masked.INT4, 0): isa, (masked.INT8G, 12): "scalar",
+              (masked.INT4, 24): "scalar" if isa == "scalar" else "avx2"}  # 24 columns: no 32-column chunk
     assert {k: _build.gemv_level(*k) for k in expect} == expect
 
 

@@ -112,7 +112,8 @@ def isa() -> int:
         return len(LEVELS) - 1
     if raw not in LEVELS:
         raise InputError(f"{ISA_VAR}={raw!r} is not a kernel instruction set",
-                         f"set {ISA_VAR} to one of {', '.join(reversed(LEVELS))}, or unset it for the best this CPU has")
+                         f"set {ISA_VAR} to one of {', '.join(reversed(LEVELS))}, "
+                         "or unset it for the best this CPU has")
     return LEVELS.index(raw)
 
 
