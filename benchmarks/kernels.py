@@ -10,6 +10,7 @@ End to end (`--part e2e`): greedy decode tokens/s of a Llama-3.2-1B-shaped model
 every linear of every block compressed, against the same model dense.
 
     python benchmarks/kernels.py --part all      # writes docs/benchmarks/kernels.{md,json}
+    SPARSELM_ISA=avx2 python benchmarks/kernels.py --out kernels_isa_avx2 ...   # the AVX2 paths, kept apart
 """
 from __future__ import annotations
 
@@ -233,7 +234,7 @@ def unpack_cost(args) -> list[dict]:
                     for r0 in range(0, rt.rows, p):
                         r1 = min(rt.rows, r0 + p)
                         ext.masked_unpack(rt.mask, rt.offsets, rt.values, rt.kind, rt.scale, rt.zero, rt.group,
-                                          rt.rows, rt.cols, r0, r1, scratch, True)
+                                          rt.rows, rt.cols, r0, r1, scratch, kernels._build.isa())
                 for t in [t for t in args.tokens if t > 16]:
                     x = torch.randn(t, in_f, generator=_gen(9)).to(DT)
                     m.kernel_path = "panel"
@@ -245,6 +246,46 @@ def unpack_cost(args) -> list[dict]:
                                 "panel_product_ms": round(r["panel"]["median_ms"], 3),
                                 "unpack_share": round(r["unpack"]["median_ms"] / r["panel"]["median_ms"], 3)})
                     print(out[-1], flush=True)
+    return out
+
+
+@torch.no_grad()
+def isa_levels(args) -> list[dict]:
+    """Each layer case at every kernel level this CPU runs (``SPARSELM_ISA`` set per call), timed interleaved
+    in one process beside the best dense layer: the AVX2 and scalar paths against the AVX-512 ones."""
+    levels = kernels._build.LEVELS[:kernels._build.LEVELS.index(kernels._build.cpu_level()) + 1]
+    saved = os.environ.get("SPARSELM_ISA")
+    out = []
+    try:
+        for model, proj, in_f, out_f, kind, ratio in _cases(args):
+            for threads in args.threads:
+                torch.set_num_threads(threads)
+                proto = build(kind, in_f, out_f, ratio)
+                nc, nd = copies_for(stored_bytes(proto), args.cycle_mb), copies_for(in_f * out_f * 2, args.cycle_mb)
+                comp = [proto] + [copy.deepcopy(proto) for _ in range(nc - 1)]
+                Ws = [torch.randn(out_f, in_f, generator=_gen(8)).mul_(0.02).to(DT) for _ in range(nd)]
+                for m in comp:
+                    m(torch.randn(1, in_f).to(DT))
+                for t in args.tokens:
+                    x = torch.randn(t, in_f, generator=_gen(9)).to(DT)
+                    fns = {lv: (lambda lv: lambda i: (os.environ.__setitem__("SPARSELM_ISA", lv), comp[i](x)))(lv)
+                           for lv in levels}
+                    fns["linear"] = lambda i: F.linear(x, Ws[i])
+                    r = interleaved(fns, {**{lv: nc for lv in levels}, "linear": nd},
+                                    args.repeats if t <= 16 else args.prefill_repeats)
+                    row = {"model": model, "proj": proj, "kind": kind, "ratio": ratio, "threads": threads, "tokens": t,
+                           **{f"{lv}_ms": round(r[lv]["median_ms"], 4) for lv in levels},
+                           "linear_ms": round(r["linear"]["median_ms"], 4)}
+                    for lv in levels[:-1]:
+                        row[f"{lv}_over_{levels[-1]}"] = round(r[lv]["median_ms"] / r[levels[-1]]["median_ms"], 3)
+                    out.append(row)
+                    print(row, flush=True)
+                del comp, Ws
+    finally:
+        if saved is None:
+            os.environ.pop("SPARSELM_ISA", None)
+        else:
+            os.environ["SPARSELM_ISA"] = saved
     return out
 
 
@@ -358,8 +399,10 @@ jobs at nice 5-19, this one at nice -10); under it a 2-thread dense `nn.Linear` 
 its second thread, so the very small decode ratios (below ~0.4) mostly measure that wait, which the
 one-thread GEMVs avoid: read them as "not slower", not as the speed-up on a quiet machine. The baseline run
 at the start of the session (`kernels_baseline.md`, load 0.4 rising to 7 during the run) is the cleaner
-reference for the old code. CPUs without the AVX-512 set (VBMI2 + BF16) take AVX2 GEMVs instead: see the
-last section.
+reference for the old code. CPUs without the AVX-512 set (VBMI2 + BF16) take the AVX2 paths instead (both
+GEMVs and the panels' unpack, every value kind; grouped int8 / int4 whose groups are no multiple of 32 columns
+take them on AVX-512 CPUs too, and `SPARSELM_ISA=avx2` forces them: `kernels_isa.md` times them against
+the AVX-512 paths on this CPU): see the last section.
 """
 
 
@@ -422,6 +465,9 @@ def write(results: dict) -> None:
              ["in", "out", "threads", "tokens", "gemv_ms", "panel_ms"]),
             ("Prefill: unpack alone vs the whole panel product (50 % unstructured)", "unpack",
              ["model", "proj", "threads", "tokens", "unpack_ms", "panel_product_ms", "unpack_share"]),
+            ("Instruction-set levels (`SPARSELM_ISA`), interleaved", "isa",
+             ["model", "proj", "kind", "ratio", "threads", "tokens", "avx512_ms", "avx2_ms", "scalar_ms", "linear_ms",
+              "avx2_over_avx512", "scalar_over_avx512"]),
             ("End to end: greedy decode, Llama-3.2-1B-shaped model", "e2e",
              ["kind", "ratio", "layers", "threads", "batch", "dense_tokens_per_s", "compressed_tokens_per_s",
               "speedup", "speedup_best", "target", "met"])):
@@ -429,7 +475,7 @@ def write(results: dict) -> None:
             md += [f"## {name}\n", table(results[key], cols), ""]
     avx2 = results if STEM == "kernels_avx2" else (json.loads((OUT / "kernels_avx2.json").read_text())
                                                    if (OUT / "kernels_avx2.json").is_file() else {})
-    if avx2.get("layers_before"):
+    if avx2.get("layers_before") and STEM in ("kernels", "kernels_avx2"):  # not into other stems' files
         md += avx2_section(avx2)
     (OUT / f"{STEM}.md").write_text("\n".join(md) + "\n")
 
@@ -445,7 +491,8 @@ def _cases(args):
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--part", default="all", choices=["layers", "crossover", "unpack", "e2e", "all"])
+    p.add_argument("--part", default="all", choices=["layers", "crossover", "unpack", "isa", "e2e", "all"],
+                   help="isa (not in all): every layer case at each SPARSELM_ISA level this CPU runs, interleaved")
     p.add_argument("--models", nargs="+", default=list(SHAPES))
     p.add_argument("--cases", nargs="+", default=["lowrank:0.4", "dict:0.4", "unstructured:0.5", "2:4:0",
                                                   "lowrank:0.2", "dict:0.2", "unstructured:0.3", "dict-14bit:0.4",
@@ -477,7 +524,7 @@ def main() -> None:
     load0 = os.getloadavg()[0]
     results = {**old, "machine": {"when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "torch": torch.__version__,
                                   "cpu": _cpu(), "cycle_mb": args.cycle_mb,
-                                  "kernels": "C++ extension" if kernels.extension_available() else "torch fallback"}}
+                                  "kernels": _kernels()}}
     if args.part in ("layers", "all"):
         results["layers"] = old.get("layers", []) if args.append else []
         for model, proj, in_f, out_f, kind, ratio in _cases(args):
@@ -492,10 +539,22 @@ def main() -> None:
     if args.part in ("unpack", "all"):
         results["unpack"] = unpack_cost(args)
         write(results)
+    if args.part == "isa":
+        results["isa"] = isa_levels(args)
+        write(results)
     if args.part in ("e2e", "all"):
         results["e2e"] = end_to_end(args)
     results["machine"]["load"] = f"{load0:.1f} / {os.getloadavg()[0]:.1f}"
     write(results)
+
+
+def _kernels() -> str:
+    """Which kernels ran: the extension or the torch fallback, and the instruction set (capped by SPARSELM_ISA)."""
+    if not kernels.extension_available():
+        return "torch fallback"
+    cap = os.environ.get("SPARSELM_ISA")
+    where = f" (SPARSELM_ISA={cap} on a {kernels._build.cpu_level()} CPU)" if cap else ""
+    return f"C++ extension, {kernels._build.dense_level()} paths{where}"
 
 
 def _cpu() -> str:

@@ -96,10 +96,10 @@ def test_quantized_unpack_is_the_stored_weight(store):
     W, mask = torch.randn(19, 130), torch.rand(19, 130) < 0.5
     m = SparseLinear(W, mask, None, None, torch.float32, store)
     rt = m.runtime()
-    for simd in (True, False):
+    for level in range(len(_build.LEVELS)):  # a cap above this CPU's best runs its best
         out = torch.empty(19, 130)
         _build.loaded().masked_unpack(rt.mask, rt.offsets, rt.values, rt.kind, rt.scale, rt.zero, rt.group,
-                                      rt.rows, rt.cols, 0, 19, out, simd)
+                                      rt.rows, rt.cols, 0, 19, out, level)
         torch.testing.assert_close(out, m.dense_weight(), rtol=1e-6, atol=1e-6)
     assert torch.equal(masked.panel_torch(rt, 0, 19, torch.float32), m.dense_weight().float())
 
@@ -176,19 +176,21 @@ def test_blocks_all_kept_run_the_kernels_and_pruned_blocks_the_reference(path, s
 
 @needs_ext
 @pytest.mark.parametrize("store", ENCODED, ids=str)
-def test_mask_free_forms_unpack_and_multiply_as_the_decoded_factor(store):
-    """The C++ unpack (SIMD and scalar) and GEMV of a mask-free form on odd widths equal the decoded factor's."""
+def test_mask_free_forms_unpack_and_multiply_as_the_decoded_factor(store, monkeypatch):
+    """At every kernel level the CPU runs, the C++ unpack and GEMV of a mask-free form on odd widths equal the
+    decoded factor's."""
     torch.manual_seed(0)
     m = LowRankLinear(torch.randn(77, 13), torch.randn(13, 5), None, torch.float32, store)
     Ut = m.runtime()[0]                 # (13, 77): rows not word-aligned
     dense = m.factors()[0].T.float()    # the decoded Uᵀ
-    for simd in (True, False):
+    h = torch.randn(3, 77)
+    for level, name in enumerate(_build.LEVELS):
+        monkeypatch.setenv("SPARSELM_ISA", name)
         out = torch.empty(13, 77)
         _build.loaded().masked_unpack(Ut.mask, Ut.offsets, Ut.values, Ut.kind, Ut.scale, Ut.zero, Ut.group,
-                                      13, 77, 0, 13, out, simd)
+                                      13, 77, 0, 13, out, level)
         torch.testing.assert_close(out, dense, rtol=1e-6, atol=1e-6)
-        h = torch.randn(3, 77)
-        torch.testing.assert_close(masked.matmul_gemv(h, Ut, simd=simd), h @ dense.T, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(masked.matmul_gemv(h, Ut), h @ dense.T, rtol=1e-4, atol=1e-4)
     assert torch.equal(masked.panel_torch(Ut, 0, 13, torch.float32), dense)
 
 
@@ -196,24 +198,26 @@ def test_mask_free_forms_unpack_and_multiply_as_the_decoded_factor(store):
 @pytest.mark.parametrize("storage", [CoefStorage.BF16, CoefStorage.BF16_14BIT, CoefStorage.INT8, CoefStorage.FP16,
                                      CoefStorage.INT4, Storage(CoefStorage.INT4, 64), Storage(CoefStorage.INT8, 32)],
                          ids=str)
-def test_scalar_and_simd_gemv_agree(storage):
+def test_scalar_and_simd_gemv_agree(storage, monkeypatch):
     torch.manual_seed(0)
     mask = torch.rand(53, 77) < 0.5  # Sᵀ (out 77, k 53): rows not word-aligned
     mod = SparseDictLinear(torch.randn(8, 53), torch.randn(53, 77) * mask, mask, None, storage)
     rt = mod.runtime()[1]  # (Dᵀ, Sᵀ): the coefficients
     h = torch.randn(4, 53)
     ref = h @ mod.coefficients().float()
-    for simd in (True, False):
-        torch.testing.assert_close(masked.matmul_gemv(h, rt, simd=simd), ref, rtol=1e-4, atol=1e-4)
+    for level in _build.LEVELS:
+        monkeypatch.setenv("SPARSELM_ISA", level)
+        torch.testing.assert_close(masked.matmul_gemv(h, rt), ref, rtol=1e-4, atol=1e-4)
 
 
 @needs_ext
 @pytest.mark.parametrize("storage", [CoefStorage.BF16, CoefStorage.FP16, CoefStorage.INT8, "fp32"], ids=str)
 @pytest.mark.parametrize("cols", [7, 33, 45, 613])
 @pytest.mark.parametrize("bias", [True, False])
-def test_masked_gemv_runs_simd_on_odd_widths(storage, cols, bias):
+def test_masked_gemv_runs_simd_on_odd_widths(storage, cols, bias, monkeypatch):
     """bf16 / fp16 / fp32 / per-row int8 values take a SIMD GEMV (AVX2 or AVX-512) on any CPU torch runs its
-    AVX2 kernels on, and match the stored weight's product at 1..9 tokens, widths not a multiple of 8 or 32."""
+    AVX2 kernels on, and every level matches the stored weight's product at 1..9 tokens, widths not a multiple
+    of 8 or 32."""
     torch.manual_seed(cols)
     W, mask = torch.randn(23, cols), torch.rand(23, cols) < 0.5
     dtype = torch.float32 if storage == "fp32" else torch.bfloat16
@@ -226,8 +230,9 @@ def test_masked_gemv_runs_simd_on_odd_widths(storage, cols, bias):
     for tokens in range(1, 10):
         x = torch.randn(tokens, cols)
         ref = x @ dense.T + (0 if b is None else b)
-        for simd in (True, False):
-            got = masked.matmul_gemv(x, rt, b, simd=simd)
+        for level in _build.LEVELS:
+            monkeypatch.setenv("SPARSELM_ISA", level)
+            got = masked.matmul_gemv(x, rt, b)
             torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item())
 
 
@@ -351,15 +356,17 @@ def _cpu_levels() -> set[str]:
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("serial_bytes", [0, 1 << 40])  # rows split over the threads, or one thread
 def test_dense_gemv_matches_float_product(rows, cols, tokens, bias, serial_bytes):
+    """Every SIMD level this CPU runs (AVX2, and AVX-512 BF16 where present)."""
     assert _build.dense_level() in _cpu_levels()
     g = torch.Generator().manual_seed(rows * cols + tokens)
     W = torch.randn(rows, cols, generator=g).to(torch.bfloat16)
     x = torch.randn(tokens, cols, generator=g).to(torch.bfloat16)
     b = torch.randn(rows, generator=g).to(torch.bfloat16) if bias else None
-    got = _build.loaded().dense_gemv(x, W, b, serial_bytes)
     ref = x.float() @ W.float().T + (0 if b is None else b.float())
-    assert got.dtype == torch.bfloat16 and got.shape == (tokens, rows)
-    torch.testing.assert_close(got.float(), ref, rtol=1e-2, atol=1e-2 * ref.abs().max().item())
+    for level in range(1, _build.LEVELS.index(_build.cpu_level()) + 1):
+        got = _build.loaded().dense_gemv(x, W, b, serial_bytes, level)
+        assert got.dtype == torch.bfloat16 and got.shape == (tokens, rows)
+        torch.testing.assert_close(got.float(), ref, rtol=1e-2, atol=1e-2 * ref.abs().max().item())
 
 
 @pytest.mark.parametrize("mv_tokens", [0, 2])
@@ -408,3 +415,123 @@ def test_checkouts_of_the_same_source_share_one_build_command(tmp_path, monkeypa
     assert calls[0] == calls[1]
     (source,) = calls[0]["sources"]
     assert source.startswith(calls[0]["build_directory"]) and open(source, "rb").read() == src.read_bytes()
+
+
+# --- instruction-set levels (SPARSELM_ISA) ---------------------------------------------------------------
+@pytest.fixture(params=_build.LEVELS)
+def isa(request, monkeypatch):
+    """Each kernel level this CPU runs, chosen through ``SPARSELM_ISA`` (one build serves every level)."""
+    if not kernels.extension_available():
+        pytest.skip("the C++ kernels could not be built here")
+    if _build.LEVELS.index(request.param) > _build.LEVELS.index(_build.cpu_level()):
+        pytest.skip(f"this CPU does not run the {request.param} kernels")
+    monkeypatch.setenv("SPARSELM_ISA", request.param)
+    return request.param
+
+
+def _expected(isa: str, kind: int, group: int) -> str:
+    """The level a masked product must take under the cap ``isa``: the cap, stepped down while a chunk of its
+    columns (32 for AVX-512, 8 for AVX2) would straddle two quantization groups of a grouped kind."""
+    chunk = {"avx512": 32, "avx2": 8}
+    while isa != "scalar" and kind in (masked.INT8G, masked.INT4) and group % chunk[isa]:
+        isa = _build.LEVELS[_build.LEVELS.index(isa) - 1]
+    return isa
+
+
+# every value kind, groups that fit each level's chunk and groups that do not
+LEVEL_STORES = [(Storage(), torch.float32), (Storage(CoefStorage.BF16), torch.bfloat16),
+                (Storage(CoefStorage.FP16), torch.bfloat16), (Storage(CoefStorage.INT8), torch.bfloat16),
+                (Storage(CoefStorage.BF16_14BIT), torch.bfloat16), (Storage(CoefStorage.INT8, 32), torch.bfloat16),
+                (Storage(CoefStorage.INT8, 24), torch.float32), (Storage(CoefStorage.INT8, 12), torch.bfloat16),
+                (Storage(CoefStorage.INT4), torch.bfloat16), (Storage(CoefStorage.INT4, 16), torch.float32),
+                (Storage(CoefStorage.INT4, 64), torch.bfloat16)]
+
+
+def test_isa_cap_sets_the_reported_levels(isa):
+    assert _build.cpu_level() in _cpu_levels()
+    assert _build.dense_level() == isa
+    expect = {(masked.KIND[torch.bfloat16], 0): isa, (masked.P14, 0): isa, (masked.INT8, 0): isa,
+              (masked.INT8G, 64): isa, (masked.INT4, 0): isa, (masked.INT8G, 12): "scalar",
+              (masked.INT4, 24): "scalar" if isa == "scalar" else "avx2"}  # 24 columns: no 32-column chunk
+    assert {k: _build.gemv_level(*k) for k in expect} == expect
+
+
+@needs_ext
+def test_no_cap_runs_the_best_the_cpu_has_and_a_bad_cap_is_refused(monkeypatch):
+    from sparselm.errors import InputError
+    monkeypatch.delenv("SPARSELM_ISA", raising=False)
+    assert _build.dense_level() == _build.cpu_level() == _build.gemv_level(masked.KIND[torch.float32])
+    monkeypatch.setenv("SPARSELM_ISA", "AVX2")  # any case
+    assert _build.isa() == 1
+    monkeypatch.setenv("SPARSELM_ISA", "sse4")
+    m = SparseLinear(torch.randn(4, 8), torch.rand(4, 8) < 0.5)
+    with pytest.raises(InputError, match=r"SPARSELM_ISA='sse4'.*avx512, avx2, scalar"):
+        m(torch.randn(1, 8))
+
+
+@pytest.mark.parametrize("store, dtype", LEVEL_STORES, ids=[str(s) for s, _ in LEVEL_STORES])
+@pytest.mark.parametrize("tokens", [(1,), (3,), (2, 20)])  # the GEMV (batch 1, a few tokens) and the panels
+def test_every_level_matches_reference(isa, store, dtype, tokens):
+    """Each level under the cap, for every value kind, on a layer whose width is no multiple of 8 or 32."""
+    torch.manual_seed(0)
+    W, mask = torch.randn(45, 150), torch.rand(45, 150) < 0.5
+    m = SparseLinear(W, mask, torch.randn(45), None, dtype, store)
+    rt = m.runtime()
+    assert _build.gemv_level(rt.kind, rt.group) == _expected(isa, rt.kind, rt.group)
+    for path in ("gemv", "panel"):
+        _check(m, _inputs(150, dtype, tokens), path, dtype)
+    lr = LowRankLinear(torch.randn(70, 9), torch.randn(9, 33), torch.randn(33), torch.bfloat16)
+    x = _inputs(70, torch.bfloat16, tokens)
+    _check(lr, x, None, torch.bfloat16)
+    if tokens != (2, 20):
+        assert kernels.policy.dense_path(x, lr.U.t().contiguous()) == ("torch" if isa == "scalar" else "gemv")
+
+
+@needs_ext
+def test_the_cap_reaches_the_gemv(monkeypatch):
+    """The scalar level sums each row in column order, one float32 rounding per product and per sum (checked
+    against that sum written out); the SIMD levels sum in their own orders, so every level's bits differ."""
+    torch.manual_seed(0)
+    W, mask = torch.randn(45, 150), torch.rand(45, 150) < 0.5
+    rt = SparseLinear(W, mask, None, None, torch.float32).runtime()
+    x = torch.randn(1, 150)
+    Wm = W * mask
+    acc = torch.zeros(45)
+    for c in range(150):
+        acc = acc + Wm[:, c] * x[0, c]
+    got = {}
+    for level in _build.LEVELS[:_build.LEVELS.index(_build.cpu_level()) + 1]:
+        monkeypatch.setenv("SPARSELM_ISA", level)
+        got[level] = masked.matmul_gemv(x, rt)[0]
+    assert torch.equal(got["scalar"], acc)
+    for a in got:
+        for b in got:
+            assert a == b or not torch.equal(got[a], got[b]), (a, b)
+
+
+UNPACK_STORES = [Storage(), Storage(CoefStorage.BF16), Storage(CoefStorage.FP16), Storage(CoefStorage.INT8),
+                 Storage(CoefStorage.BF16_14BIT), Storage(CoefStorage.INT8, 32), Storage(CoefStorage.INT8, 24),
+                 Storage(CoefStorage.INT4), Storage(CoefStorage.INT4, 16), Storage(CoefStorage.INT4, 12)]
+
+
+@needs_ext
+@pytest.mark.parametrize("store", UNPACK_STORES, ids=str)
+@pytest.mark.parametrize("cols", [7, 45, 130])
+def test_unpack_gives_the_same_bits_on_every_level(store, cols):
+    """The prefill panels' unpack: AVX-512, AVX2 and scalar write the same bits into fp32, bf16 and fp16 panels
+    (rows 3..16 of 19, a full row and an empty one among them, widths no multiple of 8)."""
+    torch.manual_seed(cols)
+    W, mask = torch.randn(19, cols), torch.rand(19, cols) < 0.5
+    mask[4], mask[5] = True, False
+    dtype = torch.float32 if store == Storage() else torch.bfloat16
+    rt = SparseLinear(W, mask, None, None, dtype, store).runtime()
+    levels = range(_build.LEVELS.index(_build.cpu_level()) + 1)
+    for out_dtype, bits in ((torch.float32, torch.int32), (torch.bfloat16, torch.int16), (torch.float16, torch.int16)):
+        outs = []
+        for level in levels:
+            out = torch.full((13, cols), float("nan"), dtype=out_dtype)
+            _build.loaded().masked_unpack(rt.mask, rt.offsets, rt.values, rt.kind, rt.scale, rt.zero, rt.group,
+                                          rt.rows, rt.cols, 3, 16, out, level)
+            outs.append(out.view(bits))
+        assert all(torch.equal(o, outs[0]) for o in outs), out_dtype
+        assert torch.equal(outs[0].view(out_dtype), masked.panel_torch(rt, 3, 16, out_dtype)), out_dtype

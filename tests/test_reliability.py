@@ -272,15 +272,16 @@ def test_api_refuses_the_same_inputs(ws, tmp_path):
 
 @pytest.mark.parametrize("command", [[COMPRESS, "@model", "--out", "%never", "--nsamples", "2", "--seqlen", "32"],
                                      ["eval", "@comp"], ["bench", "@comp"]], ids=lambda c: c[0])
-def test_a_bad_kernel_variable_is_refused_before_any_work(ws, command, monkeypatch):
-    """``SPARSELM_KERNELS`` is read by the first fast forward, which in a compression comes after every block:
-    every command checks it first (exit 2, nothing written)."""
-    monkeypatch.setenv("SPARSELM_KERNELS", "fastest")
+@pytest.mark.parametrize("variable, value", [("SPARSELM_KERNELS", "fastest"), ("SPARSELM_ISA", "sse4")])
+def test_a_bad_kernel_variable_is_refused_before_any_work(ws, command, variable, value, monkeypatch):
+    """The kernel variables are read by the first fast forward, which in a compression comes after every block:
+    every command checks them first (exit 2, nothing written)."""
+    monkeypatch.setenv(variable, value)
     before = _snapshot(ws["root"])
     r = run(*_sub(ws, command))
-    assert r.exit_code == 2 and "SPARSELM_KERNELS" in r.output and "fix:" in r.output, r.output
+    assert r.exit_code == 2 and variable in r.output and "fix:" in r.output, r.output
     assert "compressing block" not in r.output and _snapshot(ws["root"]) == before
-    with pytest.raises(InputError, match="SPARSELM_KERNELS"):
+    with pytest.raises(InputError, match=variable):
         api.compress_model(str(ws["model"]), nsamples=2, seqlen=32, out=str(ws["root"] / "never2"))
 
 

@@ -7,7 +7,8 @@ test comparing them (tests/test_kernels.py). Paths and overrides: `policy`. Runt
     (`colmajor`) so that the C++ bf16 GEMV (few tokens) or one GEMM streams them; encoded ones (14-bit, int8,
     int4) as mask-free `Masked` forms (`from_dense`) through `masked_linear`'s paths.
   * `dict_linear`    Y = (X D) S + b; X·D as a factor above, S through `masked_linear`'s paths.
-CPU only: other devices take the reference forward (`usable`).
+CPU only: other devices take the reference forward (`usable`). The C++ kernels run the best instruction set the
+CPU has (AVX-512, AVX2, scalar) up to the cap ``SPARSELM_ISA`` (`_build.isa`).
 """
 from __future__ import annotations
 
@@ -25,9 +26,10 @@ __all__ = ["Masked", "check_environment", "colmajor", "dict_linear", "extension_
 
 
 def check_environment() -> None:
-    """Raise `InputError` for a bad kernel environment variable (``SPARSELM_KERNELS``) now, before any long work:
+    """Raise `InputError` for a bad kernel environment variable (``SPARSELM_KERNELS``, ``SPARSELM_ISA``) now, before any long work:
     it is otherwise read at the first fast forward, which in a compression comes after every block is done."""
     policy.requested(None)
+    _build.isa()
 
 
 def fast_path(x: torch.Tensor, module_path: str | None) -> str | None:
@@ -71,7 +73,7 @@ def _dense(x2: torch.Tensor, At: torch.Tensor, bias: torch.Tensor | None, module
     ``torch.mv`` per token up to `policy.MV_MAX_TOKENS`, else one GEMM (in `policy.gemm_dtype`, cast back)."""
     stored, At = At, At if At.dtype == x2.dtype else At.to(x2.dtype)
     if policy.dense_path(x2, At, module_path) == "gemv":
-        return _build.loaded().dense_gemv(x2, At, bias, policy.SERIAL_BYTES)
+        return _build.loaded().dense_gemv(x2, At, bias, policy.SERIAL_BYTES, _build.isa())
     T = x2.shape[0]
     dtype = policy.gemm_dtype(x2.dtype, T)
     if dtype != x2.dtype:  # from the stored factor: one conversion, no rounding through x2's dtype

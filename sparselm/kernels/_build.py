@@ -3,6 +3,10 @@
 Cache: ``$SPARSELM_CACHE/kernels`` (default ``~/.cache/sparselm/kernels``). Any failure (no compiler, no
 ninja, a build error) is logged once and `extension()` returns None: callers then run the pure-torch
 paths. ``SPARSELM_KERNELS=torch`` skips the extension entirely.
+
+Each kernel picks its instruction set at run time (AVX-512, AVX2 or a scalar loop: `cpu_level`); ``SPARSELM_ISA``
+caps it (`isa`, read here and passed to every C++ call), so the AVX2 and scalar paths run, and are tested, on an
+AVX-512 machine too. One build serves every level.
 """
 from __future__ import annotations
 
@@ -14,6 +18,8 @@ import threading
 from pathlib import Path
 
 import torch
+
+from ..errors import InputError
 
 log = logging.getLogger(__name__)
 _SOURCE = Path(__file__).with_name("csrc") / "masked.cpp"
@@ -93,27 +99,40 @@ def available() -> bool:
     return extension() is not None
 
 
-def simd() -> bool:
-    """Whether the extension's AVX-512 (VBMI2 + BF16) paths run on this CPU."""
-    if "simd" not in _state:
-        ext = loaded()
-        _state["simd"] = ext is not None and bool(ext.has_avx512())
-    return _state["simd"]
-
-
 LEVELS = ("scalar", "avx2", "avx512")  # the C++ side's level numbers 0, 1, 2
+ISA_VAR = "SPARSELM_ISA"
+
+
+def isa() -> int:
+    """The highest kernel level allowed, as the C++ side numbers `LEVELS`: ``SPARSELM_ISA`` = ``avx512`` |
+    ``avx2`` | ``scalar``, unset or empty for no cap. A cap, not a demand: each kernel runs the best path this CPU
+    has at or below it (``avx512`` on an AVX2-only CPU runs AVX2)."""
+    raw = os.environ.get(ISA_VAR, "").strip().lower()
+    if not raw:
+        return len(LEVELS) - 1
+    if raw not in LEVELS:
+        raise InputError(f"{ISA_VAR}={raw!r} is not a kernel instruction set",
+                         f"set {ISA_VAR} to one of {', '.join(reversed(LEVELS))}, "
+                         "or unset it for the best this CPU has")
+    return LEVELS.index(raw)
+
+
+def cpu_level() -> str:
+    """The best kernel path this CPU runs, whatever the cap: ``avx512`` (VBMI2 + BF16), ``avx2`` (AVX2 + FMA +
+    F16C) or ``scalar`` (also without the extension)."""
+    ext = loaded()
+    return LEVELS[int(ext.cpu_level())] if ext is not None else "scalar"
 
 
 def dense_level() -> str:
-    """The dense bf16 GEMV's path on this CPU: ``avx512`` (VDPBF16PS), ``avx2`` (AVX2 + FMA + F16C) or
+    """The dense bf16 GEMV's path under the cap (`isa`): ``avx512`` (VDPBF16PS), ``avx2`` (AVX2 + FMA + F16C) or
     ``scalar`` (none: the dense factors take F.linear)."""
-    if "dense" not in _state:
-        ext = loaded()
-        _state["dense"] = LEVELS[int(ext.dense_level())] if ext is not None else "scalar"
-    return _state["dense"]
+    ext = loaded()
+    return LEVELS[int(ext.dense_level(isa()))] if ext is not None else "scalar"
 
 
 def gemv_level(kind: int, group: int = 0) -> str:
-    """The masked GEMV's path on this CPU for a value kind (`masked.KIND`, ...) and quantization group."""
+    """The masked GEMV's and unpack's path under the cap (`isa`) for a value kind (`masked.KIND`, ...) and
+    quantization group."""
     ext = loaded()
-    return LEVELS[int(ext.gemv_level(kind, group, True))] if ext is not None else "scalar"
+    return LEVELS[int(ext.gemv_level(kind, group, isa()))] if ext is not None else "scalar"

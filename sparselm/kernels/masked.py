@@ -10,10 +10,12 @@ little-endian within bytes) + the nonzero values in row-major order, as bf16/fp1
 the bitmask built from N:M indices (1 bit per weight) and a float32 copy of an int8 scale.
 
 Three ways to compute the product, all exact up to float rounding:
-  * ``gemv``  C++ (AVX-512 expand-load + VDPBF16PS/FMA with software prefetch, or scalar): reads the
-    compressed bytes once, rows split over the threads; for few tokens.
+  * ``gemv``  C++ (AVX-512 expand-load + VDPBF16PS/FMA with software prefetch, AVX2 table-driven spreads + FMA,
+    or scalar): reads the compressed bytes once, rows split over the threads; for few tokens.
   * ``panel`` C++: each thread unpacks cache-sized row panels into its own reused scratch buffer and runs a
-    single-threaded dense GEMM on each (one parallel region per call).
+    single-threaded dense GEMM on each (one parallel region per call); the unpack (AVX-512, AVX2 or scalar)
+    gives the same values bit for bit on every path.
+  The C++ path is the best the CPU has under ``SPARSELM_ISA`` (`_build.isa`; `_build.gemv_level` names it).
   * ``torch`` panels unpacked with torch ops, one GEMM each: the fallback when the extension cannot be built.
 """
 from __future__ import annotations
@@ -188,7 +190,7 @@ def matmul_panels(x: torch.Tensor, mm: Masked, rows: int, use_ext: bool = True) 
         threads = min(torch.get_num_threads(), -(-mm.rows // p))
         _scratch["bytes"] = max(_scratch["bytes"], threads * p * mm.cols * torch.finfo(dtype).bits // 8)
         return ext.masked_panels_mm(x.to(dtype), mm.mask, mm.offsets, mm.values, mm.kind, mm.scale, mm.zero,
-                                    mm.group, mm.rows, mm.cols, p, True).t()
+                                    mm.group, mm.rows, mm.cols, p, _build.isa()).t()
     yT = torch.empty(mm.rows, x.shape[0], dtype=dtype)  # (rows, T): each panel's rows are contiguous
     xT = x.to(dtype).t()
     for r0 in range(0, mm.rows, p):
@@ -197,9 +199,8 @@ def matmul_panels(x: torch.Tensor, mm: Masked, rows: int, use_ext: bool = True) 
     return yT.t()
 
 
-def matmul_gemv(x: torch.Tensor, mm: Masked, bias: torch.Tensor | None = None, simd: bool = True,
-                serial_bytes: int = 0) -> torch.Tensor:
+def matmul_gemv(x: torch.Tensor, mm: Masked, bias: torch.Tensor | None = None, serial_bytes: int = 0) -> torch.Tensor:
     """``x (T, cols) -> (T, rows)`` (+ bias) in x's dtype through the C++ GEMV (the extension must be available);
     one thread below ``serial_bytes`` of weight bytes."""
     return _build.loaded().masked_gemv(x, mm.mask, mm.offsets, mm.values, mm.kind, mm.scale, mm.zero, mm.group,
-                                       bias, mm.rows, mm.cols, simd, serial_bytes)
+                                       bias, mm.rows, mm.cols, _build.isa(), serial_bytes)

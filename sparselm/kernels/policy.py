@@ -5,7 +5,8 @@ panels + dense GEMM), ``torch`` (the same panels unpacked with torch ops; no com
 ``reference`` (the module's plain forward: rebuilds the dense weight).
 
 Override, most specific first: a module's ``kernel_path`` attribute, then the ``SPARSELM_KERNELS``
-environment variable (``auto`` | ``gemv`` | ``panel`` | ``torch`` | ``reference``). Thresholds come from
+environment variable (``auto`` | ``gemv`` | ``panel`` | ``torch`` | ``reference``). Within the C++ paths,
+``SPARSELM_ISA`` (``avx512`` | ``avx2`` | ``scalar``) caps the instruction set (`_build.isa`). Thresholds come from
 ``benchmarks/kernels.py`` on the project's CPU (docs/benchmarks/kernels.md) and can be set here.
 """
 from __future__ import annotations

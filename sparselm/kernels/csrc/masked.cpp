@@ -12,13 +12,14 @@
 //   dense_gemv(x (T, cols) bf16, W, bias)   -> (T, rows) bf16        Y = X Wᵀ + b, dense factors at decode
 //   masked_unpack(..., r0, r1, out (r1-r0, cols) bf16|f16|f32)   dense rows of M, for prefill panels
 //
-// Each has an AVX-512 path (VBMI2 expand-load of the values under 32 mask bits at a time, fp32 FMA)
-// chosen at run time by cpuid, and a portable scalar path. On CPUs with AVX2 + FMA + F16C but not the
-// AVX-512 set (VBMI2 + BF16), the two GEMVs have an AVX2 path (gemv_level / dense_level say which runs):
-// dense bf16 rows widened to fp32 by shifts, and for bf16 / fp16 / fp32 / per-row int8 masked values a
-// 256-entry table (per 8 mask bits) that spreads the next popcount values over their columns (VPSHUFB
-// straight to fp32 bits for bf16, VPERMPS indices + a blend for the others);
-// the other value kinds, and masked_unpack, keep the scalar loop there.
+// Each has three paths, chosen at run time: AVX-512 (VBMI2 expand-load of the values under 32 mask bits at a
+// time, fp32 FMA or VDPBF16PS), AVX2 + FMA + F16C (8 mask bits at a time: a 256-entry table per 8 bits spreads
+// the next popcount values over their columns, VPSHUFB straight to fp32 bits for bf16, VPERMPS indices + a
+// blend for the other kinds once decoded; dense bf16 rows widened to fp32 by shifts) and a portable scalar loop.
+// The caller passes `isa`, the highest level allowed (SPARSELM_ISA, read on the Python side): 2 AVX-512, 1 AVX2,
+// 0 scalar. gemv_level / dense_level say which runs: the best the CPU has at or below the cap, and for the
+// grouped int8 / int4 kinds one whose chunk (32 columns for AVX-512, 8 for AVX2) lies in one group. dense_gemv
+// has no scalar loop (level 0: the caller takes F.linear).
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
@@ -45,7 +46,7 @@ struct Masked {
 inline bool grouped(int kind) { return kind == INT8G || kind == INT4; }
 
 // scale and zero point of the group holding (r, col)
-inline void group_params(const Masked& m, int64_t r, int64_t col, float& s, float& z) {
+__attribute__((always_inline)) inline void group_params(const Masked& m, int64_t r, int64_t col, float& s, float& z) {
   const int64_t g = r * m.gpr + (m.group ? col / m.group : 0);
   s = float(m.gscale[g]);
   z = m.zero ? float((m.zero[g >> 1] >> (4 * (g & 1))) & 0xF) : 0.f;
@@ -203,18 +204,20 @@ template <int K> constexpr int64_t value_byte(int64_t i) {
   return K == FP32 ? 4 * i : (K == INT8 || K == INT8G ? i : (K == P14 ? (14 * i) >> 3 : (K == INT4 ? i >> 1 : 2 * i)));
 }
 
-// grouped kinds: the decoded codes of chunk (r, col) under mask word w become (code - zero)·scale (a chunk of
-// 32 columns lies in one group: the caller runs the scalar path unless group % 32 == 0)
-// the group parameters along one row, looked up once per group (not per chunk)
+// the group parameters along one row, looked up once per group (not per chunk). Inlined into the SIMD loops: a
+// call out of them clobbers every vector register (the AVX2 grouped int8 GEMV of 8192x2048 at 50 %, 1 token, ran
+// 5.6x (group 128) and 15x (group 32) slower with the call).
 struct GroupCursor {
   const Masked& m; int64_t r; int64_t next = 0; float s = 1.f, z = 0.f;
-  void at(int64_t col) {
+  __attribute__((always_inline)) void at(int64_t col) {
     if (col < next) return;
     group_params(m, r, col, s, z);
     next = m.group ? (col / m.group + 1) * m.group : INT64_MAX;
   }
 };
 
+// grouped kinds: the decoded codes of chunk (r, col) under mask word w become (code - zero)·scale (a chunk of
+// 32 columns lies in one group: gemv_level takes another path unless group % 32 == 0)
 template <int K>
 SPARSELM_AVX512 inline void dequant_chunk(GroupCursor& gc, int64_t col, uint32_t w, __m512& lo, __m512& hi) {
   if constexpr (K == INT8G || K == INT4) {
@@ -369,16 +372,16 @@ void unpack_rows_avx(const Masked& m, int64_t r0, int64_t r1, OutT* out) {  // t
   }
 }
 
-// ---- AVX2 + FMA + F16C (CPUs without AVX-512) ------------------------------------------------------
+// ---- AVX2 + FMA + F16C (CPUs without the AVX-512 set, or SPARSELM_ISA=avx2) -------------------------------
 // No expand-load and no bf16 dot product here: 8 mask bits at a time, a 256-entry table gives each lane the
-// rank of its bit among the set ones (a VPERMPS index) and the next 8 stored values are spread over their
-// columns; bf16 becomes fp32 by a 16-bit shift, then FMA against fp32 x.
+// rank of its bit among the set ones (a VPERMPS index) and the next 8 stored values, decoded to fp32, are
+// spread over their columns; bf16 becomes fp32 by a byte shuffle, then FMA against fp32 x.
 #define SPARSELM_AVX2 __attribute__((target("avx2,fma,f16c,popcnt")))
 
 // kExpand8.t[b][j]: the index of the value lane j takes under mask bits b (the rank of bit j among b's set
 // bits), or the sign bit where bit j is unset (VPERMPS reads the low 3 bits, VBLENDVPS the sign: zeroed). 8 KiB.
 struct Expand8 { int32_t t[256][8]; };
-constexpr Expand8 expand8() {
+constexpr Expand8 expand8_table() {
   Expand8 e{};
   for (int b = 0; b < 256; b++) {
     int k = 0;
@@ -386,7 +389,7 @@ constexpr Expand8 expand8() {
   }
   return e;
 }
-alignas(64) constexpr Expand8 kExpand8 = expand8();
+alignas(64) constexpr Expand8 kExpand8 = expand8_table();
 
 // bf16 values in one VPSHUFB: with the next 8 values (16 bytes) in both 128-bit halves, kShufBf16.t[b] puts
 // value rank(j)'s two bytes in the high half of 32-bit lane j (the fp32 of that bf16) and zero bytes (0x80)
@@ -409,20 +412,43 @@ constexpr ShufBf16 shuf_bf16() {
 }
 alignas(64) constexpr ShufBf16 kShufBf16 = shuf_bf16();
 
-template <int K> constexpr int64_t value_size() { return K == FP32 ? 4 : (K == INT8 ? 1 : 2); }
-
-// the 8 stored values from index idx as fp32 (no int8 scale), never reading past the buffer (Checked: the
-// caller does not know that 8 values from idx lie in it)
-template <int K, bool Checked>
-SPARSELM_AVX2 inline __m256 load8_k(const Masked& m, int64_t idx) {
-  constexpr int64_t es = value_size<K>();
-  const uint8_t* p = static_cast<const uint8_t*>(m.values) + es * idx;
-  alignas(32) uint8_t tail[32];
-  if (Checked && es * (idx + 8) > m.value_bytes) {  // the last values of the matrix (a byte loop, not a
-    const int64_t n = m.value_bytes - es * idx;     // memcpy call: a call in the row loop spills the sums)
-    for (int i = 0; i < int(8 * es); i++) tail[i] = i < n ? p[i] : 0;
-    p = tail;
+// 14-bit values: with the 16 bytes from the one holding value i's first bit (bit offset o = 0, 2, 4 or 6 in
+// it) in both 128-bit halves, shuf[o / 2] puts the 3 bytes holding value i+j in 32-bit lane j (the 4th byte
+// zero) and a left shift by shift[o / 2][j] brings its 14 bits to the top: bf16 bits << 2, then << 16 for fp32.
+struct ShufP14 { uint8_t shuf[4][32]; int32_t shift[4][8]; };
+constexpr ShufP14 shuf_p14() {
+  ShufP14 e{};
+  for (int o = 0; o < 4; o++) for (int j = 0; j < 8; j++) {
+    const int first = 2 * o + 14 * j;  // value i+j's first bit in the 16 bytes (at most 104: bytes 13-15)
+    for (int k = 0; k < 4; k++) e.shuf[o][4 * j + k] = k < 3 ? uint8_t((first >> 3) + k) : uint8_t(0x80);
+    e.shift[o][j] = 18 - (first & 7);
   }
+  return e;
+}
+alignas(64) constexpr ShufP14 kP14 = shuf_p14();
+
+// bytes one load of 8 values reads from a value's first byte (an int4 value's byte holds the next one too)
+template <int K> constexpr int load_bytes() { return K == FP32 ? 32 : (K == INT8 || K == INT8G || K == INT4 ? 8 : 16); }
+
+// whether the load of 8 values from value i stays inside the values buffer
+template <int K> inline bool fits(const Masked& m, int64_t i) { return value_byte<K>(i) + load_bytes<K>() <= m.value_bytes; }
+
+// where the load of 8 values from value i reads: the buffer itself, or (Checked, the last values of the matrix)
+// `tail` holding the bytes left, zero-padded (a byte loop, not a memcpy call: a call in the row loop spills the sums)
+template <int K, bool Checked>
+__attribute__((always_inline)) inline const uint8_t* load_from(const Masked& m, int64_t i, uint8_t* tail) {
+  const int64_t at = value_byte<K>(i);
+  const uint8_t* p = static_cast<const uint8_t*>(m.values) + at;
+  if (!Checked || fits<K>(m, i)) return p;
+  for (int k = 0; k < load_bytes<K>(); k++) tail[k] = at + k < m.value_bytes ? p[k] : 0;
+  return tail;
+}
+
+// the 8 stored values from index idx as fp32 (int8 / int4: the codes, no scale or zero point)
+template <int K, bool Checked>
+SPARSELM_AVX2 __attribute__((always_inline)) inline __m256 load8_k(const Masked& m, int64_t idx) {
+  alignas(32) uint8_t tail[32];
+  const uint8_t* p = load_from<K, Checked>(m, idx, tail);
   if constexpr (K == BF16) {
     const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
     return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
@@ -430,8 +456,44 @@ SPARSELM_AVX2 inline __m256 load8_k(const Masked& m, int64_t idx) {
     return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
   } else if constexpr (K == FP32) {
     return _mm256_loadu_ps(reinterpret_cast<const float*>(p));
+  } else if constexpr (K == P14) {
+    const int o = int((14 * idx) & 7) >> 1;
+    const __m256i raw = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+    __m256i g = _mm256_shuffle_epi8(raw, _mm256_load_si256(reinterpret_cast<const __m256i*>(kP14.shuf[o])));
+    g = _mm256_sllv_epi32(g, _mm256_load_si256(reinterpret_cast<const __m256i*>(kP14.shift[o])));
+    return _mm256_castsi256_ps(_mm256_and_si256(g, _mm256_set1_epi32(int(0xFFFC0000u))));
+  } else if constexpr (K == INT4) {  // nibble k of the word from value idx's byte, shifted past an odd first one
+    uint64_t w;
+    std::memcpy(&w, p, 8);
+    const __m256i codes = _mm256_srlv_epi32(_mm256_set1_epi32(int(uint32_t(w >> (4 * (idx & 1))))),
+                                            _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28));
+    return _mm256_cvtepi32_ps(_mm256_and_si256(codes, _mm256_set1_epi32(0xF)));
   } else {
     return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+  }
+}
+
+// The values under mask bits b (the 8 columns from col) from index idx, as fp32 in their lanes and 0.0 in the
+// others; the grouped kinds dequantized ((code - zero)·scale; the 8 columns lie in one group). Per-row int8
+// scales are the caller's. Checked: the general case; otherwise the caller knows that 8 values from idx fit.
+template <int K, bool Checked>
+SPARSELM_AVX2 __attribute__((always_inline)) inline __m256 expand8(const Masked& m, int64_t idx, uint32_t b,
+                                                                  GroupCursor& gc, int64_t col) {
+  if constexpr (K == BF16) {
+    alignas(32) uint8_t tail[32];
+    const uint8_t* p = load_from<K, Checked>(m, idx, tail);
+    const __m256i raw = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+    const __m256i shuf = _mm256_load_si256(reinterpret_cast<const __m256i*>(kShufBf16.t[b]));
+    return _mm256_castsi256_ps(_mm256_shuffle_epi8(raw, shuf));
+  } else {
+    __m256 v = load8_k<K, Checked>(m, idx);
+    if constexpr (K == INT8G || K == INT4) {  // before the spread: unset lanes stay 0.0
+      gc.at(col);
+      v = _mm256_mul_ps(_mm256_sub_ps(v, _mm256_set1_ps(gc.z)), _mm256_set1_ps(gc.s));
+    }
+    const __m256i sel = _mm256_load_si256(reinterpret_cast<const __m256i*>(kExpand8.t[b]));
+    v = _mm256_permutevar8x32_ps(v, sel);
+    return _mm256_blendv_ps(v, _mm256_setzero_ps(), _mm256_castsi256_ps(sel));
   }
 }
 
@@ -448,28 +510,12 @@ SPARSELM_AVX2 inline __m256i first_lanes(int64_t n) {
 
 // 8 columns of one row: the values under mask bits b (from index idx, advanced) spread over their lanes, FMA'd
 // into acc against TT tokens of x at column col (the last, partial 8 columns of a row load x under a mask).
-// Checked: the general case; otherwise the caller knows that 8 values from idx are readable.
 template <int TT, int K, bool Checked>
 SPARSELM_AVX2 __attribute__((always_inline)) inline void expand_fma8(const Masked& m, int64_t& idx, uint32_t b,
-                                                                    int64_t col, const float* x, __m256 (&acc)[TT]) {
+                                                                    int64_t col, const float* x, GroupCursor& gc,
+                                                                    __m256 (&acc)[TT]) {
   if (!b) return;
-  __m256 v;
-  if constexpr (K == BF16) {
-    const uint8_t* p = static_cast<const uint8_t*>(m.values) + 2 * idx;
-    alignas(16) uint8_t tail[16];
-    if (Checked && 2 * (idx + 8) > m.value_bytes) {
-      const int64_t n = m.value_bytes - 2 * idx;
-      for (int i = 0; i < 16; i++) tail[i] = i < n ? p[i] : 0;
-      p = tail;
-    }
-    const __m256i raw = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-    const __m256i shuf = _mm256_load_si256(reinterpret_cast<const __m256i*>(kShufBf16.t[b]));
-    v = _mm256_castsi256_ps(_mm256_shuffle_epi8(raw, shuf));
-  } else {
-    const __m256i sel = _mm256_load_si256(reinterpret_cast<const __m256i*>(kExpand8.t[b]));
-    v = _mm256_permutevar8x32_ps(load8_k<K, Checked>(m, idx), sel);
-    v = _mm256_blendv_ps(v, _mm256_setzero_ps(), _mm256_castsi256_ps(sel));
-  }
+  const __m256 v = expand8<K, Checked>(m, idx, b, gc, col);
   idx += _mm_popcnt_u32(b);
   if (col + 8 <= m.cols) {
     for (int t = 0; t < TT; t++) acc[t] = _mm256_fmadd_ps(v, _mm256_loadu_ps(x + t * m.cols + col), acc[t]);
@@ -486,6 +532,7 @@ SPARSELM_AVX2 inline void gemv_row_avx2(const Masked& m, const float* x, int64_t
   const bool aligned = m.cols % 32 == 0 && m.mask;  // no mask: read_bits gives every bit
   int64_t idx = m.offsets[r];
   const int64_t bit = r * m.cols;
+  GroupCursor gc{m, r};
   __m256 acc[U][TT];
   for (int u = 0; u < U; u++) for (int t = 0; t < TT; t++) acc[u][t] = _mm256_setzero_ps();
   for (int64_t c = 0; c < m.cols; c += 32) {
@@ -493,18 +540,90 @@ SPARSELM_AVX2 inline void gemv_row_avx2(const Masked& m, const float* x, int64_t
     uint32_t w;
     if (aligned) std::memcpy(&w, m.mask + ((bit + c) >> 3), 4);
     else w = read_bits(m, bit + c, n);
-    prefetch_at(m.values, value_size<K>() * idx + kPrefetchBytes);  // this row's values, 4 KiB ahead
+    prefetch_at(m.values, value_byte<K>(idx) + kPrefetchBytes);  // this row's values, 4 KiB ahead
     if ((c & 255) == 0) prefetch_at(m.mask, ((bit + c) >> 3) + 512);  // its mask (one line per 512 columns)
     if (!w) continue;
-    expand_fma8<TT, K, Checked>(m, idx, w & 0xFF, c, x, acc[0]);
-    expand_fma8<TT, K, Checked>(m, idx, (w >> 8) & 0xFF, c + 8, x, acc[1 % U]);
-    expand_fma8<TT, K, Checked>(m, idx, (w >> 16) & 0xFF, c + 16, x, acc[2 % U]);
-    expand_fma8<TT, K, Checked>(m, idx, w >> 24, c + 24, x, acc[3 % U]);
+    expand_fma8<TT, K, Checked>(m, idx, w & 0xFF, c, x, gc, acc[0]);
+    expand_fma8<TT, K, Checked>(m, idx, (w >> 8) & 0xFF, c + 8, x, gc, acc[1 % U]);
+    expand_fma8<TT, K, Checked>(m, idx, (w >> 16) & 0xFF, c + 16, x, gc, acc[2 % U]);
+    expand_fma8<TT, K, Checked>(m, idx, w >> 24, c + 24, x, gc, acc[3 % U]);
   }
   for (int t = 0; t < TT; t++) {
     __m256 s = acc[0][t];
     for (int u = 1; u < U; u++) s = _mm256_add_ps(s, acc[u][t]);
     out[t] = hsum8(s);
+  }
+}
+
+// 8 fp32 lanes into o[0..n-1] (n <= 8) as OutT, rounded as the scalar loop's OutT(float) rounds: to nearest
+// even (bf16 by integer arithmetic as c10::BFloat16 does, NaN -> 0x7FC0; fp16 by F16C)
+template <typename OutT>
+SPARSELM_AVX2 inline void store8(OutT* o, __m256 v, int n) {
+  if constexpr (std::is_same<OutT, float>::value) {
+    if (n == 8) _mm256_storeu_ps(o, v);
+    else _mm256_maskstore_ps(o, first_lanes(n), v);
+  } else {
+    __m128i h;
+    if constexpr (std::is_same<OutT, c10::BFloat16>::value) {
+      const __m256i u = _mm256_castps_si256(v);
+      const __m256i bias = _mm256_add_epi32(_mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1)),
+                                            _mm256_set1_epi32(0x7FFF));
+      __m256i r = _mm256_srli_epi32(_mm256_add_epi32(u, bias), 16);
+      r = _mm256_blendv_epi8(r, _mm256_set1_epi32(0x7FC0), _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q)));
+      h = _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1));
+    } else {
+      h = _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    }
+    if (n == 8) { _mm_storeu_si128(reinterpret_cast<__m128i*>(o), h); return; }
+    alignas(16) uint16_t part[8];
+    _mm_store_si128(reinterpret_cast<__m128i*>(part), h);
+    for (int i = 0; i < n; i++) std::memcpy(o + i, part + i, 2);
+  }
+}
+
+// Dense row r of M into o (cols,), 8 columns per step as the GEMV reads them; the same values as the scalar
+// loop, bit for bit (the same float operations on each value, and the same rounding to OutT).
+template <typename OutT, int K, bool Checked>
+SPARSELM_AVX2 void unpack_row_avx2(const Masked& m, int64_t r, OutT* o) {
+  int64_t idx = m.offsets[r];
+  const int64_t bit = r * m.cols;
+  GroupCursor gc{m, r};
+  const __m256 s = _mm256_set1_ps(m.scale ? m.scale[r] : 1.f);
+  for (int64_t c = 0; c < m.cols; c += 32) {
+    const int n = int(std::min<int64_t>(32, m.cols - c));
+    const uint32_t w = read_bits(m, bit + c, n);
+    prefetch_at(m.values, value_byte<K>(idx) + kPrefetchBytes);
+    if ((c & 511) == 0) prefetch_at(m.mask, ((bit + c) >> 3) + 512);
+    for (int q = 0; q < n; q += 8) {
+      const uint32_t b = (w >> q) & 0xFF;
+      __m256 v = _mm256_setzero_ps();
+      if (b) {
+        v = expand8<K, Checked>(m, idx, b, gc, c + q);
+        if (m.scale) v = _mm256_mul_ps(v, s);  // per-row int8
+        idx += _mm_popcnt_u32(b);
+      }
+      store8<OutT>(o + c + q, v, std::min(8, n - q));
+    }
+  }
+}
+
+template <typename OutT>
+void unpack_rows_avx2(const Masked& m, int64_t r0, int64_t r1, OutT* out) {
+  auto rows_of = [&](auto k) {
+    constexpr int K = decltype(k)::value;
+    for (int64_t r = r0; r < r1; r++) {  // rows whose loads all fit (all but the last few) skip the bounds check
+      if (fits<K>(m, m.offsets[r + 1])) unpack_row_avx2<OutT, K, false>(m, r, out + r * m.cols);
+      else unpack_row_avx2<OutT, K, true>(m, r, out + r * m.cols);
+    }
+  };
+  switch (m.kind) {
+    case BF16: rows_of(std::integral_constant<int, BF16>()); break;
+    case FP16: rows_of(std::integral_constant<int, FP16>()); break;
+    case FP32: rows_of(std::integral_constant<int, FP32>()); break;
+    case INT8: rows_of(std::integral_constant<int, INT8>()); break;
+    case INT8G: rows_of(std::integral_constant<int, INT8G>()); break;
+    case INT4: rows_of(std::integral_constant<int, INT4>()); break;
+    default: rows_of(std::integral_constant<int, P14>());
   }
 }
 
@@ -558,18 +677,15 @@ SPARSELM_AVX2 inline void dense_rows_avx2(const uint16_t* W, int64_t cols, const
   }
 }
 
-bool cpu_has_avx2() {
-  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-      __builtin_cpu_supports("f16c") && __builtin_cpu_supports("popcnt");
-  return ok;
-}
-
-bool cpu_has_avx512() {
-  static const bool ok = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
-      __builtin_cpu_supports("avx512vbmi") && __builtin_cpu_supports("avx512vbmi2") &&
-      __builtin_cpu_supports("avx512bf16");
-  return ok;
+// the best level this CPU runs: 2 AVX-512 (F, BW, VL, DQ, VBMI, VBMI2, BF16), 1 AVX2 + FMA + F16C, 0 neither
+int64_t cpu_level() {
+  static const int64_t level =
+      __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
+      __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vbmi") &&
+      __builtin_cpu_supports("avx512vbmi2") && __builtin_cpu_supports("avx512bf16") ? 2
+      : (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c") &&
+         __builtin_cpu_supports("popcnt") ? 1 : 0);
+  return level;
 }
 
 Masked view(const torch::Tensor& mask, const torch::Tensor& offsets, const torch::Tensor& values, int64_t kind,
@@ -603,24 +719,18 @@ Masked view(const torch::Tensor& mask, const torch::Tensor& offsets, const torch
 
 }  // namespace
 
-bool has_avx512() { return cpu_has_avx512(); }
-bool has_avx2() { return cpu_has_avx2(); }
-
-// whether the AVX-512 paths can run this matrix (a 32-column chunk must lie in one quantization group)
-bool simd_ok(const Masked& m, bool simd) {
-  return simd && cpu_has_avx512() && (!grouped(m.kind) || m.group % 32 == 0);
+// the path masked_gemv and masked_unpack take for a value kind / group under the cap `isa` (2 AVX-512, 1 AVX2,
+// 0 scalar): the best the CPU has at or below it whose chunk (32 columns for AVX-512, 8 for AVX2) lies in one
+// quantization group of the grouped kinds
+int64_t gemv_level(int64_t kind, int64_t group, int64_t isa) {
+  const int64_t cap = std::min(isa, cpu_level());
+  const bool any = !grouped(int(kind));
+  if (cap >= 2 && (any || group % 32 == 0)) return 2;
+  return cap >= 1 && (any || group % 8 == 0) ? 1 : 0;
 }
 
-// the decode GEMV a matrix of this value kind / group takes: 2 AVX-512, 1 AVX2 (bf16, fp16, fp32 and per-row
-// int8 values; the others keep the scalar loop there), 0 scalar
-int64_t gemv_level(int64_t kind, int64_t group, bool simd) {
-  Masked m{}; m.kind = int(kind); m.group = group;
-  if (simd_ok(m, simd)) return 2;
-  return simd && cpu_has_avx2() && (kind == BF16 || kind == FP16 || kind == FP32 || kind == INT8) ? 1 : 0;
-}
-
-// the dense bf16 GEMV's path: 2 AVX-512 BF16, 1 AVX2 + FMA, 0 none (then dense_gemv refuses)
-int64_t dense_level() { return cpu_has_avx512() ? 2 : (cpu_has_avx2() ? 1 : 0); }
+// the dense bf16 GEMV's path under the cap `isa`: 2 AVX-512 BF16, 1 AVX2 + FMA, 0 none (then dense_gemv refuses)
+int64_t dense_level(int64_t isa) { return std::max<int64_t>(0, std::min(isa, cpu_level())); }
 
 template <typename F>
 void token_blocks(int64_t T, F&& f) {  // f(t0, std::integral_constant<int, tt>) for blocks of <= 8 tokens
@@ -671,14 +781,14 @@ c10::optional<torch::Tensor> float_bias(const c10::optional<torch::Tensor>& bias
 // Y = X Mᵀ (+ bias) in x's dtype for few tokens: each row's compressed bytes are read once.
 torch::Tensor masked_gemv(torch::Tensor x, torch::Tensor mask, torch::Tensor offsets, torch::Tensor values,
                           int64_t kind, c10::optional<torch::Tensor> scale, c10::optional<torch::Tensor> zero,
-                          int64_t group, c10::optional<torch::Tensor> bias, int64_t rows, int64_t cols, bool simd,
+                          int64_t group, c10::optional<torch::Tensor> bias, int64_t rows, int64_t cols, int64_t isa,
                           int64_t serial_bytes) {
   TORCH_CHECK(x.dim() == 2 && x.size(1) == cols, "x: (T, cols)");
   auto st = x.scalar_type();
   TORCH_CHECK(st == torch::kFloat32 || st == torch::kBFloat16 || st == torch::kHalf, "x dtype");
   Masked m = view(mask, offsets, values, kind, scale, rows, cols, zero, group);
   const int64_t T = x.size(0);
-  const int64_t level = gemv_level(kind, group, simd);
+  const int64_t level = gemv_level(kind, group, isa);
   const bool avx = level == 2;
   const bool dp = avx && st == torch::kBFloat16 && (kind == BF16 || kind == P14);
   auto xin = dp ? x.contiguous() : x.to(torch::kFloat32).contiguous();
@@ -694,10 +804,9 @@ torch::Tensor masked_gemv(torch::Tensor x, torch::Tensor mask, torch::Tensor off
         auto rows_of = [&](auto k) {
           constexpr int K = decltype(k)::value;
           float out[TT];
-          // rows whose values can be read 8 past their last one (all but the last few) skip the bounds check
-          const int64_t nvals = m.value_bytes / value_size<K>();
+          // rows whose loads all fit (all but the last few) skip the bounds check
           for (int64_t r = r0; r < r1; r++) {
-            if (m.offsets[r + 1] + 8 <= nvals)
+            if (fits<K>(m, m.offsets[r + 1]))
               gemv_row_avx2<unroll<TT>(), TT, K, false>(m, xp + t0 * cols, r, out);
             else
               gemv_row_avx2<unroll<TT>(), TT, K, true>(m, xp + t0 * cols, r, out);
@@ -709,6 +818,9 @@ torch::Tensor masked_gemv(torch::Tensor x, torch::Tensor mask, torch::Tensor off
           case BF16: rows_of(std::integral_constant<int, BF16>()); break;
           case FP16: rows_of(std::integral_constant<int, FP16>()); break;
           case FP32: rows_of(std::integral_constant<int, FP32>()); break;
+          case P14: rows_of(std::integral_constant<int, P14>()); break;
+          case INT8G: rows_of(std::integral_constant<int, INT8G>()); break;
+          case INT4: rows_of(std::integral_constant<int, INT4>()); break;
           default: rows_of(std::integral_constant<int, INT8>());
         }
       });
@@ -755,8 +867,9 @@ torch::Tensor masked_gemv(torch::Tensor x, torch::Tensor mask, torch::Tensor off
 
 // Y = X Wᵀ (+ bias) for a dense row-major bf16 W (rows, cols) and few bf16 tokens: the low-rank factors and
 // dictionaries at decode (faster here than torch.mv and F.linear at M = 1..4 in bf16).
-torch::Tensor dense_gemv(torch::Tensor x, torch::Tensor W, c10::optional<torch::Tensor> bias, int64_t serial_bytes) {
-  const int64_t level = dense_level();
+torch::Tensor dense_gemv(torch::Tensor x, torch::Tensor W, c10::optional<torch::Tensor> bias, int64_t serial_bytes,
+                         int64_t isa) {
+  const int64_t level = dense_level(isa);
   TORCH_CHECK(level > 0, "dense_gemv needs AVX-512 BF16 or AVX2 + FMA + F16C");
   TORCH_CHECK(x.dim() == 2 && W.dim() == 2 && x.size(1) == W.size(1), "x (T, cols), W (rows, cols)");
   TORCH_CHECK(x.scalar_type() == torch::kBFloat16 && W.scalar_type() == torch::kBFloat16 && W.is_contiguous(),
@@ -791,20 +904,27 @@ torch::Tensor dense_gemv(torch::Tensor x, torch::Tensor W, c10::optional<torch::
   return y;
 }
 
+// dense rows r0..r1-1 of M into o (row r at o + r * cols) on the path `level` (gemv_level)
+template <typename OutT>
+void unpack_rows(const Masked& m, int64_t level, int64_t r0, int64_t r1, OutT* o) {
+  if (level == 2) unpack_rows_avx<OutT>(m, r0, r1, o);
+  else if (level == 1) unpack_rows_avx2<OutT>(m, r0, r1, o);
+  else unpack_rows_scalar<OutT>(m, r0, r1, o);
+}
+
 void masked_unpack(torch::Tensor mask, torch::Tensor offsets, torch::Tensor values, int64_t kind,
                    c10::optional<torch::Tensor> scale, c10::optional<torch::Tensor> zero, int64_t group,
-                   int64_t rows, int64_t cols, int64_t r0, int64_t r1, torch::Tensor out, bool simd) {
+                   int64_t rows, int64_t cols, int64_t r0, int64_t r1, torch::Tensor out, int64_t isa) {
   Masked m = view(mask, offsets, values, kind, scale, rows, cols, zero, group);
   TORCH_CHECK(0 <= r0 && r0 <= r1 && r1 <= rows, "row range");
   TORCH_CHECK(out.is_contiguous() && out.numel() >= (r1 - r0) * cols, "out: contiguous (r1-r0, cols)");
-  bool avx = simd_ok(m, simd);
+  const int64_t level = gemv_level(kind, group, isa);
   auto st = out.scalar_type();
   TORCH_CHECK(st == torch::kFloat32 || st == torch::kBFloat16 || st == torch::kFloat16, "out dtype");
   at::parallel_for(r0, r1, 8, [&](int64_t b, int64_t e) {
     auto run = [&](auto* base) {  // out row 0 is matrix row r0
       auto* o = base - r0 * cols;
-      using T = std::remove_pointer_t<decltype(o)>;
-      if (avx) unpack_rows_avx<T>(m, b, e, o); else unpack_rows_scalar<T>(m, b, e, o);
+      unpack_rows(m, level, b, e, o);
     };
     if (st == torch::kFloat32) run(out.data_ptr<float>());
     else if (st == torch::kBFloat16) run(out.data_ptr<c10::BFloat16>());
@@ -816,12 +936,12 @@ void masked_unpack(torch::Tensor mask, torch::Tensor offsets, torch::Tensor valu
 // single-threaded dense GEMM on it (one parallel region per call; ATen ops inside it run sequentially).
 torch::Tensor masked_panels_mm(torch::Tensor x, torch::Tensor mask, torch::Tensor offsets, torch::Tensor values,
                                int64_t kind, c10::optional<torch::Tensor> scale, c10::optional<torch::Tensor> zero,
-                               int64_t group, int64_t rows, int64_t cols, int64_t panel_rows, bool simd) {
+                               int64_t group, int64_t rows, int64_t cols, int64_t panel_rows, int64_t isa) {
   TORCH_CHECK(x.dim() == 2 && x.size(1) == cols, "x: (T, cols)");
   auto st = x.scalar_type();
   TORCH_CHECK(st == torch::kFloat32 || st == torch::kBFloat16 || st == torch::kFloat16, "x dtype");
   Masked m = view(mask, offsets, values, kind, scale, rows, cols, zero, group);
-  bool avx = simd_ok(m, simd);
+  const int64_t level = gemv_level(kind, group, isa);
   auto xT = x.t();
   auto yT = torch::empty({rows, x.size(0)}, x.options());
   int64_t npanels = (rows + panel_rows - 1) / panel_rows;
@@ -833,8 +953,7 @@ torch::Tensor masked_panels_mm(torch::Tensor x, torch::Tensor mask, torch::Tenso
       int64_t r0 = p * panel_rows, r1 = std::min(rows, r0 + panel_rows);
       auto run = [&](auto* base) {
         auto* o = base - r0 * cols;
-        using T = std::remove_pointer_t<decltype(o)>;
-        if (avx) unpack_rows_avx<T>(m, r0, r1, o); else unpack_rows_scalar<T>(m, r0, r1, o);
+        unpack_rows(m, level, r0, r1, o);
       };
       if (st == torch::kFloat32) run(scratch.data_ptr<float>());
       else if (st == torch::kBFloat16) run(scratch.data_ptr<c10::BFloat16>());
@@ -848,10 +967,10 @@ torch::Tensor masked_panels_mm(torch::Tensor x, torch::Tensor mask, torch::Tenso
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
-  mod.def("has_avx512", &has_avx512, "whether the AVX-512 (VBMI2 + BF16) paths run on this CPU");
-  mod.def("has_avx2", &has_avx2, "whether the AVX2 + FMA + F16C paths run on this CPU");
-  mod.def("gemv_level", &gemv_level, "masked_gemv's path for a value kind and group: 2 AVX-512, 1 AVX2, 0 scalar");
-  mod.def("dense_level", &dense_level, "dense_gemv's path: 2 AVX-512, 1 AVX2, 0 unavailable");
+  mod.def("cpu_level", &cpu_level, "the best path this CPU runs: 2 AVX-512 (VBMI2 + BF16), 1 AVX2 + FMA + F16C, 0 scalar");
+  mod.def("gemv_level", &gemv_level,
+          "masked_gemv's and masked_unpack's path for a value kind and group under a cap: 2 AVX-512, 1 AVX2, 0 scalar");
+  mod.def("dense_level", &dense_level, "dense_gemv's path under a cap: 2 AVX-512, 1 AVX2, 0 unavailable");
   mod.def("masked_gemv", &masked_gemv, "Y = X M^T (+ bias) for a bitmask-packed matrix M, in x's dtype");
   mod.def("dense_gemv", &dense_gemv, "Y = X W^T (+ bias) for a dense bf16 W, few bf16 tokens");
   mod.def("masked_panels_mm", &masked_panels_mm, "Y^T = M X^T through per-thread unpacked panels + GEMM");
