@@ -384,19 +384,20 @@ def test_low_rank_dense_paths_match_reference(mv_tokens, path, monkeypatch):
 
 
 @pytest.mark.skipif(not kernels.extension_available(), reason="needs the built C++ extension")
-def test_a_build_lock_left_by_a_killed_build_does_not_hang_the_next_one(tmp_path):
-    """torch's FileBaton `lock` file outlives a process killed mid-build; the next build must not wait on it."""
-    import shutil
+def test_a_build_lock_left_by_a_killed_build_does_not_hang_the_next_one():
+    """torch's FileBaton `lock` file outlives a process killed mid-build; the next build must not wait on it.
+    The leftover is planted in this session's own build directory (under the builds' flock, as a build would
+    hold it), so the next process finds everything up to date: no recompile, only the stale lock."""
+    import fcntl
     import subprocess
     import sys
-    built = _build.build_dir()
-    cache = tmp_path / "cache"
-    shutil.copytree(built, cache / "kernels" / built.name)
-    (cache / "kernels" / built.name / "lock").write_text("")  # what a SIGKILLed build leaves behind
-    env = {**__import__("os").environ, "SPARSELM_CACHE": str(cache)}
+    built = _build.build_dir()  # built by this session already (the extension is loaded)
+    with open(built / ".sparselm-build.lock", "w") as guard:
+        fcntl.flock(guard, fcntl.LOCK_EX)
+        (built / "lock").write_text("")  # what a SIGKILLed build leaves behind
     code = "from sparselm.kernels import _build; assert _build._build() is not None"
-    subprocess.run([sys.executable, "-c", code], env=env, check=True, timeout=300)
-    assert not (cache / "kernels" / built.name / "lock").exists()
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=300)
+    assert not (built / "lock").exists()
 
 
 def test_checkouts_of_the_same_source_share_one_build_command(tmp_path, monkeypatch):
