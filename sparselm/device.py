@@ -71,6 +71,17 @@ def native_bf16_cpu() -> bool:
         return False
 
 
+@functools.cache
+def amx_cpu() -> bool:
+    """Whether this CPU has AMX tiles (oneDNN then runs bf16 GEMMs on them: 2048x2048x512 in 3 ms on 2 cores of
+    the Intel Xeon of docs/benchmarks/kernels.md, so unpack + GEMM beats a GEMV from fewer tokens)."""
+    probe = getattr(torch.cpu, "_is_amx_tile_supported", None)
+    try:
+        return bool(probe()) if probe is not None else False
+    except RuntimeError:
+        return False
+
+
 def low_precision(device: torch.device) -> torch.dtype | None:
     """bf16 where ``device`` multiplies it natively (CUDA with bf16; a CPU with `native_bf16_cpu`), else None."""
     if device.type == "cuda":

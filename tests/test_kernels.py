@@ -536,3 +536,13 @@ def test_unpack_gives_the_same_bits_on_every_level(store, cols):
             outs.append(out.view(bits))
         assert all(torch.equal(o, outs[0]) for o in outs), out_dtype
         assert torch.equal(outs[0].view(out_dtype), masked.panel_torch(rt, 3, 16, out_dtype)), out_dtype
+
+
+@needs_ext
+@pytest.mark.parametrize("amx", [False, True])
+def test_the_gemv_hands_over_to_panels_earlier_on_amx_cpus(amx, monkeypatch):
+    """With AMX tiles oneDNN's GEMM makes unpack + GEMM win from fewer tokens (`policy.GEMV_MAX_TOKENS_AMX`)."""
+    monkeypatch.setattr(kernels.policy, "amx", lambda: amx)
+    limit = kernels.policy.GEMV_MAX_TOKENS_AMX if amx else kernels.policy.GEMV_MAX_TOKENS
+    assert kernels.policy.GEMV_MAX_TOKENS_AMX < kernels.policy.GEMV_MAX_TOKENS
+    assert [kernels.policy.masked_path(t) for t in (1, limit, limit + 1)] == ["gemv", "gemv", "panel"]

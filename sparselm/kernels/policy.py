@@ -16,7 +16,8 @@ import os
 import torch
 
 from . import _build
-from ..device import native_bf16_cpu as native_bf16  # a module name here: tests patch it
+from ..device import amx_cpu as amx  # module names here: tests patch them
+from ..device import native_bf16_cpu as native_bf16
 from ..errors import InputError
 
 PATHS = ("auto", "gemv", "panel", "torch", "reference")
@@ -24,6 +25,10 @@ PATHS = ("auto", "gemv", "panel", "torch", "reference")
 # 2048x8192 and 4096x14336, bf16, 1-2 threads, the GEMV was faster at 1-8 tokens in all four sweeps and
 # slower at 16 tokens in three of four)
 GEMV_MAX_TOKENS = 8
+# the same on a CPU with AMX (`amx`): on the Intel Xeon (docs/benchmarks/kernels_xeon.md, crossover, 1-2 threads,
+# 50 % of 2048x8192 / 4096x14336) the GEMV won at 1-4 tokens (4.0 vs 4.9 ms, 12.6 vs 17.5 ms at 4) and lost at 8
+# (6.1-6.2 vs 5.1 ms, 21.0-21.2 vs 18.0-19.1 ms)
+GEMV_MAX_TOKENS_AMX = 4
 # dense factors (low rank, dictionaries) in bf16: the C++ GEMV beats F.linear (and torch.mv) up to this many
 # tokens (sweep of the 0.4 low-rank factors of 2048x8192 at 1-8 tokens, docs/benchmarks/README.md "Kernels":
 # fastest runs 0.7-1.0 ms vs 2.0-2.2 ms at 1-4 tokens on the 8192x1228 factor, even on the 1228x2048 one;
@@ -89,4 +94,4 @@ def masked_path(tokens: int, module_path: str | None = None) -> str:
         return "torch"
     if path != "auto":
         return path
-    return "gemv" if tokens <= GEMV_MAX_TOKENS else "panel"
+    return "gemv" if tokens <= (GEMV_MAX_TOKENS_AMX if amx() else GEMV_MAX_TOKENS) else "panel"
