@@ -62,7 +62,8 @@ def test_rocket_fast_path_equals_compress_weight():
         # the kept ks is the best of the grid at that ratio
         for ks in (1.0, 2.0, 3.0):
             other = compress_weight(dataclasses.replace(opt.payload, ks=ks), W, stats, torch.bfloat16)
-            assert opt.error <= rel_error(W, stats, other) * (1 + 1e-6)
+            # float32 products (rocket.WORK): ks values tied to ~1e-6 may rank either way on another CPU
+            assert opt.error <= rel_error(W, stats, other) * (1 + 1e-5)
 
 
 def test_rocket_rank_bound_pruning_skips_factorizations_and_keeps_the_same_options(monkeypatch):
