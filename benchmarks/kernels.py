@@ -234,7 +234,7 @@ def unpack_cost(args) -> list[dict]:
                     for r0 in range(0, rt.rows, p):
                         r1 = min(rt.rows, r0 + p)
                         ext.masked_unpack(rt.mask, rt.offsets, rt.values, rt.kind, rt.scale, rt.zero, rt.group,
-                                          rt.rows, rt.cols, r0, r1, scratch, kernels._build.isa())
+                                          rt.rows, rt.cols, r0, r1, scratch, kernels._build.isa(), rt.block)
                 for t in [t for t in args.tokens if t > 16]:
                     x = torch.randn(t, in_f, generator=_gen(9)).to(DT)
                     m.kernel_path = "panel"

@@ -129,11 +129,6 @@ class CompressedLinear(nn.Module):
     def store(self) -> Storage:
         return Storage(self.storage, self.quant_group)
 
-    def kernel_native(self) -> bool:
-        """Whether the kernels read this layer's value storage (every storage of a bitmask's values: model
-        dtype, bf16, fp16, 14-bit, int8 and int4 per row or per group); subclasses narrow it."""
-        return True
-
     def _value_dtype(self) -> torch.dtype:
         """The dtype a model-dtype storage holds (what `formats` needs for ``storage: dtype``)."""
         t = getattr(self, "values", None)
@@ -369,17 +364,11 @@ class SparseLinear(CompressedLinear):
         w.scatter_(2, pos.to(w.device), values.reshape(out_f, in_f // m, n))
         return w.view(out_f, in_f)
 
-    def kernel_native(self) -> bool:
-        """Not for GQSA's 1×g blocks with pruned blocks (their parameters follow the kept blocks); with every
-        block kept (``gptq``, no mask stored) they are a dense grouped matrix, read as stored."""
-        return not self.block or getattr(self, "mask", None) is None
-
     def build_runtime(self) -> kernels.Masked | None:
-        if not self.kernel_native():
-            return None
         out_f, in_f = self.out_features, self.in_features
-        if self.block:
-            return kernels.from_dense(masked_buffers(self, self.storage), out_f, in_f, self.quant_group)
+        if self.block:  # GQSA's 1×g blocks; every block kept (``gptq``, no mask stored): a dense grouped matrix
+            make = kernels.from_blocks if getattr(self, "mask", None) is not None else kernels.from_dense
+            return make(masked_buffers(self, self.storage), out_f, in_f, self.quant_group)
         if self.pattern is None:
             return kernels.from_bitmask(masked_buffers(self, self.storage), out_f, in_f, self.quant_group)
         n, m = self.pattern.n, self.pattern.m
@@ -387,8 +376,6 @@ class SparseLinear(CompressedLinear):
         return kernels.from_nm(masked_buffers(self, self.storage), pos, n, m, self.quant_group)
 
     def fast_forward(self, x: torch.Tensor, path: str | None = None) -> torch.Tensor:
-        if not self.kernel_native():
-            return self.reference_forward(x)
         return kernels.masked_linear(x, self.runtime(), self.bias, path or self.kernel_path)
 
 

@@ -81,7 +81,7 @@ def test_quantized_values_run_the_kernels_and_match_reference(path, store, token
     torch.manual_seed(0)
     W, mask = torch.randn(45, 150), torch.rand(45, 150) < 0.5
     m = SparseLinear(W, mask, torch.randn(45), None, torch.bfloat16, store)
-    assert m.kernel_native() and m.runtime() is not None
+    assert m.runtime() is not None
     _check(m, _inputs(150, torch.bfloat16, tokens), path, torch.bfloat16)
     D, S, smask = torch.randn(40, 96), torch.randn(96, 37), torch.rand(96, 37) < 0.4
     d = SparseDictLinear(D, S * smask, smask, None, store, torch.float32)
@@ -99,7 +99,7 @@ def test_quantized_unpack_is_the_stored_weight(store):
     for level in range(len(_build.LEVELS)):  # a cap above this CPU's best runs its best
         out = torch.empty(19, 130)
         _build.loaded().masked_unpack(rt.mask, rt.offsets, rt.values, rt.kind, rt.scale, rt.zero, rt.group,
-                                      rt.rows, rt.cols, 0, 19, out, level)
+                                      rt.rows, rt.cols, 0, 19, out, level, rt.block)
         torch.testing.assert_close(out, m.dense_weight(), rtol=1e-6, atol=1e-6)
     assert torch.equal(masked.panel_torch(rt, 0, 19, torch.float32), m.dense_weight().float())
 
@@ -157,21 +157,45 @@ def test_encoded_dictionary_runs_the_kernels_as_stored(path, dict_store, tokens)
 
 @pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("store", [Storage(CoefStorage.INT4, 16), Storage(CoefStorage.INT4, 64),
-                                   Storage(CoefStorage.INT8, 32)], ids=str)
+                                   Storage(CoefStorage.INT8, 32), Storage(CoefStorage.INT8, 8)], ids=str)
 @pytest.mark.parametrize("tokens", [(1,), (2, 20)])
-def test_blocks_all_kept_run_the_kernels_and_pruned_blocks_the_reference(path, store, tokens):
-    """GQSA's 1×g block format with every block kept (``gptq``: no block mask stored) is a dense grouped matrix,
-    read as stored; with pruned blocks (parameters per kept block) the layer keeps the reference forward."""
+def test_gqsa_blocks_run_the_kernels_as_stored(path, store, tokens):
+    """GQSA's 1×g block format: with pruned blocks (one mask bit per block, parameters per kept block) and with
+    every block kept (``gptq``: no block mask stored, a dense grouped matrix), read as stored, no element mask."""
     torch.manual_seed(0)
     W = torch.randn(45, 128)
     full = SparseLinear(W, torch.ones(45, 128, dtype=torch.bool), torch.randn(45), None, torch.bfloat16, store,
                         block=True)
-    assert getattr(full, "mask", None) is None and full.kernel_native() and full.runtime().full
+    assert getattr(full, "mask", None) is None and full.runtime().full
     _check(full, _inputs(128, torch.bfloat16, tokens), path, torch.bfloat16)
-    blocks = (torch.rand(45, 128 // store.group) < 0.5).repeat_interleave(store.group, 1)
-    pruned = SparseLinear(W * blocks, blocks, None, None, torch.bfloat16, store, block=True)
-    assert not pruned.kernel_native() and pruned.runtime() is None
+    blocks = torch.rand(45, 128 // store.group) < 0.5
+    blocks[3] = False  # a row without a kept block
+    blocks[4] = True   # and one with all
+    keep = blocks.repeat_interleave(store.group, 1)
+    pruned = SparseLinear(W * keep, keep, None, None, torch.bfloat16, store, block=True)
+    rt = pruned.runtime()
+    assert rt.block == store.group and rt.mask is pruned.mask  # the stored block mask itself
+    assert pruned.resident_bytes() == pruned.stored_bytes() + 8 * 46
     _check(pruned, _inputs(128, torch.bfloat16, tokens), path, torch.bfloat16)
+
+
+@needs_ext
+@pytest.mark.parametrize("store", [Storage(CoefStorage.INT4, 16), Storage(CoefStorage.INT8, 32)], ids=str)
+def test_gqsa_blocks_unpack_and_multiply_as_the_stored_weight_at_every_level(store, monkeypatch):
+    torch.manual_seed(0)
+    blocks = torch.rand(19, 160 // store.group) < 0.4
+    keep = blocks.repeat_interleave(store.group, 1)
+    m = SparseLinear(torch.randn(19, 160) * keep, keep, None, None, torch.float32, store, block=True)
+    rt, dense = m.runtime(), m.dense_weight().float()
+    h = torch.randn(3, 160)
+    for level, name in enumerate(_build.LEVELS):
+        monkeypatch.setenv("SPARSELM_ISA", name)
+        out = torch.empty(19, 160)
+        _build.loaded().masked_unpack(rt.mask, rt.offsets, rt.values, rt.kind, rt.scale, rt.zero, rt.group,
+                                      19, 160, 0, 19, out, level, rt.block)
+        torch.testing.assert_close(out, dense, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(masked.matmul_gemv(h, rt), h @ dense.T, rtol=1e-4, atol=1e-4)
+    assert torch.equal(masked.panel_torch(rt, 0, 19, torch.float32), dense)
 
 
 @needs_ext
@@ -188,7 +212,7 @@ def test_mask_free_forms_unpack_and_multiply_as_the_decoded_factor(store, monkey
         monkeypatch.setenv("SPARSELM_ISA", name)
         out = torch.empty(13, 77)
         _build.loaded().masked_unpack(Ut.mask, Ut.offsets, Ut.values, Ut.kind, Ut.scale, Ut.zero, Ut.group,
-                                      13, 77, 0, 13, out, level)
+                                      13, 77, 0, 13, out, level, Ut.block)
         torch.testing.assert_close(out, dense, rtol=1e-6, atol=1e-6)
         torch.testing.assert_close(masked.matmul_gemv(h, Ut), h @ dense.T, rtol=1e-4, atol=1e-4)
     assert torch.equal(masked.panel_torch(Ut, 0, 13, torch.float32), dense)
@@ -532,7 +556,7 @@ def test_unpack_gives_the_same_bits_on_every_level(store, cols):
         for level in levels:
             out = torch.full((13, cols), float("nan"), dtype=out_dtype)
             _build.loaded().masked_unpack(rt.mask, rt.offsets, rt.values, rt.kind, rt.scale, rt.zero, rt.group,
-                                          rt.rows, rt.cols, 3, 16, out, level)
+                                          rt.rows, rt.cols, 3, 16, out, level, rt.block)
             outs.append(out.view(bits))
         assert all(torch.equal(o, outs[0]) for o in outs), out_dtype
         assert torch.equal(outs[0].view(out_dtype), masked.panel_torch(rt, 3, 16, out_dtype)), out_dtype

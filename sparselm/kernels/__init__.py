@@ -19,9 +19,9 @@ import torch.nn.functional as F
 
 from . import _build, masked, policy
 from ._build import available as extension_available
-from .masked import Masked, from_bitmask, from_dense, from_nm, scratch_bytes
+from .masked import Masked, from_bitmask, from_blocks, from_dense, from_nm, scratch_bytes
 
-__all__ = ["Masked", "check_environment", "colmajor", "dict_linear", "extension_available", "fast_path", "from_bitmask", "from_dense", "from_nm",
+__all__ = ["Masked", "check_environment", "colmajor", "dict_linear", "extension_available", "fast_path", "from_bitmask", "from_blocks", "from_dense", "from_nm",
            "lowrank_linear", "masked_linear", "policy", "scratch_bytes", "usable"]
 
 

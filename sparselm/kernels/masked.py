@@ -44,6 +44,7 @@ class Masked:
     owned: int = 0         # bytes this form adds beside the saved buffers
     zero: torch.Tensor | None = None   # INT4: the saved packed 4-bit zero points, one per group
     group: int = 0         # INT8G / INT4: columns per quantization group (0: one group per row)
+    block: int = 0         # 1×block blocks (`from_blocks`): one mask bit per block, one group per kept block
 
     def __post_init__(self):
         self.owned += self.offsets.numel() * 8 + (self.scale.numel() * 4 if self.kind == INT8 else 0)
@@ -118,6 +119,17 @@ def from_dense(buffers: dict[str, torch.Tensor], rows: int, cols: int, group: in
     return Masked(rows, cols, torch.empty(0, dtype=torch.uint8), offsets, **_value_form(buffers, group))
 
 
+def from_blocks(buffers: dict[str, torch.Tensor], rows: int, cols: int, block: int) -> Masked:
+    """GQSA's 1×``block`` blocks: ``mask`` packed over the ``(rows, cols/block)`` blocks, the kept blocks' values
+    whole in row-major order, one scale (+ zero) per kept block (keys as in `from_bitmask`). The kernels read the
+    block bits as the mask of every column in the block, and count kept blocks for each block's parameters."""
+    mask = buffers["mask"]
+    offsets = torch.zeros(rows + 1, dtype=torch.int64)
+    torch.cumsum(row_counts(mask, rows, cols // block) * block, 0, out=offsets[1:])
+    form = _value_form(buffers, block)
+    return Masked(rows, cols, mask, offsets, **form, block=block)
+
+
 def from_nm(buffers: dict[str, torch.Tensor], positions: torch.Tensor, n: int, m: int, group: int = 0) -> Masked:
     """N:M weights (their values as in `from_bitmask`, in row-major order; in-group positions
     ``(rows, cols/m, n)``) as a bitmask form."""
@@ -143,10 +155,20 @@ def _nibbles(packed: torch.Tensor, start: int, count: int) -> torch.Tensor:
 
 def panel_torch(mm: Masked, r0: int, r1: int, dtype: torch.dtype) -> torch.Tensor:
     """Dense rows ``r0..r1-1`` of M in ``dtype`` (pure torch)."""
-    keep = (torch.ones(r1 - r0, mm.cols, dtype=torch.bool) if mm.full
-            else _bits(mm.mask, r0 * mm.cols, r1 * mm.cols).view(r1 - r0, mm.cols).bool())
+    if mm.full:
+        keep = torch.ones(r1 - r0, mm.cols, dtype=torch.bool)
+    elif mm.block:
+        bpr = mm.cols // mm.block
+        keep = _bits(mm.mask, r0 * bpr, r1 * bpr).view(r1 - r0, bpr).bool().repeat_interleave(mm.block, 1)
+    else:
+        keep = _bits(mm.mask, r0 * mm.cols, r1 * mm.cols).view(r1 - r0, mm.cols).bool()
     i0, i1 = int(mm.offsets[r0]), int(mm.offsets[r1])
-    if mm.kind in (INT8G, INT4):
+    if mm.kind in (INT8G, INT4) and mm.block:  # one group per kept block, stored whole: value i is in group i // block
+        g = torch.div(torch.arange(i0, i1), mm.block, rounding_mode="floor")
+        codes = _nibbles(mm.values, i0, i1 - i0) if mm.kind == INT4 else mm.values[i0:i1]
+        z = _nibbles(mm.zero, 0, mm.zero.numel() * 2)[g] if mm.kind == INT4 else 0
+        vals = (codes - z).float() * mm.scale.float()[g]
+    elif mm.kind in (INT8G, INT4):
         pos = keep.nonzero()  # (n, 2): the values' rows (from r0) and columns, in stored order
         gpr = -(-mm.cols // mm.group) if mm.group else 1
         g = (pos[:, 0] + r0) * gpr + (torch.div(pos[:, 1], mm.group, rounding_mode="floor") if mm.group else 0)
@@ -190,7 +212,7 @@ def matmul_panels(x: torch.Tensor, mm: Masked, rows: int, use_ext: bool = True) 
         threads = min(torch.get_num_threads(), -(-mm.rows // p))
         _scratch["bytes"] = max(_scratch["bytes"], threads * p * mm.cols * torch.finfo(dtype).bits // 8)
         return ext.masked_panels_mm(x.to(dtype), mm.mask, mm.offsets, mm.values, mm.kind, mm.scale, mm.zero,
-                                    mm.group, mm.rows, mm.cols, p, _build.isa()).t()
+                                    mm.group, mm.rows, mm.cols, p, _build.isa(), mm.block).t()
     yT = torch.empty(mm.rows, x.shape[0], dtype=dtype)  # (rows, T): each panel's rows are contiguous
     xT = x.to(dtype).t()
     for r0 in range(0, mm.rows, p):
@@ -203,4 +225,4 @@ def matmul_gemv(x: torch.Tensor, mm: Masked, bias: torch.Tensor | None = None, s
     """``x (T, cols) -> (T, rows)`` (+ bias) in x's dtype through the C++ GEMV (the extension must be available);
     one thread below ``serial_bytes`` of weight bytes."""
     return _build.loaded().masked_gemv(x, mm.mask, mm.offsets, mm.values, mm.kind, mm.scale, mm.zero, mm.group,
-                                       bias, mm.rows, mm.cols, _build.isa(), serial_bytes)
+                                       bias, mm.rows, mm.cols, _build.isa(), mm.block, serial_bytes)

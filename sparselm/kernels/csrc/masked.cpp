@@ -7,6 +7,8 @@
 // scale per group of `group` columns of a row, 6 int4 (two per byte, low nibble first) as (code - zero) ·
 // scale with an fp16 scale and a 4-bit zero point per group (group 0: one group per row).
 // An empty mask means every entry is kept: the dense factors of an encoded (14-bit, int8, int4) storage.
+// `block` > 0: the mask has one bit per 1×block block of a row (GQSA), kept blocks' values stored whole, one
+// quantization group per kept block (the group index counts the kept blocks before it).
 //
 //   masked_gemv(x (T, cols), ..., bias)     -> (T, rows) x's dtype   Y = X Mᵀ + b, decode (T small)
 //   dense_gemv(x (T, cols) bf16, W, bias)   -> (T, rows) bf16        Y = X Wᵀ + b, dense factors at decode
@@ -41,20 +43,63 @@ struct Masked {
   const c10::Half* gscale = nullptr;  // INT8G / INT4: one scale per group, row-major (rows, groups per row)
   const uint8_t* zero = nullptr;      // INT4: 4-bit zero points, packed as the groups
   int64_t group = 0, gpr = 1;         // columns per group (0: the whole row) and groups per row
+  int64_t block = 0;                  // 1×block blocks (GQSA): `mask` holds one bit per block, (rows, gpr) with
+                                      // gpr blocks per row; grouped values have one group per kept block
 };
+
+// set bits a..b-1 of a packed bitmask
+inline int64_t ones_between(const uint8_t* p, int64_t a, int64_t b) {
+  int64_t n = 0;
+  for (; a < b && (a & 7); a++) n += (p[a >> 3] >> (a & 7)) & 1;
+  for (; a + 8 <= b; a += 8) n += __builtin_popcount(p[a >> 3]);
+  for (; a < b; a++) n += (p[a >> 3] >> (a & 7)) & 1;
+  return n;
+}
+
+inline bool block_kept(const Masked& m, int64_t r, int64_t b) {
+  const int64_t i = r * m.gpr + b;
+  return (m.mask[i >> 3] >> (i & 7)) & 1;
+}
 
 inline bool grouped(int kind) { return kind == INT8G || kind == INT4; }
 
-// scale and zero point of the group holding (r, col)
-__attribute__((always_inline)) inline void group_params(const Masked& m, int64_t r, int64_t col, float& s, float& z) {
-  const int64_t g = r * m.gpr + (m.group ? col / m.group : 0);
+// scale and zero point of group number g
+__attribute__((always_inline)) inline void params_of(const Masked& m, int64_t g, float& s, float& z) {
   s = float(m.gscale[g]);
   z = m.zero ? float((m.zero[g >> 1] >> (4 * (g & 1))) & 0xF) : 0.f;
+}
+
+// blocks: the group of kept block b of row r = the kept blocks before it (earlier rows': offsets / block), given
+// `before` = row r's kept blocks left of b; a pruned block has no parameters (none of its values is read)
+__attribute__((always_inline)) inline void block_params(const Masked& m, int64_t r, int64_t b, int64_t before,
+                                                        float& s, float& z) {
+  if (block_kept(m, r, b)) params_of(m, m.offsets[r] / m.block + before, s, z);
+  else s = z = 0.f;
+}
+
+// scale and zero point of the group holding (r, col)
+__attribute__((always_inline)) inline void group_params(const Masked& m, int64_t r, int64_t col, float& s, float& z) {
+  if (m.block) {
+    const int64_t b = col / m.block;
+    block_params(m, r, b, ones_between(m.mask, r * m.gpr, r * m.gpr + b), s, z);
+    return;
+  }
+  params_of(m, r * m.gpr + (m.group ? col / m.group : 0), s, z);
 }
 
 // n (<= 32) mask bits starting at bit `pos`, never reading past the buffer; all set without a mask.
 inline uint32_t read_bits(const Masked& m, int64_t pos, int n) {
   if (!m.mask) return n == 32 ? ~0u : uint32_t((1ull << n) - 1);
+  if (m.block) {  // a block's bit for each of its columns (a chunk never crosses a row)
+    const int64_t r = pos / m.cols, c0 = pos - r * m.cols;
+    uint32_t w = 0;
+    for (int64_t c = c0; c < c0 + n;) {
+      const int64_t b = c / m.block, end = std::min((b + 1) * m.block, c0 + n);
+      if (block_kept(m, r, b)) w |= uint32_t(((1ull << (end - c)) - 1) << (c - c0));
+      c = end;
+    }
+    return w;
+  }
   int64_t byte = pos >> 3; int sh = int(pos & 7);
   uint64_t w = 0;
   if (byte + 8 <= m.mask_bytes) {
@@ -209,9 +254,17 @@ template <int K> constexpr int64_t value_byte(int64_t i) {
 // 5.6x (group 128) and 15x (group 32) slower with the call).
 struct GroupCursor {
   const Masked& m; int64_t r; int64_t next = 0; float s = 1.f, z = 0.f;
+  int64_t seen = 0, kept = 0;  // blocks: row r's blocks counted so far (columns only move right) and the kept
   __attribute__((always_inline)) void at(int64_t col) {
     if (col < next) return;
-    group_params(m, r, col, s, z);
+    if (m.block) {  // group_params' count of kept blocks, carried along the row instead of redone per block
+      const int64_t b = col / m.block, base = r * m.gpr;
+      kept += ones_between(m.mask, base + seen, base + b);
+      seen = b;
+      block_params(m, r, b, kept, s, z);
+    } else {
+      group_params(m, r, col, s, z);
+    }
     next = m.group ? (col / m.group + 1) * m.group : INT64_MAX;
   }
 };
@@ -239,7 +292,7 @@ inline void prefetch_at(const void* base, int64_t off) {
 template <int U, int TT, int K, bool DP>
 SPARSELM_AVX512 inline void gemv_row(const Masked& m, const void* xv, int64_t r, float (&out)[TT]) {
   const int64_t nchunks = (m.cols + 31) / 32;
-  const bool aligned = m.cols % 32 == 0 && m.mask;  // no mask: read_bits gives every bit
+  const bool aligned = m.cols % 32 == 0 && m.mask && !m.block;  // else read_bits gives the bits
   int64_t idx = m.offsets[r];
   const int64_t bit = r * m.cols;
   GroupCursor gc{m, r};
@@ -529,7 +582,7 @@ SPARSELM_AVX2 __attribute__((always_inline)) inline void expand_fma8(const Maske
 // per token in rotation (latency of the FMA chains; the four steps written out keep them in registers).
 template <int U, int TT, int K, bool Checked>
 SPARSELM_AVX2 inline void gemv_row_avx2(const Masked& m, const float* x, int64_t r, float (&out)[TT]) {
-  const bool aligned = m.cols % 32 == 0 && m.mask;  // no mask: read_bits gives every bit
+  const bool aligned = m.cols % 32 == 0 && m.mask && !m.block;  // else read_bits gives the bits
   int64_t idx = m.offsets[r];
   const int64_t bit = r * m.cols;
   GroupCursor gc{m, r};
@@ -690,27 +743,31 @@ int64_t cpu_level() {
 
 Masked view(const torch::Tensor& mask, const torch::Tensor& offsets, const torch::Tensor& values, int64_t kind,
             const c10::optional<torch::Tensor>& scale, int64_t rows, int64_t cols,
-            const c10::optional<torch::Tensor>& zero = c10::nullopt, int64_t group = 0) {
+            const c10::optional<torch::Tensor>& zero = c10::nullopt, int64_t group = 0, int64_t block = 0) {
   TORCH_CHECK(mask.is_contiguous() && mask.scalar_type() == torch::kUInt8, "mask: contiguous uint8");
   TORCH_CHECK(offsets.is_contiguous() && offsets.scalar_type() == torch::kInt64 && offsets.numel() == rows + 1,
               "offsets: contiguous int64 (rows+1,)");
   TORCH_CHECK(values.is_contiguous(), "values: contiguous");
-  TORCH_CHECK(mask.numel() == 0 || mask.numel() * 8 >= rows * cols, "mask too short");  // empty: all kept
+  TORCH_CHECK(block >= 0 && (block == 0 || (cols % block == 0 && mask.numel() * 8 >= rows * (cols / block))),
+              "blocks: a width dividing cols and one mask bit per block");
+  TORCH_CHECK(block || mask.numel() == 0 || mask.numel() * 8 >= rows * cols, "mask too short");  // empty: all kept
   TORCH_CHECK(kind != INT8 || (scale.has_value() && scale->scalar_type() == torch::kFloat32 &&
               scale->is_contiguous() && scale->numel() == rows), "int8 values need a float32 scale (rows,)");
   TORCH_CHECK(0 <= kind && kind <= INT4, "value kind");
   Masked m{mask.numel() ? mask.data_ptr<uint8_t>() : nullptr, mask.numel(), offsets.data_ptr<int64_t>(), values.data_ptr(),
            int64_t(values.numel() * values.element_size()), int(kind),
            kind == INT8 ? scale->data_ptr<float>() : nullptr, rows, cols};
+  if (block) { m.block = block; m.gpr = cols / block; }
   if (grouped(int(kind))) {
-    TORCH_CHECK(group >= 0, "group >= 0");
+    TORCH_CHECK(group >= 0 && (!block || group == block), "group >= 0 (with blocks: the block width)");
     m.group = group; m.gpr = group ? (cols + group - 1) / group : 1;
+    const int64_t groups = block ? offsets[rows].item<int64_t>() / block : rows * m.gpr;
     TORCH_CHECK(scale.has_value() && scale->scalar_type() == torch::kHalf && scale->is_contiguous() &&
-                scale->numel() >= rows * m.gpr, "grouped values need an fp16 scale per group (rows * groups per row,)");
+                scale->numel() >= groups, "grouped values need an fp16 scale per group (rows * groups per row,)");
     m.gscale = scale->data_ptr<c10::Half>();
     if (kind == INT4) {
       TORCH_CHECK(zero.has_value() && zero->scalar_type() == torch::kUInt8 && zero->is_contiguous() &&
-                  zero->numel() * 2 >= rows * m.gpr, "int4 values need packed 4-bit zero points per group");
+                  zero->numel() * 2 >= groups, "int4 values need packed 4-bit zero points per group");
       m.zero = zero->data_ptr<uint8_t>();
     }
   }
@@ -782,11 +839,11 @@ c10::optional<torch::Tensor> float_bias(const c10::optional<torch::Tensor>& bias
 torch::Tensor masked_gemv(torch::Tensor x, torch::Tensor mask, torch::Tensor offsets, torch::Tensor values,
                           int64_t kind, c10::optional<torch::Tensor> scale, c10::optional<torch::Tensor> zero,
                           int64_t group, c10::optional<torch::Tensor> bias, int64_t rows, int64_t cols, int64_t isa,
-                          int64_t serial_bytes) {
+                          int64_t block, int64_t serial_bytes) {
   TORCH_CHECK(x.dim() == 2 && x.size(1) == cols, "x: (T, cols)");
   auto st = x.scalar_type();
   TORCH_CHECK(st == torch::kFloat32 || st == torch::kBFloat16 || st == torch::kHalf, "x dtype");
-  Masked m = view(mask, offsets, values, kind, scale, rows, cols, zero, group);
+  Masked m = view(mask, offsets, values, kind, scale, rows, cols, zero, group, block);
   const int64_t T = x.size(0);
   const int64_t level = gemv_level(kind, group, isa);
   const bool avx = level == 2;
@@ -914,8 +971,8 @@ void unpack_rows(const Masked& m, int64_t level, int64_t r0, int64_t r1, OutT* o
 
 void masked_unpack(torch::Tensor mask, torch::Tensor offsets, torch::Tensor values, int64_t kind,
                    c10::optional<torch::Tensor> scale, c10::optional<torch::Tensor> zero, int64_t group,
-                   int64_t rows, int64_t cols, int64_t r0, int64_t r1, torch::Tensor out, int64_t isa) {
-  Masked m = view(mask, offsets, values, kind, scale, rows, cols, zero, group);
+                   int64_t rows, int64_t cols, int64_t r0, int64_t r1, torch::Tensor out, int64_t isa, int64_t block) {
+  Masked m = view(mask, offsets, values, kind, scale, rows, cols, zero, group, block);
   TORCH_CHECK(0 <= r0 && r0 <= r1 && r1 <= rows, "row range");
   TORCH_CHECK(out.is_contiguous() && out.numel() >= (r1 - r0) * cols, "out: contiguous (r1-r0, cols)");
   const int64_t level = gemv_level(kind, group, isa);
@@ -936,11 +993,12 @@ void masked_unpack(torch::Tensor mask, torch::Tensor offsets, torch::Tensor valu
 // single-threaded dense GEMM on it (one parallel region per call; ATen ops inside it run sequentially).
 torch::Tensor masked_panels_mm(torch::Tensor x, torch::Tensor mask, torch::Tensor offsets, torch::Tensor values,
                                int64_t kind, c10::optional<torch::Tensor> scale, c10::optional<torch::Tensor> zero,
-                               int64_t group, int64_t rows, int64_t cols, int64_t panel_rows, int64_t isa) {
+                               int64_t group, int64_t rows, int64_t cols, int64_t panel_rows, int64_t isa,
+                               int64_t block) {
   TORCH_CHECK(x.dim() == 2 && x.size(1) == cols, "x: (T, cols)");
   auto st = x.scalar_type();
   TORCH_CHECK(st == torch::kFloat32 || st == torch::kBFloat16 || st == torch::kFloat16, "x dtype");
-  Masked m = view(mask, offsets, values, kind, scale, rows, cols, zero, group);
+  Masked m = view(mask, offsets, values, kind, scale, rows, cols, zero, group, block);
   const int64_t level = gemv_level(kind, group, isa);
   auto xT = x.t();
   auto yT = torch::empty({rows, x.size(0)}, x.options());
