@@ -179,43 +179,36 @@ def test_gqsa_blocks_run_the_kernels_as_stored(path, store, tokens):
     _check(pruned, _inputs(128, torch.bfloat16, tokens), path, torch.bfloat16)
 
 
+def _unpack_and_gemv_match_at_every_level(rt, dense, monkeypatch):
+    """The C++ unpack and GEMV of form ``rt`` at every kernel level, and the torch panels, against ``dense``."""
+    h = torch.randn(3, rt.cols)
+    for level, name in enumerate(_build.LEVELS):
+        monkeypatch.setenv("SPARSELM_ISA", name)
+        out = torch.empty(rt.rows, rt.cols)
+        _build.loaded().masked_unpack(rt.mask, rt.offsets, rt.values, rt.kind, rt.scale, rt.zero, rt.group,
+                                      rt.rows, rt.cols, 0, rt.rows, out, level, rt.block)
+        torch.testing.assert_close(out, dense, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(masked.matmul_gemv(h, rt), h @ dense.T, rtol=1e-4, atol=1e-4)
+    assert torch.equal(masked.panel_torch(rt, 0, rt.rows, torch.float32), dense)
+
+
 @needs_ext
 @pytest.mark.parametrize("store", [Storage(CoefStorage.INT4, 16), Storage(CoefStorage.INT8, 32)], ids=str)
 def test_gqsa_blocks_unpack_and_multiply_as_the_stored_weight_at_every_level(store, monkeypatch):
     torch.manual_seed(0)
-    blocks = torch.rand(19, 160 // store.group) < 0.4
-    keep = blocks.repeat_interleave(store.group, 1)
+    keep = (torch.rand(19, 160 // store.group) < 0.4).repeat_interleave(store.group, 1)
     m = SparseLinear(torch.randn(19, 160) * keep, keep, None, None, torch.float32, store, block=True)
-    rt, dense = m.runtime(), m.dense_weight().float()
-    h = torch.randn(3, 160)
-    for level, name in enumerate(_build.LEVELS):
-        monkeypatch.setenv("SPARSELM_ISA", name)
-        out = torch.empty(19, 160)
-        _build.loaded().masked_unpack(rt.mask, rt.offsets, rt.values, rt.kind, rt.scale, rt.zero, rt.group,
-                                      19, 160, 0, 19, out, level, rt.block)
-        torch.testing.assert_close(out, dense, rtol=1e-6, atol=1e-6)
-        torch.testing.assert_close(masked.matmul_gemv(h, rt), h @ dense.T, rtol=1e-4, atol=1e-4)
-    assert torch.equal(masked.panel_torch(rt, 0, 19, torch.float32), dense)
+    _unpack_and_gemv_match_at_every_level(m.runtime(), m.dense_weight().float(), monkeypatch)
 
 
 @needs_ext
 @pytest.mark.parametrize("store", ENCODED, ids=str)
 def test_mask_free_forms_unpack_and_multiply_as_the_decoded_factor(store, monkeypatch):
-    """At every kernel level the CPU runs, the C++ unpack and GEMV of a mask-free form on odd widths equal the
-    decoded factor's."""
+    """At every kernel level the CPU runs, the C++ unpack and GEMV of a mask-free form on odd widths (13 rows of
+    77, not word-aligned) equal the decoded factor's."""
     torch.manual_seed(0)
     m = LowRankLinear(torch.randn(77, 13), torch.randn(13, 5), None, torch.float32, store)
-    Ut = m.runtime()[0]                 # (13, 77): rows not word-aligned
-    dense = m.factors()[0].T.float()    # the decoded Uᵀ
-    h = torch.randn(3, 77)
-    for level, name in enumerate(_build.LEVELS):
-        monkeypatch.setenv("SPARSELM_ISA", name)
-        out = torch.empty(13, 77)
-        _build.loaded().masked_unpack(Ut.mask, Ut.offsets, Ut.values, Ut.kind, Ut.scale, Ut.zero, Ut.group,
-                                      13, 77, 0, 13, out, level, Ut.block)
-        torch.testing.assert_close(out, dense, rtol=1e-6, atol=1e-6)
-        torch.testing.assert_close(masked.matmul_gemv(h, Ut), h @ dense.T, rtol=1e-4, atol=1e-4)
-    assert torch.equal(masked.panel_torch(Ut, 0, 13, torch.float32), dense)
+    _unpack_and_gemv_match_at_every_level(m.runtime()[0], m.factors()[0].T.float(), monkeypatch)
 
 
 @needs_ext
