@@ -82,7 +82,8 @@ smollm2_round() {
   $q --name pruning --runs magnitude:s0.5 wanda:s0.5 sparsegpt:s0.5 magnitude:2:4 wanda:2:4 sparsegpt:2:4
   $q --name dsnot --reuse $docs/quality_smollm2_pruning.json --runs $(for k in s0.5 2:4; do
        for m in wanda sparsegpt; do printf '%s ' $m:$k $m.refine=dsnot:$k; done; done)
-  $q --name w4_sparsity --reuse $docs/quality_smollm2_pruning.json --runs sparsegpt:2:4 gptq/int4g64:r0.85 gqsa:s0.5
+  $q --name w4_sparsity --reuse $docs/quality_smollm2_pruning.json --runs sparsegpt:2:4 gptq/int4g64:r0.85 gqsa:s0.5 \
+     sparsegpt/int4g16:2:4 sparsegpt/int4g16:r0.87 sparsegpt/int4g64:2:4 sparsegpt/int4g64:r0.916
   $q --name factorization --runs svd:r0.2 $(runs sparsegpt:rR wanda:rR svd-llm:rR) asvd:r0.3 magnitude:r0.3
   $q --name structured --reuse $docs/quality_smollm2_factorization.json \
      --runs flap.structure=uniform:r0.3 flap.structure=uniform:r0.5 svd-llm:r0.3 sparsegpt:r0.3 svd-llm:r0.5 sparsegpt:r0.5
