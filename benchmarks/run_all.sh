@@ -80,7 +80,7 @@ chain() {
 smollm2_round() {
   local q="python benchmarks/quality.py --testbed smollm2 ${PROTOCOL[smollm2]}" docs=docs/benchmarks R="0.3 0.5"
   $q --name pruning --runs magnitude:s0.5 wanda:s0.5 sparsegpt:s0.5 magnitude:2:4 wanda:2:4 sparsegpt:2:4
-  $q --name dsnot --reuse $docs/quality_smollm2_pruning.json --runs $(for k in s0.5 2:4; do
+  $q --name dsnot --reuse $docs/quality_smollm2_pruning.json --runs $(for k in s0.5 2:4 s0.6 s0.7; do
        for m in wanda sparsegpt; do printf '%s ' $m:$k $m.refine=dsnot:$k; done; done)
   $q --name w4_sparsity --reuse $docs/quality_smollm2_pruning.json --runs sparsegpt:2:4 gptq/int4g64:r0.85 gqsa:s0.5 \
      sparsegpt/int4g16:2:4 sparsegpt/int4g16:r0.87 sparsegpt/int4g64:2:4 sparsegpt/int4g64:r0.916
