@@ -90,7 +90,7 @@ smollm2_round() {
   $q --name knapsack_runs --runs svd-llm:r0.3@knapsack svd-llm:r0.5@knapsack
   # sparse dictionaries at 0.3 (rocket:r0.3@knapsack first of its kind here: its seconds are the whole run)
   $q --name sparse_dict --override "{\"cospadi\": {${COSPADI[smollm2]}}}" \
-     --runs rocket:r0.3 rocket:r0.3@knapsack cospadi:r0.3
+     --runs rocket:r0.3 rocket:r0.3@knapsack cospadi:r0.3 rocket:r0.2 rocket:r0.4
   # issue 14's menu at 0.3 beside its entries alone (all but int8 GPTQ copied from the tables above)
   $q --name mixed_toolbox_runs --reuse $docs/quality_smollm2_factorization.json $docs/quality_smollm2_sparse_dict.json \
      $docs/quality_smollm2_structured.json --runs sparsegpt:r0.3 svd-llm:r0.3 rocket:r0.3 flap.structure=uniform:r0.3 \
