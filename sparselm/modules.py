@@ -459,8 +459,8 @@ class SparseDictLinear(CompressedLinear):
     float dtype), ``values14`` (14-bit packed bf16), ``values_int8`` or ``values_int4`` + ``scale`` (+ ``zero``),
     one per output channel or per ``quant_group`` atoms; optional ``bias``.
     Forward: ``(X D) S + b``; the kernels read an encoded ``D`` as stored (the reference forward decodes it,
-    transiently: the resident bytes stay the stored ones). Layers of a ``group`` hold the very same dictionary tensors (`share_dictionary`;
-    `io.save` writes them once).
+    transiently: the resident bytes stay the stored ones). Layers of a ``group`` hold the very same dictionary
+    tensors (`share_dictionary`; `io.save` writes them once).
     """
     dict_storage: CoefStorage = CoefStorage.DTYPE  # how D is stored (`config.Storage`) ...
     dict_quant_group: int = 0                      # ... and int8/int4's group along its inputs (0: per atom)

@@ -21,13 +21,15 @@ from . import _build, masked, policy
 from ._build import available as extension_available
 from .masked import Masked, from_bitmask, from_blocks, from_dense, from_nm, scratch_bytes
 
-__all__ = ["Masked", "check_environment", "colmajor", "dict_linear", "extension_available", "fast_path", "from_bitmask", "from_blocks", "from_dense", "from_nm",
-           "lowrank_linear", "masked_linear", "policy", "scratch_bytes", "usable"]
+__all__ = ["Masked", "check_environment", "colmajor", "dict_linear", "extension_available", "fast_path",
+           "from_bitmask", "from_blocks", "from_dense", "from_nm", "lowrank_linear", "masked_linear", "policy",
+           "scratch_bytes", "usable"]
 
 
 def check_environment() -> None:
-    """Raise `InputError` for a bad kernel environment variable (``SPARSELM_KERNELS``, ``SPARSELM_ISA``) now, before any long work:
-    it is otherwise read at the first fast forward, which in a compression comes after every block is done."""
+    """Raise `InputError` for a bad kernel environment variable (``SPARSELM_KERNELS``, ``SPARSELM_ISA``) now,
+    before any long work: they are otherwise read at the first fast forward, which in a compression comes after
+    every block is done."""
     policy.requested(None)
     _build.isa()
 

@@ -102,13 +102,18 @@ def _value_form(buffers: dict[str, torch.Tensor], group: int) -> dict:
     return {"values": buffers["values"].reshape(-1), "kind": KIND[buffers["values"].dtype]}
 
 
+def _row_starts(counts: torch.Tensor) -> torch.Tensor:
+    """``offsets`` (rows+1,) int64 from the values stored per row."""
+    offsets = torch.zeros(counts.numel() + 1, dtype=torch.int64)
+    torch.cumsum(counts, 0, out=offsets[1:])
+    return offsets
+
+
 def from_bitmask(buffers: dict[str, torch.Tensor], rows: int, cols: int, group: int = 0) -> Masked:
     """The runtime form of a saved mask + values (keys as in `modules`: mask, values|values14|values_int8|
     values_int4, scale, zero); ``group``: int8/int4's quantization group along a row (0: per row)."""
     mask = buffers["mask"]
-    offsets = torch.zeros(rows + 1, dtype=torch.int64)
-    torch.cumsum(row_counts(mask, rows, cols), 0, out=offsets[1:])
-    return Masked(rows, cols, mask, offsets, **_value_form(buffers, group))
+    return Masked(rows, cols, mask, _row_starts(row_counts(mask, rows, cols)), **_value_form(buffers, group))
 
 
 def from_dense(buffers: dict[str, torch.Tensor], rows: int, cols: int, group: int = 0) -> Masked:
@@ -124,10 +129,8 @@ def from_blocks(buffers: dict[str, torch.Tensor], rows: int, cols: int, block: i
     whole in row-major order, one scale (+ zero) per kept block (keys as in `from_bitmask`). The kernels read the
     block bits as the mask of every column in the block, and count kept blocks for each block's parameters."""
     mask = buffers["mask"]
-    offsets = torch.zeros(rows + 1, dtype=torch.int64)
-    torch.cumsum(row_counts(mask, rows, cols // block) * block, 0, out=offsets[1:])
-    form = _value_form(buffers, block)
-    return Masked(rows, cols, mask, offsets, **form, block=block)
+    offsets = _row_starts(row_counts(mask, rows, cols // block) * block)
+    return Masked(rows, cols, mask, offsets, **_value_form(buffers, block), block=block)
 
 
 def from_nm(buffers: dict[str, torch.Tensor], positions: torch.Tensor, n: int, m: int, group: int = 0) -> Masked:
@@ -163,7 +166,7 @@ def panel_torch(mm: Masked, r0: int, r1: int, dtype: torch.dtype) -> torch.Tenso
     else:
         keep = _bits(mm.mask, r0 * mm.cols, r1 * mm.cols).view(r1 - r0, mm.cols).bool()
     i0, i1 = int(mm.offsets[r0]), int(mm.offsets[r1])
-    if mm.kind in (INT8G, INT4) and mm.block:  # one group per kept block, stored whole: value i is in group i // block
+    if mm.kind in (INT8G, INT4) and mm.block:  # a group per kept block, stored whole: value i in group i // block
         g = torch.div(torch.arange(i0, i1), mm.block, rounding_mode="floor")
         codes = _nibbles(mm.values, i0, i1 - i0) if mm.kind == INT4 else mm.values[i0:i1]
         z = _nibbles(mm.zero, 0, mm.zero.numel() * 2)[g] if mm.kind == INT4 else 0
@@ -221,7 +224,8 @@ def matmul_panels(x: torch.Tensor, mm: Masked, rows: int, use_ext: bool = True) 
     return yT.t()
 
 
-def matmul_gemv(x: torch.Tensor, mm: Masked, bias: torch.Tensor | None = None, serial_bytes: int = 0) -> torch.Tensor:
+def matmul_gemv(x: torch.Tensor, mm: Masked, bias: torch.Tensor | None = None,
+                serial_bytes: int = 0) -> torch.Tensor:
     """``x (T, cols) -> (T, rows)`` (+ bias) in x's dtype through the C++ GEMV (the extension must be available);
     one thread below ``serial_bytes`` of weight bytes."""
     return _build.loaded().masked_gemv(x, mm.mask, mm.offsets, mm.values, mm.kind, mm.scale, mm.zero, mm.group,

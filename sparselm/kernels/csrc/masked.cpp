@@ -63,6 +63,19 @@ inline bool block_kept(const Masked& m, int64_t r, int64_t b) {
 
 inline bool grouped(int kind) { return kind == INT8G || kind == INT4; }
 
+// f(std::integral_constant<int, K>()) for the run-time value kind: the one place a kind becomes a template constant
+template <typename F> inline void with_kind(int kind, F&& f) {
+  switch (kind) {
+    case BF16: f(std::integral_constant<int, BF16>()); break;
+    case FP16: f(std::integral_constant<int, FP16>()); break;
+    case FP32: f(std::integral_constant<int, FP32>()); break;
+    case INT8: f(std::integral_constant<int, INT8>()); break;
+    case P14: f(std::integral_constant<int, P14>()); break;
+    case INT8G: f(std::integral_constant<int, INT8G>()); break;
+    default: f(std::integral_constant<int, INT4>());
+  }
+}
+
 // scale and zero point of group number g
 __attribute__((always_inline)) inline void params_of(const Masked& m, int64_t g, float& s, float& z) {
   s = float(m.gscale[g]);
@@ -414,15 +427,7 @@ SPARSELM_AVX512 void unpack_rows_k(const Masked& m, int64_t r0, int64_t r1, OutT
 
 template <typename OutT>
 void unpack_rows_avx(const Masked& m, int64_t r0, int64_t r1, OutT* out) {  // the kind as a constant (decode32_k)
-  switch (m.kind) {
-    case BF16: unpack_rows_k<OutT, BF16>(m, r0, r1, out); break;
-    case FP16: unpack_rows_k<OutT, FP16>(m, r0, r1, out); break;
-    case FP32: unpack_rows_k<OutT, FP32>(m, r0, r1, out); break;
-    case INT8: unpack_rows_k<OutT, INT8>(m, r0, r1, out); break;
-    case INT8G: unpack_rows_k<OutT, INT8G>(m, r0, r1, out); break;
-    case INT4: unpack_rows_k<OutT, INT4>(m, r0, r1, out); break;
-    default: unpack_rows_k<OutT, P14>(m, r0, r1, out);
-  }
+  with_kind(m.kind, [&](auto k) { unpack_rows_k<OutT, decltype(k)::value>(m, r0, r1, out); });
 }
 
 // ---- AVX2 + FMA + F16C (CPUs without the AVX-512 set, or SPARSELM_ISA=avx2) -------------------------------
@@ -669,15 +674,7 @@ void unpack_rows_avx2(const Masked& m, int64_t r0, int64_t r1, OutT* out) {
       else unpack_row_avx2<OutT, K, true>(m, r, out + r * m.cols);
     }
   };
-  switch (m.kind) {
-    case BF16: rows_of(std::integral_constant<int, BF16>()); break;
-    case FP16: rows_of(std::integral_constant<int, FP16>()); break;
-    case FP32: rows_of(std::integral_constant<int, FP32>()); break;
-    case INT8: rows_of(std::integral_constant<int, INT8>()); break;
-    case INT8G: rows_of(std::integral_constant<int, INT8G>()); break;
-    case INT4: rows_of(std::integral_constant<int, INT4>()); break;
-    default: rows_of(std::integral_constant<int, P14>());
-  }
+  with_kind(m.kind, rows_of);
 }
 
 // x (T, cols) bf16 as fp32 in the order dense_rows_avx2 reads W: within each full 16 columns the even
@@ -754,8 +751,8 @@ Masked view(const torch::Tensor& mask, const torch::Tensor& offsets, const torch
   TORCH_CHECK(kind != INT8 || (scale.has_value() && scale->scalar_type() == torch::kFloat32 &&
               scale->is_contiguous() && scale->numel() == rows), "int8 values need a float32 scale (rows,)");
   TORCH_CHECK(0 <= kind && kind <= INT4, "value kind");
-  Masked m{mask.numel() ? mask.data_ptr<uint8_t>() : nullptr, mask.numel(), offsets.data_ptr<int64_t>(), values.data_ptr(),
-           int64_t(values.numel() * values.element_size()), int(kind),
+  Masked m{mask.numel() ? mask.data_ptr<uint8_t>() : nullptr, mask.numel(), offsets.data_ptr<int64_t>(),
+           values.data_ptr(), int64_t(values.numel() * values.element_size()), int(kind),
            kind == INT8 ? scale->data_ptr<float>() : nullptr, rows, cols};
   if (block) { m.block = block; m.gpr = cols / block; }
   if (grouped(int(kind))) {
@@ -871,15 +868,7 @@ torch::Tensor masked_gemv(torch::Tensor x, torch::Tensor mask, torch::Tensor off
             for (int t = 0; t < TT; t++) store(t0 + t, r, out[t], s);
           }
         };
-        switch (kind) {
-          case BF16: rows_of(std::integral_constant<int, BF16>()); break;
-          case FP16: rows_of(std::integral_constant<int, FP16>()); break;
-          case FP32: rows_of(std::integral_constant<int, FP32>()); break;
-          case P14: rows_of(std::integral_constant<int, P14>()); break;
-          case INT8G: rows_of(std::integral_constant<int, INT8G>()); break;
-          case INT4: rows_of(std::integral_constant<int, INT4>()); break;
-          default: rows_of(std::integral_constant<int, INT8>());
-        }
+        with_kind(int(kind), rows_of);
       });
       return;
     }
@@ -906,17 +895,15 @@ torch::Tensor masked_gemv(torch::Tensor x, torch::Tensor mask, torch::Tensor off
           for (int t = 0; t < TT; t++) store(t0 + t, r, out[t], s);
         }
       };
-      using F = std::false_type;
-      using Tr = std::true_type;
-      switch (kind) {
-        case BF16: if (dp) rows_of(std::integral_constant<int, BF16>(), Tr()); else rows_of(std::integral_constant<int, BF16>(), F()); break;
-        case P14: if (dp) rows_of(std::integral_constant<int, P14>(), Tr()); else rows_of(std::integral_constant<int, P14>(), F()); break;
-        case FP16: rows_of(std::integral_constant<int, FP16>(), F()); break;
-        case FP32: rows_of(std::integral_constant<int, FP32>(), F()); break;
-        case INT8G: rows_of(std::integral_constant<int, INT8G>(), F()); break;
-        case INT4: rows_of(std::integral_constant<int, INT4>(), F()); break;
-        default: rows_of(std::integral_constant<int, INT8>(), F());
-      }
+      with_kind(int(kind), [&](auto k) {  // bf16 dot products only for bf16 values (plain or 14-bit)
+        constexpr int K = decltype(k)::value;
+        if constexpr (K == BF16 || K == P14) {
+          if (dp) rows_of(k, std::true_type());
+          else rows_of(k, std::false_type());
+        } else {
+          rows_of(k, std::false_type());
+        }
+      });
     });
   });
   return y;
