@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from sparselm import model as adapter
-from sparselm.capture import LinearStats, record
+from sparselm.capture import LinearStats, gram, record
 from sparselm.errors import InputError
 from sparselm.methods import Pruned
 from sparselm.modules import SparseLinear, dense_cache
@@ -72,3 +72,10 @@ def test_dense_cache_gives_the_same_outputs_and_is_dropped():
     assert layer._dense is None
     torch.testing.assert_close(cached, plain)
     torch.testing.assert_close(plain, x @ (W * mask).T)
+
+
+@pytest.mark.parametrize("width", [3, 127, 128, 301])
+def test_gram_in_three_blocks_equals_the_full_product(width):
+    x = torch.randn(97, width, generator=torch.Generator().manual_seed(width))
+    G = gram(x)
+    assert torch.allclose(G, x.T @ x, rtol=1e-5, atol=1e-4) and torch.equal(G, G.T)

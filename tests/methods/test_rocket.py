@@ -64,12 +64,12 @@ def test_two_stage_mask_hand_example():
 
 
 @pytest.mark.parametrize("lam", [0.0, 0.5])
-def test_mask_from_the_one_order_equals_topk(lam):
+def test_mask_from_the_one_ranking_equals_topk(lam):
     _, W, stats = correlated()
     svd = whitened_svd(W, stats)  # m = 24
     for k, keep, refill in ((24, 12, 3), (17, 8, 0), (9, 1, 5), (5, 5, 0)):
         C, norms = svd.coeffs[:k], svd.atom_norms(k)
-        fast = sparse_mask(C, norms, keep, refill, lam, svd.order(lam))
+        fast = sparse_mask(C, norms, keep, refill, lam, svd.ranking(lam), svd.refill_scores)
         assert torch.equal(fast, sparse_mask(C, norms, keep, refill, lam))
         assert int(fast.sum()) == keep * C.shape[1] + refill
 
@@ -97,7 +97,7 @@ def test_beats_magnitude_truncation_of_whitened_svd(seed):
         res = compress_weight(RocketSpec(Ratio(ratio), ks=2.0), W, stats, torch.float32)
         k, nnz = res.info["k"], res.info["nnz"]
         # baseline at the same k and nnz (same bytes): the nnz largest |c| of Bᵀ W_L, no refit
-        C = svd.sigma[:k, None] * svd.Vh[:k]  # (k, out)
+        C = svd.R[:k]  # (k, out) = diag(σ) Vh
         keep = torch.zeros(C.numel(), dtype=torch.bool)
         keep[C.abs().reshape(-1).topk(nnz).indices] = True
         W_base = (svd.wh.unapply(svd.U[:, :k]) @ (C * keep.view_as(C))).T.float()  # (out, in)
@@ -143,3 +143,30 @@ def test_singular_gram_records_shift():
     res = compress_weight(RocketSpec(Ratio(0.5)), W, LinearStats.from_inputs(X), torch.float32)
     assert res.info["whitening_shift"] > 0
     assert torch.isfinite(res.D).all() and torch.isfinite(res.S).all()
+
+
+@pytest.mark.parametrize("in_f,out_f", [(16, 40), (40, 16), (24, 24)])
+def test_whitened_svd_wide_by_eigh_and_tall_by_svd(in_f, out_f):
+    """``W_L = U R``: ``U`` orthonormal, ``R``'s rows orthogonal with norms σ (descending, the singular values of
+    ``W_L``), whichever way it was computed (eigh of ``W_L W_Lᵀ`` when in ≤ out, the SVD otherwise)."""
+    g = torch.Generator().manual_seed(in_f)
+    X = torch.randn(200, in_f, generator=g, dtype=torch.float64) @ torch.randn(in_f, in_f, generator=g, dtype=torch.float64)
+    W = torch.randn(out_f, in_f, generator=g)
+    svd = whitened_svd(W, LinearStats.from_inputs(X))
+    m = min(in_f, out_f)
+    assert svd.U.shape == (in_f, m) and svd.R.shape == (m, out_f)
+    assert torch.allclose(svd.U.T @ svd.U, torch.eye(m, dtype=torch.float64), atol=1e-12)
+    assert torch.allclose(svd.R @ svd.R.T, torch.diag(svd.sigma ** 2), atol=1e-9 * float(svd.sigma[0]) ** 2)
+    assert torch.allclose(svd.sigma, torch.linalg.svdvals(svd.WL), rtol=1e-10)
+    assert bool((svd.sigma[:-1] >= svd.sigma[1:]).all())
+    assert torch.allclose(svd.U @ svd.R, svd.WL, atol=1e-10 * float(svd.WL.abs().max()))
+
+
+def test_one_factorization_and_the_table_path_agree():
+    """`factorize(many=False)` (the final compression: plain top-k) gives the mask and error of the knapsack
+    table's path (the layer's ranking and cached refill scores)."""
+    _, W, stats = correlated(1)
+    svd = whitened_svd(W, stats)
+    for k, keep, refill in ((20, 9, 4), (12, 3, 0), (24, 24, 0)):
+        a, b = factorize(svd, k, keep, refill, 0.5), factorize(svd, k, keep, refill, 0.5, many=False)
+        assert torch.equal(a.mask, b.mask) and a.error == b.error and a.refit == b.refit
