@@ -75,7 +75,8 @@ recipe = Recipe(methods=(RocketSpec(target=Ratio(float(sys.argv[5]))),), allocat
 t = time.process_time()
 rep = pipeline.compress(net, calib, recipe, torch.device("cpu"), loaded.storage_dtype)
 cpu = time.process_time() - t
-print(json.dumps({"cpu_s": cpu, "specs": {l.name: [l.module.spec.ks, l.module.spec.target.value] for l in rep.layers},
+spec = lambda m: [m.spec.ks, m.spec.target.value] if getattr(m, "spec", None) else None  # old modules lack it
+print(json.dumps({"cpu_s": cpu, "specs": {l.name: spec(l.module) for l in rep.layers},
                   "errors": {l.name: l.rel_error for l in rep.layers}}))
 """
 
@@ -95,7 +96,7 @@ def whole(args) -> None:
         print(label, runs[label][-1]["cpu_s"], flush=True)
     secs = {k: min(r["cpu_s"] for r in v) for k, v in runs.items()}
     a, b = runs["baseline"][0], runs["current"][0]
-    same = sum(a["specs"].get(n) == sp for n, sp in b["specs"].items())
+    same = sum(a["specs"].get(n) == sp for n, sp in b["specs"].items())  # 0 when the baseline records no spec
     worst = max(abs(b["errors"][n] - a["errors"][n]) / max(a["errors"][n], 1e-12) for n in b["errors"] if n in a["errors"])
     payload = {"model": "SmolLM2-135M-Instruct, weights dequantized from Q4_1 GGUF", "baseline": args.baseline,
                "blocks": args.whole, "nsamples": args.nsamples, "ratio": args.ratio, "torch": torch.__version__,

@@ -23,7 +23,7 @@ from ..capture import LinearStats
 from ..config import ASVDSpec, SVDLLMSpec, SVDSpec
 from ..errors import InputError
 from . import Factored, register
-from .whiten import whiten
+from .whiten import Whitening, whiten
 
 MAG_FLOOR = 1e-6  # ASVD: channel magnitudes below this fraction of the largest are raised to it
 
@@ -94,7 +94,7 @@ def svd_llm(W: torch.Tensor, stats: LinearStats | None, spec: SVDLLMSpec, dtype:
     stats = _need_stats(stats, "svd-llm")
     r = _rank(spec, W, dtype)
     wh = whiten(stats)
-    wh.L = wh.L.to(W.device)
+    wh = Whitening(wh.L.to(W.device), wh.shift)  # (the whitening may be shared: not moved in place)
     P, Q, sig = truncated_factors(wh.apply(W.T), r)  # (in, r), (r, out)
     U = wh.unapply(P)  # (in, r)
     total = float(sig.square().sum())

@@ -8,6 +8,7 @@ shifted by the smallest tried amount that makes it succeed, and the shift is ret
 from __future__ import annotations
 
 import logging
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -34,8 +35,25 @@ class Whitening:
         return torch.linalg.solve_triangular(self.L, A.to(torch.float64), upper=True)  # (in, cols)
 
 
+_LAST: dict = {}  # the last Gram whitened: {"gram": weakref, "version": int, "whitening": Whitening}
+
+
 def whiten(stats: LinearStats) -> Whitening:
-    """Cholesky factor of the input Gram, with the recorded diagonal shift (0.0 when none was needed)."""
+    """Cholesky factor of the input Gram, with the recorded diagonal shift (0.0 when none was needed).
+
+    Layers fed one input share one Gram (q/k/v, gate/up: `capture.record`) and are compressed one after another:
+    the last factor is kept while its Gram lives unchanged (its version counter), so it is computed once. Only
+    the last: a model's every factor kept would double the statistics' memory."""
+    G = stats.gram
+    if _LAST and _LAST["gram"]() is G and _LAST["version"] == G._version:
+        return _LAST["whitening"]
+    wh = _whiten(stats)
+    _LAST.update(gram=weakref.ref(G, lambda ref: _LAST.get("gram") is ref and _LAST.clear()), version=G._version,
+                 whitening=wh)
+    return wh
+
+
+def _whiten(stats: LinearStats) -> Whitening:
     G = stats.gram.to(torch.float64)
     G = (G + G.T) / 2
     chol, info = torch.linalg.cholesky_ex(G, upper=True)

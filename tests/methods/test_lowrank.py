@@ -75,3 +75,18 @@ def test_rank_deficient_and_zero_activations(tokens):
     assert torch.isfinite(res.U).all() and torch.isfinite(res.V).all()
     a = asvd(W, stats, ASVDSpec(target=Ratio(0.3)), torch.float32)
     assert torch.isfinite(a.reconstruct()).all()
+
+
+def test_whitening_of_a_shared_gram_is_computed_once_and_redone_after_it_changes(monkeypatch):
+    from sparselm.methods import whiten as wmod
+    calls = []
+    real = wmod._whiten
+    monkeypatch.setattr(wmod, "_whiten", lambda s: calls.append(1) or real(s))
+    stats = LinearStats.from_inputs(torch.randn(40, 6, generator=torch.Generator().manual_seed(0)))
+    first = wmod.whiten(stats)
+    assert wmod.whiten(stats) is first and len(calls) == 1  # q, k, v: one Cholesky
+    other = LinearStats.from_inputs(torch.randn(40, 6, generator=torch.Generator().manual_seed(1)))
+    assert wmod.whiten(other) is not first and len(calls) == 2
+    stats.add_batch(torch.randn(5, 6, generator=torch.Generator().manual_seed(2)))  # changed in place
+    again = wmod.whiten(stats)
+    assert len(calls) == 3 and torch.allclose(again.L.T @ again.L, stats.gram)
