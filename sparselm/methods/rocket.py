@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .. import formats
-from ..capture import LinearStats
+from ..capture import LinearStats, gram
 from ..config import RocketSpec, Storage
 from ..errors import InputError
 from . import SparseDict, register
@@ -211,8 +211,24 @@ def sparse_mask(C: torch.Tensor, norms: torch.Tensor, keep: int, refill: int, la
             mask.scatter_(0, imp.topk(keep, dim=0).indices, True)
     if refill > 0:
         score = C.abs() * norms.unsqueeze(1) if refill_scores is None else refill_scores[:k]  # (k, out)
-        mask.view(-1)[torch.where(mask, -math.inf, score).view(-1).topk(refill).indices] = True
+        mask.view(-1)[largest(torch.where(mask, -math.inf, score).view(-1), refill)] = True
     return mask
+
+
+def largest(x: torch.Tensor, n: int, stride: int = 16) -> torch.Tensor:
+    """Indices of the ``n`` largest entries of ``x`` (1-D), as ``x.topk(n)`` (the same set barring exact ties).
+
+    For a small ``n`` (the refill: 0.5 % of the entries), a threshold from every ``stride``-th entry — the
+    ``2n/stride``-th largest of the sample, so that about ``2n`` entries pass — leaves a short list to rank; if
+    fewer than ``n`` pass, the plain top-k. 1.4× faster than ``topk`` on SmolLM2's gate_proj."""
+    if x.numel() < 64 * n:
+        return x.topk(n).indices
+    sample = x[::stride]
+    threshold = sample.topk(min(2 * n // stride + 1, sample.numel())).values[-1]
+    passed = (x >= threshold).nonzero().squeeze(1)  # every entry ≥ the n-th largest when ≥ n pass
+    if passed.numel() < n:
+        return x.topk(n).indices
+    return passed[x[passed].topk(n).indices]
 
 
 def sq_norm(x: torch.Tensor) -> float:
@@ -231,7 +247,7 @@ def ridge_refit(R: torch.Tensor, Cs: torch.Tensor, R_energy: float | None = None
     in closed form, without the ``(m, k) × (k, out)`` product: with ``M = C_s Rᵀ`` and ``A = C_s C_sᵀ``,
     ``Z (A + µI) = Mᵀ``, so ``‖R − Z C_s‖² = ‖R‖² − 2⟨Z, Mᵀ⟩ + ⟨Z A, Z⟩ = ‖R‖² − ⟨Z, Mᵀ⟩ − µ‖Z‖²`` (sums in
     float64; a twin test checks it against the direct evaluation). ``R_energy``: ``‖R‖²`` when the caller has it."""
-    A = Cs @ Cs.T  # (k, k)
+    A = gram(Cs.T)  # (k, k) = C_s C_sᵀ
     k = A.shape[0]
     mu = max(1e-6, 1e-3 * float(A.diagonal().sum()) / k)
     chol = torch.linalg.cholesky(A + mu * torch.eye(k, dtype=A.dtype, device=A.device))

@@ -9,7 +9,7 @@ from sparselm.config import CoefStorage, Ratio, RocketSpec
 from sparselm.errors import InputError
 from sparselm.methods import SparseDict, compress_weight
 from sparselm.formats import dict_bytes
-from sparselm.methods.rocket import factorize, keep_counts, rocket_size, sparse_mask, whitened_svd
+from sparselm.methods.rocket import factorize, keep_counts, largest, rocket_size, sparse_mask, whitened_svd
 from sparselm.pipeline import build_module
 
 
@@ -170,3 +170,14 @@ def test_one_factorization_and_the_table_path_agree():
     for k, keep, refill in ((20, 9, 4), (12, 3, 0), (24, 24, 0)):
         a, b = factorize(svd, k, keep, refill, 0.5), factorize(svd, k, keep, refill, 0.5, many=False)
         assert torch.equal(a.mask, b.mask) and a.error == b.error and a.refit == b.refit
+
+
+@pytest.mark.parametrize("n", [1, 7, 50, 400])
+def test_largest_picks_the_topk_set(n):
+    x = torch.randn(30_000, generator=torch.Generator().manual_seed(n))
+    x[::3] = -float("inf")  # masked entries, as in the refill
+    assert torch.equal(largest(x, n).sort().values, x.topk(n).indices.sort().values)
+    # only the sampled entries finite: about 2n/16 pass the threshold, fewer than n -> the plain top-k
+    y = torch.full((30_000,), -float("inf"))
+    y[::16] = torch.randperm(y[::16].numel(), generator=torch.Generator().manual_seed(0)).float()
+    assert torch.equal(largest(y, n).sort().values, y.topk(n).indices.sort().values)
