@@ -19,9 +19,9 @@ writes into). Then a layer that contributes little output gets a small weight an
 (tests/test_profile.py checks both behaviours).
 
 Fast paths (each with a twin test against `compress_weight`): SVD-LLM and ROCKET reuse ONE whitened SVD
-per layer — SVD-LLM's error at rank r is the tail sum of σ², ROCKET runs `rocket.factorize` for every
-ratio × ks and keeps the best ks per ratio (skipping ks whose k would exceed min(in, out), as the ROCKET
-profiler does, unless none is left); magnitude and Wanda rank the scores once and cut the ranking per ratio.
+per layer — SVD-LLM's error at rank r is the tail sum of σ², ROCKET runs `rocket.factorize` over the ks
+grid of every ratio (a walk to the lowest error, `_Table.rocket`) and keeps the best ks per ratio (skipping ks
+whose k would exceed min(in, out), as the ROCKET profiler does, unless none is left); magnitude and Wanda rank the scores once and cut the ranking per ratio.
 GPTQ (quantization alone) is compressed once, at the grid's smallest ratio: its size is set by its storage, the
 ratio is only a floor. Every other method, and every spec whose values are rounded to a storage the fast path does not model (pruning and
 SVD-LLM: any storage but the model dtype; ROCKET: int8/int4), goes through `compress_weight` + the result's

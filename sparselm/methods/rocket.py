@@ -2,17 +2,17 @@
 
 Objective: ``min ‖X(W − Ŵ)ᵀ‖_F = ‖L(Wᵀ − U S)‖_F`` with ``Wᵀ ≈ U S``, ``U`` ``(in, k)`` dense and
 ``S`` ``(k, out)`` with about ``s = k/ks`` nonzeros per column, at a stored-bytes budget. No iterations:
-  1. whiten: ``W_L = L Wᵀ`` ``(in, out)``; one SVD of ``W_L`` (the paper's eigh of ``W_L W_Lᵀ`` gives the
-     same basis, App. B.3); basis ``B`` = top-k left singular vectors, coefficients ``C = Bᵀ W_L``;
+  1. whiten: ``W_L = L Wᵀ`` ``(in, out)``; one SVD of ``W_L`` (for ``in ≤ out`` the paper's eigh of
+     ``W_L W_Lᵀ``, the same basis, App. B.3); basis ``B`` = top-k left singular vectors, ``C = Bᵀ W_L``;
   2. importance ``|c_ij|·‖L⁻¹ b_i‖^λ``; keep the top ``⌊k(1/ks − β)⌋`` per column (``⌊k/ks⌋`` when that
      is 0: a tiny dictionary), then re-activate the
      ``refill·k·out`` masked entries of largest ``|c_ij|·‖L⁻¹ b_i‖`` over the whole matrix;
   3. ridge refit of the dictionary: ``D = argmin ‖W_L − D C_s‖² + µ‖D‖²``, ``µ = max(1e-6, 1e-3·tr(C_sC_sᵀ)/k)``
      (Cholesky); map back ``U = L⁻¹ D`` by a triangular solve. Solved as ``D = U Z`` in the coordinates of
      the SVD's ``U`` (m ≤ in rows), its residual in closed form, the products in float32 (`WORK`), the
-     per-column top-k from one sort per layer (`WhitenedSVD.ranking`): the knapsack profile runs 70 of these
-     per layer (14 ratios × 5 ks), 1.9× faster than the float64, direct-residual, top-k-per-call version
-     (SmolLM2 block 3, interleaved A/B; option errors within 1e-4 relative, the same spec chosen at every ratio).
+     per-column top-k from one sort per layer (`WhitenedSVD.ranking`): the knapsack profile runs about 35 of
+     these per layer (14 ratios, a walk over 5 ks, `profile._Table.rocket`); the whole ROCKET + knapsack run is
+     3.0× faster than the code of 2026-12-01 (`docs/methods.md`, ROCKET + knapsack profiling).
 
 Sizing (`rocket_size`): ``k`` is the largest dictionary size whose *real* stored bytes (`formats.dict_bytes`) — ``D`` in the model
 dtype, the values in ``spec.storage`` (+ their scales for int8/int4), a 1-bit mask over ``k·out`` — fit ``(1 − ratio)`` of the dense bytes with ``nnz ≤ ⌊k·out/ks⌋``. ``k`` is clipped to
