@@ -70,6 +70,8 @@ chain() {
   [ "$1" = minilm ] && $q --name w4_sparsity --reuse $docs/quality_$1_pruning.json --runs $W4_FP32
   [ "$1" = smollm2 ] && $q --name w4_sparsity --reuse $docs/quality_$1_pruning.json --runs $W4_SMOLLM2
   # CoSpaDi's dictionary storage (dict_storage) at equal bytes: float32 / bf16 / int8 D, pruning rows for scale
+  # CoSpaDi with today's defaults (coder auto -> HTP, MOD) beside the factorization table's exact OMP + K-SVD rows
+  [ "$1" = minilm ] && $q --name cospadi_defaults --override "$CO" --runs $(runs cospadi:rR)
   [ "$1" = minilm ] && $q --name dict_storage --override "$CO" --reuse $docs/quality_minilm_factorization.json \
      --runs cospadi:r0.3 cospadi.dict_storage=bf16:r0.3 cospadi.dict_storage=int8:r0.3 sparsegpt:r0.3 wanda:r0.3 \
      cospadi.dict_storage=int8:r0.5 cospadi:r0.5
