@@ -214,52 +214,20 @@ def select_plan(model: nn.Module, calib: torch.Tensor, names: list[list[str]], r
     if held < 1:
         raise InputError(f"a mixed menu needs at least {SELECT_HELD_OUT} calibration sequences (got {len(calib)})",
                          "pass more calibration samples (--nsamples)")
-    calib, windows = calib[:-held], calib[-held:]
     layered = [s for s in grid if not isinstance(s, StructuredSpec)]
-
-    def scored(plan: Plan, single: MethodSpec | None = None) -> tuple[Plan, float]:
-        """``plan`` applied to a copy of the model and scored; a uniform plan gets allocation rows from what
-        was compressed (real bytes, measured errors). inf when a method cannot compress some layer. ``single``:
-        the menu entry the plan applies alone (its score is kept in ``cache``)."""
-        memo = None if cache is None or single is None else cache.setdefault("select_plan", {})
-        if memo is not None and (single, held) in memo:
-            return memo[single, held]
-        trial = copy.deepcopy(model)
-        try:
-            if plan.structured is not None:
-                structured.compress_structured(trial, calib, dataclasses.replace(
-                    recipe, methods=(plan.structured,), allocate=Allocate.UNIFORM), device, dtype, batch_size)
-            else:
-                report = compress(trial, calib, Recipe(methods=(layered[0],)), device, dtype, batch_size, plan=plan,
-                                  spill=spill)
-        except InputError as e:
-            log.info("mixed menu: a candidate plan does not apply (%s)", e)
-            return plan, torch.full((1,), math.inf, dtype=torch.float64)
-        if plan.allocation is None and plan.structured is None:
-            plan = Plan(plan.specs, plan.sets, [
-                Allocation(la.name, la.spec, float(la.module.weight_bytes(max(len(la.group), 1))), la.rel_error,
-                           la.dense_shape, None) for la in report.layers])
-        found = plan, window_scores(model, trial, windows)
-        if memo is not None:
-            memo[single, held] = found
-        return found
-
-    candidates = {"knapsack": scored(knapsack)}
+    trial = _Trial(model, calib[:-held], calib[-held:], recipe, layered[0] if layered else None, device, dtype,
+                   batch_size, spill, None if cache is None else cache.setdefault("select_plan", {}))
+    candidates = {"knapsack": trial.score(knapsack)}
     for s in grid:
         if isinstance(s, StructuredSpec):
-            candidates[f"{menu_label(s)} alone"] = scored(Plan({}, [], structured=s), s)
+            candidates[f"{menu_label(s)} alone"] = trial.score(Plan({}, [], structured=s), s)
         else:
-            candidates[f"uniform {menu_label(s)}"] = scored(
+            candidates[f"uniform {menu_label(s)}"] = trial.score(
                 _plan(model, names, specs={n: s for block in names for n in block}), s)
         log.info("mixed menu: %s scored %.6f", list(candidates)[-1], float(candidates[list(candidates)[-1]][1].mean()))
-    predicted = method_errors(options, target)
     alone = {menu_label(s): float(candidates[f"uniform {menu_label(s)}"][1].mean()) for s in layered}
-    scale = {label: score / predicted[label] if 0 < predicted.get(label, 0) and math.isfinite(score) else 1.0
-             for label, score in alone.items()}
-    rows = plan_knapsack(rescale(options, scale), shapes, target, budget)
-    rows = [dataclasses.replace(a, predicted_error=a.predicted_error / scale[menu_label(a.spec)]) if a.spec else a
-            for a in rows]  # the rows keep the knapsack's unit
-    candidates["knapsack, calibrated"] = scored(_plan(model, names, rows=rows))
+    candidates["knapsack, calibrated"] = trial.score(_plan(model, names, rows=calibrated_rows(
+        options, shapes, target, budget, alone)))
     singles = [label for label in candidates if label not in ("knapsack", "knapsack, calibrated")]
     best, margins = choose(candidates, singles)
     log.info("mixed menu: candidate scores %s; chosen: %s",
@@ -268,6 +236,62 @@ def select_plan(model: nn.Module, calib: torch.Tensor, names: list[list[str]], r
         {"candidate": label, "score": float(w.mean()), "chosen": label == best,
          **({"vs_best_single": margins[label]} if label in margins else {})}
         for label, (_, w) in candidates.items()])
+
+
+def calibrated_rows(options, shapes, target: float, budget: float, alone: dict[str, float]) -> list[Allocation]:
+    """The knapsack with each entry's per-layer errors multiplied by (its uniform plan's score ``alone``) /
+    (its summed per-layer errors at the target): per-layer errors in units of each entry's end-to-end effect.
+    The rows keep the knapsack's unit in ``predicted_error``."""
+    predicted = method_errors(options, target)
+    scale = {label: score / predicted[label] if 0 < predicted.get(label, 0) and math.isfinite(score) else 1.0
+             for label, score in alone.items()}
+    rows = plan_knapsack(rescale(options, scale), shapes, target, budget)
+    return [dataclasses.replace(a, predicted_error=a.predicted_error / scale[menu_label(a.spec)]) if a.spec else a
+            for a in rows]
+
+
+@dataclasses.dataclass
+class _Trial:
+    """Candidate plans of `select_plan`, each applied to a copy of ``model`` compressed on ``calib`` and scored on
+    the held-out ``windows``. ``memo`` keeps the single-entry candidates' scores (``None``: nothing kept)."""
+    model: nn.Module
+    calib: torch.Tensor
+    windows: torch.Tensor
+    recipe: Recipe
+    layered: MethodSpec | None  # a per-layer spec of the menu: the recipe a per-layer plan is compressed under
+    device: torch.device
+    dtype: torch.dtype
+    batch_size: int
+    spill: str | Path | None
+    memo: dict | None
+
+    def score(self, plan: Plan, single: MethodSpec | None = None) -> tuple[Plan, torch.Tensor]:
+        """``plan`` applied and scored per window; a uniform plan gets allocation rows from what was compressed
+        (real bytes, measured errors). inf when a method cannot compress some layer. ``single``: the menu entry
+        the plan applies alone (its score is memoized)."""
+        key = (single, len(self.windows))
+        if self.memo is not None and single is not None and key in self.memo:
+            return self.memo[key]
+        trial = copy.deepcopy(self.model)
+        try:
+            if plan.structured is not None:
+                structured.compress_structured(trial, self.calib, dataclasses.replace(
+                    self.recipe, methods=(plan.structured,), allocate=Allocate.UNIFORM), self.device, self.dtype,
+                    self.batch_size)
+            else:
+                report = compress(trial, self.calib, Recipe(methods=(self.layered,)), self.device, self.dtype,
+                                  self.batch_size, plan=plan, spill=self.spill)
+        except InputError as e:
+            log.info("mixed menu: a candidate plan does not apply (%s)", e)
+            return plan, torch.full((1,), math.inf, dtype=torch.float64)
+        if plan.allocation is None and plan.structured is None:
+            plan = Plan(plan.specs, plan.sets, [
+                Allocation(la.name, la.spec, float(la.module.weight_bytes(max(len(la.group), 1))), la.rel_error,
+                           la.dense_shape, None) for la in report.layers])
+        found = plan, window_scores(self.model, trial, self.windows)
+        if self.memo is not None and single is not None:
+            self.memo[key] = found
+        return found
 
 
 def choose(candidates: dict[str, tuple[Plan, torch.Tensor]], singles: list[str]) -> tuple[str, dict]:
