@@ -563,3 +563,26 @@ def test_the_gemv_hands_over_to_panels_earlier_on_amx_cpus(amx, monkeypatch):
     limit = kernels.policy.GEMV_MAX_TOKENS_AMX if amx else kernels.policy.GEMV_MAX_TOKENS
     assert kernels.policy.GEMV_MAX_TOKENS_AMX < kernels.policy.GEMV_MAX_TOKENS
     assert [kernels.policy.masked_path(t) for t in (1, limit, limit + 1)] == ["gemv", "gemv", "panel"]
+
+
+@needs_ext
+@pytest.mark.parametrize("group", [0, 64, 128])
+@pytest.mark.parametrize("tokens", [1, 3, 11])
+def test_mask_free_int4_against_bf16_tokens_reads_codes_directly(group, tokens):
+    """Mask-free int4 with groups of a multiple of 64 columns against bf16 x takes the direct AVX-512 path
+    (codes to bf16 by table, VDPBF16PS, the zero point through Σx per group): it gives the general path's
+    results (fp32 x) to bf16 rounding of the output, whole-row groups, several groups, and token blocks of 8 and
+    a remainder alike."""
+    if _build.cpu_level() != "avx512":
+        pytest.skip("the direct int4 path is AVX-512 (BF16) only")
+    torch.manual_seed(0)
+    m = LowRankLinear(torch.randn(256, 64), torch.randn(64, 96), None, torch.bfloat16,
+                      Storage(CoefStorage.INT4, group))
+    Ut, _ = m.runtime()  # (64, 256): every row several 64-column chunks
+    x = torch.randn(tokens, 256).to(torch.bfloat16)
+    direct = masked.matmul_gemv(x, Ut)
+    general = masked.matmul_gemv(x.float(), Ut)  # fp32 x: the expand-and-FMA path
+    dense = x.float() @ masked.panel_torch(Ut, 0, Ut.rows, torch.float32).T
+    assert direct.dtype == torch.bfloat16
+    torch.testing.assert_close(general, dense, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(direct.float(), dense, rtol=8e-3, atol=1e-3 * float(dense.abs().max()))

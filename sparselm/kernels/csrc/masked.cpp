@@ -356,6 +356,71 @@ SPARSELM_AVX512 inline void gemv_row(const Masked& m, const void* xv, int64_t r,
   }
 }
 
+// Mask-free int4 (every entry kept: a GPTQ layer, an int4 factor) against bf16 x, groups a multiple of 64
+// columns: no mask bits, no expand. 32 bytes hold 64 codes, the low nibbles the even columns and the high ones
+// the odd columns; each half becomes bf16 through a 16-entry table (VPERMW; 0..15 are exact) and meets x's even
+// or odd columns (deinterleaved once per call, `deinterleave64`) in VDPBF16PS. A group's Σ code·x is scaled
+// once and its zero point enters as z·Σx over the group (per token, once per call):
+// Σ (code − z)·s·x = s·(Σ code·x − z·Σ x). The general path decodes every 32 codes to fp32 through an expand.
+alignas(64) constexpr uint16_t kNibbleBF16[32] = {
+    0x0000, 0x3F80, 0x4000, 0x4040, 0x4080, 0x40A0, 0x40C0, 0x40E0,
+    0x4100, 0x4110, 0x4120, 0x4130, 0x4140, 0x4150, 0x4160, 0x4170};  // bf16 of 0..15 (VPERMW reads 5 bits)
+
+inline bool int4_direct(const Masked& m) {
+  const int64_t g = m.group ? m.group : m.cols;
+  return m.kind == INT4 && !m.mask && !m.block && g % 64 == 0 && m.cols % g == 0;
+}
+
+// x (T, cols) bf16 -> per 64 columns its 32 even then its 32 odd columns; and per token the sum of each group
+void deinterleave64(const uint16_t* x, int64_t T, int64_t cols, int64_t group, uint16_t* xd, float* gsum) {
+  const int64_t g = group ? group : cols, ngroups = cols / g;
+  for (int64_t t = 0; t < T; t++) {
+    const uint16_t* xt = x + t * cols;
+    uint16_t* dt = xd + t * cols;
+    for (int64_t c = 0; c < cols; c += 64)
+      for (int i = 0; i < 32; i++) { dt[c + i] = xt[c + 2 * i]; dt[c + 32 + i] = xt[c + 2 * i + 1]; }
+    for (int64_t gi = 0; gi < ngroups; gi++) {
+      float sum = 0.f;
+      for (int64_t j = gi * g; j < (gi + 1) * g; j++) sum += float(c10::BFloat16(xt[j], c10::BFloat16::from_bits()));
+      gsum[t * ngroups + gi] = sum;
+    }
+  }
+}
+
+template <int TT>
+SPARSELM_AVX512 inline void int4_row(const Masked& m, const uint16_t* xd, const float* gsum, int64_t r,
+                                     float (&out)[TT]) {
+  const int64_t g = m.group ? m.group : m.cols, per = g / 64, ngroups = m.cols / g;
+  const uint8_t* v = static_cast<const uint8_t*>(m.values) + (m.offsets[r] >> 1);
+  const __m512i lut = _mm512_load_si512(kNibbleBF16), low = _mm512_set1_epi16(0x000F);
+  __m512 total[TT];
+  float zt[TT];
+  for (int t = 0; t < TT; t++) { total[t] = _mm512_setzero_ps(); zt[t] = 0.f; }
+  for (int64_t gi = 0; gi < ngroups; gi++) {
+    float s, z;
+    params_of(m, r * m.gpr + (m.group ? gi : 0), s, z);
+    __m512 even[TT], odd[TT];
+    for (int t = 0; t < TT; t++) { even[t] = _mm512_setzero_ps(); odd[t] = _mm512_setzero_ps(); }
+    for (int64_t c = gi * per; c < (gi + 1) * per; c++) {
+      prefetch_at(v, 32 * c + kPrefetchBytes);
+      const __m512i b = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(v + 32 * c)));
+      const __m512i lo = _mm512_permutexvar_epi16(_mm512_and_si512(b, low), lut);
+      const __m512i hi = _mm512_permutexvar_epi16(_mm512_srli_epi16(b, 4), lut);
+      for (int t = 0; t < TT; t++) {
+        const uint16_t* xt = xd + t * m.cols + 64 * c;
+        even[t] = _mm512_dpbf16_ps(even[t], (__m512bh)lo, (__m512bh)_mm512_loadu_si512(xt));
+        odd[t] = _mm512_dpbf16_ps(odd[t], (__m512bh)hi, (__m512bh)_mm512_loadu_si512(xt + 32));
+      }
+    }
+    const __m512 sv = _mm512_set1_ps(s);
+    for (int t = 0; t < TT; t++) {
+      total[t] = _mm512_fmadd_ps(_mm512_add_ps(even[t], odd[t]), sv, total[t]);
+      zt[t] += s * z * gsum[t * ngroups + gi];
+    }
+  }
+  for (int t = 0; t < TT; t++) out[t] = _mm512_reduce_add_ps(total[t]) - zt[t];
+}
+
 // R dense rows of W (rows, cols) row-major bf16 against bf16 x, walked side by side: two chunks of every row,
 // then the next two (R streams in flight, each prefetched 4 KiB ahead; one row at a time read 4 KiB rows at
 // 11-12 GB/s on one thread here, four side by side 28-40 GB/s; the masked rows above did not gain from it).
@@ -845,7 +910,13 @@ torch::Tensor masked_gemv(torch::Tensor x, torch::Tensor mask, torch::Tensor off
   const int64_t level = gemv_level(kind, group, isa);
   const bool avx = level == 2;
   const bool dp = avx && st == torch::kBFloat16 && (kind == BF16 || kind == P14);
-  auto xin = dp ? x.contiguous() : x.to(torch::kFloat32).contiguous();
+  const bool direct = avx && st == torch::kBFloat16 && int4_direct(m);
+  auto xin = dp || direct ? x.contiguous() : x.to(torch::kFloat32).contiguous();
+  std::vector<uint16_t> xd(direct ? T * cols : 0);
+  std::vector<float> gsum(direct ? T * (cols / (group ? group : cols)) : 0);
+  if (direct)
+    deinterleave64(reinterpret_cast<const uint16_t*>(xin.data_ptr<c10::BFloat16>()), T, cols, group, xd.data(),
+                   gsum.data());
   auto y = out_like(x, T, rows);
   auto b = float_bias(bias, rows);
   Store store{y.data_ptr(), st, rows, b.has_value() ? b->data_ptr<float>() : nullptr};
@@ -879,6 +950,17 @@ torch::Tensor masked_gemv(torch::Tensor x, torch::Tensor mask, torch::Tensor off
         gemv_rows_scalar(m, xp, T, acc.data(), r);
         for (int64_t t = 0; t < T; t++) store(t, r, acc[t], m.scale ? m.scale[r] : 1.f);
       }
+      return;
+    }
+    if (direct) {  // mask-free int4 against bf16 x (int4_row)
+      token_blocks(T, [&](int64_t t0, auto tt) {
+        constexpr int TT = decltype(tt)::value;
+        float out[TT];
+        for (int64_t r = r0; r < r1; r++) {
+          int4_row<TT>(m, xd.data() + t0 * cols, gsum.data() + t0 * (cols / (group ? group : cols)), r, out);
+          for (int t = 0; t < TT; t++) store(t0 + t, r, out[t], 1.f);
+        }
+      });
       return;
     }
     token_blocks(T, [&](int64_t t0, auto tt) {
