@@ -566,23 +566,23 @@ def test_the_gemv_hands_over_to_panels_earlier_on_amx_cpus(amx, monkeypatch):
 
 
 @needs_ext
-@pytest.mark.parametrize("group", [0, 64, 128])
+@pytest.mark.parametrize("store", [Storage(CoefStorage.INT4), Storage(CoefStorage.INT4, 64), Storage(CoefStorage.INT4, 128),
+                                   Storage(CoefStorage.INT8), Storage(CoefStorage.INT8, 64), Storage(CoefStorage.INT8, 128)],
+                         ids=str)
 @pytest.mark.parametrize("tokens", [1, 3, 11])
-def test_mask_free_int4_against_bf16_tokens_reads_codes_directly(group, tokens):
-    """Mask-free int4 with groups of a multiple of 64 columns against bf16 x takes the direct AVX-512 path
-    (codes to bf16 by table, VDPBF16PS, the zero point through Σx per group): it gives the general path's
-    results (fp32 x) to bf16 rounding of the output, whole-row groups, several groups, and token blocks of 8 and
-    a remainder alike."""
+def test_mask_free_int4_and_int8_read_their_codes_directly(store, tokens):
+    """Mask-free int4 / int8 with groups of a multiple of 64 columns (or one scale per row) take the direct AVX-512
+    paths (int4 against bf16 x: codes to bf16 by table, VDPBF16PS, zero points through Σx per group; int8: codes
+    sign-extended and FMA'd, each group scaled once): the dense product of the stored weight, to the output's
+    rounding, for whole-row groups, several groups, and token blocks of 8 and a remainder alike."""
     if _build.cpu_level() != "avx512":
-        pytest.skip("the direct int4 path is AVX-512 (BF16) only")
+        pytest.skip("the direct paths are AVX-512 only")
     torch.manual_seed(0)
-    m = LowRankLinear(torch.randn(256, 64), torch.randn(64, 96), None, torch.bfloat16,
-                      Storage(CoefStorage.INT4, group))
+    m = LowRankLinear(torch.randn(256, 64), torch.randn(64, 96), None, torch.bfloat16, store)
     Ut, _ = m.runtime()  # (64, 256): every row several 64-column chunks
     x = torch.randn(tokens, 256).to(torch.bfloat16)
-    direct = masked.matmul_gemv(x, Ut)
-    general = masked.matmul_gemv(x.float(), Ut)  # fp32 x: the expand-and-FMA path
     dense = x.float() @ masked.panel_torch(Ut, 0, Ut.rows, torch.float32).T
-    assert direct.dtype == torch.bfloat16
-    torch.testing.assert_close(general, dense, rtol=1e-5, atol=1e-4)
-    torch.testing.assert_close(direct.float(), dense, rtol=8e-3, atol=1e-3 * float(dense.abs().max()))
+    got = masked.matmul_gemv(x, Ut)
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), dense, rtol=8e-3, atol=1e-3 * float(dense.abs().max()))
+    torch.testing.assert_close(masked.matmul_gemv(x.float(), Ut), dense, rtol=1e-5, atol=1e-4)  # fp32 x
