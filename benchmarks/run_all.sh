@@ -96,6 +96,11 @@ smollm2_round() {
      $docs/quality_smollm2_factorization.json --runs sparsegpt:r0.3 svd-llm:r0.3 rocket:r0.3 flap.structure=uniform:r0.3 \
      gptq/int8g64:r0.3 flap+rocket+svd-llm+sparsegpt+gptq/int8g64:r0.3@knapsack \
      sparsegpt:r0.5 svd-llm:r0.5 rocket:r0.5 flap.structure=uniform:r0.5 flap+rocket+svd-llm+sparsegpt+gptq/int8g64:r0.5@knapsack
+  # issue 10's menu (ROCKET + SVD-LLM + SparseGPT) at 0.3 and 0.5 beside its entries alone (copied)
+  $q --name mixed_sparsegpt_runs --reuse $docs/quality_smollm2_mixed_toolbox_runs.json \
+     $docs/quality_smollm2_sparse_dict.json $docs/quality_smollm2_factorization.json --runs sparsegpt:r0.3 svd-llm:r0.3 \
+     rocket:r0.3 rocket+svd-llm+sparsegpt:r0.3@knapsack sparsegpt:r0.5 svd-llm:r0.5 rocket:r0.5 \
+     rocket+svd-llm+sparsegpt:r0.5@knapsack
   # structured pruning beside SVD-LLM, ROCKET and SparseGPT at equal bytes (FLAP 0.2 / 0.4, FLAP adaptive, ZipLM and
   # SVD-LLM 0.2 / 0.4 computed, the rest copied)
   $q --name structured --reuse $docs/quality_smollm2_mixed_toolbox_runs.json $docs/quality_smollm2_structured.json \
