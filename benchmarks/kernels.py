@@ -100,7 +100,8 @@ def sparse_dict(in_f: int, out_f: int, ratio: float, storage: CoefStorage = Coef
 def build(kind: str, in_f: int, out_f: int, ratio: float) -> nn.Module:
     """``ratio``: stored ratio for low rank and dictionaries, the sparsity for unstructured pruning;
     ``unstructured-int4`` / ``unstructured-int8g``: int4 / int8 values with a scale per 128 inputs;
-    ``gptq-int4``: every weight kept, int4 with a scale and zero point per 128 inputs (ratio unused)."""
+    ``gptq-int4`` / ``gptq-int8``: every weight kept, int4 with a scale and zero point per 128 inputs / int8
+    with a scale per 64 inputs (ratio unused)."""
     if kind == "lowrank":
         return lowrank(in_f, out_f, ratio)
     if kind.startswith("dict"):
@@ -111,10 +112,10 @@ def build(kind: str, in_f: int, out_f: int, ratio: float) -> nn.Module:
         W = torch.randn(out_f, in_f, generator=_gen(1)).mul_(0.02)
         store = Storage(CoefStorage.INT4 if kind.endswith("int4") else CoefStorage.INT8, 128)
         return SparseLinear(W, torch.rand(out_f, in_f, generator=_gen(2)) >= ratio, None, None, DT, store)
-    if kind == "gptq-int4":  # a GPTQ layer's format (int4, one scale + zero per 128 inputs, every block kept)
+    if kind in ("gptq-int4", "gptq-int8"):  # a GPTQ layer's format: every block kept (int4/g128, int8/g64)
         W = torch.randn(out_f, in_f, generator=_gen(1)).mul_(0.02)
-        return SparseLinear(W, torch.ones(out_f, in_f, dtype=torch.bool), None, None, DT,
-                            Storage(CoefStorage.INT4, 128), block=True)
+        store = Storage(CoefStorage.INT4, 128) if kind.endswith("int4") else Storage(CoefStorage.INT8, 64)
+        return SparseLinear(W, torch.ones(out_f, in_f, dtype=torch.bool), None, None, DT, store, block=True)
     return pruned(in_f, out_f, ratio, nm=kind == "2:4")
 
 

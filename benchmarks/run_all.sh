@@ -87,16 +87,31 @@ smollm2_round() {
   $q --name w4_sparsity --reuse $docs/quality_smollm2_pruning.json --runs sparsegpt:2:4 gptq/int4g64:r0.85 gqsa:s0.5 \
      sparsegpt/int4g16:2:4 sparsegpt/int4g16:r0.87 sparsegpt/int4g64:2:4 sparsegpt/int4g64:r0.916
   $q --name factorization --runs svd:r0.2 $(runs sparsegpt:rR wanda:rR svd-llm:rR) asvd:r0.3 magnitude:r0.3
-  $q --name structured --reuse $docs/quality_smollm2_factorization.json \
-     --runs flap.structure=uniform:r0.3 flap.structure=uniform:r0.5 svd-llm:r0.3 sparsegpt:r0.3 svd-llm:r0.5 sparsegpt:r0.5
   $q --name knapsack_runs --runs svd-llm:r0.3@knapsack svd-llm:r0.5@knapsack
-  # sparse dictionaries at 0.3 (rocket:r0.3@knapsack first of its kind here: its seconds are the whole run)
+  # sparse dictionaries (rocket:r0.3@knapsack first of its kind here: its seconds are the whole run; the other
+  # knapsack rows reuse its option tables)
   $q --name sparse_dict --override "{\"cospadi\": {${COSPADI[smollm2]}}}" \
-     --runs rocket:r0.3 rocket:r0.3@knapsack cospadi:r0.3 rocket:r0.2 rocket:r0.4
-  # issue 14's menu at 0.3 beside its entries alone (all but int8 GPTQ copied from the tables above)
-  $q --name mixed_toolbox_runs --reuse $docs/quality_smollm2_factorization.json $docs/quality_smollm2_sparse_dict.json \
-     $docs/quality_smollm2_structured.json --runs sparsegpt:r0.3 svd-llm:r0.3 rocket:r0.3 flap.structure=uniform:r0.3 \
-     gptq/int8g64:r0.3 flap+rocket+svd-llm+sparsegpt+gptq/int8g64:r0.3@knapsack
+     --runs rocket:r0.3 rocket:r0.3@knapsack cospadi:r0.3 rocket:r0.2 rocket:r0.4 rocket:r0.5 rocket:r0.2@knapsack \
+     rocket:r0.4@knapsack rocket:r0.5@knapsack cospadi:r0.2 cospadi:r0.4
+  # FLAP uniform at 0.3 / 0.5 first: the mixed menu's entries alone copy them from this table
+  $q --name structured --runs flap.structure=uniform:r0.3 flap.structure=uniform:r0.5
+  # issue 14's menu at 0.3 and 0.5 beside its entries alone (all but int8 GPTQ and ROCKET 0.5 copied from above)
+  $q --name mixed_toolbox_runs --reuse $docs/quality_smollm2_structured.json $docs/quality_smollm2_sparse_dict.json \
+     $docs/quality_smollm2_factorization.json --runs sparsegpt:r0.3 svd-llm:r0.3 rocket:r0.3 flap.structure=uniform:r0.3 \
+     gptq/int8g64:r0.3 flap+rocket+svd-llm+sparsegpt+gptq/int8g64:r0.3@knapsack \
+     sparsegpt:r0.5 svd-llm:r0.5 rocket:r0.5 flap.structure=uniform:r0.5 flap+rocket+svd-llm+sparsegpt+gptq/int8g64:r0.5@knapsack
+  # issue 10's menu (ROCKET + SVD-LLM + SparseGPT) at 0.3 and 0.5 beside its entries alone (copied)
+  $q --name mixed_sparsegpt_runs --reuse $docs/quality_smollm2_mixed_toolbox_runs.json \
+     $docs/quality_smollm2_sparse_dict.json $docs/quality_smollm2_factorization.json --runs sparsegpt:r0.3 svd-llm:r0.3 \
+     rocket:r0.3 rocket+svd-llm+sparsegpt:r0.3@knapsack sparsegpt:r0.5 svd-llm:r0.5 rocket:r0.5 \
+     rocket+svd-llm+sparsegpt:r0.5@knapsack
+  # structured pruning beside SVD-LLM, ROCKET and SparseGPT at equal bytes (FLAP 0.2 / 0.4, FLAP adaptive, ZipLM and
+  # SVD-LLM 0.2 / 0.4 computed, the rest copied)
+  $q --name structured --reuse $docs/quality_smollm2_mixed_toolbox_runs.json $docs/quality_smollm2_structured.json \
+     $docs/quality_smollm2_sparse_dict.json $docs/quality_smollm2_factorization.json --runs $(for r in 0.2 0.3 0.4 0.5; do
+       printf '%s ' flap:r$r flap.structure=uniform:r$r
+       printf '%s ' ziplm.structure=uniform:r$r svd-llm:r$r rocket:r$r; [ $r = 0.3 ] && printf '%s ' rocket:r0.3@knapsack
+       case $r in 0.3|0.5) printf '%s ' sparsegpt:r$r;; esac; done)
   python benchmarks/peer_llmcompressor.py --model /tmp/smollm2 --nsamples 32 --windows 32 --runs sparsegpt:0:0 \
      wanda:0:0 --no-peer-as-is --repeats 1 --work /tmp/cmp/smol --name peer_llmcompressor_smollm2
 }
