@@ -127,6 +127,23 @@ def profile_layer(W: torch.Tensor, stats: LinearStats | None, specs: Sequence[Me
     return opts
 
 
+def walk_down(n: int, start: int, error, bounded) -> None:
+    """Evaluate ``error(pos)`` of grid positions ``0..n-1`` from ``start`` towards lower values, stopping at the
+    first rise (or where ``bounded(pos)`` says it cannot be lower): the minimum of a unimodal sequence. Every
+    position with ``ROCKET_EXHAUSTIVE``."""
+    if ROCKET_EXHAUSTIVE:
+        for pos in range(n):
+            error(pos)
+        return
+    error(start)
+    for step in (1, -1):  # unimodal: if one side falls, the other cannot
+        pos = start
+        while 0 <= pos + step < n and not bounded(pos + step) and error(pos + step) < error(pos):
+            pos += step
+        if pos != start:
+            return
+
+
 class _Table:
     """One layer's shared work (energy, the whitened SVD) and the per-method option builders."""
 
@@ -212,18 +229,7 @@ class _Table:
             def bounded(pos: int) -> bool:  # the rank bound says ks at ``pos`` cannot beat the best found
                 return float(tail[sized[pos][1].k]) > min(errors.values()) + ROCKET_PRUNE_MARGIN * energy
 
-            if ROCKET_EXHAUSTIVE:
-                for pos in range(len(sized)):
-                    error(pos)
-            else:
-                here = min(range(len(sized)), key=lambda p: abs(sized[p][0].ks - start))
-                error(here)
-                for step in (1, -1):  # unimodal: if one side falls, the other cannot
-                    pos = here
-                    while 0 <= pos + step < len(sized) and not bounded(pos + step) and error(pos + step) < error(pos):
-                        pos += step
-                    if pos != here:
-                        break
+            walk_down(len(sized), min(range(len(sized)), key=lambda p: abs(sized[p][0].ks - start)), error, bounded)
             best = min(errors, key=lambda p: (errors[p], p))  # ties go to the earlier ks
             sp, size = sized[best]
             keep, refill = keep_counts(size, out_f, sp)

@@ -244,3 +244,15 @@ def test_gptq_is_one_option_whatever_the_grid():
     res = compress_weight(opts[0].payload, W, stats, torch.float32)
     assert opts[0].size == written(build_module(res, None, torch.float32)) == W.numel() * (1 + 2 / 8)
     assert opts[0].error == pytest.approx(rel_error(W, stats, res), rel=1e-5)
+
+
+def test_walk_down_stops_at_the_first_rise_and_at_the_bound():
+    from sparselm.profile import walk_down
+    values = [5.0, 3.0, 2.0, 4.0, 6.0]
+    for start, seen_expected in ((0, [0, 1, 2, 3]), (4, [4, 3, 2, 1]), (2, [2, 3, 1])):
+        seen = {}
+        walk_down(5, start, lambda p: seen.setdefault(p, values[p]), lambda p: False)
+        assert list(seen) == seen_expected and min(seen.values()) == 2.0
+    seen = {}  # a bound that forbids position 2: the walk from 0 stops at 1
+    walk_down(5, 0, lambda p: seen.setdefault(p, values[p]), lambda p: p == 2)
+    assert list(seen) == [0, 1]
