@@ -12,7 +12,7 @@ Objective: ``min ‖X(W − Ŵ)ᵀ‖_F = ‖L(Wᵀ − U S)‖_F`` with ``Wᵀ 
      the SVD's ``U`` (m ≤ in rows), its residual in closed form, the products in float32 (`WORK`), the
      per-column top-k from one sort per layer (`WhitenedSVD.ranking`): the knapsack profile runs about 35 of
      these per layer (14 ratios, a walk over 5 ks, `profile._Table.rocket`); the whole ROCKET + knapsack run is
-     3.0× faster than the code of 2026-12-01 (`docs/methods.md`, ROCKET + knapsack profiling).
+     3.3× faster than the code of 2026-12-01 on one thread (`docs/methods.md`, ROCKET + knapsack profiling).
 
 Sizing (`rocket_size`): ``k`` is the largest dictionary size whose *real* stored bytes (`formats.dict_bytes`) — ``D`` in the model
 dtype, the values in ``spec.storage`` (+ their scales for int8/int4), a 1-bit mask over ``k·out`` — fit ``(1 − ratio)`` of the dense bytes with ``nnz ≤ ⌊k·out/ks⌋``. ``k`` is clipped to
