@@ -100,7 +100,7 @@ class WhitenedSVD:
     _coeffs: torch.Tensor | None = None
     _energy: float | None = None
     _refill: torch.Tensor | None = None
-    _orders: dict = field(default_factory=dict)
+    _rankings: dict = field(default_factory=dict)
 
     def atom_norms(self, k: int) -> torch.Tensor:
         """``‖L⁻¹ b_i‖`` of the first ``k`` basis vectors, ``(k,)`` (one triangular solve, cached)."""
@@ -134,13 +134,13 @@ class WhitenedSVD:
 
         The importances of ``C = R[:k]`` are the first ``k`` rows of those of ``R`` (the norms do not depend on
         ``k``), so this one ranking gives the per-column top entries at every ``k`` (`AtomRanking.top`)."""
-        if lam not in self._orders:
+        if lam not in self._rankings:
             m = self.sigma.numel()
             imp = self.coeffs.abs() * self.atom_norms(m).to(WORK).unsqueeze(1) ** lam  # (m, out)
             order = imp.T.argsort(dim=1, descending=True, stable=True)  # (out, m): rows contiguous
             position = torch.empty_like(order).scatter_(1, order, torch.arange(m, device=order.device).expand_as(order))
-            self._orders[lam] = AtomRanking(order.to(torch.int32), position.T.to(torch.int32).contiguous())
-        return self._orders[lam]
+            self._rankings[lam] = AtomRanking(order.to(torch.int32), position.T.to(torch.int32).contiguous())
+        return self._rankings[lam]
 
 
 @dataclass

@@ -947,11 +947,12 @@ torch::Tensor masked_gemv(torch::Tensor x, torch::Tensor mask, torch::Tensor off
   const int64_t level = gemv_level(kind, group, isa);
   const bool avx = level == 2;
   const bool dp = avx && st == torch::kBFloat16 && (kind == BF16 || kind == P14);
-  const bool direct = avx && st == torch::kBFloat16 && int4_direct(m);
-  auto xin = dp || direct ? x.contiguous() : x.to(torch::kFloat32).contiguous();
-  std::vector<uint16_t> xd(direct ? T * cols : 0);
-  std::vector<float> gsum(direct ? T * (cols / (group ? group : cols)) : 0);
-  if (direct)
+  const bool int4 = avx && st == torch::kBFloat16 && int4_direct(m), int8 = avx && int8_direct(m);
+  const int64_t ngroups = int4 ? cols / (group ? group : cols) : 0;
+  auto xin = dp || int4 ? x.contiguous() : x.to(torch::kFloat32).contiguous();
+  std::vector<uint16_t> xd(int4 ? T * cols : 0);
+  std::vector<float> gsum(T * ngroups);
+  if (int4)
     deinterleave64(reinterpret_cast<const uint16_t*>(xin.data_ptr<c10::BFloat16>()), T, cols, group, xd.data(),
                    gsum.data());
   auto y = out_like(x, T, rows);
@@ -989,24 +990,13 @@ torch::Tensor masked_gemv(torch::Tensor x, torch::Tensor mask, torch::Tensor off
       }
       return;
     }
-    if (direct) {  // mask-free int4 against bf16 x (int4_row)
+    if (int4 || int8) {  // mask-free int4 against bf16 x / int8: the codes read directly (int4_row, int8_row)
       token_blocks(T, [&](int64_t t0, auto tt) {
         constexpr int TT = decltype(tt)::value;
         float out[TT];
         for (int64_t r = r0; r < r1; r++) {
-          int4_row<TT>(m, xd.data() + t0 * cols, gsum.data() + t0 * (cols / (group ? group : cols)), r, out);
-          for (int t = 0; t < TT; t++) store(t0 + t, r, out[t], 1.f);
-        }
-      });
-      return;
-    }
-    if (int8_direct(m)) {  // mask-free int8 (int8_row)
-      const float* xp = xin.data_ptr<float>();
-      token_blocks(T, [&](int64_t t0, auto tt) {
-        constexpr int TT = decltype(tt)::value;
-        float out[TT];
-        for (int64_t r = r0; r < r1; r++) {
-          int8_row<TT>(m, xp + t0 * cols, r, out);
+          if (int4) int4_row<TT>(m, xd.data() + t0 * cols, gsum.data() + t0 * ngroups, r, out);
+          else int8_row<TT>(m, xin.data_ptr<float>() + t0 * cols, r, out);
           for (int t = 0; t < TT; t++) store(t0 + t, r, out[t], m.scale ? m.scale[r] : 1.f);
         }
       });
