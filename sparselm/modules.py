@@ -529,6 +529,8 @@ class SparseDictLinear(CompressedLinear):
         return (self.dictionary().float() @ self.coefficients().float()).T  # (out, in)
 
     def reference_forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._dense is not None:  # inside `dense_cache`: the weight rebuilt once, not S decoded at every call
+            return super().reference_forward(x)
         y = (x @ self.dictionary().to(x.dtype)) @ self.coefficients().to(x.dtype)  # (..., in) -> (..., k) -> (..., out)
         return y if self.bias is None else y + self.bias.to(x.dtype)
 

@@ -177,6 +177,19 @@ def test_largest_picks_the_topk_set(n):
     x = torch.randn(30_000, generator=torch.Generator().manual_seed(n))
     x[::3] = -float("inf")  # masked entries, as in the refill
     assert torch.equal(largest(x, n).sort().values, x.topk(n).indices.sort().values)
+    # the same entries excluded by a mask instead: the excluded ones include the largest values
+    z = torch.randn(30_000, generator=torch.Generator().manual_seed(n + 1))
+    out = torch.zeros(30_000, dtype=torch.bool)
+    out[::3] = True
+    out[z.topk(2 * n).indices] = True
+    expect = torch.where(out, -float("inf"), z).topk(n).indices.sort().values
+    got = largest(z, n, out)
+    assert torch.equal(got.sort().values, expect) and not out[got].any()
+    # a mask that leaves too few allowed entries above the sampled threshold -> the plain path, same set
+    sparse = torch.ones(30_000, dtype=torch.bool)
+    sparse[1::16] = False
+    assert torch.equal(largest(z, n, sparse).sort().values,
+                       torch.where(sparse, -float("inf"), z).topk(n).indices.sort().values)
     # only the sampled entries finite: about 2n/16 pass the threshold, fewer than n -> the plain top-k
     y = torch.full((30_000,), -float("inf"))
     y[::16] = torch.randperm(y[::16].numel(), generator=torch.Generator().manual_seed(0)).float()
