@@ -112,6 +112,16 @@ smollm2_round() {
        printf '%s ' flap:r$r flap.structure=uniform:r$r
        printf '%s ' ziplm.structure=uniform:r$r svd-llm:r$r rocket:r$r; [ $r = 0.3 ] && printf '%s ' rocket:r0.3@knapsack
        case $r in 0.3|0.5) printf '%s ' sparsegpt:r$r;; esac; done)
+  # session 10: CoSpaDi's coders side by side (today's HTP + MOD rows copied, 0.5 computed; exact OMP + K-SVD
+  # computed, about 40 min a ratio on one core), issue 10's menu at every ratio, every factorization at 0.2-0.5
+  local X=cospadi.coder=omp.dict_update=ksvd
+  $q --name cospadi_coders --override "{\"cospadi\": {${COSPADI[smollm2]}}}" --reuse $docs/quality_smollm2_sparse_dict.json \
+     --runs cospadi:r0.2 cospadi:r0.3 cospadi:r0.4 cospadi:r0.5 $X:r0.3 $X:r0.5 $X:r0.4 $X:r0.2
+  $q --name mixed_sparsegpt_runs --reuse $docs/quality_smollm2_structured.json $docs/quality_smollm2_sparse_dict.json \
+     $docs/quality_smollm2_factorization.json --runs $(R="0.2 0.3 0.4 0.5" runs sparsegpt:rR svd-llm:rR rocket:rR \
+     rocket+svd-llm+sparsegpt:rR@knapsack)
+  $q --name factorization --reuse $docs/quality_smollm2_structured.json $docs/quality_smollm2_mixed_sparsegpt_runs.json \
+     --runs $(R="0.2 0.3 0.4 0.5" runs svd:rR asvd:rR svd-llm:rR wanda:rR sparsegpt:rR magnitude:rR)
   python benchmarks/peer_llmcompressor.py --model /tmp/smollm2 --nsamples 32 --windows 32 --runs sparsegpt:0:0 \
      wanda:0:0 --no-peer-as-is --repeats 1 --work /tmp/cmp/smol --name peer_llmcompressor_smollm2
 }
