@@ -448,9 +448,10 @@ def isa(request, monkeypatch):
 
 
 def _expected(isa: str, kind: int, group: int) -> str:
-    """The level a masked product must take under the cap ``isa``: the cap, stepped down while a chunk of its
-    columns (32 for AVX-512, 8 for AVX2) would straddle two quantization groups of a grouped kind."""
-    chunk = {"avx512": 32, "avx2": 8}
+    """The level a masked product must take under the cap ``isa``: the cap, stepped down while a step of its
+    columns (16 for AVX-512: half a 32-column chunk; 8 for AVX2) would straddle two quantization groups of a
+    grouped kind."""
+    chunk = {"avx512": 16, "avx2": 8}
     while isa != "scalar" and kind in (masked.INT8G, masked.INT4) and group % chunk[isa]:
         isa = _build.LEVELS[_build.LEVELS.index(isa) - 1]
     return isa
@@ -470,7 +471,7 @@ def test_isa_cap_sets_the_reported_levels(isa):
     assert _build.dense_level() == isa
     expect = {(masked.KIND[torch.bfloat16], 0): isa, (masked.P14, 0): isa, (masked.INT8, 0): isa,
               (masked.INT8G, 64): isa, (masked.INT4, 0): isa, (masked.INT8G, 12): "scalar",
-              (masked.INT4, 24): "scalar" if isa == "scalar" else "avx2"}  # 24 columns: no 32-column chunk
+              (masked.INT4, 24): "scalar" if isa == "scalar" else "avx2"}  # 24 columns: no 16-column step
     assert {k: _build.gemv_level(*k) for k in expect} == expect
 
 

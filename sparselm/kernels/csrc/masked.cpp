@@ -45,6 +45,7 @@ struct Masked {
   int64_t group = 0, gpr = 1;         // columns per group (0: the whole row) and groups per row
   int64_t block = 0;                  // 1×block blocks (GQSA): `mask` holds one bit per block, (rows, gpr) with
                                       // gpr blocks per row; grouped values have one group per kept block
+  int block_shift = -1;               // log2(block) when it is a power of two
 };
 
 // set bits a..b-1 of a packed bitmask
@@ -82,37 +83,44 @@ __attribute__((always_inline)) inline void params_of(const Masked& m, int64_t g,
   z = m.zero ? float((m.zero[g >> 1] >> (4 * (g & 1))) & 0xF) : 0.f;
 }
 
-// blocks: the group of kept block b of row r = the kept blocks before it (earlier rows': offsets / block), given
-// `before` = row r's kept blocks left of b; a pruned block has no parameters (none of its values is read)
-__attribute__((always_inline)) inline void block_params(const Masked& m, int64_t r, int64_t b, int64_t before,
+// blocks: the parameters of block b of row r, kept block number `index` overall (the kept blocks before it: earlier
+// rows' = offsets[r] / block, and row r's left of b); a pruned block has no parameters (none of its values is read)
+// (no branch: a random block mask would mispredict half of them; a pruned block reads group 0's parameters,
+// which exist, since a cursor is only asked inside a row with a kept block, and then zeroes them)
+__attribute__((always_inline)) inline void block_params(const Masked& m, int64_t r, int64_t b, int64_t index,
                                                         float& s, float& z) {
-  if (block_kept(m, r, b)) params_of(m, m.offsets[r] / m.block + before, s, z);
-  else s = z = 0.f;
+  const bool kept = block_kept(m, r, b);
+  params_of(m, kept ? index : 0, s, z);
+  s = kept ? s : 0.f;
+  z = kept ? z : 0.f;
 }
 
 // scale and zero point of the group holding (r, col)
 __attribute__((always_inline)) inline void group_params(const Masked& m, int64_t r, int64_t col, float& s, float& z) {
   if (m.block) {
     const int64_t b = col / m.block;
-    block_params(m, r, b, ones_between(m.mask, r * m.gpr, r * m.gpr + b), s, z);
+    block_params(m, r, b, m.offsets[r] / m.block + ones_between(m.mask, r * m.gpr, r * m.gpr + b), s, z);
     return;
   }
   params_of(m, r * m.gpr + (m.group ? col / m.group : 0), s, z);
 }
 
-// n (<= 32) mask bits starting at bit `pos`, never reading past the buffer; all set without a mask.
-inline uint32_t read_bits(const Masked& m, int64_t pos, int n) {
+// the n (<= 32) mask bits of row r from column c0 (bit r·cols + c0), never reading past the buffer; all set
+// without a mask. Blocks: each block's bit for each of its columns (no branch, and no division for the
+// power-of-two widths: one per chunk cost more than the chunk's arithmetic).
+inline uint32_t read_bits(const Masked& m, int64_t r, int64_t c0, int n) {
   if (!m.mask) return n == 32 ? ~0u : uint32_t((1ull << n) - 1);
-  if (m.block) {  // a block's bit for each of its columns (a chunk never crosses a row)
-    const int64_t r = pos / m.cols, c0 = pos - r * m.cols;
+  if (m.block) {
     uint32_t w = 0;
     for (int64_t c = c0; c < c0 + n;) {
-      const int64_t b = c / m.block, end = std::min((b + 1) * m.block, c0 + n);
-      if (block_kept(m, r, b)) w |= uint32_t(((1ull << (end - c)) - 1) << (c - c0));
+      const int64_t b = m.block_shift >= 0 ? c >> m.block_shift : c / m.block;
+      const int64_t end = std::min((b + 1) * m.block, c0 + n);
+      w |= uint32_t(-uint64_t(block_kept(m, r, b)) & (((1ull << (end - c)) - 1) << (c - c0)));  // no branch
       c = end;
     }
     return w;
   }
+  const int64_t pos = r * m.cols + c0;
   int64_t byte = pos >> 3; int sh = int(pos & 7);
   uint64_t w = 0;
   if (byte + 8 <= m.mask_bytes) {
@@ -150,10 +158,10 @@ inline float value_at(const Masked& m, int64_t i) {
 // ---- scalar ------------------------------------------------------------------------------------
 void gemv_rows_scalar(const Masked& m, const float* x, int64_t T, float* acc, int64_t r) {
   std::fill(acc, acc + T, 0.f);
-  int64_t idx = m.offsets[r], bit = r * m.cols;
+  int64_t idx = m.offsets[r];
   for (int64_t c = 0; c < m.cols; c += 32) {
     int n = int(std::min<int64_t>(32, m.cols - c));
-    for (uint32_t w = read_bits(m, bit + c, n); w; w &= w - 1) {
+    for (uint32_t w = read_bits(m, r, c, n); w; w &= w - 1) {
       int64_t col = c + __builtin_ctz(w);
       float v = value_at(m, idx++);
       if (grouped(m.kind)) { float s, z; group_params(m, r, col, s, z); v = (v - z) * s; }
@@ -167,11 +175,11 @@ void unpack_rows_scalar(const Masked& m, int64_t r0, int64_t r1, OutT* out) {
   for (int64_t r = r0; r < r1; r++) {
     OutT* o = out + r * m.cols;
     std::fill(o, o + m.cols, OutT(0.f));
-    int64_t idx = m.offsets[r], bit = r * m.cols;
+    int64_t idx = m.offsets[r];
     float s = m.scale ? m.scale[r] : 1.f;
     for (int64_t c = 0; c < m.cols; c += 32) {
       int n = int(std::min<int64_t>(32, m.cols - c));
-      for (uint32_t w = read_bits(m, bit + c, n); w; w &= w - 1) {
+      for (uint32_t w = read_bits(m, r, c, n); w; w &= w - 1) {
         const int64_t col = c + __builtin_ctz(w);
         float v = value_at(m, idx++) * s;
         if (grouped(m.kind)) { float gs, z; group_params(m, r, col, gs, z); v = (v - z) * gs; }
@@ -222,7 +230,7 @@ SPARSELM_AVX512 inline __m512i p14_load32(const Masked& m, int64_t i) {
 // the 32 weights of columns c..c+31 under mask word w (zeros where unset), as two fp32 vectors. K is the
 // value kind as a compile-time constant (no per-chunk switch in the hot loops).
 template <int K>
-SPARSELM_AVX512 inline void decode32_k(const Masked& m, int64_t idx, uint32_t w, __m512& lo, __m512& hi) {
+SPARSELM_AVX512 __attribute__((always_inline)) inline void decode32_k(const Masked& m, int64_t idx, uint32_t w, __m512& lo, __m512& hi) {
   if constexpr (K == BF16 || K == FP16) {
     __m512i v = _mm512_maskz_expandloadu_epi16(w, static_cast<const uint16_t*>(m.values) + idx);
     __m256i a = _mm512_castsi512_si256(v), b = _mm512_extracti64x4_epi64(v, 1);
@@ -242,7 +250,9 @@ SPARSELM_AVX512 inline void decode32_k(const Masked& m, int64_t idx, uint32_t w,
     __m512i wds = _mm512_cvtepu8_epi16(_mm256_maskz_loadu_epi8(kb, static_cast<const uint8_t*>(m.values) + byte));
     __m512i nib = _mm512_or_si512(_mm512_and_si512(wds, _mm512_set1_epi16(0x000F)),
                                   _mm512_slli_epi16(_mm512_and_si512(wds, _mm512_set1_epi16(0x00F0)), 4));
-    if (idx & 1) nib = _mm512_permutexvar_epi8(_mm512_loadu_si512(kNextByte.b), nib);
+    // an odd first nibble: every byte moves down one (a select, not a branch: idx's parity is random)
+    nib = _mm512_mask_mov_epi8(nib, __mmask64(-uint64_t(idx & 1)),
+                               _mm512_permutexvar_epi8(_mm512_loadu_si512(kNextByte.b), nib));
     __m256i q = _mm256_maskz_expand_epi8(w, _mm512_castsi512_si256(nib));
     lo = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm256_castsi256_si128(q)));
     hi = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm256_extracti128_si256(q, 1)));
@@ -264,33 +274,39 @@ template <int K> constexpr int64_t value_byte(int64_t i) {
 
 // the group parameters along one row, looked up once per group (not per chunk). Inlined into the SIMD loops: a
 // call out of them clobbers every vector register (the AVX2 grouped int8 GEMV of 8192x2048 at 50 %, 1 token, ran
-// 5.6x (group 128) and 15x (group 32) slower with the call).
+// 5.6x (group 128) and 15x (group 32) slower with the call). Columns only move right, so the cursor steps from
+// group to group by additions: a division per group (two for blocks, with the kept-block count) cost more than
+// the chunk's arithmetic (int4 / g128 at 50 %, 8192x2048, one token: see docs/benchmarks/kernels.md).
 struct GroupCursor {
-  const Masked& m; int64_t r; int64_t next = 0; float s = 1.f, z = 0.f;
-  int64_t seen = 0, kept = 0;  // blocks: row r's blocks counted so far (columns only move right) and the kept
+  const Masked& m; int64_t r;
+  int64_t width = m.block ? m.block : m.group;  // columns per group (0: one per row)
+  int64_t first = m.block ? 0 : r * m.gpr;      // row r's first group (blocks: set on first use, see at)
+  int64_t g = -1, next = 0;                     // the current group along the row, and the column after it
+  int64_t kept = 0;                             // blocks: kept blocks of row r before block g
+  float s = 1.f, z = 0.f;
   __attribute__((always_inline)) void at(int64_t col) {
     if (col < next) return;
-    if (m.block) {  // group_params' count of kept blocks, carried along the row instead of redone per block
-      const int64_t b = col / m.block, base = r * m.gpr;
-      kept += ones_between(m.mask, base + seen, base + b);
-      seen = b;
-      block_params(m, r, b, kept, s, z);
-    } else {
-      group_params(m, r, col, s, z);
-    }
-    next = m.group ? (col / m.group + 1) * m.group : INT64_MAX;
+    if (!width) { params_of(m, first, s, z); next = INT64_MAX; return; }
+    if (m.block && g < 0) first = m.offsets[r] / m.block;  // the groups of earlier rows' kept blocks
+    do {
+      if (m.block && g >= 0) kept += block_kept(m, r, g);
+      g++; next += width;
+    } while (col >= next);
+    if (m.block) block_params(m, r, g, first + kept, s, z);
+    else params_of(m, first + g, s, z);
   }
 };
 
-// grouped kinds: the decoded codes of chunk (r, col) under mask word w become (code - zero)·scale (a chunk of
-// 32 columns lies in one group: gemv_level takes another path unless group % 32 == 0)
+// grouped kinds: the decoded codes of chunk (r, col) under mask word w become (code - zero)·scale. Each half
+// of 16 columns lies in one group (gemv_level takes another path unless group % 16 == 0): groups of 16 (GQSA's
+// blocks) give the halves their own parameters; for larger groups the second lookup is one compare.
 template <int K>
-SPARSELM_AVX512 inline void dequant_chunk(GroupCursor& gc, int64_t col, uint32_t w, __m512& lo, __m512& hi) {
+SPARSELM_AVX512 __attribute__((always_inline)) inline void dequant_chunk(GroupCursor& gc, int64_t col, uint32_t w, __m512& lo, __m512& hi) {
   if constexpr (K == INT8G || K == INT4) {
     gc.at(col);
-    const __m512 sv = _mm512_set1_ps(gc.s), zv = _mm512_set1_ps(gc.z);
-    lo = _mm512_mul_ps(_mm512_maskz_sub_ps(__mmask16(w), lo, zv), sv);
-    hi = _mm512_mul_ps(_mm512_maskz_sub_ps(__mmask16(w >> 16), hi, zv), sv);
+    lo = _mm512_mul_ps(_mm512_maskz_sub_ps(__mmask16(w), lo, _mm512_set1_ps(gc.z)), _mm512_set1_ps(gc.s));
+    if (col + 16 < gc.m.cols) gc.at(col + 16);  // no group past the row's end is looked up
+    hi = _mm512_mul_ps(_mm512_maskz_sub_ps(__mmask16(w >> 16), hi, _mm512_set1_ps(gc.z)), _mm512_set1_ps(gc.s));
   }
 }
 
@@ -312,6 +328,9 @@ SPARSELM_AVX512 inline void gemv_row(const Masked& m, const void* xv, int64_t r,
   __m512 acc[U][TT];
   for (int u = 0; u < U; u++) for (int t = 0; t < TT; t++) acc[u][t] = _mm512_setzero_ps();
   for (int64_t c0 = 0; c0 < nchunks; c0 += U) {
+    // unrolled: the accumulators acc[u] must stay in registers (GCC kept the int4 body's loop rolled, with
+    // acc on the stack indexed by u: int4 at one token 1.8x slower than bf16 values; docs/benchmarks/kernels.md)
+#pragma GCC unroll 8
     for (int u = 0; u < U; u++) {
       const int64_t c = c0 + u;
       if (c >= nchunks) break;
@@ -319,7 +338,7 @@ SPARSELM_AVX512 inline void gemv_row(const Masked& m, const void* xv, int64_t r,
       const int n = int(std::min<int64_t>(32, m.cols - col));
       uint32_t w;
       if (aligned) std::memcpy(&w, m.mask + ((bit + col) >> 3), 4);
-      else w = read_bits(m, bit + col, n);
+      else w = read_bits(m, r, col, n);
       prefetch_at(m.values, value_byte<K>(idx) + kPrefetchBytes);  // this row's values, 4 KiB ahead
       if (u == 0) prefetch_at(m.mask, ((bit + col) >> 3) + 512);   // its mask (one line per U chunks)
       if (!w) continue;
@@ -421,6 +440,69 @@ SPARSELM_AVX512 inline void int4_row(const Masked& m, const uint16_t* xd, const 
   for (int t = 0; t < TT; t++) out[t] = _mm512_reduce_add_ps(total[t]) - zt[t];
 }
 
+// GQSA's 1×block format (grouped int4 / int8, block a multiple of 16 columns) against fp32 x: the row's block
+// mask is walked by its set bits, and each kept block's codes (contiguous, one group) are read straight — 16
+// at a time to fp32, (code - zero)·scale in one FMA, then FMA'd against x. The general path spends per 32
+// columns a mask word built bit by bit from the blocks and two group look-ups (9-10x dense at g16, 1 token).
+inline bool blocks_direct(const Masked& m) {
+  return m.block && m.block % 16 == 0 && m.mask && (m.kind == INT4 || m.kind == INT8G);
+}
+
+template <int TT, int K>
+SPARSELM_AVX512 inline void block_row(const Masked& m, const float* x, int64_t r, float (&out)[TT]) {
+  constexpr int U = TT == 1 ? 4 : (TT == 2 ? 2 : 1);  // independent accumulators per token
+  __m512 acc[U][TT];
+  for (int u = 0; u < U; u++) for (int t = 0; t < TT; t++) acc[u][t] = _mm512_setzero_ps();
+  int64_t idx = m.offsets[r], g = idx / m.block;  // first value and group (kept block) of the row
+  const uint8_t* codes = static_cast<const uint8_t*>(m.values);
+  int q = 0;  // 16-column steps done (the accumulator in rotation)
+  for (int64_t b0 = 0; b0 < m.gpr; b0 += 64) {
+    const int n = int(std::min<int64_t>(64, m.gpr - b0));
+    const int64_t pos = r * m.gpr + b0;  // the first block's mask bit
+    uint64_t bits = 0;
+    const int64_t byte = pos >> 3, need = (int64_t(pos & 7) + n + 7) >> 3;
+    if (byte + 9 <= m.mask_bytes) {  // 64 bits from any bit offset: 9 bytes
+      std::memcpy(&bits, m.mask + byte, 8);
+      bits >>= (pos & 7);
+      if (pos & 7) bits |= uint64_t(m.mask[byte + 8]) << (64 - (pos & 7));
+    } else {
+      for (int64_t i = 0; i < need; i++) {
+        const int sh = int(8 * i) - int(pos & 7);
+        const uint64_t v = m.mask[byte + i];
+        bits |= sh >= 0 ? v << sh : v >> -sh;
+      }
+    }
+    if (n < 64) bits &= (1ull << n) - 1;
+    for (; bits; bits &= bits - 1, g++) {
+      const int64_t col0 = (b0 + __builtin_ctzll(bits)) * m.block;
+      const float s = _cvtsh_ss(reinterpret_cast<const uint16_t*>(m.gscale)[g]);
+      const float z = K == INT4 ? float((m.zero[g >> 1] >> (4 * (g & 1))) & 0xF) : 0.f;
+      const __m512 sv = _mm512_set1_ps(s), zs = _mm512_set1_ps(-z * s);
+      prefetch_at(codes, value_byte<K>(idx) + kPrefetchBytes);
+      for (int64_t c = 0; c < m.block; c += 16, idx += 16, q++) {
+        __m512i ci;
+        if constexpr (K == INT4) {  // 8 bytes = 16 nibbles, low nibble first (idx is even: blocks of 16k)
+          const __m128i raw = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(codes + (idx >> 1)));
+          const __m128i lo = _mm_and_si128(raw, _mm_set1_epi8(0x0F));
+          const __m128i hi = _mm_and_si128(_mm_srli_epi16(raw, 4), _mm_set1_epi8(0x0F));
+          ci = _mm512_cvtepu8_epi32(_mm_unpacklo_epi8(lo, hi));
+        } else {
+          ci = _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(codes + idx)));
+        }
+        const __m512 v = _mm512_fmadd_ps(_mm512_cvtepi32_ps(ci), sv, zs);  // (code - z)·s
+        const int u = q % U;
+        for (int t = 0; t < TT; t++)
+          acc[u][t] = _mm512_fmadd_ps(v, _mm512_loadu_ps(x + t * m.cols + col0 + c), acc[u][t]);
+      }
+    }
+  }
+  for (int t = 0; t < TT; t++) {
+    __m512 s = acc[0][t];
+    for (int u = 1; u < U; u++) s = _mm512_add_ps(s, acc[u][t]);
+    out[t] = _mm512_reduce_add_ps(s);
+  }
+}
+
 // Mask-free int8 (every entry kept; a scale per row or per group of a multiple of 64 columns) against fp32 x:
 // 16 codes at a time sign-extended straight from memory and FMA'd, a group's sum scaled once — no mask bits, no
 // expand, no per-chunk dequantization (the general path's cost at one token).
@@ -495,7 +577,7 @@ SPARSELM_AVX512 void unpack_rows_k(const Masked& m, int64_t r0, int64_t r1, OutT
     __m512 s = _mm512_set1_ps(m.scale ? m.scale[r] : 1.f);
     for (int64_t c = 0; c < m.cols; c += 32) {
       int n = int(std::min<int64_t>(32, m.cols - c));
-      uint32_t w = read_bits(m, bit + c, n);
+      uint32_t w = read_bits(m, r, c, n);
       prefetch_at(m.values, value_byte<K>(idx) + kPrefetchBytes);
       if ((c & 511) == 0) prefetch_at(m.mask, ((bit + c) >> 3) + 512);
       __mmask32 k = n >= 32 ? ~__mmask32(0) : __mmask32((1u << n) - 1);
@@ -699,7 +781,7 @@ SPARSELM_AVX2 inline void gemv_row_avx2(const Masked& m, const float* x, int64_t
     const int n = int(std::min<int64_t>(32, m.cols - c));
     uint32_t w;
     if (aligned) std::memcpy(&w, m.mask + ((bit + c) >> 3), 4);
-    else w = read_bits(m, bit + c, n);
+    else w = read_bits(m, r, c, n);
     prefetch_at(m.values, value_byte<K>(idx) + kPrefetchBytes);  // this row's values, 4 KiB ahead
     if ((c & 255) == 0) prefetch_at(m.mask, ((bit + c) >> 3) + 512);  // its mask (one line per 512 columns)
     if (!w) continue;
@@ -751,7 +833,7 @@ SPARSELM_AVX2 void unpack_row_avx2(const Masked& m, int64_t r, OutT* o) {
   const __m256 s = _mm256_set1_ps(m.scale ? m.scale[r] : 1.f);
   for (int64_t c = 0; c < m.cols; c += 32) {
     const int n = int(std::min<int64_t>(32, m.cols - c));
-    const uint32_t w = read_bits(m, bit + c, n);
+    const uint32_t w = read_bits(m, r, c, n);
     prefetch_at(m.values, value_byte<K>(idx) + kPrefetchBytes);
     if ((c & 511) == 0) prefetch_at(m.mask, ((bit + c) >> 3) + 512);
     for (int q = 0; q < n; q += 8) {
@@ -856,7 +938,10 @@ Masked view(const torch::Tensor& mask, const torch::Tensor& offsets, const torch
   Masked m{mask.numel() ? mask.data_ptr<uint8_t>() : nullptr, mask.numel(), offsets.data_ptr<int64_t>(),
            values.data_ptr(), int64_t(values.numel() * values.element_size()), int(kind),
            kind == INT8 ? scale->data_ptr<float>() : nullptr, rows, cols};
-  if (block) { m.block = block; m.gpr = cols / block; }
+  if (block) {
+    m.block = block; m.gpr = cols / block;
+    if ((block & (block - 1)) == 0) m.block_shift = __builtin_ctzll(uint64_t(block));
+  }
   if (grouped(int(kind))) {
     TORCH_CHECK(group >= 0 && (!block || group == block), "group >= 0 (with blocks: the block width)");
     m.group = group; m.gpr = group ? (cols + group - 1) / group : 1;
@@ -876,12 +961,12 @@ Masked view(const torch::Tensor& mask, const torch::Tensor& offsets, const torch
 }  // namespace
 
 // the path masked_gemv and masked_unpack take for a value kind / group under the cap `isa` (2 AVX-512, 1 AVX2,
-// 0 scalar): the best the CPU has at or below it whose chunk (32 columns for AVX-512, 8 for AVX2) lies in one
+// 0 scalar): the best the CPU has at or below it whose step (16 columns for AVX-512, 8 for AVX2) lies in one
 // quantization group of the grouped kinds
 int64_t gemv_level(int64_t kind, int64_t group, int64_t isa) {
   const int64_t cap = std::min(isa, cpu_level());
   const bool any = !grouped(int(kind));
-  if (cap >= 2 && (any || group % 32 == 0)) return 2;
+  if (cap >= 2 && (any || group % 16 == 0)) return 2;
   return cap >= 1 && (any || group % 8 == 0) ? 1 : 0;
 }
 
@@ -948,6 +1033,7 @@ torch::Tensor masked_gemv(torch::Tensor x, torch::Tensor mask, torch::Tensor off
   const bool avx = level == 2;
   const bool dp = avx && st == torch::kBFloat16 && (kind == BF16 || kind == P14);
   const bool int4 = avx && st == torch::kBFloat16 && int4_direct(m), int8 = avx && int8_direct(m);
+  const bool blocks = avx && blocks_direct(m);
   const int64_t ngroups = int4 ? cols / (group ? group : cols) : 0;
   auto xin = dp || int4 ? x.contiguous() : x.to(torch::kFloat32).contiguous();
   std::vector<uint16_t> xd(int4 ? T * cols : 0);
@@ -988,6 +1074,23 @@ torch::Tensor masked_gemv(torch::Tensor x, torch::Tensor mask, torch::Tensor off
         gemv_rows_scalar(m, xp, T, acc.data(), r);
         for (int64_t t = 0; t < T; t++) store(t, r, acc[t], m.scale ? m.scale[r] : 1.f);
       }
+      return;
+    }
+    if (blocks) {  // GQSA blocks: the kept blocks' codes read directly (block_row)
+      const float* xp = xin.data_ptr<float>();
+      token_blocks(T, [&](int64_t t0, auto tt) {
+        constexpr int TT = decltype(tt)::value;
+        float out[TT];
+        auto rows_of = [&](auto k) {
+          constexpr int K = decltype(k)::value;
+          for (int64_t r = r0; r < r1; r++) {
+            block_row<TT, K>(m, xp + t0 * cols, r, out);
+            for (int t = 0; t < TT; t++) store(t0 + t, r, out[t], 1.f);
+          }
+        };
+        if (kind == INT4) rows_of(std::integral_constant<int, INT4>());
+        else rows_of(std::integral_constant<int, INT8G>());
+      });
       return;
     }
     if (int4 || int8) {  // mask-free int4 against bf16 x / int8: the codes read directly (int4_row, int8_row)
