@@ -448,59 +448,81 @@ inline bool blocks_direct(const Masked& m) {
   return m.block && m.block % 16 == 0 && m.mask && (m.kind == INT4 || m.kind == INT8G);
 }
 
+// 16 codes of a kept block from value idx as fp32 (int4: 8 bytes, low nibble first; idx is even, blocks being
+// multiples of 16 columns)
+template <int K>
+SPARSELM_AVX512 __attribute__((always_inline)) inline __m512 block_codes16(const uint8_t* codes, int64_t idx) {
+  __m512i ci;
+  if constexpr (K == INT4) {
+    const __m128i raw = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(codes + (idx >> 1)));
+    const __m128i lo = _mm_and_si128(raw, _mm_set1_epi8(0x0F));
+    const __m128i hi = _mm_and_si128(_mm_srli_epi16(raw, 4), _mm_set1_epi8(0x0F));
+    ci = _mm512_cvtepu8_epi32(_mm_unpacklo_epi8(lo, hi));
+  } else {
+    ci = _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(codes + idx)));
+  }
+  return _mm512_cvtepi32_ps(ci);
+}
+
+// the scale and zero point of group (kept block) g
+template <int K>
+SPARSELM_AVX512 __attribute__((always_inline)) inline void block_group(const Masked& m, int64_t g, float& s, float& z) {
+  s = _cvtsh_ss(reinterpret_cast<const uint16_t*>(m.gscale)[g]);
+  z = K == INT4 ? float((m.zero[g >> 1] >> (4 * (g & 1))) & 0xF) : 0.f;
+}
+
+// 64 bits of the block mask from bit pos (fewer at the buffer's end: the rest 0)
+inline uint64_t bits64(const Masked& m, int64_t pos) {
+  const int64_t byte = pos >> 3;
+  const int sh = int(pos & 7);
+  uint64_t bits = 0;
+  if (byte + 9 <= m.mask_bytes) {
+    std::memcpy(&bits, m.mask + byte, 8);
+    bits >>= sh;
+    if (sh) bits |= uint64_t(m.mask[byte + 8]) << (64 - sh);
+    return bits;
+  }
+  for (int64_t i = 0; byte + i < m.mask_bytes && i < 9; i++) {
+    const int s = 8 * int(i) - sh;
+    const uint64_t v = m.mask[byte + i];
+    bits |= s >= 0 ? (s < 64 ? v << s : 0) : v >> -s;
+  }
+  return bits;
+}
+
+// one kept block (from column col0; its values from idx, its group g: both advanced) into the accumulators a
+template <int TT, int K>
+SPARSELM_AVX512 __attribute__((always_inline)) inline void kept_block(const Masked& m, const float* x, int64_t col0,
+                                                                      int64_t& idx, int64_t& g, __m512 (&a)[TT]) {
+  const uint8_t* codes = static_cast<const uint8_t*>(m.values);
+  float s, z;
+  block_group<K>(m, g++, s, z);
+  const __m512 sv = _mm512_set1_ps(s), zs = _mm512_set1_ps(-z * s);
+  prefetch_at(codes, value_byte<K>(idx) + kPrefetchBytes);
+  for (int64_t c = 0; c < m.block; c += 16, idx += 16) {
+    const __m512 v = _mm512_fmadd_ps(block_codes16<K>(codes, idx), sv, zs);  // (code - z)·s
+    for (int t = 0; t < TT; t++) a[t] = _mm512_fmadd_ps(v, _mm512_loadu_ps(x + t * m.cols + col0 + c), a[t]);
+  }
+}
+
 template <int TT, int K>
 SPARSELM_AVX512 inline void block_row(const Masked& m, const float* x, int64_t r, float (&out)[TT]) {
-  constexpr int U = TT == 1 ? 4 : (TT == 2 ? 2 : 1);  // independent accumulators per token
-  __m512 acc[U][TT];
-  for (int u = 0; u < U; u++) for (int t = 0; t < TT; t++) acc[u][t] = _mm512_setzero_ps();
-  int64_t idx = m.offsets[r], g = idx / m.block;  // first value and group (kept block) of the row
-  const uint8_t* codes = static_cast<const uint8_t*>(m.values);
-  int q = 0;  // 16-column steps done (the accumulator in rotation)
+  __m512 acc[2][TT];  // two chains, kept blocks alternating between them (static indices: registers, not stack)
+  for (int u = 0; u < 2; u++) for (int t = 0; t < TT; t++) acc[u][t] = _mm512_setzero_ps();
+  int64_t idx = m.offsets[r], g = idx / m.block;  // the row's first value and group (kept block)
   for (int64_t b0 = 0; b0 < m.gpr; b0 += 64) {
     const int n = int(std::min<int64_t>(64, m.gpr - b0));
-    const int64_t pos = r * m.gpr + b0;  // the first block's mask bit
-    uint64_t bits = 0;
-    const int64_t byte = pos >> 3, need = (int64_t(pos & 7) + n + 7) >> 3;
-    if (byte + 9 <= m.mask_bytes) {  // 64 bits from any bit offset: 9 bytes
-      std::memcpy(&bits, m.mask + byte, 8);
-      bits >>= (pos & 7);
-      if (pos & 7) bits |= uint64_t(m.mask[byte + 8]) << (64 - (pos & 7));
-    } else {
-      for (int64_t i = 0; i < need; i++) {
-        const int sh = int(8 * i) - int(pos & 7);
-        const uint64_t v = m.mask[byte + i];
-        bits |= sh >= 0 ? v << sh : v >> -sh;
-      }
-    }
+    uint64_t bits = bits64(m, r * m.gpr + b0);
     if (n < 64) bits &= (1ull << n) - 1;
-    for (; bits; bits &= bits - 1, g++) {
-      const int64_t col0 = (b0 + __builtin_ctzll(bits)) * m.block;
-      const float s = _cvtsh_ss(reinterpret_cast<const uint16_t*>(m.gscale)[g]);
-      const float z = K == INT4 ? float((m.zero[g >> 1] >> (4 * (g & 1))) & 0xF) : 0.f;
-      const __m512 sv = _mm512_set1_ps(s), zs = _mm512_set1_ps(-z * s);
-      prefetch_at(codes, value_byte<K>(idx) + kPrefetchBytes);
-      for (int64_t c = 0; c < m.block; c += 16, idx += 16, q++) {
-        __m512i ci;
-        if constexpr (K == INT4) {  // 8 bytes = 16 nibbles, low nibble first (idx is even: blocks of 16k)
-          const __m128i raw = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(codes + (idx >> 1)));
-          const __m128i lo = _mm_and_si128(raw, _mm_set1_epi8(0x0F));
-          const __m128i hi = _mm_and_si128(_mm_srli_epi16(raw, 4), _mm_set1_epi8(0x0F));
-          ci = _mm512_cvtepu8_epi32(_mm_unpacklo_epi8(lo, hi));
-        } else {
-          ci = _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(codes + idx)));
-        }
-        const __m512 v = _mm512_fmadd_ps(_mm512_cvtepi32_ps(ci), sv, zs);  // (code - z)·s
-        const int u = q % U;
-        for (int t = 0; t < TT; t++)
-          acc[u][t] = _mm512_fmadd_ps(v, _mm512_loadu_ps(x + t * m.cols + col0 + c), acc[u][t]);
-      }
+    while (bits) {
+      kept_block<TT, K>(m, x, (b0 + __builtin_ctzll(bits)) * m.block, idx, g, acc[0]);
+      bits &= bits - 1;
+      if (!bits) break;
+      kept_block<TT, K>(m, x, (b0 + __builtin_ctzll(bits)) * m.block, idx, g, acc[1]);
+      bits &= bits - 1;
     }
   }
-  for (int t = 0; t < TT; t++) {
-    __m512 s = acc[0][t];
-    for (int u = 1; u < U; u++) s = _mm512_add_ps(s, acc[u][t]);
-    out[t] = _mm512_reduce_add_ps(s);
-  }
+  for (int t = 0; t < TT; t++) out[t] = _mm512_reduce_add_ps(_mm512_add_ps(acc[0][t], acc[1][t]));
 }
 
 // Mask-free int8 (every entry kept; a scale per row or per group of a multiple of 64 columns) against fp32 x:
@@ -609,8 +631,42 @@ SPARSELM_AVX512 void unpack_rows_k(const Masked& m, int64_t r0, int64_t r1, OutT
   }
 }
 
+// 16 fp32 lanes into o as OutT (bf16 / fp16 rounded to nearest even, as OutT(float) rounds)
+template <typename OutT>
+SPARSELM_AVX512 __attribute__((always_inline)) inline void store16(OutT* o, __m512 v) {
+  if constexpr (std::is_same<OutT, float>::value) _mm512_storeu_ps(o, v);
+  else if constexpr (std::is_same<OutT, c10::BFloat16>::value)
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(o), (__m256i)_mm512_cvtneps_pbh(v));
+  else _mm256_storeu_si256(reinterpret_cast<__m256i*>(o), _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+}
+
+// GQSA blocks (`blocks_direct`) unpacked kept block by kept block, as block_row reads them: the row zeroed, then
+// each kept block's (code - zero)·scale (the scalar loop's operations, so the same values bit for bit)
+template <typename OutT, int K>
+SPARSELM_AVX512 void unpack_block_rows(const Masked& m, int64_t r0, int64_t r1, OutT* out) {
+  const uint8_t* codes = static_cast<const uint8_t*>(m.values);
+  for (int64_t r = r0; r < r1; r++) {
+    OutT* o = out + r * m.cols;
+    std::memset(static_cast<void*>(o), 0, sizeof(OutT) * m.cols);
+    int64_t idx = m.offsets[r], g = idx / m.block;
+    for (int64_t b = 0; b < m.gpr; b++) {
+      if (!block_kept(m, r, b)) continue;
+      float s, z;
+      block_group<K>(m, g++, s, z);
+      const __m512 sv = _mm512_set1_ps(s), zv = _mm512_set1_ps(z);
+      for (int64_t c = 0; c < m.block; c += 16, idx += 16)
+        store16(o + b * m.block + c, _mm512_mul_ps(_mm512_sub_ps(block_codes16<K>(codes, idx), zv), sv));
+    }
+  }
+}
+
 template <typename OutT>
 void unpack_rows_avx(const Masked& m, int64_t r0, int64_t r1, OutT* out) {  // the kind as a constant (decode32_k)
+  if (blocks_direct(m)) {
+    if (m.kind == INT4) unpack_block_rows<OutT, INT4>(m, r0, r1, out);
+    else unpack_block_rows<OutT, INT8G>(m, r0, r1, out);
+    return;
+  }
   with_kind(m.kind, [&](auto k) { unpack_rows_k<OutT, decltype(k)::value>(m, r0, r1, out); });
 }
 
