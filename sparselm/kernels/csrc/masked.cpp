@@ -571,7 +571,8 @@ SPARSELM_AVX512 inline void dense_rows(const uint16_t* W, int64_t cols, const ui
   __m512 acc[R][2][TT];
   for (int i = 0; i < R; i++) for (int u = 0; u < 2; u++) for (int t = 0; t < TT; t++) acc[i][u][t] = _mm512_setzero_ps();
   for (int64_t col = 0; col < cols; col += 64) {
-    for (int u = 0; u < 2; u++) {
+#pragma GCC unroll 2
+    for (int u = 0; u < 2; u++) {  // unrolled: acc in registers (rolled, GCC kept it on the stack, as in gemv_row)
       const int64_t c = col + 32 * u;
       if (c >= cols) break;
       const int n = int(std::min<int64_t>(32, cols - c));
