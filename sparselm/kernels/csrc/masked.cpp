@@ -326,6 +326,7 @@ SPARSELM_AVX512 inline void gemv_row(const Masked& m, const void* xv, int64_t r,
   const int64_t bit = r * m.cols;
   GroupCursor gc{m, r};
   __m512 acc[U][TT];
+  #pragma GCC unroll 8
   for (int u = 0; u < U; u++) for (int t = 0; t < TT; t++) acc[u][t] = _mm512_setzero_ps();
   for (int64_t c0 = 0; c0 < nchunks; c0 += U) {
     // unrolled: the accumulators acc[u] must stay in registers (GCC kept the int4 body's loop rolled, with
@@ -348,6 +349,7 @@ SPARSELM_AVX512 inline void gemv_row(const Masked& m, const void* xv, int64_t r,
         if constexpr (K == P14) v = _mm512_maskz_expand_epi16(w, p14_load32(m, idx));
         else v = _mm512_maskz_expandloadu_epi16(w, static_cast<const uint16_t*>(m.values) + idx);
         __mmask32 k = n >= 32 ? ~__mmask32(0) : __mmask32((1u << n) - 1);
+        #pragma GCC unroll 8
         for (int t = 0; t < TT; t++) {
           __m512i xt = _mm512_maskz_loadu_epi16(k, x + t * m.cols + col);
           acc[u][t] = _mm512_dpbf16_ps(acc[u][t], (__m512bh)v, (__m512bh)xt);
@@ -359,6 +361,7 @@ SPARSELM_AVX512 inline void gemv_row(const Masked& m, const void* xv, int64_t r,
         dequant_chunk<K>(gc, col, w, lo, hi);
         __mmask16 klo = n >= 16 ? 0xFFFF : __mmask16((1u << n) - 1);
         __mmask16 khi = n >= 32 ? 0xFFFF : (n <= 16 ? 0 : __mmask16((1u << (n - 16)) - 1));
+        #pragma GCC unroll 8
         for (int t = 0; t < TT; t++) {
           const float* xt = x + t * m.cols + col;
           acc[u][t] = _mm512_fmadd_ps(lo, _mm512_maskz_loadu_ps(klo, xt), acc[u][t]);
@@ -368,6 +371,7 @@ SPARSELM_AVX512 inline void gemv_row(const Masked& m, const void* xv, int64_t r,
       idx += _mm_popcnt_u32(w);
     }
   }
+  #pragma GCC unroll 8
   for (int t = 0; t < TT; t++) {
     __m512 s = acc[0][t];
     for (int u = 1; u < U; u++) s = _mm512_add_ps(s, acc[u][t]);
@@ -414,17 +418,20 @@ SPARSELM_AVX512 inline void int4_row(const Masked& m, const uint16_t* xd, const 
   const __m512i lut = _mm512_load_si512(kNibbleBF16), low = _mm512_set1_epi16(0x000F);
   __m512 total[TT];
   float zt[TT];
+  #pragma GCC unroll 8
   for (int t = 0; t < TT; t++) { total[t] = _mm512_setzero_ps(); zt[t] = 0.f; }
   for (int64_t gi = 0; gi < ngroups; gi++) {
     float s, z;
     params_of(m, r * m.gpr + (m.group ? gi : 0), s, z);
     __m512 even[TT], odd[TT];
+    #pragma GCC unroll 8
     for (int t = 0; t < TT; t++) { even[t] = _mm512_setzero_ps(); odd[t] = _mm512_setzero_ps(); }
     for (int64_t c = gi * per; c < (gi + 1) * per; c++) {
       prefetch_at(v, 32 * c + kPrefetchBytes);
       const __m512i b = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(v + 32 * c)));
       const __m512i lo = _mm512_permutexvar_epi16(_mm512_and_si512(b, low), lut);
       const __m512i hi = _mm512_permutexvar_epi16(_mm512_srli_epi16(b, 4), lut);
+      #pragma GCC unroll 8
       for (int t = 0; t < TT; t++) {
         const uint16_t* xt = xd + t * m.cols + 64 * c;
         even[t] = _mm512_dpbf16_ps(even[t], (__m512bh)lo, (__m512bh)_mm512_loadu_si512(xt));
@@ -432,11 +439,13 @@ SPARSELM_AVX512 inline void int4_row(const Masked& m, const uint16_t* xd, const 
       }
     }
     const __m512 sv = _mm512_set1_ps(s);
+    #pragma GCC unroll 8
     for (int t = 0; t < TT; t++) {
       total[t] = _mm512_fmadd_ps(_mm512_add_ps(even[t], odd[t]), sv, total[t]);
       zt[t] += s * z * gsum[t * ngroups + gi];
     }
   }
+  #pragma GCC unroll 8
   for (int t = 0; t < TT; t++) out[t] = _mm512_reduce_add_ps(total[t]) - zt[t];
 }
 
@@ -501,6 +510,7 @@ SPARSELM_AVX512 __attribute__((always_inline)) inline void kept_block(const Mask
   prefetch_at(codes, value_byte<K>(idx) + kPrefetchBytes);
   for (int64_t c = 0; c < m.block; c += 16, idx += 16) {
     const __m512 v = _mm512_fmadd_ps(block_codes16<K>(codes, idx), sv, zs);  // (code - z)·s
+    #pragma GCC unroll 8
     for (int t = 0; t < TT; t++) a[t] = _mm512_fmadd_ps(v, _mm512_loadu_ps(x + t * m.cols + col0 + c), a[t]);
   }
 }
@@ -508,6 +518,7 @@ SPARSELM_AVX512 __attribute__((always_inline)) inline void kept_block(const Mask
 template <int TT, int K>
 SPARSELM_AVX512 inline void block_row(const Masked& m, const float* x, int64_t r, float (&out)[TT]) {
   __m512 acc[2][TT];  // two chains, kept blocks alternating between them (static indices: registers, not stack)
+  #pragma GCC unroll 8
   for (int u = 0; u < 2; u++) for (int t = 0; t < TT; t++) acc[u][t] = _mm512_setzero_ps();
   int64_t idx = m.offsets[r], g = idx / m.block;  // the row's first value and group (kept block)
   for (int64_t b0 = 0; b0 < m.gpr; b0 += 64) {
@@ -522,6 +533,7 @@ SPARSELM_AVX512 inline void block_row(const Masked& m, const float* x, int64_t r
       bits &= bits - 1;
     }
   }
+  #pragma GCC unroll 8
   for (int t = 0; t < TT; t++) out[t] = _mm512_reduce_add_ps(_mm512_add_ps(acc[0][t], acc[1][t]));
 }
 
@@ -539,26 +551,32 @@ SPARSELM_AVX512 inline void int8_row(const Masked& m, const float* x, int64_t r,
   const int64_t g = m.kind == INT8G ? m.group : m.cols, ngroups = m.cols / g;
   const int8_t* v = static_cast<const int8_t*>(m.values) + m.offsets[r];
   __m512 total[TT];
+  #pragma GCC unroll 8
   for (int t = 0; t < TT; t++) total[t] = _mm512_setzero_ps();
   for (int64_t gi = 0; gi < ngroups; gi++) {
     __m512 acc[U][TT];
+    #pragma GCC unroll 8
     for (int u = 0; u < U; u++) for (int t = 0; t < TT; t++) acc[u][t] = _mm512_setzero_ps();
     for (int64_t c = gi * g; c < (gi + 1) * g; c += 64) {
       prefetch_at(v, c + kPrefetchBytes);
+      #pragma GCC unroll 8
       for (int q = 0; q < 4; q++) {
         const __m512 w = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(
             _mm_loadu_si128(reinterpret_cast<const __m128i*>(v + c + 16 * q))));
+        #pragma GCC unroll 8
         for (int t = 0; t < TT; t++)
           acc[q % U][t] = _mm512_fmadd_ps(w, _mm512_loadu_ps(x + t * m.cols + c + 16 * q), acc[q % U][t]);
       }
     }
     const __m512 sv = _mm512_set1_ps(m.kind == INT8G ? float(m.gscale[r * m.gpr + gi]) : 1.f);
+    #pragma GCC unroll 8
     for (int t = 0; t < TT; t++) {
       __m512 a = acc[0][t];
       for (int u = 1; u < U; u++) a = _mm512_add_ps(a, acc[u][t]);
       total[t] = _mm512_fmadd_ps(a, sv, total[t]);
     }
   }
+  #pragma GCC unroll 8
   for (int t = 0; t < TT; t++) out[t] = _mm512_reduce_add_ps(total[t]);
 }
 
@@ -569,6 +587,7 @@ template <int R, int TT>
 SPARSELM_AVX512 inline void dense_rows(const uint16_t* W, int64_t cols, const uint16_t* x, int64_t r,
                                        float (&out)[R][TT]) {
   __m512 acc[R][2][TT];
+  #pragma GCC unroll 8
   for (int i = 0; i < R; i++) for (int u = 0; u < 2; u++) for (int t = 0; t < TT; t++) acc[i][u][t] = _mm512_setzero_ps();
   for (int64_t col = 0; col < cols; col += 64) {
 #pragma GCC unroll 2
@@ -578,15 +597,19 @@ SPARSELM_AVX512 inline void dense_rows(const uint16_t* W, int64_t cols, const ui
       const int n = int(std::min<int64_t>(32, cols - c));
       const __mmask32 k = n >= 32 ? ~__mmask32(0) : __mmask32((1u << n) - 1);
       __m512i xt[TT];
+      #pragma GCC unroll 8
       for (int t = 0; t < TT; t++) xt[t] = _mm512_maskz_loadu_epi16(k, x + t * cols + c);
+      #pragma GCC unroll 8
       for (int i = 0; i < R; i++) {
         const uint16_t* w = W + (r + i) * cols;
         if (u == 0) prefetch_at(w, 2 * c + kPrefetchBytes);
         __m512i v = _mm512_maskz_loadu_epi16(k, w + c);
+        #pragma GCC unroll 8
         for (int t = 0; t < TT; t++) acc[i][u][t] = _mm512_dpbf16_ps(acc[i][u][t], (__m512bh)v, (__m512bh)xt[t]);
       }
     }
   }
+  #pragma GCC unroll 8
   for (int i = 0; i < R; i++) for (int t = 0; t < TT; t++)
     out[i][t] = _mm512_reduce_add_ps(_mm512_add_ps(acc[i][0][t], acc[i][1][t]));
 }
@@ -817,9 +840,11 @@ SPARSELM_AVX2 __attribute__((always_inline)) inline void expand_fma8(const Maske
   const __m256 v = expand8<K, Checked>(m, idx, b, gc, col);
   idx += _mm_popcnt_u32(b);
   if (col + 8 <= m.cols) {
+    #pragma GCC unroll 8
     for (int t = 0; t < TT; t++) acc[t] = _mm256_fmadd_ps(v, _mm256_loadu_ps(x + t * m.cols + col), acc[t]);
   } else {
     const __m256i k = first_lanes(m.cols - col);
+    #pragma GCC unroll 8
     for (int t = 0; t < TT; t++) acc[t] = _mm256_fmadd_ps(v, _mm256_maskload_ps(x + t * m.cols + col, k), acc[t]);
   }
 }
@@ -833,6 +858,7 @@ SPARSELM_AVX2 inline void gemv_row_avx2(const Masked& m, const float* x, int64_t
   const int64_t bit = r * m.cols;
   GroupCursor gc{m, r};
   __m256 acc[U][TT];
+  #pragma GCC unroll 8
   for (int u = 0; u < U; u++) for (int t = 0; t < TT; t++) acc[u][t] = _mm256_setzero_ps();
   for (int64_t c = 0; c < m.cols; c += 32) {
     const int n = int(std::min<int64_t>(32, m.cols - c));
@@ -847,6 +873,7 @@ SPARSELM_AVX2 inline void gemv_row_avx2(const Masked& m, const float* x, int64_t
     expand_fma8<TT, K, Checked>(m, idx, (w >> 16) & 0xFF, c + 16, x, gc, acc[2 % U]);
     expand_fma8<TT, K, Checked>(m, idx, w >> 24, c + 24, x, gc, acc[3 % U]);
   }
+  #pragma GCC unroll 8
   for (int t = 0; t < TT; t++) {
     __m256 s = acc[0][t];
     for (int u = 1; u < U; u++) s = _mm256_add_ps(s, acc[u][t]);
@@ -942,25 +969,30 @@ SPARSELM_AVX2 inline void dense_rows_avx2(const uint16_t* W, int64_t cols, const
   const int64_t full = cols & ~int64_t(15);
   const __m256i high = _mm256_set1_epi32(int(0xFFFF0000u));
   __m256 acc[R][TT];
+  #pragma GCC unroll 8
   for (int i = 0; i < R; i++) for (int t = 0; t < TT; t++) acc[i][t] = _mm256_setzero_ps();
   for (int64_t c = 0; c < full; c += 16) {
     __m256 xe[TT], xo[TT];
+    #pragma GCC unroll 8
     for (int t = 0; t < TT; t++) {
       xe[t] = _mm256_loadu_ps(x + t * cols + c);
       xo[t] = _mm256_loadu_ps(x + t * cols + c + 8);
     }
+    #pragma GCC unroll 8
     for (int i = 0; i < R; i++) {
       const uint16_t* w = W + (r + i) * cols;
       if ((c & 31) == 0) prefetch_at(w, 2 * c + kPrefetchBytes);
       const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + c));
       const __m256 even = _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
       const __m256 odd = _mm256_castsi256_ps(_mm256_and_si256(v, high));
+      #pragma GCC unroll 8
       for (int t = 0; t < TT; t++) {
         acc[i][t] = _mm256_fmadd_ps(even, xe[t], acc[i][t]);
         acc[i][t] = _mm256_fmadd_ps(odd, xo[t], acc[i][t]);
       }
     }
   }
+  #pragma GCC unroll 8
   for (int i = 0; i < R; i++) for (int t = 0; t < TT; t++) {
     float s = hsum8(acc[i][t]);
     for (int64_t c = full; c < cols; c++) s += bf16_bits_to_float(W[(r + i) * cols + c]) * x[t * cols + c];
@@ -1117,6 +1149,7 @@ torch::Tensor masked_gemv(torch::Tensor x, torch::Tensor mask, torch::Tensor off
             else
               gemv_row_avx2<unroll<TT>(), TT, K, true>(m, xp + t0 * cols, r, out);
             const float s = m.scale ? m.scale[r] : 1.f;
+            #pragma GCC unroll 8
             for (int t = 0; t < TT; t++) store(t0 + t, r, out[t], s);
           }
         };
@@ -1142,6 +1175,7 @@ torch::Tensor masked_gemv(torch::Tensor x, torch::Tensor mask, torch::Tensor off
           constexpr int K = decltype(k)::value;
           for (int64_t r = r0; r < r1; r++) {
             block_row<TT, K>(m, xp + t0 * cols, r, out);
+            #pragma GCC unroll 8
             for (int t = 0; t < TT; t++) store(t0 + t, r, out[t], 1.f);
           }
         };
@@ -1157,6 +1191,7 @@ torch::Tensor masked_gemv(torch::Tensor x, torch::Tensor mask, torch::Tensor off
         for (int64_t r = r0; r < r1; r++) {
           if (int4) int4_row<TT>(m, xd.data() + t0 * cols, gsum.data() + t0 * ngroups, r, out);
           else int8_row<TT>(m, xin.data_ptr<float>() + t0 * cols, r, out);
+          #pragma GCC unroll 8
           for (int t = 0; t < TT; t++) store(t0 + t, r, out[t], m.scale ? m.scale[r] : 1.f);
         }
       });
@@ -1173,6 +1208,7 @@ torch::Tensor masked_gemv(torch::Tensor x, torch::Tensor mask, torch::Tensor off
         for (int64_t r = r0; r < r1; r++) {
           gemv_row<unroll<TT>(), TT, K, DP>(m, xp, r, out);
           const float s = m.scale ? m.scale[r] : 1.f;
+          #pragma GCC unroll 8
           for (int t = 0; t < TT; t++) store(t0 + t, r, out[t], s);
         }
       };
