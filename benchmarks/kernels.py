@@ -101,16 +101,23 @@ def build(kind: str, in_f: int, out_f: int, ratio: float) -> nn.Module:
     """``ratio``: stored ratio for low rank and dictionaries, the sparsity for unstructured pruning;
     ``unstructured-int4`` / ``unstructured-int8g``: int4 / int8 values with a scale per 128 inputs;
     ``gptq-int4`` / ``gptq-int8``: every weight kept, int4 with a scale and zero point per 128 inputs / int8
-    with a scale per 64 inputs (ratio unused)."""
+    with a scale per 64 inputs (ratio unused); ``gqsa``: GQSA's W4S50 format, a ``ratio`` share of 1×16 blocks
+    pruned, the kept ones int4 with a scale and zero point each; ``unstructured-int4g16``: unstructured
+    pruning at ``ratio`` + int4 per 16 inputs (SparseGPT's joint mix in the W4 + sparsity tables)."""
     if kind == "lowrank":
         return lowrank(in_f, out_f, ratio)
     if kind.startswith("dict"):
         storage = {"dict": CoefStorage.BF16, "dict-14bit": CoefStorage.BF16_14BIT, "dict-int8": CoefStorage.INT8,
                    "dict-int4": CoefStorage.INT4}[kind]
         return sparse_dict(in_f, out_f, ratio, storage)
-    if kind in ("unstructured-int4", "unstructured-int8g"):
+    if kind == "gqsa":
         W = torch.randn(out_f, in_f, generator=_gen(1)).mul_(0.02)
-        store = Storage(CoefStorage.INT4 if kind.endswith("int4") else CoefStorage.INT8, 128)
+        keep = (torch.rand(out_f, in_f // 16, generator=_gen(2)) >= ratio).repeat_interleave(16, 1)
+        return SparseLinear(W * keep, keep, None, None, DT, Storage(CoefStorage.INT4, 16), block=True)
+    if kind in ("unstructured-int4", "unstructured-int8g", "unstructured-int4g16"):
+        W = torch.randn(out_f, in_f, generator=_gen(1)).mul_(0.02)
+        store = Storage(CoefStorage.INT8 if kind.endswith("int8g") else CoefStorage.INT4,
+                        16 if kind.endswith("g16") else 128)
         return SparseLinear(W, torch.rand(out_f, in_f, generator=_gen(2)) >= ratio, None, None, DT, store)
     if kind in ("gptq-int4", "gptq-int8"):  # a GPTQ layer's format: every block kept (int4/g128, int8/g64)
         W = torch.randn(out_f, in_f, generator=_gen(1)).mul_(0.02)
@@ -391,24 +398,18 @@ NOTES = """\
 How the kernels read (see `sparselm/kernels/csrc/masked.cpp`): decode (`gemv`) walks each row's packed mask
 32 columns at a time, expand-loads the values under each mask word (AVX-512 VBMI2) and multiplies with
 VDPBF16PS (bf16 values and input) or FMA (other storages: fp16, fp32, int8 per row, and int8 / int4 with a
-scale and zero point per group, decoded per chunk); four chunks per row are in flight and every chunk
-prefetches its row's values 4 KiB ahead and its mask 512 B ahead. Dense factors (low rank `U`, `V`;
-dictionaries `D`) at up to `policy.DENSE_GEMV_MAX_TOKENS` tokens use a dense GEMV that walks four rows side
-by side (one 4 KiB-row stream per thread read 11-12 GB/s here, four side by side 28-40 GB/s: 2-4x faster
-than this loop one row at a time, A/B at one thread). Below `policy.SERIAL_BYTES` (16 MiB) of weight bytes a
-decode GEMV runs on one thread (measured interleaved at 2 threads: one thread was faster by median and by
-fastest run on every q/o, k/v, 2048x8192 and 4096x4096 layer of every type on this shared machine).
-Prefill (`panel`) unpacks 256-row panels into one reused scratch buffer per thread and runs a
-single-threaded oneDNN GEMM on each (this CPU has AVX-512 BF16 but no AMX). `dense` here means the faster of
-`nn.Linear` and `torch.mv`. **Load:** this session's final run went at load 15-17 on 2 cores (other workers'
-jobs at nice 5-19, this one at nice -10); under it a 2-thread dense `nn.Linear` often waits milliseconds for
-its second thread, so the very small decode ratios (below ~0.4) mostly measure that wait, which the
-one-thread GEMVs avoid: read them as "not slower", not as the speed-up on a quiet machine. The baseline run
-at the start of the session (`kernels_baseline.md`, load 0.4 rising to 7 during the run) is the cleaner
-reference for the old code. CPUs without the AVX-512 set (VBMI2 + BF16) take the AVX2 paths instead (both
-GEMVs and the panels' unpack, every value kind; grouped int8 / int4 whose groups are no multiple of 32 columns
-take them on AVX-512 CPUs too, and `SPARSELM_ISA=avx2` forces them: `kernels_isa.md` times them against
-the AVX-512 paths on this CPU): see the last section.
+scale and zero point per group of a multiple of 16 columns, dequantized per 16-column half); four chunks per
+row are in flight, their accumulators in registers, and every chunk prefetches its row's values 4 KiB ahead
+and its mask 512 B ahead. GQSA's 1×16k blocks are read kept block by kept block (the block mask walked by its
+set bits, each block's codes straight from memory). Dense factors (low rank `U`, `V`; dictionaries `D`) at up
+to `policy.DENSE_GEMV_MAX_TOKENS` tokens use a dense GEMV that walks four rows side by side. Below
+`policy.SERIAL_BYTES` of weight bytes ({serial}) a decode GEMV runs on one thread. Prefill (`panel`) unpacks
+256-row panels into one reused scratch buffer per thread and runs a single-threaded oneDNN GEMM on each
+({amx}). `dense` here means the faster of `nn.Linear` and `torch.mv`. Grouped int8 / int4 whose groups are
+no multiple of 16 columns (of 8: the scalar loop) take the AVX2 paths on AVX-512 CPUs too, and
+`SPARSELM_ISA=avx2` forces them (`kernels_isa.md`). Read single rows as ±10-30 %: compare the load average
+above with the CPU count ("x N" after the CPU's name; 2-thread rows suffer first), and read the counts over
+shapes as the result.
 """
 
 
@@ -453,13 +454,16 @@ def write(results: dict) -> None:
     md = [f"# Compressed-layer kernels: speed on CPU\n",
           f"Written by `benchmarks/kernels.py` ({m['when']}). CPU: {m['cpu']}; torch {m['torch']}; kernels: "
           f"{m['kernels']}. bf16, random weights, medians of interleaved runs with weights cycled past the "
-          f"last-level cache (`--cycle-mb {m['cycle_mb']}`), `OMP_WAIT_POLICY=PASSIVE`.{load} The machine is "
-          "shared with other jobs (2 cores, up to a dozen runnable processes): absolute times swing 2-3x "
-          "between runs and 2-thread numbers are noisy; the interleaving keeps the ratios fairer than the "
-          "times. `vs best dense` = compressed time / min(`nn.Linear`, `torch.mv` at 1 token), from medians; "
+          f"last-level cache (`--cycle-mb {m['cycle_mb']}`), `OMP_WAIT_POLICY=PASSIVE`.{load} Compressed "
+          "and dense runs are interleaved, so that other jobs, if any, slow both sides alike. "
+          "`vs best dense` = compressed time / min(`nn.Linear`, `torch.mv` at 1 token), from medians; "
           "`*_min_ms`, `vs_best_dense_min`, `met_min` and `speedup_best` use the fastest run of each variant "
           "instead (closer to an unloaded machine; both sides treated alike); `met` compares with the issue's "
-          "target.\n", NOTES]
+          "target.\n", NOTES.format(
+              serial="0: both threads always" if not kernels.policy.SERIAL_BYTES
+              else f"{kernels.policy.SERIAL_BYTES >> 20} MiB",
+              amx={True: "this CPU has AMX tiles: oneDNN's bf16 GEMMs use them", False: "no AMX on this CPU",
+                   None: "AMX not recorded"}[m.get("amx")])]
     if results.get("layers"):
         md += ["## Targets at 2 threads\n", *summary(results["layers"]), ""]
     for name, key, cols in (
@@ -529,7 +533,7 @@ def main() -> None:
     old = json.loads((OUT / f"{STEM}.json").read_text()) if args.merge and (OUT / f"{STEM}.json").is_file() else {}
     load0 = os.getloadavg()[0]
     results = {**old, "machine": {"when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "torch": torch.__version__,
-                                  "cpu": _cpu(), "cycle_mb": args.cycle_mb,
+                                  "cpu": _cpu(), "cycle_mb": args.cycle_mb, "amx": kernels.policy.amx(),
                                   "kernels": _kernels()}}
     if args.part in ("layers", "all"):
         results["layers"] = old.get("layers", []) if args.append else []
