@@ -202,6 +202,28 @@ def test_gqsa_blocks_unpack_and_multiply_as_the_stored_weight_at_every_level(sto
 
 
 @needs_ext
+@pytest.mark.parametrize("store", [Storage(CoefStorage.INT4, 16), Storage(CoefStorage.INT8, 32)], ids=str)
+def test_gqsa_rows_longer_than_one_mask_word_read_every_kept_block(store, monkeypatch):
+    """The kept-block walk (`block_row`, `unpack_block_rows`) reads a row's block mask 64 bits at a time from any
+    bit offset: rows of 65 and 33 blocks (every row starts at a new offset; the last rows read the buffer's tail),
+    a row with no kept block and one with all, against the stored weight's product at 1..9 tokens."""
+    torch.manual_seed(0)
+    cols = 65 * store.group if store.group == 16 else 33 * store.group
+    blocks = torch.rand(9, cols // store.group) < 0.5
+    blocks[2], blocks[5] = False, True
+    keep = blocks.repeat_interleave(store.group, 1)
+    m = SparseLinear(torch.randn(9, cols) * keep, keep, None, None, torch.float32, store, block=True)
+    rt, dense = m.runtime(), m.dense_weight().float()
+    assert rt.block == store.group
+    for tokens in (1, 3, 9):
+        x = torch.randn(tokens, cols)
+        torch.testing.assert_close(masked.matmul_gemv(x, rt), x @ dense.T, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(masked.matmul_gemv(x.bfloat16(), rt).float(), x.bfloat16().float() @ dense.T,
+                                   rtol=2e-2, atol=2e-2 * cols ** 0.5)
+    _unpack_and_gemv_match_at_every_level(rt, dense, monkeypatch)
+
+
+@needs_ext
 @pytest.mark.parametrize("store", ENCODED, ids=str)
 def test_mask_free_forms_unpack_and_multiply_as_the_decoded_factor(store, monkeypatch):
     """At every kernel level the CPU runs, the C++ unpack and GEMV of a mask-free form on odd widths (13 rows of
