@@ -460,8 +460,8 @@ def write(results: dict) -> None:
           "`*_min_ms`, `vs_best_dense_min`, `met_min` and `speedup_best` use the fastest run of each variant "
           "instead (closer to an unloaded machine; both sides treated alike); `met` compares with the issue's "
           "target.\n", NOTES.format(
-              serial="0: both threads always" if not kernels.policy.SERIAL_BYTES
-              else f"{kernels.policy.SERIAL_BYTES >> 20} MiB",
+              serial={None: "not recorded", 0: "0: both threads always"}.get(m.get("serial_bytes"),
+                                                                               f"{m.get('serial_bytes', 0) >> 20} MiB"),
               amx={True: "this CPU has AMX tiles: oneDNN's bf16 GEMMs use them", False: "no AMX on this CPU",
                    None: "AMX not recorded"}[m.get("amx")])]
     if results.get("layers"):
@@ -534,6 +534,7 @@ def main() -> None:
     load0 = os.getloadavg()[0]
     results = {**old, "machine": {"when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "torch": torch.__version__,
                                   "cpu": _cpu(), "cycle_mb": args.cycle_mb, "amx": kernels.policy.amx(),
+                                  "serial_bytes": kernels.policy.SERIAL_BYTES,
                                   "kernels": _kernels()}}
     if args.part in ("layers", "all"):
         results["layers"] = old.get("layers", []) if args.append else []
