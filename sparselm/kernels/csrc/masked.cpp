@@ -105,6 +105,25 @@ __attribute__((always_inline)) inline void group_params(const Masked& m, int64_t
   params_of(m, r * m.gpr + (m.group ? col / m.group : 0), s, z);
 }
 
+// the 64 mask bits from bit pos, never reading past the buffer (there the missing bits are 0)
+inline uint64_t bits64(const Masked& m, int64_t pos) {
+  const int64_t byte = pos >> 3;
+  const int sh = int(pos & 7);
+  uint64_t bits = 0;
+  if (byte + 9 <= m.mask_bytes) {
+    std::memcpy(&bits, m.mask + byte, 8);
+    bits >>= sh;
+    if (sh) bits |= uint64_t(m.mask[byte + 8]) << (64 - sh);
+    return bits;
+  }
+  for (int64_t i = 0; byte + i < m.mask_bytes && i < 9; i++) {
+    const int s = 8 * int(i) - sh;
+    const uint64_t v = m.mask[byte + i];
+    bits |= s >= 0 ? (s < 64 ? v << s : 0) : v >> -s;
+  }
+  return bits;
+}
+
 // the n (<= 32) mask bits of row r from column c0 (bit r·cols + c0), never reading past the buffer; all set
 // without a mask. Blocks: each block's bit for each of its columns (no branch, and no division for the
 // power-of-two widths: one per chunk cost more than the chunk's arithmetic).
@@ -120,16 +139,7 @@ inline uint32_t read_bits(const Masked& m, int64_t r, int64_t c0, int n) {
     }
     return w;
   }
-  const int64_t pos = r * m.cols + c0;
-  int64_t byte = pos >> 3; int sh = int(pos & 7);
-  uint64_t w = 0;
-  if (byte + 8 <= m.mask_bytes) {
-    std::memcpy(&w, m.mask + byte, 8);
-  } else {
-    int need = (sh + n + 7) >> 3;
-    for (int i = 0; i < need; i++) w |= uint64_t(m.mask[byte + i]) << (8 * i);
-  }
-  w >>= sh;
+  const uint64_t w = bits64(m, r * m.cols + c0);
   return n == 32 ? uint32_t(w) : uint32_t(w & ((1ull << n) - 1));
 }
 
@@ -479,25 +489,6 @@ template <int K>
 SPARSELM_AVX512 __attribute__((always_inline)) inline void block_group(const Masked& m, int64_t g, float& s, float& z) {
   s = _cvtsh_ss(reinterpret_cast<const uint16_t*>(m.gscale)[g]);
   z = K == INT4 ? float((m.zero[g >> 1] >> (4 * (g & 1))) & 0xF) : 0.f;
-}
-
-// 64 bits of the block mask from bit pos (fewer at the buffer's end: the rest 0)
-inline uint64_t bits64(const Masked& m, int64_t pos) {
-  const int64_t byte = pos >> 3;
-  const int sh = int(pos & 7);
-  uint64_t bits = 0;
-  if (byte + 9 <= m.mask_bytes) {
-    std::memcpy(&bits, m.mask + byte, 8);
-    bits >>= sh;
-    if (sh) bits |= uint64_t(m.mask[byte + 8]) << (64 - sh);
-    return bits;
-  }
-  for (int64_t i = 0; byte + i < m.mask_bytes && i < 9; i++) {
-    const int s = 8 * int(i) - sh;
-    const uint64_t v = m.mask[byte + i];
-    bits |= s >= 0 ? (s < 64 ? v << s : 0) : v >> -s;
-  }
-  return bits;
 }
 
 // one kept block (from column col0; its values from idx, its group g: both advanced) into the accumulators a
@@ -1150,7 +1141,6 @@ torch::Tensor masked_gemv(torch::Tensor x, torch::Tensor mask, torch::Tensor off
             else
               gemv_row_avx2<unroll<TT>(), TT, K, true>(m, xp + t0 * cols, r, out);
             const float s = m.scale ? m.scale[r] : 1.f;
-            #pragma GCC unroll 8
             for (int t = 0; t < TT; t++) store(t0 + t, r, out[t], s);
           }
         };
@@ -1176,7 +1166,6 @@ torch::Tensor masked_gemv(torch::Tensor x, torch::Tensor mask, torch::Tensor off
           constexpr int K = decltype(k)::value;
           for (int64_t r = r0; r < r1; r++) {
             block_row<TT, K>(m, xp + t0 * cols, r, out);
-            #pragma GCC unroll 8
             for (int t = 0; t < TT; t++) store(t0 + t, r, out[t], 1.f);
           }
         };
@@ -1192,7 +1181,6 @@ torch::Tensor masked_gemv(torch::Tensor x, torch::Tensor mask, torch::Tensor off
         for (int64_t r = r0; r < r1; r++) {
           if (int4) int4_row<TT>(m, xd.data() + t0 * cols, gsum.data() + t0 * ngroups, r, out);
           else int8_row<TT>(m, xin.data_ptr<float>() + t0 * cols, r, out);
-          #pragma GCC unroll 8
           for (int t = 0; t < TT; t++) store(t0 + t, r, out[t], m.scale ? m.scale[r] : 1.f);
         }
       });
@@ -1209,7 +1197,6 @@ torch::Tensor masked_gemv(torch::Tensor x, torch::Tensor mask, torch::Tensor off
         for (int64_t r = r0; r < r1; r++) {
           gemv_row<unroll<TT>(), TT, K, DP>(m, xp, r, out);
           const float s = m.scale ? m.scale[r] : 1.f;
-          #pragma GCC unroll 8
           for (int t = 0; t < TT; t++) store(t0 + t, r, out[t], s);
         }
       };
