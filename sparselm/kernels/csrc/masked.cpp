@@ -665,13 +665,17 @@ SPARSELM_AVX512 void unpack_block_rows(const Masked& m, int64_t r0, int64_t r1, 
     OutT* o = out + r * m.cols;
     std::memset(static_cast<void*>(o), 0, sizeof(OutT) * m.cols);
     int64_t idx = m.offsets[r], g = idx / m.block;
-    for (int64_t b = 0; b < m.gpr; b++) {
-      if (!block_kept(m, r, b)) continue;
-      float s, z;
-      block_group<K>(m, g++, s, z);
-      const __m512 sv = _mm512_set1_ps(s), zv = _mm512_set1_ps(z);
-      for (int64_t c = 0; c < m.block; c += 16, idx += 16)
-        store16(o + b * m.block + c, _mm512_mul_ps(_mm512_sub_ps(block_codes16<K>(codes, idx), zv), sv));
+    for (int64_t b0 = 0; b0 < m.gpr; b0 += 64) {  // the kept blocks by the set bits, as block_row walks them
+      uint64_t bits = bits64(m, r * m.gpr + b0);
+      if (m.gpr - b0 < 64) bits &= (1ull << (m.gpr - b0)) - 1;
+      for (; bits; bits &= bits - 1) {
+        const int64_t b = b0 + __builtin_ctzll(bits);
+        float s, z;
+        block_group<K>(m, g++, s, z);
+        const __m512 sv = _mm512_set1_ps(s), zv = _mm512_set1_ps(z);
+        for (int64_t c = 0; c < m.block; c += 16, idx += 16)
+          store16(o + b * m.block + c, _mm512_mul_ps(_mm512_sub_ps(block_codes16<K>(codes, idx), zv), sv));
+      }
     }
   }
 }
