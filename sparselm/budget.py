@@ -178,7 +178,9 @@ def _units(extra: float, unit: float, units: int) -> int:
     """Size above the layer's smallest, in budget units, rounded up (never under-counts)."""
     if extra <= 0:
         return 0
-    return min(units + 1, math.ceil(extra / unit))
+    if extra > unit * units:  # past the budget (also where extra / unit would overflow: a subnormal unit)
+        return units + 1
+    return math.ceil(extra / unit)
 
 
 # --- Lagrangian / convex hull --------------------------------------------------------------------------

@@ -136,3 +136,12 @@ def test_search_alpha_picks_smallest_feasible():
     alpha = search_alpha(table, 2, 2.0)
     choice = allocate(table, 2, error_cap=alpha * 2.0)
     assert total(table, choice)[0] <= 2
+
+
+@pytest.mark.parametrize("solver", ["dp", "auto"])
+def test_a_subnormal_spare_budget_keeps_the_smallest_options(solver):
+    """Hypothesis found it: a budget a subnormal amount above the smallest plan made the DP's unit subnormal and
+    ``size / unit`` infinite (OverflowError). Every larger option is over budget: the smallest one stays."""
+    table = {"l0": [Option(0.0, 1.0), Option(1.0, 0.0)], "l1": [Option(0.0, 3.0), Option(5.0, 1.0)]}
+    choice = allocate(table, 3e-306, solver=solver)
+    assert choice == {"l0": 0, "l1": 0} and total(table, choice) == (0.0, 4.0)
