@@ -408,6 +408,35 @@ def test_dense_gemv_matches_float_product(rows, cols, tokens, bias, serial_bytes
         torch.testing.assert_close(got.float(), ref, rtol=1e-2, atol=1e-2 * ref.abs().max().item())
 
 
+@pytest.mark.skipif(not (kernels.extension_available() and _build.dense_level() != "scalar"),
+                    reason="needs the AVX-512 BF16 or AVX2 kernels")
+@pytest.mark.parametrize("tokens", [1, 3])
+@pytest.mark.parametrize("bias", [True, False])
+def test_factor_products_at_decode_are_one_call_with_the_two_calls_results(tokens, bias, monkeypatch):
+    """Low rank (U then V) and dictionaries (D then S) at decode: one call into the extension
+    (`dense_dense_gemv`, `dense_masked_gemv`), bit for bit what the two products give one after the other."""
+    g = torch.Generator().manual_seed(tokens)
+    b = torch.randn(37, generator=g) if bias else None
+    lr = LowRankLinear(torch.randn(70, 9, generator=g), torch.randn(9, 37, generator=g), b, torch.bfloat16)
+    keep = torch.rand(23, 37, generator=g) < 0.4
+    sd = SparseDictLinear(torch.randn(70, 23, generator=g), torch.randn(23, 37, generator=g) * keep, keep, b,
+                          dtype=torch.bfloat16)
+    x = _inputs(70, torch.bfloat16, (tokens,))
+    ext, calls = _build.loaded(), []
+    for name in ("dense_dense_gemv", "dense_masked_gemv"):
+        monkeypatch.setattr(ext, name, (lambda f: lambda *a: calls.append(f.__name__) or f(*a))(getattr(ext, name)))
+    got_lr, got_sd = lr(x), sd(x)
+    assert calls == ["dense_dense_gemv", "dense_masked_gemv"]
+    Ut, Vt = lr.runtime()
+    bb = None if b is None else b.to(torch.bfloat16)
+    assert torch.equal(got_lr, ext.dense_gemv(ext.dense_gemv(x, Ut, None, 0, _build.isa()), Vt, bb, 0, _build.isa()))
+    Dt, S = sd.runtime()
+    h = ext.dense_gemv(x, Dt, None, 0, _build.isa())
+    assert torch.equal(got_sd, masked.matmul_gemv(h, S, bb))
+    _check(lr, x, None, torch.bfloat16)
+    _check(sd, x, None, torch.bfloat16)
+
+
 @pytest.mark.parametrize("mv_tokens", [0, 2])
 @pytest.mark.parametrize("path", [None, "torch"])
 def test_low_rank_dense_paths_match_reference(mv_tokens, path, monkeypatch):

@@ -34,14 +34,15 @@ def check_environment() -> None:
     _build.isa()
 
 
-def fast_path(x: torch.Tensor, module_path: str | None) -> str | None:
-    """The requested path (`policy.requested`) if the fast forwards apply: a CPU input, no gradient wanted
+def fast_path(x: torch.Tensor, module_path: str | None) -> policy.Route | None:
+    """The resolved request (`policy.route`) if the fast forwards apply: a CPU input, no gradient wanted
     through it (the C++ products have no backward) and no request for the reference forward; else None.
-    Modules resolve it once per call and pass it down (the functions below take it as ``module_path``)."""
+    Modules resolve it once per call and pass it down (the functions below take it as ``module_path``, as
+    they take a module's ``kernel_path``)."""
     if not x.is_cpu or (x.requires_grad and torch.is_grad_enabled()):
         return None
-    path = policy.requested(module_path)
-    return None if path == "reference" else path
+    route = policy.route(module_path)
+    return None if route.path == "reference" else route
 
 
 def usable(x: torch.Tensor, module_path: str | None) -> bool:
@@ -49,13 +50,16 @@ def usable(x: torch.Tensor, module_path: str | None) -> bool:
     return fast_path(x, module_path) is not None
 
 
-def _product(x2: torch.Tensor, mm: Masked, bias: torch.Tensor | None, module_path: str | None) -> torch.Tensor:
+Request = "str | policy.Route | None"  # a module's kernel_path, or the Route `fast_path` resolved from it
+
+
+def _product(x2: torch.Tensor, mm: Masked, bias: torch.Tensor | None, route: policy.Route) -> torch.Tensor:
     """``x2 (T, cols) -> (T, rows)`` (+ bias) in x's dtype."""
-    path = policy.masked_path(x2.shape[0], module_path)
+    path = policy.masked_path(x2.shape[0], route)
     if path == "gemv":
-        return masked.matmul_gemv(x2, mm, bias, serial_bytes=policy.SERIAL_BYTES)
+        return masked.matmul_gemv(x2, mm, bias, policy.SERIAL_BYTES, route.isa)
     dtype = policy.gemm_dtype(x2.dtype, x2.shape[0])
-    return _bias(masked.matmul_panels(x2.to(dtype), mm, policy.PANEL_ROWS, use_ext=path == "panel").to(x2.dtype),
+    return _bias(masked.matmul_panels(x2.to(dtype), mm, policy.PANEL_ROWS, path == "panel", route.isa).to(x2.dtype),
                  bias)
 
 
@@ -64,18 +68,18 @@ def _bias(y: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
 
 
 def masked_linear(x: torch.Tensor, mm: Masked, bias: torch.Tensor | None = None,
-                  module_path: str | None = None) -> torch.Tensor:
+                  module_path: Request = None) -> torch.Tensor:
     """``x (..., in) -> (..., out)`` for W ``(out, in)`` in runtime form ``mm``."""
-    y = _product(x.reshape(-1, mm.cols), mm, bias, module_path)
+    y = _product(x.reshape(-1, mm.cols), mm, bias, policy.route(module_path))
     return y.reshape(*x.shape[:-1], mm.rows)
 
 
-def _dense(x2: torch.Tensor, At: torch.Tensor, bias: torch.Tensor | None, module_path: str | None) -> torch.Tensor:
+def _dense(x2: torch.Tensor, At: torch.Tensor, bias: torch.Tensor | None, route: policy.Route) -> torch.Tensor:
     """``x2 (T, n) @ At.T (+ bias)`` for a contiguous ``At (m, n)``: the C++ bf16 GEMV for few tokens, else
     ``torch.mv`` per token up to `policy.MV_MAX_TOKENS`, else one GEMM (in `policy.gemm_dtype`, cast back)."""
     stored, At = At, At if At.dtype == x2.dtype else At.to(x2.dtype)
-    if policy.dense_path(x2, At, module_path) == "gemv":
-        return _build.loaded().dense_gemv(x2, At, bias, policy.SERIAL_BYTES, _build.isa())
+    if policy.dense_path(x2, At, route) == "gemv":
+        return _build.loaded().dense_gemv(x2, At, bias, policy.SERIAL_BYTES, route.isa)
     T = x2.shape[0]
     dtype = policy.gemm_dtype(x2.dtype, T)
     if dtype != x2.dtype:  # from the stored factor: one conversion, no rounding through x2's dtype
@@ -86,26 +90,37 @@ def _dense(x2: torch.Tensor, At: torch.Tensor, bias: torch.Tensor | None, module
     return F.linear(x2, At, None if bias is None else bias.to(x2.dtype))
 
 
+def _dense_gemv(x2: torch.Tensor, f: torch.Tensor | Masked, route: policy.Route) -> bool:
+    """Whether ``x2 @ fᵀ`` runs the C++ dense GEMV as it is (a bf16 tensor factor, no cast)."""
+    return not isinstance(f, Masked) and policy.dense_path(x2, f, route) == "gemv"
+
+
 def _factor(x2: torch.Tensor, f: torch.Tensor | Masked, bias: torch.Tensor | None,
-            module_path: str | None) -> torch.Tensor:
+            route: policy.Route) -> torch.Tensor:
     """``x2 (T, n) @ fᵀ (+ bias)`` for a row-major factor ``f (m, n)``: a contiguous tensor or a `Masked` form."""
-    return _product(x2, f, bias, module_path) if isinstance(f, Masked) else _dense(x2, f, bias, module_path)
+    return _product(x2, f, bias, route) if isinstance(f, Masked) else _dense(x2, f, bias, route)
 
 
 def lowrank_linear(x: torch.Tensor, Ut: torch.Tensor | Masked, Vt: torch.Tensor | Masked,
-                   bias: torch.Tensor | None = None, module_path: str | None = None) -> torch.Tensor:
+                   bias: torch.Tensor | None = None, module_path: Request = None) -> torch.Tensor:
     """``x (..., in) -> (..., out)`` = (x U) V + b from ``Uᵀ (r, in)``, ``Vᵀ (out, r)`` (`_factor`)."""
-    h = _factor(x.reshape(-1, Ut.shape[1]), Ut, None, module_path)  # (T, r)
-    y = _factor(h, Vt, bias, module_path)                            # (T, out)
+    route, x2 = policy.route(module_path), x.reshape(-1, Ut.shape[1])
+    if _dense_gemv(x2, Ut, route) and _dense_gemv(x2, Vt, route):  # both C++ GEMVs, in one call
+        y = _build.loaded().dense_dense_gemv(x2, Ut, Vt, bias, policy.SERIAL_BYTES, route.isa)
+    else:
+        y = _factor(_factor(x2, Ut, None, route), Vt, bias, route)  # (T, in) -> (T, r) -> (T, out)
     return y.reshape(*x.shape[:-1], Vt.shape[0])
 
 
 def dict_linear(x: torch.Tensor, Dt: torch.Tensor | Masked, mm: Masked, bias: torch.Tensor | None = None,
-                module_path: str | None = None) -> torch.Tensor:
+                module_path: Request = None) -> torch.Tensor:
     """``x (..., in) -> (..., out)`` = (x D) S + b, ``Dᵀ (k, in)`` (`_factor`), S given as Sᵀ ``(out, k)`` in
     form ``mm``."""
-    h = _factor(x.reshape(-1, Dt.shape[1]), Dt, None, module_path)  # (T, k)
-    y = _product(h, mm, bias, module_path)
+    route, x2 = policy.route(module_path), x.reshape(-1, Dt.shape[1])
+    if _dense_gemv(x2, Dt, route) and policy.masked_path(x2.shape[0], route) == "gemv":  # one call
+        y = masked.dense_then_gemv(x2, Dt, mm, bias, policy.SERIAL_BYTES, route.isa)
+    else:
+        y = _product(_factor(x2, Dt, None, route), mm, bias, route)  # (T, in) -> (T, k) -> (T, out)
     return y.reshape(*x.shape[:-1], mm.rows)
 
 

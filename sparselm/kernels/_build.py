@@ -124,15 +124,26 @@ def cpu_level() -> str:
     return LEVELS[int(ext.cpu_level())] if ext is not None else "scalar"
 
 
-def dense_level() -> str:
+def dense_level(cap: int | None = None) -> str:
     """The dense bf16 GEMV's path under the cap (`isa`): ``avx512`` (VDPBF16PS), ``avx2`` (AVX2 + FMA + F16C) or
     ``scalar`` (none: the dense factors take F.linear)."""
-    ext = loaded()
-    return LEVELS[int(ext.dense_level(isa()))] if ext is not None else "scalar"
+    return _level("dense_level", isa() if cap is None else cap)
 
 
-def gemv_level(kind: int, group: int = 0) -> str:
+def gemv_level(kind: int, group: int = 0, cap: int | None = None) -> str:
     """The masked GEMV's and unpack's path under the cap (`isa`) for a value kind (`masked.KIND`, ...) and
     quantization group."""
+    return _level("gemv_level", kind, group, isa() if cap is None else cap)
+
+
+def _level(query: str, *args: int) -> str:
+    """``ext.<query>(*args)`` as a `LEVELS` name, asked once per extension and arguments: the fast forwards ask on
+    every call, and a call into the extension costs microseconds."""
     ext = loaded()
-    return LEVELS[int(ext.gemv_level(kind, group, isa()))] if ext is not None else "scalar"
+    if ext is None:
+        return "scalar"
+    known = _state.setdefault("levels", {})
+    key = (query, *args)
+    if key not in known:
+        known[key] = LEVELS[int(getattr(ext, query)(*args))]
+    return known[key]

@@ -206,7 +206,7 @@ def panel_rows(mm: Masked, rows: int) -> int:
     return max(1, min(rows, -(-mm.rows // torch.get_num_threads())))
 
 
-def matmul_panels(x: torch.Tensor, mm: Masked, rows: int, use_ext: bool = True) -> torch.Tensor:
+def matmul_panels(x: torch.Tensor, mm: Masked, rows: int, use_ext: bool = True, isa: int | None = None) -> torch.Tensor:
     """``x (T, cols) -> (T, rows)``: unpack row panels, one dense GEMM each (output written in place)."""
     ext = _build.loaded() if use_ext else None
     dtype = x.dtype if x.dtype in KIND else torch.float32
@@ -215,7 +215,8 @@ def matmul_panels(x: torch.Tensor, mm: Masked, rows: int, use_ext: bool = True) 
         threads = min(torch.get_num_threads(), -(-mm.rows // p))
         _scratch["bytes"] = max(_scratch["bytes"], threads * p * mm.cols * torch.finfo(dtype).bits // 8)
         return ext.masked_panels_mm(x.to(dtype), mm.mask, mm.offsets, mm.values, mm.kind, mm.scale, mm.zero,
-                                    mm.group, mm.rows, mm.cols, p, _build.isa(), mm.block).t()
+                                    mm.group, mm.rows, mm.cols, p, _build.isa() if isa is None else isa,
+                                    mm.block).t()
     yT = torch.empty(mm.rows, x.shape[0], dtype=dtype)  # (rows, T): each panel's rows are contiguous
     xT = x.to(dtype).t()
     for r0 in range(0, mm.rows, p):
@@ -225,8 +226,18 @@ def matmul_panels(x: torch.Tensor, mm: Masked, rows: int, use_ext: bool = True) 
 
 
 def matmul_gemv(x: torch.Tensor, mm: Masked, bias: torch.Tensor | None = None,
-                serial_bytes: int = 0) -> torch.Tensor:
+                serial_bytes: int = 0, isa: int | None = None) -> torch.Tensor:
     """``x (T, cols) -> (T, rows)`` (+ bias) in x's dtype through the C++ GEMV (the extension must be available);
-    one thread below ``serial_bytes`` of weight bytes."""
+    one thread below ``serial_bytes`` of weight bytes; ``isa``: the cap (default `_build.isa`)."""
     return _build.loaded().masked_gemv(x, mm.mask, mm.offsets, mm.values, mm.kind, mm.scale, mm.zero, mm.group,
-                                       bias, mm.rows, mm.cols, _build.isa(), mm.block, serial_bytes)
+                                       bias, mm.rows, mm.cols, _build.isa() if isa is None else isa, mm.block,
+                                       serial_bytes)
+
+
+def dense_then_gemv(x: torch.Tensor, At: torch.Tensor, mm: Masked, bias: torch.Tensor | None = None,
+                    serial_bytes: int = 0, isa: int | None = None) -> torch.Tensor:
+    """``matmul_gemv(x @ Atᵀ, mm, bias)`` in one call into the extension, for a dense bf16 ``At`` (`dict_linear`'s
+    X·D then S at decode)."""
+    return _build.loaded().dense_masked_gemv(x, At, mm.mask, mm.offsets, mm.values, mm.kind, mm.scale, mm.zero,
+                                             mm.group, bias, mm.rows, mm.cols, _build.isa() if isa is None else isa,
+                                             mm.block, serial_bytes)

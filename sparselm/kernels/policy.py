@@ -12,6 +12,7 @@ environment variable (``auto`` | ``gemv`` | ``panel`` | ``torch`` | ``reference`
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
 import torch
 
@@ -68,6 +69,30 @@ def requested(module_path: str | None) -> str:
     return path
 
 
+@dataclass(frozen=True)
+class Route:
+    """A request resolved once per forward: the path (`requested`) and the instruction-set cap (`_build.isa`).
+    The functions below and in `kernels` take one wherever they take a module's ``kernel_path``, and then read
+    no environment variable and ask the extension nothing: at decode a forward's Python is part of its latency."""
+    path: str
+    isa: int
+
+
+_routes: dict[tuple, Route] = {}
+
+
+def route(module_path: "str | Route | None") -> Route:
+    """``module_path`` (a module's ``kernel_path``, or a `Route` already resolved) with the environment, resolved
+    and checked once per distinct request."""
+    if isinstance(module_path, Route):
+        return module_path
+    key = (module_path, os.environ.get("SPARSELM_KERNELS"), os.environ.get(_build.ISA_VAR))
+    found = _routes.get(key)
+    if found is None:
+        found = _routes[key] = Route(requested(module_path), _build.isa())
+    return found
+
+
 def gemm_dtype(dtype: torch.dtype, tokens: int) -> torch.dtype:
     """The dtype a GEMM of ``tokens`` rows of ``dtype`` input runs in (prefill panels, dense factors): float32
     for bf16 from `FLOAT32_MIN_TOKENS` tokens on a CPU without native bf16, else ``dtype`` itself."""
@@ -76,20 +101,21 @@ def gemm_dtype(dtype: torch.dtype, tokens: int) -> torch.dtype:
     return dtype
 
 
-def dense_path(x2: torch.Tensor, weight: torch.Tensor, module_path: str | None = None) -> str:
+def dense_path(x2: torch.Tensor, weight: torch.Tensor, module_path: "str | Route | None" = None) -> str:
     """``gemv`` (C++ bf16 GEMV: AVX-512 BF16 or AVX2) or ``torch`` for a dense factor product
     ``x2 (T, n) @ weight.T``."""
-    if requested(module_path) == "torch" or not (x2.dtype == weight.dtype == torch.bfloat16):
+    r = route(module_path)
+    if r.path == "torch" or not (x2.dtype == weight.dtype == torch.bfloat16):
         return "torch"
     limit = DENSE_GEMV_MAX_TOKENS if native_bf16() else DENSE_GEMV_MAX_TOKENS_EMULATED
-    if x2.shape[0] > limit or not weight.is_contiguous() or _build.dense_level() == "scalar":
+    if x2.shape[0] > limit or not weight.is_contiguous() or _build.dense_level(r.isa) == "scalar":
         return "torch"
     return "gemv"
 
 
-def masked_path(tokens: int, module_path: str | None = None) -> str:
+def masked_path(tokens: int, module_path: "str | Route | None" = None) -> str:
     """The path for a bitmask product over ``tokens`` rows of input."""
-    path = requested(module_path)
+    path = route(module_path).path
     if path == "torch" or _build.loaded() is None:
         return "torch"
     if path != "auto":

@@ -581,6 +581,9 @@ SPARSELM_AVX512 inline void dense_rows(const uint16_t* W, int64_t cols, const ui
   __m512 acc[R][2][TT];
   #pragma GCC unroll 8
   for (int i = 0; i < R; i++) for (int u = 0; u < 2; u++) for (int t = 0; t < TT; t++) acc[i][u][t] = _mm512_setzero_ps();
+  // rows shorter than the prefetch distance (the low-rank factors' Vᵀ, r = 1228 columns): 4 KiB ahead would land
+  // in the R rows read side by side now, so prefetch the same place R rows down instead
+  const int64_t ahead = 2 * cols >= kPrefetchBytes ? kPrefetchBytes : 2 * R * cols;
   for (int64_t col = 0; col < cols; col += 64) {
 #pragma GCC unroll 2
     for (int u = 0; u < 2; u++) {  // unrolled: acc in registers (rolled, GCC kept it on the stack, as in gemv_row)
@@ -594,7 +597,7 @@ SPARSELM_AVX512 inline void dense_rows(const uint16_t* W, int64_t cols, const ui
       #pragma GCC unroll 8
       for (int i = 0; i < R; i++) {
         const uint16_t* w = W + (r + i) * cols;
-        if (u == 0) prefetch_at(w, 2 * c + kPrefetchBytes);
+        if (u == 0) prefetch_at(w, 2 * c + ahead);
         __m512i v = _mm512_maskz_loadu_epi16(k, w + c);
         #pragma GCC unroll 8
         for (int t = 0; t < TT; t++) acc[i][u][t] = _mm512_dpbf16_ps(acc[i][u][t], (__m512bh)v, (__m512bh)xt[t]);
@@ -1257,6 +1260,22 @@ torch::Tensor dense_gemv(torch::Tensor x, torch::Tensor W, c10::optional<torch::
   return y;
 }
 
+// Two products in one call at decode, (X Aᵀ) then M: the low-rank factors (A = Uᵀ, M = Vᵀ dense) and the
+// dictionaries (A = Dᵀ, M = Sᵀ masked). The same kernels as two calls, less one trip through Python and pybind
+// (microseconds per layer, a tenth of a small layer's decode).
+torch::Tensor dense_dense_gemv(torch::Tensor x, torch::Tensor A, torch::Tensor W, c10::optional<torch::Tensor> bias,
+                               int64_t serial_bytes, int64_t isa) {
+  return dense_gemv(dense_gemv(x, A, c10::nullopt, serial_bytes, isa), W, bias, serial_bytes, isa);
+}
+
+torch::Tensor dense_masked_gemv(torch::Tensor x, torch::Tensor A, torch::Tensor mask, torch::Tensor offsets,
+                                torch::Tensor values, int64_t kind, c10::optional<torch::Tensor> scale,
+                                c10::optional<torch::Tensor> zero, int64_t group, c10::optional<torch::Tensor> bias,
+                                int64_t rows, int64_t cols, int64_t isa, int64_t block, int64_t serial_bytes) {
+  return masked_gemv(dense_gemv(x, A, c10::nullopt, serial_bytes, isa), mask, offsets, values, kind, scale, zero,
+                     group, bias, rows, cols, isa, block, serial_bytes);
+}
+
 // dense rows r0..r1-1 of M into o (row r at o + r * cols) on the path `level` (gemv_level)
 template <typename OutT>
 void unpack_rows(const Masked& m, int64_t level, int64_t r0, int64_t r1, OutT* o) {
@@ -1327,6 +1346,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
   mod.def("dense_level", &dense_level, "dense_gemv's path under a cap: 2 AVX-512, 1 AVX2, 0 unavailable");
   mod.def("masked_gemv", &masked_gemv, "Y = X M^T (+ bias) for a bitmask-packed matrix M, in x's dtype");
   mod.def("dense_gemv", &dense_gemv, "Y = X W^T (+ bias) for a dense bf16 W, few bf16 tokens");
+  mod.def("dense_dense_gemv", &dense_dense_gemv, "Y = (X A^T) W^T (+ bias): dense_gemv twice in one call");
+  mod.def("dense_masked_gemv", &dense_masked_gemv, "Y = (X A^T) M^T (+ bias): dense_gemv, then masked_gemv");
   mod.def("masked_panels_mm", &masked_panels_mm, "Y^T = M X^T through per-thread unpacked panels + GEMM");
   mod.def("masked_unpack", &masked_unpack, "dense rows r0..r1 of a bitmask-packed matrix into out");
 }
