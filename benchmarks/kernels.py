@@ -132,11 +132,14 @@ def copies_for(nbytes: int, cycle_mb: int) -> int:
 
 
 def interleaved(fns: dict, n_copies: dict, repeats: int) -> dict:
-    """Median seconds of each ``fns[k](i)`` (i cycles through ``n_copies[k]`` weights), one round at a time."""
+    """Median seconds of each ``fns[k](i)`` (i cycles through ``n_copies[k]`` weights), one round at a time.
+    Variants that share one list of copies (``nn.Linear`` and ``torch.mv``; the paths or levels of one layer)
+    start at evenly spaced copies: else each would read the copy the variant before it had just pulled into
+    the cache (a warm weight: ``torch.mv`` after ``nn.Linear`` read 2-8 MiB layers from cache here)."""
     times = {k: [] for k in fns}
     for f in fns.values():  # warm-up (the callers build every copy's runtime form beforehand)
         f(0)
-    step = {k: 0 for k in fns}
+    step = {k: j * n_copies[k] // len(fns) for j, k in enumerate(fns)}
     for _ in range(repeats):
         for k, f in fns.items():
             t = time.perf_counter()
@@ -446,6 +449,17 @@ def avx2_section(data: dict) -> list[str]:
                          "before_vs_best_dense", "after_vs_best_dense", "target", "met"]), ""]
 
 
+def _omp(machine: dict) -> str:
+    """The OpenMP wait policy a run had (``PASSIVE`` wakes a sleeping thread for every parallel region: about
+    0.1 ms per 2-thread region on the Intel Xeon, more than a small layer's decode)."""
+    if "omp_wait_policy" not in machine:
+        return "`OMP_WAIT_POLICY` not recorded"
+    policy = machine["omp_wait_policy"]
+    return (f"`OMP_WAIT_POLICY={policy}`" if policy else
+            "`OMP_WAIT_POLICY` unset (as in a plain `transformers` run: libgomp's threads spin a while after a "
+            "parallel region, then sleep)")
+
+
 def write(results: dict) -> None:
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / f"{STEM}.json").write_text(json.dumps(results, indent=1))
@@ -454,7 +468,7 @@ def write(results: dict) -> None:
     md = [f"# Compressed-layer kernels: speed on CPU\n",
           f"Written by `benchmarks/kernels.py` ({m['when']}). CPU: {m['cpu']}; torch {m['torch']}; kernels: "
           f"{m['kernels']}. bf16, random weights, medians of interleaved runs with weights cycled past the "
-          f"last-level cache (`--cycle-mb {m['cycle_mb']}`), `OMP_WAIT_POLICY=PASSIVE`.{load} Compressed "
+          f"last-level cache (`--cycle-mb {m['cycle_mb']}`), {_omp(m)}.{load} Compressed "
           "and dense runs are interleaved, so that other jobs, if any, slow both sides alike. "
           "`vs best dense` = compressed time / min(`nn.Linear`, `torch.mv` at 1 token), from medians; "
           "`*_min_ms`, `vs_best_dense_min`, `met_min` and `speedup_best` use the fastest run of each variant "
@@ -511,7 +525,8 @@ def main() -> None:
     p.add_argument("--tokens", nargs="+", type=int, default=[1, 512])
     p.add_argument("--repeats", type=int, default=15)
     p.add_argument("--prefill-repeats", type=int, default=5)
-    p.add_argument("--cycle-mb", type=int, default=512)
+    p.add_argument("--cycle-mb", type=int, default=1024, help="dense bytes of weight copies cycled through per "
+                   "variant: at least twice the last-level cache (480 MiB on the Intel Xeon)")
     p.add_argument("--e2e", nargs="+", default=["lowrank:0.4", "dict:0.4", "unstructured:0.5", "2:4:0"])
     p.add_argument("--e2e-layers", type=int, default=16)
     p.add_argument("--e2e-batch", nargs="+", type=int, default=[1, 8])
@@ -534,6 +549,7 @@ def main() -> None:
     load0 = os.getloadavg()[0]
     results = {**old, "machine": {"when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "torch": torch.__version__,
                                   "cpu": _cpu(), "cycle_mb": args.cycle_mb, "amx": kernels.policy.amx(),
+                                  "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
                                   "serial_bytes": kernels.policy.SERIAL_BYTES,
                                   "kernels": _kernels()}}
     if args.part in ("layers", "all"):
