@@ -3,7 +3,9 @@ from; kept apart from quality evaluation.
 
 Measured (median and spread of ``repeats`` runs after a warm-up, compressed and dense interleaved):
   * per layer type and shape: latency of one compressed layer vs its dense ``nn.Linear`` (and ``torch.mv``
-    at one token), at decode (1 token) and prefill (``layer_tokens``);
+    at one token), at decode (1 token) and prefill (``layer_tokens``), each call with cold caches (`_Evict`): in
+    a model's decode every layer reads its weight from memory, and timing one layer over and over would read it
+    from cache (the Intel Xeon here has a 480 MiB L3) and measure arithmetic instead;
   * end to end: ``generate`` tokens/s with the KV cache at each batch size, prefill tokens/s;
   * memory: resident weight bytes (compressed layers: stored vs resident, runtime forms included; the rest)
     and the peak resident set while running (CPU) or peak allocated bytes (accelerator).
@@ -35,13 +37,29 @@ def _stats(times: list[float]) -> dict:
             "runs": len(ms)}
 
 
-def _interleaved(fns: dict, repeats: int, dev: torch.device) -> dict:
-    """Time each function ``repeats`` times, one round of all of them at a time (fair under shared load)."""
+class _Evict:
+    """Evicts the caches in front of ``dev``'s memory: reads and writes a buffer twice the last-level cache
+    (`device.last_level_cache_bytes`; 64 MiB if unknown, at most 2 GiB). A plain fill would not do: large
+    memsets use stores that bypass the cache."""
+
+    def __init__(self, dev: torch.device):
+        self.nbytes = min(2 * (devices.last_level_cache_bytes(dev) or 32 << 20), 2 << 30)
+        self._buf = torch.zeros(self.nbytes // 4, dtype=torch.int32, device=dev)
+
+    def __call__(self) -> None:
+        self._buf.add_(1)
+
+
+def _interleaved(fns: dict, repeats: int, dev: torch.device, before=None) -> dict:
+    """Time each function ``repeats`` times, one round of all of them at a time (fair under shared load);
+    ``before`` (untimed) runs before each timed call."""
     times = {k: [] for k in fns}
     for f in fns.values():
         f()  # warm-up: builds runtime forms and the C++ extension, grows scratch buffers
     for _ in range(repeats):
         for k, f in fns.items():
+            if before is not None:
+                before()
             devices.synchronize(dev)
             t = time.perf_counter()
             f()
@@ -128,9 +146,10 @@ def _signature(m: CompressedLinear) -> str:
 
 
 def layer_rows(compressed: nn.Module, dense: nn.Module | None, tokens: list[int], repeats: int,
-               dev: torch.device) -> list[dict]:
+               dev: torch.device, evict: _Evict | None = None) -> list[dict]:
     """One row per distinct compressed layer type and shape, per token count (a structurally narrowed plain
-    layer beside the dense layer it replaced, each with an input of its own width)."""
+    layer beside the dense layer it replaced, each with an input of its own width); ``evict`` runs before each
+    timed call."""
     firsts: dict[str, str] = {}
     for name, m in io.compressed_modules(compressed).items():
         firsts.setdefault(_signature(m), name)
@@ -149,7 +168,7 @@ def layer_rows(compressed: nn.Module, dense: nn.Module | None, tokens: list[int]
                 fns["dense_linear"] = lambda: dm(xd)
                 if t == 1:
                     fns["dense_mv"] = lambda: torch.mv(dm.weight, xd[0])
-            r = _interleaved(fns, repeats, dev)
+            r = _interleaved(fns, repeats, dev, evict)
             row = {"layer": sig, "example": name, "tokens": t, **{f"{k}_ms": v["median_ms"] for k, v in r.items()},
                    "spread": r}
             if "dense_linear" in r:
@@ -207,5 +226,7 @@ def run(path: str | None, repeats: int = 3, layer_tokens: tuple[int, ...] = (1, 
         result["speedup"] = {k: round(result["compressed"][k]["tokens_per_s"] / result["dense"][k]["tokens_per_s"], 3)
                              for k in result["compressed"] if isinstance(result["compressed"][k], dict)
                              and "tokens_per_s" in result["compressed"][k]}
-    result["layers"] = layer_rows(compressed, dense, list(layer_tokens), repeats, dev)
+    evict = _Evict(dev)
+    result["layer_cache_evicted_bytes"] = evict.nbytes
+    result["layers"] = layer_rows(compressed, dense, list(layer_tokens), repeats, dev, evict)
     return result

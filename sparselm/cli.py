@@ -310,7 +310,8 @@ def _show_bench(r: dict) -> None:
         t.add_row(key, str(c["memory"][key]), str(d.get("memory", {}).get(key, "")), "")
     t.add_row("peak_rss_bytes", str(c["peak_rss_bytes"]), str(d.get("peak_rss_bytes", "")), "")
     console.print(t)
-    lt = Table(title="per layer (ms)")
+    lt = Table(title=f"per layer (ms; caches evicted before each call, {r['layer_cache_evicted_bytes'] >> 20} MiB: "
+                     "weights read from memory, as in a model's decode)")
     for col in ("layer", "tokens", "compressed", "nn.Linear", "torch.mv", "vs linear", "vs best dense"):
         lt.add_column(col, justify="left" if col == "layer" else "right")
     for row in r["layers"]:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import functools
 import logging
+from pathlib import Path
 
 import torch
 
@@ -31,6 +32,21 @@ def pick(requested: str | None = None) -> torch.device:
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def last_level_cache_bytes(device: torch.device) -> int | None:
+    """The largest cache in front of ``device``'s memory: a CUDA device's L2, else the CPU's last level (Linux
+    sysfs, cpu0); None where it cannot be read."""
+    if device.type == "cuda":
+        return int(torch.cuda.get_device_properties(device).L2_cache_size) or None
+    sizes = []
+    for entry in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*/size"):
+        text = entry.read_text().strip().upper()
+        unit = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:], 1)
+        digits = text.rstrip("KMG")
+        if digits.isdigit():
+            sizes.append(int(digits) * unit)
+    return max(sizes, default=None)
 
 
 def peak_memory(device: torch.device) -> int | None:

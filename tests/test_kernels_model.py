@@ -7,6 +7,7 @@ import torch
 import transformers as tf
 
 from sparselm import api, io
+from sparselm import device as devices
 from sparselm.modules import CompressedLinear, reference_forwards
 
 METHODS = {"magnitude-50%": ("magnitude", None, 0.5, None), "wanda-2:4": ("wanda", None, None, "2:4"),
@@ -105,6 +106,31 @@ def test_bench_command_reports_both_models(bundled_compressed, as_json):
     assert s["dense"]["memory"]["resident_weight_bytes"] > mem["resident_weight_bytes"]
     assert {"generate_b1", "generate_b2", "prefill_16"} <= set(s["speedup"])
     assert {row["tokens"] for row in s["layers"]} == {1, 9} and "vs_best_dense" in s["layers"][0]
+    llc = devices.last_level_cache_bytes(torch.device("cpu"))
+    assert s["layer_cache_evicted_bytes"] == (min(2 * llc, 2 << 30) if llc else 64 << 20)
+
+
+def test_per_layer_timings_evict_the_caches_before_every_timed_call():
+    from sparselm import bench
+    order = []
+    fns = {"a": lambda: order.append("a"), "b": lambda: order.append("b")}
+    bench._interleaved(fns, 3, torch.device("cpu"), lambda: order.append("evict"))
+    assert order == ["a", "b"] + ["evict", "a", "evict", "b"] * 3  # the warm-up runs once, unevicted
+    evict = bench._Evict(torch.device("cpu"))
+    before = evict._buf.clone()
+    evict()
+    assert torch.equal(evict._buf, before + 1) and evict._buf.numel() * 4 == evict.nbytes
+
+
+def test_last_level_cache_is_read_from_sysfs(monkeypatch, tmp_path):
+    for i, size in enumerate(["48K", "2048K", "480M"]):  # L1, L2, L3
+        (tmp_path / f"index{i}").mkdir()
+        (tmp_path / f"index{i}" / "size").write_text(size + "\n")
+    real = devices.Path
+    monkeypatch.setattr(devices, "Path", lambda p: tmp_path if "cpu0/cache" in str(p) else real(p))
+    assert devices.last_level_cache_bytes(torch.device("cpu")) == 480 << 20
+    monkeypatch.setattr(devices, "Path", lambda p: tmp_path / "absent")
+    assert devices.last_level_cache_bytes(torch.device("cpu")) is None
 
 
 def test_bench_rebuilds_the_dense_model_when_the_base_is_gone(bundled_compressed, tmp_path):
