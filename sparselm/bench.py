@@ -43,7 +43,8 @@ class _Evict:
     memsets use stores that bypass the cache."""
 
     def __init__(self, dev: torch.device):
-        self.nbytes = min(2 * (devices.last_level_cache_bytes(dev) or 32 << 20), 2 << 30)
+        llc = devices.last_level_cache_bytes(dev)
+        self.nbytes = min(2 * llc, 2 << 30) if llc else 64 << 20
         self._buf = torch.zeros(self.nbytes // 4, dtype=torch.int32, device=dev)
 
     def __call__(self) -> None:

@@ -117,6 +117,11 @@ def isa() -> int:
     return LEVELS.index(raw)
 
 
+def resolve_isa(given: int | None) -> int:
+    """``given`` (a level already resolved, e.g. a `policy.Route`'s) or else `isa` from the environment."""
+    return isa() if given is None else given
+
+
 def cpu_level() -> str:
     """The best kernel path this CPU runs, whatever the cap: ``avx512`` (VBMI2 + BF16), ``avx2`` (AVX2 + FMA +
     F16C) or ``scalar`` (also without the extension)."""
@@ -127,13 +132,13 @@ def cpu_level() -> str:
 def dense_level(cap: int | None = None) -> str:
     """The dense bf16 GEMV's path under the cap (`isa`): ``avx512`` (VDPBF16PS), ``avx2`` (AVX2 + FMA + F16C) or
     ``scalar`` (none: the dense factors take F.linear)."""
-    return _level("dense_level", isa() if cap is None else cap)
+    return _level("dense_level", resolve_isa(cap))
 
 
 def gemv_level(kind: int, group: int = 0, cap: int | None = None) -> str:
     """The masked GEMV's and unpack's path under the cap (`isa`) for a value kind (`masked.KIND`, ...) and
     quantization group."""
-    return _level("gemv_level", kind, group, isa() if cap is None else cap)
+    return _level("gemv_level", kind, group, resolve_isa(cap))
 
 
 def _level(query: str, *args: int) -> str:

@@ -215,7 +215,7 @@ def matmul_panels(x: torch.Tensor, mm: Masked, rows: int, use_ext: bool = True, 
         threads = min(torch.get_num_threads(), -(-mm.rows // p))
         _scratch["bytes"] = max(_scratch["bytes"], threads * p * mm.cols * torch.finfo(dtype).bits // 8)
         return ext.masked_panels_mm(x.to(dtype), mm.mask, mm.offsets, mm.values, mm.kind, mm.scale, mm.zero,
-                                    mm.group, mm.rows, mm.cols, p, _build.isa() if isa is None else isa,
+                                    mm.group, mm.rows, mm.cols, p, _build.resolve_isa(isa),
                                     mm.block).t()
     yT = torch.empty(mm.rows, x.shape[0], dtype=dtype)  # (rows, T): each panel's rows are contiguous
     xT = x.to(dtype).t()
@@ -230,7 +230,7 @@ def matmul_gemv(x: torch.Tensor, mm: Masked, bias: torch.Tensor | None = None,
     """``x (T, cols) -> (T, rows)`` (+ bias) in x's dtype through the C++ GEMV (the extension must be available);
     one thread below ``serial_bytes`` of weight bytes; ``isa``: the cap (default `_build.isa`)."""
     return _build.loaded().masked_gemv(x, mm.mask, mm.offsets, mm.values, mm.kind, mm.scale, mm.zero, mm.group,
-                                       bias, mm.rows, mm.cols, _build.isa() if isa is None else isa, mm.block,
+                                       bias, mm.rows, mm.cols, _build.resolve_isa(isa), mm.block,
                                        serial_bytes)
 
 
@@ -239,5 +239,5 @@ def dense_then_gemv(x: torch.Tensor, At: torch.Tensor, mm: Masked, bias: torch.T
     """``matmul_gemv(x @ Atᵀ, mm, bias)`` in one call into the extension, for a dense bf16 ``At`` (`dict_linear`'s
     X·D then S at decode)."""
     return _build.loaded().dense_masked_gemv(x, At, mm.mask, mm.offsets, mm.values, mm.kind, mm.scale, mm.zero,
-                                             mm.group, bias, mm.rows, mm.cols, _build.isa() if isa is None else isa,
+                                             mm.group, bias, mm.rows, mm.cols, _build.resolve_isa(isa),
                                              mm.block, serial_bytes)
