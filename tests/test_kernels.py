@@ -297,7 +297,9 @@ def test_bf16_products_run_in_float32_without_native_bf16(native, monkeypatch):
     _check(lr, _inputs(70, torch.bfloat16, (beyond_gemv,)), None, torch.bfloat16)
     x = _inputs(70, torch.bfloat16, (kernels.policy.DENSE_GEMV_MAX_TOKENS_EMULATED,))
     gemv = kernels.extension_available() and _build.dense_level() != "scalar"
-    assert kernels.policy.dense_path(x, lr.U.t().contiguous()) == ("gemv" if gemv and not native else "torch")
+    many_path = "panel" if kernels.extension_available() else "torch"  # per-thread GEMMs where bf16 is native
+    assert kernels.policy.dense_path(x, lr.U.t().contiguous()) == ("gemv" if gemv and not native else
+                                                                   many_path if native else "torch")
 
 
 def test_runtime_follows_buffer_writes():
@@ -449,6 +451,52 @@ def test_low_rank_dense_paths_match_reference(mv_tokens, path, monkeypatch):
     x = _inputs(70, torch.bfloat16, (2,))
     expect = "gemv" if path is None and _build.dense_level() != "scalar" else "torch"
     assert kernels.policy.dense_path(x, m.U.t().contiguous(), path) == expect
+
+
+@pytest.mark.skipif(not kernels.extension_available(), reason="needs the built C++ extension")
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("rows", [1, 15, 16, 33, 70])
+def test_dense_panels_split_the_rows_and_equal_one_gemm(threads, rows):
+    """Yᵀ = W Xᵀ in one single-threaded GEMM per thread over row ranges (multiples of 16, the last the rest):
+    every row computed once, each equal to one GEMM over all of W, from a contiguous or a transposed X."""
+    ext = _build.loaded()
+    W = torch.randn(rows, 40, generator=torch.Generator().manual_seed(2)).to(torch.bfloat16)
+    x = _inputs(40, torch.bfloat16, (23,))
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        got, got_t = ext.dense_panels_mm(x, W), ext.dense_panels_mm(x.t().contiguous().t(), W)
+    finally:
+        torch.set_num_threads(before)
+    assert got.shape == (rows, 23) and got.is_contiguous()
+    ref = (W.float() @ x.float().t())
+    for y in (got, got_t):
+        torch.testing.assert_close(y.float(), ref, rtol=1e-2, atol=1e-2 * ref.abs().max().item())
+
+
+@pytest.mark.skipif(not kernels.extension_available() or not kernels.policy.native_bf16(),
+                    reason="needs the built C++ extension and native bf16 products")
+def test_factors_at_prefill_take_the_dense_panels_and_chain_transposed(monkeypatch):
+    """Beyond the GEMV's tokens, bf16 low-rank and dictionary factors run `dense_panels_mm` (the second factor
+    reading the first's transposed output), match the reference, and F.linear when the panels are off."""
+    ext, calls = _build.loaded(), []
+    for name in ("dense_panels_mm", "masked_panels_mm"):
+        monkeypatch.setattr(ext, name, (lambda f: lambda *a: calls.append(f.__name__) or f(*a))(getattr(ext, name)))
+    lr = LowRankLinear(torch.randn(70, 9), torch.randn(9, 33), torch.randn(33), torch.bfloat16)
+    keep = torch.rand(12, 33, generator=torch.Generator().manual_seed(3)) < 0.4
+    sd = SparseDictLinear(torch.randn(70, 12), torch.randn(12, 33) * keep, keep, None, dtype=torch.bfloat16)
+    x = _inputs(70, torch.bfloat16, (2, 11))
+    _check(lr, x, None, torch.bfloat16)
+    assert calls == ["dense_panels_mm", "dense_panels_mm"]
+    calls.clear()
+    _check(sd, x, None, torch.bfloat16)
+    assert calls == ["dense_panels_mm", "masked_panels_mm"]
+    calls.clear()
+    monkeypatch.setattr(kernels.policy, "DENSE_PANELS", False)
+    fast = lr(x)
+    assert "dense_panels_mm" not in calls
+    lr.kernel_path = "reference"
+    torch.testing.assert_close(fast.float(), lr(x).float(), rtol=0, atol=TOL[torch.bfloat16] * 40)
 
 
 @pytest.mark.skipif(not kernels.extension_available(), reason="needs the built C++ extension")

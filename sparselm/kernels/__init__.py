@@ -75,11 +75,15 @@ def masked_linear(x: torch.Tensor, mm: Masked, bias: torch.Tensor | None = None,
 
 
 def _dense(x2: torch.Tensor, At: torch.Tensor, bias: torch.Tensor | None, route: policy.Route) -> torch.Tensor:
-    """``x2 (T, n) @ At.T (+ bias)`` for a contiguous ``At (m, n)``: the C++ bf16 GEMV for few tokens, else
-    ``torch.mv`` per token up to `policy.MV_MAX_TOKENS`, else one GEMM (in `policy.gemm_dtype`, cast back)."""
+    """``x2 (T, n) @ At.T (+ bias)`` for a contiguous ``At (m, n)``: the C++ bf16 GEMV for few tokens, the C++
+    per-thread GEMMs for more (`policy.dense_path`), else ``torch.mv`` per token up to `policy.MV_MAX_TOKENS`,
+    else one GEMM (in `policy.gemm_dtype`, cast back)."""
     stored, At = At, At if At.dtype == x2.dtype else At.to(x2.dtype)
-    if policy.dense_path(x2, At, route) == "gemv":
+    path = policy.dense_path(x2, At, route)
+    if path == "gemv":
         return _build.loaded().dense_gemv(x2, At, bias, policy.SERIAL_BYTES, route.isa)
+    if path == "panel":  # (T, m) as a transposed view: a next factor reads its Xᵀ contiguous
+        return _bias(_build.loaded().dense_panels_mm(x2, At).t(), bias)
     T = x2.shape[0]
     dtype = policy.gemm_dtype(x2.dtype, T)
     if dtype != x2.dtype:  # from the stored factor: one conversion, no rounding through x2's dtype

@@ -54,6 +54,12 @@ MV_MAX_TOKENS = 0
 # docs/benchmarks/kernels.md "quiet recheck") was faster with both threads everywhere: low rank 0.4 1.26x vs
 # 1.10x dense, dictionary 0.4 1.27x vs 1.08x, 50 % 1.47x vs 1.42x with a 16 MiB threshold. Default: 0.
 SERIAL_BYTES = 0
+# dense bf16 factors beyond the GEMV's tokens as Yᵀ = W Xᵀ, one single-threaded GEMM per thread over W's rows
+# (C++ `dense_panels_mm`) instead of one F.linear: the 0.4 low-rank factors of the eight Llama-3.2-1B / 3-8B
+# layer shapes, 2 threads, Intel Xeon (AMX), warm, medians (docs/benchmarks/README.md "Kernels", session 13):
+# 0.45-0.76x dense at 512 tokens against 0.50-1.56x for two F.linear, never more than ~15 % behind one
+# two-thread Yᵀ = W Xᵀ GEMM at 8-2048 tokens, which itself lost up to 2x at 384-768 tokens
+DENSE_PANELS = True
 # rows per unpacked panel (each feeds one GEMM of M = rows): 256 measured best at 2048..14336 inputs, 512
 # tokens (64-row panels were 1.7-2.6x slower, 512 rows lost the cache); fewer when a layer has few rows
 # so that every thread gets a panel
@@ -102,15 +108,15 @@ def gemm_dtype(dtype: torch.dtype, tokens: int) -> torch.dtype:
 
 
 def dense_path(x2: torch.Tensor, weight: torch.Tensor, module_path: "str | Route | None" = None) -> str:
-    """``gemv`` (C++ bf16 GEMV: AVX-512 BF16 or AVX2) or ``torch`` for a dense factor product
-    ``x2 (T, n) @ weight.T``."""
+    """For a dense factor product ``x2 (T, n) @ weight.T``: ``gemv`` (C++ bf16 GEMV: AVX-512 BF16 or AVX2) up to
+    the GEMV's token limit, ``panel`` beyond it on a CPU with native bf16 products (one single-threaded GEMM
+    per thread over the weight's rows, output transposed: `DENSE_PANELS`), else ``torch`` (one F.linear)."""
     r = route(module_path)
-    if r.path == "torch" or not (x2.dtype == weight.dtype == torch.bfloat16):
+    if r.path == "torch" or not (x2.dtype == weight.dtype == torch.bfloat16) or not weight.is_contiguous():
         return "torch"
-    limit = DENSE_GEMV_MAX_TOKENS if native_bf16() else DENSE_GEMV_MAX_TOKENS_EMULATED
-    if x2.shape[0] > limit or not weight.is_contiguous() or _build.dense_level(r.isa) == "scalar":
-        return "torch"
-    return "gemv"
+    if x2.shape[0] > (DENSE_GEMV_MAX_TOKENS if native_bf16() else DENSE_GEMV_MAX_TOKENS_EMULATED):
+        return "panel" if DENSE_PANELS and native_bf16() and _build.loaded() is not None else "torch"
+    return "torch" if _build.dense_level(r.isa) == "scalar" else "gemv"
 
 
 def masked_path(tokens: int, module_path: "str | Route | None" = None) -> str:
