@@ -513,6 +513,11 @@ def _cases(args):
                 yield model, proj, in_f, out_f, kind, ratio
 
 
+def _key(row: dict) -> tuple:
+    """What a layer row measured: rows with one key replace each other (`--append`)."""
+    return tuple(row[k] for k in ("model", "proj", "kind", "ratio", "threads", "tokens"))
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--part", default="all", choices=["layers", "crossover", "unpack", "isa", "e2e", "all"],
@@ -533,7 +538,8 @@ def main() -> None:
     p.add_argument("--e2e-repeats", type=int, default=3)
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--merge", action="store_true", help="keep the other parts' rows from the existing JSON")
-    p.add_argument("--append", action="store_true", help="with --merge: add layer rows to the existing ones")
+    p.add_argument("--append", action="store_true", help="with --merge: keep the existing layer rows, those "
+                   "this run measures again replaced by the new ones")
     p.add_argument("--render", action="store_true", help="only rewrite kernels.md from the existing kernels.json")
     p.add_argument("--out", default="kernels", help="file stem under docs/benchmarks (e.g. kernels_avx2: rows of "
                    "another CPU kept apart from kernels.{md,json})")
@@ -557,8 +563,13 @@ def main() -> None:
         for model, proj, in_f, out_f, kind, ratio in _cases(args):
             for threads in args.threads:
                 for row in layer_case(kind, in_f, out_f, ratio, args.tokens, threads, args):
-                    results["layers"].append({"model": model, "proj": proj, **row})
-                    print(results["layers"][-1], flush=True)
+                    row = {"model": model, "proj": proj, **row}
+                    at = [i for i, r in enumerate(results["layers"]) if _key(r) == _key(row)]
+                    if at:  # in place: the table keeps its order
+                        results["layers"][at[0]] = row
+                    else:
+                        results["layers"].append(row)
+                    print(row, flush=True)
             write(results)
     if args.part in ("crossover", "all"):
         results["crossover"] = crossover(args)
