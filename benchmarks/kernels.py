@@ -243,7 +243,7 @@ def unpack_cost(args) -> list[dict]:
             rt = m.runtime()
             for threads in args.threads:
                 torch.set_num_threads(threads)
-                p = kmasked.panel_rows(rt, kernels.policy.panel_rows())
+                p = kmasked.panel_rows(rt, kernels.policy.PANEL_ROWS)
                 scratch = torch.empty(p * in_f, dtype=DT)
 
                 def unpack(_):

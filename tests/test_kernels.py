@@ -374,7 +374,6 @@ def test_relaid_factors_save_like_the_originals(tmp_path):
 @pytest.mark.parametrize("path", PATHS)
 def test_many_small_panels_match_reference(path, monkeypatch):
     monkeypatch.setattr(kernels.policy, "PANEL_ROWS", 5)
-    monkeypatch.setattr(kernels.policy, "PANEL_ROWS_AMX", 5)
     torch.manual_seed(0)
     mask = torch.rand(50, 23) < 0.5  # S (k 50, out 23): 5 panels of Sᵀ rows
     mod = SparseDictLinear(torch.randn(30, 50), torch.randn(50, 23) * mask, mask, torch.randn(23),

@@ -59,7 +59,7 @@ def _product(x2: torch.Tensor, mm: Masked, bias: torch.Tensor | None, route: pol
     if path == "gemv":
         return masked.matmul_gemv(x2, mm, bias, policy.SERIAL_BYTES, route.isa)
     dtype = policy.gemm_dtype(x2.dtype, x2.shape[0])
-    return _bias(masked.matmul_panels(x2.to(dtype), mm, policy.panel_rows(), path == "panel", route.isa).to(x2.dtype),
+    return _bias(masked.matmul_panels(x2.to(dtype), mm, policy.PANEL_ROWS, path == "panel", route.isa).to(x2.dtype),
                  bias)
 
 

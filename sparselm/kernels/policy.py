@@ -64,16 +64,6 @@ DENSE_PANELS = True
 # tokens (64-row panels were 1.7-2.6x slower, 512 rows lost the cache); fewer when a layer has few rows
 # so that every thread gets a panel
 PANEL_ROWS = 256
-# the same on a CPU with AMX (`amx`): larger panels feed oneDNN's AMX GEMM better. 50 % of the eight Llama-3.2-1B /
-# 3-8B shapes, 512 tokens, 2 threads, weights cycled, Intel Xeon (docs/benchmarks/README.md "Kernels", session 13):
-# 256 / 512 / 1024 rows took 1.01-1.23x / 0.64-1.36x / 0.65-1.19x dense
-PANEL_ROWS_AMX = 1024
-
-
-def panel_rows() -> int:
-    """Rows per unpacked panel on this CPU (`PANEL_ROWS`, `PANEL_ROWS_AMX`; `masked.panel_rows` lowers it so
-    that every thread gets a panel)."""
-    return PANEL_ROWS_AMX if amx() else PANEL_ROWS
 
 
 def requested(module_path: str | None) -> str:
