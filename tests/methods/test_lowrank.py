@@ -7,7 +7,7 @@ from sparselm.capture import LinearStats
 from sparselm.config import ASVDSpec, Ratio, SVDLLMSpec, SVDSpec
 from sparselm.methods import Factored, compress_weight
 from sparselm.methods.lowrank import asvd, svd, svd_llm
-from sparselm.methods.whiten import whiten
+from sparselm.methods.whiten import upper_mm, whiten
 
 
 def _data(out=24, inp=16, tokens=200, seed=0):
@@ -28,6 +28,14 @@ def test_whitening_identity():
     lhs = (X.double() @ (W - W_hat).double().T).norm()
     rhs = (L @ (W - W_hat).double().T).norm()
     assert torch.allclose(lhs, rhs, rtol=1e-9)
+
+
+@pytest.mark.parametrize("n", [5, 255, 256, 301, 520])  # one product below 256, halves (and quarters) above
+def test_upper_triangular_product_in_blocks_equals_the_full_product(n):
+    g = torch.Generator().manual_seed(n)
+    U = torch.randn(n, n, generator=g, dtype=torch.float64).triu()
+    B = torch.randn(n, 7, generator=g, dtype=torch.float64)
+    torch.testing.assert_close(upper_mm(U, B), U @ B, rtol=1e-12, atol=1e-12)
 
 
 def test_svd_llm_error_is_discarded_whitened_singular_values():
