@@ -42,7 +42,7 @@ from .. import formats
 from ..capture import LinearStats, gram
 from ..config import RocketSpec, Storage
 from ..errors import InputError
-from . import SparseDict, register
+from . import SparseDict, register, rocket_cpu
 from .whiten import Whitening, whiten
 
 
@@ -250,7 +250,10 @@ def largest(x: torch.Tensor, n: int, exclude: torch.Tensor | None = None, stride
 def sq_norm(x: torch.Tensor, row: int = 1024) -> float:
     """``‖x‖²`` of a float32 ``x``: float32 norms of runs of ``row`` entries, their squares summed in float64.
     Relative error about 1e-9 on SmolLM2's coefficient matrices (float64 accumulation: 1e-13, but 15× slower;
-    one float32 norm of the whole: 1e-5 to 1e-3), well below the float32 products' own rounding."""
+    one float32 norm of the whole: 1e-5 to 1e-3), well below the float32 products' own rounding. On CPU with
+    numba: one compiled pass summing the squares in float64 (`rocket_cpu.sq_norm`)."""
+    if x.dtype == torch.float32 and rocket_cpu.usable(x):
+        return rocket_cpu.sq_norm(x)
     flat = (x if x.is_contiguous() or not x.mT.is_contiguous() else x.mT).reshape(-1)  # no copy of a column-major x
     whole = flat.numel() - flat.numel() % row
     runs = torch.linalg.vector_norm(flat[:whole].view(-1, row), dim=1).double().square().sum()
@@ -290,11 +293,17 @@ def factorize(svd: WhitenedSVD, k: int, keep: int, refill: int, lam: float, refi
     a single one (the final compression) takes the plain top-k, the same mask."""
     B = svd.U[:, :k]  # (in, k)
     C = svd.coeffs[:k]  # (k, out) = Bᵀ W_L
-    mask = (sparse_mask(C, svd.atom_norms(k), keep, refill, lam, svd.ranking(lam), svd.refill_scores) if many
-            else sparse_mask(C, svd.atom_norms(k), keep, refill, lam))
-    Cs = C * mask  # (k, out)
+    ranking = svd.ranking(lam) if many else None
+    if ranking is not None and rocket_cpu.usable(ranking.order, svd.coeffs, svd.refill_scores):
+        mask, Cs, cs_energy = rocket_cpu.masked_coefficients(ranking.order, ranking.position, svd.coeffs,
+                                                             svd.refill_scores, k, keep, refill)  # one pass
+    else:
+        mask = (sparse_mask(C, svd.atom_norms(k), keep, refill, lam, ranking, svd.refill_scores) if many
+                else sparse_mask(C, svd.atom_norms(k), keep, refill, lam))
+        Cs = C * mask  # (k, out)
+        cs_energy = sq_norm(Cs)
     # B orthonormal: ‖W_L − B C_s‖² = (energy outside B) + (dropped coefficients) = ‖R‖² − ‖C_s‖²
-    raw_err = max(svd.coeff_energy - sq_norm(Cs), 0.0)
+    raw_err = max(svd.coeff_energy - cs_energy, 0.0)
     if not refit or keep * Cs.shape[1] + refill == 0:
         return Factorization(B, Cs, mask, raw_err, False, 0.0)
     Z, mu, err = ridge_refit(svd.coeffs, Cs, svd.coeff_energy)
