@@ -9,6 +9,7 @@ its linears. Also the records a compression returns (`LayerResult`, `CompressRep
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Protocol
@@ -130,14 +131,53 @@ def run_block(block: nn.Module, hidden: list[torch.Tensor], kwargs: list[dict], 
     return out
 
 
+@contextlib.contextmanager
+def _stop_when_recorded(block: nn.Module, modules: dict[str, nn.Module]) -> Iterator[None]:
+    """Inside, a call of ``block`` ends (`_Stop`) as soon as every one of ``modules`` has been called, when the
+    first call showed each of them called exactly once: the rest of the block (its last linear, the residual)
+    would only compute outputs nobody reads. Models whose first call leaves a module out or calls one twice
+    (routed experts, shared layers) run whole. Register after `capture.record`'s hooks: they record first."""
+    calls: dict[int, int] = {}
+    state = {"first": True, "stops": False}
+
+    def start(mod, args, kwargs=None):  # a new call of the block
+        if state["first"] and calls:
+            state["first"] = False
+            state["stops"] = len(calls) == len(modules) and all(n == 1 for n in calls.values())
+        calls.clear()
+
+    def seen(mod, args):
+        calls[id(mod)] = calls.get(id(mod), 0) + 1
+        if state["stops"] and len(calls) == len(modules):
+            raise _Stop
+
+    handles = [block.register_forward_pre_hook(start)] + [m.register_forward_pre_hook(seen) for m in modules.values()]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
 @torch.no_grad()
 def record_block(block: nn.Module, hidden: list[torch.Tensor], kwargs: list[dict], modules: dict[str, nn.Module],
-                 stats: dict[str, LinearStats], batches: int, out: list | None = None) -> list[torch.Tensor]:
-    """`run_block` recording the inputs of ``modules`` into ``stats``. Several processes: batch by batch, each
-    round's statistics merged across them in one process's batch order (`dist.merge_step`)."""
-    if not dist.active():
+                 stats: dict[str, LinearStats], batches: int, out: list | None = None, outputs: bool = True
+                 ) -> list[torch.Tensor]:
+    """`run_block` recording the inputs of ``modules`` into ``stats``. ``outputs=False``: the caller will not read
+    the block's outputs (it runs the block again after swapping layers in), so none are kept and each batch but
+    the first stops once the last of ``modules`` has its input (`_stop_when_recorded`). Several processes: batch
+    by batch, each round's statistics merged across them in one process's batch order (`dist.merge_step`)."""
+    if not dist.active() and (outputs or not modules):
         with record(modules, stats):
             return run_block(block, hidden, kwargs, out)
+    if not dist.active():
+        with record(modules, stats), dense_cache(block), _stop_when_recorded(block, modules):
+            for h, kw in zip(hidden, kwargs):
+                try:
+                    block(h, **kw)
+                except _Stop:
+                    pass
+        return [] if out is None else out
     outs = [] if out is None else out
     with dense_cache(block):
         for step in range(dist.steps(batches)):
@@ -168,13 +208,16 @@ class BlockSource(Protocol):
 
 def walk(model: nn.Module, calib: torch.Tensor, names: list[list[str]], device: torch.device, batch_size: int,
          window: int = 1, start: int = 0, source: BlockSource | None = None, finished: bool = False,
-         spill: str | Path | None = None) -> Iterator[Window]:
+         spill: str | Path | None = None, rerun: bool = False) -> Iterator[Window]:
     """The one block walk: windows of ``window`` blocks from block ``start`` on (the blocks before it are only
     run, to rebuild the inputs: a resumed run); ``names[i]``: the targeted linears of block ``i``.
 
     ``source``: the blocks' weights are read when their window starts and released when it ends (``finished``:
     the blocks are final, as in the compress walk: the source writes them before dropping them). ``spill``: a
-    folder where the calibration activations are kept between blocks instead of memory (`capture.Spilled`)."""
+    folder where the calibration activations are kept between blocks instead of memory (`capture.Spilled`).
+    ``rerun``: the caller swaps layers into every window that has targeted linears (the compress walk), so such a
+    window's recording pass keeps no outputs of its last block and stops short (`record_block`); the window runs
+    again to give the next one its inputs. The last window's outputs are never kept."""
     _, blocks = adapter.find_blocks(model)
     store = activation_store(spill)
     inputs = capture_inputs(model, blocks, calib, batch_size, device, store)
@@ -199,11 +242,12 @@ def walk(model: nn.Module, calib: torch.Tensor, names: list[list[str]], device: 
             hidden = run(idx, hidden)
         else:
             win, x = Window(first, idx[-1] + 1, [n for i in idx for n in names[i]], {}), hidden
+            kept = win.end < len(blocks) and not (rerun and win.names)  # the last block's outputs are read
             for i in idx:
                 x = record_block(blocks[i], x, inputs.kwargs[i], {n: adapter.get_module(model, n) for n in names[i]},
-                                 win.stats, batches, store())
+                                 win.stats, batches, store(), outputs=kept or i != idx[-1])
             yield win
-            hidden = run(idx, hidden) if win.changed and win.end < len(blocks) else x
+            hidden = run(idx, hidden) if (win.changed or not kept) and win.end < len(blocks) else x
         for i, home in zip(idx, homes):
             blocks[i].to(home)
         if source:

@@ -425,7 +425,7 @@ def compress(model: nn.Module, calib: torch.Tensor, recipe: Recipe, device: torc
     names = [[n for n in plan.specs if n.startswith(adapter.block_prefix(prefix, i))] for i in range(len(blocks))]
     layers: list[LayerResult] = list(done or [])
     for win in walk(model, calib, names, device, batch_size, window_size(plan.specs.values()), start_block, source,
-                    finished=True, spill=spill):
+                    finished=True, spill=spill, rerun=True):
         new = _compress_window(model, [s for s in plan.sets if s[0] in win.stats], plan, win.stats, device, dtype)
         win.changed = win.changed or bool(new)
         layers += new

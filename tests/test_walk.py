@@ -74,3 +74,72 @@ def test_capture_holds_back_block_hooks_and_restores_forward():
     inputs = blocks_mod.capture_inputs(model, blocks, torch.randint(0, VOCAB, (2, 16)), 2, CPU)
     assert not calls and "forward" not in blocks[0].__dict__ and len(inputs.kwargs) == 2
     assert inputs.kwargs[0][0]["attention_mask"] is not inputs.kwargs[1][0]["attention_mask"]
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_a_recording_pass_that_keeps_no_outputs_stops_short_with_the_same_statistics(arch):
+    """``rerun=True`` (the compress walk): every batch but the first stops once the block's last linear has its
+    input, the window runs again for the next one's inputs, and the statistics are those of whole runs (the last
+    window never keeps its outputs, rerun or not). Routed experts (mixtral: modules left out of the first call)
+    run whole."""
+    model = tiny(arch)
+    batches = 3
+    ids = torch.randint(0, VOCAB, (2 * batches, 24), generator=torch.Generator().manual_seed(5))
+    prefix, blocks = adapter.find_blocks(model)
+    names = [list(adapter.linears(b, adapter.block_prefix(prefix, i))) for i, b in enumerate(blocks)]
+    got, calls = {}, {}
+    for rerun in (False, True):
+        calls[rerun] = count = {}
+        handles = [adapter.get_module(model, n).register_forward_hook(
+            lambda m, a, o, n=n: count.__setitem__(n, count.get(n, 0) + 1)) for ns in names for n in ns]
+        try:
+            got[rerun] = {n: s for win in blocks_mod.walk(model, ids, names, CPU, batch_size=2, rerun=rerun)
+                          for n, s in win.stats.items()}
+        finally:
+            for h in handles:
+                h.remove()
+    assert got[False].keys() == got[True].keys()
+    for n in got[False]:
+        torch.testing.assert_close(got[True][n].gram, got[False][n].gram, rtol=0, atol=0)
+        assert got[True][n].count == got[False][n].count
+    for i, ns in enumerate(names):
+        last = i == len(blocks) - 1
+        fewest = min(calls[True].get(n, 0) for n in ns)
+        # the block's last linear: the first batch only, then the rerun's batches (mixtral's experts are fused
+        # modules here, not linears: its blocks stop after o_proj)
+        assert fewest == 1 + (0 if last else batches), (i, calls[True])
+        assert max(calls[True][n] for n in ns) == (1 if last else 2) * batches
+
+
+class _Toy(torch.nn.Module):
+    """Two linears; ``twice``: the second is called twice per call; ``skip``: calls whose input sums below 0 skip it."""
+    def __init__(self, twice=False, skip=False):
+        super().__init__()
+        self.a, self.b, self.twice, self.skip = torch.nn.Linear(4, 4), torch.nn.Linear(4, 4), twice, skip
+
+    def forward(self, x):
+        h = self.a(x)
+        if self.skip and float(x.sum()) < 0:
+            return h
+        h = self.b(h)
+        return self.b(h) if self.twice else h
+
+
+@pytest.mark.parametrize("kind", ["plain", "twice", "skip"])
+def test_stopping_short_only_when_the_first_call_saw_each_linear_once(kind):
+    """A linear called twice, or left out of the first call (routed experts), turns the stop off: the second
+    call's inputs would be missed. Statistics equal those of whole runs either way."""
+    block = _Toy(twice=kind == "twice", skip=kind == "skip")
+    xs = [torch.randn(3, 4, generator=torch.Generator().manual_seed(i)) for i in range(4)]
+    if kind == "skip":
+        xs[0] = -xs[0].abs()  # the first call leaves b out
+    modules = {"a": block.a, "b": block.b}
+    whole, short = {}, {}
+    blocks_mod.record_block(block, xs, [{}] * 4, modules, whole, 4)
+    ran = []
+    block.b.register_forward_hook(lambda m, a, o: ran.append(1))
+    assert blocks_mod.record_block(block, xs, [{}] * 4, modules, short, 4, outputs=False) == []
+    for n in whole:
+        torch.testing.assert_close(short[n].gram, whole[n].gram, rtol=0, atol=0)
+    stops = kind == "plain"
+    assert len(ran) == (1 if stops else sum(2 if kind == "twice" else (float(x.sum()) >= 0) for x in xs))
