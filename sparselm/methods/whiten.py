@@ -67,13 +67,14 @@ def whiten(stats: LinearStats) -> Whitening:
 
 
 def _whiten(stats: LinearStats) -> Whitening:
+    # only the upper triangle is read, here and in the shifted retries (`capture.gram` mirrors its blocks, so the
+    # recorded Grams are exactly symmetric; averaging G with Gᵀ first cost two passes, 10 ms at 1536 wide)
     G = stats.gram.to(torch.float64)
-    G = (G + G.T) / 2
     chol, info = torch.linalg.cholesky_ex(G, upper=True)
     if int(info) == 0:
         return Whitening(chol, 0.0)
     scale = float(G.diagonal().mean().clamp_min(0))
-    lam_min = float(torch.linalg.eigvalsh(G)[0])
+    lam_min = float(torch.linalg.eigvalsh(G, UPLO="U")[0])
     shift = max(0.0, -lam_min) + max(REL_EPS * scale, ABS_EPS)
     eye = torch.eye(G.shape[0], dtype=G.dtype, device=G.device)
     for _ in range(30):
