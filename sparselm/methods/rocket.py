@@ -169,19 +169,19 @@ class AtomRanking:
 def whitened_svd(W: torch.Tensor, stats: LinearStats) -> WhitenedSVD:
     """Whiten ``W`` ``(out, in)`` with the layer's Gram and take one thin SVD.
 
-    When ``in ≤ out`` (q/o, gate/up) the SVD comes from the eigendecomposition of the smaller ``W_L W_Lᵀ``
-    ``(in, in)``, and ``R = Uᵀ W_L`` from one product (no division by ``σ``): 1.6–4.3× faster than the SVD of
-    ``W_L`` on SmolLM2's shapes. Squaring the condition number costs accuracy only in singular values below
-    ~1e-8 of the largest, directions no dictionary keeps; ``U`` is orthonormal to float64 rounding either way.
-    Taller ``W_L`` (down_proj, k/v) keep the SVD (their ``U`` from ``W_L V/σ`` would divide by small ``σ``)."""
+    The SVD comes from the eigendecomposition of a small ``(m, m)`` product, ``m = min(in, out)``: of ``W_L W_Lᵀ``
+    when ``in ≤ out`` (q/o, gate/up), and ``R = Uᵀ W_L`` from one product (no division by ``σ``); a taller
+    ``W_L`` (down_proj, k/v) is first ``Q T`` (QR), then the same on ``T``: ``U = Q U_T``, ``R = U_Tᵀ T``. Against
+    LAPACK's SVD of ``W_L``, one thread, SmolLM2: 1.6–4.3× faster on the wide shapes, down_proj 114 against 151
+    ms. Squaring the condition number costs accuracy only in singular values below ~1e-8 of the largest,
+    directions no dictionary keeps; ``U`` is orthonormal to float64 rounding either way (no ``W_L V/σ``, which
+    would divide by small ``σ``)."""
     wh = whiten(stats)
     WL = wh.apply(W.to(wh.L.device).T)  # (in, out) float64
-    if WL.shape[0] <= WL.shape[1]:
-        lam, U = torch.linalg.eigh(gram(WL.T))  # ascending, (in,), (in, in); W_L W_Lᵀ, 3/4 of the products
-        U, sigma = U.flip(1), lam.flip(0).clamp_min(0).sqrt()
-        return WhitenedSVD(wh, WL, U, sigma, U.T @ WL)
-    U, sigma, Vh = torch.linalg.svd(WL, full_matrices=False)  # (in, m), (m,), (m, out)
-    return WhitenedSVD(wh, WL, U, sigma, sigma.unsqueeze(1) * Vh)
+    Q, base = (None, WL) if WL.shape[0] <= WL.shape[1] else torch.linalg.qr(WL)  # base: (m, out)
+    lam, Ub = torch.linalg.eigh(gram(base.T))  # ascending, (m,), (m, m); base baseᵀ, half of the products
+    Ub, sigma = Ub.flip(1), lam.flip(0).clamp_min(0).sqrt()
+    return WhitenedSVD(wh, WL, Ub if Q is None else Q @ Ub, sigma, Ub.T @ base)
 
 
 # --- one factorization ---------------------------------------------------------------------------------

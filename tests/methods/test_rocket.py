@@ -145,10 +145,11 @@ def test_singular_gram_records_shift():
     assert torch.isfinite(res.D).all() and torch.isfinite(res.S).all()
 
 
-@pytest.mark.parametrize("in_f,out_f", [(16, 40), (40, 16), (24, 24)])
-def test_whitened_svd_wide_by_eigh_and_tall_by_svd(in_f, out_f):
+@pytest.mark.parametrize("in_f,out_f", [(16, 40), (40, 16), (24, 24), (300, 70)])
+def test_whitened_svd_wide_by_eigh_and_tall_by_qr_then_eigh(in_f, out_f):
     """``W_L = U R``: ``U`` orthonormal, ``R``'s rows orthogonal with norms σ (descending, the singular values of
-    ``W_L``), whichever way it was computed (eigh of ``W_L W_Lᵀ`` when in ≤ out, the SVD otherwise)."""
+    ``W_L``), whichever way it was computed (eigh of ``W_L W_Lᵀ`` when in ≤ out, else ``W_L = Q T`` and eigh of
+    ``T Tᵀ``)."""
     g = torch.Generator().manual_seed(in_f)
     X = torch.randn(200, in_f, generator=g, dtype=torch.float64) @ torch.randn(in_f, in_f, generator=g, dtype=torch.float64)
     W = torch.randn(out_f, in_f, generator=g)
