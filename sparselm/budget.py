@@ -74,6 +74,19 @@ def allocate(options: Mapping[str, Sequence[Option]], budget_bytes: float,
                          f"use one of {[s.value for s in Solver]}") from None
     allowed = _allowed(options, error_cap)
     _check_feasible(options, allowed, budget_bytes)
+    budget = budget_bytes
+    for _ in range(4):
+        choice = _solve(options, allowed, budget, solver, resolution)
+        over = total(options, choice)[0] - budget_bytes
+        if over <= 0:
+            return choice
+        # the solvers' unit / hull arithmetic fitted a choice whose summed sizes are over by rounding (float sizes
+        # that fill the budget exactly): solve again a little below it
+        budget -= 2 * over
+    return {n: min(idx, key=lambda i: options[n][i].size) for n, idx in allowed.items()}  # fits: checked above
+
+
+def _solve(options, allowed, budget_bytes: float, solver: Solver, resolution: int) -> dict[str, int]:
     if solver is Solver.AUTO:
         hull = solve_lagrangian(options, allowed, budget_bytes)
         if sum(len(a) for a in allowed.values()) * resolution > DP_MAX_WORK:
