@@ -254,7 +254,7 @@ def sq_norm(x: torch.Tensor, row: int = 1024) -> float:
     numba: one compiled pass summing the squares in float64 (`rocket_cpu.sq_norm`)."""
     if x.dtype == torch.float32 and rocket_cpu.usable(x):
         return rocket_cpu.sq_norm(x)
-    flat = (x if x.is_contiguous() or not x.mT.is_contiguous() else x.mT).reshape(-1)  # no copy of a column-major x
+    flat = (x if x.is_contiguous() or x.dim() < 2 or not x.mT.is_contiguous() else x.mT).reshape(-1)  # a column-major x: no copy
     whole = flat.numel() - flat.numel() % row
     runs = torch.linalg.vector_norm(flat[:whole].view(-1, row), dim=1).double().square().sum()
     return float(runs) + float(torch.linalg.vector_norm(flat[whole:], dtype=torch.float64)) ** 2

@@ -46,7 +46,7 @@ def masked_coefficients(order: torch.Tensor, position: torch.Tensor, coeffs: tor
 
 def sq_norm(x: torch.Tensor) -> float:
     """``‖x‖²`` of a float32 CPU tensor (contiguous, or its transpose is), squares summed in float64."""
-    flat = (x if x.is_contiguous() else x.mT.contiguous()).reshape(-1)
+    flat = (x if x.is_contiguous() or x.dim() < 2 else x.mT).contiguous().reshape(-1)  # a column-major x: no copy
     return float(_energy(flat.numpy()))
 
 

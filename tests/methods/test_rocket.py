@@ -249,7 +249,7 @@ def test_compiled_refill_falls_back_to_every_allowed_entry():
 def test_compiled_squared_norm_sums_in_float64():
     x = torch.randn(301, 257, generator=torch.Generator().manual_seed(0)) * 1e3
     want = float(x.double().square().sum())
-    for view in (x, x.T, x[:, :100]):
+    for view in (x, x.T, x[:, :100], x[:, 3]):  # contiguous, column-major, strided, a strided vector
         assert rocket_cpu.sq_norm(view) == pytest.approx(float(view.double().square().sum()), rel=1e-12)
     assert rocket_cpu.sq_norm(x) == pytest.approx(want, rel=1e-12)
 
