@@ -120,14 +120,22 @@ def capture_inputs(model: nn.Module, blocks: nn.ModuleList, calib: torch.Tensor,
 
 
 @torch.no_grad()
-def run_block(block: nn.Module, hidden: list[torch.Tensor], kwargs: list[dict], out: list | None = None
-              ) -> list[torch.Tensor]:
+def run_block(block: nn.Module, hidden: list[torch.Tensor], kwargs: list[dict], out: list | None = None,
+              keep: bool = True) -> list[torch.Tensor]:
     """The block's outputs per batch, appended to ``out`` (a new list by default; `capture.Spilled` keeps them
-    on disk). Compressed layers rebuild their weight once for all batches."""
+    on disk). Compressed layers rebuild their weight once for all batches. ``keep=False``: none are kept, and a
+    call a hook ends early (`_Stop`, `_stop_when_recorded`) is no error."""
     out = [] if out is None else out
     with dense_cache(block):
         for h, kw in zip(hidden, kwargs):
-            out.append(adapter.block_output(block(h, **kw)))
+            try:
+                y = block(h, **kw)
+            except _Stop:
+                if keep:
+                    raise
+                continue
+            if keep:
+                out.append(adapter.block_output(y))
     return out
 
 
@@ -167,17 +175,10 @@ def record_block(block: nn.Module, hidden: list[torch.Tensor], kwargs: list[dict
     the block's outputs (it runs the block again after swapping layers in), so none are kept and each batch but
     the first stops once the last of ``modules`` has its input (`_stop_when_recorded`). Several processes: batch
     by batch, each round's statistics merged across them in one process's batch order (`dist.merge_step`)."""
-    if not dist.active() and (outputs or not modules):
-        with record(modules, stats):
-            return run_block(block, hidden, kwargs, out)
     if not dist.active():
-        with record(modules, stats), dense_cache(block), _stop_when_recorded(block, modules):
-            for h, kw in zip(hidden, kwargs):
-                try:
-                    block(h, **kw)
-                except _Stop:
-                    pass
-        return [] if out is None else out
+        stop = contextlib.nullcontext() if outputs or not modules else _stop_when_recorded(block, modules)
+        with record(modules, stats), stop:
+            return run_block(block, hidden, kwargs, out, keep=outputs)
     outs = [] if out is None else out
     with dense_cache(block):
         for step in range(dist.steps(batches)):
@@ -244,8 +245,9 @@ def walk(model: nn.Module, calib: torch.Tensor, names: list[list[str]], device: 
             win, x = Window(first, idx[-1] + 1, [n for i in idx for n in names[i]], {}), hidden
             kept = win.end < len(blocks) and not (rerun and win.names)  # the last block's outputs are read
             for i in idx:
+                keep = kept or i != idx[-1]
                 x = record_block(blocks[i], x, inputs.kwargs[i], {n: adapter.get_module(model, n) for n in names[i]},
-                                 win.stats, batches, store(), outputs=kept or i != idx[-1])
+                                 win.stats, batches, store() if keep else None, outputs=keep)
             yield win
             hidden = run(idx, hidden) if (win.changed or not kept) and win.end < len(blocks) else x
         for i, home in zip(idx, homes):
