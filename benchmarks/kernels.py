@@ -28,6 +28,9 @@ import torch.nn.functional as F
 from torch import nn
 
 ROOT = Path(__file__).resolve().parents[1]
+# this file's folder comes first on sys.path when run as a script, where its name would shadow the `kernels`
+# package transformers looks for (transformers 5.25 imports it on sight: ImportError 'CUDAProperties')
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 sys.path.insert(0, str(ROOT))
 
 from sparselm import formats, kernels  # noqa: E402
@@ -380,20 +383,31 @@ def table(rows: list[dict], cols: list[str]) -> str:
     return "\n".join(lines)
 
 
+# the stored ratios the targets are set at (the issue's "ratio 0.4 or 50 %"; 2:4 has one)
+TARGET_RATIOS = {"lowrank": 0.4, "dict": 0.4, "unstructured": 0.5, "2:4": 0.0}
+
+
 def summary(rows: list[dict]) -> list[str]:
-    """One line per (kind, tokens) target at 2 threads: how many shapes meet it, the worst ratio, the misses."""
-    lines = ["| kind | tokens | target | met, medians | met, best runs | ratios vs best dense (medians) | missed (medians) |",
-             "|---|---|---|---|---|---|---|"]
-    keys = sorted({(r["kind"], r["tokens"]) for r in rows if r.get("target") is not None}, key=lambda k: (k[1], k[0]))
-    for kind, t in keys:
-        sel = [r for r in rows if r["kind"] == kind and r["tokens"] == t and r["threads"] == 2]
+    """One line per (kind, ratio, tokens) at 2 threads: how many shapes meet the target, the worst ratio, the
+    misses. The targets hold at `TARGET_RATIOS`; other ratios are listed against the same numbers for reference
+    (at ratio 0.2 a low-rank layer does 0.8 of the dense multiply-adds: the prefill target is out of reach)."""
+    lines = ["| kind | ratio | tokens | target | met, medians | met, best runs | ratios vs best dense (medians) "
+             "| missed (medians) |", "|---|---|---|---|---|---|---|---|"]
+
+    def at_target(key):
+        kind, ratio, t = key
+        return (TARGET_RATIOS.get(kind.split("-")[0]) != ratio, t, kind, ratio)
+    keys = sorted({(r["kind"], r["ratio"], r["tokens"]) for r in rows if r.get("target") is not None}, key=at_target)
+    for kind, ratio, t in keys:
+        sel = [r for r in rows if (r["kind"], r["ratio"], r["tokens"]) == (kind, ratio, t) and r["threads"] == 2]
         if not sel:
             continue
         miss = [f"{r['model'].replace('Llama-', '')} {r['proj']} {r['vs_best_dense']:g}" for r in sel if not r["met"]]
         ratios = sorted(r["vs_best_dense"] for r in sel)
         best = f"{sum(bool(r.get('met_min')) for r in sel)}/{len(sel)}" if "met_min" in sel[0] else ""
-        lines.append(f"| {kind} | {t} | {sel[0]['target']:g} | {sum(r['met'] for r in sel)}/{len(sel)} | {best} | "
-                     f"{ratios[0]:g}-{ratios[-1]:g} | {', '.join(miss)} |")
+        shown = f"**{ratio:g}**" if TARGET_RATIOS.get(kind.split("-")[0]) == ratio else f"{ratio:g}"
+        lines.append(f"| {kind} | {shown} | {t} | {sel[0]['target']:g} | {sum(r['met'] for r in sel)}/{len(sel)} | "
+                     f"{best} | {ratios[0]:g}-{ratios[-1]:g} | {', '.join(miss)} |")
     return lines
 
 
@@ -479,7 +493,7 @@ def write(results: dict) -> None:
               amx={True: "this CPU has AMX tiles: oneDNN's bf16 GEMMs use them", False: "no AMX on this CPU",
                    None: "AMX not recorded"}[m.get("amx")])]
     if results.get("layers"):
-        md += ["## Targets at 2 threads\n", *summary(results["layers"]), ""]
+        md += ["## Targets at 2 threads\n", "The targets hold at the ratios in bold (low rank and dictionaries 0.4, unstructured 50 %, 2:4); the other ratios are measured against the same numbers for reference.\n", *summary(results["layers"]), ""]
     for name, key, cols in (
             ("Layers", "layers", ["model", "proj", "kind", "ratio", "ratio_stored", "threads", "tokens", "compressed_ms",
                                   "linear_ms", "mv_ms", "f32_linear_ms", "vs_linear", "vs_best_dense", "target", "met",
