@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 sys.path.insert(0, str(ROOT))
 
-from sparselm import formats, kernels  # noqa: E402
+from sparselm import device, formats, kernels  # noqa: E402
 from sparselm.config import CoefStorage, Storage  # noqa: E402
 from sparselm.kernels import masked as kmasked  # noqa: E402
 from sparselm.config import Pattern  # noqa: E402
@@ -568,7 +568,7 @@ def main() -> None:
     old = json.loads((OUT / f"{STEM}.json").read_text()) if args.merge and (OUT / f"{STEM}.json").is_file() else {}
     load0 = os.getloadavg()[0]
     results = {**old, "machine": {"when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "torch": torch.__version__,
-                                  "cpu": _cpu(), "cycle_mb": args.cycle_mb, "amx": kernels.policy.amx(),
+                                  "cpu": device.cpu_name(), "cycle_mb": args.cycle_mb, "amx": kernels.policy.amx(),
                                   "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
                                   "serial_bytes": kernels.policy.SERIAL_BYTES,
                                   "kernels": _kernels()}}
@@ -607,14 +607,6 @@ def _kernels() -> str:
     cap = os.environ.get("SPARSELM_ISA")
     where = f" (SPARSELM_ISA={cap} on a {kernels._build.cpu_level()} CPU)" if cap else ""
     return f"C++ extension, {kernels._build.dense_level()} paths{where}"
-
-
-def _cpu() -> str:
-    try:
-        names = [ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")]
-        return f"{names[0]} x{len(names)}"
-    except (OSError, IndexError):
-        return "unknown"
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from sparselm import blocks, data, pipeline, profile  # noqa: E402
+from sparselm import blocks, data, device, pipeline, profile  # noqa: E402
 from sparselm import model as adapter  # noqa: E402
 from sparselm.config import Allocate, Ratio, Recipe, RocketSpec  # noqa: E402
 from sparselm.methods import rocket as current  # noqa: E402
@@ -101,6 +101,7 @@ def whole(args) -> None:
     worst = max(abs(b["errors"][n] - a["errors"][n]) / max(a["errors"][n], 1e-12) for n in b["errors"] if n in a["errors"])
     payload = {"model": "SmolLM2-135M-Instruct, weights dequantized from Q4_1 GGUF", "baseline": args.baseline,
                "blocks": args.whole, "nsamples": args.nsamples, "ratio": args.ratio, "torch": torch.__version__,
+               "cpu": device.cpu_name(),
                "cpu_s": secs, "runs": {k: [r["cpu_s"] for r in v] for k, v in runs.items()},
                "speedup": secs["baseline"] / secs["current"],
                "same_spec": f"{same}/{len(b['specs'])}" if recorded else None,
@@ -111,7 +112,8 @@ def whole(args) -> None:
         f"`pipeline.compress` (profile walk, knapsack, compression walk) with ROCKET at ratio {args.ratio}, knapsack "
         f"allocation, on SmolLM2-135M-Instruct (**weights dequantized from Q4_1 GGUF**) cut to its first "
         f"{args.whole} blocks, {args.nsamples} × 256 stdlib calibration tokens; CPU seconds of a one-thread "
-        f"subprocess, baseline and current alternating ({args.repeats}× each, the minimum). torch {torch.__version__}. "
+        f"subprocess, baseline and current alternating ({args.repeats}× each, the minimum). CPU: {payload['cpu']}; "
+        f"torch {torch.__version__}. "
         "Written by `benchmarks/rocket_speed.py --whole`.", "",
         "| code | CPU s (runs) | speedup |", "|---|---|---|",
         f"| {args.baseline} | {secs['baseline']:.1f} ({', '.join(f'{x:.1f}' for x in payload['runs']['baseline'])}) | 1.00× |",

@@ -87,6 +87,17 @@ def native_bf16_cpu() -> bool:
         return False
 
 
+def cpu_name() -> str:
+    """``"<model name> xN"`` from /proc/cpuinfo (N logical CPUs), else ``platform.processor()`` or "unknown":
+    benchmark tables name the machine their numbers come from."""
+    try:
+        names = [ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")]
+        return f"{names[0]} x{len(names)}"
+    except (OSError, IndexError):
+        import platform
+        return platform.processor() or "unknown"
+
+
 @functools.cache
 def amx_cpu() -> bool:
     """Whether this CPU has AMX tiles (oneDNN then runs bf16 GEMMs on them: 2048x2048x512 in 3 ms on 2 cores of

@@ -684,3 +684,16 @@ def test_mask_free_int4_and_int8_read_their_codes_directly(store, tokens):
     assert got.dtype == torch.bfloat16
     torch.testing.assert_close(got.float(), dense, rtol=8e-3, atol=1e-3 * float(dense.abs().max()))
     torch.testing.assert_close(masked.matmul_gemv(x.float(), Ut), dense, rtol=1e-5, atol=1e-4)  # fp32 x
+
+
+def test_cpu_name_reads_cpuinfo_and_falls_back_without_it(monkeypatch, tmp_path):
+    from sparselm import device
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nmodel name\t: Test CPU 9000\n\nprocessor\t: 1\nmodel name\t: Test CPU 9000\n")
+    real_open = open
+    monkeypatch.setattr("builtins.open", lambda path, *a, **k: real_open(info if path == "/proc/cpuinfo" else path,
+                                                                         *a, **k))
+    assert device.cpu_name() == "Test CPU 9000 x2"
+    info.write_text("processor\t: 0\n")  # no model name (some ARM kernels)
+    monkeypatch.setattr("platform.processor", lambda: "")
+    assert device.cpu_name() == "unknown"
