@@ -133,4 +133,4 @@ chain minilm
 python benchmarks/storage.py
 python benchmarks/factorization_speed.py
 python benchmarks/peer_llmcompressor.py   # needs llm-compressor in /tmp/llmc: see ../shared/tools/README.md
-python benchmarks/kernels.py --part all   # compressed-layer kernels vs dense (CPU; OpenMP's default wait policy, as users run)
+python benchmarks/kernel_speed.py --part all   # compressed-layer kernels vs dense (CPU; OpenMP's default wait policy, as users run)

@@ -7,7 +7,7 @@ panels + dense GEMM), ``torch`` (the same panels unpacked with torch ops; no com
 Override, most specific first: a module's ``kernel_path`` attribute, then the ``SPARSELM_KERNELS``
 environment variable (``auto`` | ``gemv`` | ``panel`` | ``torch`` | ``reference``). Within the C++ paths,
 ``SPARSELM_ISA`` (``avx512`` | ``avx2`` | ``scalar``) caps the instruction set (`_build.isa`). Thresholds come from
-``benchmarks/kernels.py`` on the project's CPU (docs/benchmarks/kernels.md) and can be set here.
+``benchmarks/kernel_speed.py`` on the project's CPU (docs/benchmarks/kernels.md) and can be set here.
 """
 from __future__ import annotations
 

@@ -9,8 +9,8 @@ A crossover sweep (token counts 1..64) sets `kernels.policy.GEMV_MAX_TOKENS`.
 End to end (`--part e2e`): greedy decode tokens/s of a Llama-3.2-1B-shaped model (random bf16 weights) with
 every linear of every block compressed, against the same model dense.
 
-    python benchmarks/kernels.py --part all      # writes docs/benchmarks/kernels.{md,json}
-    SPARSELM_ISA=avx2 python benchmarks/kernels.py --out kernels_isa_avx2 ...   # the AVX2 paths, kept apart
+    python benchmarks/kernel_speed.py --part all      # writes docs/benchmarks/kernels.{md,json}
+    SPARSELM_ISA=avx2 python benchmarks/kernel_speed.py --out kernels_isa_avx2 ...   # the AVX2 paths, kept apart
 """
 from __future__ import annotations
 
@@ -28,9 +28,6 @@ import torch.nn.functional as F
 from torch import nn
 
 ROOT = Path(__file__).resolve().parents[1]
-# this file's folder comes first on sys.path when run as a script, where its name would shadow the `kernels`
-# package transformers looks for (transformers 5.25 imports it on sight: ImportError 'CUDAProperties')
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 sys.path.insert(0, str(ROOT))
 
 from sparselm import device, formats, kernels  # noqa: E402
@@ -480,7 +477,7 @@ def write(results: dict) -> None:
     m = results["machine"]
     load = f" Load average (1 min) at start / end: {m['load']}." if m.get("load") else ""
     md = [f"# Compressed-layer kernels: speed on CPU\n",
-          f"Written by `benchmarks/kernels.py` ({m['when']}). CPU: {m['cpu']}; torch {m['torch']}; kernels: "
+          f"Written by `benchmarks/kernel_speed.py` ({m['when']}). CPU: {m['cpu']}; torch {m['torch']}; kernels: "
           f"{m['kernels']}. bf16, random weights, medians of interleaved runs with weights cycled past the "
           f"last-level cache (`--cycle-mb {m['cycle_mb']}`), {_omp(m)}.{load} Compressed "
           "and dense runs are interleaved, so that other jobs, if any, slow both sides alike. "
