@@ -175,18 +175,19 @@ def record_block(block: nn.Module, hidden: list[torch.Tensor], kwargs: list[dict
     the block's outputs (it runs the block again after swapping layers in), so none are kept and each batch but
     the first stops once the last of ``modules`` has its input (`_stop_when_recorded`). Several processes: batch
     by batch, each round's statistics merged across them in one process's batch order (`dist.merge_step`)."""
+    stop = contextlib.nullcontext() if outputs or not modules else _stop_when_recorded(block, modules)
     if not dist.active():
-        stop = contextlib.nullcontext() if outputs or not modules else _stop_when_recorded(block, modules)
         with record(modules, stats), stop:
             return run_block(block, hidden, kwargs, out, keep=outputs)
     outs = [] if out is None else out
-    with dense_cache(block):
+    pending: dict[str, LinearStats] = {}  # this round's statistics (record's hooks fill it; emptied every round)
+    with dense_cache(block), record(modules, pending), stop:  # record's hooks before the stop's: they must see the
+        # last input before the stop ends the call; weights rebuilt once for all rounds (run_block's cache nests)
         for step in range(dist.steps(batches)):
-            pending: dict[str, LinearStats] = {}
             if step < len(hidden):
-                with record(modules, pending):
-                    outs.append(adapter.block_output(block(hidden[step], **kwargs[step])))
-            dist.merge_step(stats, pending, list(modules), step, batches)
+                run_block(block, hidden[step:step + 1], kwargs[step:step + 1], outs, keep=outputs)
+            dist.merge_step(stats, dict(pending), list(modules), step, batches)
+            pending.clear()
     return outs
 
 

@@ -172,8 +172,9 @@ def reference_forwards(module: nn.Module) -> Iterator[None]:
 @contextlib.contextmanager
 def dense_cache(module: nn.Module) -> Iterator[None]:
     """Inside the context, the compressed layers under ``module`` rebuild their weight once instead of at
-    every call (the pipeline runs a block once per calibration batch); the copies are dropped on exit."""
-    layers = [m for m in module.modules() if isinstance(m, CompressedLinear)]
+    every call (the pipeline runs a block once per calibration batch); the copies are dropped on exit. Nested:
+    the outermost context that built a copy drops it."""
+    layers = [m for m in module.modules() if isinstance(m, CompressedLinear) and m._dense is None]
     try:
         for m in layers:
             m._dense = m.dense_weight()

@@ -72,6 +72,12 @@ def test_dense_cache_gives_the_same_outputs_and_is_dropped():
     assert layer._dense is None
     torch.testing.assert_close(cached, plain)
     torch.testing.assert_close(plain, x @ (W * mask).T)
+    with dense_cache(block):  # nested (a walk's round loop around run_block): the outer context keeps the copy
+        outer = layer._dense
+        with dense_cache(block):
+            assert layer._dense is outer
+        assert layer._dense is outer
+    assert layer._dense is None
 
 
 @pytest.mark.parametrize("width", [3, 127, 128, 255, 256, 301, 577, 1030])

@@ -8,6 +8,7 @@ import torch
 
 from sparselm import model as adapter
 from sparselm import blocks as blocks_mod
+from sparselm.capture import LinearStats
 
 from .conftest import VOCAB
 from .test_architectures import ARCHS, tiny
@@ -143,3 +144,34 @@ def test_stopping_short_only_when_the_first_call_saw_each_linear_once(kind):
         torch.testing.assert_close(short[n].gram, whole[n].gram, rtol=0, atol=0)
     stops = kind == "plain"
     assert len(ran) == (1 if stops else sum(2 if kind == "twice" else (float(x.sum()) >= 0) for x in xs))
+
+
+def test_the_multi_process_recording_pass_stops_short_too(monkeypatch):
+    """With several processes (`dist.active`) the batches go round by round, each round's statistics merged
+    (here a stand-in merge for one rank): ``outputs=False`` stops every batch but the first as one process does,
+    with the same statistics; with outputs, every batch's output is kept."""
+    block = _Toy()
+    xs = [torch.randn(3, 4, generator=torch.Generator().manual_seed(i)) for i in range(4)]
+    modules = {"a": block.a, "b": block.b}
+    whole = {}
+    blocks_mod.record_block(block, xs, [{}] * 4, modules, whole, 4)  # one process
+
+    def merge(stats, pending, names, step, batches):
+        for n in names:
+            stats.setdefault(n, LinearStats.empty(4))
+            stats[n].gram += pending[n].gram
+            stats[n].count += pending[n].count
+    monkeypatch.setattr(blocks_mod.dist, "active", lambda: True)
+    monkeypatch.setattr(blocks_mod.dist, "steps", lambda batches: batches)
+    monkeypatch.setattr(blocks_mod.dist, "merge_step", merge)
+    ran = []
+    block.b.register_forward_hook(lambda m, a, o: ran.append(1))
+    short = {}
+    assert blocks_mod.record_block(block, xs, [{}] * 4, modules, short, 4, outputs=False) == []
+    assert len(ran) == 1
+    for n in whole:
+        torch.testing.assert_close(short[n].gram, whole[n].gram, rtol=0, atol=0)
+        assert short[n].count == whole[n].count
+    kept = blocks_mod.record_block(block, xs, [{}] * 4, modules, {}, 4)
+    assert len(ran) == 5 and len(kept) == 4
+    torch.testing.assert_close(kept[2], block.b(block.a(xs[2])))
