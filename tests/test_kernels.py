@@ -664,6 +664,20 @@ def test_the_gemv_hands_over_to_panels_earlier_on_amx_cpus(amx, monkeypatch):
 
 
 @needs_ext
+@pytest.mark.parametrize("amx", [False, True])
+def test_dense_factors_leave_the_gemv_at_the_cpus_limit(amx, monkeypatch):
+    """bf16 dense factors: the C++ GEMV up to 8 tokens on a native-bf16 CPU without AMX, up to 4 with AMX
+    (`policy.dense_gemv_max_tokens`), the per-thread GEMMs beyond."""
+    monkeypatch.setattr(kernels.policy, "amx", lambda: amx)
+    monkeypatch.setattr(kernels.policy, "native_bf16", lambda: True)
+    limit = kernels.policy.dense_gemv_max_tokens()
+    assert limit == (kernels.policy.DENSE_GEMV_MAX_TOKENS if amx else kernels.policy.DENSE_GEMV_MAX_TOKENS_NO_AMX)
+    W = torch.randn(24, 40).to(torch.bfloat16)
+    paths = [kernels.policy.dense_path(torch.randn(t, 40).to(torch.bfloat16), W) for t in (1, limit, limit + 1)]
+    assert paths == ["gemv", "gemv", "panel"]
+
+
+@needs_ext
 @pytest.mark.parametrize("store", [Storage(CoefStorage.INT4), Storage(CoefStorage.INT4, 64), Storage(CoefStorage.INT4, 128),
                                    Storage(CoefStorage.INT8), Storage(CoefStorage.INT8, 64), Storage(CoefStorage.INT8, 128)],
                          ids=str)

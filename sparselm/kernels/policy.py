@@ -35,6 +35,12 @@ GEMV_MAX_TOKENS_AMX = 4
 # fastest runs 0.7-1.0 ms vs 2.0-2.2 ms at 1-4 tokens on the 8192x1228 factor, even on the 1228x2048 one;
 # at 8 tokens the medians favoured F.linear)
 DENSE_GEMV_MAX_TOKENS = 4
+# the same on a CPU with native bf16 products but no AMX (`native_bf16`, not `amx`): on the AMD EPYC with AVX-512 BF16
+# (session 15, 2 threads, weights cycled, the 0.4 factors of the eight Llama-3.2-1B / 3-8B shapes, medians) at 8
+# tokens the GEMV took 0.025-3.76 ms against 0.105-3.64 ms for `dense_panels_mm` (2048x614 0.156 vs 0.436 ms,
+# 8192x983 1.08 vs 2.45; the panels ahead only on 983x8192 and 1228x4096, by 4-5 %) and F.linear 0.046-3.73 ms
+# (ahead on the (rank, in) factors); the end-to-end batch-8 rows in docs/benchmarks/kernels.md measure the change
+DENSE_GEMV_MAX_TOKENS_NO_AMX = 8
 # the same on a CPU without native bf16 products (`native_bf16`; there F.linear in bf16 is emulated by oneDNN):
 # on the AVX2-only EPYC, 2 threads, the AVX2 GEMV of 1228x2048 / 2048x1228 bf16 factors took 0.18 / 1.0 / 7.9 /
 # 16 / 43 ms at 1 / 8 / 32 / 64 / 256 tokens against 0.41 / 8.0 / 20-28 / 50 / - ms for F.linear in bf16 and
@@ -107,6 +113,13 @@ def gemm_dtype(dtype: torch.dtype, tokens: int) -> torch.dtype:
     return dtype
 
 
+def dense_gemv_max_tokens() -> int:
+    """Up to how many tokens a dense bf16 factor takes the C++ GEMV on this CPU."""
+    if not native_bf16():
+        return DENSE_GEMV_MAX_TOKENS_EMULATED
+    return DENSE_GEMV_MAX_TOKENS if amx() else DENSE_GEMV_MAX_TOKENS_NO_AMX
+
+
 def dense_path(x2: torch.Tensor, weight: torch.Tensor, module_path: "str | Route | None" = None) -> str:
     """For a dense factor product ``x2 (T, n) @ weight.T``: ``gemv`` (C++ bf16 GEMV: AVX-512 BF16 or AVX2) up to
     the GEMV's token limit, ``panel`` beyond it on a CPU with native bf16 products (one single-threaded GEMM
@@ -114,7 +127,7 @@ def dense_path(x2: torch.Tensor, weight: torch.Tensor, module_path: "str | Route
     r = route(module_path)
     if r.path == "torch" or not (x2.dtype == weight.dtype == torch.bfloat16) or not weight.is_contiguous():
         return "torch"
-    if x2.shape[0] > (DENSE_GEMV_MAX_TOKENS if native_bf16() else DENSE_GEMV_MAX_TOKENS_EMULATED):
+    if x2.shape[0] > dense_gemv_max_tokens():
         return "panel" if DENSE_PANELS and native_bf16() and _build.loaded() is not None else "torch"
     return "torch" if _build.dense_level(r.isa) == "scalar" else "gemv"
 
