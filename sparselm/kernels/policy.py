@@ -30,8 +30,9 @@ GEMV_MAX_TOKENS = 8
 # 50 % of 2048x8192 / 4096x14336) the GEMV won at 1-4 tokens (4.0 vs 4.9 ms, 12.6 vs 17.5 ms at 4) and lost at 8
 # (6.1-6.2 vs 5.1 ms, 21.0-21.2 vs 18.0-19.1 ms)
 GEMV_MAX_TOKENS_AMX = 4
-# dense factors (low rank, dictionaries) in bf16: the C++ GEMV beats F.linear (and torch.mv) up to this many
-# tokens (sweep of the 0.4 low-rank factors of 2048x8192 at 1-8 tokens, docs/benchmarks/README.md "Kernels":
+# dense factors (low rank, dictionaries) in bf16 on a CPU with AMX (`amx`; without AMX see below): the C++ GEMV
+# beats F.linear (and torch.mv) up to this many tokens, and session 13 measured the per-thread GEMMs beyond it at
+# batch 8 on the Xeon (docs/benchmarks/README.md "Kernels", session 13); first set from a sweep of the 0.4 low-rank factors of 2048x8192 at 1-8 tokens, docs/benchmarks/README.md "Kernels":
 # fastest runs 0.7-1.0 ms vs 2.0-2.2 ms at 1-4 tokens on the 8192x1228 factor, even on the 1228x2048 one;
 # at 8 tokens the medians favoured F.linear)
 DENSE_GEMV_MAX_TOKENS = 4
