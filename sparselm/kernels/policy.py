@@ -32,9 +32,9 @@ GEMV_MAX_TOKENS = 8
 GEMV_MAX_TOKENS_AMX = 4
 # dense factors (low rank, dictionaries) in bf16 on a CPU with AMX (`amx`; without AMX see below): the C++ GEMV
 # beats F.linear (and torch.mv) up to this many tokens, and session 13 measured the per-thread GEMMs beyond it at
-# batch 8 on the Xeon (docs/benchmarks/README.md "Kernels", session 13); first set from a sweep of the 0.4 low-rank factors of 2048x8192 at 1-8 tokens, docs/benchmarks/README.md "Kernels":
-# fastest runs 0.7-1.0 ms vs 2.0-2.2 ms at 1-4 tokens on the 8192x1228 factor, even on the 1228x2048 one;
-# at 8 tokens the medians favoured F.linear)
+# batch 8 on the Xeon (docs/benchmarks/README.md "Kernels", session 13). First set from a sweep of the 0.4
+# low-rank factors of 2048x8192 at 1-8 tokens (same section: fastest runs 0.7-1.0 ms vs 2.0-2.2 ms at 1-4
+# tokens on the 8192x1228 factor, even on the 1228x2048 one; at 8 tokens the medians favoured F.linear)
 DENSE_GEMV_MAX_TOKENS = 4
 # the same on a CPU with native bf16 products but no AMX (`native_bf16`, not `amx`): on the AMD EPYC with AVX-512 BF16
 # (session 15, 2 threads, weights cycled, the 0.4 factors of the eight Llama-3.2-1B / 3-8B shapes, medians) at 8
