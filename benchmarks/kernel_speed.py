@@ -391,10 +391,10 @@ def summary(rows: list[dict]) -> list[str]:
     lines = ["| kind | ratio | tokens | target | met, medians | met, best runs | ratios vs best dense (medians) "
              "| missed (medians) |", "|---|---|---|---|---|---|---|---|"]
 
-    def at_target(key):
-        kind, ratio, t = key
-        return (TARGET_RATIOS.get(kind.split("-")[0]) != ratio, t, kind, ratio)
-    keys = sorted({(r["kind"], r["ratio"], r["tokens"]) for r in rows if r.get("target") is not None}, key=at_target)
+    def issue_ratio(kind: str, ratio: float) -> bool:  # dict-14bit / dict-int8 share the dictionaries' ratio
+        return TARGET_RATIOS.get(kind.split("-")[0]) == ratio
+    keys = sorted({(r["kind"], r["ratio"], r["tokens"]) for r in rows if r.get("target") is not None},
+                  key=lambda k: (not issue_ratio(k[0], k[1]), k[2], k[0], k[1]))
     for kind, ratio, t in keys:
         sel = [r for r in rows if (r["kind"], r["ratio"], r["tokens"]) == (kind, ratio, t) and r["threads"] == 2]
         if not sel:
@@ -402,7 +402,7 @@ def summary(rows: list[dict]) -> list[str]:
         miss = [f"{r['model'].replace('Llama-', '')} {r['proj']} {r['vs_best_dense']:g}" for r in sel if not r["met"]]
         ratios = sorted(r["vs_best_dense"] for r in sel)
         best = f"{sum(bool(r.get('met_min')) for r in sel)}/{len(sel)}" if "met_min" in sel[0] else ""
-        shown = f"**{ratio:g}**" if TARGET_RATIOS.get(kind.split("-")[0]) == ratio else f"{ratio:g}"
+        shown = f"**{ratio:g}**" if issue_ratio(kind, ratio) else f"{ratio:g}"
         lines.append(f"| {kind} | {shown} | {t} | {sel[0]['target']:g} | {sum(r['met'] for r in sel)}/{len(sel)} | "
                      f"{best} | {ratios[0]:g}-{ratios[-1]:g} | {', '.join(miss)} |")
     return lines
@@ -416,7 +416,8 @@ scale and zero point per group of a multiple of 16 columns, dequantized per 16-c
 row are in flight, their accumulators in registers, and every chunk prefetches its row's values 4 KiB ahead
 and its mask 512 B ahead. GQSA's 1×16k blocks are read kept block by kept block (the block mask walked by its
 set bits, each block's codes straight from memory). Dense factors (low rank `U`, `V`; dictionaries `D`) at up
-to `policy.dense_gemv_max_tokens()` tokens (4 with AMX, 8 without) use a dense GEMV that walks four rows side by side. Below
+to `policy.dense_gemv_max_tokens()` tokens (4 with AMX, 8 without) use a dense GEMV that walks four rows side by
+side. Below
 `policy.SERIAL_BYTES` of weight bytes ({serial}) a decode GEMV runs on one thread. Prefill (`panel`) unpacks
 256-row panels into one reused scratch buffer per thread and runs a single-threaded oneDNN GEMM on each
 ({amx}). `dense` here means the faster of `nn.Linear` and `torch.mv`. Grouped int8 / int4 whose groups are
@@ -490,7 +491,9 @@ def write(results: dict) -> None:
               amx={True: "this CPU has AMX tiles: oneDNN's bf16 GEMMs use them", False: "no AMX on this CPU",
                    None: "AMX not recorded"}[m.get("amx")])]
     if results.get("layers"):
-        md += ["## Targets at 2 threads\n", "The targets hold at the ratios in bold (low rank and dictionaries 0.4, unstructured 50 %, 2:4); the other ratios are measured against the same numbers for reference.\n", *summary(results["layers"]), ""]
+        md += ["## Targets at 2 threads\n", "The targets hold at the ratios in bold (low rank and dictionaries 0.4, "
+               "unstructured 50 %, 2:4); the other ratios are measured against the same numbers for reference.\n",
+               *summary(results["layers"]), ""]
     for name, key, cols in (
             ("Layers", "layers", ["model", "proj", "kind", "ratio", "ratio_stored", "threads", "tokens", "compressed_ms",
                                   "linear_ms", "mv_ms", "f32_linear_ms", "vs_linear", "vs_best_dense", "target", "met",

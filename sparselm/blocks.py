@@ -186,7 +186,7 @@ def record_block(block: nn.Module, hidden: list[torch.Tensor], kwargs: list[dict
         for step in range(dist.steps(batches)):
             if step < len(hidden):
                 run_block(block, hidden[step:step + 1], kwargs[step:step + 1], outs, keep=outputs)
-            dist.merge_step(stats, dict(pending), list(modules), step, batches)
+            dist.merge_step(stats, pending, list(modules), step, batches)  # reads it now, keeps no reference
             pending.clear()
     return outs
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import platform
 from pathlib import Path
 
 import torch
@@ -94,7 +95,6 @@ def cpu_name() -> str:
         names = [ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")]
         return f"{names[0]} x{len(names)}"
     except (OSError, IndexError):
-        import platform
         return platform.processor() or "unknown"
 
 
