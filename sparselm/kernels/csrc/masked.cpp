@@ -389,6 +389,64 @@ SPARSELM_AVX512 inline void gemv_row(const Masked& m, const void* xv, int64_t r,
   }
 }
 
+// Rows r and r + 1 of Y = X Mᵀ for TT tokens, bf16 values (plain or 14-bit) against bf16 x with VDPBF16PS: each
+// 32-column chunk of x is loaded once for both rows. From 4 tokens on, one row at a time loaded TT chunks of x
+// per chunk of its own values, so x's loads (from cache, but TT of them) outnumbered the row's own bytes.
+// One chunk per row in flight (2·TT accumulators); per row the same products in the same order as gemv_row at
+// these token counts (one chunk in flight there too), so the same results for finite inputs.
+template <int TT, int K>
+SPARSELM_AVX512 inline void gemv_row_pair(const Masked& m, const uint16_t* x, int64_t r, float (&out0)[TT],
+                                          float (&out1)[TT]) {
+  const int64_t nchunks = (m.cols + 31) / 32;
+  const bool aligned = m.cols % 32 == 0 && m.mask && !m.block;  // else read_bits gives the bits
+  int64_t idx0 = m.offsets[r], idx1 = m.offsets[r + 1];
+  const int64_t bit0 = r * m.cols, bit1 = bit0 + m.cols;
+  __m512 a0[TT], a1[TT];
+  #pragma GCC unroll 8
+  for (int t = 0; t < TT; t++) a0[t] = a1[t] = _mm512_setzero_ps();
+  for (int64_t c = 0; c < nchunks; c++) {
+    const int64_t col = 32 * c;
+    const int n = int(std::min<int64_t>(32, m.cols - col));
+    uint32_t w0, w1;
+    if (aligned) {
+      std::memcpy(&w0, m.mask + ((bit0 + col) >> 3), 4);
+      std::memcpy(&w1, m.mask + ((bit1 + col) >> 3), 4);
+    } else {
+      w0 = read_bits(m, r, col, n);
+      w1 = read_bits(m, r + 1, col, n);
+    }
+    prefetch_at(m.values, value_byte<K>(idx0) + kPrefetchBytes);  // both rows' values, 4 KiB ahead
+    prefetch_at(m.values, value_byte<K>(idx1) + kPrefetchBytes);
+    if (c % 4 == 0) {  // their masks (one line per 4 chunks)
+      prefetch_at(m.mask, ((bit0 + col) >> 3) + 512);
+      prefetch_at(m.mask, ((bit1 + col) >> 3) + 512);
+    }
+    if (!(w0 | w1)) continue;
+    __m512i v0, v1;
+    if constexpr (K == P14) {
+      v0 = _mm512_maskz_expand_epi16(w0, p14_load32(m, idx0));
+      v1 = _mm512_maskz_expand_epi16(w1, p14_load32(m, idx1));
+    } else {
+      v0 = _mm512_maskz_expandloadu_epi16(w0, static_cast<const uint16_t*>(m.values) + idx0);
+      v1 = _mm512_maskz_expandloadu_epi16(w1, static_cast<const uint16_t*>(m.values) + idx1);
+    }
+    const __mmask32 k = n >= 32 ? ~__mmask32(0) : __mmask32((1u << n) - 1);
+    #pragma GCC unroll 8
+    for (int t = 0; t < TT; t++) {
+      const __m512i xt = _mm512_maskz_loadu_epi16(k, x + t * m.cols + col);
+      a0[t] = _mm512_dpbf16_ps(a0[t], (__m512bh)v0, (__m512bh)xt);
+      a1[t] = _mm512_dpbf16_ps(a1[t], (__m512bh)v1, (__m512bh)xt);
+    }
+    idx0 += _mm_popcnt_u32(w0);
+    idx1 += _mm_popcnt_u32(w1);
+  }
+  #pragma GCC unroll 8
+  for (int t = 0; t < TT; t++) {
+    out0[t] = _mm512_reduce_add_ps(a0[t]);
+    out1[t] = _mm512_reduce_add_ps(a1[t]);
+  }
+}
+
 // Mask-free int4 (every entry kept: a GPTQ layer, an int4 factor) against bf16 x, groups a multiple of 64
 // columns: no mask bits, no expand. 32 bytes hold 64 codes, the low nibbles the even columns and the high ones
 // the odd columns; each half becomes bf16 through a 16-entry table (VPERMW; 0..15 are exact) and meets x's even
@@ -1081,6 +1139,8 @@ void token_blocks(int64_t T, F&& f) {  // f(t0, std::integral_constant<int, tt>)
 template <int TT> constexpr int unroll() { return TT == 1 ? 4 : (TT == 2 ? 2 : 1); }
 // dense rows walked side by side for a block of TT tokens (2·R·TT accumulators)
 template <int TT> constexpr int rows_at_once() { return TT == 1 ? 4 : (TT <= 3 ? 2 : 1); }
+// from this many tokens masked rows of bf16 values are read in pairs (`gemv_row_pair`)
+constexpr int PAIR_MIN_TOKENS = 4;
 
 // Below `serial_bytes` of weight bytes one thread does the whole product (`policy.SERIAL_BYTES`: waking a
 // second thread cost more than it saved on the project's CPU).
@@ -1200,8 +1260,15 @@ torch::Tensor masked_gemv(torch::Tensor x, torch::Tensor mask, torch::Tensor off
         constexpr bool DP = decltype(dpc)::value;
         const void* xp = DP ? static_cast<const void*>(xin.data_ptr<c10::BFloat16>() + t0 * cols)
                             : static_cast<const void*>(xin.data_ptr<float>() + t0 * cols);
-        float out[TT];
-        for (int64_t r = r0; r < r1; r++) {
+        float out[TT], out1[TT];
+        int64_t r = r0;
+        if constexpr (DP && TT >= PAIR_MIN_TOKENS)  // bf16 values: rows in pairs, sharing x's loads
+          for (; r + 1 < r1; r += 2) {
+            gemv_row_pair<TT, K>(m, static_cast<const uint16_t*>(xp), r, out, out1);
+            const float s0 = m.scale ? m.scale[r] : 1.f, s1 = m.scale ? m.scale[r + 1] : 1.f;
+            for (int t = 0; t < TT; t++) store(t0 + t, r, out[t], s0), store(t0 + t, r + 1, out1[t], s1);
+          }
+        for (; r < r1; r++) {
           gemv_row<unroll<TT>(), TT, K, DP>(m, xp, r, out);
           const float s = m.scale ? m.scale[r] : 1.f;
           for (int t = 0; t < TT; t++) store(t0 + t, r, out[t], s);
