@@ -141,7 +141,8 @@ def load_hf(name: str | Path | None = None, dtype: torch.dtype | None = torch.fl
 
 
 def _dtype_of(config) -> torch.dtype | None:
-    d = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    # the old name only where a config stores it: transformers 5's `torch_dtype` property logs a deprecation
+    d = getattr(config, "dtype", None) or vars(config).get("torch_dtype")
     if isinstance(d, str):
         d = getattr(torch, d, None)
     return d if isinstance(d, torch.dtype) else None

@@ -362,3 +362,27 @@ def test_menus_at_one_ratio_share_their_single_entries_scores(calib_ids, monkeyp
     assert len(calls) == 4 + 3  # wanda alone was not compressed again
     score = {r["candidate"]: r["score"] for r in first.selection}["uniform wanda"]
     assert {r["candidate"]: r["score"] for r in second.selection}["uniform wanda"] == score
+
+
+
+def test_config_dtype_is_read_without_the_deprecated_name():
+    """A config's dtype, or the old ``torch_dtype`` only where a config stores it: transformers 5's ``torch_dtype``
+    property logs a deprecation on every read (MiniLM's config has neither name)."""
+    import logging
+
+    import transformers as tf
+
+    said = []
+    handler = logging.Handler()
+    handler.emit = lambda record: said.append(record.getMessage())
+    root = logging.getLogger("transformers")  # transformers' loggers do not propagate to the root logger
+    root.addHandler(handler)
+    try:
+        assert adapter._dtype_of(tf.PretrainedConfig()) is None
+        assert adapter._dtype_of(tf.PretrainedConfig(dtype="bfloat16")) == torch.bfloat16
+        old = tf.PretrainedConfig()
+        vars(old)["torch_dtype"] = "float16"
+        assert adapter._dtype_of(old) == torch.float16
+    finally:
+        root.removeHandler(handler)
+    assert not [m for m in said if "torch_dtype" in m]
