@@ -1,10 +1,12 @@
 """The layer-by-layer pipeline on tiny random models of every supported architecture."""
 from __future__ import annotations
 
+import logging
 import math
 
 import pytest
 import torch
+import transformers as tf
 
 from sparselm import blocks as blocks_mod, io, pipeline
 from sparselm import model as adapter
@@ -364,14 +366,9 @@ def test_menus_at_one_ratio_share_their_single_entries_scores(calib_ids, monkeyp
     assert {r["candidate"]: r["score"] for r in second.selection}["uniform wanda"] == score
 
 
-
 def test_config_dtype_is_read_without_the_deprecated_name():
     """A config's dtype, or the old ``torch_dtype`` only where a config stores it: transformers 5's ``torch_dtype``
     property logs a deprecation on every read (MiniLM's config has neither name)."""
-    import logging
-
-    import transformers as tf
-
     said = []
     handler = logging.Handler()
     handler.emit = lambda record: said.append(record.getMessage())
