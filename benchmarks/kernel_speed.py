@@ -414,7 +414,7 @@ How the kernels read (see `sparselm/kernels/csrc/masked.cpp`): decode (`gemv`) w
 VDPBF16PS (bf16 values and input) or FMA (other storages: fp16, fp32, int8 per row, and int8 / int4 with a
 scale and zero point per group of a multiple of 16 columns, dequantized per 16-column half); four chunks per
 row are in flight at one token (fewer at more tokens), their accumulators in registers, and every chunk prefetches
-its row's values 4 KiB ahead and its mask 512 B ahead; from 4 tokens on, rows of bf16 values are read in pairs
+its row's values 4 KiB ahead and its mask 512 B ahead; from 3 tokens on, rows of bf16 values are read in pairs
 that share each load of the input (`gemv_row_pair`). GQSA's 1×16k blocks are read kept block by kept block (the block mask walked by its
 set bits, each block's codes straight from memory). Dense factors (low rank `U`, `V`; dictionaries `D`) at up
 to `policy.dense_gemv_max_tokens()` tokens (4 with AMX, 8 without) use a dense GEMV that walks four rows side by

@@ -390,8 +390,10 @@ SPARSELM_AVX512 inline void gemv_row(const Masked& m, const void* xv, int64_t r,
 }
 
 // Rows r and r + 1 of Y = X Mᵀ for TT tokens, bf16 values (plain or 14-bit) against bf16 x with VDPBF16PS: each
-// 32-column chunk of x is loaded once for both rows. From 4 tokens on, one row at a time loaded TT chunks of x
-// per chunk of its own values, so x's loads (from cache, but TT of them) outnumbered the row's own bytes.
+// 32-column chunk of x is loaded once for both rows. From 3 tokens on, one row at a time loaded TT chunks of x
+// per chunk of its own values, so x's loads (from cache, but TT of them) outnumbered the row's own bytes. At 2
+// tokens pairs were no faster (0.87-1.38x on four Llama shapes, 50 %, EPYC), as the row there keeps two chunks
+// in flight.
 // One chunk per row in flight (2·TT accumulators); per row the same products in the same order as gemv_row at
 // these token counts (one chunk in flight there too), so the same results for finite inputs.
 template <int TT, int K>
@@ -1139,8 +1141,8 @@ void token_blocks(int64_t T, F&& f) {  // f(t0, std::integral_constant<int, tt>)
 template <int TT> constexpr int unroll() { return TT == 1 ? 4 : (TT == 2 ? 2 : 1); }
 // dense rows walked side by side for a block of TT tokens (2·R·TT accumulators)
 template <int TT> constexpr int rows_at_once() { return TT == 1 ? 4 : (TT <= 3 ? 2 : 1); }
-// from this many tokens masked rows of bf16 values are read in pairs (`gemv_row_pair`)
-constexpr int PAIR_MIN_TOKENS = 4;
+// from this many tokens masked rows of bf16 values are read in pairs (`gemv_row_pair`; measured: its comment)
+constexpr int PAIR_MIN_TOKENS = 3;
 
 // Below `serial_bytes` of weight bytes one thread does the whole product (`policy.SERIAL_BYTES`: waking a
 // second thread cost more than it saved on the project's CPU).
