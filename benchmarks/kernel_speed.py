@@ -418,7 +418,7 @@ its row's values 4 KiB ahead and its mask 512 B ahead; from 3 tokens on, rows of
 that share each load of the input (`gemv_row_pair`). GQSA's 1×16k blocks are read kept block by kept block (the block mask walked by its
 set bits, each block's codes straight from memory). Dense factors (low rank `U`, `V`; dictionaries `D`) at up
 to `policy.dense_gemv_max_tokens()` tokens (4 with AMX, 8 without) use a dense GEMV that walks four rows side by
-side. Below
+side (two from 2 tokens on). Below
 `policy.SERIAL_BYTES` of weight bytes ({serial}) a decode GEMV runs on one thread. Prefill (`panel`) unpacks
 256-row panels into one reused scratch buffer per thread and runs a single-threaded oneDNN GEMM on each
 ({amx}). `dense` here means the faster of `nn.Linear` and `torch.mv`. Grouped int8 / int4 whose groups are

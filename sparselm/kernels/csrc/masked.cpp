@@ -632,21 +632,21 @@ SPARSELM_AVX512 inline void int8_row(const Masked& m, const float* x, int64_t r,
   for (int t = 0; t < TT; t++) out[t] = _mm512_reduce_add_ps(total[t]);
 }
 
-// R dense rows of W (rows, cols) row-major bf16 against bf16 x, walked side by side: two chunks of every row,
-// then the next two (R streams in flight, each prefetched 4 KiB ahead; one row at a time read 4 KiB rows at
+// R dense rows of W (rows, cols) row-major bf16 against bf16 x, walked side by side: U chunks of every row,
+// then the next U (R streams in flight, each prefetched 4 KiB ahead; one row at a time read 4 KiB rows at
 // 11-12 GB/s on one thread here, four side by side 28-40 GB/s; the masked rows above did not gain from it).
-template <int R, int TT>
+template <int R, int TT, int U>
 SPARSELM_AVX512 inline void dense_rows(const uint16_t* W, int64_t cols, const uint16_t* x, int64_t r,
                                        float (&out)[R][TT]) {
-  __m512 acc[R][2][TT];
+  __m512 acc[R][U][TT];
   #pragma GCC unroll 8
-  for (int i = 0; i < R; i++) for (int u = 0; u < 2; u++) for (int t = 0; t < TT; t++) acc[i][u][t] = _mm512_setzero_ps();
+  for (int i = 0; i < R; i++) for (int u = 0; u < U; u++) for (int t = 0; t < TT; t++) acc[i][u][t] = _mm512_setzero_ps();
   // rows shorter than the prefetch distance (the low-rank factors' Vᵀ, r = 1228 columns): 4 KiB ahead would land
   // in the R rows read side by side now, so prefetch the same place R rows down instead
   const int64_t ahead = 2 * cols >= kPrefetchBytes ? kPrefetchBytes : 2 * R * cols;
-  for (int64_t col = 0; col < cols; col += 64) {
+  for (int64_t col = 0; col < cols; col += 32 * U) {
 #pragma GCC unroll 2
-    for (int u = 0; u < 2; u++) {  // unrolled: acc in registers (rolled, GCC kept it on the stack, as in gemv_row)
+    for (int u = 0; u < U; u++) {  // unrolled: acc in registers (rolled, GCC kept it on the stack, as in gemv_row)
       const int64_t c = col + 32 * u;
       if (c >= cols) break;
       const int n = int(std::min<int64_t>(32, cols - c));
@@ -666,7 +666,7 @@ SPARSELM_AVX512 inline void dense_rows(const uint16_t* W, int64_t cols, const ui
   }
   #pragma GCC unroll 8
   for (int i = 0; i < R; i++) for (int t = 0; t < TT; t++)
-    out[i][t] = _mm512_reduce_add_ps(_mm512_add_ps(acc[i][0][t], acc[i][1][t]));
+    out[i][t] = _mm512_reduce_add_ps(U == 1 ? acc[i][0][t] : _mm512_add_ps(acc[i][0][t], acc[i][U - 1][t]));
 }
 
 template <typename OutT, int K>
@@ -1139,8 +1139,12 @@ void token_blocks(int64_t T, F&& f) {  // f(t0, std::integral_constant<int, tt>)
 
 // chunks in flight per masked row for a block of TT tokens (TT·U accumulators stay in registers)
 template <int TT> constexpr int unroll() { return TT == 1 ? 4 : (TT == 2 ? 2 : 1); }
-// dense rows walked side by side for a block of TT tokens (2·R·TT accumulators)
+// dense rows walked side by side for a block of TT tokens (2·R·TT accumulators; AVX2's 16 registers)
 template <int TT> constexpr int rows_at_once() { return TT == 1 ? 4 : (TT <= 3 ? 2 : 1); }
+// AVX-512 (32 registers): R rows side by side, U chunks of each in flight (U·R·TT accumulators + TT of x). From
+// 4 tokens two rows with one chunk each: one row with two chunks loaded TT chunks of x per chunk of W
+template <int TT> constexpr int dense_rows_512() { return TT == 1 ? 4 : 2; }
+template <int TT> constexpr int dense_chunks_512() { return TT <= 3 ? 2 : 1; }
 // from this many tokens masked rows of bf16 values are read in pairs (`gemv_row_pair`; measured: its comment)
 constexpr int PAIR_MIN_TOKENS = 3;
 
@@ -1312,17 +1316,18 @@ torch::Tensor dense_gemv(torch::Tensor x, torch::Tensor W, c10::optional<torch::
   at::parallel_for(0, rows, grain, [&](int64_t r0, int64_t r1) {
     token_blocks(T, [&](int64_t t0, auto tt) {
       constexpr int TT = decltype(tt)::value;
-      constexpr int R = rows_at_once<TT>();
+      constexpr int R = rows_at_once<TT>(), R512 = dense_rows_512<TT>(), U = dense_chunks_512<TT>();
       int64_t r = r0;
       auto emit = [&](auto rr) {
         constexpr int RR = decltype(rr)::value;
         float out[RR][TT];
         if (level == 1) dense_rows_avx2<RR, TT>(wp, cols, xf.data() + t0 * cols, r, out);
-        else dense_rows<RR, TT>(wp, cols, xp + t0 * cols, r, out);
+        else dense_rows<RR, TT, U>(wp, cols, xp + t0 * cols, r, out);
         for (int i = 0; i < RR; i++) for (int t = 0; t < TT; t++) store(t0 + t, r + i, out[i][t], 1.f);
         r += RR;
       };
-      while (r + R <= r1) emit(std::integral_constant<int, R>());
+      if (level == 1) while (r + R <= r1) emit(std::integral_constant<int, R>());
+      else while (r + R512 <= r1) emit(std::integral_constant<int, R512>());
       while (r < r1) emit(std::integral_constant<int, 1>());
     });
   });
