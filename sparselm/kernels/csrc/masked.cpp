@@ -638,6 +638,7 @@ SPARSELM_AVX512 inline void int8_row(const Masked& m, const float* x, int64_t r,
 template <int R, int TT, int U>
 SPARSELM_AVX512 inline void dense_rows(const uint16_t* W, int64_t cols, const uint16_t* x, int64_t r,
                                        float (&out)[R][TT]) {
+  static_assert(U == 1 || U == 2, "one or two chunks of a row in flight (the reduction below adds at most two)");
   __m512 acc[R][U][TT];
   #pragma GCC unroll 8
   for (int i = 0; i < R; i++) for (int u = 0; u < U; u++) for (int t = 0; t < TT; t++) acc[i][u][t] = _mm512_setzero_ps();
