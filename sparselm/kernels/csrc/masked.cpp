@@ -237,15 +237,32 @@ SPARSELM_AVX512 inline __m512i p14_load32(const Masked& m, int64_t i) {
   return _mm512_slli_epi16(_mm512_and_si512(v, _mm512_set1_epi16(0x3FFF)), 2);
 }
 
+// the mask word of row r's chunk at col (n columns): straight from memory when `aligned` (cols a multiple of 32, a
+// plain mask), else through read_bits
+inline uint32_t chunk_bits(const Masked& m, int64_t r, int64_t col, int n, bool aligned) {
+  uint32_t w;
+  if (aligned) std::memcpy(&w, m.mask + ((r * m.cols + col) >> 3), 4);
+  else w = read_bits(m, r, col, n);
+  return w;
+}
+
+// the 32 16-bit values of a chunk under mask word w from value index idx (bf16, fp16, or 14-bit decoded to bf16),
+// zeros where unset
+template <int K>
+SPARSELM_AVX512 inline __m512i chunk16(const Masked& m, int64_t idx, uint32_t w) {
+  if constexpr (K == P14) return _mm512_maskz_expand_epi16(w, p14_load32(m, idx));
+  else return _mm512_maskz_expandloadu_epi16(w, static_cast<const uint16_t*>(m.values) + idx);
+}
+
 // the 32 weights of columns c..c+31 under mask word w (zeros where unset), as two fp32 vectors. K is the
 // value kind as a compile-time constant (no per-chunk switch in the hot loops).
 template <int K>
 SPARSELM_AVX512 __attribute__((always_inline)) inline void decode32_k(const Masked& m, int64_t idx, uint32_t w, __m512& lo, __m512& hi) {
-  if constexpr (K == BF16 || K == FP16) {
-    __m512i v = _mm512_maskz_expandloadu_epi16(w, static_cast<const uint16_t*>(m.values) + idx);
+  if constexpr (K == BF16 || K == FP16 || K == P14) {
+    __m512i v = chunk16<K>(m, idx, w);
     __m256i a = _mm512_castsi512_si256(v), b = _mm512_extracti64x4_epi64(v, 1);
-    if constexpr (K == BF16) { lo = bf16x16_to_ps(a); hi = bf16x16_to_ps(b); }
-    else { lo = _mm512_cvtph_ps(a); hi = _mm512_cvtph_ps(b); }
+    if constexpr (K == FP16) { lo = _mm512_cvtph_ps(a); hi = _mm512_cvtph_ps(b); }
+    else { lo = bf16x16_to_ps(a); hi = bf16x16_to_ps(b); }
   } else if constexpr (K == FP32) {
     const float* f = static_cast<const float*>(m.values) + idx;
     lo = _mm512_maskz_expandloadu_ps(__mmask16(w), f);
@@ -266,9 +283,6 @@ SPARSELM_AVX512 __attribute__((always_inline)) inline void decode32_k(const Mask
     __m256i q = _mm256_maskz_expand_epi8(w, _mm512_castsi512_si256(nib));
     lo = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm256_castsi256_si128(q)));
     hi = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm256_extracti128_si256(q, 1)));
-  } else {
-    __m512i v = _mm512_maskz_expand_epi16(w, p14_load32(m, idx));
-    lo = bf16x16_to_ps(_mm512_castsi512_si256(v)); hi = bf16x16_to_ps(_mm512_extracti64x4_epi64(v, 1));
   }
 }
 
@@ -347,17 +361,13 @@ SPARSELM_AVX512 inline void gemv_row(const Masked& m, const void* xv, int64_t r,
       if (c >= nchunks) break;
       const int64_t col = 32 * c;
       const int n = int(std::min<int64_t>(32, m.cols - col));
-      uint32_t w;
-      if (aligned) std::memcpy(&w, m.mask + ((bit + col) >> 3), 4);
-      else w = read_bits(m, r, col, n);
+      const uint32_t w = chunk_bits(m, r, col, n, aligned);
       prefetch_at(m.values, value_byte<K>(idx) + kPrefetchBytes);  // this row's values, 4 KiB ahead
       if (u == 0) prefetch_at(m.mask, ((bit + col) >> 3) + 512);   // its mask (one line per U chunks)
       if (!w) continue;
       if constexpr (DP) {
         const uint16_t* x = static_cast<const uint16_t*>(xv);
-        __m512i v;
-        if constexpr (K == P14) v = _mm512_maskz_expand_epi16(w, p14_load32(m, idx));
-        else v = _mm512_maskz_expandloadu_epi16(w, static_cast<const uint16_t*>(m.values) + idx);
+        const __m512i v = chunk16<K>(m, idx, w);
         __mmask32 k = n >= 32 ? ~__mmask32(0) : __mmask32((1u << n) - 1);
         #pragma GCC unroll 8
         for (int t = 0; t < TT; t++) {
@@ -409,14 +419,7 @@ SPARSELM_AVX512 inline void gemv_row_pair(const Masked& m, const uint16_t* x, in
   for (int64_t c = 0; c < nchunks; c++) {
     const int64_t col = 32 * c;
     const int n = int(std::min<int64_t>(32, m.cols - col));
-    uint32_t w0, w1;
-    if (aligned) {
-      std::memcpy(&w0, m.mask + ((bit0 + col) >> 3), 4);
-      std::memcpy(&w1, m.mask + ((bit1 + col) >> 3), 4);
-    } else {
-      w0 = read_bits(m, r, col, n);
-      w1 = read_bits(m, r + 1, col, n);
-    }
+    const uint32_t w0 = chunk_bits(m, r, col, n, aligned), w1 = chunk_bits(m, r + 1, col, n, aligned);
     prefetch_at(m.values, value_byte<K>(idx0) + kPrefetchBytes);  // both rows' values, 4 KiB ahead
     prefetch_at(m.values, value_byte<K>(idx1) + kPrefetchBytes);
     if (c % 4 == 0) {  // their masks (one line per 4 chunks)
@@ -424,14 +427,7 @@ SPARSELM_AVX512 inline void gemv_row_pair(const Masked& m, const uint16_t* x, in
       prefetch_at(m.mask, ((bit1 + col) >> 3) + 512);
     }
     if (!(w0 | w1)) continue;
-    __m512i v0, v1;
-    if constexpr (K == P14) {
-      v0 = _mm512_maskz_expand_epi16(w0, p14_load32(m, idx0));
-      v1 = _mm512_maskz_expand_epi16(w1, p14_load32(m, idx1));
-    } else {
-      v0 = _mm512_maskz_expandloadu_epi16(w0, static_cast<const uint16_t*>(m.values) + idx0);
-      v1 = _mm512_maskz_expandloadu_epi16(w1, static_cast<const uint16_t*>(m.values) + idx1);
-    }
+    const __m512i v0 = chunk16<K>(m, idx0, w0), v1 = chunk16<K>(m, idx1, w1);
     const __mmask32 k = n >= 32 ? ~__mmask32(0) : __mmask32((1u << n) - 1);
     #pragma GCC unroll 8
     for (int t = 0; t < TT; t++) {
@@ -684,8 +680,7 @@ SPARSELM_AVX512 void unpack_rows_k(const Masked& m, int64_t r0, int64_t r1, OutT
       if ((c & 511) == 0) prefetch_at(m.mask, ((bit + c) >> 3) + 512);
       __mmask32 k = n >= 32 ? ~__mmask32(0) : __mmask32((1u << n) - 1);
       if constexpr (K == BF16 && std::is_same<OutT, c10::BFloat16>::value) {  // copy the bits, no rounding
-        __m512i v = _mm512_maskz_expandloadu_epi16(w, static_cast<const uint16_t*>(m.values) + idx);
-        _mm512_mask_storeu_epi16(o + c, k, v);
+        _mm512_mask_storeu_epi16(o + c, k, chunk16<K>(m, idx, w));
       } else {
         __m512 lo, hi;
         decode32_k<K>(m, idx, w, lo, hi);
@@ -922,9 +917,7 @@ SPARSELM_AVX2 inline void gemv_row_avx2(const Masked& m, const float* x, int64_t
   for (int u = 0; u < U; u++) for (int t = 0; t < TT; t++) acc[u][t] = _mm256_setzero_ps();
   for (int64_t c = 0; c < m.cols; c += 32) {
     const int n = int(std::min<int64_t>(32, m.cols - c));
-    uint32_t w;
-    if (aligned) std::memcpy(&w, m.mask + ((bit + c) >> 3), 4);
-    else w = read_bits(m, r, c, n);
+    const uint32_t w = chunk_bits(m, r, c, n, aligned);
     prefetch_at(m.values, value_byte<K>(idx) + kPrefetchBytes);  // this row's values, 4 KiB ahead
     if ((c & 255) == 0) prefetch_at(m.mask, ((bit + c) >> 3) + 512);  // its mask (one line per 512 columns)
     if (!w) continue;
