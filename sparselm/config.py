@@ -474,7 +474,10 @@ def spec_from_dict(d: dict) -> MethodSpec:
     if not isinstance(d, dict):
         raise InputError(f"method entry {d!r} is not a mapping", "write each method as {method: NAME, ...}")
     d = dict(d)
-    name = d.pop("method", None)
+    if "method" not in d:
+        raise InputError(f"method entry {d!r} has no 'method' key",
+                         f"name the method: {{method: NAME, ...}} with NAME one of {', '.join(SPECS)}")
+    name = d.pop("method")
     if name not in SPECS:
         raise InputError(f"unknown method {name!r}", f"choose one of {', '.join(SPECS)}")
     cls = SPECS[name]
@@ -486,7 +489,9 @@ def spec_from_dict(d: dict) -> MethodSpec:
     known = {f.name: f for f in fields(cls)}
     unknown = set(d) - set(known)
     if unknown:
-        raise InputError(f"unknown key(s) {sorted(unknown)} for method {name!r}", f"known keys: {sorted(known)}")
+        budget = sorted(unknown & {"ratio", "sparsity", "pattern"})  # the CLI's knobs: in a recipe, the target's
+        hint = f"; write the budget as target: {{{budget[0]}: ...}}" if budget and "target" in known else ""
+        raise InputError(f"unknown key(s) {sorted(unknown)} for method {name!r}", f"known keys: {sorted(known)}{hint}")
     hints = _field_types(cls)
     return cls(**{key: _coerce(f"{name}.{key}", value, hints[key]) for key, value in d.items()})
 
@@ -509,7 +514,8 @@ def calibration_from_dict(d) -> Calibration:
 
 def recipe_from_dict(d: dict) -> Recipe:
     if not isinstance(d, dict):
-        raise InputError("recipe must be a mapping", "see docs/recipes.md for the format")
+        raise InputError(f"recipe must be a mapping (got {type(d).__name__})",
+                         "write methods: [{method: NAME, ...}] at the top level (README.md, 'Recipes')")
     unknown = set(d) - {"methods", "allocate", "targets", "ignore", "calibration"}
     if unknown:
         raise InputError(f"unknown recipe key(s) {sorted(unknown)}",

@@ -38,10 +38,18 @@ def test_recipe_round_trip(tmp_path):
     ({"methods": [{"method": "wanda"}], "allocat": "uniform"}, "unknown recipe key"),
     ({"methods": [{"method": "cospadi", "init": "zeros"}]}, "not valid"),
     ({"methods": [{"method": "svd", "target": {"ratio": 0.3, "sparsity": 0.1}}]}, "exactly one"),
+    ({"methods": [{"name": "wanda"}]}, "has no 'method' key"),
+    ([{"method": "wanda"}], "must be a mapping"),
 ])
 def test_recipe_errors(bad, message):
     with pytest.raises(InputError, match=message):
         recipe_from_dict(bad)
+
+
+def test_a_cli_budget_knob_in_a_recipe_points_to_the_target_key():
+    with pytest.raises(InputError) as e:
+        recipe_from_dict({"methods": [{"method": "wanda", "ratio": 0.5}]})
+    assert "['ratio']" in e.value.what and "target: {ratio: ...}" in e.value.fix
 
 
 @pytest.mark.parametrize("bad, key", [
