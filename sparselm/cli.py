@@ -131,19 +131,22 @@ def compress(
                                   num_fewshot=num_fewshot, limit=_limit(limit),
                                   offload_activations=offload_activations)
 
-    def show(s):
-        console.print(f"compressed {s['model']} with {s['method']} ({s['allocate']}) in {s['compress_seconds']:.1f}s "
+    _run(work, as_json, _show_compressed)
+
+
+def _show_compressed(s: dict) -> None:
+    """`compress`'s human summary of its result `s` (the --json object)."""
+    console.print(f"compressed {s['model']} with {s['method']} ({s['allocate']}) in {s['compress_seconds']:.1f}s "
                   f"-> {s['out']}")
-        console.print(f"ratio removed: stored {s['ratio_stored']:.3f}  params {s['ratio_params']:.3f}  "
+    console.print(f"ratio removed: stored {s['ratio_stored']:.3f}  params {s['ratio_params']:.3f}  "
                   f"paper {s['ratio_paper']:.3f}")
-        if "perplexity_after" in s:
-            console.print(f"perplexity: before {s['perplexity_before']:.3f}  after {s['perplexity_after']:.3f}")
-        for task, after in (s.get("tasks_after") or {}).items():
-            before = s["tasks_before"].get(task, {})
-            console.print(f"{task}: " + "  ".join(f"{k} {before.get(k, float('nan')):.4f} -> {v:.4f}"
-                                                  for k, v in after.items() if isinstance(v, float)))
-        console.print(f"report: {s['out']}/report.html")
-    _run(work, as_json, show)
+    if "perplexity_after" in s:
+        console.print(f"perplexity: before {s['perplexity_before']:.3f}  after {s['perplexity_after']:.3f}")
+    for task, after in (s.get("tasks_after") or {}).items():
+        before = s["tasks_before"].get(task, {})
+        console.print(f"{task}: " + "  ".join(f"{k} {before.get(k, float('nan')):.4f} -> {v:.4f}"
+                                              for k, v in after.items() if isinstance(v, float)))
+    console.print(f"report: {s['out']}/report.html")
 
 
 @app.command("eval")
