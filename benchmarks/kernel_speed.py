@@ -473,14 +473,31 @@ def _omp(machine: dict) -> str:
             "parallel region, then sleep)")
 
 
+PARTS = {"all": ("layers", "crossover", "unpack", "e2e"), "layers": ("layers",), "crossover": ("crossover",),
+         "unpack": ("unpack",), "isa": ("isa",), "e2e": ("e2e",)}  # what each --part measures
+
+
+def _when(results: dict) -> str:
+    """When the parts were measured: one time, or each part's when merged runs differ."""
+    measured = results.get("measured") or {}
+    if len(set(measured.values())) <= 1:
+        return results["machine"]["when"]
+    return "; ".join(f"{part} {when}" for part, when in measured.items())
+
+
+def _repeats(machine: dict) -> str:
+    r = machine.get("repeats")
+    return f" (layers: {r[0]} per variant up to 16 tokens, {r[1]} beyond)" if r else ""
+
+
 def write(results: dict) -> None:
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / f"{STEM}.json").write_text(json.dumps(results, indent=1))
     m = results["machine"]
     load = f" Load average (1 min) at start / end: {m['load']}." if m.get("load") else ""
     md = [f"# Compressed-layer kernels: speed on CPU\n",
-          f"Written by `benchmarks/kernel_speed.py` ({m['when']}). CPU: {m['cpu']}; torch {m['torch']}; kernels: "
-          f"{m['kernels']}. bf16, random weights, medians of interleaved runs with weights cycled past the "
+          f"Written by `benchmarks/kernel_speed.py` ({_when(results)}). CPU: {m['cpu']}; torch {m['torch']}; kernels: "
+          f"{m['kernels']}. bf16, random weights, medians of interleaved runs{_repeats(m)} with weights cycled past the "
           f"last-level cache (`--cycle-mb {m['cycle_mb']}`), {_omp(m)}.{load} Compressed "
           "and dense runs are interleaved, so that other jobs, if any, slow both sides alike. "
           "`vs best dense` = compressed time / min(`nn.Linear`, `torch.mv` at 1 token), from medians; "
@@ -544,7 +561,7 @@ def main() -> None:
     p.add_argument("--threads", nargs="+", type=int, default=[1, 2])
     p.add_argument("--tokens", nargs="+", type=int, default=[1, 512])
     p.add_argument("--repeats", type=int, default=15)
-    p.add_argument("--prefill-repeats", type=int, default=5)
+    p.add_argument("--prefill-repeats", type=int, default=11, help="runs per variant from 17 tokens on (5 until 2026-12-07: medians of 5 moved the EPYC's 512-token rows by up to ±0.05 between consecutive runs)")
     p.add_argument("--cycle-mb", type=int, default=1024, help="dense bytes of weight copies cycled through per "
                    "variant: at least twice the last-level cache (480 MiB on the Intel Xeon)")
     p.add_argument("--e2e", nargs="+", default=["lowrank:0.4", "dict:0.4", "unstructured:0.5", "2:4:0"])
@@ -571,8 +588,12 @@ def main() -> None:
     results = {**old, "machine": {"when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "torch": torch.__version__,
                                   "cpu": device.cpu_name(), "cycle_mb": args.cycle_mb, "amx": kernels.policy.amx(),
                                   "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+                                  "repeats": [args.repeats, args.prefill_repeats],
                                   "serial_bytes": kernels.policy.SERIAL_BYTES,
                                   "kernels": _kernels()}}
+    parts = [k for k in ("layers", "crossover", "unpack", "isa", "e2e") if k in old]
+    earlier = old.get("measured") or {k: old["machine"]["when"] for k in parts}  # before 2026-12-07: one time
+    results["measured"] = {**earlier, **{k: results["machine"]["when"] for k in PARTS[args.part]}}
     if args.part in ("layers", "all"):
         results["layers"] = old.get("layers", []) if args.append else []
         for model, proj, in_f, out_f, kind, ratio in _cases(args):
