@@ -104,6 +104,28 @@ def test_quantized_unpack_is_the_stored_weight(store):
     assert torch.equal(masked.panel_torch(rt, 0, 19, torch.float32), m.dense_weight().float())
 
 
+@needs_ext
+@pytest.mark.parametrize("store", [Storage(CoefStorage.INT4), Storage(CoefStorage.INT4, 16), Storage(CoefStorage.INT4, 32),
+                                   Storage(CoefStorage.INT4, 128)], ids=str)
+def test_masked_int4_gemv_against_bf16_input_is_the_stored_weights_product(store):
+    """Masked int4 GEMV over bf16 x equals the stored weight's product at 1..8 tokens, on rows whose codes start at
+    odd nibbles, a last partial group and chunk (262 columns), an empty row and a full one; and agrees with the
+    fp32-input path."""
+    torch.manual_seed(0)
+    W, mask = torch.randn(21, 262), torch.rand(21, 262) < 0.45
+    mask[4], mask[7] = False, True
+    m = SparseLinear(W, mask, None, None, torch.float32, store)
+    rt, dense = m.runtime(), m.dense_weight().float()
+    assert rt.offsets[1:].remainder(2).any()  # some rows start at an odd nibble
+    for tokens in range(1, 9):
+        x = torch.randn(tokens, 262).bfloat16()
+        got = masked.matmul_gemv(x, rt).float()
+        want = x.float() @ dense.T
+        torch.testing.assert_close(got, want, rtol=1e-2, atol=1e-2)  # the output's bf16 rounding
+        torch.testing.assert_close(got, masked.matmul_gemv(x.float(), rt).bfloat16().float(), rtol=1e-2, atol=1e-2)
+        assert (got - want).abs().max() <= 2 ** -8 * want.abs().max() + 1e-6
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("tokens", [(1,), (7,)])
 def test_low_rank_fast_forward_matches_reference_and_keeps_bytes(dtype, tokens):
