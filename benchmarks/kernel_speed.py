@@ -508,7 +508,7 @@ def write(results: dict) -> None:
                                                                                f"{m.get('serial_bytes', 0) >> 20} MiB"),
               amx={True: "this CPU has AMX tiles: oneDNN's bf16 GEMMs use them", False: "no AMX on this CPU",
                    None: "AMX not recorded"}[m.get("amx")])]
-    if results.get("layers"):
+    if any(r.get("target") is not None for r in results.get("layers", [])):  # kinds without a target: no table
         md += ["## Targets at 2 threads\n", "The targets hold at the ratios in bold (low rank and dictionaries 0.4, "
                "unstructured 50 %, 2:4); the other ratios are measured against the same numbers for reference.\n",
                *summary(results["layers"]), ""]
