@@ -365,6 +365,37 @@ def end_to_end(args) -> list[dict]:
     return rows
 
 
+@torch.no_grad()
+def end_to_end_prefill(args) -> list[dict]:
+    """One forward of a ``--prefill-tokens`` prompt through the Llama-3.2-1B-shaped model, dense against compressed
+    (alternating rounds, medians): the layers' outputs meet the model's own attention and elementwise ops here."""
+    model = llama_1b(args.e2e_layers)
+    dense = _linears(model)
+    ids = torch.randint(0, 128256, (1, args.prefill_tokens), generator=_gen(0))
+    rows = []
+    for kind, ratio in args.e2e:
+        comp = {n: build(kind, m.in_features, m.out_features, ratio) for n, m in dense.items()}
+        for threads in args.threads:
+            torch.set_num_threads(threads)
+            times = {"dense": [], "compressed": []}
+            for rnd in range(args.e2e_repeats + 1):  # round 0 warms up
+                for which, mods in (("dense", dense), ("compressed", comp)):
+                    _swap(model, mods)
+                    t = time.perf_counter()
+                    model(input_ids=ids, logits_to_keep=1)  # as generate's prefill: the last token's logits
+                    if rnd:
+                        times[which].append(time.perf_counter() - t)
+            tps = {k: args.prefill_tokens / statistics.median(v) for k, v in times.items()}
+            rows.append({"kind": kind, "ratio": ratio, "threads": threads, "tokens": args.prefill_tokens,
+                         "layers": args.e2e_layers, "dense_tokens_per_s": round(tps["dense"], 1),
+                         "compressed_tokens_per_s": round(tps["compressed"], 1),
+                         "speedup": round(tps["compressed"] / tps["dense"], 3)})
+            print(rows[-1], flush=True)
+        _swap(model, dense)
+        del comp
+    return rows
+
+
 # --- report ------------------------------------------------------------------------------------------
 def _fmt(v) -> str:
     if v is None:
@@ -473,8 +504,9 @@ def _omp(machine: dict) -> str:
             "parallel region, then sleep)")
 
 
-PARTS = {"all": ("layers", "crossover", "unpack", "e2e"), "layers": ("layers",), "crossover": ("crossover",),
-         "unpack": ("unpack",), "isa": ("isa",), "e2e": ("e2e",)}  # what each --part measures
+PARTS = {"all": ("layers", "crossover", "unpack", "e2e", "prefill"), "layers": ("layers",),
+         "crossover": ("crossover",), "unpack": ("unpack",), "isa": ("isa",), "e2e": ("e2e",),
+         "prefill": ("prefill",)}  # what each --part measures
 
 
 def _when(results: dict) -> str:
@@ -526,7 +558,10 @@ def write(results: dict) -> None:
               "avx2_over_avx512", "scalar_over_avx512"]),
             ("End to end: greedy decode, Llama-3.2-1B-shaped model", "e2e",
              ["kind", "ratio", "layers", "threads", "batch", "dense_tokens_per_s", "compressed_tokens_per_s",
-              "speedup", "speedup_best", "target", "met"])):
+              "speedup", "speedup_best", "target", "met"]),
+            ("End to end: prefill, one prompt through the Llama-3.2-1B-shaped model", "prefill",
+             ["kind", "ratio", "layers", "threads", "tokens", "dense_tokens_per_s", "compressed_tokens_per_s",
+              "speedup"])):
         if results.get(key):
             md += [f"## {name}\n", table(results[key], cols), ""]
     avx2 = results if STEM == "kernels_avx2" else (json.loads((OUT / "kernels_avx2.json").read_text())
@@ -552,7 +587,7 @@ def _key(row: dict) -> tuple:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--part", default="all", choices=["layers", "crossover", "unpack", "isa", "e2e", "all"],
+    p.add_argument("--part", default="all", choices=["layers", "crossover", "unpack", "isa", "e2e", "prefill", "all"],
                    help="isa (not in all): every layer case at each SPARSELM_ISA level this CPU runs, interleaved")
     p.add_argument("--models", nargs="+", default=list(SHAPES))
     p.add_argument("--cases", nargs="+", default=["lowrank:0.4", "dict:0.4", "unstructured:0.5", "2:4:0",
@@ -569,6 +604,7 @@ def main() -> None:
     p.add_argument("--e2e-batch", nargs="+", type=int, default=[1, 8])
     p.add_argument("--e2e-repeats", type=int, default=3)
     p.add_argument("--new-tokens", type=int, default=32)
+    p.add_argument("--prefill-tokens", type=int, default=512, help="the prompt of --part prefill")
     p.add_argument("--merge", action="store_true", help="keep the other parts' rows from the existing JSON")
     p.add_argument("--append", action="store_true", help="with --merge: keep the existing layer rows, those "
                    "this run measures again replaced by the new ones")
@@ -591,7 +627,7 @@ def main() -> None:
                                   "repeats": [args.repeats, args.prefill_repeats],
                                   "serial_bytes": kernels.policy.SERIAL_BYTES,
                                   "kernels": _kernels()}}
-    parts = [k for k in ("layers", "crossover", "unpack", "isa", "e2e") if k in old]
+    parts = [k for k in ("layers", "crossover", "unpack", "isa", "e2e", "prefill") if k in old]
     earlier = old.get("measured") or {k: old["machine"]["when"] for k in parts}  # before 2026-12-07: one time
     results["measured"] = {**earlier, **{k: results["machine"]["when"] for k in PARTS[args.part]}}
     if args.part in ("layers", "all"):
@@ -618,6 +654,9 @@ def main() -> None:
         write(results)
     if args.part in ("e2e", "all"):
         results["e2e"] = end_to_end(args)
+        write(results)
+    if args.part in ("prefill", "all"):
+        results["prefill"] = end_to_end_prefill(args)
     results["machine"]["load"] = f"{load0:.1f} / {os.getloadavg()[0]:.1f}"
     write(results)
 

@@ -82,8 +82,8 @@ def _dense(x2: torch.Tensor, At: torch.Tensor, bias: torch.Tensor | None, route:
     path = policy.dense_path(x2, At, route)
     if path == "gemv":
         return _build.loaded().dense_gemv(x2, At, bias, policy.SERIAL_BYTES, route.isa)
-    if path == "panel":  # (T, m) as a transposed view: a next factor reads its Xᵀ contiguous
-        return _bias(_build.loaded().dense_panels_mm(x2, At).t(), bias)
+    if path == "panel":
+        return _bias(_build.loaded().dense_panels_mm(x2, At), bias)
     T = x2.shape[0]
     dtype = policy.gemm_dtype(x2.dtype, T)
     if dtype != x2.dtype:  # from the stored factor: one conversion, no rounding through x2's dtype

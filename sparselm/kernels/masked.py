@@ -215,14 +215,13 @@ def matmul_panels(x: torch.Tensor, mm: Masked, rows: int, use_ext: bool = True, 
         threads = min(torch.get_num_threads(), -(-mm.rows // p))
         _scratch["bytes"] = max(_scratch["bytes"], threads * p * mm.cols * torch.finfo(dtype).bits // 8)
         return ext.masked_panels_mm(x.to(dtype), mm.mask, mm.offsets, mm.values, mm.kind, mm.scale, mm.zero,
-                                    mm.group, mm.rows, mm.cols, p, _build.resolve_isa(isa),
-                                    mm.block).t()
-    yT = torch.empty(mm.rows, x.shape[0], dtype=dtype)  # (rows, T): each panel's rows are contiguous
-    xT = x.to(dtype).t()
+                                    mm.group, mm.rows, mm.cols, p, _build.resolve_isa(isa), mm.block)
+    y = torch.empty(x.shape[0], mm.rows, dtype=dtype)  # (T, rows) row-major: each panel's columns in place
+    x = x.to(dtype)
     for r0 in range(0, mm.rows, p):
         r1 = min(mm.rows, r0 + p)
-        torch.mm(panel_torch(mm, r0, r1, dtype), xT, out=yT[r0:r1])
-    return yT.t()
+        torch.mm(x, panel_torch(mm, r0, r1, dtype).t(), out=y[:, r0:r1])
+    return y
 
 
 def matmul_gemv(x: torch.Tensor, mm: Masked, bias: torch.Tensor | None = None,

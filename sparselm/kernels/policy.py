@@ -61,7 +61,8 @@ MV_MAX_TOKENS = 0
 # docs/benchmarks/kernels.md "quiet recheck") was faster with both threads everywhere: low rank 0.4 1.26x vs
 # 1.10x dense, dictionary 0.4 1.27x vs 1.08x, 50 % 1.47x vs 1.42x with a 16 MiB threshold. Default: 0.
 SERIAL_BYTES = 0
-# dense bf16 factors beyond the GEMV's tokens as Yᵀ = W Xᵀ, one single-threaded GEMM per thread over W's rows
+# dense bf16 factors beyond the GEMV's tokens as one single-threaded GEMM per thread over W's rows (each writing its
+# columns of Y; measured as Yᵀ = W Xᵀ, the layout until 2026-12-07, at the same speed)
 # (C++ `dense_panels_mm`) instead of one F.linear: the 0.4 low-rank factors of the eight Llama-3.2-1B / 3-8B
 # layer shapes, 2 threads, Intel Xeon (AMX), warm, medians (docs/benchmarks/README.md "Kernels", session 13):
 # 0.45-0.76x dense at 512 tokens against 0.50-1.56x for two F.linear, never more than ~15 % behind one
@@ -124,7 +125,8 @@ def dense_gemv_max_tokens() -> int:
 def dense_path(x2: torch.Tensor, weight: torch.Tensor, module_path: "str | Route | None" = None) -> str:
     """For a dense factor product ``x2 (T, n) @ weight.T``: ``gemv`` (C++ bf16 GEMV: AVX-512 BF16 or AVX2) up to
     the GEMV's token limit, ``panel`` beyond it on a CPU with native bf16 products (one single-threaded GEMM
-    per thread over the weight's rows, output transposed: `DENSE_PANELS`), else ``torch`` (one F.linear)."""
+    per thread over the weight's rows, each writing its columns of the output: `DENSE_PANELS`), else ``torch`` (one
+    F.linear)."""
     r = route(module_path)
     if r.path == "torch" or not (x2.dtype == weight.dtype == torch.bfloat16) or not weight.is_contiguous():
         return "torch"

@@ -1383,8 +1383,7 @@ torch::Tensor masked_panels_mm(torch::Tensor x, torch::Tensor mask, torch::Tenso
   TORCH_CHECK(st == torch::kFloat32 || st == torch::kBFloat16 || st == torch::kFloat16, "x dtype");
   Masked m = view(mask, offsets, values, kind, scale, rows, cols, zero, group, block);
   const int64_t level = gemv_level(kind, group, isa);
-  auto xT = x.t();
-  auto yT = torch::empty({rows, x.size(0)}, x.options());
+  auto y = torch::empty({x.size(0), rows}, x.options());  // row-major, each panel's columns in place (dense_panels_mm)
   int64_t npanels = (rows + panel_rows - 1) / panel_rows;
   at::parallel_for(0, npanels, 1, [&](int64_t b, int64_t e) {
     thread_local torch::Tensor scratch;
@@ -1400,34 +1399,38 @@ torch::Tensor masked_panels_mm(torch::Tensor x, torch::Tensor mask, torch::Tenso
       else if (st == torch::kBFloat16) run(scratch.data_ptr<c10::BFloat16>());
       else run(scratch.data_ptr<c10::Half>());
       auto panel = scratch.narrow(0, 0, (r1 - r0) * cols).view({r1 - r0, cols});
-      auto out = yT.narrow(0, r0, r1 - r0);
-      at::mm_out(out, panel, xT);
+      auto out = y.narrow(1, r0, r1 - r0);
+      at::mm_out(out, x, panel.t());
     }
   });
-  return yT;
+  return y;
 }
 
 // Y^T = W X^T for a dense W and many tokens: W's rows in one contiguous range per thread, each a
 // single-threaded GEMM (W as the GEMM's left operand: its rows are the output's). For the low-rank and
 // dictionary factors at prefill this beats F.linear's one two-thread GEMM: oneDNN split (512 x 4096) x
 // (4096 x 491) so badly that it took longer than the (4096 x 1024) dense layer (docs/benchmarks/README.md).
+// Y = X Wᵀ (T, rows), row-major: each thread's GEMM writes its columns of Y in place (a row-major block of Y with
+// Y's row stride: BLAS takes it as its leading dimension, no copy; as fast as writing a block of rows of Yᵀ, with
+// the same values). A transposed Y would reach the model as a non-contiguous tensor: q/k/v of that layout send
+// PyTorch's SDPA to its math path (the whole bundled model's prefill at 1016 tokens 2.7x slower), and every
+// elementwise op after the layer reads strided memory.
 torch::Tensor dense_panels_mm(torch::Tensor x, torch::Tensor W) {
   TORCH_CHECK(x.dim() == 2 && W.dim() == 2 && x.size(1) == W.size(1), "x (T, cols), W (rows, cols)");
   TORCH_CHECK(x.scalar_type() == W.scalar_type(), "x and W: one dtype");
   const int64_t rows = W.size(0);
-  auto xT = x.t();
-  auto yT = torch::empty({rows, x.size(0)}, x.options());
+  auto y = torch::empty({x.size(0), rows}, x.options());
   const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), rows / 16));
   const int64_t step = (rows / parts + 15) / 16 * 16;  // a multiple of 16 rows, the last range the rest
   at::parallel_for(0, parts, 1, [&](int64_t b, int64_t e) {
     for (int64_t p = b; p < e; p++) {
       int64_t r0 = std::min(rows, p * step), r1 = p + 1 == parts ? rows : std::min(rows, r0 + step);
       if (r0 >= r1) continue;
-      auto out = yT.narrow(0, r0, r1 - r0);
-      at::mm_out(out, W.narrow(0, r0, r1 - r0), xT);
+      auto out = y.narrow(1, r0, r1 - r0);
+      at::mm_out(out, x, W.narrow(0, r0, r1 - r0).t());
     }
   });
-  return yT;
+  return y;
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
@@ -1439,7 +1442,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
   mod.def("dense_gemv", &dense_gemv, "Y = X W^T (+ bias) for a dense bf16 W, few bf16 tokens");
   mod.def("dense_dense_gemv", &dense_dense_gemv, "Y = (X A^T) W^T (+ bias): dense_gemv twice in one call");
   mod.def("dense_masked_gemv", &dense_masked_gemv, "Y = (X A^T) M^T (+ bias): dense_gemv, then masked_gemv");
-  mod.def("dense_panels_mm", &dense_panels_mm, "Y^T = W X^T: one single-threaded GEMM per thread over W's rows");
-  mod.def("masked_panels_mm", &masked_panels_mm, "Y^T = M X^T through per-thread unpacked panels + GEMM");
+  mod.def("dense_panels_mm", &dense_panels_mm, "Y = X W^T: one single-threaded GEMM per thread over W's rows");
+  mod.def("masked_panels_mm", &masked_panels_mm, "Y = X M^T through per-thread unpacked panels + GEMM");
   mod.def("masked_unpack", &masked_unpack, "dense rows r0..r1 of a bitmask-packed matrix into out");
 }
