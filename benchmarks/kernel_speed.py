@@ -331,6 +331,20 @@ def _swap(model, modules: dict[str, nn.Module]) -> None:
 
 
 @torch.no_grad()
+def _alternating(model: nn.Module, variants: dict, call, repeats: int) -> dict[str, list[float]]:
+    """Seconds of ``call()`` with each variant's linears swapped into ``model``, the variants alternating round by
+    round (round 0 warms up and is not kept), so that a slower stretch of the machine slows every variant alike."""
+    times = {k: [] for k in variants}
+    for rnd in range(repeats + 1):
+        for which, mods in variants.items():
+            _swap(model, mods)
+            t = time.perf_counter()
+            call()
+            if rnd:
+                times[which].append(time.perf_counter() - t)
+    return times
+
+
 def end_to_end(args) -> list[dict]:
     model = llama_1b(args.e2e_layers)
     dense = _linears(model)
@@ -342,14 +356,8 @@ def end_to_end(args) -> list[dict]:
         for threads in args.threads:
             torch.set_num_threads(threads)
             for b in args.e2e_batch:
-                times = {"dense": [], "compressed": []}
-                for rnd in range(args.e2e_repeats + 1):  # round 0 warms up
-                    for which, mods in (("dense", dense), ("compressed", comp)):
-                        _swap(model, mods)
-                        t = time.perf_counter()
-                        model.generate(ids[:b], **kw)
-                        if rnd:
-                            times[which].append(time.perf_counter() - t)
+                times = _alternating(model, {"dense": dense, "compressed": comp},
+                                     lambda: model.generate(ids[:b], **kw), args.e2e_repeats)
                 tps = {k: b * args.new_tokens / statistics.median(v) for k, v in times.items()}
                 top = {k: b * args.new_tokens / min(v) for k, v in times.items()}
                 rows.append({"kind": kind, "ratio": ratio, "threads": threads, "batch": b, "layers": args.e2e_layers,
@@ -368,7 +376,7 @@ def end_to_end(args) -> list[dict]:
 @torch.no_grad()
 def end_to_end_prefill(args) -> list[dict]:
     """One forward of a ``--prefill-tokens`` prompt through the Llama-3.2-1B-shaped model, dense against compressed
-    (alternating rounds, medians): the layers' outputs meet the model's own attention and elementwise ops here."""
+    (`_alternating`, medians): the layers' outputs meet the model's own attention and elementwise ops here."""
     model = llama_1b(args.e2e_layers)
     dense = _linears(model)
     ids = torch.randint(0, 128256, (1, args.prefill_tokens), generator=_gen(0))
@@ -377,14 +385,8 @@ def end_to_end_prefill(args) -> list[dict]:
         comp = {n: build(kind, m.in_features, m.out_features, ratio) for n, m in dense.items()}
         for threads in args.threads:
             torch.set_num_threads(threads)
-            times = {"dense": [], "compressed": []}
-            for rnd in range(args.e2e_repeats + 1):  # round 0 warms up
-                for which, mods in (("dense", dense), ("compressed", comp)):
-                    _swap(model, mods)
-                    t = time.perf_counter()
-                    model(input_ids=ids, logits_to_keep=1)  # as generate's prefill: the last token's logits
-                    if rnd:
-                        times[which].append(time.perf_counter() - t)
+            times = _alternating(model, {"dense": dense, "compressed": comp},  # as generate's prefill: last logits
+                                 lambda: model(input_ids=ids, logits_to_keep=1), args.e2e_repeats)
             tps = {k: args.prefill_tokens / statistics.median(v) for k, v in times.items()}
             rows.append({"kind": kind, "ratio": ratio, "threads": threads, "tokens": args.prefill_tokens,
                          "layers": args.e2e_layers, "dense_tokens_per_s": round(tps["dense"], 1),
@@ -596,7 +598,8 @@ def main() -> None:
     p.add_argument("--threads", nargs="+", type=int, default=[1, 2])
     p.add_argument("--tokens", nargs="+", type=int, default=[1, 512])
     p.add_argument("--repeats", type=int, default=15)
-    p.add_argument("--prefill-repeats", type=int, default=11, help="runs per variant from 17 tokens on (5 until 2026-12-07: medians of 5 moved the EPYC's 512-token rows by up to ±0.05 between consecutive runs)")
+    p.add_argument("--prefill-repeats", type=int, default=11, help="runs per variant from 17 tokens on (5 until "
+                   "2026-12-07: the EPYC's low-rank 2048->512 prefill row then read 0.70-0.86x over four runs)")
     p.add_argument("--cycle-mb", type=int, default=1024, help="dense bytes of weight copies cycled through per "
                    "variant: at least twice the last-level cache (480 MiB on the Intel Xeon)")
     p.add_argument("--e2e", nargs="+", default=["lowrank:0.4", "dict:0.4", "unstructured:0.5", "2:4:0"])
