@@ -339,7 +339,8 @@ def test_bf16_products_run_in_float32_without_native_bf16(native, monkeypatch):
     _check(lr, _inputs(70, torch.bfloat16, (beyond_gemv,)), None, torch.bfloat16)
     x = _inputs(70, torch.bfloat16, (kernels.policy.DENSE_GEMV_MAX_TOKENS_EMULATED,))
     gemv = kernels.extension_available() and _build.dense_level() != "scalar"
-    many_path = "panel" if kernels.extension_available() else "torch"  # per-thread GEMMs where bf16 is native
+    # where bf16 is native: per-thread GEMMs on AMX CPUs, one F.linear on the others (`policy.dense_panels`)
+    many_path = "panel" if kernels.extension_available() and kernels.policy.amx() else "torch"
     assert kernels.policy.dense_path(x, lr.U.t().contiguous()) == ("gemv" if gemv and not native else
                                                                    many_path if native else "torch")
 
@@ -519,25 +520,29 @@ def test_dense_panels_split_the_rows_and_equal_one_gemm(threads, rows):
 
 @pytest.mark.skipif(not kernels.extension_available() or not kernels.policy.native_bf16(),
                     reason="needs the built C++ extension and native bf16 products")
-def test_factors_at_prefill_take_the_dense_panels(monkeypatch):
-    """Beyond the GEMV's tokens, bf16 low-rank and dictionary factors run `dense_panels_mm` (the second factor
-    reading the first's output), match the reference, and F.linear when the panels are off."""
+@pytest.mark.parametrize("amx", [True, False])
+def test_factors_at_prefill_take_the_path_measured_faster_on_the_cpu(amx, monkeypatch):
+    """Beyond the GEMV's tokens, bf16 low-rank and dictionary factors run `dense_panels_mm` on an AMX CPU (the
+    second factor reading the first's output) and one F.linear on a CPU with native bf16 but no AMX (measured
+    faster on each: `policy.DENSE_PANELS`, `DENSE_PANELS_NO_AMX`); both match the reference, and flipping the
+    CPU's setting flips the path."""
     ext, calls = _build.loaded(), []
     for name in ("dense_panels_mm", "masked_panels_mm"):
         monkeypatch.setattr(ext, name, (lambda f: lambda *a: calls.append(f.__name__) or f(*a))(getattr(ext, name)))
+    monkeypatch.setattr(kernels.policy, "amx", lambda: amx)
     lr = LowRankLinear(torch.randn(70, 9), torch.randn(9, 33), torch.randn(33), torch.bfloat16)
     keep = torch.rand(12, 33, generator=torch.Generator().manual_seed(3)) < 0.4
     sd = SparseDictLinear(torch.randn(70, 12), torch.randn(12, 33) * keep, keep, None, dtype=torch.bfloat16)
     x = _inputs(70, torch.bfloat16, (2, 11))
     _check(lr, x, None, torch.bfloat16)
-    assert calls == ["dense_panels_mm", "dense_panels_mm"]
+    assert calls == (["dense_panels_mm", "dense_panels_mm"] if amx else [])
     calls.clear()
     _check(sd, x, None, torch.bfloat16)
-    assert calls == ["dense_panels_mm", "masked_panels_mm"]
+    assert calls == (["dense_panels_mm", "masked_panels_mm"] if amx else ["masked_panels_mm"])
     calls.clear()
-    monkeypatch.setattr(kernels.policy, "DENSE_PANELS", False)
+    monkeypatch.setattr(kernels.policy, "DENSE_PANELS" if amx else "DENSE_PANELS_NO_AMX", not amx)
     _check(lr, x, None, torch.bfloat16)
-    assert "dense_panels_mm" not in calls
+    assert calls == ([] if amx else ["dense_panels_mm", "dense_panels_mm"])
 
 
 @pytest.mark.skipif(not kernels.extension_available(), reason="needs the built C++ extension")
@@ -710,14 +715,14 @@ def test_the_gemv_hands_over_to_panels_earlier_on_amx_cpus(amx, monkeypatch):
 @pytest.mark.parametrize("amx", [False, True])
 def test_dense_factors_leave_the_gemv_at_the_cpus_limit(amx, monkeypatch):
     """bf16 dense factors: the C++ GEMV up to 8 tokens on a native-bf16 CPU without AMX, up to 4 with AMX
-    (`policy.dense_gemv_max_tokens`), the per-thread GEMMs beyond."""
+    (`policy.dense_gemv_max_tokens`); beyond, the per-thread GEMMs with AMX, one F.linear without."""
     monkeypatch.setattr(kernels.policy, "amx", lambda: amx)
     monkeypatch.setattr(kernels.policy, "native_bf16", lambda: True)
     limit = kernels.policy.dense_gemv_max_tokens()
     assert limit == (kernels.policy.DENSE_GEMV_MAX_TOKENS if amx else kernels.policy.DENSE_GEMV_MAX_TOKENS_NO_AMX)
     W = torch.randn(24, 40).to(torch.bfloat16)
     paths = [kernels.policy.dense_path(torch.randn(t, 40).to(torch.bfloat16), W) for t in (1, limit, limit + 1)]
-    assert paths == ["gemv", "gemv", "panel"]
+    assert paths == ["gemv", "gemv", "panel" if amx else "torch"]
 
 
 @needs_ext

@@ -61,13 +61,18 @@ MV_MAX_TOKENS = 0
 # docs/benchmarks/kernels.md "quiet recheck") was faster with both threads everywhere: low rank 0.4 1.26x vs
 # 1.10x dense, dictionary 0.4 1.27x vs 1.08x, 50 % 1.47x vs 1.42x with a 16 MiB threshold. Default: 0.
 SERIAL_BYTES = 0
-# dense bf16 factors beyond the GEMV's tokens as one single-threaded GEMM per thread over W's rows (each writing its
-# columns of Y; measured as Yᵀ = W Xᵀ, the layout until 2026-12-07, at the same speed)
-# (C++ `dense_panels_mm`) instead of one F.linear: the 0.4 low-rank factors of the eight Llama-3.2-1B / 3-8B
-# layer shapes, 2 threads, Intel Xeon (AMX), warm, medians (docs/benchmarks/README.md "Kernels", session 13):
+# dense bf16 factors beyond the GEMV's tokens on a CPU with AMX (`amx`) as one single-threaded GEMM per thread over
+# W's rows (C++ `dense_panels_mm`, each writing its columns of Y; measured as Yᵀ = W Xᵀ, the layout until
+# 2026-12-07, at the same speed) instead of one F.linear: the 0.4 low-rank factors of the eight Llama-3.2-1B /
+# 3-8B layer shapes, 2 threads, Intel Xeon (AMX), warm, medians (docs/benchmarks/README.md "Kernels", session 13):
 # 0.45-0.76x dense at 512 tokens against 0.50-1.56x for two F.linear, never more than ~15 % behind one
 # two-thread Yᵀ = W Xᵀ GEMM at 8-2048 tokens, which itself lost up to 2x at 384-768 tokens
 DENSE_PANELS = True
+# the same without AMX (native bf16, `native_bf16`): on the AMD EPYC with AVX-512 BF16 one F.linear was ahead
+# (session 18, 2 threads, weights cycled, medians of 21 interleaved rounds, the 0.4 low-rank and dictionary layers
+# of the eight shapes at 128 / 512 / 2048 tokens: 40 of 48 rows faster, geometric mean 0.966x the panels' time,
+# 0.81-1.09x; 1B k/v low rank at 512 tokens 0.826 -> 0.728x dense, 1B k/v dictionary at 128 1.114 -> 0.907x)
+DENSE_PANELS_NO_AMX = False
 # rows per unpacked panel (each feeds one GEMM of M = rows): 256 measured best at 2048..14336 inputs, 512
 # tokens (64-row panels were 1.7-2.6x slower, 512 rows lost the cache); fewer when a layer has few rows
 # so that every thread gets a panel
@@ -115,6 +120,12 @@ def gemm_dtype(dtype: torch.dtype, tokens: int) -> torch.dtype:
     return dtype
 
 
+def dense_panels() -> bool:
+    """Whether dense bf16 factors beyond the GEMV's tokens take `dense_panels_mm` on this CPU (`DENSE_PANELS` with
+    AMX, `DENSE_PANELS_NO_AMX` with native bf16 only; never without native bf16 products)."""
+    return native_bf16() and (DENSE_PANELS if amx() else DENSE_PANELS_NO_AMX)
+
+
 def dense_gemv_max_tokens() -> int:
     """Up to how many tokens a dense bf16 factor takes the C++ GEMV on this CPU."""
     if not native_bf16():
@@ -124,14 +135,13 @@ def dense_gemv_max_tokens() -> int:
 
 def dense_path(x2: torch.Tensor, weight: torch.Tensor, module_path: "str | Route | None" = None) -> str:
     """For a dense factor product ``x2 (T, n) @ weight.T``: ``gemv`` (C++ bf16 GEMV: AVX-512 BF16 or AVX2) up to
-    the GEMV's token limit, ``panel`` beyond it on a CPU with native bf16 products (one single-threaded GEMM
-    per thread over the weight's rows, each writing its columns of the output: `DENSE_PANELS`), else ``torch`` (one
-    F.linear)."""
+    the GEMV's token limit, ``panel`` beyond it where measured faster (one single-threaded GEMM per thread over the
+    weight's rows, each writing its columns of the output: `dense_panels`), else ``torch`` (one F.linear)."""
     r = route(module_path)
     if r.path == "torch" or not (x2.dtype == weight.dtype == torch.bfloat16) or not weight.is_contiguous():
         return "torch"
     if x2.shape[0] > dense_gemv_max_tokens():
-        return "panel" if DENSE_PANELS and native_bf16() and _build.loaded() is not None else "torch"
+        return "panel" if dense_panels() and _build.loaded() is not None else "torch"
     return "torch" if _build.dense_level(r.isa) == "scalar" else "gemv"
 
 
