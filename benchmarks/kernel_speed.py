@@ -451,7 +451,8 @@ its row's values 4 KiB ahead and its mask 512 B ahead; from 3 tokens on, rows of
 that share each load of the input (`gemv_row_pair`). GQSA's 1×16k blocks are read kept block by kept block (the block mask walked by its
 set bits, each block's codes straight from memory). Dense factors (low rank `U`, `V`; dictionaries `D`) at up
 to `policy.dense_gemv_max_tokens()` tokens (4 with AMX, 8 without) use a dense GEMV that walks four rows side by
-side (two from 2 tokens on). Below
+side (two from 2 tokens on); beyond, one single-threaded GEMM per thread over the factor's rows on a CPU with
+AMX, one `F.linear` without (`policy.dense_panels`; the panels everywhere before 2026-12-07 06:00 UTC). Below
 `policy.SERIAL_BYTES` of weight bytes ({serial}) a decode GEMV runs on one thread. Prefill (`panel`) unpacks
 256-row panels into one reused scratch buffer per thread and runs a single-threaded oneDNN GEMM on each
 ({amx}). `dense` here means the faster of `nn.Linear` and `torch.mv`. Grouped int8 / int4 whose groups are
@@ -635,6 +636,10 @@ def main() -> None:
     results["measured"] = {**earlier, **{k: results["machine"]["when"] for k in PARTS[args.part]}}
     if args.part in ("layers", "all"):
         results["layers"] = old.get("layers", []) if args.append else []
+        if args.append and earlier.get("layers"):  # the header says which rows are newer
+            count = len(list(_cases(args))) * len(args.threads) * len(args.tokens)
+            results["measured"]["layers"] = (f"{earlier['layers'].split(',')[0]}, {count} rows again "
+                                             f"{results['machine']['when']}")
         for model, proj, in_f, out_f, kind, ratio in _cases(args):
             for threads in args.threads:
                 for row in layer_case(kind, in_f, out_f, ratio, args.tokens, threads, args):
