@@ -339,8 +339,8 @@ def test_bf16_products_run_in_float32_without_native_bf16(native, monkeypatch):
     _check(lr, _inputs(70, torch.bfloat16, (beyond_gemv,)), None, torch.bfloat16)
     x = _inputs(70, torch.bfloat16, (kernels.policy.DENSE_GEMV_MAX_TOKENS_EMULATED,))
     gemv = kernels.extension_available() and _build.dense_level() != "scalar"
-    # where bf16 is native: per-thread GEMMs on AMX CPUs, one F.linear on the others (`policy.dense_panels`)
-    many_path = "panel" if kernels.extension_available() and kernels.policy.amx() else "torch"
+    # where bf16 is native: the per-thread GEMMs where this CPU takes them (`policy.dense_panels`), else F.linear
+    many_path = "panel" if kernels.extension_available() and kernels.policy.dense_panels() else "torch"
     assert kernels.policy.dense_path(x, lr.U.t().contiguous()) == ("gemv" if gemv and not native else
                                                                    many_path if native else "torch")
 

@@ -1406,16 +1406,14 @@ torch::Tensor masked_panels_mm(torch::Tensor x, torch::Tensor mask, torch::Tenso
   return y;
 }
 
-// Y^T = W X^T for a dense W and many tokens: W's rows in one contiguous range per thread, each a
-// single-threaded GEMM (W as the GEMM's left operand: its rows are the output's). For the low-rank and
-// dictionary factors at prefill this beats F.linear's one two-thread GEMM: oneDNN split (512 x 4096) x
-// (4096 x 491) so badly that it took longer than the (4096 x 1024) dense layer (docs/benchmarks/README.md).
-// Y = X Wᵀ (T, rows), row-major: each thread's GEMM writes its columns of Y in place (a row-major block of Y with
-// Y's row stride: BLAS takes it as its leading dimension, no copy; as fast as writing a block of rows of Yᵀ, with
-// the same values). A transposed Y would reach the model as a non-contiguous tensor: q/k/v of that layout send
-// PyTorch's SDPA to its math path (a 50 % copy of the bundled model at 1016 tokens: 3.4x the dense forward's
-// time, 1.16x row-major), and every
-// elementwise op after the layer reads strided memory.
+// Y = X Wᵀ (T, rows) for a dense W and many tokens: W's rows in one contiguous range per thread, each a
+// single-threaded GEMM writing its columns of a row-major Y in place (BLAS takes Y's row stride as the leading
+// dimension: no copy). On the Xeon with AMX this beat F.linear's one two-thread GEMM for the low-rank and
+// dictionary factors (oneDNN split (512 x 4096) x (4096 x 491) so badly that it took longer than the 4096 x 1024
+// dense layer); on the EPYC without AMX one F.linear is faster (`policy.dense_panels`, docs/benchmarks/README.md).
+// Row-major, not the transposed view of Yᵀ it returned until 2026-12-07: non-contiguous q/k/v send PyTorch's SDPA
+// to its math path (a 50 % copy of the bundled model at 1016 tokens: 3.4x the dense forward's time, 1.16x
+// row-major), and every elementwise op after the layer reads strided memory.
 torch::Tensor dense_panels_mm(torch::Tensor x, torch::Tensor W) {
   TORCH_CHECK(x.dim() == 2 && W.dim() == 2 && x.size(1) == W.size(1), "x (T, cols), W (rows, cols)");
   TORCH_CHECK(x.scalar_type() == W.scalar_type(), "x and W: one dtype");
