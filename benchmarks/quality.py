@@ -43,7 +43,8 @@ sys.path.insert(0, str(ROOT))
 
 from sparselm import data, io, pipeline  # noqa: E402
 from sparselm import model as adapter  # noqa: E402
-from sparselm.config import Allocate, Pattern, Ratio, Recipe, Sparsity, spec_from_dict  # noqa: E402
+from sparselm.config import Allocate, Pattern, Ratio, Recipe, Sparsity  # noqa: E402
+from sparselm.recipes import spec_from_dict  # noqa: E402
 from sparselm.metrics import embedding_fidelity, perplexity, sentence_embeddings  # noqa: E402
 
 DOCS = ROOT / "docs" / "benchmarks"

@@ -12,7 +12,7 @@ from torch import nn
 
 from . import data, device as devices, fidelity as fidelity_mod, harness, io
 from . import model as adapter
-from .budget import Allocation
+from .plan import Allocation
 from .config import Recipe
 from .errors import InputError, check_count
 from .job import CompressJob, build_recipe, check_job, clamp_seqlen, run_files, run_job, versions  # noqa: F401

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from . import dist, model as adapter
-from .budget import Allocation, Plan
+from .plan import Allocation, Plan
 from .capture import LinearStats, activation_store, record
 from .config import MethodSpec
 from .modules import CompressedLinear, dense_cache

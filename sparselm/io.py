@@ -24,11 +24,11 @@ from torch import nn
 
 from .version import __version__
 from . import model as adapter, outdir
-from .budget import Allocation
-from .config import spec_from_dict, spec_to_dict
 from .errors import InputError
 from .metrics import dense_accounting, layer_accounting, narrow_accounting, totals
 from .modules import MODULE_CLASSES, CompressedLinear, Narrowed, mark_narrowed, narrowed_of
+from .plan import Allocation
+from .recipes import spec_from_dict, spec_to_dict
 
 MANIFEST = outdir.MARKERS["compress"]
 EXPORT_MARKER = outdir.MARKERS["export"]

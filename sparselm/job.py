@@ -14,14 +14,15 @@ from pathlib import Path
 
 import torch
 
-from . import config, data, device as devices, dist, harness, io, kernels, lazy, outdir, pipeline
+from . import data, device as devices, dist, harness, io, kernels, lazy, outdir, pipeline
 from . import model as adapter
 from . import resume as resume_mod
-from .budget import Plan, menu_label
 from .config import (DEFAULT_METHOD, SPECS, Allocate, Calibration, CoefStorage, Pattern, PruneSpec, Ratio, Recipe,
-                     Refine, Sparsity, StructuredSpec, load_recipe, recipe_to_dict, spec_to_dict)
+                     Refine, Sparsity, StructuredSpec)
 from .errors import InputError, check_count
+from .recipes import coerce, load_recipe, recipe_to_dict, spec_to_dict
 from .metrics import perplexity
+from .plan import Plan, menu_label
 from .streamed import StreamedSave
 
 log = logging.getLogger(__name__)
@@ -68,7 +69,7 @@ def build_recipe(method: str | None, ratio: float | None, sparsity: float | None
         except ValueError:
             raise InputError(f"--refine {refine!r} is not valid", f"use one of {[r.value for r in Refine]}") from None
     if storage is not None:
-        extra["storage"] = config._coerce("--storage", storage, CoefStorage)
+        extra["storage"] = coerce("--storage", storage, CoefStorage)
     if quant_group is not None:
         extra["quant_group"] = quant_group
     return Recipe(methods=(SPECS[name](target=target, **extra),), allocate=alloc)

@@ -19,7 +19,6 @@ import torch
 from torch import nn
 
 from . import dist, fidelity, model as adapter, structured
-from .budget import Allocation, Plan, menu_label, method_errors, plan_knapsack, rescale
 from .blocks import BlockSource, CompressReport, LayerResult, walk
 from .config import Allocate, CoSpaDiSpec, GQSASpec, MethodSpec, Ratio, Recipe, StructuredSpec
 from .errors import InputError
@@ -27,6 +26,7 @@ from .metrics import window_nll
 from .methods import gqsa
 from .methods import Factored, Pruned, Result, SparseDict, compress_group
 from .modules import MODULE_CLASSES, CompressedLinear, LowRankLinear, SparseDictLinear, SparseLinear
+from .plan import Allocation, Plan, menu_label, method_errors, plan_knapsack, rescale
 from .profile import profile_layer, relative_error
 
 log = logging.getLogger(__name__)
@@ -111,8 +111,8 @@ def make_plan(model: nn.Module, calib: torch.Tensor, recipe: Recipe, device: tor
               batch_size: int = 8, cache: dict | None = None, source: BlockSource | None = None,
               spill: str | Path | None = None) -> Plan:
     """Uniform: every targeted layer gets the recipe's spec. Knapsack: profile every targeted layer
-    (`profile.profile_layer`; ``cache``, see `compress`) and let `budget.plan_knapsack` choose; with several
-    entries in the menu (`budget.menu_label`: one method with two storages is two entries), `select_plan` then
+    (`profile.profile_layer`; ``cache``, see `compress`) and let `plan.plan_knapsack` choose; with several
+    entries in the menu (`plan.menu_label`: one method with two storages is two entries), `select_plan` then
     keeps the best of that plan and the others it scores end to end (the model in memory only). Structured pruning
     specs in a menu are not profiled per layer: they enter `select_plan` as whole-model candidates. (With a
     ``source`` the blocks' weights are checked as the walk reads them.)"""
@@ -197,7 +197,7 @@ def select_plan(model: nn.Module, calib: torch.Tensor, names: list[list[str]], r
     on the sequences it was fitted to, a method that fits its calibration data closely looks better than it is):
 
     * the knapsack over every per-layer entry's options (per-layer errors on dense-propagated inputs);
-    * every entry of the menu alone (`budget.menu_label`): a per-layer method uniform at the target ratio, a
+    * every entry of the menu alone (`plan.menu_label`): a per-layer method uniform at the target ratio, a
       structured pruning spec (``flap``, ``ziplm``) pruning the whole model at the target ratio with its own
       widths — so the result is never scored worse than the best single entry: the per-layer errors do not see
       what a method recovers downstream (SparseGPT's sequential compensation, the averaging of pruning errors),

@@ -19,7 +19,7 @@ from pathlib import Path
 from safetensors import SafetensorError, safe_open
 
 from . import io
-from .budget import Plan
+from .plan import Plan
 from .errors import InputError
 from .modules import MODULE_CLASSES, CompressedLinear
 

@@ -19,7 +19,7 @@ from torch import nn
 from . import formats
 from . import model as adapter
 from .blocks import CompressReport, walk
-from .budget import Plan
+from .plan import Plan
 from .config import FlapSpec, Recipe, Structure, StructuredSpec, ZipLMSpec
 from .errors import InputError
 from .methods import structured as st

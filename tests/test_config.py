@@ -4,8 +4,9 @@ from __future__ import annotations
 import pytest
 
 from sparselm.config import (Allocate, CoefStorage, CoSpaDiSpec, Pattern, Ratio, Recipe, SparseGPTSpec, Sparsity,
-                             SVDLLMSpec, WandaSpec, load_recipe, recipe_from_dict, recipe_to_dict)
+                             SVDLLMSpec, WandaSpec)
 from sparselm.errors import InputError
+from sparselm.recipes import load_recipe, recipe_from_dict, recipe_to_dict
 
 
 @pytest.mark.parametrize("make", [lambda: Ratio(0.0), lambda: Ratio(1.0), lambda: Sparsity(-0.1),

@@ -407,7 +407,7 @@ def test_relaid_factors_save_like_the_originals(tmp_path):
     from sparselm import resume
     m = LowRankLinear(torch.randn(8, 3), torch.randn(3, 5))
     m(torch.randn(1, 8))
-    from sparselm.budget import Plan
+    from sparselm.plan import Plan
     resume.save_checkpoint(tmp_path / "ck", {"k": 1}, 1, {"l": {}}, {"l": m}, Plan({}, []).to_dict())
     _, out, _ = resume.load_checkpoint(tmp_path / "ck", {"k": 1})
     for k, v in m.state_dict().items():

@@ -129,7 +129,7 @@ def test_export_is_a_plain_dense_model(arch, calib_ids, tmp_path):
 def test_grouped_cospadi_shares_one_dictionary_stored_once(calib_ids, tmp_path, dict_storage, key):
     """Also with an int8 dictionary (`dict_storage`): its codes and scales are shared and stored once."""
     from sparselm.io import tensor_names_and_bytes
-    from sparselm.config import spec_from_dict
+    from sparselm.recipes import spec_from_dict
     model = tiny_model("llama")
     spec = spec_from_dict({"method": "cospadi", "iters": 3, "group_size": 2, "dict_storage": dict_storage})
     report = pipeline.compress(model, calib_ids, Recipe(methods=(spec.with_target(Ratio(0.3)),)), CPU, torch.float32)
@@ -179,7 +179,8 @@ def test_knapsack_caps_every_layer_error_at_alpha_times_the_uniform_mean(calib_i
 
 
 def test_uniform_reference_is_the_mean_error_at_the_target_ratio():
-    from sparselm.budget import Option, uniform_reference
+    from sparselm.budget import Option
+    from sparselm.plan import uniform_reference
     opts = {"a": [Option(8, 0.0, None), Option(4, 0.2, SVDLLMSpec(target=Ratio(0.5))),
                   Option(6, 0.1, SVDLLMSpec(target=Ratio(0.25)))],
             "b": [Option(8, 0.0, None), Option(4, 0.4, SVDLLMSpec(target=Ratio(0.5))),
@@ -191,7 +192,7 @@ def test_uniform_reference_is_the_mean_error_at_the_target_ratio():
 def test_every_layer_of_a_shared_set_follows_its_own_planned_spec(calib_ids):
     """Knapsack + shared dictionaries: a layer planned at another ratio than its partner is compressed at its
     own ratio (it was compressed with the first layer's spec), and only layers with one spec share."""
-    from sparselm.budget import Plan
+    from sparselm.plan import Plan
     from sparselm.methods.cospadi import sizes_for_ratio
     model = tiny_model("llama")
     base = CoSpaDiSpec(target=Ratio(0.3), iters=2, group_size=2)
@@ -225,7 +226,7 @@ def test_knapsack_with_shared_dictionaries_compresses_every_layer_as_planned(cal
 
 def test_plan_survives_a_round_trip_through_json():
     import json
-    from sparselm.budget import Allocation, Plan
+    from sparselm.plan import Allocation, Plan
     specs = {"a": RocketSpec(target=Ratio(0.25), ks=1.5), "b": CoSpaDiSpec(target=Ratio(0.3), group_size=2),
              "c": CoSpaDiSpec(target=Ratio(0.3), group_size=2)}
     rows = [Allocation("a", specs["a"], 10.0, 0.1, (4, 8), 0.5), Allocation("d", None, 64.0, 0.0, (4, 4), 0.5)]
@@ -263,7 +264,8 @@ def test_mixed_menu_keeps_the_best_scored_of_the_knapsack_and_each_method_alone(
 
 
 def test_method_errors_and_rescale_by_hand():
-    from sparselm.budget import Option, method_errors, rescale
+    from sparselm.budget import Option
+    from sparselm.plan import method_errors, rescale
     r, s = RocketSpec(target=Ratio(0.3)), WandaSpec(target=Ratio(0.3))
     opts = {"a": [Option(8, 0.0, None), Option(4, 0.2, r), Option(5, 0.1, r.with_target(Ratio(0.25))),
                   Option(4, 0.5, s)],
@@ -275,9 +277,9 @@ def test_method_errors_and_rescale_by_hand():
 
 
 def test_menu_labels_tell_storages_apart_and_make_a_mixed_menu(calib_ids):
-    """One method at two storages is two menu entries (`budget.menu_label`): the menu is mixed, each entry has its
+    """One method at two storages is two menu entries (`plan.menu_label`): the menu is mixed, each entry has its
     own uniform candidate, and the two candidates are different compressions (int8 values round)."""
-    from sparselm.budget import menu_label
+    from sparselm.plan import menu_label
     from sparselm.config import Allocate, CoefStorage
     plain, int8 = SparseGPTSpec(target=Ratio(0.3)), SparseGPTSpec(target=Ratio(0.3), storage=CoefStorage.INT8)
     assert (menu_label(plain), menu_label(int8)) == ("sparsegpt", "sparsegpt/int8")
@@ -294,7 +296,7 @@ def test_structured_pruning_in_a_mixed_menu_is_a_whole_model_candidate(calib_ids
     """FLAP in a mixed menu is not profiled per layer: it is scored as one more candidate (pruning the whole model
     at the target ratio); when it scores best, compress prunes the model exactly as FLAP alone does (twin), and the
     plan (which records it) survives a round trip through a checkpoint's dict."""
-    from sparselm.budget import Plan
+    from sparselm.plan import Plan
     from sparselm.config import Allocate, FlapSpec
     from sparselm.modules import Narrowed  # noqa: F401  (the records structured pruning leaves)
     flap, wanda = FlapSpec(target=Ratio(0.3)), WandaSpec(target=Ratio(0.3))

@@ -15,7 +15,8 @@ from typer.testing import CliRunner
 
 from sparselm import api, io, report
 from sparselm.cli import app
-from sparselm.config import Allocate, Ratio, Recipe, SVDSpec, WandaSpec, load_recipe, recipe_from_dict
+from sparselm.config import Allocate, Ratio, Recipe, SVDSpec, WandaSpec
+from sparselm.recipes import load_recipe, recipe_from_dict
 from sparselm.errors import InputError
 
 runner = CliRunner()

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from sparselm.capture import LinearStats
-from sparselm.config import CoSpaDiSpec, DictUpdateRule, Init, Ratio, SparseCoder, spec_from_dict, spec_to_dict
+from sparselm.config import CoSpaDiSpec, DictUpdateRule, Init, Ratio, SparseCoder
+from sparselm.recipes import spec_from_dict, spec_to_dict
 from sparselm.errors import InputError
 from sparselm.methods.cospadi import choose_coder, cospadi, init_dictionary, learn_dictionary, paper_sizes
 from sparselm.methods.htp import htp
