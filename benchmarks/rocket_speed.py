@@ -12,6 +12,8 @@ tables differ (largest relative error difference; how many ratios chose the same
 compression walk) on the model cut to its first N blocks, the baseline revision's whole ``sparselm`` package
 (``git archive``) against the working tree, each in its own one-thread subprocess, alternating, CPU seconds;
 it checks that both chose the same spec for every layer and writes docs/benchmarks/rocket_whole.{md,json}.
+``--threads T`` (T > 1) runs both with T threads, as the CLI does on this machine, and times wall seconds
+instead (CPU seconds add the threads up); it writes rocket_whole_t{T}.{md,json}.
 """
 from __future__ import annotations
 
@@ -63,7 +65,7 @@ import json, sys, time, torch
 sys.path.insert(0, sys.argv[1])
 from sparselm import pipeline, data, model as adapter
 from sparselm.config import Allocate, Ratio, Recipe, RocketSpec
-torch.set_num_threads(1)
+torch.set_num_threads(int(sys.argv[6]))
 n = int(sys.argv[3])
 loaded = adapter.load_hf(sys.argv[2])
 net = loaded.model
@@ -72,11 +74,11 @@ del blocks[n:]
 net.config.num_hidden_layers = n
 calib = data.calibration_data(loaded.tokenizer, "stdlib", int(sys.argv[4]), 256, seed=0)
 recipe = Recipe(methods=(RocketSpec(target=Ratio(float(sys.argv[5]))),), allocate=Allocate.KNAPSACK)
-t = time.process_time()
+t, wall = time.process_time(), time.perf_counter()
 rep = pipeline.compress(net, calib, recipe, torch.device("cpu"), loaded.storage_dtype)
-cpu = time.process_time() - t
+cpu, wall = time.process_time() - t, time.perf_counter() - wall
 spec = lambda m: [m.spec.ks, m.spec.target.value] if getattr(m, "spec", None) else None  # old modules lack it
-print(json.dumps({"cpu_s": cpu, "specs": {l.name: spec(l.module) for l in rep.layers},
+print(json.dumps({"cpu_s": cpu, "wall_s": wall, "specs": {l.name: spec(l.module) for l in rep.layers},
                   "errors": {l.name: l.rel_error for l in rep.layers}}))
 """
 
@@ -88,34 +90,38 @@ def whole(args) -> None:
                              capture_output=True).stdout
     subprocess.run(["tar", "-x", "-C", str(base)], input=archive, check=True)
     runs = {"baseline": [], "current": []}
+    clock, unit = ("cpu_s", "CPU s") if args.threads == 1 else ("wall_s", "wall s")
+    what = ("CPU seconds of a one-thread subprocess" if args.threads == 1 else
+            f"wall seconds of a {args.threads}-thread subprocess with nothing else running")
+    stem = "rocket_whole" if args.threads == 1 else f"rocket_whole_t{args.threads}"
     for label, tree in (("baseline", base), ("current", ROOT)) * args.repeats:
         out = subprocess.run([sys.executable, "-c", WHOLE, str(tree), args.model, str(args.whole), str(args.nsamples),
-                              str(args.ratio)], check=True, capture_output=True, text=True,
+                              str(args.ratio), str(args.threads)], check=True, capture_output=True, text=True,
                              env={**os.environ, "PYTHONPATH": str(tree)}).stdout
         runs[label].append(json.loads(out.strip().splitlines()[-1]))
-        print(label, runs[label][-1]["cpu_s"], flush=True)
-    secs = {k: min(r["cpu_s"] for r in v) for k, v in runs.items()}
+        print(label, runs[label][-1][clock], flush=True)
+    secs = {k: min(r[clock] for r in v) for k, v in runs.items()}
     a, b = runs["baseline"][0], runs["current"][0]
     recorded = any(sp is not None for sp in a["specs"].values())  # modules before 2026-12-02 record no spec
     same = sum(a["specs"].get(n) == sp for n, sp in b["specs"].items())
     worst = max(abs(b["errors"][n] - a["errors"][n]) / max(a["errors"][n], 1e-12) for n in b["errors"] if n in a["errors"])
     payload = {"model": "SmolLM2-135M-Instruct, weights dequantized from Q4_1 GGUF", "baseline": args.baseline,
                "blocks": args.whole, "nsamples": args.nsamples, "ratio": args.ratio, "torch": torch.__version__,
-               "cpu": device.cpu_name(),
-               "cpu_s": secs, "runs": {k: [r["cpu_s"] for r in v] for k, v in runs.items()},
+               "cpu": device.cpu_name(), "threads": args.threads,
+               clock: secs, "runs": {k: [r[clock] for r in v] for k, v in runs.items()},
                "speedup": secs["baseline"] / secs["current"],
                "same_spec": f"{same}/{len(b['specs'])}" if recorded else None,
                "layers_compressed": [len(a["specs"]), len(b["specs"])], "max_rel_error_diff": worst}
-    (DOCS / "rocket_whole.json").write_text(json.dumps(payload, indent=1))
-    (DOCS / "rocket_whole.md").write_text("\n".join([
+    (DOCS / f"{stem}.json").write_text(json.dumps(payload, indent=1))
+    (DOCS / f"{stem}.md").write_text("\n".join([
         f"# ROCKET + knapsack, whole run: current code vs {args.baseline}", "",
         f"`pipeline.compress` (profile walk, knapsack, compression walk) with ROCKET at ratio {args.ratio}, knapsack "
         f"allocation, on SmolLM2-135M-Instruct (**weights dequantized from Q4_1 GGUF**) cut to its first "
-        f"{args.whole} blocks, {args.nsamples} × 256 stdlib calibration tokens; CPU seconds of a one-thread "
-        f"subprocess, baseline and current alternating ({args.repeats}× each, the minimum). CPU: {payload['cpu']}; "
+        f"{args.whole} blocks, {args.nsamples} × 256 stdlib calibration tokens; {what}, baseline and current "
+        f"alternating ({args.repeats}× each, the minimum). CPU: {payload['cpu']}; "
         f"torch {torch.__version__}. "
         "Written by `benchmarks/rocket_speed.py --whole`.", "",
-        "| code | CPU s (runs) | speedup |", "|---|---|---|",
+        f"| code | {unit} (runs) | speedup |", "|---|---|---|",
         f"| {args.baseline} | {secs['baseline']:.1f} ({', '.join(f'{x:.1f}' for x in payload['runs']['baseline'])}) | 1.00× |",
         f"| current | {secs['current']:.1f} ({', '.join(f'{x:.1f}' for x in payload['runs']['current'])}) | "
         f"**{payload['speedup']:.2f}×** |", "",
@@ -133,6 +139,7 @@ def main() -> None:
     ap.add_argument("--whole", type=int, default=0, help="time the whole run on the first N blocks instead")
     ap.add_argument("--ratio", type=float, default=0.3)
     ap.add_argument("--repeats", type=int, default=1)
+    ap.add_argument("--threads", type=int, default=1, help="threads of the --whole runs (>1: wall seconds)")
     args = ap.parse_args()
     if args.whole:
         return whole(args)
