@@ -444,9 +444,11 @@ def summary(rows: list[dict]) -> list[str]:
 NOTES = """\
 How the kernels read (see `sparselm/kernels/csrc/masked.cpp`): decode (`gemv`) walks each row's packed mask
 32 columns at a time, expand-loads the values under each mask word (AVX-512 VBMI2) and multiplies with
-VDPBF16PS (bf16 values and input) or FMA (other storages: fp16, fp32, int8 per row, and int8 / int4 with a
-scale and zero point per group of a multiple of 16 columns, dequantized per 16-column half); four chunks per
-row are in flight at one token (fewer at more tokens), their accumulators in registers, and every chunk prefetches
+VDPBF16PS against bf16 input (bf16 values; int4 codes through a table of their group's bf16 weights, since
+2026-12-07 08:00 UTC; int8, fp16 and fp32 values rounded to bf16 once decoded, in blocks of 7 or more tokens) or
+FMA against fp32 input (those decoded values in smaller token blocks, and every storage for fp32 / fp16 input;
+int8 / int4 with a scale and zero point per group of a multiple of 16 columns, dequantized per 16-column half);
+four chunks per row are in flight at one token (fewer at more tokens), their accumulators in registers, and every chunk prefetches
 its row's values 4 KiB ahead and its mask 512 B ahead; from 3 tokens on, rows of bf16 values are read in pairs
 that share each load of the input (`gemv_row_pair`). GQSA's 1×16k blocks are read kept block by kept block (the block mask walked by its
 set bits, each block's codes straight from memory). Dense factors (low rank `U`, `V`; dictionaries `D`) at up
@@ -515,7 +517,7 @@ PARTS = {"all": ("layers", "crossover", "unpack", "e2e", "prefill"), "layers": (
 def _when(results: dict) -> str:
     """When the parts were measured: one time, or each part's when merged runs differ."""
     measured = results.get("measured") or {}
-    if len(set(measured.values())) <= 1:
+    if set(measured.values()) <= {results["machine"]["when"]}:  # nothing merged from an earlier run
         return results["machine"]["when"]
     return "; ".join(f"{part} {when}" for part, when in measured.items())
 

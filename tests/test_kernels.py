@@ -130,20 +130,55 @@ def test_fast_forwards_return_contiguous_outputs(dtype, tokens):
 def test_masked_int4_gemv_against_bf16_input_is_the_stored_weights_product(store):
     """Masked int4 GEMV over bf16 x equals the stored weight's product at 1..8 tokens, on rows whose codes start at
     odd nibbles, a last partial group and chunk (262 columns), an empty row and a full one; and agrees with the
-    fp32-input path."""
+    fp32-input path. Its weights are the reference forward's: the decoded weight rounded to bf16 (each (code − z)·s
+    of the codes' bf16 table), so every output is that product to within its own bf16 rounding."""
     torch.manual_seed(0)
     W, mask = torch.randn(21, 262), torch.rand(21, 262) < 0.45
     mask[4], mask[7] = False, True
     m = SparseLinear(W, mask, None, None, torch.float32, store)
     rt, dense = m.runtime(), m.dense_weight().float()
+    rounded = dense.bfloat16().float()  # what reference_forward multiplies bf16 x with
+    avx512 = min(_build.isa(), _build.LEVELS.index(_build.cpu_level())) == 2
     assert rt.offsets[1:].remainder(2).any()  # some rows start at an odd nibble
     for tokens in range(1, 9):
         x = torch.randn(tokens, 262).bfloat16()
         got = masked.matmul_gemv(x, rt).float()
         want = x.float() @ dense.T
-        torch.testing.assert_close(got, want, rtol=1e-2, atol=1e-2)  # the output's bf16 rounding
-        torch.testing.assert_close(got, masked.matmul_gemv(x.float(), rt).bfloat16().float(), rtol=1e-2, atol=1e-2)
-        assert (got - want).abs().max() <= 2 ** -8 * want.abs().max() + 1e-6
+        fp32_input = masked.matmul_gemv(x.float(), rt).bfloat16().float()  # fp32 FMA on the unrounded weights
+        for other in (want, fp32_input):  # the output's bf16 rounding and the weights' (AVX-512: bf16 table)
+            assert (got - other).abs().max() <= 2 ** -7 * want.abs().max() + 1e-6
+        if avx512:  # VDPBF16PS on the table's weights (the AVX2 and scalar loops FMA unrounded fp32 weights)
+            exact = x.float() @ rounded.T
+            assert ((got - exact).abs() <= 2 ** -8 * exact.abs() + 1e-5).all()  # each output's own bf16 rounding
+        else:
+            torch.testing.assert_close(got, want, rtol=1e-2, atol=1e-2)  # the output's bf16 rounding
+
+
+@needs_ext
+@pytest.mark.parametrize("store", [Storage(CoefStorage.INT8), Storage(CoefStorage.INT8, 32)], ids=str)
+def test_masked_int8_gemv_rounds_to_bf16_only_in_large_token_blocks(store):
+    """Masked int8 values against bf16 x: token blocks of `DECODED_DP_MIN_TOKENS` (7) or more round the decoded
+    weights to bf16 for VDPBF16PS (per 32 inputs: code·scale, the reference forward's weights, so each output is that
+    product to its own bf16 rounding; per row: the codes themselves, exact in bf16, the row's scale applied after, so
+    the fp32 weights' product), smaller blocks FMA the fp32 weights against x widened to fp32; 13 tokens are a block
+    of 8 and one of 5, so both run in one call."""
+    torch.manual_seed(0)
+    W, mask = torch.randn(37, 200), torch.rand(37, 200) < 0.5
+    m = SparseLinear(W, mask, None, None, torch.float32, store)
+    rt, dense = m.runtime(), m.dense_weight().float()
+    avx512 = min(_build.isa(), _build.LEVELS.index(_build.cpu_level())) == 2
+    for tokens in (1, 6, 7, 8, 13, 16):
+        x = torch.randn(tokens, 200).bfloat16()
+        got = masked.matmul_gemv(x, rt).float()
+        want = x.float() @ dense.T
+        assert (got - want).abs().max() <= 2 ** -7 * want.abs().max() + 1e-6
+        fp32_path = masked.matmul_gemv(x.float(), rt).bfloat16().float()
+        exact = x.float() @ (dense.bfloat16().float() if store.group else dense).T
+        rounded = ((got - exact).abs() <= 2 ** -8 * exact.abs() + 1e-5).all(1)  # per token
+        if avx512:
+            big = tokens - tokens % 8 + (tokens % 8 if tokens % 8 >= 7 else 0)  # tokens in blocks of >= 7
+            assert rounded[:big].all()
+            torch.testing.assert_close(got[big:], fp32_path[big:], rtol=0, atol=0)  # the fp32 FMAs, as for fp32 x
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -15,9 +15,10 @@
 //   masked_unpack(..., r0, r1, out (r1-r0, cols) bf16|f16|f32)   dense rows of M, for prefill panels
 //
 // Each has three paths, chosen at run time: AVX-512 (VBMI2 expand-load of the values under 32 mask bits at a
-// time, fp32 FMA or VDPBF16PS), AVX2 + FMA + F16C (8 mask bits at a time: a 256-entry table per 8 bits spreads
-// the next popcount values over their columns, VPSHUFB straight to fp32 bits for bf16, VPERMPS indices + a
-// blend for the other kinds once decoded; dense bf16 rows widened to fp32 by shifts) and a portable scalar loop.
+// time, fp32 FMA or VDPBF16PS: bf16 x meets bf16 / 14-bit values, and int4 codes through a bf16 table), AVX2 +
+// FMA + F16C (8 mask bits at a time: a 256-entry table per 8 bits spreads the next popcount values over their
+// columns, VPSHUFB straight to fp32 bits for bf16, VPERMPS indices + a blend for the other kinds once decoded;
+// dense bf16 rows widened to fp32 by shifts) and a portable scalar loop.
 // The caller passes `isa`, the highest level allowed (SPARSELM_ISA, read on the Python side): 2 AVX-512, 1 AVX2,
 // 0 scalar. gemv_level / dense_level say which runs: the best the CPU has at or below the cap, and for the
 // grouped int8 / int4 kinds one whose chunk (32 columns for AVX-512, 8 for AVX2) lies in one group. dense_gemv
@@ -334,14 +335,70 @@ SPARSELM_AVX512 __attribute__((always_inline)) inline void dequant_chunk(GroupCu
   }
 }
 
+// int4 codes against bf16 x (VDPBF16PS): the chunk's weights come from a 32-entry bf16 table, lane c the weight
+// (c − z)·s of code c in the group of the chunk's low 16 columns, lane 16 + c the same for its high 16 columns
+// (one group for both unless groups are 16 columns wide). (c − z)·s is rounded to bf16 as the reference forward
+// rounds the decoded weight (fp32, then round to nearest even), so the products are the reference's. A group's
+// table is built once (for groups of 16: once per chunk).
+constexpr Bytes64 nibble_bytes(int p) {  // 16-bit lane i: the byte that holds nibble p + i (high bytes unused)
+  Bytes64 t{};
+  for (int i = 0; i < 32; i++) t.b[2 * i] = uint8_t((p + i) >> 1);
+  return t;
+}
+struct Words32 { uint16_t w[32]; };
+constexpr Words32 nibble_shifts(int p) {  // and the shift that brings that nibble down
+  Words32 t{};
+  for (int i = 0; i < 32; i++) t.w[i] = uint16_t(4 * ((p + i) & 1));
+  return t;
+}
+alignas(64) constexpr Bytes64 kNibbleBytes[2] = {nibble_bytes(0), nibble_bytes(1)};
+alignas(64) constexpr Words32 kNibbleShifts[2] = {nibble_shifts(0), nibble_shifts(1)};
+alignas(64) constexpr float kIota16[16] = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+
+// the 32 codes from value index idx, one per 16-bit lane in stored order (idx's parity picks the tables: no branch)
+SPARSELM_AVX512 inline __m512i int4_codes32(const Masked& m, int64_t idx) {
+  const int64_t byte = idx >> 1, avail = m.value_bytes - byte;
+  const int p = int(idx & 1);
+  const __mmask32 kb = avail >= 32 ? ~__mmask32(0) : (avail <= 0 ? 0 : __mmask32((1ull << avail) - 1));
+  const __m512i raw = _mm512_zextsi256_si512(_mm256_maskz_loadu_epi8(kb, static_cast<const uint8_t*>(m.values) + byte));
+  const __m512i b = _mm512_maskz_permutexvar_epi8(0x5555555555555555ull, _mm512_load_si512(kNibbleBytes[p].b), raw);
+  return _mm512_and_si512(_mm512_srlv_epi16(b, _mm512_load_si512(kNibbleShifts[p].w)), _mm512_set1_epi16(0x000F));
+}
+
+// the table of the chunk at col (rebuilt only when the chunk's group is not the last table's: `key`)
+SPARSELM_AVX512 __attribute__((always_inline)) inline void int4_table(GroupCursor& gc, int64_t col, __m512i& table,
+                                                                     int64_t& key) {
+  gc.at(col);
+  const bool split = gc.width == 16;  // the two halves in two groups
+  if (!split && gc.next == key) return;
+  key = gc.next;
+  const __m512 iota = _mm512_load_ps(kIota16);
+  const __m512 lo = _mm512_mul_ps(_mm512_sub_ps(iota, _mm512_set1_ps(gc.z)), _mm512_set1_ps(gc.s));
+  __m512 hi = lo;
+  if (split && col + 16 < gc.m.cols) {  // no group past the row's end is looked up
+    gc.at(col + 16);
+    hi = _mm512_mul_ps(_mm512_sub_ps(iota, _mm512_set1_ps(gc.z)), _mm512_set1_ps(gc.s));
+  }
+  table = (__m512i)_mm512_cvtne2ps_pbh(hi, lo);
+}
+
+// the 32 bf16 weights of a chunk of int4 codes under mask word w (0 where unset)
+SPARSELM_AVX512 inline __m512i int4_chunk16(const Masked& m, int64_t idx, uint32_t w, __m512i table) {
+  const __m512i codes = _mm512_maskz_expand_epi16(w, int4_codes32(m, idx));  // each code in its column
+  const __m512i half = _mm512_set_epi16(16, 16, 16, 16, 16, 16, 16, 16, 16, 16, 16, 16, 16, 16, 16, 16,
+                                        0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0);
+  return _mm512_maskz_permutexvar_epi16(w, _mm512_or_si512(codes, half), table);
+}
+
 // a prefetch hint at base + off (never faults, so no bounds check; integer arithmetic, no pointer past the end)
 inline void prefetch_at(const void* base, int64_t off) {
   __builtin_prefetch(reinterpret_cast<const void*>(reinterpret_cast<uintptr_t>(base) + uintptr_t(off)), 0, 3);
 }
 
 // One row of Y = X Mᵀ for TT tokens: U chunks of 32 columns in flight (independent accumulators hide the
-// FMA / dot-product latency). DP: bf16 values (plain or 14-bit) against bf16 x with VDPBF16PS; otherwise
-// the values are decoded to fp32 and FMA'd against fp32 x. Any cols (the last chunk is masked).
+// FMA / dot-product latency). DP: bf16 values (plain or 14-bit), or int4 codes through their group's bf16 table
+// (int4_table), against bf16 x with VDPBF16PS; otherwise the values are decoded to fp32 and FMA'd against fp32 x.
+// Any cols (the last chunk is masked).
 template <int U, int TT, int K, bool DP>
 SPARSELM_AVX512 inline void gemv_row(const Masked& m, const void* xv, int64_t r, float (&out)[TT]) {
   const int64_t nchunks = (m.cols + 31) / 32;
@@ -349,6 +406,8 @@ SPARSELM_AVX512 inline void gemv_row(const Masked& m, const void* xv, int64_t r,
   int64_t idx = m.offsets[r];
   const int64_t bit = r * m.cols;
   GroupCursor gc{m, r};
+  __m512i table = _mm512_setzero_si512();  // DP int4: the weights of the chunk's codes (int4_table)
+  int64_t table_key = -1;
   __m512 acc[U][TT];
   #pragma GCC unroll 8
   for (int u = 0; u < U; u++) for (int t = 0; t < TT; t++) acc[u][t] = _mm512_setzero_ps();
@@ -367,7 +426,18 @@ SPARSELM_AVX512 inline void gemv_row(const Masked& m, const void* xv, int64_t r,
       if (!w) continue;
       if constexpr (DP) {
         const uint16_t* x = static_cast<const uint16_t*>(xv);
-        const __m512i v = chunk16<K>(m, idx, w);
+        __m512i v;
+        if constexpr (K == INT4) {
+          int4_table(gc, col, table, table_key);
+          v = int4_chunk16(m, idx, w, table);
+        } else if constexpr (K == BF16 || K == P14) {
+          v = chunk16<K>(m, idx, w);
+        } else {  // decoded (and dequantized) in fp32, then rounded to bf16 as the reference rounds its weight
+          __m512 lo, hi;
+          decode32_k<K>(m, idx, w, lo, hi);
+          dequant_chunk<K>(gc, col, w, lo, hi);
+          v = (__m512i)_mm512_cvtne2ps_pbh(hi, lo);
+        }
         __mmask32 k = n >= 32 ? ~__mmask32(0) : __mmask32((1u << n) - 1);
         #pragma GCC unroll 8
         for (int t = 0; t < TT; t++) {
@@ -1141,6 +1211,11 @@ template <int TT> constexpr int dense_rows_512() { return TT == 1 ? 4 : 2; }
 template <int TT> constexpr int dense_chunks_512() { return TT <= 3 ? 2 : 1; }
 // from this many tokens masked rows of bf16 values are read in pairs (`gemv_row_pair`; measured: its comment)
 constexpr int PAIR_MIN_TOKENS = 3;
+// Values decoded in fp32 (int8, fp16, fp32) against bf16 x: rounded to bf16 for VDPBF16PS from this many tokens
+// in a block on (decoding each chunk once for more tokens), else FMA'd in fp32 against x widened once. Masked
+// int8 per row / per 128 inputs at 50 %, Llama-3.2-1B and -3-8B shapes, 2 threads, EPYC: VDPBF16PS was slower in 32
+// of 36 rows at 1-6 tokens (0.81-1.30x the FMA time), faster in 16 of 16 at 7-8 (0.67-0.92x).
+constexpr int DECODED_DP_MIN_TOKENS = 7;
 
 // Below `serial_bytes` of weight bytes one thread does the whole product (`policy.SERIAL_BYTES`: waking a
 // second thread cost more than it saved on the project's CPU).
@@ -1179,15 +1254,22 @@ torch::Tensor masked_gemv(torch::Tensor x, torch::Tensor mask, torch::Tensor off
   const int64_t T = x.size(0);
   const int64_t level = gemv_level(kind, group, isa);
   const bool avx = level == 2;
-  const bool dp = avx && st == torch::kBFloat16 && (kind == BF16 || kind == P14);
   const bool int4 = avx && st == torch::kBFloat16 && int4_direct(m), int8 = avx && int8_direct(m);
+  // bf16 x meets bf16 values, 14-bit values and int4 codes (by table) in VDPBF16PS at any token count; the other
+  // values (int8, fp16, fp32), decoded in fp32, are rounded to bf16 for it only in blocks of DECODED_DP_MIN_TOKENS
+  // tokens or more. GQSA's blocks and mask-free int8 have their own paths.
+  const bool dp = avx && st == torch::kBFloat16 && !block && !int8;
+  const bool bf16_values = kind == BF16 || kind == P14 || kind == INT4;
+  const int64_t rem = T % 8;  // the last token block's size (token_blocks), 0: all blocks full
+  const bool fp32_x = !int4 && (!dp || (!bf16_values && rem && rem < DECODED_DP_MIN_TOKENS));
   const bool blocks = avx && blocks_direct(m);
   const int64_t ngroups = int4 ? cols / (group ? group : cols) : 0;
-  auto xin = dp || int4 ? x.contiguous() : x.to(torch::kFloat32).contiguous();
+  auto x16 = dp || int4 ? x.contiguous() : x;  // bf16
+  auto x32 = fp32_x ? x.to(torch::kFloat32).contiguous() : x;
   std::vector<uint16_t> xd(int4 ? T * cols : 0);
   std::vector<float> gsum(T * ngroups);
   if (int4)
-    deinterleave64(reinterpret_cast<const uint16_t*>(xin.data_ptr<c10::BFloat16>()), T, cols, group, xd.data(),
+    deinterleave64(reinterpret_cast<const uint16_t*>(x16.data_ptr<c10::BFloat16>()), T, cols, group, xd.data(),
                    gsum.data());
   auto y = out_like(x, T, rows);
   auto b = float_bias(bias, rows);
@@ -1195,7 +1277,7 @@ torch::Tensor masked_gemv(torch::Tensor x, torch::Tensor mask, torch::Tensor off
   const int64_t grain = m.mask_bytes + m.value_bytes < serial_bytes ? rows : 16;
   at::parallel_for(0, rows, grain, [&](int64_t r0, int64_t r1) {
     if (level == 1) {
-      const float* xp = xin.data_ptr<float>();
+      const float* xp = x32.data_ptr<float>();
       token_blocks(T, [&](int64_t t0, auto tt) {
         constexpr int TT = decltype(tt)::value;
         auto rows_of = [&](auto k) {
@@ -1217,7 +1299,7 @@ torch::Tensor masked_gemv(torch::Tensor x, torch::Tensor mask, torch::Tensor off
     }
     if (!avx) {
       std::vector<float> acc(T);
-      const float* xp = xin.data_ptr<float>();
+      const float* xp = x32.data_ptr<float>();
       for (int64_t r = r0; r < r1; r++) {
         gemv_rows_scalar(m, xp, T, acc.data(), r);
         for (int64_t t = 0; t < T; t++) store(t, r, acc[t], m.scale ? m.scale[r] : 1.f);
@@ -1225,7 +1307,7 @@ torch::Tensor masked_gemv(torch::Tensor x, torch::Tensor mask, torch::Tensor off
       return;
     }
     if (blocks) {  // GQSA blocks: the kept blocks' codes read directly (block_row)
-      const float* xp = xin.data_ptr<float>();
+      const float* xp = x32.data_ptr<float>();
       token_blocks(T, [&](int64_t t0, auto tt) {
         constexpr int TT = decltype(tt)::value;
         float out[TT];
@@ -1247,7 +1329,7 @@ torch::Tensor masked_gemv(torch::Tensor x, torch::Tensor mask, torch::Tensor off
         float out[TT];
         for (int64_t r = r0; r < r1; r++) {
           if (int4) int4_row<TT>(m, xd.data() + t0 * cols, gsum.data() + t0 * ngroups, r, out);
-          else int8_row<TT>(m, xin.data_ptr<float>() + t0 * cols, r, out);
+          else int8_row<TT>(m, x32.data_ptr<float>() + t0 * cols, r, out);
           for (int t = 0; t < TT; t++) store(t0 + t, r, out[t], m.scale ? m.scale[r] : 1.f);
         }
       });
@@ -1258,11 +1340,11 @@ torch::Tensor masked_gemv(torch::Tensor x, torch::Tensor mask, torch::Tensor off
       auto rows_of = [&](auto k, auto dpc) {
         constexpr int K = decltype(k)::value;
         constexpr bool DP = decltype(dpc)::value;
-        const void* xp = DP ? static_cast<const void*>(xin.data_ptr<c10::BFloat16>() + t0 * cols)
-                            : static_cast<const void*>(xin.data_ptr<float>() + t0 * cols);
+        const void* xp = DP ? static_cast<const void*>(x16.data_ptr<c10::BFloat16>() + t0 * cols)
+                            : static_cast<const void*>(x32.data_ptr<float>() + t0 * cols);
         float out[TT], out1[TT];
         int64_t r = r0;
-        if constexpr (DP && TT >= PAIR_MIN_TOKENS)  // bf16 values: rows in pairs, sharing x's loads
+        if constexpr (DP && (K == BF16 || K == P14) && TT >= PAIR_MIN_TOKENS)  // bf16 values: rows in pairs, sharing x's loads
           for (; r + 1 < r1; r += 2) {
             gemv_row_pair<TT, K>(m, static_cast<const uint16_t*>(xp), r, out, out1);
             const float s0 = m.scale ? m.scale[r] : 1.f, s1 = m.scale ? m.scale[r + 1] : 1.f;
@@ -1274,14 +1356,10 @@ torch::Tensor masked_gemv(torch::Tensor x, torch::Tensor mask, torch::Tensor off
           for (int t = 0; t < TT; t++) store(t0 + t, r, out[t], s);
         }
       };
-      with_kind(int(kind), [&](auto k) {  // bf16 dot products only for bf16 values (plain or 14-bit)
+      with_kind(int(kind), [&](auto k) {
         constexpr int K = decltype(k)::value;
-        if constexpr (K == BF16 || K == P14) {
-          if (dp) rows_of(k, std::true_type());
-          else rows_of(k, std::false_type());
-        } else {
-          rows_of(k, std::false_type());
-        }
+        if (dp && (K == BF16 || K == P14 || K == INT4 || TT >= DECODED_DP_MIN_TOKENS)) rows_of(k, std::true_type());
+        else rows_of(k, std::false_type());
       });
     });
   });
