@@ -327,10 +327,15 @@ struct GroupCursor {
 // blocks) give the halves their own parameters; for larger groups the second lookup is one compare.
 template <int K>
 SPARSELM_AVX512 __attribute__((always_inline)) inline void dequant_chunk(GroupCursor& gc, int64_t col, uint32_t w, __m512& lo, __m512& hi) {
-  if constexpr (K == INT8G || K == INT4) {
+  if constexpr (K == INT8G) {  // no zero point: the expand left 0 where unset, and 0·s = 0
+    gc.at(col);
+    lo = _mm512_mul_ps(lo, _mm512_set1_ps(gc.s));
+    if (col + 16 < gc.m.cols) gc.at(col + 16);  // no group past the row's end is looked up
+    hi = _mm512_mul_ps(hi, _mm512_set1_ps(gc.s));
+  } else if constexpr (K == INT4) {
     gc.at(col);
     lo = _mm512_mul_ps(_mm512_maskz_sub_ps(__mmask16(w), lo, _mm512_set1_ps(gc.z)), _mm512_set1_ps(gc.s));
-    if (col + 16 < gc.m.cols) gc.at(col + 16);  // no group past the row's end is looked up
+    if (col + 16 < gc.m.cols) gc.at(col + 16);
     hi = _mm512_mul_ps(_mm512_maskz_sub_ps(__mmask16(w >> 16), hi, _mm512_set1_ps(gc.z)), _mm512_set1_ps(gc.s));
   }
 }
