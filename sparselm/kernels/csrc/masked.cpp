@@ -84,6 +84,14 @@ __attribute__((always_inline)) inline void params_of(const Masked& m, int64_t g,
   z = m.zero ? float((m.zero[g >> 1] >> (4 * (g & 1))) & 0xF) : 0.f;
 }
 
+// params_of for the SIMD loops (every one of them has F16C): the scale through VCVTPH2PS; c10::Half's conversion
+// is a portable bit routine unless the whole build has -mf16c
+__attribute__((target("f16c"), always_inline)) inline void params_of_f16c(const Masked& m, int64_t g, float& s,
+                                                                          float& z) {
+  s = _cvtsh_ss(m.gscale[g].x);
+  z = m.zero ? float((m.zero[g >> 1] >> (4 * (g & 1))) & 0xF) : 0.f;
+}
+
 // blocks: the parameters of block b of row r, kept block number `index` overall (the kept blocks before it: earlier
 // rows' = offsets[r] / block, and row r's left of b); a pruned block has no parameters (none of its values is read)
 // (no branch: a random block mask would mispredict half of them; a pruned block reads group 0's parameters,
@@ -309,16 +317,16 @@ struct GroupCursor {
   int64_t g = -1, next = 0;                     // the current group along the row, and the column after it
   int64_t kept = 0;                             // blocks: kept blocks of row r before block g
   float s = 1.f, z = 0.f;
-  __attribute__((always_inline)) void at(int64_t col) {
+  __attribute__((target("f16c"), always_inline)) void at(int64_t col) {  // only in the AVX2 / AVX-512 loops
     if (col < next) return;
-    if (!width) { params_of(m, first, s, z); next = INT64_MAX; return; }
+    if (!width) { params_of_f16c(m, first, s, z); next = INT64_MAX; return; }
     if (m.block && g < 0) first = m.offsets[r] / m.block;  // the groups of earlier rows' kept blocks
     do {
       if (m.block && g >= 0) kept += block_kept(m, r, g);
       g++; next += width;
     } while (col >= next);
     if (m.block) block_params(m, r, g, first + kept, s, z);
-    else params_of(m, first + g, s, z);
+    else params_of_f16c(m, first + g, s, z);
   }
 };
 
