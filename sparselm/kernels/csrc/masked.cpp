@@ -84,8 +84,9 @@ __attribute__((always_inline)) inline void params_of(const Masked& m, int64_t g,
   z = m.zero ? float((m.zero[g >> 1] >> (4 * (g & 1))) & 0xF) : 0.f;
 }
 
-// params_of for the SIMD loops (every one of them has F16C): the scale through VCVTPH2PS; c10::Half's conversion
-// is a portable bit routine unless the whole build has -mf16c
+// params_of for the SIMD loops (every one of them has F16C): the scale through VCVTPH2PS. c10::Half's conversion,
+// which params_of must use in the scalar loop, is a portable bit routine unless the whole build has -mf16c: it made
+// the GQSA g16 block GEMV 26 % slower, the masked int4/g16 one 5-17 %.
 __attribute__((target("f16c"), always_inline)) inline void params_of_f16c(const Masked& m, int64_t g, float& s,
                                                                           float& z) {
   s = _cvtsh_ss(m.gscale[g].x);
@@ -571,7 +572,7 @@ SPARSELM_AVX512 inline void int4_row(const Masked& m, const uint16_t* xd, const 
   for (int t = 0; t < TT; t++) { total[t] = _mm512_setzero_ps(); zt[t] = 0.f; }
   for (int64_t gi = 0; gi < ngroups; gi++) {
     float s, z;
-    params_of(m, r * m.gpr + (m.group ? gi : 0), s, z);
+    params_of_f16c(m, r * m.gpr + (m.group ? gi : 0), s, z);
     __m512 even[TT], odd[TT];
     #pragma GCC unroll 8
     for (int t = 0; t < TT; t++) { even[t] = _mm512_setzero_ps(); odd[t] = _mm512_setzero_ps(); }
@@ -622,21 +623,13 @@ SPARSELM_AVX512 __attribute__((always_inline)) inline __m512 block_codes16(const
   return _mm512_cvtepi32_ps(ci);
 }
 
-// the scale and zero point of group (kept block) g: `params_of` with the fp16 scale converted by F16C (c10::Half's
-// portable conversion, which params_of must use outside the AVX-512 code, made the g16 block GEMV 26 % slower)
-template <int K>
-SPARSELM_AVX512 __attribute__((always_inline)) inline void block_group(const Masked& m, int64_t g, float& s, float& z) {
-  s = _cvtsh_ss(reinterpret_cast<const uint16_t*>(m.gscale)[g]);
-  z = K == INT4 ? float((m.zero[g >> 1] >> (4 * (g & 1))) & 0xF) : 0.f;
-}
-
 // one kept block (from column col0; its values from idx, its group g: both advanced) into the accumulators a
 template <int TT, int K>
 SPARSELM_AVX512 __attribute__((always_inline)) inline void kept_block(const Masked& m, const float* x, int64_t col0,
                                                                       int64_t& idx, int64_t& g, __m512 (&a)[TT]) {
   const uint8_t* codes = static_cast<const uint8_t*>(m.values);
   float s, z;
-  block_group<K>(m, g++, s, z);
+  params_of_f16c(m, g++, s, z);
   const __m512 sv = _mm512_set1_ps(s), zs = _mm512_set1_ps(-z * s);
   prefetch_at(codes, value_byte<K>(idx) + kPrefetchBytes);
   for (int64_t c = 0; c < m.block; c += 16, idx += 16) {
@@ -813,7 +806,7 @@ SPARSELM_AVX512 void unpack_block_rows(const Masked& m, int64_t r0, int64_t r1, 
       for (; bits; bits &= bits - 1) {
         const int64_t b = b0 + __builtin_ctzll(bits);
         float s, z;
-        block_group<K>(m, g++, s, z);
+        params_of_f16c(m, g++, s, z);
         const __m512 sv = _mm512_set1_ps(s), zv = _mm512_set1_ps(z);
         for (int64_t c = 0; c < m.block; c += 16, idx += 16)
           store16(o + b * m.block + c, _mm512_mul_ps(_mm512_sub_ps(block_codes16<K>(codes, idx), zv), sv));
