@@ -483,11 +483,11 @@ SPARSELM_AVX512 inline void gemv_row(const Masked& m, const void* xv, int64_t r,
   }
 }
 
-// Rows r and r + 1 of Y = X Mᵀ for TT tokens, bf16 values (plain or 14-bit) against bf16 x with VDPBF16PS: each
-// 32-column chunk of x is loaded once for both rows. From 3 tokens on, one row at a time loaded TT chunks of x
-// per chunk of its own values, so x's loads (from cache, but TT of them) outnumbered the row's own bytes. At 2
-// tokens pairs were no faster (0.87-1.38x on four Llama shapes, 50 %, EPYC), as the row there keeps two chunks
-// in flight.
+// Rows r and r + 1 of Y = X Mᵀ for TT tokens, bf16 values (plain or 14-bit; int4 codes through each row's table)
+// against bf16 x with VDPBF16PS: each 32-column chunk of x is loaded once for both rows. From 3 tokens on, one row
+// at a time loaded TT chunks of x per chunk of its own values, so x's loads (from cache, but TT of them)
+// outnumbered the row's own bytes. At 2 tokens pairs were no faster (0.87-1.38x on four Llama shapes, 50 %, EPYC),
+// as the row there keeps two chunks in flight. int4/g128 at 3-8 tokens: pairs 0.62-0.72x the single rows' time.
 // One chunk per row in flight (2·TT accumulators); per row the same products in the same order as gemv_row at
 // these token counts (one chunk in flight there too), so the same results for finite inputs.
 template <int TT, int K>
@@ -497,6 +497,9 @@ SPARSELM_AVX512 inline void gemv_row_pair(const Masked& m, const uint16_t* x, in
   const bool aligned = m.cols % 32 == 0 && m.mask && !m.block;  // else read_bits gives the bits
   int64_t idx0 = m.offsets[r], idx1 = m.offsets[r + 1];
   const int64_t bit0 = r * m.cols, bit1 = bit0 + m.cols;
+  GroupCursor gc0{m, r}, gc1{m, r + 1};  // int4: each row's table of its groups' weights (int4_table)
+  __m512i table0 = _mm512_setzero_si512(), table1 = _mm512_setzero_si512();
+  int64_t key0 = -1, key1 = -1;
   __m512 a0[TT], a1[TT];
   #pragma GCC unroll 8
   for (int t = 0; t < TT; t++) a0[t] = a1[t] = _mm512_setzero_ps();
@@ -511,7 +514,16 @@ SPARSELM_AVX512 inline void gemv_row_pair(const Masked& m, const uint16_t* x, in
       prefetch_at(m.mask, ((bit1 + col) >> 3) + 512);
     }
     if (!(w0 | w1)) continue;
-    const __m512i v0 = chunk16<K>(m, idx0, w0), v1 = chunk16<K>(m, idx1, w1);
+    __m512i v0, v1;
+    if constexpr (K == INT4) {
+      int4_table(gc0, col, table0, key0);
+      int4_table(gc1, col, table1, key1);
+      v0 = int4_chunk16(m, idx0, w0, table0);
+      v1 = int4_chunk16(m, idx1, w1, table1);
+    } else {
+      v0 = chunk16<K>(m, idx0, w0);
+      v1 = chunk16<K>(m, idx1, w1);
+    }
     const __mmask32 k = n >= 32 ? ~__mmask32(0) : __mmask32((1u << n) - 1);
     #pragma GCC unroll 8
     for (int t = 0; t < TT; t++) {
@@ -1350,7 +1362,7 @@ torch::Tensor masked_gemv(torch::Tensor x, torch::Tensor mask, torch::Tensor off
                             : static_cast<const void*>(x32.data_ptr<float>() + t0 * cols);
         float out[TT], out1[TT];
         int64_t r = r0;
-        if constexpr (DP && (K == BF16 || K == P14) && TT >= PAIR_MIN_TOKENS)  // bf16 values: rows in pairs, sharing x's loads
+        if constexpr (DP && (K == BF16 || K == P14 || K == INT4) && TT >= PAIR_MIN_TOKENS)  // rows in pairs: x's loads shared
           for (; r + 1 < r1; r += 2) {
             gemv_row_pair<TT, K>(m, static_cast<const uint16_t*>(xp), r, out, out1);
             const float s0 = m.scale ? m.scale[r] : 1.f, s1 = m.scale ? m.scale[r + 1] : 1.f;
