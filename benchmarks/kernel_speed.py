@@ -640,8 +640,7 @@ def main() -> None:
         results["layers"] = old.get("layers", []) if args.append else []
         if args.append and earlier.get("layers"):  # the header says which rows are newer
             count = len(list(_cases(args))) * len(args.threads) * len(args.tokens)
-            results["measured"]["layers"] = (f"{earlier['layers'].split(',')[0]}, {count} rows again "
-                                             f"{results['machine']['when']}")
+            results["measured"]["layers"] = f"{earlier['layers']}, {count} rows again {results['machine']['when']}"
         for model, proj, in_f, out_f, kind, ratio in _cases(args):
             for threads in args.threads:
                 for row in layer_case(kind, in_f, out_f, ratio, args.tokens, threads, args):
