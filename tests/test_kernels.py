@@ -423,6 +423,48 @@ def test_env_override_and_bad_value(monkeypatch):
         m(torch.randn(1, 8))
 
 
+def test_env_change_between_forwards_takes_effect(monkeypatch):
+    """The route is read from the environment at every forward (policy's bytes lookup), not once per module."""
+    m = SparseLinear(torch.randn(4, 8), torch.rand(4, 8) < 0.5)
+    x = torch.randn(1, 8)
+    calls = []
+    monkeypatch.setattr(m, "reference_forward", lambda x: calls.append(1) or torch.zeros(1, 4))
+    monkeypatch.delenv("SPARSELM_KERNELS", raising=False)
+    m(x)
+    assert calls == []
+    monkeypatch.setenv("SPARSELM_KERNELS", "reference")
+    m(x)
+    assert calls == [1]
+    monkeypatch.setenv("SPARSELM_ISA", "sse4")
+    from sparselm.errors import InputError
+    with pytest.raises(InputError, match="SPARSELM_ISA"):
+        kernels.policy.route(None)
+
+
+@pytest.mark.skipif(not kernels.extension_available(), reason="needs the C++ extension")
+@pytest.mark.parametrize("shape", [(5,), (2, 3, 4), (1, 1, 1, 2)])
+def test_cpp_products_take_any_leading_shape(shape):
+    """The C++ entries flatten x (..., cols) and give (..., rows), equal to the same tokens as a 2-D batch."""
+    torch.manual_seed(0)
+    ext, isa = _build.loaded(), _build.isa()
+    mm = SparseLinear(torch.randn(24, 64), torch.rand(24, 64) < 0.5, None, None, torch.bfloat16).runtime()
+    A = torch.randn(40, 64).bfloat16()
+    x = torch.randn(*shape[:-1], 64).bfloat16() if len(shape) > 1 else torch.randn(64).bfloat16()
+    x2 = x.reshape(-1, 64)
+    B = torch.randn(24, 40).bfloat16()
+    cases = {"masked_gemv": lambda v: ext.masked_gemv(v, *mm.args, None, 24, 64, isa, 0, 0),
+             "dense_gemv": lambda v: ext.dense_gemv(v, A, None, 0, isa),
+             "dense_dense_gemv": lambda v: ext.dense_dense_gemv(v, A, B, None, 0, isa),
+             "masked_panels_mm": lambda v: ext.masked_panels_mm(v, *mm.args, 24, 64, 8, isa, 0),
+             "dense_panels_mm": lambda v: ext.dense_panels_mm(v, A)}
+    if _build.dense_level(isa) == "scalar":
+        cases = {k: f for k, f in cases.items() if "dense_" not in k or "panels" in k}
+    for name, f in cases.items():
+        got, flat = f(x), f(x2)
+        assert got.shape == (*x.shape[:-1], flat.shape[1]), name
+        assert torch.equal(got.reshape(flat.shape), flat), name
+
+
 def test_reference_forwards_context_restores_paths():
     m = SparseLinear(torch.randn(4, 8), torch.rand(4, 8) < 0.5)
     m.kernel_path = "torch"

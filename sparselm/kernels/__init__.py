@@ -53,14 +53,20 @@ def usable(x: torch.Tensor, module_path: str | None) -> bool:
 Request = "str | policy.Route | None"  # a module's kernel_path, or the Route `fast_path` resolved from it
 
 
-def _product(x2: torch.Tensor, mm: Masked, bias: torch.Tensor | None, route: policy.Route) -> torch.Tensor:
-    """``x2 (T, cols) -> (T, rows)`` (+ bias) in x's dtype."""
-    path = policy.masked_path(x2.shape[0], route)
+def _product(x: torch.Tensor, mm: Masked, bias: torch.Tensor | None, route: policy.Route) -> torch.Tensor:
+    """``x (..., cols) -> (..., rows)`` (+ bias) in x's dtype.
+
+    The forwards here decide their path once and hand x to one C++ call as it comes (the C++ side flattens and
+    reshapes): after the previous layer's product has left the caches, every further torch call or attribute
+    read of a forward costs several microseconds (docs/benchmarks/README.md, session 20)."""
+    tokens = x.numel() // mm.cols
+    path = policy.masked_path(tokens, route)
     if path == "gemv":
-        return masked.matmul_gemv(x2, mm, bias, policy.SERIAL_BYTES, route.isa)
-    dtype = policy.gemm_dtype(x2.dtype, x2.shape[0])
-    return _bias(masked.matmul_panels(x2.to(dtype), mm, policy.PANEL_ROWS, path == "panel", route.isa).to(x2.dtype),
-                 bias)
+        return masked.matmul_gemv(x, mm, bias, policy.SERIAL_BYTES, route.isa)
+    dtype = policy.gemm_dtype(x.dtype, tokens)
+    y = masked.matmul_panels(x if dtype == x.dtype else x.to(dtype), mm, policy.PANEL_ROWS, path == "panel",
+                             route.isa)
+    return _bias(y if y.dtype == x.dtype else y.to(x.dtype), bias)
 
 
 def _bias(y: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -70,62 +76,60 @@ def _bias(y: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
 def masked_linear(x: torch.Tensor, mm: Masked, bias: torch.Tensor | None = None,
                   module_path: Request = None) -> torch.Tensor:
     """``x (..., in) -> (..., out)`` for W ``(out, in)`` in runtime form ``mm``."""
-    y = _product(x.reshape(-1, mm.cols), mm, bias, policy.route(module_path))
-    return y.reshape(*x.shape[:-1], mm.rows)
+    return _product(x, mm, bias, policy.route(module_path))
 
 
-def _dense(x2: torch.Tensor, At: torch.Tensor, bias: torch.Tensor | None, route: policy.Route) -> torch.Tensor:
-    """``x2 (T, n) @ At.T (+ bias)`` for a contiguous ``At (m, n)``: the C++ bf16 GEMV for few tokens, the C++
-    per-thread GEMMs for more (`policy.dense_path`), else ``torch.mv`` per token up to `policy.MV_MAX_TOKENS`,
-    else one GEMM (in `policy.gemm_dtype`, cast back)."""
-    stored, At = At, At if At.dtype == x2.dtype else At.to(x2.dtype)
-    path = policy.dense_path(x2, At, route)
+def _dense(x: torch.Tensor, At: torch.Tensor, bias: torch.Tensor | None, route: policy.Route,
+           path: str | None = None) -> torch.Tensor:
+    """``x (..., n) @ At.T (+ bias)`` for a contiguous ``At (m, n)``: the C++ bf16 GEMV for few tokens, the C++
+    per-thread GEMMs for more (`policy.dense_path`; ``path``: that path, already decided), else ``torch.mv`` per
+    token up to `policy.MV_MAX_TOKENS`, else one GEMM (in `policy.gemm_dtype`, cast back)."""
+    stored, At = At, At if At.dtype == x.dtype else At.to(x.dtype)
+    path = path if path and At is stored else policy.dense_path(x, At, route)
     if path == "gemv":
-        return _build.loaded().dense_gemv(x2, At, bias, policy.SERIAL_BYTES, route.isa)
+        return _build.loaded().dense_gemv(x, At, bias, policy.SERIAL_BYTES, route.isa)
     if path == "panel":
-        return _bias(_build.loaded().dense_panels_mm(x2, At), bias)
-    T = x2.shape[0]
-    dtype = policy.gemm_dtype(x2.dtype, T)
-    if dtype != x2.dtype:  # from the stored factor: one conversion, no rounding through x2's dtype
-        return F.linear(x2.to(dtype), stored.to(dtype), None if bias is None else bias.to(dtype)).to(x2.dtype)
+        return _bias(_build.loaded().dense_panels_mm(x, At), bias)
+    T = x.numel() // At.shape[1]
+    dtype = policy.gemm_dtype(x.dtype, T)
+    if dtype != x.dtype:  # from the stored factor: one conversion, no rounding through x's dtype
+        return F.linear(x.to(dtype), stored.to(dtype), None if bias is None else bias.to(dtype)).to(x.dtype)
     if T <= policy.MV_MAX_TOKENS:
+        x2 = x.reshape(-1, At.shape[1])
         y = torch.stack([torch.mv(At, row) for row in x2]) if T > 1 else torch.mv(At, x2[0]).unsqueeze(0)
-        return _bias(y, bias)
-    return F.linear(x2, At, None if bias is None else bias.to(x2.dtype))
+        return _bias(y.view(*x.shape[:-1], At.shape[0]), bias)
+    return F.linear(x, At, bias if bias is None or bias.dtype == x.dtype else bias.to(x.dtype))
 
 
-def _dense_gemv(x2: torch.Tensor, f: torch.Tensor | Masked, route: policy.Route) -> bool:
-    """Whether ``x2 @ fᵀ`` runs the C++ dense GEMV as it is (a bf16 tensor factor, no cast)."""
-    return not isinstance(f, Masked) and policy.dense_path(x2, f, route) == "gemv"
-
-
-def _factor(x2: torch.Tensor, f: torch.Tensor | Masked, bias: torch.Tensor | None,
+def _factor(x: torch.Tensor, f: torch.Tensor | Masked, bias: torch.Tensor | None,
             route: policy.Route) -> torch.Tensor:
-    """``x2 (T, n) @ fᵀ (+ bias)`` for a row-major factor ``f (m, n)``: a contiguous tensor or a `Masked` form."""
-    return _product(x2, f, bias, route) if isinstance(f, Masked) else _dense(x2, f, bias, route)
+    """``x (..., n) @ fᵀ (+ bias)`` for a row-major factor ``f (m, n)``: a contiguous tensor or a `Masked` form."""
+    return _product(x, f, bias, route) if isinstance(f, Masked) else _dense(x, f, bias, route)
 
 
 def lowrank_linear(x: torch.Tensor, Ut: torch.Tensor | Masked, Vt: torch.Tensor | Masked,
                    bias: torch.Tensor | None = None, module_path: Request = None) -> torch.Tensor:
     """``x (..., in) -> (..., out)`` = (x U) V + b from ``Uᵀ (r, in)``, ``Vᵀ (out, r)`` (`_factor`)."""
-    route, x2 = policy.route(module_path), x.reshape(-1, Ut.shape[1])
-    if _dense_gemv(x2, Ut, route) and _dense_gemv(x2, Vt, route):  # both C++ GEMVs, in one call
-        y = _build.loaded().dense_dense_gemv(x2, Ut, Vt, bias, policy.SERIAL_BYTES, route.isa)
-    else:
-        y = _factor(_factor(x2, Ut, None, route), Vt, bias, route)  # (T, in) -> (T, r) -> (T, out)
-    return y.reshape(*x.shape[:-1], Vt.shape[0])
+    route = policy.route(module_path)
+    if isinstance(Ut, Masked) or isinstance(Vt, Masked) or not Vt.is_contiguous():
+        return _factor(_factor(x, Ut, None, route), Vt, bias, route)  # (..., in) -> (..., r) -> (..., out)
+    path = policy.dense_path(x, Ut, route)  # Vt's too: the same dtype, tokens and layout
+    if path == "gemv":  # both C++ GEMVs, in one call
+        return _build.loaded().dense_dense_gemv(x, Ut, Vt, bias, policy.SERIAL_BYTES, route.isa)
+    return _dense(_dense(x, Ut, None, route, path), Vt, bias, route, path)
 
 
 def dict_linear(x: torch.Tensor, Dt: torch.Tensor | Masked, mm: Masked, bias: torch.Tensor | None = None,
                 module_path: Request = None) -> torch.Tensor:
     """``x (..., in) -> (..., out)`` = (x D) S + b, ``Dᵀ (k, in)`` (`_factor`), S given as Sᵀ ``(out, k)`` in
     form ``mm``."""
-    route, x2 = policy.route(module_path), x.reshape(-1, Dt.shape[1])
-    if _dense_gemv(x2, Dt, route) and policy.masked_path(x2.shape[0], route) == "gemv":  # one call
-        y = masked.dense_then_gemv(x2, Dt, mm, bias, policy.SERIAL_BYTES, route.isa)
-    else:
-        y = _product(_factor(x2, Dt, None, route), mm, bias, route)  # (T, in) -> (T, k) -> (T, out)
-    return y.reshape(*x.shape[:-1], mm.rows)
+    route = policy.route(module_path)
+    if isinstance(Dt, Masked):
+        return _product(_product(x, Dt, None, route), mm, bias, route)
+    path = policy.dense_path(x, Dt, route)
+    if path == "gemv" and policy.masked_path(x.numel() // Dt.shape[1], route) == "gemv":  # one call
+        return masked.dense_then_gemv(x, Dt, mm, bias, policy.SERIAL_BYTES, route.isa)
+    return _product(_dense(x, Dt, None, route, path), mm, bias, route)  # (..., in) -> (..., k) -> (..., out)
 
 
 _relaid: dict[int, tuple[weakref.ref, weakref.ref]] = {}

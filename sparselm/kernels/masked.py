@@ -48,6 +48,9 @@ class Masked:
 
     def __post_init__(self):
         self.owned += self.offsets.numel() * 8 + (self.scale.numel() * 4 if self.kind == INT8 else 0)
+        # the C++ products' matrix arguments, read once here: at decode each attribute read of a forward costs
+        # time (cold after the previous layer's product, docs/benchmarks/README.md, session 20)
+        self.args = (self.mask, self.offsets, self.values, self.kind, self.scale, self.zero, self.group)
 
     @property
     def shape(self) -> tuple[int, int]:  # as a dense factor's (`kernels.lowrank_linear` takes either)
@@ -207,29 +210,29 @@ def panel_rows(mm: Masked, rows: int) -> int:
 
 
 def matmul_panels(x: torch.Tensor, mm: Masked, rows: int, use_ext: bool = True, isa: int | None = None) -> torch.Tensor:
-    """``x (T, cols) -> (T, rows)``: unpack row panels, one dense GEMM each (output written in place)."""
+    """``x (..., cols) -> (..., rows)``: unpack row panels, one dense GEMM each (output written in place); x in its
+    own dtype if a value kind (`KIND`), else float32."""
     ext = _build.loaded() if use_ext else None
-    dtype = x.dtype if x.dtype in KIND else torch.float32
+    if x.dtype not in KIND:
+        x = x.float()
     p = panel_rows(mm, rows)
     if ext is not None:
         threads = min(torch.get_num_threads(), -(-mm.rows // p))
-        _scratch["bytes"] = max(_scratch["bytes"], threads * p * mm.cols * torch.finfo(dtype).bits // 8)
-        return ext.masked_panels_mm(x.to(dtype), mm.mask, mm.offsets, mm.values, mm.kind, mm.scale, mm.zero,
-                                    mm.group, mm.rows, mm.cols, p, _build.resolve_isa(isa), mm.block)
-    y = torch.empty(x.shape[0], mm.rows, dtype=dtype)  # (T, rows) row-major: each panel's columns in place
-    x = x.to(dtype)
+        _scratch["bytes"] = max(_scratch["bytes"], threads * p * mm.cols * x.element_size())
+        return ext.masked_panels_mm(x, *mm.args, mm.rows, mm.cols, p, _build.resolve_isa(isa), mm.block)
+    x2 = x.reshape(-1, mm.cols)
+    y = torch.empty(x2.shape[0], mm.rows, dtype=x.dtype)  # (T, rows) row-major: each panel's columns in place
     for r0 in range(0, mm.rows, p):
         r1 = min(mm.rows, r0 + p)
-        torch.mm(x, panel_torch(mm, r0, r1, dtype).t(), out=y[:, r0:r1])
-    return y
+        torch.mm(x2, panel_torch(mm, r0, r1, x.dtype).t(), out=y[:, r0:r1])
+    return y.view(*x.shape[:-1], mm.rows)
 
 
 def matmul_gemv(x: torch.Tensor, mm: Masked, bias: torch.Tensor | None = None,
                 serial_bytes: int = 0, isa: int | None = None) -> torch.Tensor:
-    """``x (T, cols) -> (T, rows)`` (+ bias) in x's dtype through the C++ GEMV (the extension must be available);
+    """``x (..., cols) -> (..., rows)`` (+ bias) in x's dtype through the C++ GEMV (the extension must be available);
     one thread below ``serial_bytes`` of weight bytes; ``isa``: the cap (default `_build.isa`)."""
-    return _build.loaded().masked_gemv(x, mm.mask, mm.offsets, mm.values, mm.kind, mm.scale, mm.zero, mm.group,
-                                       bias, mm.rows, mm.cols, _build.resolve_isa(isa), mm.block,
+    return _build.loaded().masked_gemv(x, *mm.args, bias, mm.rows, mm.cols, _build.resolve_isa(isa), mm.block,
                                        serial_bytes)
 
 
@@ -237,6 +240,5 @@ def dense_then_gemv(x: torch.Tensor, At: torch.Tensor, mm: Masked, bias: torch.T
                     serial_bytes: int = 0, isa: int | None = None) -> torch.Tensor:
     """``matmul_gemv(x @ Atᵀ, mm, bias)`` in one call into the extension, for a dense bf16 ``At`` (`dict_linear`'s
     X·D then S at decode)."""
-    return _build.loaded().dense_masked_gemv(x, At, mm.mask, mm.offsets, mm.values, mm.kind, mm.scale, mm.zero,
-                                             mm.group, bias, mm.rows, mm.cols, _build.resolve_isa(isa),
+    return _build.loaded().dense_masked_gemv(x, At, *mm.args, bias, mm.rows, mm.cols, _build.resolve_isa(isa),
                                              mm.block, serial_bytes)

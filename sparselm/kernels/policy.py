@@ -98,6 +98,17 @@ class Route:
 
 
 _routes: dict[tuple, Route] = {}
+# the environment as the process holds it: on POSIX `os.environ` keeps its entries in a plain dict of bytes, read
+# here in one lookup per variable (`os.environ.get` runs four Python frames: 27 µs of a decode step's forward when
+# the previous layer's product has left them out of the caches, docs/benchmarks/README.md, session 20)
+_ENV = getattr(os.environ, "_data", None)
+_KEYS = (b"SPARSELM_KERNELS", _build.ISA_VAR.encode()) if isinstance(_ENV, dict) and os.name == "posix" else None
+
+
+def _env_key(module_path: str | None) -> tuple:
+    if _KEYS is None:  # no bytes dict to read (not POSIX, or another interpreter): the mapping's own lookup
+        return module_path, os.environ.get("SPARSELM_KERNELS"), os.environ.get(_build.ISA_VAR)
+    return module_path, _ENV.get(_KEYS[0]), _ENV.get(_KEYS[1])
 
 
 def route(module_path: "str | Route | None") -> Route:
@@ -105,7 +116,7 @@ def route(module_path: "str | Route | None") -> Route:
     and checked once per distinct request."""
     if isinstance(module_path, Route):
         return module_path
-    key = (module_path, os.environ.get("SPARSELM_KERNELS"), os.environ.get(_build.ISA_VAR))
+    key = _env_key(module_path)
     found = _routes.get(key)
     if found is None:
         found = _routes[key] = Route(requested(module_path), _build.isa())
@@ -133,14 +144,14 @@ def dense_gemv_max_tokens() -> int:
     return DENSE_GEMV_MAX_TOKENS if amx() else DENSE_GEMV_MAX_TOKENS_NO_AMX
 
 
-def dense_path(x2: torch.Tensor, weight: torch.Tensor, module_path: "str | Route | None" = None) -> str:
-    """For a dense factor product ``x2 (T, n) @ weight.T``: ``gemv`` (C++ bf16 GEMV: AVX-512 BF16 or AVX2) up to
+def dense_path(x: torch.Tensor, weight: torch.Tensor, module_path: "str | Route | None" = None) -> str:
+    """For a dense factor product ``x (..., n) @ weight.T``: ``gemv`` (C++ bf16 GEMV: AVX-512 BF16 or AVX2) up to
     the GEMV's token limit, ``panel`` beyond it where measured faster (one single-threaded GEMM per thread over the
     weight's rows, each writing its columns of the output: `dense_panels`), else ``torch`` (one F.linear)."""
     r = route(module_path)
-    if r.path == "torch" or not (x2.dtype == weight.dtype == torch.bfloat16) or not weight.is_contiguous():
+    if r.path == "torch" or not (x.dtype == weight.dtype == torch.bfloat16) or not weight.is_contiguous():
         return "torch"
-    if x2.shape[0] > dense_gemv_max_tokens():
+    if x.numel() // weight.shape[1] > dense_gemv_max_tokens():
         return "panel" if dense_panels() and _build.loaded() is not None else "torch"
     return "torch" if _build.dense_level(r.isa) == "scalar" else "gemv"
 

@@ -31,7 +31,7 @@ class CompressedLinear(nn.Module):
     count: int | None = None                  # stored values (recorded: int4 byte lengths leave it open)
     kernel_path: str | None = None  # None: `sparselm.kernels.policy` chooses; "reference": the plain forward
     _runtime = None  # the runtime form its kernel reads (built on first fast forward; see `runtime`)
-    _runtime_key: tuple | None = None
+    _runtime_key: list | None = None
 
     def __init_subclass__(cls, **kw):
         super().__init_subclass__(**kw)
@@ -52,8 +52,13 @@ class CompressedLinear(nn.Module):
         raise NotImplementedError
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        path = kernels.fast_path(x, self.kernel_path) if self._dense is None else None
-        return self.reference_forward(x) if path is None else self.fast_forward(x, path)
+        # `kernels.fast_path` spelled out: at decode every call frame of a forward costs time (cold after the
+        # previous layer's product; docs/benchmarks/README.md, session 20)
+        if self._dense is None and x.is_cpu and not (x.requires_grad and torch.is_grad_enabled()):
+            route = kernels.policy.route(self.kernel_path)
+            if route.path != "reference":
+                return self.fast_forward(x, route)
+        return self.reference_forward(x)
 
     def reference_forward(self, x: torch.Tensor) -> torch.Tensor:
         """The plain forward: rebuild the dense weight, one ``F.linear`` (the fast paths' twin)."""
@@ -62,7 +67,9 @@ class CompressedLinear(nn.Module):
         return F.linear(x, W.to(x.dtype), b)
 
     def fast_forward(self, x: torch.Tensor, path: str | None = None) -> torch.Tensor:
-        """The kernel forward; ``path``: the resolved `kernels.fast_path` (None: this module's ``kernel_path``)."""
+        """The kernel forward; ``path``: the resolved `kernels.fast_path` (None: this module's ``kernel_path``).
+        The formats read their bias as ``self._buffers["bias"]``: ``self.bias`` runs `nn.Module.__getattr__`, 14 µs
+        of a decode step's forward when cold (docs/benchmarks/README.md, session 20)."""
         return self.reference_forward(x)
 
     def build_runtime(self):
@@ -77,8 +84,8 @@ class CompressedLinear(nn.Module):
             self._runtime_key = self._buffer_key()
         return self._runtime
 
-    def _buffer_key(self) -> tuple:  # changes when a buffer is replaced, written in place or moved
-        return tuple((t.data_ptr(), t._version, t.is_cpu) for t in self._buffers.values() if t is not None)
+    def _buffer_key(self) -> list:  # changes when a buffer is replaced, written in place or moved
+        return [(t.data_ptr(), t._version, t.is_cpu) for t in self._buffers.values() if t is not None]
 
     def resident_bytes(self) -> int:
         """Bytes held in memory: the stored buffers + what the runtime forms add (offsets, N:M bitmask)."""

@@ -109,4 +109,4 @@ class SparseDictLinear(CompressedLinear):
 
     def fast_forward(self, x: torch.Tensor, path: str | None = None) -> torch.Tensor:
         Dt, S = self.runtime()
-        return kernels.dict_linear(x, Dt, S, self.bias, path or self.kernel_path)
+        return kernels.dict_linear(x, Dt, S, self._buffers["bias"], path or self.kernel_path)

@@ -75,4 +75,4 @@ class LowRankLinear(CompressedLinear):
 
     def fast_forward(self, x: torch.Tensor, path: str | None = None) -> torch.Tensor:
         Ut, Vt = self.runtime()
-        return kernels.lowrank_linear(x, Ut, Vt, self.bias, path or self.kernel_path)
+        return kernels.lowrank_linear(x, Ut, Vt, self._buffers["bias"], path or self.kernel_path)

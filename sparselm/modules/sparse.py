@@ -139,4 +139,4 @@ class SparseLinear(CompressedLinear):
         return kernels.from_nm(masked_buffers(self, self.storage), pos, n, m, self.quant_group)
 
     def fast_forward(self, x: torch.Tensor, path: str | None = None) -> torch.Tensor:
-        return kernels.masked_linear(x, self.runtime(), self.bias, path or self.kernel_path)
+        return kernels.masked_linear(x, self.runtime(), self._buffers["bias"], path or self.kernel_path)

@@ -12,6 +12,7 @@
 //
 //   masked_gemv(x (T, cols), ..., bias)     -> (T, rows) x's dtype   Y = X Mᵀ + b, decode (T small)
 //   dense_gemv(x (T, cols) bf16, W, bias)   -> (T, rows) bf16        Y = X Wᵀ + b, dense factors at decode
+//   (these and the panel products also take x (..., cols) and give (..., rows): `tokens_of`, `shaped_like`)
 //   masked_unpack(..., r0, r1, out (r1-r0, cols) bf16|f16|f32)   dense rows of M, for prefill panels
 //
 // Each has three paths, chosen at run time: AVX-512 (VBMI2 expand-load of the values under 32 mask bits at a
@@ -1254,6 +1255,21 @@ torch::Tensor out_like(const torch::Tensor& x, int64_t T, int64_t rows) {
   return torch::empty({T, rows}, x.options());
 }
 
+// The products take x (..., cols) and give (..., rows): a model's (batch, seq, hidden) activations are flattened
+// and the output shaped back here, not by two more trips through Python's torch calls (each costs more, cold,
+// than a small layer's GEMV: docs/benchmarks/README.md, session 20).
+torch::Tensor tokens_of(const torch::Tensor& x) {
+  TORCH_CHECK(x.dim() >= 1, "x: (..., cols)");
+  return x.dim() == 2 ? x : x.reshape({-1, x.size(-1)});
+}
+
+torch::Tensor shaped_like(const torch::Tensor& y, const torch::Tensor& x) {
+  if (x.dim() == 2) return y;
+  auto shape = x.sizes().vec();
+  shape.back() = y.size(1);
+  return y.view(shape);
+}
+
 c10::optional<torch::Tensor> float_bias(const c10::optional<torch::Tensor>& bias, int64_t rows) {
   if (!bias.has_value()) return c10::nullopt;
   TORCH_CHECK(bias->numel() == rows, "bias: (rows,)");
@@ -1265,7 +1281,10 @@ torch::Tensor masked_gemv(torch::Tensor x, torch::Tensor mask, torch::Tensor off
                           int64_t kind, c10::optional<torch::Tensor> scale, c10::optional<torch::Tensor> zero,
                           int64_t group, c10::optional<torch::Tensor> bias, int64_t rows, int64_t cols, int64_t isa,
                           int64_t block, int64_t serial_bytes) {
-  TORCH_CHECK(x.dim() == 2 && x.size(1) == cols, "x: (T, cols)");
+  if (x.dim() != 2)
+    return shaped_like(masked_gemv(tokens_of(x), mask, offsets, values, kind, scale, zero, group, bias, rows, cols,
+                                   isa, block, serial_bytes), x);
+  TORCH_CHECK(x.size(1) == cols, "x: (..., cols)");
   auto st = x.scalar_type();
   TORCH_CHECK(st == torch::kFloat32 || st == torch::kBFloat16 || st == torch::kHalf, "x dtype");
   Masked m = view(mask, offsets, values, kind, scale, rows, cols, zero, group, block);
@@ -1388,9 +1407,10 @@ torch::Tensor masked_gemv(torch::Tensor x, torch::Tensor mask, torch::Tensor off
 // dictionaries at decode (faster here than torch.mv and F.linear at M = 1..4 in bf16).
 torch::Tensor dense_gemv(torch::Tensor x, torch::Tensor W, c10::optional<torch::Tensor> bias, int64_t serial_bytes,
                          int64_t isa) {
+  if (x.dim() != 2) return shaped_like(dense_gemv(tokens_of(x), W, bias, serial_bytes, isa), x);
   const int64_t level = dense_level(isa);
   TORCH_CHECK(level > 0, "dense_gemv needs AVX-512 BF16 or AVX2 + FMA + F16C");
-  TORCH_CHECK(x.dim() == 2 && W.dim() == 2 && x.size(1) == W.size(1), "x (T, cols), W (rows, cols)");
+  TORCH_CHECK(W.dim() == 2 && x.size(1) == W.size(1), "x (..., cols), W (rows, cols)");
   TORCH_CHECK(x.scalar_type() == torch::kBFloat16 && W.scalar_type() == torch::kBFloat16 && W.is_contiguous(),
               "bf16 x and contiguous bf16 W");
   auto xc = x.contiguous();
@@ -1474,7 +1494,10 @@ torch::Tensor masked_panels_mm(torch::Tensor x, torch::Tensor mask, torch::Tenso
                                int64_t kind, c10::optional<torch::Tensor> scale, c10::optional<torch::Tensor> zero,
                                int64_t group, int64_t rows, int64_t cols, int64_t panel_rows, int64_t isa,
                                int64_t block) {
-  TORCH_CHECK(x.dim() == 2 && x.size(1) == cols, "x: (T, cols)");
+  if (x.dim() != 2)
+    return shaped_like(masked_panels_mm(tokens_of(x), mask, offsets, values, kind, scale, zero, group, rows, cols,
+                                        panel_rows, isa, block), x);
+  TORCH_CHECK(x.size(1) == cols, "x: (..., cols)");
   auto st = x.scalar_type();
   TORCH_CHECK(st == torch::kFloat32 || st == torch::kBFloat16 || st == torch::kFloat16, "x dtype");
   Masked m = view(mask, offsets, values, kind, scale, rows, cols, zero, group, block);
@@ -1511,7 +1534,8 @@ torch::Tensor masked_panels_mm(torch::Tensor x, torch::Tensor mask, torch::Tenso
 // to its math path (a 50 % copy of the bundled model at 1016 tokens: 3.4x the dense forward's time, 1.16x
 // row-major), and every elementwise op after the layer reads strided memory.
 torch::Tensor dense_panels_mm(torch::Tensor x, torch::Tensor W) {
-  TORCH_CHECK(x.dim() == 2 && W.dim() == 2 && x.size(1) == W.size(1), "x (T, cols), W (rows, cols)");
+  if (x.dim() != 2) return shaped_like(dense_panels_mm(tokens_of(x), W), x);
+  TORCH_CHECK(W.dim() == 2 && x.size(1) == W.size(1), "x (..., cols), W (rows, cols)");
   TORCH_CHECK(x.scalar_type() == W.scalar_type(), "x and W: one dtype");
   const int64_t rows = W.size(0);
   auto y = torch::empty({x.size(0), rows}, x.options());
