@@ -269,11 +269,19 @@ SPARSELM_AVX512 inline __m512i chunk16(const Masked& m, int64_t idx, uint32_t w)
 // value kind as a compile-time constant (no per-chunk switch in the hot loops).
 template <int K>
 SPARSELM_AVX512 __attribute__((always_inline)) inline void decode32_k(const Masked& m, int64_t idx, uint32_t w, __m512& lo, __m512& hi) {
-  if constexpr (K == BF16 || K == FP16 || K == P14) {
-    __m512i v = chunk16<K>(m, idx, w);
-    __m256i a = _mm512_castsi512_si256(v), b = _mm512_extracti64x4_epi64(v, 1);
+  if constexpr (K == FP16 || K == BF16) {
+    // two 16-lane expand-loads, each widened as it is: one 32-lane VPEXPANDW and the extract of its high half took
+    // 1.2-1.4x as long at 1-2 tokens on Zen 4 (fp16 layers at 50 %, docs/benchmarks/kernels_fp16_ab.md). The
+    // VDPBF16PS path keeps the 32-lane load (`chunk16`): split there it ran 1.2x slower (one run, 2048x8192).
+    const uint16_t* f = static_cast<const uint16_t*>(m.values) + idx;
+    const __m256i a = _mm256_maskz_expandloadu_epi16(__mmask16(w), f);
+    const __m256i b = _mm256_maskz_expandloadu_epi16(__mmask16(w >> 16), f + _mm_popcnt_u32(w & 0xFFFF));
     if constexpr (K == FP16) { lo = _mm512_cvtph_ps(a); hi = _mm512_cvtph_ps(b); }
     else { lo = bf16x16_to_ps(a); hi = bf16x16_to_ps(b); }
+  } else if constexpr (K == P14) {
+    __m512i v = chunk16<K>(m, idx, w);
+    lo = bf16x16_to_ps(_mm512_castsi512_si256(v));
+    hi = bf16x16_to_ps(_mm512_extracti64x4_epi64(v, 1));
   } else if constexpr (K == FP32) {
     const float* f = static_cast<const float*>(m.values) + idx;
     lo = _mm512_maskz_expandloadu_ps(__mmask16(w), f);
