@@ -80,7 +80,8 @@ def allocate(options: Mapping[str, Sequence[Option]], budget_bytes: float,
         # the solvers' unit / hull arithmetic fitted a choice whose summed sizes are over by rounding (float sizes
         # that fill the budget exactly): solve again a little below it
         budget -= 2 * over
-    return {n: min(idx, key=lambda i: options[n][i].size) for n, idx in allowed.items()}  # fits: checked above
+    # the smallest option of each layer fits (checked above); among equally small ones the least error
+    return {n: min(idx, key=lambda i: (options[n][i].size, options[n][i].error)) for n, idx in allowed.items()}
 
 
 def _solve(options, allowed, budget_bytes: float, solver: Solver, resolution: int) -> dict[str, int]:

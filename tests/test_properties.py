@@ -419,6 +419,11 @@ def test_knapsack_dp_is_optimal_at_unit_resolution(table, extra):
 
 @FAST
 @given(table=knapsack_tables(integer=False), frac=st.floats(0, 1), resolution=st.integers(1, 50))
+# found by hypothesis: a subnormal size that no solve can fit at budget 0 sent allocate to its smallest-size
+# fallback, which took the first of two size-0 options (error 3) over the better one (error 2)
+@example(table={"l0": [Option(size=1.1125369292536007e-308, error=0.0, payload=(0, 0)),
+                       Option(size=0.0, error=3.0, payload=(0, 1)), Option(size=0.0, error=2.0, payload=(0, 2))]},
+         frac=0.0, resolution=1)
 def test_knapsack_auto_at_least_as_good_as_the_optimum_one_unit_per_layer_tighter(table, frac, resolution):
     """The documented DP guarantee: optimal for sizes rounded up to units of (budget − Σ smallest)/resolution,
     hence no worse than the exact optimum under budget − L·unit; the hull solver is within one hull segment."""
