@@ -286,7 +286,15 @@ SPARSELM_AVX512 __attribute__((always_inline)) inline void decode32_k(const Mask
     const float* f = static_cast<const float*>(m.values) + idx;
     lo = _mm512_maskz_expandloadu_ps(__mmask16(w), f);
     hi = _mm512_maskz_expandloadu_ps(__mmask16(w >> 16), f + _mm_popcnt_u32(w & 0xFFFF));
-  } else if constexpr (K == INT8 || K == INT8G) {
+  } else if constexpr (K == INT8) {
+    // two 16-lane expand-loads, as for fp16 above: a 0.4 dictionary with int8 coefficients at one token 0.82-1.02x
+    // the old time on 8 shapes (median 0.93; gate/up 0.82-0.85x), against a control of unchanged code at 0.96-1.00x
+    // (docs/benchmarks/kernels_int8_ab.md). Grouped int8 keeps the one 32-byte load: split, it read 1.02-1.05x.
+    const int8_t* f = static_cast<const int8_t*>(m.values) + idx;
+    lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_expandloadu_epi8(__mmask16(w), f)));
+    hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_expandloadu_epi8(__mmask16(w >> 16),
+                                                                          f + _mm_popcnt_u32(w & 0xFFFF))));
+  } else if constexpr (K == INT8G) {
     __m256i b = _mm256_maskz_expandloadu_epi8(w, static_cast<const int8_t*>(m.values) + idx);
     lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(b)));
     hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_extracti128_si256(b, 1)));
