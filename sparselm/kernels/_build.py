@@ -73,7 +73,7 @@ _UNSET = object()
 
 def extension():
     """The compiled module, or None when it cannot be used here (then the torch fallback runs)."""
-    if os.environ.get("SPARSELM_KERNELS", "").lower() == "torch":
+    if os.environ.get(PATH_VAR, "").lower() == "torch":
         return None
     return loaded()
 
@@ -100,6 +100,7 @@ def available() -> bool:
 
 
 LEVELS = ("scalar", "avx2", "avx512")  # the C++ side's level numbers 0, 1, 2
+PATH_VAR = "SPARSELM_KERNELS"  # the path request (`policy.requested`); "torch" skips the build
 ISA_VAR = "SPARSELM_ISA"
 
 

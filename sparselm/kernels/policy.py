@@ -81,7 +81,7 @@ PANEL_ROWS = 256
 
 def requested(module_path: str | None) -> str:
     """The requested path: ``module_path`` (a module's ``kernel_path``) if set, else ``SPARSELM_KERNELS``."""
-    path = module_path or os.environ.get("SPARSELM_KERNELS", "auto").lower() or "auto"
+    path = module_path or os.environ.get(_build.PATH_VAR, "auto").lower() or "auto"
     if path not in PATHS:
         raise InputError(f"kernel path {path!r} (module kernel_path or SPARSELM_KERNELS)",
                          f"use one of {', '.join(PATHS)}")
@@ -102,12 +102,13 @@ _routes: dict[tuple, Route] = {}
 # here in one lookup per variable (`os.environ.get` runs four Python frames: 27 µs of a decode step's forward when
 # the previous layer's product has left them out of the caches, docs/benchmarks/README.md, session 20)
 _ENV = getattr(os.environ, "_data", None)
-_KEYS = (b"SPARSELM_KERNELS", _build.ISA_VAR.encode()) if isinstance(_ENV, dict) and os.name == "posix" else None
+_KEYS = ((_build.PATH_VAR.encode(), _build.ISA_VAR.encode()) if isinstance(_ENV, dict) and os.name == "posix"
+         else None)
 
 
 def _env_key(module_path: str | None) -> tuple:
     if _KEYS is None:  # no bytes dict to read (not POSIX, or another interpreter): the mapping's own lookup
-        return module_path, os.environ.get("SPARSELM_KERNELS"), os.environ.get(_build.ISA_VAR)
+        return module_path, os.environ.get(_build.PATH_VAR), os.environ.get(_build.ISA_VAR)
     return module_path, _ENV.get(_KEYS[0]), _ENV.get(_KEYS[1])
 
 

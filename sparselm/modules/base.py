@@ -52,13 +52,8 @@ class CompressedLinear(nn.Module):
         raise NotImplementedError
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # `kernels.fast_path` spelled out: at decode every call frame of a forward costs time (cold after the
-        # previous layer's product; docs/benchmarks/README.md, session 20)
-        if self._dense is None and x.is_cpu and not (x.requires_grad and torch.is_grad_enabled()):
-            route = kernels.policy.route(self.kernel_path)
-            if route.path != "reference":
-                return self.fast_forward(x, route)
-        return self.reference_forward(x)
+        path = kernels.fast_path(x, self.kernel_path) if self._dense is None else None
+        return self.reference_forward(x) if path is None else self.fast_forward(x, path)
 
     def reference_forward(self, x: torch.Tensor) -> torch.Tensor:
         """The plain forward: rebuild the dense weight, one ``F.linear`` (the fast paths' twin)."""
