@@ -163,6 +163,9 @@ def layer_case(kind: str, in_f: int, out_f: int, ratio: float, tokens: list[int]
     comp = [proto] + [copy.deepcopy(proto) for _ in range(nc - 1)]
     Ws = [torch.randn(out_f, in_f, generator=_gen(8)).mul_(0.02).to(DT)] * 1
     Ws += [Ws[0].clone() for _ in range(nd - 1)]
+    Ls = [nn.Linear(in_f, out_f, bias=False, device="meta") for _ in Ws]  # the module a model calls, on Ws' weights
+    for L, W in zip(Ls, Ws):
+        L.weight = nn.Parameter(W, requires_grad=False)
     # without native bf16 (oneDNN emulates bf16 GEMMs) the best dense prefill is a float32 layer: weights held
     # in float32 (twice the bytes), input converted, output cast back
     emulated = not kernels.policy.native_bf16()
@@ -173,12 +176,13 @@ def layer_case(kind: str, in_f: int, out_f: int, ratio: float, tokens: list[int]
     rows = []
     for t in tokens:
         x = torch.randn(t, in_f, generator=_gen(9)).to(DT)
-        fns = {"compressed": lambda i: comp[i](x), "linear": lambda i: F.linear(x, Ws[i])}
+        fns = {"compressed": lambda i: comp[i](x), "linear": lambda i: F.linear(x, Ws[i]),
+               "module": lambda i: Ls[i](x)}
         if t == 1:
             fns["mv"] = lambda i: torch.mv(Ws[i], x[0])
         elif Wf:
             fns["f32"] = lambda i: F.linear(x.float(), Wf[i]).to(DT)
-        r = interleaved(fns, {"compressed": nc, "linear": nd, "mv": nd, "f32": nd},
+        r = interleaved(fns, {"compressed": nc, "linear": nd, "module": nd, "mv": nd, "f32": nd},
                         args.repeats if t <= 16 else args.prefill_repeats)
         best = min(v["median_ms"] for k, v in r.items() if k != "compressed")
         best_min = min(v["min_ms"] for k, v in r.items() if k != "compressed")
@@ -188,6 +192,7 @@ def layer_case(kind: str, in_f: int, out_f: int, ratio: float, tokens: list[int]
                      "ratio_stored": round(1 - stored_bytes(proto) / dense_bytes, 3),
                      "resident_over_stored": round(proto.resident_bytes() / stored_bytes(proto), 4),
                      "compressed_ms": round(c, 4), "linear_ms": round(r["linear"]["median_ms"], 4),
+                     "nn_linear_ms": round(r["module"]["median_ms"], 4),
                      "mv_ms": round(r["mv"]["median_ms"], 4) if "mv" in r else None,
                      **({"f32_linear_ms": round(r["f32"]["median_ms"], 4)} if "f32" in r else {}),
                      "compressed_min_ms": round(c_min, 4), "linear_min_ms": round(r["linear"]["min_ms"], 4),
@@ -197,7 +202,7 @@ def layer_case(kind: str, in_f: int, out_f: int, ratio: float, tokens: list[int]
                      "spread_ms": [round(c_min, 3), round(r["compressed"]["max_ms"], 3)],
                      "target": target, "met": None if target is None else c / best <= target,
                      "met_min": None if target is None else c_min / best_min <= target})
-    del comp, Ws, Wf
+    del comp, Ws, Ls, Wf
     return rows
 
 
@@ -457,7 +462,7 @@ side (two from 2 tokens on); beyond, one single-threaded GEMM per thread over th
 AMX, one `F.linear` without (`policy.dense_panels`; the panels everywhere before 2026-12-07 06:00 UTC). Below
 `policy.SERIAL_BYTES` of weight bytes ({serial}) a decode GEMV runs on one thread. Prefill (`panel`) unpacks
 256-row panels into one reused scratch buffer per thread and runs a single-threaded oneDNN GEMM on each
-({amx}). `dense` here means the faster of `nn.Linear` and `torch.mv`. Grouped int8 / int4 whose groups are
+({amx}). `dense` here means the fastest of `F.linear`, an `nn.Linear` module and `torch.mv`. Grouped int8 / int4 whose groups are
 no multiple of 16 columns (of 8: the scalar loop) take the AVX2 paths on AVX-512 CPUs too, and
 `SPARSELM_ISA=avx2` forces them (`kernels_isa.md`). Read single rows as ±10-30 %: compare the load average
 above with the CPU count ("x N" after the CPU's name; 2-thread rows suffer first), and read the counts over
@@ -537,7 +542,9 @@ def write(results: dict) -> None:
           f"{m['kernels']}. bf16, random weights, medians of interleaved runs{_repeats(m)} with weights cycled past the "
           f"last-level cache (`--cycle-mb {m['cycle_mb']}`), {_omp(m)}.{load} Compressed "
           "and dense runs are interleaved, so that other jobs, if any, slow both sides alike. "
-          "`vs best dense` = compressed time / min(`nn.Linear`, `torch.mv` at 1 token), from medians; "
+          "`vs best dense` = the compressed module's time / min(`F.linear` (`linear_ms`), an `nn.Linear` module on the "
+          "same weight (`nn_linear_ms`, rows from 2026-12-07 14:07 UTC on; it pays a module call, as the compressed "
+          "side does), `torch.mv` at 1 token), from medians; "
           "`*_min_ms`, `vs_best_dense_min`, `met_min` and `speedup_best` use the fastest run of each variant "
           "instead (closer to an unloaded machine; both sides treated alike); `met` compares with the issue's "
           "target.\n", NOTES.format(
@@ -551,7 +558,7 @@ def write(results: dict) -> None:
                *summary(results["layers"]), ""]
     for name, key, cols in (
             ("Layers", "layers", ["model", "proj", "kind", "ratio", "ratio_stored", "threads", "tokens", "compressed_ms",
-                                  "linear_ms", "mv_ms", "f32_linear_ms", "vs_linear", "vs_best_dense", "target", "met",
+                                  "linear_ms", "nn_linear_ms", "mv_ms", "f32_linear_ms", "vs_linear", "vs_best_dense", "target", "met",
                                   "compressed_min_ms", "linear_min_ms", "mv_min_ms", "vs_best_dense_min", "met_min",
                                   "resident_over_stored"]),
             ("GEMV vs panels (sets `policy.GEMV_MAX_TOKENS`)", "crossover",

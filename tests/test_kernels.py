@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from sparselm import kernels
 from sparselm.config import CoefStorage, Pattern, Storage
@@ -456,7 +457,8 @@ def test_cpp_products_take_any_leading_shape(shape):
              "dense_gemv": lambda v: ext.dense_gemv(v, A, None, 0, isa),
              "dense_dense_gemv": lambda v: ext.dense_dense_gemv(v, A, B, None, 0, isa),
              "masked_panels_mm": lambda v: ext.masked_panels_mm(v, *mm.args, 24, 64, 8, isa, 0),
-             "dense_panels_mm": lambda v: ext.dense_panels_mm(v, A)}
+             "dense_panels_mm": lambda v: ext.dense_panels_mm(v, A),
+             "dense_dense_mm": lambda v: ext.dense_dense_mm(v, A, B, None, False)}
     if _build.dense_level(isa) == "scalar":
         cases = {k: f for k, f in cases.items() if "dense_" not in k or "panels" in k}
     for name, f in cases.items():
@@ -606,20 +608,49 @@ def test_factors_at_prefill_take_the_path_measured_faster_on_the_cpu(amx, monkey
     ext, calls = _build.loaded(), []
     for name in ("dense_panels_mm", "masked_panels_mm"):
         monkeypatch.setattr(ext, name, (lambda f: lambda *a: calls.append(f.__name__) or f(*a))(getattr(ext, name)))
+    pair = ext.dense_dense_mm  # both low-rank factors in one call: "panels" or "linear" (at::linear) each
+    monkeypatch.setattr(ext, "dense_dense_mm", lambda *a: calls.append("panels" if a[-1] else "linear") or pair(*a))
     monkeypatch.setattr(kernels.policy, "amx", lambda: amx)
     lr = LowRankLinear(torch.randn(70, 9), torch.randn(9, 33), torch.randn(33), torch.bfloat16)
     keep = torch.rand(12, 33, generator=torch.Generator().manual_seed(3)) < 0.4
     sd = SparseDictLinear(torch.randn(70, 12), torch.randn(12, 33) * keep, keep, None, dtype=torch.bfloat16)
     x = _inputs(70, torch.bfloat16, (2, 11))
     _check(lr, x, None, torch.bfloat16)
-    assert calls == (["dense_panels_mm", "dense_panels_mm"] if amx else [])
+    assert calls == (["panels"] if amx else ["linear"])
     calls.clear()
     _check(sd, x, None, torch.bfloat16)
     assert calls == (["dense_panels_mm", "masked_panels_mm"] if amx else ["masked_panels_mm"])
     calls.clear()
     monkeypatch.setattr(kernels.policy, "DENSE_PANELS" if amx else "DENSE_PANELS_NO_AMX", not amx)
     _check(lr, x, None, torch.bfloat16)
-    assert calls == ([] if amx else ["dense_panels_mm", "dense_panels_mm"])
+    assert calls == (["linear"] if amx else ["panels"])
+
+
+@pytest.mark.skipif(not kernels.extension_available(), reason="needs the built C++ extension")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("bias", [True, False])
+def test_low_rank_factors_beyond_decode_are_one_call_with_the_two_products_results(dtype, bias, monkeypatch):
+    """Beyond the GEMV's tokens both low-rank factors run in one call (`dense_dense_mm`): without panels bit for
+    bit two F.linear (the path it replaced), with panels two `dense_panels_mm` and the bias after; a request for
+    the pure-torch path (no C++) still gets two F.linear of its own."""
+    g = torch.Generator().manual_seed(5)
+    b = torch.randn(37, generator=g) if bias else None
+    lr = LowRankLinear(torch.randn(70, 9, generator=g), torch.randn(9, 37, generator=g), b, dtype)
+    x = _inputs(70, dtype, (2, 13))
+    ext, calls = _build.loaded(), []
+    pair = ext.dense_dense_mm
+    monkeypatch.setattr(ext, "dense_dense_mm", lambda *a: calls.append(a[-1]) or pair(*a))
+    monkeypatch.setattr(kernels.policy, "amx", lambda: False)
+    Ut, Vt = lr.runtime()
+    bb = None if b is None else b.to(dtype)
+    got = lr(x)
+    assert calls == [False] and torch.equal(got, F.linear(F.linear(x, Ut), Vt, bb))
+    lr.kernel_path = "torch"
+    assert torch.equal(lr(x), got) and calls == [False]
+    if dtype == torch.bfloat16:
+        panels = ext.dense_panels_mm(ext.dense_panels_mm(x, Ut), Vt)
+        assert torch.equal(pair(x, Ut, Vt, b, True), panels if b is None else panels + bb)
+    _check(lr, x, None, dtype)
 
 
 @pytest.mark.skipif(not kernels.extension_available(), reason="needs the built C++ extension")

@@ -116,6 +116,8 @@ def lowrank_linear(x: torch.Tensor, Ut: torch.Tensor | Masked, Vt: torch.Tensor 
     path = policy.dense_path(x, Ut, route)  # Vt's too: the same dtype, tokens and layout
     if path == "gemv":  # both C++ GEMVs, in one call
         return _build.loaded().dense_dense_gemv(x, Ut, Vt, bias, policy.SERIAL_BYTES, route.isa)
+    if path == "panel" or policy.linear_in_extension(x, Ut, route):  # both GEMMs, in one call
+        return _build.loaded().dense_dense_mm(x, Ut, Vt, bias, path == "panel")
     return _dense(_dense(x, Ut, None, route, path), Vt, bias, route, path)
 
 

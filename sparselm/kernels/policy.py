@@ -157,6 +157,16 @@ def dense_path(x: torch.Tensor, weight: torch.Tensor, module_path: "str | Route 
     return "torch" if _build.dense_level(r.isa) == "scalar" else "gemv"
 
 
+def linear_in_extension(x: torch.Tensor, weight: torch.Tensor, r: Route) -> bool:
+    """Whether dense factor products that `dense_path` sends to one F.linear each run from the C++ extension
+    instead (`dense_dense_mm`: at::linear, the same result, one trip through Python for both factors): any path but
+    ``torch`` (no C++ asked for), the extension built, and x in the factor's dtype, which the GEMM runs in."""
+    if r.path == "torch" or x.dtype != weight.dtype or _build.loaded() is None:
+        return False
+    tokens = x.numel() // weight.shape[1]
+    return tokens > MV_MAX_TOKENS and gemm_dtype(x.dtype, tokens) == x.dtype
+
+
 def masked_path(tokens: int, module_path: "str | Route | None" = None) -> str:
     """The path for a bitmask product over ``tokens`` rows of input."""
     path = route(module_path).path
