@@ -4,13 +4,16 @@ from __future__ import annotations
 import functools
 import logging
 import platform
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Callable, Sequence, TypeVar
 
 import torch
 
 from .errors import InputError
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 def pick(requested: str | None = None) -> torch.device:
@@ -114,3 +117,43 @@ def low_precision(device: torch.device) -> torch.dtype | None:
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
     return torch.bfloat16 if device.type == "cpu" and native_bf16_cpu() else None
+
+
+def available_memory() -> int | None:
+    """Bytes of memory available now (Linux ``MemAvailable``), None where unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            line = next(ln for ln in f if ln.startswith("MemAvailable:"))
+        return int(line.split()[1]) * 1024
+    except (OSError, StopIteration, ValueError, IndexError):
+        return None
+
+
+def layer_workers(device: torch.device, tasks: int, task_bytes: int) -> int:
+    """How many layers' independent work (option tables, compressions) runs side by side on ``device``: on a CPU one
+    layer per torch thread, each with one thread (`map_layers`), at most ``tasks``, and no more than half of the
+    memory available now holds at ``task_bytes`` each (unknown: one); one on an accelerator. A layer's work scales
+    poorly over threads (SmolLM2's ROCKET tables, 2 threads: triangular solves 1.26x, eigendecompositions 1.5x,
+    compiled mask loops 1.0x), two layers side by side fully (docs/benchmarks/README.md, session 21)."""
+    if device.type != "cpu" or tasks < 2:
+        return 1
+    free = available_memory()
+    fit = 1 if free is None else free // 2 // max(task_bytes, 1)
+    return int(max(1, min(torch.get_num_threads(), tasks, fit)))
+
+
+def map_layers(fn: Callable[..., T], items: Sequence, workers: int, cost: Callable | None = None) -> list[T]:
+    """``[fn(x) for x in items]``, in ``workers`` Python threads with one torch thread each (torch's thread count is
+    per thread: the caller's stays as it is), the costliest items (``cost``) first; results in order, the first
+    error raised."""
+    if workers < 2:
+        return [fn(x) for x in items]
+    order = sorted(range(len(items)), key=lambda i: -cost(items[i])) if cost is not None else range(len(items))
+    with ThreadPoolExecutor(workers, initializer=torch.set_num_threads, initargs=(1,)) as pool:
+        futures = {i: pool.submit(fn, items[i]) for i in order}
+        try:
+            return [futures[i].result() for i in range(len(items))]
+        except BaseException:
+            for f in futures.values():  # nothing more starts; those running finish before the error propagates
+                f.cancel()
+            raise

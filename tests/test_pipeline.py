@@ -385,3 +385,30 @@ def test_config_dtype_is_read_without_the_deprecated_name():
     finally:
         root.removeHandler(handler)
     assert not [m for m in said if "torch_dtype" in m]
+
+
+@pytest.mark.parametrize("allocate", ["knapsack", "uniform"])
+def test_layers_side_by_side_on_two_threads_give_the_one_thread_results(allocate, calib_ids, monkeypatch):
+    """With two torch threads a CPU profiles and compresses a window's layers two at a time, each on one thread
+    (`device.map_layers`): the same plan, modules and errors as one thread running them one after another."""
+    from sparselm.config import Allocate
+    specs = (RocketSpec(target=Ratio(0.3)), SVDLLMSpec(target=Ratio(0.3)))
+    recipe = Recipe(methods=specs if allocate == "knapsack" else specs[:1], allocate=Allocate(allocate))
+    sides = []
+    real = pipeline.layer_workers
+    monkeypatch.setattr(pipeline, "layer_workers", lambda *a: sides.append(real(*a)) or sides[-1])
+    one = pipeline.compress(tiny_model("llama"), calib_ids, recipe, CPU, torch.float32)
+    assert set(sides) == {1}
+    sides.clear()
+    torch.set_num_threads(2)
+    try:
+        two = pipeline.compress(tiny_model("llama"), calib_ids, recipe, CPU, torch.float32)
+    finally:
+        torch.set_num_threads(1)
+    assert set(sides) == {2} and torch.get_num_threads() == 1
+    assert two.allocation == one.allocation
+    assert [la.name for la in two.layers] == [la.name for la in one.layers]
+    for a, b in zip(one.layers, two.layers):
+        assert a.rel_error == pytest.approx(b.rel_error, rel=1e-6, abs=1e-12), a.name
+        for key, t in a.module.state_dict().items():
+            torch.testing.assert_close(b.module.state_dict()[key], t, rtol=1e-5, atol=1e-6)

@@ -8,6 +8,7 @@ shifted by the smallest tried amount that makes it succeed, and the shift is ret
 from __future__ import annotations
 
 import logging
+import threading
 import weakref
 from dataclasses import dataclass
 
@@ -48,7 +49,7 @@ def upper_mm(U: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
     return out
 
 
-_LAST: dict = {}  # the last Gram whitened: {"gram": weakref, "version": int, "whitening": Whitening}
+_LAST = threading.local()  # per thread, the last Gram whitened: .entry = {"gram": weakref, "version": int, "whitening"}
 
 
 def whiten(stats: LinearStats) -> Whitening:
@@ -56,13 +57,17 @@ def whiten(stats: LinearStats) -> Whitening:
 
     Layers fed one input share one Gram (q/k/v, gate/up: `capture.record`) and are compressed one after another:
     the last factor is kept while its Gram lives unchanged (its version counter), so it is computed once. Only
-    the last: a model's every factor kept would double the statistics' memory."""
+    the last: a model's every factor kept would double the statistics' memory. One per thread: layers worked on
+    side by side (`device.map_layers`) keep their own."""
     G = stats.gram
-    if _LAST and _LAST["gram"]() is G and _LAST["version"] == G._version:
-        return _LAST["whitening"]
+    last = getattr(_LAST, "entry", None)
+    if last is None:
+        last = _LAST.entry = {}
+    if last and last["gram"]() is G and last["version"] == G._version:
+        return last["whitening"]
     wh = _whiten(stats)
-    _LAST.update(gram=weakref.ref(G, lambda ref: _LAST.get("gram") is ref and _LAST.clear()), version=G._version,
-                 whitening=wh)
+    last.update(gram=weakref.ref(G, lambda ref: last.get("gram") is ref and last.clear()), version=G._version,
+                whitening=wh)
     return wh
 
 
