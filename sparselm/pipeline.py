@@ -96,20 +96,23 @@ def profile_options(model: nn.Module, calib: torch.Tensor, names: list[list[str]
         def table(name: str, stats=win.stats) -> list:
             W = adapter.linear_weight(adapter.get_module(model, name)).detach().to(device, torch.float32)
             return profile_layer(W, stats[name], specs, dtype=dtype, cache=cache, key=name)
-        for name in win.names:
-            shapes[name] = tuple(adapter.linear_weight(adapter.get_module(model, name)).shape)
-        workers = layer_workers(device, len(win.names), max(_layer_bytes(shapes[n]) for n in win.names))
-        costs = {n: shapes[n][0] * shapes[n][1] * min(shapes[n]) for n in win.names}
-        options.update(zip(win.names, map_layers(table, win.names, workers, cost=costs.get)))
+        shapes.update((n, _shape(model, n)) for n in win.names)
+        workers, cost = _side_by_side(device, {n: [shapes[n]] for n in win.names})
+        options.update(zip(win.names, map_layers(table, win.names, workers, cost)))
     return options, shapes
 
 
-def _layer_bytes(shape: tuple[int, int]) -> int:
-    """A layer's working memory while it is profiled or compressed (`device.layer_workers`), W ``(out, in)``:
-    8·in² + 80·in·out bytes, from SmolLM2's ROCKET tables and compressions (down_proj, 1536 inputs: 89.5 MB at its
-    peak beside the statistics; gate_proj 42.6 MB, under this bound)."""
-    out_f, in_f = shape
-    return 8 * in_f * in_f + 80 * in_f * out_f
+def _shape(model: nn.Module, name: str) -> tuple[int, int]:
+    return tuple(adapter.linear_weight(adapter.get_module(model, name)).shape)
+
+
+def _side_by_side(device: torch.device, shapes: dict) -> tuple[int, Callable]:
+    """``shapes``: each task's layer shapes ``(out, in)``. How many tasks run side by side (`device.layer_workers`)
+    and each one's cost for `device.map_layers` (``out·in·min(out, in)`` per layer, a whitened factorization's
+    multiply-adds). A layer's working memory: ``8·in² + 80·in·out`` bytes, from SmolLM2's ROCKET tables and
+    compressions (down_proj, 1536 inputs: 89.5 MB at its peak beside the statistics; gate_proj 42.6 MB, under it)."""
+    need = max((sum(8 * i * i + 80 * i * o for o, i in s) for s in shapes.values()), default=0)
+    return layer_workers(device, len(shapes), need), lambda task: sum(o * i * min(o, i) for o, i in shapes[task])
 
 
 def _check_shapes(model: nn.Module, names: list[list[str]], specs) -> None:
@@ -376,12 +379,8 @@ def _compress_window(model, sets: list[tuple[str, ...]], plan: Plan, stats, devi
     (`device.map_layers`). Several: set ``j`` by rank ``j mod N``, then sent to the others (`_shared`), so that
     every process holds the whole compressed window."""
     if not dist.active():
-        shapes = {names: [tuple(adapter.linear_weight(adapter.get_module(model, n)).shape) for n in names]
-                  for names in sets}
-        workers = layer_workers(device, len(sets), max((sum(map(_layer_bytes, shapes[names])) for names in sets),
-                                                       default=0))
-        built = map_layers(lambda names: _build_set(model, names, plan, stats, device, dtype), sets, workers,
-                           cost=lambda names: sum(o * i * min(o, i) for o, i in shapes[names]))
+        workers, cost = _side_by_side(device, {names: [_shape(model, n) for n in names] for names in sets})
+        built = map_layers(lambda names: _build_set(model, names, plan, stats, device, dtype), sets, workers, cost)
         return [la for one in built for la in _install(model, one, plan)]
     own = {j: _compress_set(model, names, plan, stats, device, dtype) for j, names in enumerate(sets)
            if j % dist.size() == dist.rank()}
