@@ -149,11 +149,11 @@ def map_layers(fn: Callable[..., T], items: Sequence, workers: int, cost: Callab
     if workers < 2:
         return [fn(x) for x in items]
     order = sorted(range(len(items)), key=lambda i: -cost(items[i])) if cost is not None else range(len(items))
-    with ThreadPoolExecutor(workers, initializer=torch.set_num_threads, initargs=(1,)) as pool:
+    pool, done = ThreadPoolExecutor(workers, initializer=torch.set_num_threads, initargs=(1,)), False
+    try:
         futures = {i: pool.submit(fn, items[i]) for i in order}
-        try:
-            return [futures[i].result() for i in range(len(items))]
-        except BaseException:
-            for f in futures.values():  # nothing more starts; those running finish before the error propagates
-                f.cancel()
-            raise
+        results = [futures[i].result() for i in range(len(items))]
+        done = True
+        return results
+    finally:  # after an error (or Ctrl-C) nothing more starts and the caller does not wait for the running ones
+        pool.shutdown(wait=done, cancel_futures=True)
