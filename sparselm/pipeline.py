@@ -109,9 +109,10 @@ def _shape(model: nn.Module, name: str) -> tuple[int, int]:
 def _side_by_side(device: torch.device, shapes: dict) -> tuple[int, Callable]:
     """``shapes``: each task's layer shapes ``(out, in)``. How many tasks run side by side (`device.layer_workers`)
     and each one's cost for `device.map_layers` (``out·in·min(out, in)`` per layer, a whitened factorization's
-    multiply-adds). A layer's working memory: ``8·in² + 80·in·out`` bytes, from SmolLM2's ROCKET tables and
-    compressions (down_proj, 1536 inputs: 89.5 MB at its peak beside the statistics; gate_proj 42.6 MB, under it)."""
-    need = max((sum(8 * i * i + 80 * i * o for o, i in s) for s in shapes.values()), default=0)
+    multiply-adds). A task's working memory, bounded from the peaks measured beside the statistics on SmolLM2's
+    down_proj (1536 inputs) / gate_proj (576): ``56·in² + 80·in·out`` bytes per layer (SparseGPT's float64 Hessian
+    factors 147 / 4 MB, ROCKET's tables 90 / 43 MB, SVD-LLM 50 / 25 MB) + 1 GiB (K-SVD's chunks: CoSpaDi 204 / 888 MB)."""
+    need = max((sum(56 * i * i + 80 * i * o for o, i in s) + (1 << 30) for s in shapes.values()), default=0)
     return layer_workers(device, len(shapes), need), lambda task: sum(o * i * min(o, i) for o, i in shapes[task])
 
 
