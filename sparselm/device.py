@@ -149,6 +149,7 @@ def map_layers(fn: Callable[..., T], items: Sequence, workers: int, cost: Callab
     if workers < 2:
         return [fn(x) for x in items]
     order = sorted(range(len(items)), key=lambda i: -cost(items[i])) if cost is not None else range(len(items))
+    threads = torch.get_num_threads()
     pool, done = ThreadPoolExecutor(workers, initializer=torch.set_num_threads, initargs=(1,)), False
     try:
         futures = {i: pool.submit(fn, items[i]) for i in order}
@@ -157,3 +158,6 @@ def map_layers(fn: Callable[..., T], items: Sequence, workers: int, cost: Callab
         return results
     finally:  # after an error (or Ctrl-C) nothing more starts and the caller does not wait for the running ones
         pool.shutdown(wait=done, cancel_futures=True)
+        # torch keeps the last count set in any thread as the process's, and a thread's first parallel region in
+        # each library (a C++ extension has its own) takes it: without this, the caller's next one there ran on 1
+        torch.set_num_threads(threads)

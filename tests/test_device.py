@@ -79,3 +79,27 @@ def test_each_thread_keeps_its_own_last_whitening():
     assert theirs[0] is theirs[1] and theirs[0] is not mine
     torch.testing.assert_close(theirs[0].L, mine.L)
     assert whiten.whiten(stats) is mine
+
+
+def test_layers_side_by_side_leave_the_process_thread_count_as_it_was():
+    """torch keeps the last thread count set in any thread as the process's, and each thread's first parallel
+    region in a library (the C++ extension has its own) takes it: after `map_layers` a fresh thread still gets the
+    caller's count, not the workers' one (a compressed model's first forward had dropped the caller to 1)."""
+    from sparselm.modules import SparseLinear
+    before = torch.get_num_threads()
+    torch.set_num_threads(3)
+    try:
+        device.map_layers(lambda x: torch.mm(torch.randn(64, 64), torch.randn(64, 64)), [1, 2, 3], 2)
+        m = SparseLinear(torch.randn(64, 128), torch.rand(64, 128) < 0.5, None, None, torch.float32)
+        seen = []
+
+        def fresh():
+            m(torch.randn(100, 128))  # the panel product: a parallel region in the extension (or torch's own)
+            seen.append(torch.get_num_threads())
+
+        t = threading.Thread(target=fresh)
+        t.start()
+        t.join()
+        assert seen == [3] and torch.get_num_threads() == 3
+    finally:
+        torch.set_num_threads(before)
